@@ -1,0 +1,52 @@
+"""The `mulfree` command. Each subcommand group lives in `mulfree.commands.<group>`, which
+defines `register(subparsers)`; handlers import their heavy modules lazily so `--help` is fast."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from mulfree.errors import MulfreeError
+
+# One module per group of subcommands (see DESIGN.md "Public names").
+COMMAND_MODULES = ("core", "pack", "convert", "quantize", "lmul", "energy", "arith", "serve")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors in the project's one-line format, exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"error: {message}; see `{self.prog} --help`\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mulfree", description="Multiplication-free language models on ordinary CPUs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"mulfree.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"mulfree.commands.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        result = args.func(args)
+    except MulfreeError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+    return int(result or 0)

@@ -1,0 +1,1 @@
+"""CLI subcommand groups; each module defines `register(subparsers)` (see `mulfree.cli`)."""

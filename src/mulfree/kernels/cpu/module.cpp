@@ -1,0 +1,10 @@
+// The `mulfree.kernels._cpu` extension module: one registration call per kernel family.
+#include "mulfree_cpu.h"
+
+NB_MODULE(_cpu, m) {
+  m.doc() = "mulfree CPU kernels (AVX-512 VNNI / AVX2 / scalar, chosen at run time)";
+  register_cpuinfo(m);
+  register_ternary(m);
+  register_lmul(m);
+  register_shiftadd(m);
+}
