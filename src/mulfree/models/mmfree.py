@@ -1,0 +1,108 @@
+"""The MatMul-free language model (Zhu et al. 2024) exactly as the official code computes it.
+
+Embedding (fp) → L × [x + MLGRU(RMSNorm(x)); x + GLU(RMSNorm(x))] → RMSNorm → ternary BitLinear head.
+Parameter names match the official `HGRNBitForCausalLM` checkpoints (`model.embeddings.weight`,
+`model.layers.N.attn.i_proj.weight`, ...). `forward(ids, state)` runs the parallel scan over the
+sequence; passing the returned state back continues the recurrence (one token = O(1) work).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from mulfree.models.config import LMConfig
+from mulfree.nn.glu import TernaryGLU
+from mulfree.nn.mlgru import OUTPUT_GATES, MLGRU
+from mulfree.nn.norm import RMSNorm
+from mulfree.nn.bitlinear import BitLinear
+
+State = list[torch.Tensor]
+
+
+@dataclasses.dataclass
+class MMFreeConfig(LMConfig):
+    model_type = "mmfree"
+    use_lower_bound: bool = True  # HGRN's learned, layer-wise increasing forget-gate floor
+    output_gate: str = "official"  # "official" (checkpoints) or "paper" (σ(g) ⊙ h)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.output_gate not in OUTPUT_GATES:
+            from mulfree.errors import ConfigError
+
+            raise ConfigError(f"output_gate must be one of {OUTPUT_GATES}, got {self.output_gate!r}", "fix the config")
+
+
+class MMFreeBlock(nn.Module):
+    def __init__(self, config: MMFreeConfig):
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.attn_norm = RMSNorm(config.hidden_size, eps)
+        self.attn = MLGRU(config.hidden_size, eps, config.output_gate)
+        self.mlp_norm = RMSNorm(config.hidden_size, eps)
+        self.mlp = TernaryGLU(config.hidden_size, config.intermediate_size, eps)
+
+    def forward(
+        self, x: torch.Tensor, lower_bound: torch.Tensor | None, state: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        mixed, state = self.attn(self.attn_norm(x), lower_bound, state)
+        x = x + mixed
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, state
+
+
+class MMFreeModel(nn.Module):
+    def __init__(self, config: MMFreeConfig):
+        super().__init__()
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(MMFreeBlock(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.use_lower_bound:
+            self.lower_bounds = nn.Parameter(torch.zeros(config.num_hidden_layers, config.hidden_size))
+
+    def layer_lower_bounds(self) -> torch.Tensor | None:
+        """lb [L, D] = cumsum(softmax over layers) − first term: 0 in layer 0, l/L at init."""
+        if not hasattr(self, "lower_bounds"):
+            return None
+        p = self.lower_bounds.float().softmax(dim=0)
+        return p.cumsum(dim=0) - p[0]
+
+
+class MMFreeForCausalLM(nn.Module):
+    def __init__(self, config: MMFreeConfig):
+        super().__init__()
+        self.config = config
+        self.model = MMFreeModel(config)
+        self.lm_head = BitLinear(config.hidden_size, config.vocab_size, config.rms_norm_eps)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Official init: token-mixer projections xavier_uniform(gain 2^-2.5), the rest N(0, 0.02)."""
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith("lower_bounds"):
+                nn.init.zeros_(p)
+            elif ".attn." in name and name.endswith("_proj.weight"):
+                nn.init.xavier_uniform_(p, gain=2**-2.5)
+            else:
+                nn.init.normal_(p, std=std)
+
+    def forward(self, input_ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """input_ids [B, T] -> (logits [B, T, V] fp32, state: one fp32 [B, D] per layer)."""
+        x = self.model.embeddings(input_ids)
+        lb = self.model.layer_lower_bounds()
+        new_state: State = []
+        for layer_idx, layer in enumerate(self.model.layers):
+            x, h = layer(x, None if lb is None else lb[layer_idx], None if state is None else state[layer_idx])
+            new_state.append(h)
+        logits = self.lm_head(self.model.norm(x))
+        return logits.float(), new_state
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+

@@ -1,0 +1,93 @@
+"""Transformer++ baseline (Llama style: RoPE, SwiGLU, RMSNorm, no bias), sized like the MMfree presets:
+the same widths, depths and GLU rule give equal parameter counts (4d² mixer + 3dI channel mixer per layer)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mulfree.models.config import LMConfig
+from mulfree.nn.attention import RotaryAttention
+from mulfree.nn.norm import RMSNorm
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclasses.dataclass
+class TransformerConfig(LMConfig):
+    model_type = "transformerpp"
+    num_attention_heads: int = 32
+    rope_theta: float = 10000.0
+
+    @classmethod
+    def preset_extras(cls, hidden_size: int) -> dict[str, Any]:
+        return {"num_attention_heads": max(1, hidden_size // 64)}
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = RotaryAttention(config.hidden_size, config.num_attention_heads, config.rope_theta)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, cache):
+        mixed, cache = self.attn(self.attn_norm(x), cache)
+        x = x + mixed
+        return x + self.mlp(self.mlp_norm(x)), cache
+
+
+class TransformerModel(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class TransformerForCausalLM(nn.Module):
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        self.model = TransformerModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """N(0, 0.02) everywhere; output projections scaled by 1/sqrt(2L) (GPT-2 style residual init)."""
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=std / (2 * self.config.num_hidden_layers) ** 0.5)
+            else:
+                nn.init.normal_(p, std=std)
+
+    def forward(self, input_ids: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        """input_ids [B, T] -> (logits [B, T, V] fp32, KV cache: one (k, v) [B, H, T, Dh] per layer)."""
+        x = self.model.embeddings(input_ids)
+        new_state: KVCache = []
+        for layer_idx, layer in enumerate(self.model.layers):
+            x, cache = layer(x, None if state is None else state[layer_idx])
+            new_state.append(cache)
+        return self.lm_head(self.model.norm(x)).float(), new_state
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

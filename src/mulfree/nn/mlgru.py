@@ -1,0 +1,55 @@
+"""MLGRU, the MatMul-free token mixer (official `HGRNBitAttention`), with every projection a BitLinear.
+
+    f = σ(BL_f(x)),  f ← lb + (1 − lb)·f        (learned per-layer lower bound; lb = 0 in layer 0)
+    i = SiLU(BL_i(x)) ⊙ (1 − f)
+    h_t = f_t ⊙ h_{t−1} + i_t                   (fp32 state)
+    o = BL_o(RMSNorm(BL_g(x)) ⊙ SiLU(h))        ("official" output gate, as the checkpoints were trained)
+
+`output_gate="paper"` uses the paper's σ(BL_g(x)) ⊙ h instead (needs retraining; not checkpoint-compatible).
+The parallel scan serves training and prefill; T = 1 with a state is the O(1) decode step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mulfree.nn.bitlinear import BitLinear
+from mulfree.nn.norm import RMSNorm
+from mulfree.ops.scan import linear_recurrence, linear_recurrence_step
+
+OUTPUT_GATES = ("official", "paper")
+
+
+class MLGRU(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, output_gate: str = "official"):
+        super().__init__()
+        if output_gate not in OUTPUT_GATES:
+            raise ValueError(f"output_gate must be one of {OUTPUT_GATES}, got {output_gate!r}")
+        self.output_gate = output_gate
+        self.i_proj = BitLinear(hidden_size, hidden_size, eps)
+        self.f_proj = BitLinear(hidden_size, hidden_size, eps)
+        self.g_proj = BitLinear(hidden_size, hidden_size, eps)
+        self.o_proj = BitLinear(hidden_size, hidden_size, eps)
+        self.g_norm = RMSNorm(hidden_size, eps)
+
+    def forward(
+        self, x: torch.Tensor, lower_bound: torch.Tensor | None = None, state: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, D], lower_bound [D] or None, state [B, D] or None -> (out [B, T, D], new state [B, D])."""
+        f = torch.sigmoid(self.f_proj(x)).float()
+        if lower_bound is not None:
+            f = lower_bound + (1 - lower_bound) * f
+        i = F.silu(self.i_proj(x)).float() * (1 - f)
+        if x.shape[1] == 1 and state is not None:
+            h_last = linear_recurrence_step(f[:, 0], i[:, 0], state)
+            h = h_last.unsqueeze(1)
+        else:
+            h, h_last = linear_recurrence(f, i, state)
+        g = self.g_proj(x)
+        if self.output_gate == "official":
+            o = self.g_norm(g).float() * F.silu(h)
+        else:
+            o = torch.sigmoid(g).float() * h
+        return self.o_proj(o.to(x.dtype)), h_last
