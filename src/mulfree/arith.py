@@ -1,0 +1,260 @@
+"""Train and evaluate small LMs on arithmetic: answer-only batches for `mulfree.train.train`, batched
+greedy decoding through the model's state (KV cache or recurrent state), exact-match and per-digit
+accuracy per operand length, and the lengths × formats heatmap.
+
+A trained directory holds the model (`mulfree.models.io`), `chartok.json` and `arith.json` (the task).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mulfree.data.arithmetic import ArithTask, digit_accuracy, held_out_problems, make_test_set, parse_answer, split_line
+from mulfree.data.chartok import CharTokenizer
+from mulfree.errors import CheckpointError, ConfigError
+
+TASK_FILE = "arith.json"
+RESULTS_FILE = "arith_eval.json"
+MODEL_KINDS = ("transformer", "mmfree")
+# The `arith` size: d=128, 4 layers, GLU width 512 -> ~1.05M parameters (vocab 21).
+ARITH_SIZE = {"hidden_size": 128, "num_hidden_layers": 4, "intermediate_size": 512, "max_position_embeddings": 512}
+
+
+def model_config(kind: str, vocab_size: int, preset: str = "arith", **overrides):
+    """Config for `kind` (transformer|mmfree): the `arith` size or any model preset, with our vocab."""
+    from mulfree.models.mmfree import MMFreeConfig
+    from mulfree.models.transformer import TransformerConfig
+
+    if kind not in MODEL_KINDS:
+        raise ConfigError(f"unknown model kind {kind!r}", f"choose one of {', '.join(MODEL_KINDS)}")
+    cls = TransformerConfig if kind == "transformer" else MMFreeConfig
+    fields = {"vocab_size": vocab_size, **overrides}
+    if preset == "arith":
+        extra = {"num_attention_heads": 4} if kind == "transformer" else {}
+        return cls.from_preset("tiny", **{**ARITH_SIZE, **extra, **fields})
+    return cls.from_name_or_file(preset, **fields)
+
+
+def build_model(kind: str, vocab_size: int, preset: str = "arith", seed: int = 0, **overrides) -> nn.Module:
+    """A freshly initialised model (deterministic for a given seed)."""
+    from mulfree.models.mmfree import MMFreeForCausalLM
+    from mulfree.models.transformer import TransformerForCausalLM
+
+    cfg = model_config(kind, vocab_size, preset, **overrides)
+    torch.manual_seed(seed)
+    return (TransformerForCausalLM if kind == "transformer" else MMFreeForCausalLM)(cfg)
+
+
+def encode_line(tok: CharTokenizer, line: str) -> tuple[list[int], int]:
+    """Ids of bos + line + eos, and the number of prompt ids (bos + text through the first '=')."""
+    prompt, _ = split_line(line)
+    return tok.encode(line, bos=True, eos=True), len(prompt) + 1
+
+
+def collate(encoded: Sequence[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, T] and y [B, T] = x shifted by one, with -100 on prompt and padding positions."""
+    T = max(len(ids) for ids, _ in encoded) - 1
+    x = torch.full((len(encoded), T), pad_id, dtype=torch.long)
+    y = torch.full((len(encoded), T), -100, dtype=torch.long)
+    for i, (ids, n_prompt) in enumerate(encoded):
+        seq = torch.tensor(ids)
+        x[i, : len(ids) - 1] = seq[:-1]
+        y[i, n_prompt - 1 : len(ids) - 1] = seq[n_prompt:]
+    return x, y
+
+
+def make_batch_fn(task: ArithTask, tok: CharTokenizer, batch_size: int):
+    """`(step, generator) -> (x, y)`: fresh balanced problems each step, loss on the answer only."""
+
+    def batch_fn(step: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        lines = [task.line(*task.sample(rng), rng=rng) for _ in range(batch_size)]
+        return collate([encode_line(tok, line) for line in lines], tok.pad_id)
+
+    return batch_fn
+
+
+@torch.no_grad()
+def greedy_complete(
+    model: nn.Module, tok: CharTokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 256
+) -> list[str]:
+    """Greedy completions of `prompts` (text after the prompt, up to eos), decoding one token at a time
+    through the model's returned state; prompts of equal token length share a batch."""
+    was_training = model.training
+    model.eval()
+    out: list[str] = [""] * len(prompts)
+    groups: dict[int, list[int]] = defaultdict(list)
+    encoded = [tok.encode(p, bos=True) for p in prompts]
+    for i, ids in enumerate(encoded):
+        groups[len(ids)].append(i)
+    for idx in groups.values():
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start : start + batch_size]
+            ids = torch.tensor([encoded[i] for i in chunk])
+            logits, state = model(ids)
+            generated = []
+            done = torch.zeros(len(chunk), dtype=torch.bool)
+            for _ in range(max_new_tokens):
+                nxt = logits[:, -1].argmax(-1)
+                generated.append(nxt)
+                done |= nxt == tok.eos_id
+                if bool(done.all()):
+                    break
+                logits, state = model(nxt[:, None], state)
+            gen = torch.stack(generated, dim=1)
+            for row, i in enumerate(chunk):
+                out[i] = tok.decode(gen[row])
+    model.train(was_training)
+    return out
+
+
+@dataclass
+class LengthResult:
+    """Accuracy on the problems of one operand length."""
+
+    digits: int
+    n: int
+    exact: float
+    per_digit: float
+    malformed: int
+
+
+def evaluate_task(
+    model: nn.Module, tok: CharTokenizer, task: ArithTask, test_set: dict[int, list[tuple[int, int]]]
+) -> list[LengthResult]:
+    """Exact match and per-digit accuracy per operand length; malformed answers count as wrong."""
+    results = []
+    for n, problems in sorted(test_set.items()):
+        lines = [task.line(a, b, rng=random.Random(k)) for k, (a, b) in enumerate(problems)]
+        prompts = [split_line(line)[0] for line in lines]
+        budget = 2 * max(len(line) for line in lines) + 4
+        completions = greedy_complete(model, tok, prompts, budget)
+        exact = per_digit = 0.0
+        malformed = 0
+        for (a, b), text in zip(problems, completions):
+            target = a + b if task.op == "add" else a * b
+            pred = parse_answer(text, task.fmt)
+            malformed += pred is None
+            exact += pred == target
+            per_digit += digit_accuracy(pred, target)
+        k = len(problems)
+        results.append(LengthResult(n, k, exact / k, per_digit / k, malformed))
+    return results
+
+
+def format_table(rows: dict[str, list[LengthResult]]) -> str:
+    """A text table: one row per run label, exact-match % (per-digit %) per operand length."""
+    lengths = sorted({r.digits for res in rows.values() for r in res})
+    width = max([len(k) for k in rows] + [5])
+    head = f"{'run':<{width}} " + " ".join(f"{f'{n}-digit':>13}" for n in lengths)
+    lines = [head, "-" * len(head)]
+    for label, res in rows.items():
+        by_n = {r.digits: r for r in res}
+        cells = [f"{100 * by_n[n].exact:5.1f} ({100 * by_n[n].per_digit:5.1f})" if n in by_n else f"{'-':>13}"
+                 for n in lengths]
+        lines.append(f"{label:<{width}} " + " ".join(f"{c:>13}" for c in cells))
+    lines.append("cells: exact match % (per-digit %)")
+    return "\n".join(lines)
+
+
+def plot_heatmap(rows: dict[str, list[LengthResult]], path: str | Path, title: str = "exact match") -> Path:
+    """Heatmap PNG of exact match: runs (formats) × operand lengths, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mulfree.models.io import atomic_write
+
+    lengths = sorted({r.digits for res in rows.values() for r in res})
+    grid = [[next((100 * r.exact for r in res if r.digits == n), float("nan")) for n in lengths]
+            for res in rows.values()]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.5 * len(rows)))
+    im = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+    ax.set_yticks(range(len(rows)), list(rows))
+    ax.set_xlabel("operand digits")
+    ax.set_title(title)
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", color="w" if v < 60 else "k", fontsize=8)
+    fig.colorbar(im, ax=ax, label="%")
+    fig.tight_layout()
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+    return path
+
+
+def save_task(out_dir: Path, task: ArithTask, kind: str, test_seed: int, test_per_length: int) -> None:
+    """Write arith.json (task, model kind and how the held-out test set was drawn)."""
+    from mulfree.models.io import atomic_write_text
+
+    meta = {"op": task.op, "fmt": task.fmt, "digits": task.digits, "width": task.width, "model": kind,
+            "test_seed": test_seed, "test_per_length": test_per_length}
+    atomic_write_text(Path(out_dir) / TASK_FILE, json.dumps(meta, indent=2) + "\n")
+
+
+def load_run(model_dir: str | Path) -> tuple[nn.Module, CharTokenizer, ArithTask, dict]:
+    """Model, tokenizer, task and metadata of a directory written by `train_arith`."""
+    from mulfree.models.io import load_model
+
+    path = Path(model_dir) / TASK_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing", "pass a directory written by `mulfree arith train`")
+    try:
+        meta = json.loads(path.read_text())
+        task = ArithTask(meta["op"], meta["fmt"], meta["digits"], meta["width"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} is malformed ({exc})", "retrain with `mulfree arith train`") from None
+    model, _ = load_model(model_dir)
+    return model, CharTokenizer.load(model_dir), task, meta
+
+
+def train_arith(
+    task: ArithTask,
+    kind: str,
+    out_dir: str | Path,
+    train_cfg,
+    preset: str = "arith",
+    eval_lengths: Sequence[int] | None = None,
+    test_per_length: int = 200,
+    test_seed: int = 1234,
+    overwrite: bool = False,
+) -> tuple[nn.Module, list[LengthResult], dict]:
+    """Train a fresh `kind` model on `task` (test problems of lengths 1..digits held out), save it and
+    evaluate on lengths `eval_lengths` (default 1..digits+3); returns (model, results, train metrics)."""
+    from mulfree.train import train
+
+    out_dir = Path(out_dir)
+    tok = CharTokenizer()
+    lengths = list(eval_lengths or range(1, task.digits + 4))
+    test_set = make_test_set(task.op, lengths, test_per_length, seed=test_seed)
+    task = ArithTask(task.op, task.fmt, task.digits, task.width,
+                     held_out=held_out_problems({n: p for n, p in test_set.items() if n <= task.digits}))
+    model = build_model(kind, tok.vocab_size, preset, seed=train_cfg.seed)
+    batch_fn = make_batch_fn(task, tok, train_cfg.batch_size)
+    metrics = train(model, None, None, train_cfg, out_dir, batch_fn=batch_fn, val_batch_fn=batch_fn,
+                    overwrite=overwrite)
+    tok.save(out_dir)
+    save_task(out_dir, task, kind, test_seed, test_per_length)
+    results = evaluate_task(model, tok, task, test_set)
+    write_results(out_dir, results)
+    return model, results, metrics
+
+
+def write_results(out_dir: str | Path, results: list[LengthResult]) -> Path:
+    """Write arith_eval.json (one record per operand length) atomically."""
+    from mulfree.models.io import atomic_write_text
+
+    path = Path(out_dir) / RESULTS_FILE
+    atomic_write_text(path, json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    return path

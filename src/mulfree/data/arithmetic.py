@@ -1,0 +1,273 @@
+"""Arithmetic task data: addition / multiplication lines in every positional format, their parsers,
+balanced sampling over digit lengths and carries, and length-held-out test sets.
+
+Formats (`FORMATS`; see docs/arithmetic.md and reference/arithmetic.md §5), for 239 + 821:
+
+    plain            239+821=1060
+    reversed         239+821=0601                answer least-significant digit first (Lee et al.)
+    padded           239+821=1060 at width 3;    operands zero-padded to `width`, answer to width+1
+                     0239+0821=01060 at width 4  (add) or 2*width (mul): fixed operator positions
+    padded-reversed  0239+0821=06010             padded, answer LSD first (the 456-parameter recipe)
+    spaced           2 3 9 + 8 2 1 = 1 0 6 0     one space between all characters
+    random-space     2 3  9+ 8  2 1=1060         0-3 random spaces between prompt characters (Shen et al.);
+                                                 the answer is plain so that it stays predictable
+    scratchpad       239+821=932+128,0:;32+28,1:0;2+8,0:60;+,1:060;>1060
+                     recursive: each step shows the remaining operand digits LSD first, the carry in
+                     and the partial result; multiplication peels one digit of b per step:
+                     12*34=12*4=48:48;12*3=360:408;>408
+
+Every line is `prompt + answer`; the prompt ends at the first '='. Answers are always computed.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mulfree.errors import ConfigError
+
+FORMATS = ("plain", "reversed", "padded", "padded-reversed", "spaced", "random-space", "scratchpad")
+OPS = {"add": "+", "mul": "*"}
+MAX_RANDOM_SPACES = 3
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def check_format(fmt: str) -> str:
+    """Return fmt if it is a known format, else raise ConfigError naming the choices."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown arithmetic format {fmt!r}", f"choose one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def check_op(op: str) -> str:
+    """Return op if it is `add` or `mul`, else raise ConfigError."""
+    if op not in OPS:
+        raise ConfigError(f"unknown arithmetic task {op!r}", f"choose one of {', '.join(OPS)}")
+    return op
+
+
+def check_digits(n: int) -> int:
+    """Return n if it is a usable operand length (>= 1), else raise ConfigError."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ConfigError(f"operand length must be an integer >= 1, got {n!r}", "pass --digits 1 or more")
+    return n
+
+
+def compute(a: int, b: int, op: str) -> int:
+    """The exact result of `a op b`."""
+    return a + b if check_op(op) == "add" else a * b
+
+
+def answer_width(width: int, op: str) -> int:
+    """Width of the zero-padded answer for operands padded to `width` (the largest result fits)."""
+    return width + 1 if op == "add" else 2 * width
+
+
+def _scratchpad(a: int, b: int, op: str) -> str:
+    if op == "mul":
+        steps, acc = [], 0
+        for i, d in enumerate(reversed(str(b))):
+            part = a * int(d) * 10**i
+            acc += part
+            steps.append(f"{a}*{d}={part}:{acc};")
+        return "".join(steps) + f">{acc}"
+    ra, rb = str(a)[::-1], str(b)[::-1]
+    steps, carry, partial = [], 0, ""
+    while ra or rb:
+        steps.append(f"{ra}+{rb},{carry}:{partial};")
+        s = int(ra[:1] or 0) + int(rb[:1] or 0) + carry
+        partial, carry = str(s % 10) + partial, s // 10
+        ra, rb = ra[1:], rb[1:]
+    steps.append(f"+,{carry}:{partial};")
+    return "".join(steps) + f">{a + b}"
+
+
+def format_problem(
+    a: int, b: int, op: str, fmt: str, rng: random.Random | None = None, width: int | None = None
+) -> str:
+    """The whole training line (prompt and answer) for `a op b` in format `fmt`.
+
+    Args:
+        a, b: non-negative operands.
+        op: `add` or `mul`.
+        fmt: one of FORMATS.
+        rng: randomness for `random-space`; None uses a generator seeded by (a, b), so the line is
+            reproducible.
+        width: padding width for the padded formats; defaults to the longer operand and never
+            truncates (an operand longer than width widens the line).
+    Example: format_problem(239, 821, "add", "reversed") == "239+821=0601"
+    """
+    check_op(op)
+    check_format(fmt)
+    if a < 0 or b < 0:
+        raise ConfigError(f"operands must be non-negative, got {a} and {b}", "pass natural numbers")
+    c, sym = compute(a, b, op), OPS[op]
+    if fmt in ("plain", "reversed"):
+        ans = str(c)
+        return f"{a}{sym}{b}=" + (ans[::-1] if fmt == "reversed" else ans)
+    if fmt in ("padded", "padded-reversed"):
+        w = max(width or 0, len(str(a)), len(str(b)))
+        ans = f"{c:0{answer_width(w, op)}d}"
+        return f"{a:0{w}d}{sym}{b:0{w}d}=" + (ans[::-1] if fmt == "padded-reversed" else ans)
+    if fmt == "spaced":
+        return " ".join(f"{a}{sym}{b}={c}")
+    if fmt == "random-space":
+        rng = rng if rng is not None else random.Random(a * 1_000_003 + b)
+        chars = f"{a}{sym}{b}="
+        out = chars[0]
+        for ch in chars[1:]:
+            out += " " * rng.randint(0, MAX_RANDOM_SPACES) + ch
+        return out + str(c)
+    return f"{a}{sym}{b}=" + _scratchpad(a, b, op)
+
+
+def split_line(line: str) -> tuple[str, str]:
+    """Split a line into (prompt ending with the first '=', answer text)."""
+    i = line.find("=")
+    if i < 0:
+        raise ConfigError(f"not an arithmetic line: {line!r}", "a line holds a prompt ending in '='")
+    return line[: i + 1], line[i + 1 :]
+
+
+def parse_answer(text: str, fmt: str) -> int | None:
+    """Read the answer from a whole line or from a model's completion; None when malformed.
+
+    The answer ends at the first newline. Spaces inside the answer are allowed only in the spaced
+    formats; the scratchpad answer is what follows the last '>'. Raises ConfigError for an unknown
+    format. Example: parse_answer("239+821=0601", "reversed") == 1060
+    """
+    check_format(fmt)
+    if not isinstance(text, str):
+        return None
+    body = text.split("\n", 1)[0]
+    if fmt == "scratchpad":
+        if ">" not in body:
+            return None
+        body = body.rsplit(">", 1)[1]
+    elif "=" in body:
+        body = body.split("=", 1)[1]
+    body = body.strip()
+    if fmt in ("spaced", "random-space"):
+        body = body.replace(" ", "")
+    if not _DIGITS.fullmatch(body):
+        return None
+    if fmt in ("reversed", "padded-reversed"):
+        body = body[::-1]
+    return int(body)
+
+
+def digit_accuracy(pred: int | None, target: int) -> float:
+    """Fraction of digit places right, aligned at the units digit, over the longer of the two numbers
+    (format-independent; extra digits count wrong; a missing or malformed answer scores 0)."""
+    t = str(target)[::-1]
+    if pred is None:
+        return 0.0
+    p = str(pred)[::-1]
+    right = sum(1 for i, d in enumerate(t) if i < len(p) and p[i] == d)
+    return right / max(len(t), len(p))
+
+
+def random_number(rng: random.Random, n: int) -> int:
+    """A uniformly random number with exactly n digits (0-9 when n == 1)."""
+    check_digits(n)
+    return rng.randrange(0, 10) if n == 1 else rng.randrange(10 ** (n - 1), 10**n)
+
+
+def _addends_with_carries(rng: random.Random, la: int, lb: int) -> tuple[int, int]:
+    """Operands of lengths la, lb whose number of carries (over the shared digits) is uniform in
+    0..min(la, lb), built digit by digit so every carry count is equally likely."""
+    m = min(la, lb)
+    want = set(rng.sample(range(m), rng.randint(0, m)))
+    da, db, carry = [], [], 0
+    for i in range(max(la, lb)):
+        lo_a = 1 if (i == la - 1 and la > 1) else 0
+        lo_b = 1 if (i == lb - 1 and lb > 1) else 0
+        if i >= m:
+            (da if i < la else db).append(rng.randint(lo_a if i < la else lo_b, 9))
+            continue
+        for x in rng.sample(range(lo_a, 10), 10 - lo_a):
+            lo, hi = (max(lo_b, 10 - x - carry), 9) if i in want else (lo_b, min(9, 9 - x - carry))
+            if lo <= hi:
+                da.append(x)
+                db.append(rng.randint(lo, hi))
+                carry = int(x + db[-1] + carry >= 10)
+                break
+    a = int("".join(map(str, reversed(da))))
+    b = int("".join(map(str, reversed(db))))
+    return a, b
+
+
+def sample_operands(rng: random.Random, op: str, lengths: Sequence[int]) -> tuple[int, int]:
+    """A training problem balanced over operand lengths (the longer operand's length is uniform over
+    `lengths`, the other is as long half the time, else shorter) and, for addition, carry counts."""
+    check_op(op)
+    n = rng.choice(list(lengths))
+    check_digits(n)
+    other = n if rng.random() < 0.5 else rng.randint(1, n)
+    la, lb = (n, other) if rng.random() < 0.5 else (other, n)
+    if op == "add":
+        return _addends_with_carries(rng, la, lb)
+    return random_number(rng, la), random_number(rng, lb)
+
+
+def sample_of_length(rng: random.Random, op: str, n: int) -> tuple[int, int]:
+    """A test problem whose two operands both have exactly n digits (carry-balanced for addition)."""
+    check_op(op)
+    check_digits(n)
+    return _addends_with_carries(rng, n, n) if op == "add" else (random_number(rng, n), random_number(rng, n))
+
+
+def make_test_set(op: str, lengths: Sequence[int], per_length: int, seed: int = 0) -> dict[int, list[tuple[int, int]]]:
+    """Distinct test problems per operand length (fewer when the length has fewer problems)."""
+    rng = random.Random(seed)
+    out: dict[int, list[tuple[int, int]]] = {}
+    for n in lengths:
+        space = (10 if n == 1 else 9 * 10 ** (n - 1)) ** 2
+        target, seen = min(per_length, space), set()
+        while len(seen) < target:
+            seen.add(sample_of_length(rng, op, n))
+        out[n] = sorted(seen)
+    return out
+
+
+def held_out_problems(test_set: dict[int, list[tuple[int, int]]], max_fraction: float = 0.1) -> frozenset:
+    """The test problems to exclude from training: those of every length whose test set is at most
+    `max_fraction` of all problems of that length (tiny lengths such as 1 digit cannot be held out)."""
+    keep = set()
+    for n, problems in test_set.items():
+        space = (10 if n == 1 else 9 * 10 ** (n - 1)) ** 2
+        if len(problems) <= max_fraction * space:
+            keep.update(problems)
+    return frozenset(keep)
+
+
+@dataclass
+class ArithTask:
+    """One training task: operation, format, training operand lengths 1..digits and the padding
+    width; `held_out` problems (the test set) are never sampled for training."""
+
+    op: str
+    fmt: str
+    digits: int
+    width: int | None = None
+    held_out: frozenset[tuple[int, int]] = frozenset()
+
+    def __post_init__(self) -> None:
+        check_op(self.op)
+        check_format(self.fmt)
+        check_digits(self.digits)
+        if self.width is None and self.fmt.startswith("padded"):
+            self.width = self.digits
+
+    def line(self, a: int, b: int, rng: random.Random | None = None) -> str:
+        """The training line for a op b in this task's format."""
+        return format_problem(a, b, self.op, self.fmt, rng=rng, width=self.width)
+
+    def sample(self, rng: random.Random) -> tuple[int, int]:
+        """A training problem (balanced, never one of the held-out test problems)."""
+        while True:
+            ab = sample_operands(rng, self.op, range(1, self.digits + 1))
+            if ab not in self.held_out:
+                return ab
