@@ -116,6 +116,14 @@ def load_corpus(paths: list[str] | None = None, val_fraction: float = 0.05) -> C
     )
 
 
+def load_text(paths: list[str]) -> str:
+    """All text of the given files / directories (*.txt), documents joined by `<|endoftext|>` lines."""
+    files = _expand(list(paths))
+    if not files:
+        raise DataError("no data files given", "pass --data FILE_OR_DIR")
+    return ("\n" + EOS_TOKEN + "\n").join(_read(f) for f in files)
+
+
 def train_tokenizer(text: str, vocab_size: int = 4096):
     """Train a byte-level BPE tokenizer (special token `<|endoftext|>` = id 0) on `text`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
