@@ -81,25 +81,29 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON ({exc})", "the checkpoint is corrupt; re-save it") from exc
 
 
-def load_state(model: nn.Module, weights: Path) -> None:
-    """Load safetensors weights into `model`, naming missing, unexpected or mis-shaped tensors."""
+def read_weights(weights: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, turning any reader failure into a CheckpointError."""
     try:
-        state = load_file(str(weights))
+        return load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot read {weights} ({exc})", "the checkpoint is corrupt or truncated; re-save it") from exc
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load `state` into `model`, naming missing, unexpected or mis-shaped tensors of `source`."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
-            f"{weights} does not match the {model.config.model_type} model "
+            f"{source} does not match the {model.config.model_type} model "
             f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})",
             "check that config.json belongs to these weights",
         )
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
             raise CheckpointError(
-                f"{weights}: {name} has shape {tuple(tensor.shape)}, the config expects {tuple(expected[name].shape)}",
+                f"{source}: {name} has shape {tuple(tensor.shape)}, the config expects {tuple(expected[name].shape)}",
                 "check that config.json belongs to these weights",
             )
     model.load_state_dict(state)
@@ -116,7 +120,7 @@ def load_model(model_dir: str | Path) -> tuple[nn.Module, Any]:
     weights = model_dir / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing", "pass a complete model dir")
-    load_state(model, weights)
+    load_state(model, read_weights(weights), str(weights))
     model.eval()
     tokenizer = None
     if (model_dir / TOKENIZER_NAME).is_file():
