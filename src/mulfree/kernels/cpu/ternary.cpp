@@ -1,4 +1,680 @@
-// Kernel family 'ternary': implementation pending in this file.
+// Kernel family 'ternary': packed 2-bit ternary GEMV/GEMM (format T2R4, see ops/pack.py),
+// fused RMSNorm + per-token int8 quantization, the MLGRU / GLU elementwise steps and a whole
+// MMfree forward (`Engine`) so that decoding costs one Python call per token.
+//
+// Every ISA path computes the exact integer dot product sum_k c[n,k] * q[t,k] (c = trit + 1),
+// then y = (dot - sum_k q[t,k]) * w_scale * a_scale[t]. Paths: AVX-512 VNNI (vpdpbusd),
+// AVX2 (vpmaddubsw + vpmaddwd), scalar (the oracle); the caller names one at run time.
 #include "mulfree_cpu.h"
 
-void register_ternary(nb::module_ &m) { (void)m; }
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <immintrin.h>
+
+namespace {
+
+constexpr int64_t kBlock = 256;  // weights per row per block (64 bytes, 4 per byte)
+constexpr int kRows = 4;         // rows interleaved per row group
+constexpr int kMaxTile = 4;      // tokens per GEMM micro-tile
+
+enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+
+Isa parse_isa(const std::string &name) {
+  const CpuFeatures &f = cpu_features();
+  if (name == "scalar") return Isa::Scalar;
+  if (name == "avx2") {
+    if (!(f.avx2 && f.fma)) throw std::invalid_argument("backend 'avx2' is not supported by this CPU");
+    return Isa::Avx2;
+  }
+  if (name == "avx512") {
+    if (!(f.avx512f && f.avx512bw && f.avx512vl && f.avx512vnni))
+      throw std::invalid_argument("backend 'avx512' is not supported by this CPU");
+    return Isa::Avx512;
+  }
+  throw std::invalid_argument("unknown backend '" + name + "' (use scalar, avx2 or avx512)");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Persistent thread pool: workers spin briefly on a generation counter (cheap hand-off between
+// the ~100 parallel regions of a decoded token), then sleep on a condition variable.
+class Pool {
+ public:
+  explicit Pool(int n) : n_(std::max(1, n)) {
+    for (int i = 1; i < n_; ++i) workers_.emplace_back([this, i] { loop(i); });
+  }
+  int size() const { return n_; }
+
+  // Runs fn(tid, nthreads) on every thread (the caller is tid 0) and returns when all are done.
+  template <class F>
+  void run(F &&fn) {
+    if (n_ == 1) {
+      fn(0, 1);
+      return;
+    }
+    job_ = [](void *ctx, int tid, int n) { (*static_cast<F *>(ctx))(tid, n); };
+    ctx_ = &fn;
+    done_.store(0, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      gen_.fetch_add(1, std::memory_order_release);
+    }
+    if (sleepers_.load(std::memory_order_acquire) > 0) cv_.notify_all();
+    fn(0, n_);
+    while (done_.load(std::memory_order_acquire) != n_ - 1) _mm_pause();
+  }
+
+ private:
+  void loop(int tid) {
+    uint64_t seen = 0;
+    for (;;) {
+      uint64_t g;
+      int spins = 0;
+      while ((g = gen_.load(std::memory_order_acquire)) == seen) {
+        if (++spins < 20000) {
+          _mm_pause();
+          continue;
+        }
+        std::unique_lock<std::mutex> lk(mu_);
+        sleepers_.fetch_add(1);
+        cv_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+        sleepers_.fetch_sub(1);
+        spins = 0;
+      }
+      seen = g;
+      job_(ctx_, tid, n_);
+      done_.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  int n_;
+  std::vector<std::thread> workers_;
+  void (*job_)(void *, int, int) = nullptr;
+  void *ctx_ = nullptr;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int> done_{0};
+  std::atomic<int> sleepers_{0};
+  std::mutex mu_;
+  std::condition_variable cv_;
+};
+
+// One pool per thread count, created on first use and kept for the life of the process
+// (never destroyed: joining at interpreter exit could hang).
+Pool &get_pool(int threads) {
+  static std::mutex mu;
+  static std::vector<Pool *> pools(65, nullptr);
+  if (threads <= 0) threads = (int)std::max(1u, std::thread::hardware_concurrency());
+  threads = std::min(threads, 64);
+  std::lock_guard<std::mutex> lk(mu);
+  if (!pools[threads]) pools[threads] = new Pool(threads);
+  return *pools[threads];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Micro-kernels: one row group (4 rows x Kpad weights) against NT tokens of int8 activations.
+// out[t * 4 + r] = sum_k c[r, k] * q[t, k]  (codes c = trit + 1 in {0, 1, 2}).
+using TileFn = void (*)(const uint8_t *W, int64_t Kpad, const int8_t *X, int64_t ldx, int32_t *out);
+
+template <int NT>
+void tile_scalar(const uint8_t *W, int64_t Kpad, const int8_t *X, int64_t ldx, int32_t *out) {
+  int32_t acc[kRows][NT] = {};
+  for (int64_t b = 0; b < Kpad / kBlock; ++b) {
+    for (int r = 0; r < kRows; ++r) {
+      const uint8_t *w = W + b * kBlock + r * 64;
+      for (int j = 0; j < 64; ++j) {
+        const int byte = w[j];
+        for (int s = 0; s < 4; ++s) {
+          const int c = (byte >> (2 * s)) & 3;
+          const int64_t k = b * kBlock + s * 64 + j;
+          for (int t = 0; t < NT; ++t) acc[r][t] += c * X[t * ldx + k];
+        }
+      }
+    }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < kRows; ++r) out[t * kRows + r] = acc[r][t];
+}
+
+__attribute__((target("avx2,fma"))) inline int32_t hsum_avx2(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+template <int NT>
+__attribute__((target("avx2,fma"))) void tile_avx2(const uint8_t *W, int64_t Kpad, const int8_t *X, int64_t ldx,
+                                                     int32_t *out) {
+  __m256i acc[kRows][NT];
+  for (int r = 0; r < kRows; ++r)
+    for (int t = 0; t < NT; ++t) acc[r][t] = _mm256_setzero_si256();
+  const __m256i m3 = _mm256_set1_epi8(3);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < Kpad / kBlock; ++b) {
+    const int8_t *xb = X + b * kBlock;
+    for (int r = 0; r < kRows; ++r) {
+      const uint8_t *w = W + b * kBlock + r * 64;
+      const __m256i v0 = _mm256_loadu_si256((const __m256i *)w);
+      const __m256i v1 = _mm256_loadu_si256((const __m256i *)(w + 32));
+      __m256i s16[NT];
+      for (int t = 0; t < NT; ++t) s16[t] = _mm256_setzero_si256();
+      for (int s = 0; s < 4; ++s) {
+        const __m256i c0 = _mm256_and_si256(_mm256_srli_epi16(v0, 2 * s), m3);
+        const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(v1, 2 * s), m3);
+        for (int t = 0; t < NT; ++t) {
+          const int8_t *x = xb + t * ldx + s * 64;
+          // |c*q + c*q| <= 512 per pair, 8 pairs summed <= 4096: int16 cannot overflow.
+          s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(c0, _mm256_loadu_si256((const __m256i *)x)));
+          s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(c1, _mm256_loadu_si256((const __m256i *)(x + 32))));
+        }
+      }
+      for (int t = 0; t < NT; ++t) acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(s16[t], ones));
+    }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < kRows; ++r) out[t * kRows + r] = hsum_avx2(acc[r][t]);
+}
+
+template <int NT>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void tile_avx512(const uint8_t *W, int64_t Kpad,
+                                                                                  const int8_t *X, int64_t ldx,
+                                                                                  int32_t *out) {
+  __m512i acc[kRows][NT];
+  for (int r = 0; r < kRows; ++r)
+    for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_si512();
+  const __m512i m3 = _mm512_set1_epi8(3);
+  for (int64_t b = 0; b < Kpad / kBlock; ++b) {
+    const int8_t *xb = X + b * kBlock;
+    if constexpr (NT == 1) {
+      // Decode: hold the 256 activations in registers across the 4 rows (the empty asm keeps
+      // gcc from folding them back into memory operands, which makes the loop load-port bound).
+      __m512i x0 = _mm512_loadu_si512(xb), x1 = _mm512_loadu_si512(xb + 64);
+      __m512i x2 = _mm512_loadu_si512(xb + 128), x3 = _mm512_loadu_si512(xb + 192);
+      asm("" : "+v"(x0), "+v"(x1), "+v"(x2), "+v"(x3));
+      for (int r = 0; r < kRows; ++r) {
+        __m512i v = _mm512_loadu_si512(W + b * kBlock + r * 64);
+        asm("" : "+v"(v));
+        acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_and_si512(v, m3), x0);
+        acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_and_si512(_mm512_srli_epi16(v, 2), m3), x1);
+        acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_and_si512(_mm512_srli_epi16(v, 4), m3), x2);
+        acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_and_si512(_mm512_srli_epi16(v, 6), m3), x3);
+      }
+    } else {
+      for (int r = 0; r < kRows; ++r) {
+        __m512i v = _mm512_loadu_si512(W + b * kBlock + r * 64);
+        asm("" : "+v"(v));
+        for (int s = 0; s < 4; ++s) {
+          const __m512i c = _mm512_and_si512(_mm512_srli_epi16(v, 2 * s), m3);
+          for (int t = 0; t < NT; ++t)
+            acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], c, _mm512_loadu_si512(xb + t * ldx + s * 64));
+        }
+      }
+    }
+  }
+  for (int t = 0; t < NT; ++t)
+    for (int r = 0; r < kRows; ++r) out[t * kRows + r] = _mm512_reduce_add_epi32(acc[r][t]);
+}
+
+const TileFn kTiles[3][kMaxTile + 1] = {
+    {nullptr, tile_scalar<1>, tile_scalar<2>, tile_scalar<3>, tile_scalar<4>},
+    {nullptr, tile_avx2<1>, tile_avx2<2>, tile_avx2<3>, tile_avx2<4>},
+    {nullptr, tile_avx512<1>, tile_avx512<2>, tile_avx512<3>, tile_avx512<4>},
+};
+
+// ---------------------------------------------------------------------------------------------
+// A BitLinear application on quantized activations: Y[t, n] = (dot - sumq[t]) * a_scale[t] * w_scale.
+struct LinearJob {
+  const uint8_t *W;  // packed [ceil(N/4), Kpad]
+  int64_t N, Kpad;
+  double w_scale;
+  const int8_t *Q;  // [T, Kpad]
+  const int32_t *sumq;
+  const float *a_scale;
+  int64_t T;
+  float *Y;      // [T, ldy] float output, or
+  int32_t *Yi;   // [T, ldy] exact integer output sum_k trit * q
+  int64_t ldy;
+};
+
+void linear_rows(Isa isa, const LinearJob &j, int64_t g0, int64_t g1) {
+  int32_t tile[kMaxTile * kRows];
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint8_t *Wg = j.W + g * j.Kpad;
+    for (int64_t t0 = 0; t0 < j.T; t0 += kMaxTile) {
+      const int nt = (int)std::min<int64_t>(kMaxTile, j.T - t0);
+      kTiles[(int)isa][nt](Wg, j.Kpad, j.Q + t0 * j.Kpad, j.Kpad, tile);
+      for (int t = 0; t < nt; ++t) {
+        const int64_t tt = t0 + t;
+        for (int r = 0; r < kRows; ++r) {
+          const int64_t n = g * kRows + r;
+          if (n >= j.N) break;
+          const int32_t v = tile[t * kRows + r] - j.sumq[tt];
+          if (j.Yi)
+            j.Yi[tt * j.ldy + n] = v;
+          else
+            j.Y[tt * j.ldy + n] = (float)((double)v * (double)j.a_scale[tt] * j.w_scale);
+        }
+      }
+    }
+  }
+}
+
+// Runs several independent linears in one parallel region (each split evenly by row groups).
+void run_linears(Isa isa, int threads, const LinearJob *jobs, int njobs) {
+  Pool &pool = get_pool(threads);
+  pool.run([&](int tid, int n) {
+    for (int i = 0; i < njobs; ++i) {
+      const int64_t G = (jobs[i].N + kRows - 1) / kRows;
+      linear_rows(isa, jobs[i], G * tid / n, G * (tid + 1) / n);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Float steps. The RMS uses a double sum of squares so that the rounded float factor is the
+// same as the torch reference's (ops/fused.py) whatever the summation order.
+float rms_factor(const float *x, int64_t K, double eps) {
+  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4) {
+    s0 += (double)x[k] * x[k];
+    s1 += (double)x[k + 1] * x[k + 1];
+    s2 += (double)x[k + 2] * x[k + 2];
+    s3 += (double)x[k + 3] * x[k + 3];
+  }
+  for (; k < K; ++k) s0 += (double)x[k] * x[k];
+  return (float)(1.0 / std::sqrt((s0 + s1 + s2 + s3) / (double)K + eps));
+}
+
+void rmsnorm_row(const float *x, const float *w, int64_t K, double eps, float *out) {
+  const float r = rms_factor(x, K, eps);
+  for (int64_t k = 0; k < K; ++k) out[k] = x[k] * r * w[k];
+}
+
+// q = round_half_even(xhat * 127 / max(|xhat|max, 1e-5)), zero-padded to Kpad.
+void rmsnorm_quant_row(const float *x, const float *w, int64_t K, int64_t Kpad, double eps, float *tmp, int8_t *q,
+                       float *a_scale, int32_t *sumq) {
+  rmsnorm_row(x, w, K, eps, tmp);
+  float amax = 0.f;
+  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(tmp[k]));
+  const float inv = 127.0f / std::max(amax, 1e-5f);
+  int32_t s = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const float v = std::nearbyint(tmp[k] * inv);
+    const int32_t qi = (int32_t)std::min(127.f, std::max(-128.f, v));
+    q[k] = (int8_t)qi;
+    s += qi;
+  }
+  std::memset(q + K, 0, (size_t)(Kpad - K));
+  *a_scale = 1.0f / inv;
+  *sumq = s;
+}
+
+inline float sigmoidf(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+inline float siluf(float x) { return x / (1.0f + std::exp(-x)); }
+
+// One MLGRU time step for one token (math: reference/matmulfree.md 1.4; lb == nullptr for layer 0).
+void mlgru_row(const float *fi, const float *ff, const float *fg, const float *lb, const float *gnorm, int64_t d,
+               double eps, float *state, float *out) {
+  for (int64_t k = 0; k < d; ++k) {
+    float f = sigmoidf(ff[k]);
+    if (lb) f = lb[k] + (1.0f - lb[k]) * f;
+    const float i = siluf(fi[k]) * (1.0f - f);
+    state[k] = f * state[k] + i;
+  }
+  const float r = rms_factor(fg, d, eps);
+  for (int64_t k = 0; k < d; ++k) out[k] = fg[k] * r * gnorm[k] * siluf(state[k]);
+}
+
+void glu_row(const float *gate_up, int64_t I, float *out) {
+  for (int64_t k = 0; k < I; ++k) out[k] = siluf(gate_up[k]) * gate_up[I + k];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Python-facing types.
+template <class T, class... Extra>
+using Arr = nb::ndarray<T, nb::c_contig, nb::device::cpu, Extra...>;
+
+struct PackedLinear {
+  Arr<const uint8_t, nb::ndim<2>> packed;
+  int64_t N, K;
+  double scale;
+  Arr<const float, nb::ndim<1>> norm;
+
+  PackedLinear(Arr<const uint8_t, nb::ndim<2>> p, int64_t n, int64_t k, double s, Arr<const float, nb::ndim<1>> w)
+      : packed(p), N(n), K(k), scale(s), norm(w) {
+    const int64_t Kpad = (K + kBlock - 1) / kBlock * kBlock;
+    if ((int64_t)p.shape(0) != (N + kRows - 1) / kRows || (int64_t)p.shape(1) != Kpad)
+      throw std::invalid_argument("packed weight shape does not match (N, K)");
+    if ((int64_t)w.shape(0) != K) throw std::invalid_argument("norm weight length does not match K");
+  }
+  int64_t kpad() const { return (K + kBlock - 1) / kBlock * kBlock; }
+};
+
+struct Layer {
+  Arr<const float, nb::ndim<1>> attn_norm, g_norm, mlp_norm, lb;
+  bool has_lb;
+  PackedLinear i, f, g, o, gate, down;
+};
+
+// Per-linear quantized input: q [T, Kpad], scales, sums.
+struct QBuf {
+  std::vector<int8_t> q;
+  std::vector<float> sa;
+  std::vector<int32_t> sq;
+  void fill(const float *x, int64_t T, int64_t ldx, const PackedLinear &p, double eps, float *tmp) {
+    const int64_t Kpad = p.kpad();
+    q.resize((size_t)(T * Kpad));
+    sa.resize((size_t)T);
+    sq.resize((size_t)T);
+    for (int64_t t = 0; t < T; ++t)
+      rmsnorm_quant_row(x + t * ldx, p.norm.data(), p.K, Kpad, eps, tmp, q.data() + t * Kpad, &sa[t], &sq[t]);
+  }
+  LinearJob job(const PackedLinear &p, int64_t T, float *Y, int64_t ldy) const {
+    return LinearJob{p.packed.data(), p.N, p.kpad(), p.scale, q.data(), sq.data(), sa.data(), T, Y, nullptr, ldy};
+  }
+};
+
+class Engine {
+ public:
+  Engine(int64_t vocab, int64_t d, int64_t inter, double eps, const std::string &backend, int threads)
+      : V_(vocab), d_(d), I_(inter), eps_(eps), isa_(parse_isa(backend)), threads_(threads) {}
+
+  void set_embedding_f32(Arr<const float, nb::ndim<2>> e) {
+    check_emb(e.shape(0), e.shape(1));
+    emb_f32_ = e;
+    emb_is_bf16_ = false;
+  }
+  void set_embedding_bf16(Arr<const uint16_t, nb::ndim<2>> e) {
+    check_emb(e.shape(0), e.shape(1));
+    emb_bf16_ = e;
+    emb_is_bf16_ = true;
+  }
+  void set_head(Arr<const float, nb::ndim<1>> norm, const PackedLinear &head) {
+    if ((int64_t)norm.shape(0) != d_ || head.K != d_ || head.N != V_)
+      throw std::invalid_argument("lm_head shapes do not match the config");
+    norm_ = norm;
+    head_.assign(1, head);
+  }
+  void add_layer(Arr<const float, nb::ndim<1>> attn_norm, const PackedLinear &i, const PackedLinear &f,
+                 const PackedLinear &g, const PackedLinear &o, Arr<const float, nb::ndim<1>> g_norm,
+                 Arr<const float, nb::ndim<1>> lb, bool has_lb, Arr<const float, nb::ndim<1>> mlp_norm,
+                 const PackedLinear &gate, const PackedLinear &down) {
+    auto need = [](const PackedLinear &p, int64_t N, int64_t K, const char *name) {
+      if (p.N != N || p.K != K) throw std::invalid_argument(std::string(name) + " shape does not match the config");
+    };
+    need(i, d_, d_, "i_proj");
+    need(f, d_, d_, "f_proj");
+    need(g, d_, d_, "g_proj");
+    need(o, d_, d_, "o_proj");
+    need(gate, 2 * I_, d_, "gate_proj");
+    need(down, d_, I_, "down_proj");
+    for (auto *v : {&attn_norm, &g_norm, &lb, &mlp_norm})
+      if ((int64_t)v->shape(0) != d_) throw std::invalid_argument("norm / lower-bound length does not match hidden_size");
+    layers_.push_back(Layer{attn_norm, g_norm, mlp_norm, lb, has_lb, i, f, g, o, gate, down});
+  }
+
+  int64_t num_layers() const { return (int64_t)layers_.size(); }
+
+  // ids [T]; state [L, d] updated in place; logits [R, V] with R = T (all_logits) or 1 (last token).
+  void forward(Arr<const int64_t, nb::ndim<1>> ids, Arr<float, nb::ndim<2>> state, Arr<float, nb::ndim<2>> logits,
+               bool all_logits) {
+    const int64_t T = (int64_t)ids.shape(0), L = num_layers(), d = d_, I = I_;
+    if (T < 1) throw std::invalid_argument("forward needs at least one token");
+    if (head_.empty() || (emb_is_bf16_ ? !emb_bf16_.is_valid() : !emb_f32_.is_valid()))
+      throw std::invalid_argument("engine is not fully loaded (embedding / head missing)");
+    if ((int64_t)state.shape(0) != L || (int64_t)state.shape(1) != d)
+      throw std::invalid_argument("state must have shape [num_layers, hidden_size]");
+    const int64_t R = all_logits ? T : 1;
+    if ((int64_t)logits.shape(0) != R || (int64_t)logits.shape(1) != V_)
+      throw std::invalid_argument("logits buffer has the wrong shape");
+    for (int64_t t = 0; t < T; ++t)
+      if (ids.data()[t] < 0 || ids.data()[t] >= V_) throw std::invalid_argument("token id out of range");
+    const int64_t *idp = ids.data();
+    float *st = state.data();
+    float *lg = logits.data();
+    nb::gil_scoped_release release;
+
+    std::vector<float> h((size_t)(T * d)), a((size_t)(T * d)), tmp((size_t)std::max(d, I));
+    std::vector<float> fi((size_t)(T * d)), ff((size_t)(T * d)), fg((size_t)(T * d)), big((size_t)(T * 2 * I));
+    QBuf qi, qf, qg;
+    for (int64_t t = 0; t < T; ++t) embed(idp[t], h.data() + t * d);
+    for (int64_t l = 0; l < L; ++l) {
+      const Layer &ly = layers_[(size_t)l];
+      for (int64_t t = 0; t < T; ++t) rmsnorm_row(h.data() + t * d, ly.attn_norm.data(), d, eps_, a.data() + t * d);
+      qi.fill(a.data(), T, d, ly.i, eps_, tmp.data());
+      qf.fill(a.data(), T, d, ly.f, eps_, tmp.data());
+      qg.fill(a.data(), T, d, ly.g, eps_, tmp.data());
+      const LinearJob ifg[3] = {qi.job(ly.i, T, fi.data(), d), qf.job(ly.f, T, ff.data(), d),
+                                qg.job(ly.g, T, fg.data(), d)};
+      run_linears(isa_, threads_, ifg, 3);
+      float *s = st + l * d;
+      for (int64_t t = 0; t < T; ++t)
+        mlgru_row(fi.data() + t * d, ff.data() + t * d, fg.data() + t * d, ly.has_lb ? ly.lb.data() : nullptr,
+                  ly.g_norm.data(), d, eps_, s, a.data() + t * d);
+      qi.fill(a.data(), T, d, ly.o, eps_, tmp.data());
+      const LinearJob oj = qi.job(ly.o, T, fi.data(), d);
+      run_linears(isa_, threads_, &oj, 1);
+      for (int64_t k = 0; k < T * d; ++k) h[k] += fi[k];
+      for (int64_t t = 0; t < T; ++t) rmsnorm_row(h.data() + t * d, ly.mlp_norm.data(), d, eps_, a.data() + t * d);
+      qi.fill(a.data(), T, d, ly.gate, eps_, tmp.data());
+      const LinearJob gj = qi.job(ly.gate, T, big.data(), 2 * I);
+      run_linears(isa_, threads_, &gj, 1);
+      for (int64_t t = 0; t < T; ++t) glu_row(big.data() + t * 2 * I, I, big.data() + t * 2 * I);
+      qi.fill(big.data(), T, 2 * I, ly.down, eps_, tmp.data());
+      const LinearJob dj = qi.job(ly.down, T, fi.data(), d);
+      run_linears(isa_, threads_, &dj, 1);
+      for (int64_t k = 0; k < T * d; ++k) h[k] += fi[k];
+    }
+    const int64_t t0 = T - R;
+    for (int64_t t = 0; t < R; ++t) rmsnorm_row(h.data() + (t0 + t) * d, norm_.data(), d, eps_, a.data() + t * d);
+    qi.fill(a.data(), R, d, head_[0], eps_, tmp.data());
+    const LinearJob hj = qi.job(head_[0], R, lg, V_);
+    run_linears(isa_, threads_, &hj, 1);
+  }
+
+ private:
+  void check_emb(size_t v, size_t d) {
+    if ((int64_t)v != V_ || (int64_t)d != d_) throw std::invalid_argument("embedding shape does not match the config");
+  }
+  void embed(int64_t id, float *out) const {
+    if (emb_is_bf16_) {
+      const uint16_t *row = emb_bf16_.data() + id * d_;
+      for (int64_t k = 0; k < d_; ++k) {
+        const uint32_t bits = (uint32_t)row[k] << 16;
+        std::memcpy(out + k, &bits, 4);
+      }
+    } else {
+      std::memcpy(out, emb_f32_.data() + id * d_, (size_t)d_ * 4);
+    }
+  }
+
+  int64_t V_, d_, I_;
+  double eps_;
+  Isa isa_;
+  int threads_;
+  bool emb_is_bf16_ = false;
+  Arr<const float, nb::ndim<2>> emb_f32_;
+  Arr<const uint16_t, nb::ndim<2>> emb_bf16_;
+  Arr<const float, nb::ndim<1>> norm_;
+  std::vector<PackedLinear> head_;
+  std::vector<Layer> layers_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Streaming read bandwidth (GB/s): each thread sums its slice of a large buffer, best of `reps`.
+__attribute__((target("avx2,fma"))) uint64_t read_slice_avx2(const uint8_t *p, size_t n) {
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+  for (size_t i = 0; i + 128 <= n; i += 128) {
+    a0 = _mm256_add_epi64(a0, _mm256_load_si256((const __m256i *)(p + i)));
+    a1 = _mm256_add_epi64(a1, _mm256_load_si256((const __m256i *)(p + i + 32)));
+    a2 = _mm256_add_epi64(a2, _mm256_load_si256((const __m256i *)(p + i + 64)));
+    a3 = _mm256_add_epi64(a3, _mm256_load_si256((const __m256i *)(p + i + 96)));
+  }
+  a0 = _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3));
+  alignas(32) uint64_t v[4];
+  _mm256_store_si256((__m256i *)v, a0);
+  return v[0] + v[1] + v[2] + v[3];
+}
+
+uint64_t read_slice_scalar(const uint8_t *p, size_t n) {
+  uint64_t s = 0;
+  for (size_t i = 0; i + 8 <= n; i += 8) {
+    uint64_t v;
+    std::memcpy(&v, p + i, 8);
+    s += v;
+  }
+  return s;
+}
+
+double read_bandwidth(int64_t nbytes, int threads, int reps) {
+  nb::gil_scoped_release release;
+  const size_t n = (size_t)nbytes / 4096 * 4096;
+  uint8_t *buf = static_cast<uint8_t *>(std::aligned_alloc(4096, n));
+  if (!buf) throw std::bad_alloc();
+  for (size_t i = 0; i < n; i += 64) buf[i] = (uint8_t)i;  // touch every page
+  const bool avx2 = cpu_features().avx2;
+  Pool &pool = get_pool(threads);
+  std::atomic<uint64_t> sink{0};
+  double best = 0;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    pool.run([&](int tid, int nt) {
+      const size_t a = n / 4096 * tid / nt * 4096, b = n / 4096 * (tid + 1) / nt * 4096;
+      sink += avx2 ? read_slice_avx2(buf + a, b - a) : read_slice_scalar(buf + a, b - a);
+    });
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, (double)n / s / 1e9);
+  }
+  std::free(buf);
+  return best;
+}
+
+}  // namespace
+
+void register_ternary(nb::module_ &m) {
+  nb::class_<PackedLinear>(m, "PackedLinear", "A packed T2R4 ternary weight [N, K] with its scale and RMSNorm weight.")
+      .def(nb::init<Arr<const uint8_t, nb::ndim<2>>, int64_t, int64_t, double, Arr<const float, nb::ndim<1>>>(),
+           nb::arg("packed"), nb::arg("n"), nb::arg("k"), nb::arg("scale"), nb::arg("norm"))
+      .def_ro("n", &PackedLinear::N)
+      .def_ro("k", &PackedLinear::K)
+      .def_ro("scale", &PackedLinear::scale);
+
+  nb::class_<Engine>(m, "Engine", "Whole MMfree forward on packed weights (prefill T tokens or decode 1).")
+      .def(nb::init<int64_t, int64_t, int64_t, double, const std::string &, int>(), nb::arg("vocab_size"),
+           nb::arg("hidden_size"), nb::arg("intermediate_size"), nb::arg("eps"), nb::arg("backend"),
+           nb::arg("threads"))
+      .def("set_embedding_f32", &Engine::set_embedding_f32)
+      .def("set_embedding_bf16", &Engine::set_embedding_bf16)
+      .def("set_head", &Engine::set_head)
+      .def("add_layer", &Engine::add_layer)
+      .def("forward", &Engine::forward, nb::arg("ids"), nb::arg("state"), nb::arg("logits"), nb::arg("all_logits"))
+      .def_prop_ro("num_layers", &Engine::num_layers);
+
+  m.def(
+      "ternary_matmul",
+      [](Arr<const uint8_t, nb::ndim<2>> packed, int64_t n, Arr<const int8_t, nb::ndim<2>> q,
+         Arr<const int32_t, nb::ndim<1>> sumq, Arr<int32_t, nb::ndim<2>> out, const std::string &backend, int threads) {
+        const Isa isa = parse_isa(backend);
+        const int64_t Kpad = (int64_t)q.shape(1), T = (int64_t)q.shape(0);
+        if (Kpad % kBlock || (int64_t)packed.shape(1) != Kpad || (int64_t)packed.shape(0) != (n + kRows - 1) / kRows)
+          throw std::invalid_argument("packed / activation shapes do not match");
+        if ((int64_t)sumq.shape(0) != T || (int64_t)out.shape(0) != T || (int64_t)out.shape(1) != n)
+          throw std::invalid_argument("sumq / out shapes do not match");
+        const LinearJob j{packed.data(), n, Kpad, 1.0, q.data(), sumq.data(), nullptr, T, nullptr, out.data(), n};
+        nb::gil_scoped_release release;
+        run_linears(isa, threads, &j, 1);
+      },
+      nb::arg("packed"), nb::arg("n"), nb::arg("q"), nb::arg("sumq"), nb::arg("out"), nb::arg("backend"),
+      nb::arg("threads"), "Exact out[t, n] = sum_k trit[n, k] * q[t, k] on packed T2R4 weights.");
+
+  m.def(
+      "bitlinear",
+      [](const PackedLinear &p, Arr<const float, nb::ndim<2>> x, Arr<float, nb::ndim<2>> out, double eps,
+         const std::string &backend, int threads) {
+        const Isa isa = parse_isa(backend);
+        const int64_t T = (int64_t)x.shape(0);
+        if ((int64_t)x.shape(1) != p.K || (int64_t)out.shape(0) != T || (int64_t)out.shape(1) != p.N)
+          throw std::invalid_argument("x / out shapes do not match the linear");
+        nb::gil_scoped_release release;
+        std::vector<float> tmp((size_t)p.K);
+        QBuf qb;
+        qb.fill(x.data(), T, p.K, p, eps, tmp.data());
+        const LinearJob j = qb.job(p, T, out.data(), p.N);
+        run_linears(isa, threads, &j, 1);
+      },
+      nb::arg("linear"), nb::arg("x"), nb::arg("out"), nb::arg("eps"), nb::arg("backend"), nb::arg("threads"),
+      "BitLinear on packed weights: RMSNorm -> int8 per-token quant -> ternary matmul -> scales.");
+
+  m.def(
+      "rmsnorm_quant",
+      [](Arr<const float, nb::ndim<2>> x, Arr<const float, nb::ndim<1>> w, double eps, Arr<int8_t, nb::ndim<2>> q,
+         Arr<float, nb::ndim<1>> a_scale, Arr<int32_t, nb::ndim<1>> sumq) {
+        const int64_t T = (int64_t)x.shape(0), K = (int64_t)x.shape(1), Kpad = (int64_t)q.shape(1);
+        if ((int64_t)w.shape(0) != K || (int64_t)q.shape(0) != T || Kpad < K || (int64_t)a_scale.shape(0) != T ||
+            (int64_t)sumq.shape(0) != T)
+          throw std::invalid_argument("rmsnorm_quant shapes do not match");
+        nb::gil_scoped_release release;
+        std::vector<float> tmp((size_t)K);
+        for (int64_t t = 0; t < T; ++t)
+          rmsnorm_quant_row(x.data() + t * K, w.data(), K, Kpad, eps, tmp.data(), q.data() + t * Kpad,
+                            a_scale.data() + t, sumq.data() + t);
+      },
+      nb::arg("x"), nb::arg("w"), nb::arg("eps"), nb::arg("q"), nb::arg("a_scale"), nb::arg("sumq"),
+      "Fused RMSNorm + per-token absmax int8 quantization (round half to even), zero-padded to q's width.");
+
+  m.def(
+      "rmsnorm",
+      [](Arr<const float, nb::ndim<2>> x, Arr<const float, nb::ndim<1>> w, double eps, Arr<float, nb::ndim<2>> out) {
+        const int64_t T = (int64_t)x.shape(0), K = (int64_t)x.shape(1);
+        if ((int64_t)w.shape(0) != K || out.shape(0) != x.shape(0) || out.shape(1) != x.shape(1))
+          throw std::invalid_argument("rmsnorm shapes do not match");
+        for (int64_t t = 0; t < T; ++t) rmsnorm_row(x.data() + t * K, w.data(), K, eps, out.data() + t * K);
+      },
+      nb::arg("x"), nb::arg("w"), nb::arg("eps"), nb::arg("out"));
+
+  m.def(
+      "mlgru_step",
+      [](Arr<const float, nb::ndim<2>> fi, Arr<const float, nb::ndim<2>> ff, Arr<const float, nb::ndim<2>> fg,
+         Arr<const float, nb::ndim<1>> lb, bool has_lb, Arr<const float, nb::ndim<1>> gnorm, double eps,
+         Arr<float, nb::ndim<1>> state, Arr<float, nb::ndim<2>> out) {
+        const int64_t T = (int64_t)fi.shape(0), d = (int64_t)fi.shape(1);
+        for (auto *a : {&fi, &ff, &fg})
+          if ((int64_t)a->shape(0) != T || (int64_t)a->shape(1) != d) throw std::invalid_argument("gate shapes differ");
+        if ((int64_t)lb.shape(0) != d || (int64_t)gnorm.shape(0) != d || (int64_t)state.shape(0) != d ||
+            (int64_t)out.shape(0) != T || (int64_t)out.shape(1) != d)
+          throw std::invalid_argument("mlgru_step shapes do not match");
+        for (int64_t t = 0; t < T; ++t)
+          mlgru_row(fi.data() + t * d, ff.data() + t * d, fg.data() + t * d, has_lb ? lb.data() : nullptr,
+                    gnorm.data(), d, eps, state.data(), out.data() + t * d);
+      },
+      nb::arg("fi"), nb::arg("ff"), nb::arg("fg"), nb::arg("lb"), nb::arg("has_lb"), nb::arg("g_norm"), nb::arg("eps"),
+      nb::arg("state"), nb::arg("out"), "MLGRU recurrence over T tokens + gated, normed output (fp32).");
+
+  m.def(
+      "glu_step",
+      [](Arr<const float, nb::ndim<2>> gate_up, Arr<float, nb::ndim<2>> out) {
+        const int64_t T = (int64_t)gate_up.shape(0), I = (int64_t)out.shape(1);
+        if ((int64_t)gate_up.shape(1) != 2 * I || (int64_t)out.shape(0) != T)
+          throw std::invalid_argument("glu_step shapes do not match");
+        for (int64_t t = 0; t < T; ++t) glu_row(gate_up.data() + t * 2 * I, I, out.data() + t * I);
+      },
+      nb::arg("gate_up"), nb::arg("out"), "z = silu(gate) * up with gate, up = the two halves of gate_up.");
+
+  m.def("read_bandwidth", &read_bandwidth, nb::arg("nbytes"), nb::arg("threads"), nb::arg("reps"),
+        "Streaming read bandwidth in GB/s over a buffer of nbytes (best of reps).");
+}

@@ -1,0 +1,121 @@
+"""Every packed-ternary kernel vs its pure-torch reference, on awkward shapes, on every backend here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mulfree.kernels import available_backends
+from mulfree.kernels import ternary as K
+from mulfree.ops import fused
+from mulfree.ops.pack import pack_ternary, packed_matmul_ref
+
+COMPILED = [b for b in available_backends() if b != "reference"]
+needs_ext = pytest.mark.skipif(not COMPILED, reason="compiled extension missing")
+SHAPES = [(1, 1, 1), (1, 5, 3), (3, 7, 300), (5, 33, 256), (6, 64, 513), (9, 130, 1000)]  # (T, N, K)
+
+
+def _ids(shapes):
+    return [f"T{t}-N{n}-K{k}" for t, n, k in shapes]
+
+
+def _trits(n, k, g):
+    return torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+
+
+@needs_ext
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids(SHAPES))
+def test_ternary_matmul_exact(backend, threads, shape):
+    t_, n, k = shape
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    w = _trits(n, k, g)
+    q = torch.randint(-128, 128, (t_, k), generator=g, dtype=torch.int8)
+    q[0, 0] = -128  # extremes: the u8 x s8 products must not saturate
+    out = K.ternary_matmul(pack_ternary(w), n, q, backend=backend, threads=threads)
+    expect = (q.long() @ w.long().T).int()
+    assert torch.equal(out, expect)
+    assert torch.equal(packed_matmul_ref(pack_ternary(w), n, q), expect)
+
+
+@needs_ext
+def test_ternary_matmul_extreme_values_all_backends():
+    k = 4096  # long rows of +-1 x -128 stress int16 / int32 partial sums
+    w = torch.ones(8, k, dtype=torch.int8)
+    w[1::2] = -1
+    q = torch.full((5, k), -128, dtype=torch.int8)
+    for b in COMPILED:
+        out = K.ternary_matmul(pack_ternary(w), 8, q, backend=b)
+        assert torch.equal(out, (q.long() @ w.long().T).int()), b
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (4, 300), (2, 2048)], ids=["T1-K1", "T3-K7", "T4-K300", "T2-K2048"])
+def test_rmsnorm_quant_exact(shape):
+    g = torch.Generator().manual_seed(shape[1])
+    x = torch.randn(*shape, generator=g) * 3
+    w = torch.rand(shape[1], generator=g) + 0.5
+    q, s, sq = K.rmsnorm_quant(x, w, 1e-6, backend="scalar")
+    rq, rs, rsq = fused.rmsnorm_quant_ref(x, w, 1e-6)
+    assert torch.equal(q, rq)
+    torch.testing.assert_close(s, rs, rtol=1e-6, atol=0)  # float path: 1 ulp apart at most
+    assert torch.equal(sq, rsq)
+
+
+def test_rmsnorm_quant_ref_matches_activation_quant():
+    from mulfree.ops.ternary import activation_quant
+
+    x = torch.randn(4, 37, generator=torch.Generator().manual_seed(0))
+    q, s, _ = fused.rmsnorm_quant_ref(x, torch.ones(37), 1e-6)
+    aq, ascale = activation_quant(fused.rmsnorm_ref(x, torch.ones(37), 1e-6))
+    assert torch.equal(q[:, :37], aq)
+    assert torch.allclose(s, ascale.squeeze(-1))
+
+
+@needs_ext
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=_ids(SHAPES[1:]))
+def test_bitlinear_packed(backend, shape):
+    t_, n, k = shape
+    g = torch.Generator().manual_seed(k)
+    w = _trits(n, k, g)
+    x = torch.randn(t_, k, generator=g)
+    nw = torch.rand(k, generator=g) + 0.5
+    out = K.bitlinear_packed(pack_ternary(w), n, 0.037, nw, x, 1e-6, backend=backend)
+    ref = fused.bitlinear_packed_ref(pack_ternary(w), n, 0.037, nw, x, 1e-6)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@needs_ext
+@pytest.mark.parametrize("use_lb", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1), (5, 33), (3, 256)], ids=["T1-D1", "T5-D33", "T3-D256"])
+def test_mlgru_step(use_lb, shape):
+    g = torch.Generator().manual_seed(shape[1])
+    fi, ff, fg = (torch.randn(*shape, generator=g) * 2 for _ in range(3))
+    lb = torch.rand(shape[1], generator=g) if use_lb else None
+    gn = torch.rand(shape[1], generator=g) + 0.5
+    st = torch.randn(shape[1], generator=g)
+    out, s = K.mlgru_step(fi, ff, fg, lb, gn, 1e-6, st, backend="scalar")
+    rout, rs = fused.mlgru_step_ref(fi, ff, fg, lb, gn, 1e-6, st)
+    torch.testing.assert_close(out, rout, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s, rs, rtol=1e-5, atol=1e-6)
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", [(1, 2), (3, 66)], ids=["T1-I1", "T3-I33"])
+def test_glu_step(shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 4
+    torch.testing.assert_close(K.glu_step(x, backend="scalar"), fused.glu_step_ref(x), rtol=1e-5, atol=1e-6)
+
+
+@needs_ext
+def test_bad_backend_is_rejected():
+    with pytest.raises(ValueError, match="unknown backend"):
+        K.ternary_matmul(pack_ternary(torch.zeros(4, 4, dtype=torch.int8)), 4, torch.zeros(1, 4, dtype=torch.int8),
+                         backend="sse9")
+
+
+@needs_ext
+def test_read_bandwidth_positive():
+    assert K.read_bandwidth(1 << 22, threads=2, reps=2) > 0.1
