@@ -1,0 +1,70 @@
+"""`mulfree energy`: arithmetic energy per token of a model under each arithmetic (45 nm op figures)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from mulfree.errors import ConfigError
+
+FAMILIES = ("mmfree", "transformerpp")
+
+
+def resolve_config(spec: str) -> dict[str, Any]:
+    """`FAMILY:PRESET` (mmfree:370m, transformerpp:1.3b), a model dir with config.json, or a config .json."""
+    if ":" in spec and not Path(spec).exists():
+        family, preset = spec.split(":", 1)
+        if family not in FAMILIES:
+            raise ConfigError(f"unknown model family {family!r}", f"use {' or '.join(FAMILIES)}, e.g. mmfree:370m")
+        if family == "mmfree":
+            from mulfree.models.mmfree import MMFreeConfig as cls
+        else:
+            from mulfree.models.transformer import TransformerConfig as cls
+        return cls.from_preset(preset).to_dict()
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"no model config at {spec!r}", "pass FAMILY:PRESET (e.g. mmfree:370m), a model dir or a config .json")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc})", "fix the file") from exc
+
+
+def run(args: argparse.Namespace) -> int:
+    from mulfree.energy import ARITHS, count_ops
+
+    cfg = resolve_config(args.model)
+    ariths = [args.arith] if args.arith else list(ARITHS)
+    try:
+        rows = [count_ops(cfg, a, context=args.context, shiftadd_bits=args.shiftadd_bits) for a in ariths]
+    except ValueError as exc:
+        raise ConfigError(str(exc), "pass a config with the standard Hugging Face shape fields") from exc
+    base = count_ops(cfg, "fp32", context=args.context)["energy_pj"]["total"]
+    print(f"{args.model} ({rows[0]['family']}), per token at context {args.context}; arithmetic only, 45 nm (Horowitz 2014)")
+    print(f"{'arith':<9} {'weight MACs':>12} {'attn MACs':>11} {'weights µJ':>11} {'other µJ':>9} {'total µJ':>9} {'vs fp32':>8}")
+    for r in rows:
+        e = r["energy_pj"]
+        print(f"{r['arith']:<9} {r['macs'].get('weights', 0):>12,} {r['macs'].get('attention', 0):>11,} "
+              f"{e['weights'] / 1e6:>11.2f} {e['other'] / 1e6:>9.2f} {e['total'] / 1e6:>9.2f} {e['total'] / base:>8.3f}")
+    if args.json:
+        from mulfree.models.io import atomic_write_text
+
+        atomic_write_text(Path(args.json), json.dumps({"model": args.model, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("energy", help="count ops per token under an arithmetic and convert to energy (45 nm)",
+                       description="Multiplies/additions per token by number format and their energy (Horowitz, ISSCC 2014).")
+    p.add_argument("--model", required=True, help="FAMILY:PRESET (mmfree:370m, transformerpp:1.3b), a model dir or a config .json")
+    p.add_argument("--arith", choices=("fp32", "bf16", "int8", "ternary", "shiftadd", "lmul"),
+                   help="one arithmetic (default: all of them)")
+    p.add_argument("--context", type=int, default=2048, help="position of the counted token (attention length)")
+    p.add_argument("--shiftadd-bits", type=int, default=3, help="binary planes per weight for shiftadd")
+    p.add_argument("--json", help="also write the full counts to this JSON file")
+    p.add_argument("--seed", type=int, default=0, help="unused (the count is deterministic); accepted for uniformity")
+    p.set_defaults(func=run)
