@@ -1,0 +1,133 @@
+"""`mulfree train / generate / eval` end to end on tiny data, and their one-line errors (exit code 2)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mulfree.cli import main
+
+LINES = "ROMEO. But soft, what light through yonder window breaks?\nJULIET. Ay me.\n"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    data = root / "data"
+    data.mkdir()
+    for k in range(3):
+        (data / f"play{k}.txt").write_text(f"PLAY {k}\n" + LINES * 30)
+    cfg = root / "cfg.json"
+    cfg.write_text(json.dumps({"hidden_size": 32, "num_hidden_layers": 1, "vocab_size": 300,
+                               "max_position_embeddings": 64, "train": {"eval_batches": 1, "warmup": 1}}))
+    out = root / "model"
+    rc = main(["train", "--config", str(cfg), "--data", str(data), "--out", str(out), "--steps", "3",
+               "--batch-size", "2", "--seq-len", "16", "--save-every", "2", "--no-progress"])
+    assert rc == 0
+    return root, data, cfg, out
+
+
+def _err(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    return err[-1] if err else ""
+
+
+def test_train_writes_a_complete_run(run_dir):
+    _, _, _, out = run_dir
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "checkpoint.json"):
+        assert (out / name).is_file(), name
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 3
+
+
+def test_generate_and_eval(run_dir, capsys):
+    root, data, _, out = run_dir
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out), "--prompt", "ROMEO.", "--max-new-tokens", "5",
+                 "--temperature", "0"]) == 0
+    greedy = capsys.readouterr().out
+    assert greedy.startswith("ROMEO.")
+    assert main(["generate", "--model", str(out), "--prompt", "ROMEO.", "--max-new-tokens", "5",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == greedy
+    assert main(["eval", "--model", str(out), "--data", str(data / "play0.txt"), "--window", "32"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 1.0 < result["perplexity"] < 300 and result["window"] == 32
+
+
+def test_resume_extends_a_finished_run(run_dir, capsys):
+    root, data, cfg, out = run_dir
+    resumed = root / "resumed"
+    assert main(["train", "--config", str(cfg), "--data", str(data), "--out", str(resumed), "--steps", "3",
+                 "--batch-size", "2", "--seq-len", "16", "--no-progress"]) == 0
+    assert main(["train", "--out", str(resumed), "--resume", "--steps", "4", "--no-progress"]) == 0
+    steps = [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 4
+
+
+@pytest.mark.parametrize("case", ["missing_data", "empty_data", "unknown_preset", "bad_json"])
+def test_train_input_errors(run_dir, tmp_path, capsys, case):
+    root, data, cfg, _ = run_dir
+    args = ["train", "--config", str(cfg), "--data", str(data), "--out", str(tmp_path / "o"), "--no-progress"]
+    if case == "missing_data":
+        args[args.index("--data") + 1] = str(tmp_path / "nope.txt")
+    elif case == "empty_data":
+        (tmp_path / "empty.txt").write_text("")
+        args[args.index("--data") + 1] = str(tmp_path / "empty.txt")
+    elif case == "unknown_preset":
+        args[args.index("--config") + 1] = "huge"
+    else:
+        (tmp_path / "bad.json").write_text("{oops")
+        args[args.index("--config") + 1] = str(tmp_path / "bad.json")
+    assert main(args) == 2
+    err = _err(capsys)
+    assert err.startswith("error: ") and "; " in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_refuses_to_overwrite_a_run(run_dir, capsys):
+    _, data, cfg, out = run_dir
+    before = (out / "model.safetensors").read_bytes()
+    assert main(["train", "--config", str(cfg), "--data", str(data), "--out", str(out), "--no-progress"]) == 2
+    assert "already holds a training run" in _err(capsys)
+    assert (out / "model.safetensors").read_bytes() == before
+    assert main(["train", "--out", str(out.parent / "fresh"), "--resume"]) == 2
+    assert "no checkpoint to resume" in _err(capsys)
+
+
+@pytest.mark.parametrize("case", ["corrupt_weights", "wrong_model", "missing_dir"])
+def test_bad_checkpoints(run_dir, tmp_path, capsys, case):
+    import shutil
+
+    _, _, _, out = run_dir
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    if case == "corrupt_weights":
+        (bad / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    elif case == "wrong_model":
+        config = json.loads((bad / "config.json").read_text())
+        config["model_type"] = "transformerpp"
+        (bad / "config.json").write_text(json.dumps(config))
+    else:
+        bad = tmp_path / "missing"
+    before = {p.name: p.read_bytes() for p in bad.iterdir() if p.is_file()} if bad.exists() else {}
+    for args in (["generate", "--model", str(bad), "--prompt", "x"], ["eval", "--model", str(bad)]):
+        assert main(args) == 2
+        assert _err(capsys).startswith("error: ")
+    after = {p.name: p.read_bytes() for p in bad.iterdir() if p.is_file()} if bad.exists() else {}
+    assert before == after
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-new-tokens", "-1"], ">= 0"),
+    (["--prompt", LINES * 3], "exceeds"),
+    (["--temperature", "-0.5"], "temperature"),
+    (["--top-p", "1.5"], "top-p"),
+])
+def test_generate_argument_errors(run_dir, capsys, flags, message):
+    _, _, _, out = run_dir
+    args = ["generate", "--model", str(out), "--prompt", "ROMEO."] + flags
+    assert main(args) == 2
+    err = _err(capsys)
+    assert err.startswith("error: ") and message in err
