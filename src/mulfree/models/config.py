@@ -75,6 +75,8 @@ class LMConfig:
         if model_type != cls.model_type:
             raise ConfigError(f"config is for model_type {model_type!r}, not {cls.model_type!r}", "load it with the matching model class")
         names = {f.name for f in dataclasses.fields(cls)}
+        if "transformers_version" in data:  # written by save_pretrained: drop transformers' bookkeeping
+            data = {k: v for k, v in data.items() if k in names}
         unknown = sorted(set(data) - names)
         if unknown:
             raise ConfigError(f"unknown config fields {unknown}", f"valid fields: {', '.join(sorted(names))}")

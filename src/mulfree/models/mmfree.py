@@ -46,9 +46,13 @@ class MMFreeBlock(nn.Module):
         self.mlp = TernaryGLU(config.hidden_size, config.intermediate_size, eps)
 
     def forward(
-        self, x: torch.Tensor, lower_bound: torch.Tensor | None, state: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        lower_bound: torch.Tensor | None,
+        state: torch.Tensor | None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        mixed, state = self.attn(self.attn_norm(x), lower_bound, state)
+        mixed, state = self.attn(self.attn_norm(x), lower_bound, state, mask)
         x = x + mixed
         x = x + self.mlp(self.mlp_norm(x))
         return x, state
@@ -69,6 +73,18 @@ class MMFreeModel(nn.Module):
             return None
         p = self.lower_bounds.float().softmax(dim=0)
         return p.cumsum(dim=0) - p[0]
+
+    def forward(
+        self, input_ids: torch.Tensor, state: State | None = None, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, State]:
+        """input_ids [B, T] -> (final-normed hidden states [B, T, D], state: one fp32 [B, D] per layer)."""
+        x = self.embeddings(input_ids)
+        lb = self.layer_lower_bounds()
+        new_state: State = []
+        for layer_idx, layer in enumerate(self.layers):
+            x, h = layer(x, None if lb is None else lb[layer_idx], None if state is None else state[layer_idx], mask)
+            new_state.append(h)
+        return self.norm(x), new_state
 
 
 class MMFreeForCausalLM(nn.Module):
@@ -94,14 +110,8 @@ class MMFreeForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """input_ids [B, T] -> (logits [B, T, V] fp32, state: one fp32 [B, D] per layer)."""
-        x = self.model.embeddings(input_ids)
-        lb = self.model.layer_lower_bounds()
-        new_state: State = []
-        for layer_idx, layer in enumerate(self.model.layers):
-            x, h = layer(x, None if lb is None else lb[layer_idx], None if state is None else state[layer_idx])
-            new_state.append(h)
-        logits = self.lm_head(self.model.norm(x))
-        return logits.float(), new_state
+        hidden, state = self.model(input_ids, state)
+        return self.lm_head(hidden).float(), state
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -35,13 +35,24 @@ class MLGRU(nn.Module):
         self.g_norm = RMSNorm(hidden_size, eps)
 
     def forward(
-        self, x: torch.Tensor, lower_bound: torch.Tensor | None = None, state: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        lower_bound: torch.Tensor | None = None,
+        state: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, T, D], lower_bound [D] or None, state [B, D] or None -> (out [B, T, D], new state [B, D])."""
+        """x [B, T, D], lower_bound [D], state [B, D], mask [B, T] (False = padding) -> (out [B, T, D], state [B, D]).
+
+        Padded positions leave the state untouched (f = 1, i = 0), so left-padded batches decode correctly.
+        """
         f = torch.sigmoid(self.f_proj(x)).float()
         if lower_bound is not None:
             f = lower_bound + (1 - lower_bound) * f
         i = F.silu(self.i_proj(x)).float() * (1 - f)
+        if mask is not None:
+            keep = mask.unsqueeze(-1).bool()
+            f = torch.where(keep, f, torch.ones_like(f))
+            i = torch.where(keep, i, torch.zeros_like(i))
         if x.shape[1] == 1 and state is not None:
             h_last = linear_recurrence_step(f[:, 0], i[:, 0], state)
             h = h_last.unsqueeze(1)
