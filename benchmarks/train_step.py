@@ -1,7 +1,8 @@
 """Training-step throughput and peak memory: MMfree vs Transformer++ at the same preset, side by side.
 
 Each model is trained for a few AdamW steps in its own subprocess (so peak RSS is per model) on random
-tokens; warm-up steps are excluded from timing. Prints a table, the ratios and one final JSON line.
+tokens; warm-up steps are excluded from timing. CPU seconds per step are reported too: on a shared
+machine they are steadier than wall time. Prints a table, the ratios and one final JSON line.
 
     python benchmarks/train_step.py [--preset small --batch-size 4 --seq-len 128 --steps 3 --device cpu]
 """
