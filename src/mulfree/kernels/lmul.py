@@ -20,7 +20,8 @@ def lmul_matmul(
     """a [..., M, K] @ b [..., K, N] with L-Mul products and float32 accumulation -> float32 [..., M, N].
 
     Equal bit for bit to `mulfree.ops.lmul.lmul_matmul` on every backend. `backend` overrides
-    `mulfree.kernels.backend()` (reference | scalar | avx2 | avx512).
+    `mulfree.kernels.backend()` (reference | scalar | avx2 | avx512); the kernel uses
+    `torch.get_num_threads()` threads.
     """
     name = backend or current_backend()
     mod = cpu_module()
@@ -44,7 +45,7 @@ def lmul_matmul(
     a3 = a.expand(*batch, *a.shape[-2:]).reshape(-1, m, a.shape[-1])
     b3 = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
     outs = [
-        torch.from_numpy(mod.lmul_matmul_f32(x.contiguous(), y.contiguous(), offset, name))
+        torch.from_numpy(mod.lmul_matmul_f32(x.contiguous(), y.contiguous(), offset, name, torch.get_num_threads()))
         for x, y in zip(a3, b3)
     ]
     if not outs:
