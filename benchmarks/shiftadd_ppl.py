@@ -1,0 +1,80 @@
+"""Held-out perplexity of SmolLM2-135M: FP vs RTN, GPTQ and ShiftAdd (acc, lat) at 3 and 2 bits.
+
+Calibration: random windows of the bundled corpus' train split; evaluation: the first
+`--eval-windows` non-overlapping 512-token windows of its validation split. One JSON line per row
+(appended to --jsonl as each finishes, so a partial run keeps its rows).
+
+    python benchmarks/shiftadd_ppl.py --calib-samples 16 --eval-windows 8 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from mulfree.data.text import load_corpus  # noqa: E402
+from mulfree.evaluate import perplexity  # noqa: E402
+from mulfree.models.pretrained import load_smollm2  # noqa: E402
+from mulfree.quant.gptq import GPTQ  # noqa: E402
+from mulfree.quant.rtn import RTN  # noqa: E402
+from mulfree.quant.shiftadd import ShiftAdd  # noqa: E402
+from mulfree.quant.walker import calibration_ids, quantize_model  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=8)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--bits", type=int, nargs="+", default=[3, 2])
+    ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "shiftadd-acc", "shiftadd-lat"])
+    ap.add_argument("--jsonl", default="shiftadd_ppl.jsonl")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    torch.manual_seed(args.seed)
+    model, tok = load_smollm2()
+    corpus = load_corpus()
+    ids = torch.tensor(tok(corpus.val_text)["input_ids"], dtype=torch.long)[: args.eval_windows * args.window]
+    calib = calibration_ids(tok, corpus.train_text, args.calib_samples, args.calib_seqlen, args.seed)
+    setup = {"model": "SmolLM2-135M-Instruct", "eval_tokens": ids.numel(), "window": args.window,
+             "calib": f"{args.calib_samples}x{args.calib_seqlen}", "group": args.group_size, "rounds": args.rounds}
+
+    def report(row: dict) -> None:
+        line = json.dumps({**setup, **row})
+        print(line, flush=True)
+        with open(args.jsonl, "a") as f:
+            f.write(line + "\n")
+
+    fp = perplexity(model, ids, args.window, progress=False)
+    report({"method": "fp32", "bits": 32, "ppl": round(fp, 3)})
+    makers = {
+        "rtn": lambda b: RTN(b, args.group_size),
+        "gptq": lambda b: GPTQ(b, args.group_size),
+        "shiftadd-acc": lambda b: ShiftAdd(b, args.group_size, "acc", args.rounds),
+        "shiftadd-lat": lambda b: ShiftAdd(b, args.group_size, "lat", args.rounds),
+    }
+    for bits in args.bits:
+        for name in args.methods:
+            t0 = time.time()
+            qmodel = copy.deepcopy(model)
+            quantize_model(qmodel, makers[name](bits), calib)
+            ppl = perplexity(qmodel, ids, args.window, progress=False)
+            report({"method": name, "bits": bits, "ppl": round(ppl, 3), "ratio_vs_fp": round(ppl / fp, 3),
+                    "seconds": round(time.time() - t0, 1)})
+            del qmodel
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Binary-coding quantization (BCQ) with APoT scales, its storage format and the LUT-GEMV reference.
+
+A weight W [N, K] (out N, in K) is W = Σ_{i<q} α_i ∘ b_i with bit planes b_i ∈ {±1}^{N×K} and
+scales α_i shared by a tile of `g` rows × `cg` columns (cg=1: Accuracy mode, one scale set per
+column and row group; cg=8: Latency mode, one scale set per 8 columns so it can be applied to
+a lookup-table sum). Every α is an APoT value Σ_t sign_t 2^exp_t (see `ops/powers.py`).
+
+Storage (what `mulfree quantize shiftadd` writes):
+  planes uint8 [q, N, ceil(K/8)]: bit s (LSB first) of byte c in row n of plane i is 1 iff
+         b_i[n, 8c+s] = +1; padding bits beyond K are 0 (they meet zero-padded activations).
+         Example: b_i[n, 0:8] = (+1,-1,-1,-1,-1,-1,-1,+1) -> byte 0b10000001 = 129.
+  exps, signs int8 [ceil(K/cg), ceil(N/g), q, T]: the T APoT terms of α_i for column tile
+         k // cg and row group n // g.
+
+The LUT GEMV (Latency mode) computes y = W x as: per 8 activations a 256-entry table of all
+±x sums (built with adds only), one lookup per (row, plane, 8 columns) keyed by the plane byte,
+then the lookup is scaled by α_i with exponent shifts and added.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from mulfree.ops.powers import apot_round, apot_value, shift_scale
+
+
+def _combos(q: int, device=None) -> torch.Tensor:
+    """All 2^q sign patterns [2^q, q] in {-1, +1}."""
+    return torch.tensor(list(itertools.product((-1.0, 1.0), repeat=q)), device=device)
+
+
+def bcq_assign(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Nearest BCQ code for each weight given fixed scales: w [G, m], alpha [G, q] -> bits bool [G, m, q]."""
+    combos = _combos(alpha.shape[-1], w.device)  # [L, q]
+    levels = alpha @ combos.T  # [G, L]
+    idx = (w.unsqueeze(-1) - levels.unsqueeze(1)).abs().argmin(-1)  # [G, m]
+    return combos[idx] > 0
+
+
+def bcq_fit(
+    w: torch.Tensor, bits: int, rounds: int = 10, terms: int = 3, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fit q-bit BCQ with APoT scales to each row of w [G, m] (one group per row), all groups at once.
+    `mask` [G, m] (bool) marks valid entries when groups are padded to a common length.
+
+    Greedy init (b_i = sign(r), α_i = mean|r|), then `rounds` × {least-squares refit of α on the
+    current codes; sort |α| descending; APoT-round α; reassign codes to the nearest of the 2^q
+    levels}. With rounds=0 the greedy α is still APoT-rounded and the codes reassigned, so the
+    result is always exactly Σ α_i b_i with APoT α.
+
+    Returns (bits bool [G, m, q], alpha fp32 [G, q] (APoT values), exps int8 [G, q, T], signs int8 [G, q, T]).
+    """
+    valid = torch.ones_like(w, dtype=torch.bool) if mask is None else mask
+    vf = valid.float()
+    w = w.float() * vf
+    G, m = w.shape
+    count = vf.sum(-1).clamp(min=1)
+    r = w.clone()
+    alpha = torch.empty(G, bits)
+    b = torch.empty(G, m, bits)
+    for i in range(bits):
+        b[..., i] = torch.where(r >= 0, 1.0, -1.0)
+        alpha[:, i] = (r.abs() * vf).sum(-1) / count
+        r = r - alpha[:, i : i + 1] * b[..., i]
+    ridge = 1e-6 * m * torch.eye(bits)
+    for _ in range(max(rounds, 1)):
+        if rounds > 0:
+            b = b * vf.unsqueeze(-1)  # padded entries take no part in the fit
+            ata = b.transpose(1, 2) @ b + ridge  # [G, q, q]
+            atw = (b.transpose(1, 2) @ w.unsqueeze(-1)).squeeze(-1)  # [G, q]
+            sol = torch.linalg.solve(ata, atw)
+            alpha = torch.where(torch.isfinite(sol), sol, alpha)
+        alpha = alpha.abs().sort(-1, descending=True).values
+        alpha, exps, signs = apot_round(alpha, terms)
+        b = bcq_assign(w, alpha).float() * 2 - 1
+    return b > 0, alpha, exps, signs
+
+
+def pack_planes(bits: torch.Tensor) -> torch.Tensor:
+    """Pack bool planes [q, N, K] (True = +1) into uint8 [q, N, ceil(K/8)], LSB = lowest column."""
+    q, n, k = bits.shape
+    pad = (-k) % 8
+    b = torch.nn.functional.pad(bits.to(torch.uint8), (0, pad)).view(q, n, -1, 8)
+    weights = torch.tensor([1 << s for s in range(8)], dtype=torch.uint8)
+    return (b * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_planes(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of `pack_planes`: uint8 [q, N, ceil(K/8)] -> bool [q, N, K]."""
+    shifts = torch.arange(8, dtype=torch.uint8)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.flatten(-2)[..., :k].bool()
+
+
+def bcq_scales(exps: torch.Tensor, signs: torch.Tensor, n: int, k: int, group: int, col_group: int) -> torch.Tensor:
+    """Per-weight scales [q, N, K] from stored APoT terms [ceil(K/cg), ceil(N/g), q, T]."""
+    alpha = apot_value(exps, signs)  # [Ck, Gn, q]
+    alpha = alpha.repeat_interleave(col_group, 0)[:k].repeat_interleave(group, 1)[:, :n]  # [K, N, q]
+    return alpha.permute(2, 1, 0)
+
+
+def bcq_dequantize(
+    planes: torch.Tensor, exps: torch.Tensor, signs: torch.Tensor, n: int, k: int, group: int, col_group: int
+) -> torch.Tensor:
+    """Dense fp32 W [N, K] = Σ_i α_i ∘ b_i from the stored format."""
+    b = unpack_planes(planes, k).float() * 2 - 1
+    return (bcq_scales(exps, signs, n, k, group, col_group) * b).sum(0)
+
+
+def lut_tables(x: torch.Tensor) -> torch.Tensor:
+    """Per 8 activations, the 256 signed sums: x [K] -> LUT [ceil(K/8), 256] with
+    LUT[c, key] = Σ_s (bit s of key ? +x[8c+s] : -x[8c+s]); built with adds only (table doubling)."""
+    x = torch.nn.functional.pad(x.float().flatten(), (0, (-x.numel()) % 8)).view(-1, 8)
+    table = -x.sum(-1, keepdim=True)  # key 0: all -1
+    for s in range(8):
+        table = torch.cat([table, table + (x[:, s : s + 1] + x[:, s : s + 1])], dim=-1)
+    return table
+
+
+def bcq_lut_gemv(
+    x: torch.Tensor, planes: torch.Tensor, exps: torch.Tensor, signs: torch.Tensor, n: int, group: int
+) -> torch.Tensor:
+    """Reference LUT GEMV for Latency-mode weights (col_group 8): y [N] = W x, x [K].
+
+    One table lookup per (plane, row, 8 columns), scaled by α with exponent shifts (`shift_scale`).
+    """
+    lut = lut_tables(x)  # [C, 256]
+    c = lut.shape[0]
+    vals = lut[torch.arange(c), planes[..., :c].long()]  # [q, N, C]
+    rows = torch.arange(n) // group
+    e = exps[:, rows].permute(2, 1, 0, 3)  # [q, N, C, T]
+    s = signs[:, rows].permute(2, 1, 0, 3)
+    return shift_scale(vals, e, s).sum((0, 2))

@@ -1,0 +1,153 @@
+"""GPTQ: one sequential error-compensation solver shared by every column quantizer, plus the uniform
+(integer grid) quantizer that makes it the GPTQ baseline.
+
+The solver walks the (optionally activation-ordered) columns of W [N, K] in lazy blocks, asks a
+`ColumnQuantizer` for each quantized column and spreads the error over the remaining columns with
+the upper Cholesky factor of H⁻¹ (Frantar et al. 2023). ShiftAdd reuses it with a BCQ quantizer.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class ColumnQuantizer(Protocol):
+    """What the GPTQ solver needs from a quantizer."""
+
+    def order(self, diag_h: torch.Tensor) -> torch.Tensor:
+        """Column processing order (a permutation of range(K)) given diag(H)."""
+
+    def quantize_column(self, block: torch.Tensor, i: int, col: int) -> torch.Tensor:
+        """Quantize column i of the current lazy block [N, B] (absolute permuted position `col`);
+        later columns of `block` are up to date and may be used to fit shared scales. Returns the
+        dequantized column [N] and records the codes for original column `perm[col]`."""
+
+
+def act_order(diag_h: torch.Tensor) -> torch.Tensor:
+    """GPTQ activation order: columns by diag(H) descending."""
+    return torch.argsort(diag_h, descending=True)
+
+
+@torch.no_grad()
+def gptq_solve(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    quantizer: ColumnQuantizer,
+    perm: torch.Tensor,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> torch.Tensor:
+    """Quantize W [N, K] column by column in order `perm`, compensating errors with H [K, K].
+
+    Returns the dequantized weight [N, K] in the original column order. Runs on one torch thread:
+    the column loop is thousands of tiny ops, which extra threads only slow down.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _solve(w, h, quantizer, perm, blocksize, percdamp)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _solve(w, h, quantizer, perm, blocksize, percdamp):
+    w = w.float().clone()
+    h = h.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    w, h = w[:, perm], h[perm][:, perm]
+    h += percdamp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    k = w.shape[1]
+    q = torch.zeros_like(w)
+    for i1 in range(0, k, blocksize):
+        i2 = min(i1 + blocksize, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            qcol = quantizer.quantize_column(w1, i, i1 + i)
+            q[:, i1 + i] = qcol
+            err = (w1[:, i] - qcol) / hinv1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return q[:, torch.argsort(perm)]
+
+
+class UniformQuantizer:
+    """Asymmetric min-max integer grid per (row, group of `group` input columns), `bits` bits.
+
+    Group parameters are fixed from the original weight before compensation ("static groups"),
+    so activation order and groups combine. Codes are uint8 [N, K]; W̃ = (code − zero) · scale.
+    """
+
+    def __init__(self, w: torch.Tensor, bits: int, group: int):
+        n, k = w.shape
+        self.bits, self.group = bits, group
+        maxq = 2**bits - 1
+        pad = (-k) % group
+        wg = torch.nn.functional.pad(w.float(), (0, pad)).view(n, -1, group)
+        if pad:  # padded entries must not widen the last group's range
+            valid = (torch.arange(k + pad) < k).view(1, -1, group)
+            lo = torch.where(valid, wg, torch.inf).amin(-1).clamp(max=0)
+            hi = torch.where(valid, wg, -torch.inf).amax(-1).clamp(min=0)
+        else:
+            lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+        scale = (hi - lo) / maxq
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        self.scale = scale  # [N, G]
+        self.zero = torch.round(-lo / scale)  # [N, G]
+        self.codes = torch.zeros(n, k, dtype=torch.uint8)
+        self.perm = torch.arange(k)
+
+    def order(self, diag_h: torch.Tensor) -> torch.Tensor:
+        self.perm = act_order(diag_h)
+        return self.perm
+
+    def quantize_column(self, block: torch.Tensor, i: int, col: int) -> torch.Tensor:
+        orig = int(self.perm[col])
+        g = orig // self.group
+        s, z = self.scale[:, g], self.zero[:, g]
+        code = torch.clamp(torch.round(block[:, i] / s) + z, 0, 2**self.bits - 1)
+        self.codes[:, orig] = code.to(torch.uint8)
+        return (code - z) * s
+
+    def quantize_all(self, w: torch.Tensor) -> torch.Tensor:
+        """Round every column to nearest at once (RTN); returns the dequantized weight."""
+        s = self.scale.repeat_interleave(self.group, 1)[:, : w.shape[1]]
+        z = self.zero.repeat_interleave(self.group, 1)[:, : w.shape[1]]
+        code = torch.clamp(torch.round(w.float() / s) + z, 0, 2**self.bits - 1)
+        self.codes = code.to(torch.uint8)
+        return (code - z) * s
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Tensors to store: codes uint8 [N, K], scale and zero fp32 [N, ceil(K/group)]."""
+        return {"codes": self.codes, "scale": self.scale, "zero": self.zero}
+
+
+class GPTQ:
+    """The GPTQ baseline as a walker method: uniform grid, activation order, error compensation."""
+
+    name = "gptq"
+    needs_hessian = True
+
+    def __init__(self, bits: int, group: int = 128, blocksize: int = 128, percdamp: float = 0.01):
+        self.bits, self.group, self.blocksize, self.percdamp = bits, group, blocksize, percdamp
+
+    def config(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group, "blocksize": self.blocksize, "percdamp": self.percdamp}
+
+    def quantize(self, w: torch.Tensor, h: torch.Tensor | None, bias: torch.Tensor | None):
+        from mulfree.quant.qlinear import UniformLinear
+
+        n, k = w.shape
+        group = k if self.group <= 0 else min(self.group, k)
+        uq = UniformQuantizer(w, self.bits, group)
+        gptq_solve(w, h, uq, uq.order(torch.diag(h)), self.blocksize, self.percdamp)
+        layer = UniformLinear(k, n, bias is not None, self.bits, group)
+        layer.load_state_dict({**uq.state(), **({"bias": bias} if bias is not None else {})})
+        return layer

@@ -1,0 +1,124 @@
+"""Quantized linear layers that replace `nn.Linear` (and GPT-2 `Conv1D`) after PTQ: y = x W̃ᵀ + b.
+
+`UniformLinear` holds integer codes (RTN / GPTQ); `ShiftAddLinear` holds BCQ bit planes packed as
+bits and APoT scale exponents/signs as int8 (format in `ops/bcq.py`). Latency-mode ShiftAdd layers
+run single-token inputs through the LUT GEMV kernel (`kernels/shiftadd.py`); everything else uses
+the dense weight rebuilt once from the stored codes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mulfree.ops.bcq import bcq_dequantize
+
+
+class _QuantLinear(nn.Module):
+    """Shared parts: shapes, optional bias, and a cached dense weight for batched inputs."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self._dense: torch.Tensor | None = None
+
+    def dequantize(self) -> torch.Tensor:
+        """Dense fp32 W̃ [out, in]."""
+        raise NotImplementedError
+
+    def weight_dense(self) -> torch.Tensor:
+        if self._dense is None:
+            self._dense = self.dequantize()
+        return self._dense
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._dense = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_dense().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class UniformLinear(_QuantLinear):
+    """Integer-grid weights: W̃ = (codes − zero) · scale per (row, group of input columns)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group: int):
+        super().__init__(in_features, out_features, bias)
+        self.bits, self.group = bits, group
+        ng = math.ceil(in_features / group)
+        self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(out_features, ng))
+        self.register_buffer("zero", torch.zeros(out_features, ng))
+
+    def dequantize(self) -> torch.Tensor:
+        s = self.scale.repeat_interleave(self.group, 1)[:, : self.in_features]
+        z = self.zero.repeat_interleave(self.group, 1)[:, : self.in_features]
+        return (self.codes.float() - z) * s
+
+
+class ShiftAddLinear(_QuantLinear):
+    """BCQ weights W̃ = Σ_i α_i ∘ b_i, α APoT per (g rows × col_group columns); see `ops/bcq.py`."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, bits: int, group: int, col_group: int, terms: int
+    ):
+        super().__init__(in_features, out_features, bias)
+        self.bits, self.group, self.col_group, self.terms = bits, group, col_group, terms
+        kc, ng = math.ceil(in_features / col_group), math.ceil(out_features / group)
+        self.register_buffer("planes", torch.zeros(bits, out_features, math.ceil(in_features / 8), dtype=torch.uint8))
+        self.register_buffer("exps", torch.zeros(kc, ng, bits, terms, dtype=torch.int8))
+        self.register_buffer("signs", torch.zeros(kc, ng, bits, terms, dtype=torch.int8))
+        self._kernel_weights = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._kernel_weights = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def dequantize(self) -> torch.Tensor:
+        return bcq_dequantize(
+            self.planes, self.exps, self.signs, self.out_features, self.in_features, self.group, self.col_group
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.col_group == 8 and x.numel() == self.in_features and not torch.is_grad_enabled():
+            from mulfree.kernels import shiftadd as kernel
+
+            if self._kernel_weights is None:
+                self._kernel_weights = kernel.prepare(self.planes, self.exps, self.signs, self.out_features, self.group)
+            y = kernel.lut_gemv(x.reshape(-1).float(), self._kernel_weights)
+            if self.bias is not None:
+                y = y + self.bias
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return super().forward(x)
+
+
+def build_qlinear(meta: dict) -> _QuantLinear:
+    """An empty quantized layer from its saved description (`meta` from `describe`)."""
+    common = (meta["in_features"], meta["out_features"], meta["bias"])
+    if meta["kind"] == "uniform":
+        return UniformLinear(*common, bits=meta["bits"], group=meta["group"])
+    if meta["kind"] == "shiftadd":
+        return ShiftAddLinear(
+            *common, bits=meta["bits"], group=meta["group"], col_group=meta["col_group"], terms=meta["terms"]
+        )
+    raise ValueError(f"unknown quantized layer kind {meta['kind']!r}")
+
+
+def describe(layer: _QuantLinear) -> dict:
+    """The JSON-able description `build_qlinear` rebuilds the layer from."""
+    meta = {
+        "in_features": layer.in_features,
+        "out_features": layer.out_features,
+        "bias": layer.bias is not None,
+        "bits": layer.bits,
+        "group": layer.group,
+    }
+    if isinstance(layer, ShiftAddLinear):
+        meta.update(kind="shiftadd", col_group=layer.col_group, terms=layer.terms)
+    else:
+        meta.update(kind="uniform")
+    return meta

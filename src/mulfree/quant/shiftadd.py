@@ -1,0 +1,161 @@
+"""ShiftAddLLM post-training reparameterization: BCQ bit planes with APoT scales, fitted column by
+column inside the shared GPTQ solver so quantization errors are compensated with the Hessian.
+
+Accuracy mode (`acc`): every input column gets its own scale set per `group` output rows, refitted
+by ALS on the column as GPTQ has updated it. Latency mode (`lat`): 8 consecutive input columns ×
+`group` rows share one scale set (fitted when the solver reaches the first of the 8), so the LUT
+kernel can apply α to a table sum; each column then only re-picks its codes for the fixed α.
+Optional mixed bits: per block, the most sensitive layers (paper criterion
+‖IS‖_F · std(IS)², IS = W / diag(chol(H⁻¹))) get the higher width under an average-bit budget.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mulfree.ops.bcq import bcq_assign, bcq_fit, pack_planes
+from mulfree.quant.gptq import act_order, gptq_solve
+from mulfree.quant.qlinear import ShiftAddLinear
+
+MODES = {"acc": 1, "lat": 8}
+
+
+def _row_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of x [N, m] in groups of `group` rows, flattened and padded: ([G, group*m], mask)."""
+    n, m = x.shape
+    pad = (-n) % group
+    xp = torch.nn.functional.pad(x, (0, 0, 0, pad)).reshape(-1, group * m)
+    mask = (torch.arange(n + pad) < n).unsqueeze(1).expand(-1, m).reshape(-1, group * m)
+    return xp, mask
+
+
+class BCQColumnQuantizer:
+    """Column quantizer for `gptq_solve` producing BCQ planes and APoT scales (acc or lat layout)."""
+
+    def __init__(self, n: int, k: int, bits: int, group: int, mode: str, rounds: int, terms: int):
+        self.n, self.k, self.bits, self.group, self.rounds, self.terms = n, k, bits, group, rounds, terms
+        self.col_group = MODES[mode]
+        self.planes = torch.zeros(bits, n, k, dtype=torch.bool)
+        shape = (math.ceil(k / self.col_group), math.ceil(n / group), bits, terms)
+        self.exps = torch.zeros(shape, dtype=torch.int8)
+        self.signs = torch.zeros(shape, dtype=torch.int8)
+        self.perm = torch.arange(k)
+        self._alpha_rows: torch.Tensor | None = None  # [N, q], lat mode: scales of the current tile
+
+    def order(self, diag_h: torch.Tensor) -> torch.Tensor:
+        """Acc: act order. Lat: whole 8-column tiles by summed diag(H), a narrow tail tile last."""
+        if self.col_group == 1:
+            self.perm = act_order(diag_h)
+            return self.perm
+        full = self.k // 8
+        score = diag_h[: full * 8].view(full, 8).sum(-1)
+        tiles = torch.argsort(score, descending=True)
+        perm = (tiles.unsqueeze(1) * 8 + torch.arange(8)).flatten()
+        self.perm = torch.cat([perm, torch.arange(full * 8, self.k)])
+        return self.perm
+
+    def _fit(self, x: torch.Tensor, tile: int) -> torch.Tensor:
+        """Fit scales for columns x [N, m] of column tile `tile`; returns α per row [N, q]."""
+        xg, mask = _row_groups(x, self.group)
+        _, alpha, exps, signs = bcq_fit(xg, self.bits, self.rounds, self.terms, mask)
+        self.exps[tile], self.signs[tile] = exps, signs
+        return alpha.repeat_interleave(self.group, 0)[: self.n]
+
+    def quantize_column(self, block: torch.Tensor, i: int, col: int) -> torch.Tensor:
+        orig = int(self.perm[col])
+        if self.col_group == 1:
+            alpha = self._fit(block[:, i : i + 1], orig)
+        else:
+            if orig % 8 == 0:
+                width = min(8, self.k - orig)
+                self._alpha_rows = self._fit(block[:, i : i + width], orig // 8)
+            alpha = self._alpha_rows
+        bits = bcq_assign(block[:, i : i + 1], alpha)[:, 0]  # [N, q]
+        self.planes[:, :, orig] = bits.T
+        return ((bits.float() * 2 - 1) * alpha).sum(-1)
+
+
+def sensitivity(w: torch.Tensor, h: torch.Tensor, percdamp: float = 0.01) -> float:
+    """Paper's mixed-bit criterion C = ‖IS‖_F · std(IS)², IS = W / diag(chol(H⁻¹)) per column."""
+    h = h.double() + percdamp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=torch.double)
+    d = torch.diag(torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)).float()
+    imp = w.float() / d.unsqueeze(0)
+    return float(imp.norm() * imp.std() ** 2)
+
+
+class ShiftAdd:
+    """ShiftAddLLM as a walker method (GPTQ-compensated BCQ + APoT), `mode` acc or lat."""
+
+    name = "shiftadd"
+    needs_hessian = True
+
+    def __init__(
+        self,
+        bits: int,
+        group: int = 128,
+        mode: str = "acc",
+        rounds: int = 10,
+        terms: int = 3,
+        blocksize: int = 128,
+        percdamp: float = 0.01,
+        mixed_bits: float | None = None,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
+        if blocksize % 8:
+            raise ValueError(f"blocksize must be a multiple of 8 (whole LUT tiles), got {blocksize}")
+        self.bits, self.group, self.mode, self.rounds, self.terms = bits, group, mode, rounds, terms
+        self.blocksize, self.percdamp, self.mixed_bits = blocksize, percdamp, mixed_bits
+
+    def assign_bits(self, layers: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, int]:
+        """Bits per layer of one block: `bits` everywhere, or with `mixed_bits` = avg (e.g. 2.2)
+        the most sensitive layers get bits+1 under that size-weighted average."""
+        if self.mixed_bits is None:
+            return {name: self.bits for name in layers}
+        scores = {name: sensitivity(w, h, self.percdamp) for name, (w, h) in layers.items()}
+        sizes = {name: w.numel() for name, (w, _) in layers.items()}
+        return allocate_bits(scores, sizes, self.bits, self.bits + 1, self.mixed_bits)
+
+    def config(self) -> dict:
+        return {
+            "bits": self.bits,
+            "group_size": self.group,
+            "mode": self.mode,
+            "rounds": self.rounds,
+            "apot_terms": self.terms,
+            "blocksize": self.blocksize,
+            "percdamp": self.percdamp,
+            "mixed_bits": self.mixed_bits,
+        }
+
+    def quantize(
+        self, w: torch.Tensor, h: torch.Tensor | None, bias: torch.Tensor | None, bits: int | None = None
+    ) -> ShiftAddLinear:
+        n, k = w.shape
+        bits = bits or self.bits
+        group = n if self.group <= 0 else min(self.group, n)
+        cq = BCQColumnQuantizer(n, k, bits, group, self.mode, self.rounds, self.terms)
+        if h is None:  # no calibration: identity Hessian = plain BCQ column by column
+            h = torch.eye(k)
+        gptq_solve(w, h, cq, cq.order(torch.diag(h)), self.blocksize, self.percdamp)
+        layer = ShiftAddLinear(k, n, bias is not None, bits, group, cq.col_group, self.terms)
+        state = {"planes": pack_planes(cq.planes), "exps": cq.exps, "signs": cq.signs}
+        if bias is not None:
+            state["bias"] = bias
+        layer.load_state_dict(state)
+        return layer
+
+
+def allocate_bits(scores: dict[str, float], sizes: dict[str, int], low: int, high: int, avg: float) -> dict[str, int]:
+    """Give `high` bits to the most sensitive layers while the size-weighted mean stays <= avg."""
+    bits = {name: low for name in scores}
+    total = sum(sizes.values())
+    used = low * total
+    for name in sorted(scores, key=scores.get, reverse=True):
+        extra = (high - low) * sizes[name]
+        if used + extra <= avg * total:
+            bits[name] = high
+            used += extra
+    return bits

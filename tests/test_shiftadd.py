@@ -1,0 +1,172 @@
+"""ShiftAddLLM PTQ: APoT scales, exact BCQ representation of every stored weight, ALS lowers the
+error, quantize -> save -> reload on tiny random Llama / OPT / GPT-2, and one-line CLI errors."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+from mulfree.cli import main as cli_main  # noqa: E402
+from mulfree.errors import ConfigError, DataError  # noqa: E402
+from mulfree.ops.bcq import bcq_dequantize, bcq_fit, pack_planes, unpack_planes  # noqa: E402
+from mulfree.ops.powers import apot_round, apot_value, shift_scale  # noqa: E402
+from mulfree.quant.shiftadd import ShiftAdd, allocate_bits  # noqa: E402
+from mulfree.quant.walker import calibration_ids, decoder_blocks, load_quantized, quantize_model, save_quantized  # noqa: E402
+
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(
+        vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=64),
+    "opt": lambda: transformers.OPTConfig(
+        vocab_size=300, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+        word_embed_proj_dim=32, max_position_embeddings=64),
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                            bos_token_id=0, eos_token_id=0),
+}
+
+
+def _tiny(arch: str):
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(CONFIGS[arch]()).eval()
+
+
+def test_apot_round_is_exact_sum_of_signed_powers():
+    a = torch.rand(1000) * 0.05 + 1e-4
+    v, e, s = apot_round(a, 3)
+    torch.testing.assert_close(apot_value(e, s), v, rtol=0, atol=0)
+    assert ((v - a).abs() / a).mean() < 0.01
+    v1, e1, s1 = apot_round(a, 1)
+    assert torch.equal(v1, torch.ldexp(torch.ones(1000), e1[:, 0].float()))
+    x = torch.randn(1000)
+    torch.testing.assert_close(shift_scale(x, e, s), x * v, rtol=1e-6, atol=0)
+
+
+def test_pack_planes_roundtrip_and_layout():
+    bits = torch.rand(3, 5, 19) > 0.5
+    assert torch.equal(unpack_planes(pack_planes(bits), 19), bits)
+    one = torch.tensor([[[True, False, False, False, False, False, False, True]]])
+    assert pack_planes(one).item() == 129
+
+
+def test_als_rounds_lower_bcq_error():
+    w = torch.randn(16, 128)
+    errs = []
+    for rounds in (0, 1, 3, 10):
+        b, alpha, _, _ = bcq_fit(w, 3, rounds)
+        wq = ((b.float() * 2 - 1) * alpha.unsqueeze(1)).sum(-1)
+        errs.append(((w - wq) ** 2).mean().item())
+    assert all(b <= a * 1.001 for a, b in zip(errs, errs[1:])) and errs[-1] < 0.8 * errs[0]
+
+
+@pytest.mark.parametrize("mode", ["acc", "lat"])
+def test_every_stored_weight_is_bcq_with_apot_scales(mode):
+    torch.manual_seed(0)
+    x = torch.randn(256, 40)
+    w = torch.randn(20, 40)
+    layer = ShiftAdd(2, 8, mode, rounds=2).quantize(w, x.T @ x / 256, None)
+    n, k, g, cg = 20, 40, layer.group, layer.col_group
+    alpha = apot_value(layer.exps, layer.signs)  # [K/cg, N/g, q], exact sums of signed powers of two
+    assert layer.exps.dtype == torch.int8 and layer.signs.abs().max() <= 1
+    wq = layer.dequantize()
+    combos = torch.tensor(list(itertools.product((-1.0, 1.0), repeat=2)))
+    for row, col in itertools.product(range(n), range(k)):
+        levels = combos @ alpha[col // cg, row // g]
+        assert (levels == wq[row, col]).any()
+    b = unpack_planes(layer.planes, k).float() * 2 - 1
+    recon = sum(alpha[:, :, i].repeat_interleave(cg, 0)[:k].repeat_interleave(g, 1)[:, :n].T * b[i] for i in range(2))
+    assert torch.equal(recon, wq)
+
+
+def test_layer_error_falls_with_als_rounds():
+    model = _tiny("llama")
+    calib = torch.randint(0, 300, (4, 32))
+    captured = {}
+    mlp = model.model.layers[0].mlp.down_proj
+    handle = mlp.register_forward_pre_hook(lambda m, a: captured.update(x=a[0].reshape(-1, a[0].shape[-1])))
+    model(calib)
+    handle.remove()
+    x = captured["x"]
+    h = x.T @ x / x.shape[0]
+    w = mlp.weight.detach()
+    errs = [((x @ (w - ShiftAdd(2, 16, "acc", r).quantize(w, h, None).dequantize()).T) ** 2).mean().item()
+            for r in (0, 2, 8)]
+    assert errs[2] <= errs[1] * 1.02 and errs[1] < errs[0]
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+@pytest.mark.parametrize("mode", ["acc", "lat"])
+def test_quantize_save_reload(arch, mode, tmp_path):
+    model = _tiny(arch)
+    calib = torch.randint(0, 300, (4, 16))
+    x = torch.randint(0, 300, (1, 12))
+    ref = model(x).logits
+    method = ShiftAdd(3, 16, mode, rounds=2)
+    metas = quantize_model(model, method, calib, progress=False)
+    assert len(metas) == sum(1 for n, m in decoder_blocks(model)[1].named_modules() if type(m).__name__ == "ShiftAddLinear")
+    y = model(x).logits
+    assert (y - ref).abs().max() < 0.5 * ref.abs().max()
+    save_quantized(model, None, tmp_path / "q", method, metas, {})
+    reloaded, tok = load_quantized(tmp_path / "q")
+    assert tok is None
+    torch.testing.assert_close(reloaded(x).logits, y)
+    one = torch.randn(1, 1, 32)
+    layer = reloaded.get_submodule(next(iter(metas)))
+    with torch.no_grad():  # single token: lat mode runs the LUT kernel
+        torch.testing.assert_close(layer(one), one @ layer.dequantize().T, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_bits_allocation_respects_budget():
+    bits = allocate_bits({"a": 3.0, "b": 1.0, "c": 2.0}, {"a": 100, "b": 100, "c": 100}, 2, 3, 2.4)
+    assert bits == {"a": 3, "b": 2, "c": 2}
+    model = _tiny("llama")
+    metas = quantize_model(model, ShiftAdd(2, 16, "acc", 1, mixed_bits=2.5), torch.randint(0, 300, (2, 16)), progress=False)
+    assert {m["bits"] for m in metas.values()} == {2, 3}
+
+
+def test_bad_inputs():
+    class Bert(torch.nn.Module):
+        config = transformers.BertConfig()
+
+    with pytest.raises(ConfigError, match="not supported"):
+        decoder_blocks(Bert())
+
+    class Tok:
+        def __call__(self, text):
+            return {"input_ids": list(range(len(text.split())))}
+
+    with pytest.raises(DataError, match="fewer than one window"):
+        calibration_ids(Tok(), "too short", 4, 512)
+
+
+def _hf_dir(tmp_path):
+    from mulfree.data.text import train_tokenizer
+
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=train_tokenizer("to be or not to be " * 200, 300))
+    model = _tiny("llama")
+    model.save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    (tmp_path / "calib.txt").write_text("the quality of mercy is not strained " * 80)
+    return tmp_path / "hf"
+
+
+def test_cli_quantize_and_errors(tmp_path, capsys):
+    src = _hf_dir(tmp_path)
+    out = tmp_path / "q"
+    rc = cli_main(["quantize", "shiftadd", "--model", str(src), "--bits", "2", "--mode", "lat", "--group-size", "16",
+                   "--rounds", "1", "--calib-data", str(tmp_path / "calib.txt"), "--calib-samples", "2",
+                   "--calib-seqlen", "16", "--out", str(out)])
+    assert rc == 0
+    model, tok = load_quantized(out)
+    assert model.config.quant_method == "shiftadd" and tok is not None
+    assert cli_main(["quantize", "gptq", "--model", str(src), "--bits", "9", "--out", str(out)]) == 2
+    assert "error: --bits 9 is out of range" in capsys.readouterr().err
+    rc = cli_main(["quantize", "gptq", "--model", str(src), "--bits", "3", "--calib-data", str(tmp_path / "calib.txt"),
+                   "--calib-seqlen", "100000", "--out", str(out)])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and last.startswith("error: calibration text has") and "; pass a longer" in last
