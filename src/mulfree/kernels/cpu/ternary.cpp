@@ -275,6 +275,12 @@ void linear_rows(Isa isa, const LinearJob &j, int64_t g0, int64_t g1) {
 
 // Runs several independent linears in one parallel region (each split evenly by row groups).
 void run_linears(Isa isa, int threads, const LinearJob *jobs, int njobs) {
+  int64_t work = 0;
+  for (int i = 0; i < njobs; ++i) work += jobs[i].N * jobs[i].Kpad * jobs[i].T;
+  if (work < (int64_t(1) << 20)) {  // too small to pay for a hand-off to other threads
+    for (int i = 0; i < njobs; ++i) linear_rows(isa, jobs[i], 0, (jobs[i].N + kRows - 1) / kRows);
+    return;
+  }
   Pool &pool = get_pool(threads);
   pool.run([&](int tid, int n) {
     for (int i = 0; i < njobs; ++i) {

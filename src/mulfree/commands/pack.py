@@ -1,0 +1,34 @@
+"""`mulfree pack`: MMfree model dir -> packed 2-bit ternary dir for the CPU engine (format mulfree-t2)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pack",
+        help="pack an MMfree model into 2-bit ternary weights for the CPU engine",
+        description="Ternarize every BitLinear of an MMfree model dir (keeping each weight's trained scale), "
+        "pack the trits 4 per byte (format mulfree-t2, see docs/packed.md) and write config.json, "
+        "model.safetensors and the tokenizer to --out. Run it with `mulfree generate --engine packed`.",
+    )
+    p.add_argument("--model", required=True, help="MMfree model dir (config.json + model.safetensors)")
+    p.add_argument("--out", required=True, help="output dir for the packed model")
+    p.add_argument("--seed", type=int, default=0, help="unused by packing (deterministic); accepted for uniformity")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mulfree.errors import CheckpointError
+    from mulfree.infer.engine import PackedModel
+
+    if Path(args.out).resolve() == Path(args.model).resolve():
+        raise CheckpointError("--out is the same dir as --model", "write the packed model to a new dir")
+    packed = PackedModel.load(args.model, backend="reference")
+    packed.save(args.out)
+    size = (Path(args.out) / "model.safetensors").stat().st_size
+    print(f"packed {args.model} -> {args.out} ({size / 2**20:.1f} MiB, format mulfree-t2)")
+    return 0

@@ -1,0 +1,115 @@
+"""PackedModel vs the torch MMfree model: logits, greedy text, state, sampling, bad packed dirs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mulfree.errors import CheckpointError
+from mulfree.generation import generate
+from mulfree.infer.engine import PackedModel
+from mulfree.kernels import available_backends
+from mulfree.models.io import save_model
+from mulfree.models.mmfree import MMFreeConfig, MMFreeForCausalLM
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # torch's spinning OpenMP workers and the engine's pool fight over 2 shared cores; keep torch on one
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def torch_greedy(model, ids):
+    return generate(model, ids, 64)[0, ids.numel():].tolist()
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = MMFreeConfig(vocab_size=300, hidden_size=72, num_hidden_layers=3, intermediate_size=100)
+    m = MMFreeForCausalLM(cfg).eval()
+    with torch.no_grad():  # move away from init so every parameter matters
+        m.model.lower_bounds.normal_()
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return m
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 300, (21,), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_logits_and_greedy_match_torch(model, ids, torch_greedy, backend):
+    with torch.no_grad():
+        ref, _ = model(ids[None])
+    pm = PackedModel.from_model(model, backend=backend)
+    logits = pm.forward(ids, all_logits=True)
+    assert (logits - ref[0]).abs().max() <= 1e-3 * ref.abs().max()
+    assert pm.generate(ids, 64) == torch_greedy
+
+
+def test_decode_state_equals_prefill(model, ids):
+    pm = PackedModel.from_model(model)
+    full = pm.forward(ids, all_logits=True)
+    pm.reset()
+    steps = torch.cat([pm.forward([int(i)]) for i in ids])
+    torch.testing.assert_close(steps, full, rtol=1e-5, atol=1e-6)
+
+
+def test_sampling_is_seeded(model, ids):
+    pm = PackedModel.from_model(model)
+    a = pm.generate(ids, 12, temperature=1.0, top_k=20, top_p=0.9, seed=5)
+    b = pm.generate(ids.tolist(), 12, temperature=1.0, top_k=20, top_p=0.9, seed=5)
+    seen = []
+    c = pm.generate(ids, 12, temperature=1.0, top_k=20, top_p=0.9, seed=6, on_token=seen.append)
+    assert a == b and len(a) == 12 and seen == c
+
+
+def test_save_load_round_trip_and_unpacked_dir(model, ids, tmp_path):
+    save_model(model, tmp_path / "m")
+    pm = PackedModel.load(tmp_path / "m")  # an ordinary model dir is packed in memory
+    pm.save(tmp_path / "p")
+    cfg = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert cfg["format"] == "mulfree-t2" and cfg["format_version"] == 1
+    again = PackedModel.load(tmp_path / "p")
+    assert again.generate(ids, 16) == pm.generate(ids, 16)
+
+
+def test_bad_packed_dirs(model, tmp_path):
+    PackedModel.from_model(model).save(tmp_path / "p")
+    weights = tmp_path / "p" / "model.safetensors"
+    cfg_path = tmp_path / "p" / "config.json"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        PackedModel.load(tmp_path / "p")
+    weights.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        PackedModel.load(tmp_path / "p")
+    weights.write_bytes(good)
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "format_version": 99}))
+    with pytest.raises(CheckpointError, match="format_version 99"):
+        PackedModel.load(tmp_path / "p")
+    cfg_path.write_text(json.dumps({**cfg, "hidden_size": 80}))
+    with pytest.raises(CheckpointError, match="shape"):
+        PackedModel.load(tmp_path / "p")
+
+
+def test_pack_cli(model, tmp_path, capsys):
+    from mulfree.cli import main
+
+    save_model(model, tmp_path / "m")
+    assert main(["pack", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "p")]) == 0
+    assert PackedModel.load(tmp_path / "p").num_layers == 3
+    assert main(["pack", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "q")]) == 2
+    assert "error:" in capsys.readouterr().err
