@@ -10,7 +10,7 @@ import sys
 from mulfree.errors import MulfreeError
 
 # One module per group of subcommands (see DESIGN.md "Public names").
-COMMAND_MODULES = ("core", "pack", "convert", "quantize", "lmul", "energy", "arith", "serve")
+COMMAND_MODULES = ("core", "pack", "convert", "quantize", "lmul", "energy", "arith", "lmeval", "serve")
 
 
 class _Parser(argparse.ArgumentParser):
