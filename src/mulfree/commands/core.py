@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -185,12 +186,15 @@ def cmd_train(args) -> int:
     torch.manual_seed(train_cfg.seed)
     model = model_cls(model_config)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{model_config.model_type}: {n_params / 1e6:.2f}M parameters, {train_ids.numel()} train tokens, "
-          f"validation: {', '.join(corpus.val_docs)}", file=sys.stderr)
+    main_process = os.environ.get("RANK", "0") == "0"
+    if main_process:
+        print(f"{model_config.model_type}: {n_params / 1e6:.2f}M parameters, "
+              f"{train_ids.numel()} train tokens, validation: {', '.join(corpus.val_docs)}", file=sys.stderr)
     data = None if args.data is None else [str(Path(p).resolve()) for p in args.data]
     result = train(model, train_ids, val_ids, train_cfg, out, resume=args.resume, tokenizer=tokenizer,
                    extra={"data": data})
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+    if main_process:
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
     return 0
 
 
