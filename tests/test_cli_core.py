@@ -131,3 +131,14 @@ def test_generate_argument_errors(run_dir, capsys, flags, message):
     assert main(args) == 2
     err = _err(capsys)
     assert err.startswith("error: ") and message in err
+
+
+def test_generate_with_packed_engine(run_dir, capsys):
+    _, _, _, out = run_dir
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out), "--prompt", "ROMEO.", "--engine", "packed",
+                 "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO.")
+    assert main(["generate", "--model", str(out), "--prompt", "ROMEO.", "--engine", "packed",
+                 "--max-new-tokens", "-2"]) == 2
+    assert ">= 0" in _err(capsys)

@@ -11,19 +11,23 @@ from mulfree.errors import MulfreeError
 from mulfree.ops.sampling import sample_next
 
 
-def check_lengths(model: torch.nn.Module, prompt_len: int, max_new_tokens: int) -> None:
-    """Raise a one-line error for an empty or too-long prompt or a negative token count."""
+def check_lengths(limit: int | None, prompt_len: int, max_new_tokens: int) -> None:
+    """Raise a one-line error for an empty prompt, a negative token count, or prompt + new > `limit`."""
     if max_new_tokens < 0:
         raise MulfreeError(f"--max-new-tokens must be >= 0, got {max_new_tokens}", "pass 0 or a positive count")
     if prompt_len == 0:
         raise MulfreeError("the prompt is empty", "pass some text with --prompt")
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if limit is not None and prompt_len + max_new_tokens > limit:
         raise MulfreeError(
             f"prompt ({prompt_len} tokens) + max new tokens ({max_new_tokens}) exceeds the model's "
             f"limit of {limit} tokens",
             "shorten the prompt or lower --max-new-tokens",
         )
+
+
+def context_limit(model: torch.nn.Module) -> int | None:
+    """Longest prompt + generation the model's config accepts (`max_position_embeddings`), if any."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
 @torch.no_grad()
@@ -47,7 +51,7 @@ def generate(
     ids = input_ids.long()
     if ids.dim() == 1:
         ids = ids[None]
-    check_lengths(model, ids.shape[1], max_new_tokens)
+    check_lengths(context_limit(model), ids.shape[1], max_new_tokens)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     was_training = model.training
     model.eval()

@@ -211,10 +211,8 @@ def _load(model_dir: str):
 
 
 def cmd_generate(args) -> int:
-    import torch
-
     from mulfree.data.text import encode
-    from mulfree.generation import TextStreamer, check_lengths, generate
+    from mulfree.generation import TextStreamer, check_lengths, context_limit, generate
 
     if args.temperature < 0:
         raise MulfreeError(f"--temperature must be >= 0, got {args.temperature}", "use 0 for greedy decoding")
@@ -223,33 +221,35 @@ def cmd_generate(args) -> int:
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise MulfreeError(f"--top-p must be in (0, 1], got {args.top_p}", "use e.g. 0.9")
     if args.max_new_tokens < 0:
-        raise MulfreeError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}", "pass 0 or a positive count")
-    model, tokenizer = _load(args.model)
-    ids = encode(tokenizer, args.prompt)
-    check_lengths(model, ids.numel(), args.max_new_tokens)
-    write = sys.stdout.write
-    write(args.prompt)
-    sys.stdout.flush()
+        raise MulfreeError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}",
+                           "pass 0 or a positive count")
     if args.engine == "packed":
         from mulfree.infer.engine import PackedModel
 
-        packed = PackedModel.load(args.model)
-        out = packed.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed)
-        new = torch.as_tensor(out).flatten().tolist()
-        if len(new) > args.max_new_tokens:
-            new = new[ids.numel():]
-        write(tokenizer.decode(new, skip_special_tokens=False))
+        runner = PackedModel.load(args.model)
+        tokenizer, limit = runner.tokenizer, runner.config.get("max_position_embeddings")
+        if tokenizer is None:
+            raise CheckpointError(f"model dir '{args.model}' has no tokenizer.json", "pack a trained model")
     else:
-        def stream(text: str) -> None:
-            write(text)
-            sys.stdout.flush()
+        model, tokenizer = _load(args.model)
+        limit = context_limit(model)
+    ids = encode(tokenizer, args.prompt)
+    check_lengths(limit, ids.numel(), args.max_new_tokens)
 
-        streamer = TextStreamer(tokenizer, stream)
+    def stream(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    stream(args.prompt)
+    streamer = TextStreamer(tokenizer, stream)
+    if args.engine == "packed":
+        runner.generate(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, seed=args.seed, on_token=streamer)
+    else:
         generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                  top_p=args.top_p, seed=args.seed, callback=streamer)
-        streamer.flush()
-    write("\n")
+    streamer.flush()
+    stream("\n")
     return 0
 
 
