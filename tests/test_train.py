@@ -111,3 +111,10 @@ def test_bad_settings_and_directories(tmp_path):
     with pytest.raises(CheckpointError):
         train(_mmfree(), _ids(), None, _cfg(steps=1), tmp_path / "run")
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == before
+
+
+def test_bf16_autocast_step_is_close_to_fp32(tmp_path):
+    ids = _ids()
+    fp32 = train(_mmfree(), ids, None, _cfg(steps=1, save_every=0), tmp_path / "fp32")
+    bf16 = train(_mmfree(), ids, None, _cfg(steps=1, save_every=0, bf16=True), tmp_path / "bf16")
+    assert math.isfinite(bf16["loss"]) and abs(bf16["loss"] - fp32["loss"]) < 0.05
