@@ -55,9 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "problems; prints a table and writes a lengths x runs heatmap PNG.")
     e.add_argument("--model", nargs="+", required=True, help="one or more directories from `mulfree arith train`")
     e.add_argument("--lengths", default=None, help="operand lengths, e.g. 1-6 (default: 1..digits+3)")
-    e.add_argument("--per-length", type=int, default=200, help="test problems per length (default: 200)")
+    e.add_argument("--per-length", type=int, default=None, help="test problems per length (default: as in training)")
     e.add_argument("--png", default="arith_eval.png", help="heatmap output path (default: arith_eval.png)")
-    e.add_argument("--seed", type=int, default=1234, help="seed of the test problems (default: the training one)")
+    e.add_argument("--seed", type=int, default=None, help="seed of the test problems (default: the training one)")
     e.set_defaults(func=_eval)
 
 
@@ -86,13 +86,15 @@ def _eval(args: argparse.Namespace) -> int:
     from mulfree.arith import evaluate_task, format_table, load_run, plot_heatmap
     from mulfree.data.arithmetic import make_test_set
 
-    if args.per_length < 1:
+    if args.per_length is not None and args.per_length < 1:
         raise ConfigError("--per-length must be >= 1", "pass a positive count")
     rows = {}
     for model_dir in args.model:
         model, tok, task, meta = load_run(model_dir)
         lengths = _lengths(args.lengths) if args.lengths else list(range(1, task.digits + 4))
-        test_set = make_test_set(task.op, lengths, args.per_length, seed=args.seed)
+        per_length = args.per_length or meta.get("test_per_length", 200)
+        seed = meta.get("test_seed", 1234) if args.seed is None else args.seed
+        test_set = make_test_set(task.op, lengths, per_length, seed=seed)
         label = f"{meta.get('model', '?')}/{task.op}/{task.fmt}"
         if label in rows:
             label = f"{label} ({model_dir})"
