@@ -92,6 +92,8 @@ def test_train_save_eval_cli(tmp_path, capsys):
     # Evaluation on the same seed reproduces the numbers written at training time.
     table = capsys.readouterr().out
     assert f"{100 * saved[0]['exact']:5.1f}" in table
+    assert main(["arith", "eval", "--model", str(out), "--saved", "--png", str(png)]) == 0
+    assert capsys.readouterr().out.splitlines()[:3] == table.splitlines()[:3]
 
 
 def test_cli_bad_input(tmp_path, capsys):

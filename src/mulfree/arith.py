@@ -251,6 +251,15 @@ def train_arith(
     return model, results, metrics
 
 
+def read_results(model_dir: str | Path) -> list[LengthResult]:
+    """The results `train_arith` stored in arith_eval.json."""
+    path = Path(model_dir) / RESULTS_FILE
+    try:
+        return [LengthResult(**r) for r in json.loads(path.read_text())]
+    except (OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"cannot read {path} ({exc})", "evaluate without --saved") from None
+
+
 def write_results(out_dir: str | Path, results: list[LengthResult]) -> Path:
     """Write arith_eval.json (one record per operand length) atomically."""
     from mulfree.models.io import atomic_write_text

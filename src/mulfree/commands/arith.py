@@ -58,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--per-length", type=int, default=None, help="test problems per length (default: as in training)")
     e.add_argument("--png", default="arith_eval.png", help="heatmap output path (default: arith_eval.png)")
     e.add_argument("--seed", type=int, default=None, help="seed of the test problems (default: the training one)")
+    e.add_argument("--saved", action="store_true", help="use the results stored at training time (no decoding)")
     e.set_defaults(func=_eval)
 
 
@@ -83,7 +84,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from mulfree.arith import evaluate_task, format_table, load_run, plot_heatmap
+    from mulfree.arith import evaluate_task, format_table, load_run, plot_heatmap, read_results
     from mulfree.data.arithmetic import make_test_set
 
     if args.per_length is not None and args.per_length < 1:
@@ -91,14 +92,16 @@ def _eval(args: argparse.Namespace) -> int:
     rows = {}
     for model_dir in args.model:
         model, tok, task, meta = load_run(model_dir)
-        lengths = _lengths(args.lengths) if args.lengths else list(range(1, task.digits + 4))
-        per_length = args.per_length or meta.get("test_per_length", 200)
-        seed = meta.get("test_seed", 1234) if args.seed is None else args.seed
-        test_set = make_test_set(task.op, lengths, per_length, seed=seed)
         label = f"{meta.get('model', '?')}/{task.op}/{task.fmt}"
         if label in rows:
             label = f"{label} ({model_dir})"
-        rows[label] = evaluate_task(model, tok, task, test_set)
+        if args.saved:
+            rows[label] = read_results(model_dir)
+            continue
+        lengths = _lengths(args.lengths) if args.lengths else list(range(1, task.digits + 4))
+        per_length = args.per_length or meta.get("test_per_length", 200)
+        seed = meta.get("test_seed", 1234) if args.seed is None else args.seed
+        rows[label] = evaluate_task(model, tok, task, make_test_set(task.op, lengths, per_length, seed=seed))
     print(format_table(rows))
     print(f"heatmap: {plot_heatmap(rows, args.png)}")
     return 0
