@@ -25,13 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mulfree", description="Multiplication-free language models on ordinary CPUs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"mulfree.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"mulfree.commands.{name}":
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(f"mulfree.commands.{name}").register(sub)
     return parser
 
 
