@@ -160,21 +160,27 @@ template <int NT>
 __attribute__((target("avx2,fma"))) void tile_avx2(const uint8_t *W, int64_t Kpad, const int8_t *X, int64_t ldx,
                                                      int32_t *out) {
   __m256i acc[kRows][NT];
+  #pragma GCC unroll 4
   for (int r = 0; r < kRows; ++r)
+    #pragma GCC unroll 4
     for (int t = 0; t < NT; ++t) acc[r][t] = _mm256_setzero_si256();
   const __m256i m3 = _mm256_set1_epi8(3);
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t b = 0; b < Kpad / kBlock; ++b) {
     const int8_t *xb = X + b * kBlock;
+    #pragma GCC unroll 4
     for (int r = 0; r < kRows; ++r) {
       const uint8_t *w = W + b * kBlock + r * 64;
       const __m256i v0 = _mm256_loadu_si256((const __m256i *)w);
       const __m256i v1 = _mm256_loadu_si256((const __m256i *)(w + 32));
       __m256i s16[NT];
+      #pragma GCC unroll 4
       for (int t = 0; t < NT; ++t) s16[t] = _mm256_setzero_si256();
+      #pragma GCC unroll 4
       for (int s = 0; s < 4; ++s) {
         const __m256i c0 = _mm256_and_si256(_mm256_srli_epi16(v0, 2 * s), m3);
         const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(v1, 2 * s), m3);
+        #pragma GCC unroll 4
         for (int t = 0; t < NT; ++t) {
           const int8_t *x = xb + t * ldx + s * 64;
           // |c*q + c*q| <= 512 per pair, 8 pairs summed <= 4096: int16 cannot overflow.
@@ -182,10 +188,13 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const uint8_t *W, int64_t Kpa
           s16[t] = _mm256_add_epi16(s16[t], _mm256_maddubs_epi16(c1, _mm256_loadu_si256((const __m256i *)(x + 32))));
         }
       }
+      #pragma GCC unroll 4
       for (int t = 0; t < NT; ++t) acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(s16[t], ones));
     }
   }
+  #pragma GCC unroll 4
   for (int t = 0; t < NT; ++t)
+    #pragma GCC unroll 4
     for (int r = 0; r < kRows; ++r) out[t * kRows + r] = hsum_avx2(acc[r][t]);
 }
 
@@ -194,7 +203,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void tile_avx512
                                                                                   const int8_t *X, int64_t ldx,
                                                                                   int32_t *out) {
   __m512i acc[kRows][NT];
+  #pragma GCC unroll 4
   for (int r = 0; r < kRows; ++r)
+    #pragma GCC unroll 4
     for (int t = 0; t < NT; ++t) acc[r][t] = _mm512_setzero_si512();
   const __m512i m3 = _mm512_set1_epi8(3);
   for (int64_t b = 0; b < Kpad / kBlock; ++b) {
@@ -205,6 +216,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void tile_avx512
       __m512i x0 = _mm512_loadu_si512(xb), x1 = _mm512_loadu_si512(xb + 64);
       __m512i x2 = _mm512_loadu_si512(xb + 128), x3 = _mm512_loadu_si512(xb + 192);
       asm("" : "+v"(x0), "+v"(x1), "+v"(x2), "+v"(x3));
+      #pragma GCC unroll 4
       for (int r = 0; r < kRows; ++r) {
         __m512i v = _mm512_loadu_si512(W + b * kBlock + r * 64);
         asm("" : "+v"(v));
@@ -214,18 +226,23 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void tile_avx512
         acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_and_si512(_mm512_srli_epi16(v, 6), m3), x3);
       }
     } else {
+      #pragma GCC unroll 4
       for (int r = 0; r < kRows; ++r) {
         __m512i v = _mm512_loadu_si512(W + b * kBlock + r * 64);
         asm("" : "+v"(v));
+        #pragma GCC unroll 4
         for (int s = 0; s < 4; ++s) {
           const __m512i c = _mm512_and_si512(_mm512_srli_epi16(v, 2 * s), m3);
+          #pragma GCC unroll 4
           for (int t = 0; t < NT; ++t)
             acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], c, _mm512_loadu_si512(xb + t * ldx + s * 64));
         }
       }
     }
   }
+  #pragma GCC unroll 4
   for (int t = 0; t < NT; ++t)
+    #pragma GCC unroll 4
     for (int r = 0; r < kRows; ++r) out[t * kRows + r] = _mm512_reduce_add_epi32(acc[r][t]);
 }
 
@@ -290,6 +307,17 @@ void run_linears(Isa isa, int threads, const LinearJob *jobs, int njobs) {
   });
 }
 
+// Splits [0, n) into contiguous ranges over the pool (inline when n < 2: decode steps are too
+// small to pay for a hand-off).
+template <class F>
+void for_ranges(int threads, int64_t n, F &&fn) {
+  if (n < 2) {
+    fn(0, n);
+    return;
+  }
+  get_pool(threads).run([&](int tid, int nt) { fn(n * tid / nt, n * (tid + 1) / nt); });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Float steps. The RMS uses a double sum of squares so that the rounded float factor is the
 // same as the torch reference's (ops/fused.py) whatever the summation order.
@@ -346,6 +374,24 @@ void mlgru_row(const float *fi, const float *ff, const float *fg, const float *l
   for (int64_t k = 0; k < d; ++k) out[k] = fg[k] * r * gnorm[k] * siluf(state[k]);
 }
 
+// Prefill form of mlgru_row, phase 1: state update for channels [k0, k1) of one token; fi[k]
+// is overwritten with silu(state[k]) for phase 2.
+void mlgru_state(float *fi, const float *ff, const float *lb, int64_t k0, int64_t k1, float *state) {
+  for (int64_t k = k0; k < k1; ++k) {
+    float f = sigmoidf(ff[k]);
+    if (lb) f = lb[k] + (1.0f - lb[k]) * f;
+    const float i = siluf(fi[k]) * (1.0f - f);
+    state[k] = f * state[k] + i;
+    fi[k] = siluf(state[k]);
+  }
+}
+
+// Phase 2: out = rmsnorm(fg) * g_norm * silu(state), the same products as mlgru_row.
+void mlgru_out(const float *fg, const float *gnorm, int64_t d, double eps, const float *silu_s, float *out) {
+  const float r = rms_factor(fg, d, eps);
+  for (int64_t k = 0; k < d; ++k) out[k] = fg[k] * r * gnorm[k] * silu_s[k];
+}
+
 void glu_row(const float *gate_up, int64_t I, float *out) {
   for (int64_t k = 0; k < I; ++k) out[k] = siluf(gate_up[k]) * gate_up[I + k];
 }
@@ -382,13 +428,16 @@ struct QBuf {
   std::vector<int8_t> q;
   std::vector<float> sa;
   std::vector<int32_t> sq;
-  void fill(const float *x, int64_t T, int64_t ldx, const PackedLinear &p, double eps, float *tmp) {
+  void fill(const float *x, int64_t T, int64_t ldx, const PackedLinear &p, double eps, int threads) {
     const int64_t Kpad = p.kpad();
     q.resize((size_t)(T * Kpad));
     sa.resize((size_t)T);
     sq.resize((size_t)T);
-    for (int64_t t = 0; t < T; ++t)
-      rmsnorm_quant_row(x + t * ldx, p.norm.data(), p.K, Kpad, eps, tmp, q.data() + t * Kpad, &sa[t], &sq[t]);
+    for_ranges(threads, T, [&](int64_t t0, int64_t t1) {
+      std::vector<float> tmp((size_t)p.K);
+      for (int64_t t = t0; t < t1; ++t)
+        rmsnorm_quant_row(x + t * ldx, p.norm.data(), p.K, Kpad, eps, tmp.data(), q.data() + t * Kpad, &sa[t], &sq[t]);
+    });
   }
   LinearJob job(const PackedLinear &p, int64_t T, float *Y, int64_t ldy) const {
     return LinearJob{p.packed.data(), p.N, p.kpad(), p.scale, q.data(), sq.data(), sa.data(), T, Y, nullptr, ldy};
@@ -455,40 +504,52 @@ class Engine {
     float *lg = logits.data();
     nb::gil_scoped_release release;
 
-    std::vector<float> h((size_t)(T * d)), a((size_t)(T * d)), tmp((size_t)std::max(d, I));
+    std::vector<float> h((size_t)(T * d)), a((size_t)(T * d));
     std::vector<float> fi((size_t)(T * d)), ff((size_t)(T * d)), fg((size_t)(T * d)), big((size_t)(T * 2 * I));
     QBuf qi, qf, qg;
     for (int64_t t = 0; t < T; ++t) embed(idp[t], h.data() + t * d);
     for (int64_t l = 0; l < L; ++l) {
       const Layer &ly = layers_[(size_t)l];
       for (int64_t t = 0; t < T; ++t) rmsnorm_row(h.data() + t * d, ly.attn_norm.data(), d, eps_, a.data() + t * d);
-      qi.fill(a.data(), T, d, ly.i, eps_, tmp.data());
-      qf.fill(a.data(), T, d, ly.f, eps_, tmp.data());
-      qg.fill(a.data(), T, d, ly.g, eps_, tmp.data());
+      qi.fill(a.data(), T, d, ly.i, eps_, threads_);
+      qf.fill(a.data(), T, d, ly.f, eps_, threads_);
+      qg.fill(a.data(), T, d, ly.g, eps_, threads_);
       const LinearJob ifg[3] = {qi.job(ly.i, T, fi.data(), d), qf.job(ly.f, T, ff.data(), d),
                                 qg.job(ly.g, T, fg.data(), d)};
       run_linears(isa_, threads_, ifg, 3);
       float *s = st + l * d;
-      for (int64_t t = 0; t < T; ++t)
-        mlgru_row(fi.data() + t * d, ff.data() + t * d, fg.data() + t * d, ly.has_lb ? ly.lb.data() : nullptr,
-                  ly.g_norm.data(), d, eps_, s, a.data() + t * d);
-      qi.fill(a.data(), T, d, ly.o, eps_, tmp.data());
+      if (T == 1) {
+        mlgru_row(fi.data(), ff.data(), fg.data(), ly.has_lb ? ly.lb.data() : nullptr, ly.g_norm.data(), d, eps_, s,
+                  a.data());
+      } else {  // prefill: the recurrence is independent per channel, the output norm per token
+        const float *lb = ly.has_lb ? ly.lb.data() : nullptr;
+        for_ranges(threads_, d, [&](int64_t k0, int64_t k1) {
+          for (int64_t t = 0; t < T; ++t) mlgru_state(fi.data() + t * d, ff.data() + t * d, lb, k0, k1, s);
+        });
+        for_ranges(threads_, T, [&](int64_t t0, int64_t t1) {
+          for (int64_t t = t0; t < t1; ++t) mlgru_out(fg.data() + t * d, ly.g_norm.data(), d, eps_, fi.data() + t * d,
+                                                      a.data() + t * d);
+        });
+      }
+      qi.fill(a.data(), T, d, ly.o, eps_, threads_);
       const LinearJob oj = qi.job(ly.o, T, fi.data(), d);
       run_linears(isa_, threads_, &oj, 1);
       for (int64_t k = 0; k < T * d; ++k) h[k] += fi[k];
       for (int64_t t = 0; t < T; ++t) rmsnorm_row(h.data() + t * d, ly.mlp_norm.data(), d, eps_, a.data() + t * d);
-      qi.fill(a.data(), T, d, ly.gate, eps_, tmp.data());
+      qi.fill(a.data(), T, d, ly.gate, eps_, threads_);
       const LinearJob gj = qi.job(ly.gate, T, big.data(), 2 * I);
       run_linears(isa_, threads_, &gj, 1);
-      for (int64_t t = 0; t < T; ++t) glu_row(big.data() + t * 2 * I, I, big.data() + t * 2 * I);
-      qi.fill(big.data(), T, 2 * I, ly.down, eps_, tmp.data());
+      for_ranges(threads_, T, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) glu_row(big.data() + t * 2 * I, I, big.data() + t * 2 * I);
+      });
+      qi.fill(big.data(), T, 2 * I, ly.down, eps_, threads_);
       const LinearJob dj = qi.job(ly.down, T, fi.data(), d);
       run_linears(isa_, threads_, &dj, 1);
       for (int64_t k = 0; k < T * d; ++k) h[k] += fi[k];
     }
     const int64_t t0 = T - R;
     for (int64_t t = 0; t < R; ++t) rmsnorm_row(h.data() + (t0 + t) * d, norm_.data(), d, eps_, a.data() + t * d);
-    qi.fill(a.data(), R, d, head_[0], eps_, tmp.data());
+    qi.fill(a.data(), R, d, head_[0], eps_, threads_);
     const LinearJob hj = qi.job(head_[0], R, lg, V_);
     run_linears(isa_, threads_, &hj, 1);
   }
@@ -617,9 +678,8 @@ void register_ternary(nb::module_ &m) {
         if ((int64_t)x.shape(1) != p.K || (int64_t)out.shape(0) != T || (int64_t)out.shape(1) != p.N)
           throw std::invalid_argument("x / out shapes do not match the linear");
         nb::gil_scoped_release release;
-        std::vector<float> tmp((size_t)p.K);
         QBuf qb;
-        qb.fill(x.data(), T, p.K, p, eps, tmp.data());
+        qb.fill(x.data(), T, p.K, p, eps, threads);
         const LinearJob j = qb.job(p, T, out.data(), p.N);
         run_linears(isa, threads, &j, 1);
       },

@@ -1,0 +1,188 @@
+"""Decode and prefill speed of the packed 2-bit engine vs torch fp32 / bf16 dense models of the same
+shape, beside the machine's streaming read bandwidth measured in the same run.
+
+    python benchmarks/decode.py                     # 370m and 1.3b shapes (a few minutes)
+    python benchmarks/decode.py --shapes tiny --tokens 8 --prefill 32   # smoke run
+
+Weights are random (speed does not depend on values). Prints a table, the ratios, effective GB/s,
+% of the bandwidth roofline, and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+from mulfree.infer.engine import PackedModel, _linear_shapes
+from mulfree.kernels import backend as best_backend
+from mulfree.kernels import cpu_module
+from mulfree.kernels.ternary import read_bandwidth
+from mulfree.ops.pack import packed_shape
+
+SHAPES = {  # name: (vocab, hidden, layers, intermediate), reference/matmulfree.md §1.2
+    "tiny": (4096, 256, 4, 768),
+    "370m": (32000, 1024, 24, 2816),
+    "1.3b": (32000, 2048, 24, 5632),
+}
+VALID_BYTES = torch.tensor([b for b in range(256) if all((b >> (2 * s)) & 3 != 3 for s in range(4))], dtype=torch.uint8)
+
+
+def random_packed_model(vocab: int, d: int, layers: int, inter: int, threads: int, seed: int) -> PackedModel:
+    """A PackedModel with random trits (every byte a valid code quadruple), unit norms, random lower bounds."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = {"model_type": "mmfree", "vocab_size": vocab, "hidden_size": d, "num_hidden_layers": layers,
+           "intermediate_size": inter, "rms_norm_eps": 1e-6, "use_lower_bound": True}
+    t: dict[str, torch.Tensor] = {"model.embeddings.weight": torch.randn(vocab, d, generator=g).to(torch.bfloat16),
+                                  "model.norm.weight": torch.ones(d), "model.lb": torch.rand(layers, d, generator=g)}
+    for name, (n, k) in _linear_shapes(cfg).items():
+        t[name + ".packed"] = VALID_BYTES[torch.randint(0, len(VALID_BYTES), packed_shape(n, k), generator=g)]
+        t[name + ".scale"] = torch.tensor([0.02])
+        t[name + ".norm.weight"] = torch.ones(k)
+    for n in range(layers):
+        for key in ("attn_norm.weight", "attn.g_norm.weight", "mlp_norm.weight"):
+            t[f"model.layers.{n}.{key}"] = torch.ones(d)
+    return PackedModel(cfg, t, backend=best_backend(), threads=threads)
+
+
+class DenseMMfree(torch.nn.Module):
+    """The MMfree forward with plain dense linears (no quantization): the torch baseline of the same shape."""
+
+    def __init__(self, vocab: int, d: int, layers: int, inter: int, dtype: torch.dtype):
+        super().__init__()
+
+        def lin(n: int, k: int) -> torch.nn.Linear:
+            m = torch.nn.Linear(k, n, bias=False, dtype=dtype)
+            m.weight.data.fill_(0.01)  # touch every page; values do not change the speed
+            return m
+
+        self.emb = torch.nn.Embedding(vocab, d, dtype=dtype)
+        self.layers = torch.nn.ModuleList(
+            torch.nn.ModuleList([lin(d, d), lin(d, d), lin(d, d), lin(d, d), lin(2 * inter, d), lin(d, inter)])
+            for _ in range(layers))
+        self.head = lin(vocab, d)
+        self.d = d
+
+    def forward(self, ids: torch.Tensor, state: list[torch.Tensor]) -> torch.Tensor:
+        x = self.emb(ids)  # [T, d]
+        for layer, h in zip(self.layers, state):
+            i_p, f_p, g_p, o_p, gate_p, down_p = layer
+            a = F.rms_norm(x, (self.d,))
+            f = torch.sigmoid(f_p(a))
+            i = F.silu(i_p(a)) * (1 - f)
+            hs = []
+            for t in range(x.shape[0]):
+                h.mul_(f[t]).add_(i[t])
+                hs.append(h.clone())
+            x = x + o_p(F.rms_norm(g_p(a), (self.d,)) * F.silu(torch.stack(hs)))
+            gate, up = gate_p(F.rms_norm(x, (self.d,))).chunk(2, dim=-1)
+            x = x + down_p(F.silu(gate) * up)
+        return self.head(F.rms_norm(x[-1:], (self.d,)))
+
+
+def time_packed(pm: PackedModel, tokens: int, prefill: int) -> tuple[float, float]:
+    """(decode tok/s, prefill tok/s) of the packed engine."""
+    ids = torch.randint(0, pm.config["vocab_size"], (prefill,))
+    pm.reset()
+    pm.forward(ids[:8])
+    t0 = time.perf_counter()
+    pm.forward(ids)
+    pre = prefill / (time.perf_counter() - t0)
+    tok = 1
+    for _ in range(2):
+        pm.forward([tok])
+    t0 = time.perf_counter()
+    for _ in range(tokens):
+        tok = int(pm.forward([tok]).argmax())
+    return tokens / (time.perf_counter() - t0), pre
+
+
+@torch.inference_mode()
+def time_dense(model: DenseMMfree, vocab: int, d: int, layers: int, tokens: int, prefill: int) -> tuple[float, float]:
+    dtype = model.head.weight.dtype
+    state = [torch.zeros(d, dtype=dtype) for _ in range(layers)]
+    ids = torch.randint(0, vocab, (prefill,))
+    model(ids[:8], state)
+    t0 = time.perf_counter()
+    model(ids, state)
+    pre = prefill / (time.perf_counter() - t0)
+    tok = torch.tensor([1])
+    for _ in range(2):
+        model(tok, state)
+    t0 = time.perf_counter()
+    for _ in range(tokens):
+        tok = model(tok, state).argmax(-1)
+    return tokens / (time.perf_counter() - t0), pre
+
+
+def bench_shape(name: str, args: argparse.Namespace, bw2: float) -> dict:
+    vocab, d, layers, inter = SHAPES[name]
+    res: dict = {"shape": name}
+    pm = random_packed_model(vocab, d, layers, inter, threads=2, seed=args.seed)
+    packed_bytes = sum(v.numel() for k, v in pm.tensors.items() if k.endswith(".packed"))
+    per_token = packed_bytes + 4 * (d * (5 * layers + 1)) + 2 * d  # trits + norm vectors + one embedding row
+    res["bytes_per_token_mb"] = per_token / 1e6
+    for threads in (1, 2):
+        pm_t = pm if threads == 2 else PackedModel(pm.config, pm.tensors, backend=pm.backend, threads=1)
+        dec, pre = time_packed(pm_t, args.tokens, args.prefill)
+        res[f"packed_{threads}t_decode"], res[f"packed_{threads}t_prefill"] = dec, pre
+    del pm, pm_t
+    gc.collect()
+    torch.set_num_threads(2)
+    for dtype, key in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        dense = DenseMMfree(vocab, d, layers, inter, dtype)
+        res[f"torch_{key}_decode"], res[f"torch_{key}_prefill"] = time_dense(
+            dense, vocab, d, layers, max(2, args.tokens // 4), args.prefill)
+        del dense
+        gc.collect()
+    res["roofline_2t_tok_s"] = bw2 * 1e9 / per_token
+    res["pct_roofline_2t"] = 100 * res["packed_2t_decode"] / res["roofline_2t_tok_s"]
+    res["effective_gb_s_2t"] = res["packed_2t_decode"] * per_token / 1e9
+    for key in ("bf16", "fp32"):
+        res[f"decode_x_{key}"] = res["packed_2t_decode"] / res[f"torch_{key}_decode"]
+        res[f"prefill_x_{key}"] = res["packed_2t_prefill"] / res[f"torch_{key}_prefill"]
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", default=["370m", "1.3b"], choices=sorted(SHAPES))
+    p.add_argument("--tokens", type=int, default=32, help="decode steps timed for the packed engine")
+    p.add_argument("--prefill", type=int, default=128, help="prompt tokens timed for prefill")
+    p.add_argument("--bw-mb", type=int, default=1024, help="buffer for the bandwidth measurement (MB)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    if cpu_module() is None:
+        raise SystemExit("error: the compiled extension is missing; reinstall mulfree")
+    torch.manual_seed(args.seed)
+    feats = cpu_module().cpu_features()
+    bw1 = read_bandwidth(args.bw_mb << 20, threads=1, reps=5)
+    bw2 = read_bandwidth(args.bw_mb << 20, threads=2, reps=5)
+    print(f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, features {feats}, "
+          f"kernel backend {best_backend()}")
+    print(f"streaming read bandwidth: {bw1:.1f} GB/s (1 thread), {bw2:.1f} GB/s (2 threads)")
+    results = []
+    for name in args.shapes:
+        r = bench_shape(name, args, bw2)
+        results.append(r)
+        print(f"\n[{name}] weights read per token (packed): {r['bytes_per_token_mb']:.1f} MB")
+        print(f"{'engine':<22}{'decode tok/s':>14}{'prefill tok/s':>15}")
+        for key, label in (("packed_1t", "packed 2-bit, 1T"), ("packed_2t", "packed 2-bit, 2T"),
+                           ("torch_bf16", "torch bf16 dense, 2T"), ("torch_fp32", "torch fp32 dense, 2T")):
+            print(f"{label:<22}{r[key + '_decode']:>14.1f}{r[key + '_prefill']:>15.1f}")
+        print(f"decode: {r['decode_x_bf16']:.1f}x bf16, {r['decode_x_fp32']:.1f}x fp32; prefill: "
+              f"{r['prefill_x_bf16']:.1f}x bf16, {r['prefill_x_fp32']:.1f}x fp32")
+        print(f"packed 2T: {r['effective_gb_s_2t']:.1f} GB/s effective = {r['pct_roofline_2t']:.0f} % of the "
+              f"{r['roofline_2t_tok_s']:.0f} tok/s roofline at {bw2:.1f} GB/s")
+    print(json.dumps({"benchmark": "decode", "backend": best_backend(), "bw_1t_gb_s": bw1, "bw_2t_gb_s": bw2,
+                      "results": results}))
+
+
+if __name__ == "__main__":
+    main()
