@@ -3,13 +3,14 @@
 //
 // y[n] = sum_c sum_i alpha_i(c, n/g) * LUT_c[key_i(n, c)], LUT_c[key] = sum_s (bit s ? +x : -x)[8c+s].
 // The 256-entry table is split in two 16-entry halves (low/high nibble of the key, 4 activations
-// each), built with sign flips and adds; alpha = sum_t sign_t 2^exp_t is applied with exponent
-// shifts (ldexp / vscalefps / exponent-field add) and adds. No multiplication touches a weight.
+// each), built with sign flips and adds; alpha = sum_t sign_t 2^exp_t is applied to the two half
+// tables of each (chunk, row group, plane) with exponent shifts (ldexp / vscalefps / exponent-field
+// add) and adds, then every row adds one lookup per half. No multiplication touches a weight.
 //
 // Kernel weight layout ("tiles"), built once by kernels/shiftadd.py `prepare`:
 //   tiles uint8 [ceil(N/16), C, q, 16]: byte of row 16*t + lane, chunk c (8 columns), plane i.
 //   exps, signs int8 [C, ceil(N/g), q, T]: the APoT terms of alpha (sign 0 = absent term).
-// Every path adds the same terms in the same order (c, then plane, then term), so scalar, AVX2
+// Every path scales the tables term by term and adds lookups chunk by chunk, plane by plane, so scalar, AVX2
 // and AVX-512 agree bit for bit on normal numbers.
 #include "mulfree_cpu.h"
 
@@ -62,28 +63,44 @@ void build_tables(const float *x, int64_t K, int64_t C, float *tables) {
   }
 }
 
+// alpha_i(c, G) applied to the two half tables with exponent shifts: out = sum_t sign_t ldexp(t, e_t),
+// terms added in order t (sign 0 = absent). Shared by all rows of group G, so the shifts cost
+// O(C * q * T * 32) per group instead of per row.
+void scale_tables(const Job &j, int64_t c, int64_t G, int64_t i, float *out) {
+  const float *tb = j.tables + c * 32;
+  const int64_t s0 = ((c * j.NG + G) * j.q + i) * j.T;
+  for (int e = 0; e < 32; ++e) out[e] = 0.0f;
+  for (int64_t tt = 0; tt < j.T; ++tt) {
+    const int8_t s = j.signs[s0 + tt];
+    if (!s) continue;
+    for (int e = 0; e < 32; ++e) {
+      const float v = std::ldexp(tb[e], j.exps[s0 + tt]);
+      out[e] = s > 0 ? out[e] + v : out[e] - v;
+    }
+  }
+}
+
 // One tile of 16 rows, row by row: the oracle, and the fallback when a tile spans row groups.
 void tile_scalar(const Job &j, int64_t t) {
-  for (int lane = 0; lane < kLanes; ++lane) {
-    const int64_t n = t * kLanes + lane;
-    if (n >= j.N) break;
-    const int64_t G = n / j.group;
-    float acc = 0.0f;
-    for (int64_t c = 0; c < j.C; ++c) {
-      const float *lo = j.tables + c * 32, *hi = lo + 16;
-      for (int64_t i = 0; i < j.q; ++i) {
-        const uint8_t key = j.tiles[((t * j.C + c) * j.q + i) * kLanes + lane];
-        const float v = lo[key & 15] + hi[key >> 4];
-        const int64_t s0 = ((c * j.NG + G) * j.q + i) * j.T;
-        for (int64_t tt = 0; tt < j.T; ++tt) {
-          const int8_t s = j.signs[s0 + tt];
-          if (s > 0) acc += std::ldexp(v, j.exps[s0 + tt]);
-          else if (s < 0) acc -= std::ldexp(v, j.exps[s0 + tt]);
+  float acc[kLanes] = {0.0f};
+  float st[32];
+  for (int64_t c = 0; c < j.C; ++c) {
+    for (int64_t i = 0; i < j.q; ++i) {
+      int64_t last_group = -1;
+      for (int lane = 0; lane < kLanes; ++lane) {
+        const int64_t n = t * kLanes + lane;
+        if (n >= j.N) break;
+        if (n / j.group != last_group) {
+          last_group = n / j.group;
+          scale_tables(j, c, last_group, i, st);
         }
+        const uint8_t key = j.tiles[((t * j.C + c) * j.q + i) * kLanes + lane];
+        acc[lane] += st[key & 15] + st[16 + (key >> 4)];
       }
     }
-    j.y[n] = acc;
   }
+  const int64_t rows = std::min<int64_t>(kLanes, j.N - t * kLanes);
+  std::memcpy(j.y + t * kLanes, acc, rows * sizeof(float));
 }
 
 bool tile_in_one_group(const Job &j, int64_t t) {
@@ -91,31 +108,44 @@ bool tile_in_one_group(const Job &j, int64_t t) {
   return first / j.group == last / j.group;
 }
 
-// AVX-512: one zmm = 16 rows; each 16-entry half table lives in a register (vpermps lookup),
-// alpha applied with vscalefps (exact multiply by 2^e).
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void tile_avx512(const Job &j, int64_t t) {
-  if (!tile_in_one_group(j, t)) return tile_scalar(j, t);
-  const int64_t G = (t * kLanes) / j.group;
+// AVX-512: NB tiles of one row group at once; each scaled 16-entry half table lives in a register
+// (vpermps lookup); alpha applied to the tables with vscalefps (exact multiply by 2^e).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 flip_sign(__m512 v, __m512i mask) {
+  return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), mask));  // avx512f only (no DQ)
+}
+
+template <int NB>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void tiles_avx512(const Job &j, int64_t t0) {
+  const int64_t G = (t0 * kLanes) / j.group;
   const __m512i m15 = _mm512_set1_epi32(15);
-  __m512 acc = _mm512_setzero_ps();
+  __m512 acc[NB];
+  for (int b = 0; b < NB; ++b) acc[b] = _mm512_setzero_ps();
   for (int64_t c = 0; c < j.C; ++c) {
     const __m512 lo = _mm512_loadu_ps(j.tables + c * 32), hi = _mm512_loadu_ps(j.tables + c * 32 + 16);
-    const uint8_t *kp = j.tiles + (t * j.C + c) * j.q * kLanes;
-    const int64_t s0 = (c * j.NG + G) * j.q * j.T;
     for (int64_t i = 0; i < j.q; ++i) {
-      const __m512i key = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(kp + i * kLanes)));
-      const __m512 v = _mm512_add_ps(_mm512_permutexvar_ps(_mm512_and_si512(key, m15), lo),
-                                     _mm512_permutexvar_ps(_mm512_srli_epi32(key, 4), hi));
+      const int64_t s0 = ((c * j.NG + G) * j.q + i) * j.T;
+      __m512 slo = _mm512_setzero_ps(), shi = _mm512_setzero_ps();
       for (int64_t tt = 0; tt < j.T; ++tt) {
-        const int8_t s = j.signs[s0 + i * j.T + tt];
-        if (!s) continue;
-        const __m512 sh = _mm512_scalef_ps(v, _mm512_set1_ps((float)j.exps[s0 + i * j.T + tt]));
-        acc = s > 0 ? _mm512_add_ps(acc, sh) : _mm512_sub_ps(acc, sh);
+        // Branch-free (signs are random): sign 0 -> scale by 2^-inf = 0; sign -1 -> flip sign bit.
+        const int8_t s = j.signs[s0 + tt];
+        const __m512 e = _mm512_set1_ps(s ? (float)j.exps[s0 + tt] : -INFINITY);
+        const __m512i neg = _mm512_set1_epi32((int)((uint32_t)(s < 0) << 31));
+        slo = _mm512_add_ps(slo, flip_sign(_mm512_scalef_ps(lo, e), neg));
+        shi = _mm512_add_ps(shi, flip_sign(_mm512_scalef_ps(hi, e), neg));
+      }
+      for (int b = 0; b < NB; ++b) {
+        const uint8_t *kp = j.tiles + (((t0 + b) * j.C + c) * j.q + i) * kLanes;
+        const __m512i key = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)kp));
+        const __m512 v = _mm512_add_ps(_mm512_permutexvar_ps(_mm512_and_si512(key, m15), slo),
+                                       _mm512_permutexvar_ps(_mm512_srli_epi32(key, 4), shi));
+        acc[b] = _mm512_add_ps(acc[b], v);
       }
     }
   }
-  const int64_t rows = std::min<int64_t>(kLanes, j.N - t * kLanes);
-  _mm512_mask_storeu_ps(j.y + t * kLanes, (__mmask16)((1u << rows) - 1), acc);
+  for (int b = 0; b < NB; ++b) {
+    const int64_t rows = std::min<int64_t>(kLanes, j.N - (t0 + b) * kLanes);
+    _mm512_mask_storeu_ps(j.y + (t0 + b) * kLanes, (__mmask16)((1u << rows) - 1), acc[b]);
+  }
 }
 
 // AVX2: 8 rows per ymm, two 8-entry permutes + blend per 16-entry lookup; 2^e applied by adding
@@ -133,36 +163,47 @@ __attribute__((target("avx2,fma"))) __m256 lookup16_avx2(__m256i idx, __m256 t0,
   return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));  // bit 3 -> sign
 }
 
-__attribute__((target("avx2,fma"))) void tile_avx2(const Job &j, int64_t t) {
-  if (!tile_in_one_group(j, t)) return tile_scalar(j, t);
-  const int64_t G = (t * kLanes) / j.group;
+template <int NB>
+__attribute__((target("avx2,fma"))) void tiles_avx2(const Job &j, int64_t t0) {
+  const int64_t G = (t0 * kLanes) / j.group;
   const __m256i m15 = _mm256_set1_epi32(15);
-  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  __m256 acc[NB][2];
+  for (int b = 0; b < NB; ++b) acc[b][0] = acc[b][1] = _mm256_setzero_ps();
   for (int64_t c = 0; c < j.C; ++c) {
     const float *tb = j.tables + c * 32;
-    const __m256 lo0 = _mm256_loadu_ps(tb), lo1 = _mm256_loadu_ps(tb + 8);
-    const __m256 hi0 = _mm256_loadu_ps(tb + 16), hi1 = _mm256_loadu_ps(tb + 24);
-    const uint8_t *kp = j.tiles + (t * j.C + c) * j.q * kLanes;
-    const int64_t s0 = (c * j.NG + G) * j.q * j.T;
+    __m256 base[4];
+    for (int r = 0; r < 4; ++r) base[r] = _mm256_loadu_ps(tb + 8 * r);
     for (int64_t i = 0; i < j.q; ++i) {
-      for (int h = 0; h < 2; ++h) {
-        const __m256i key = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(kp + i * kLanes + 8 * h)));
-        const __m256 v = _mm256_add_ps(lookup16_avx2(_mm256_and_si256(key, m15), lo0, lo1),
-                                       lookup16_avx2(_mm256_srli_epi32(key, 4), hi0, hi1));
-        for (int64_t tt = 0; tt < j.T; ++tt) {
-          const int8_t s = j.signs[s0 + i * j.T + tt];
-          if (!s) continue;
-          const __m256 sh = ldexp_avx2(v, j.exps[s0 + i * j.T + tt]);
-          acc[h] = s > 0 ? _mm256_add_ps(acc[h], sh) : _mm256_sub_ps(acc[h], sh);
+      const int64_t s0 = ((c * j.NG + G) * j.q + i) * j.T;
+      __m256 st[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t tt = 0; tt < j.T; ++tt) {
+        // Branch-free: sign 0 -> all-zero keep mask; sign -1 -> flip sign bit.
+        const int8_t s = j.signs[s0 + tt];
+        const __m256 keep = _mm256_castsi256_ps(_mm256_set1_epi32(s ? -1 : 0));
+        const __m256 neg = _mm256_castsi256_ps(_mm256_set1_epi32((int)((uint32_t)(s < 0) << 31)));
+        for (int r = 0; r < 4; ++r) {
+          const __m256 a = _mm256_and_ps(keep, _mm256_xor_ps(ldexp_avx2(base[r], j.exps[s0 + tt]), neg));
+          st[r] = _mm256_add_ps(st[r], a);
+        }
+      }
+      for (int b = 0; b < NB; ++b) {
+        const uint8_t *kp = j.tiles + (((t0 + b) * j.C + c) * j.q + i) * kLanes;
+        for (int h = 0; h < 2; ++h) {
+          const __m256i key = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(kp + 8 * h)));
+          const __m256 v = _mm256_add_ps(lookup16_avx2(_mm256_and_si256(key, m15), st[0], st[1]),
+                                         lookup16_avx2(_mm256_srli_epi32(key, 4), st[2], st[3]));
+          acc[b][h] = _mm256_add_ps(acc[b][h], v);
         }
       }
     }
   }
-  alignas(32) float out[kLanes];
-  _mm256_store_ps(out, acc[0]);
-  _mm256_store_ps(out + 8, acc[1]);
-  const int64_t rows = std::min<int64_t>(kLanes, j.N - t * kLanes);
-  std::memcpy(j.y + t * kLanes, out, rows * sizeof(float));
+  for (int b = 0; b < NB; ++b) {
+    alignas(32) float out[kLanes];
+    _mm256_store_ps(out, acc[b][0]);
+    _mm256_store_ps(out + 8, acc[b][1]);
+    const int64_t rows = std::min<int64_t>(kLanes, j.N - (t0 + b) * kLanes);
+    std::memcpy(j.y + (t0 + b) * kLanes, out, rows * sizeof(float));
+  }
 }
 
 enum class Isa { Scalar, Avx2, Avx512 };
@@ -175,11 +216,39 @@ Isa parse_isa(const std::string &name) {
   throw std::invalid_argument("backend '" + name + "' is unknown or not supported by this CPU");
 }
 
+// Tiles [t0, t1): batches of up to 8 (AVX-512) / 4 (AVX2) consecutive tiles of one row group
+// share the scaled tables; a tile spanning two row groups runs the scalar path.
 void run_tiles(const Job &j, Isa isa, int64_t t0, int64_t t1) {
-  for (int64_t t = t0; t < t1; ++t) {
-    if (isa == Isa::Avx512) tile_avx512(j, t);
-    else if (isa == Isa::Avx2) tile_avx2(j, t);
-    else tile_scalar(j, t);
+  const int64_t max_nb = isa == Isa::Avx512 ? 8 : 4;
+  int64_t t = t0;
+  while (t < t1) {
+    if (isa == Isa::Scalar || !tile_in_one_group(j, t)) {
+      tile_scalar(j, t++);
+      continue;
+    }
+    const int64_t G = (t * kLanes) / j.group;
+    int64_t nb = 1;
+    while (nb < max_nb && t + nb < t1 && tile_in_one_group(j, t + nb) && ((t + nb) * kLanes) / j.group == G) ++nb;
+    if (isa == Isa::Avx512) {
+      switch (nb) {
+        case 8: tiles_avx512<8>(j, t); break;
+        case 7: tiles_avx512<7>(j, t); break;
+        case 6: tiles_avx512<6>(j, t); break;
+        case 5: tiles_avx512<5>(j, t); break;
+        case 4: tiles_avx512<4>(j, t); break;
+        case 3: tiles_avx512<3>(j, t); break;
+        case 2: tiles_avx512<2>(j, t); break;
+        default: tiles_avx512<1>(j, t); break;
+      }
+    } else {
+      switch (nb) {
+        case 4: tiles_avx2<4>(j, t); break;
+        case 3: tiles_avx2<3>(j, t); break;
+        case 2: tiles_avx2<2>(j, t); break;
+        default: tiles_avx2<1>(j, t); break;
+      }
+    }
+    t += nb;
   }
 }
 
