@@ -20,23 +20,29 @@ then the lookup is scaled by α_i with exponent shifts and added.
 from __future__ import annotations
 
 import itertools
+from functools import lru_cache
 
 import torch
 
 from mulfree.ops.powers import apot_round, apot_value, shift_scale
 
 
-def _combos(q: int, device=None) -> torch.Tensor:
+@lru_cache(maxsize=8)
+def _combos(q: int) -> torch.Tensor:
     """All 2^q sign patterns [2^q, q] in {-1, +1}."""
-    return torch.tensor(list(itertools.product((-1.0, 1.0), repeat=q)), device=device)
+    return torch.tensor(list(itertools.product((-1.0, 1.0), repeat=q)))
+
+
+def _nearest_codes(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Codes in {-1., +1.} [G, m, q] of the level Σ ±α_i nearest to each weight of w [G, m]."""
+    combos = _combos(alpha.shape[-1])  # [L, q]
+    levels = alpha @ combos.T  # [G, L]
+    return combos[(w.unsqueeze(-1) - levels.unsqueeze(1)).abs_().argmin(-1)]
 
 
 def bcq_assign(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """Nearest BCQ code for each weight given fixed scales: w [G, m], alpha [G, q] -> bits bool [G, m, q]."""
-    combos = _combos(alpha.shape[-1], w.device)  # [L, q]
-    levels = alpha @ combos.T  # [G, L]
-    idx = (w.unsqueeze(-1) - levels.unsqueeze(1)).abs().argmin(-1)  # [G, m]
-    return combos[idx] > 0
+    return _nearest_codes(w, alpha) > 0
 
 
 def bcq_fit(
@@ -52,29 +58,31 @@ def bcq_fit(
 
     Returns (bits bool [G, m, q], alpha fp32 [G, q] (APoT values), exps int8 [G, q, T], signs int8 [G, q, T]).
     """
-    valid = torch.ones_like(w, dtype=torch.bool) if mask is None else mask
-    vf = valid.float()
-    w = w.float() * vf
+    w = w.float()
+    vf = None if mask is None else mask.float()
+    if vf is not None:
+        w = w * vf
     G, m = w.shape
-    count = vf.sum(-1).clamp(min=1)
+    count = torch.full((G,), float(m)) if vf is None else vf.sum(-1).clamp(min=1)
     r = w.clone()
     alpha = torch.empty(G, bits)
     b = torch.empty(G, m, bits)
     for i in range(bits):
         b[..., i] = torch.where(r >= 0, 1.0, -1.0)
-        alpha[:, i] = (r.abs() * vf).sum(-1) / count
-        r = r - alpha[:, i : i + 1] * b[..., i]
+        alpha[:, i] = (r.abs() if vf is None else r.abs() * vf).sum(-1) / count
+        r -= alpha[:, i : i + 1] * b[..., i]
     ridge = 1e-6 * m * torch.eye(bits)
+    w3 = w.unsqueeze(-1)
+    exps = signs = None
     for _ in range(max(rounds, 1)):
         if rounds > 0:
-            b = b * vf.unsqueeze(-1)  # padded entries take no part in the fit
-            ata = b.transpose(1, 2) @ b + ridge  # [G, q, q]
-            atw = (b.transpose(1, 2) @ w.unsqueeze(-1)).squeeze(-1)  # [G, q]
-            sol = torch.linalg.solve(ata, atw)
+            bm = b if vf is None else b * vf.unsqueeze(-1)  # padded entries take no part in the fit
+            bt = bm.transpose(1, 2)
+            sol = torch.linalg.solve(bt @ bm + ridge, (bt @ w3).squeeze(-1))  # [G, q]
             alpha = torch.where(torch.isfinite(sol), sol, alpha)
         alpha = alpha.abs().sort(-1, descending=True).values
         alpha, exps, signs = apot_round(alpha, terms)
-        b = bcq_assign(w, alpha).float() * 2 - 1
+        b = _nearest_codes(w, alpha)
     return b > 0, alpha, exps, signs
 
 

@@ -26,16 +26,17 @@ def apot_round(alpha: torch.Tensor, terms: int = 3) -> tuple[torch.Tensor, torch
     value = torch.zeros_like(r)
     exps, signs = [], []
     for _ in range(terms):
-        nz = r != 0
-        e = torch.where(nz, torch.log2(r.abs().clamp(min=1e-30)).round(), torch.zeros_like(r))
-        e = e.clamp(EXP_MIN, EXP_MAX)
+        # log2(0) = -inf clamps to EXP_MIN, and sign(0) = 0 makes that term vanish.
+        e = torch.log2(r.abs()).round_().clamp_(EXP_MIN, EXP_MAX)
         s = torch.sign(r)
-        term = s * torch.ldexp(torch.ones_like(r), e)
-        value = value + term
-        r = r - term
-        exps.append(e.to(torch.int8))
-        signs.append(s.to(torch.int8))
-    return value, torch.stack(exps, -1), torch.stack(signs, -1)
+        term = torch.ldexp(s, e)
+        value += term
+        r -= term
+        exps.append(e)
+        signs.append(s)
+    s, e = torch.stack(signs, -1), torch.stack(exps, -1)
+    e = torch.where(s == 0, 0.0, e)
+    return value, e.to(torch.int8), s.to(torch.int8)
 
 
 def apot_value(exps: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
