@@ -88,25 +88,28 @@ def test_bitlinear_packed(backend, shape):
 
 
 @needs_ext
+@pytest.mark.parametrize("backend", COMPILED)
 @pytest.mark.parametrize("use_lb", [False, True])
 @pytest.mark.parametrize("shape", [(1, 1), (5, 33), (3, 256)], ids=["T1-D1", "T5-D33", "T3-D256"])
-def test_mlgru_step(use_lb, shape):
+def test_mlgru_step(backend, use_lb, shape):
     g = torch.Generator().manual_seed(shape[1])
     fi, ff, fg = (torch.randn(*shape, generator=g) * 2 for _ in range(3))
     lb = torch.rand(shape[1], generator=g) if use_lb else None
     gn = torch.rand(shape[1], generator=g) + 0.5
     st = torch.randn(shape[1], generator=g)
-    out, s = K.mlgru_step(fi, ff, fg, lb, gn, 1e-6, st, backend="scalar")
+    out, s = K.mlgru_step(fi, ff, fg, lb, gn, 1e-6, st, backend=backend)
     rout, rs = fused.mlgru_step_ref(fi, ff, fg, lb, gn, 1e-6, st)
     torch.testing.assert_close(out, rout, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(s, rs, rtol=1e-5, atol=1e-6)
 
 
 @needs_ext
-@pytest.mark.parametrize("shape", [(1, 2), (3, 66)], ids=["T1-I1", "T3-I33"])
-def test_glu_step(shape):
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("shape", [(1, 2), (3, 66), (2, 1000)], ids=["T1-I1", "T3-I33", "T2-I500"])
+def test_glu_step(backend, shape):
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 4
-    torch.testing.assert_close(K.glu_step(x, backend="scalar"), fused.glu_step_ref(x), rtol=1e-5, atol=1e-6)
+    x.view(-1)[0], x.view(-1)[-1] = -100.0, 95.0  # exp clamps: silu(-100) ~ 0, silu(95) = 95
+    torch.testing.assert_close(K.glu_step(x, backend=backend), fused.glu_step_ref(x), rtol=1e-5, atol=1e-6)
 
 
 @needs_ext

@@ -67,23 +67,25 @@ def bitlinear_packed(packed: torch.Tensor, n: int, scale: float, norm_w: torch.T
 def mlgru_step(fi: torch.Tensor, ff: torch.Tensor, fg: torch.Tensor, lb: torch.Tensor | None, g_norm: torch.Tensor,
                eps: float, state: torch.Tensor, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """MLGRU over T tokens from projections [T, D]: (out [T, D], new state [D])."""
-    if resolve_backend(backend) == "reference":
+    name = resolve_backend(backend)
+    if name == "reference":
         return fused.mlgru_step_ref(fi, ff, fg, lb, g_norm, eps, state)
     d = fi.shape[1]
     st = state.float().clone().contiguous()
     out = torch.full_like(fi, float("nan"), dtype=torch.float32)
     lbt = torch.zeros(d) if lb is None else lb.float().contiguous()
     cpu_module().mlgru_step(fi.float().contiguous(), ff.float().contiguous(), fg.float().contiguous(), lbt,
-                            lb is not None, g_norm.float().contiguous(), eps, st, out)
+                            lb is not None, g_norm.float().contiguous(), eps, st, out, name)
     return out, st
 
 
 def glu_step(gate_up: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """z = silu(gate) * up from gate_up [T, 2I] -> [T, I]."""
-    if resolve_backend(backend) == "reference":
+    name = resolve_backend(backend)
+    if name == "reference":
         return fused.glu_step_ref(gate_up)
     out = torch.full((gate_up.shape[0], gate_up.shape[1] // 2), float("nan"))
-    cpu_module().glu_step(gate_up.float().contiguous(), out)
+    cpu_module().glu_step(gate_up.float().contiguous(), out, name)
     return out
 
 

@@ -358,12 +358,58 @@ void rmsnorm_quant_row(const float *x, const float *w, int64_t K, int64_t Kpad, 
   *sumq = s;
 }
 
-inline float sigmoidf(float x) { return 1.0f / (1.0f + std::exp(-x)); }
-inline float siluf(float x) { return x / (1.0f + std::exp(-x)); }
+// exp(x) without libm calls so the elementwise loops vectorize for each ISA. Evaluated in double
+// (x = n ln2 + r, degree-9 Taylor, error ~1e-10 relative) and rounded once to float, so it agrees
+// with a correctly rounded expf (what the torch reference gets) except in vanishingly rare ties:
+// a cheaper ~2-ulp float polynomial flipped int8 activations and moved logits by ~1e-2.
+#define MF_INLINE __attribute__((always_inline)) inline
+MF_INLINE float exp_approx(float xf) {
+  const double x = std::min(88.5, std::max(-87.5, (double)xf));
+  const double magic = 6755399441055744.0;  // 1.5 * 2^52: adding it rounds to an integer in the low bits
+  const double t = x * 1.4426950408889634 + magic;
+  const double n = t - magic;
+  int64_t ti;
+  std::memcpy(&ti, &t, 8);
+  const int64_t e = (ti - 0x4338000000000000LL + 1023) << 52;
+  double scale;
+  std::memcpy(&scale, &e, 8);
+  const double r = (x - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;
+  double y = 1.0 / 362880;
+  y = y * r + 1.0 / 40320;
+  y = y * r + 1.0 / 5040;
+  y = y * r + 1.0 / 720;
+  y = y * r + 1.0 / 120;
+  y = y * r + 1.0 / 24;
+  y = y * r + 1.0 / 6;
+  y = y * r + 0.5;
+  y = y * r + 1.0;
+  y = y * r + 1.0;
+  return (float)(y * scale);
+}
+MF_INLINE float sigmoidf(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
+MF_INLINE float siluf(float x) { return x / (1.0f + exp_approx(-x)); }
+
+// Each elementwise step is written once (NAME_impl) and compiled for every ISA, so the loops
+// vectorize with the widest registers the chosen backend allows.
+#define MF_UNPAREN(...) __VA_ARGS__
+#define MF_ISA_VARIANTS(NAME, PARAMS, ARGS)                                                            \
+  void NAME##_scalar PARAMS { NAME##_impl ARGS; }                                                      \
+  __attribute__((target("avx2,fma"))) void NAME##_avx2 PARAMS { NAME##_impl ARGS; }                   \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void NAME##_avx512 PARAMS {         \
+    NAME##_impl ARGS;                                                                                  \
+  }                                                                                                    \
+  void NAME(Isa isa, MF_UNPAREN PARAMS) {                                                              \
+    if (isa == Isa::Avx512)                                                                            \
+      NAME##_avx512 ARGS;                                                                              \
+    else if (isa == Isa::Avx2)                                                                         \
+      NAME##_avx2 ARGS;                                                                                \
+    else                                                                                               \
+      NAME##_scalar ARGS;                                                                              \
+  }
 
 // One MLGRU time step for one token (math: reference/matmulfree.md 1.4; lb == nullptr for layer 0).
-void mlgru_row(const float *fi, const float *ff, const float *fg, const float *lb, const float *gnorm, int64_t d,
-               double eps, float *state, float *out) {
+MF_INLINE void mlgru_row_impl(const float *fi, const float *ff, const float *fg, const float *lb, const float *gnorm,
+                              int64_t d, double eps, float *state, float *out) {
   for (int64_t k = 0; k < d; ++k) {
     float f = sigmoidf(ff[k]);
     if (lb) f = lb[k] + (1.0f - lb[k]) * f;
@@ -373,10 +419,14 @@ void mlgru_row(const float *fi, const float *ff, const float *fg, const float *l
   const float r = rms_factor(fg, d, eps);
   for (int64_t k = 0; k < d; ++k) out[k] = fg[k] * r * gnorm[k] * siluf(state[k]);
 }
+MF_ISA_VARIANTS(mlgru_row,
+                (const float *fi, const float *ff, const float *fg, const float *lb, const float *gnorm, int64_t d,
+                 double eps, float *state, float *out),
+                (fi, ff, fg, lb, gnorm, d, eps, state, out))
 
 // Prefill form of mlgru_row, phase 1: state update for channels [k0, k1) of one token; fi[k]
-// is overwritten with silu(state[k]) for phase 2.
-void mlgru_state(float *fi, const float *ff, const float *lb, int64_t k0, int64_t k1, float *state) {
+// is overwritten with silu(state[k]) for phase 2 (mlgru_out: the same products as mlgru_row).
+MF_INLINE void mlgru_state_impl(float *fi, const float *ff, const float *lb, int64_t k0, int64_t k1, float *state) {
   for (int64_t k = k0; k < k1; ++k) {
     float f = sigmoidf(ff[k]);
     if (lb) f = lb[k] + (1.0f - lb[k]) * f;
@@ -385,16 +435,18 @@ void mlgru_state(float *fi, const float *ff, const float *lb, int64_t k0, int64_
     fi[k] = siluf(state[k]);
   }
 }
+MF_ISA_VARIANTS(mlgru_state, (float *fi, const float *ff, const float *lb, int64_t k0, int64_t k1, float *state),
+                (fi, ff, lb, k0, k1, state))
 
-// Phase 2: out = rmsnorm(fg) * g_norm * silu(state), the same products as mlgru_row.
 void mlgru_out(const float *fg, const float *gnorm, int64_t d, double eps, const float *silu_s, float *out) {
   const float r = rms_factor(fg, d, eps);
   for (int64_t k = 0; k < d; ++k) out[k] = fg[k] * r * gnorm[k] * silu_s[k];
 }
 
-void glu_row(const float *gate_up, int64_t I, float *out) {
+MF_INLINE void glu_row_impl(const float *gate_up, int64_t I, float *out) {
   for (int64_t k = 0; k < I; ++k) out[k] = siluf(gate_up[k]) * gate_up[I + k];
 }
+MF_ISA_VARIANTS(glu_row, (const float *gate_up, int64_t I, float *out), (gate_up, I, out))
 
 // ---------------------------------------------------------------------------------------------
 // Python-facing types.
@@ -519,12 +571,12 @@ class Engine {
       run_linears(isa_, threads_, ifg, 3);
       float *s = st + l * d;
       if (T == 1) {
-        mlgru_row(fi.data(), ff.data(), fg.data(), ly.has_lb ? ly.lb.data() : nullptr, ly.g_norm.data(), d, eps_, s,
+        mlgru_row(isa_, fi.data(), ff.data(), fg.data(), ly.has_lb ? ly.lb.data() : nullptr, ly.g_norm.data(), d, eps_, s,
                   a.data());
       } else {  // prefill: the recurrence is independent per channel, the output norm per token
         const float *lb = ly.has_lb ? ly.lb.data() : nullptr;
         for_ranges(threads_, d, [&](int64_t k0, int64_t k1) {
-          for (int64_t t = 0; t < T; ++t) mlgru_state(fi.data() + t * d, ff.data() + t * d, lb, k0, k1, s);
+          for (int64_t t = 0; t < T; ++t) mlgru_state(isa_, fi.data() + t * d, ff.data() + t * d, lb, k0, k1, s);
         });
         for_ranges(threads_, T, [&](int64_t t0, int64_t t1) {
           for (int64_t t = t0; t < t1; ++t) mlgru_out(fg.data() + t * d, ly.g_norm.data(), d, eps_, fi.data() + t * d,
@@ -540,7 +592,7 @@ class Engine {
       const LinearJob gj = qi.job(ly.gate, T, big.data(), 2 * I);
       run_linears(isa_, threads_, &gj, 1);
       for_ranges(threads_, T, [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t) glu_row(big.data() + t * 2 * I, I, big.data() + t * 2 * I);
+        for (int64_t t = t0; t < t1; ++t) glu_row(isa_, big.data() + t * 2 * I, I, big.data() + t * 2 * I);
       });
       qi.fill(big.data(), T, 2 * I, ly.down, eps_, threads_);
       const LinearJob dj = qi.job(ly.down, T, fi.data(), d);
@@ -717,7 +769,8 @@ void register_ternary(nb::module_ &m) {
       "mlgru_step",
       [](Arr<const float, nb::ndim<2>> fi, Arr<const float, nb::ndim<2>> ff, Arr<const float, nb::ndim<2>> fg,
          Arr<const float, nb::ndim<1>> lb, bool has_lb, Arr<const float, nb::ndim<1>> gnorm, double eps,
-         Arr<float, nb::ndim<1>> state, Arr<float, nb::ndim<2>> out) {
+         Arr<float, nb::ndim<1>> state, Arr<float, nb::ndim<2>> out, const std::string &backend) {
+        const Isa isa = parse_isa(backend);
         const int64_t T = (int64_t)fi.shape(0), d = (int64_t)fi.shape(1);
         for (auto *a : {&fi, &ff, &fg})
           if ((int64_t)a->shape(0) != T || (int64_t)a->shape(1) != d) throw std::invalid_argument("gate shapes differ");
@@ -725,21 +778,22 @@ void register_ternary(nb::module_ &m) {
             (int64_t)out.shape(0) != T || (int64_t)out.shape(1) != d)
           throw std::invalid_argument("mlgru_step shapes do not match");
         for (int64_t t = 0; t < T; ++t)
-          mlgru_row(fi.data() + t * d, ff.data() + t * d, fg.data() + t * d, has_lb ? lb.data() : nullptr,
+          mlgru_row(isa, fi.data() + t * d, ff.data() + t * d, fg.data() + t * d, has_lb ? lb.data() : nullptr,
                     gnorm.data(), d, eps, state.data(), out.data() + t * d);
       },
       nb::arg("fi"), nb::arg("ff"), nb::arg("fg"), nb::arg("lb"), nb::arg("has_lb"), nb::arg("g_norm"), nb::arg("eps"),
-      nb::arg("state"), nb::arg("out"), "MLGRU recurrence over T tokens + gated, normed output (fp32).");
+      nb::arg("state"), nb::arg("out"), nb::arg("backend"), "MLGRU recurrence over T tokens + gated, normed output (fp32).");
 
   m.def(
       "glu_step",
-      [](Arr<const float, nb::ndim<2>> gate_up, Arr<float, nb::ndim<2>> out) {
+      [](Arr<const float, nb::ndim<2>> gate_up, Arr<float, nb::ndim<2>> out, const std::string &backend) {
+        const Isa isa = parse_isa(backend);
         const int64_t T = (int64_t)gate_up.shape(0), I = (int64_t)out.shape(1);
         if ((int64_t)gate_up.shape(1) != 2 * I || (int64_t)out.shape(0) != T)
           throw std::invalid_argument("glu_step shapes do not match");
-        for (int64_t t = 0; t < T; ++t) glu_row(gate_up.data() + t * 2 * I, I, out.data() + t * I);
+        for (int64_t t = 0; t < T; ++t) glu_row(isa, gate_up.data() + t * 2 * I, I, out.data() + t * I);
       },
-      nb::arg("gate_up"), nb::arg("out"), "z = silu(gate) * up with gate, up = the two halves of gate_up.");
+      nb::arg("gate_up"), nb::arg("out"), nb::arg("backend"), "z = silu(gate) * up with gate, up = the two halves of gate_up.");
 
   m.def("read_bandwidth", &read_bandwidth, nb::arg("nbytes"), nb::arg("threads"), nb::arg("reps"),
         "Streaming read bandwidth in GB/s over a buffer of nbytes (best of reps).");
