@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from mulfree.atomic import atomic_write_text
 from mulfree.errors import CheckpointError, ConfigError, DataError
 
 CHECKPOINT_POINTER = "checkpoint.json"
@@ -134,13 +135,6 @@ def evaluate_loss(model, batches: list[tuple[torch.Tensor, torch.Tensor]], bf16:
 # ---------------------------------------------------------------- checkpoints
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
     sd = opt.state_dict()
     tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()}
@@ -170,7 +164,7 @@ def save_checkpoint(out_dir: Path, step: int, model, opt, cfg: TrainConfig, extr
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    _atomic_write_text(out_dir / CHECKPOINT_POINTER, json.dumps({"checkpoint": final.name, "step": step}))
+    atomic_write_text(out_dir / CHECKPOINT_POINTER, json.dumps({"checkpoint": final.name, "step": step}))
     for old in out_dir.glob("ckpt-*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
@@ -223,7 +217,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    _atomic_write_text(path, "".join(line + "\n" for line in keep))
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 # ---------------------------------------------------------------- distributed
@@ -327,7 +321,7 @@ def train(
         (out_dir / CHECKPOINT_POINTER).unlink(missing_ok=True)
         metrics_path.unlink(missing_ok=True)
     if is_main:
-        _atomic_write_text(out_dir / TRAIN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2))
+        atomic_write_text(out_dir / TRAIN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2))
         if tokenizer is not None:
             from mulfree.data.text import save_tokenizer
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from mulfree.atomic import atomic_write
 from mulfree.errors import DataError
 
 EOS_TOKEN = "<|endoftext|>"
@@ -151,14 +150,7 @@ def save_tokenizer(tok, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / TOKENIZER_FILE
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tokenizer.", suffix=".tmp")
-    os.close(fd)
-    try:
-        tok.save(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(target, lambda tmp: tok.save(str(tmp)))
     return target
 
 

@@ -129,11 +129,12 @@ class App:
         if stream:
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
-        text, sent, finish = "", 0, None
+        text, sent, finish, got = "", 0, None, []
         loop = asyncio.get_running_loop()
         tokens = req.stream()
         while (token := await loop.run_in_executor(None, next, tokens, None)) is not None:
-            text = self.tok.decode(list(req.tokens))
+            got.append(token)
+            text = self.tok.decode(got)
             hit = min((text.find(s) for s in stop if s in text), default=-1)
             if hit >= 0:
                 text, finish = text[:hit], "stop"

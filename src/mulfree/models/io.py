@@ -8,8 +8,6 @@ one is wrong.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mulfree.atomic import atomic_write, atomic_write_text
 from mulfree.errors import CheckpointError, ConfigError
 from mulfree.models.mmfree import MMFreeConfig, MMFreeForCausalLM
 from mulfree.models.transformer import TransformerConfig, TransformerForCausalLM
@@ -29,23 +28,6 @@ MODEL_CLASSES: dict[str, tuple[type, type]] = {
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call `write(tmp_path)` then rename tmp onto `path` (same directory, so the rename is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def build_model(config_dict: dict[str, Any]) -> nn.Module:
