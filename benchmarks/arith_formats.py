@@ -17,11 +17,11 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from mulfree.arith import format_table, plot_heatmap, train_arith  # noqa: E402
-from mulfree.data.arithmetic import ArithTask  # noqa: E402
-from mulfree.train import TrainConfig  # noqa: E402
+from mulfree.arith import format_table, plot_heatmap, train_arith
+from mulfree.data.arithmetic import ArithTask
+from mulfree.train import TrainConfig
 
 
 def main() -> None:

@@ -81,7 +81,7 @@ def test_train_save_eval_cli(tmp_path, capsys):
                "--test-per-length", "5", "--out", str(out), "--seed", "1"])
     assert rc == 0
     assert "mmfree/padded-reversed" in capsys.readouterr().out
-    model, tok, task, meta = load_run(out)
+    model, _tok, task, meta = load_run(out)
     assert (task.op, task.fmt, task.digits, task.width, meta["model"]) == ("add", "padded-reversed", 2, 2, "mmfree")
     assert model.config.hidden_size == TINY["hidden_size"]
     saved = json.loads((out / "arith_eval.json").read_text())

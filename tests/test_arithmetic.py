@@ -42,6 +42,7 @@ def test_format_parse_round_trip_random_problems(fmt, op):
         expected = a + b if op == "add" else a * b
         assert parse_answer(line, fmt) == expected
         prompt, answer = split_line(line)
+        assert prompt.endswith("=") and prompt + answer == line
         assert parse_answer(answer, fmt) == expected  # a model's completion parses the same way
         assert parse_answer(answer + "\n123", fmt) == expected  # text after the end marker is ignored
         assert tok.decode(tok.encode(line, eos=True)) == line

@@ -13,13 +13,24 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from mulfree.data.arithmetic import ArithTask, digit_accuracy, held_out_problems, make_test_set, parse_answer, split_line
+from mulfree.data.arithmetic import (
+    ArithTask,
+    digit_accuracy,
+    held_out_problems,
+    make_test_set,
+    parse_answer,
+    split_line,
+)
 from mulfree.data.chartok import CharTokenizer
 from mulfree.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from mulfree.train import TrainConfig
 
 TASK_FILE = "arith.json"
 RESULTS_FILE = "arith_eval.json"
@@ -177,7 +188,8 @@ def plot_heatmap(rows: dict[str, list[LengthResult]], path: str | Path, title: s
     lengths = sorted({r.digits for res in rows.values() for r in res})
     grid = [[next((100 * r.exact for r in res if r.digits == n), float("nan")) for n in lengths]
             for res in rows.values()]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.5 * len(rows)))
+    label_width = 0.09 * max(len(k) for k in rows)
+    fig, ax = plt.subplots(figsize=(2.4 + label_width + 0.9 * len(lengths), 1.4 + 0.5 * len(rows)))
     im = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
     ax.set_yticks(range(len(rows)), list(rows))
@@ -223,7 +235,7 @@ def train_arith(
     task: ArithTask,
     kind: str,
     out_dir: str | Path,
-    train_cfg,
+    train_cfg: TrainConfig,
     preset: str = "arith",
     eval_lengths: Sequence[int] | None = None,
     test_per_length: int = 200,
