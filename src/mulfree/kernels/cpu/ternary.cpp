@@ -250,7 +250,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void tile_avx512
 
 const TileFn kTiles[3][kMaxTile + 1] = {
     {nullptr, tile_scalar<1>, tile_scalar<2>, tile_scalar<3>, tile_scalar<4>},
-    {nullptr, tile_avx2<1>, tile_avx2<2>, tile_avx2<3>, tile_avx2<4>},
+    {nullptr, tile_avx2<1>, tile_avx2<2>, nullptr, nullptr},  // AVX2 tiles stop at 2 tokens (linear_rows)
     {nullptr, tile_avx512<1>, tile_avx512<2>, tile_avx512<3>, tile_avx512<4>},
 };
 
@@ -271,10 +271,12 @@ struct LinearJob {
 
 void linear_rows(Isa isa, const LinearJob &j, int64_t g0, int64_t g1) {
   int32_t tile[kMaxTile * kRows];
+  // AVX2 has 16 ymm registers: 4 rows x 2 tokens of accumulators is the most that stays in them.
+  const int64_t max_tile = isa == Isa::Avx2 ? 2 : kMaxTile;
   for (int64_t g = g0; g < g1; ++g) {
     const uint8_t *Wg = j.W + g * j.Kpad;
-    for (int64_t t0 = 0; t0 < j.T; t0 += kMaxTile) {
-      const int nt = (int)std::min<int64_t>(kMaxTile, j.T - t0);
+    for (int64_t t0 = 0; t0 < j.T; t0 += max_tile) {
+      const int nt = (int)std::min<int64_t>(max_tile, j.T - t0);
       kTiles[(int)isa][nt](Wg, j.Kpad, j.Q + t0 * j.Kpad, j.Kpad, tile);
       for (int t = 0; t < nt; ++t) {
         const int64_t tt = t0 + t;
