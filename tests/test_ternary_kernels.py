@@ -51,12 +51,14 @@ def test_ternary_matmul_extreme_values_all_backends():
 
 
 @needs_ext
-@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (4, 300), (2, 2048)], ids=["T1-K1", "T3-K7", "T4-K300", "T2-K2048"])
-def test_rmsnorm_quant_exact(shape):
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (4, 300), (2, 2048), (64, 1000)],
+                         ids=["T1-K1", "T3-K7", "T4-K300", "T2-K2048", "T64-K1000"])
+def test_rmsnorm_quant_exact(backend, shape):
     g = torch.Generator().manual_seed(shape[1])
     x = torch.randn(*shape, generator=g) * 3
     w = torch.rand(shape[1], generator=g) + 0.5
-    q, s, sq = K.rmsnorm_quant(x, w, 1e-6, backend="scalar")
+    q, s, sq = K.rmsnorm_quant(x, w, 1e-6, backend=backend)
     rq, rs, rsq = fused.rmsnorm_quant_ref(x, w, 1e-6)
     assert torch.equal(q, rq)
     torch.testing.assert_close(s, rs, rtol=1e-6, atol=0)  # float path: 1 ulp apart at most

@@ -41,13 +41,14 @@ def ternary_matmul(packed: torch.Tensor, n: int, q: torch.Tensor, backend: str |
 def rmsnorm_quant(x: torch.Tensor, w: torch.Tensor, eps: float,
                   backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused RMSNorm + int8 quantization of x [T, K]: (q int8 [T, Kpad], a_scale fp32 [T], sumq int32 [T])."""
-    if resolve_backend(backend) == "reference":
+    name = resolve_backend(backend)
+    if name == "reference":
         return fused.rmsnorm_quant_ref(x, w, eps)
     t, k = x.shape
     q = torch.full((t, padded_k(k)), 99, dtype=torch.int8)  # poisoned: the kernel must write every byte
     a_scale = torch.full((t,), float("nan"))
     sumq = torch.empty(t, dtype=torch.int32)
-    cpu_module().rmsnorm_quant(x.float().contiguous(), w.float().contiguous(), eps, q, a_scale, sumq)
+    cpu_module().rmsnorm_quant(x.float().contiguous(), w.float().contiguous(), eps, q, a_scale, sumq, name)
     return q, a_scale, sumq
 
 

@@ -322,10 +322,31 @@ void for_ranges(int threads, int64_t n, F &&fn) {
   get_pool(threads).run([&](int tid, int nt) { fn(n * tid / nt, n * (tid + 1) / nt); });
 }
 
+// no-trapping-math lets gcc if-convert the clamps, so these loops vectorize (results unchanged).
+#define MF_VEC __attribute__((optimize("no-trapping-math")))
+#define MF_INLINE MF_VEC __attribute__((always_inline)) inline
+// Each elementwise step is written once (NAME_impl) and compiled for every ISA, so the loops
+// vectorize with the widest registers the chosen backend allows.
+#define MF_UNPAREN(...) __VA_ARGS__
+#define MF_ISA_VARIANTS(NAME, PARAMS, ARGS)                                                            \
+  MF_VEC void NAME##_scalar PARAMS { NAME##_impl ARGS; }                                                      \
+  MF_VEC __attribute__((target("avx2,fma"))) void NAME##_avx2 PARAMS { NAME##_impl ARGS; }                  \
+  MF_VEC __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void NAME##_avx512 PARAMS {       \
+    NAME##_impl ARGS;                                                                                  \
+  }                                                                                                    \
+  void NAME(Isa isa, MF_UNPAREN PARAMS) {                                                              \
+    if (isa == Isa::Avx512)                                                                            \
+      NAME##_avx512 ARGS;                                                                              \
+    else if (isa == Isa::Avx2)                                                                         \
+      NAME##_avx2 ARGS;                                                                                \
+    else                                                                                               \
+      NAME##_scalar ARGS;                                                                              \
+  }
+
 // ---------------------------------------------------------------------------------------------
 // Float steps. The RMS uses a double sum of squares so that the rounded float factor is the
 // same as the torch reference's (ops/fused.py) whatever the summation order.
-float rms_factor(const float *x, int64_t K, double eps) {
+MF_INLINE float rms_factor(const float *x, int64_t K, double eps) {
   double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
   int64_t k = 0;
   for (; k + 4 <= K; k += 4) {
@@ -343,32 +364,94 @@ void rmsnorm_row(const float *x, const float *w, int64_t K, double eps, float *o
   for (int64_t k = 0; k < K; ++k) out[k] = x[k] * r * w[k];
 }
 
-// q = round_half_even(xhat * 127 / max(|xhat|max, 1e-5)), zero-padded to Kpad.
-void rmsnorm_quant_row(const float *x, const float *w, int64_t K, int64_t Kpad, double eps, float *tmp, int8_t *q,
-                       float *a_scale, int32_t *sumq) {
-  rmsnorm_row(x, w, K, eps, tmp);
-  float amax = 0.f;
-  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(tmp[k]));
-  const float inv = 127.0f / std::max(amax, 1e-5f);
+// Scalar tails of quant_row_*: amax over [k0, K) and q / sum over [k0, K).
+inline float absmax_tail(const float *x, int64_t k0, int64_t K, float m) {
+  for (int64_t k = k0; k < K; ++k) m = std::max(m, std::fabs(x[k]));
+  return m;
+}
+inline int32_t quant_tail(const float *x, int64_t k0, int64_t K, float inv, int8_t *q) {
   int32_t s = 0;
-  for (int64_t k = 0; k < K; ++k) {
-    const float v = std::nearbyint(tmp[k] * inv);
-    const int32_t qi = (int32_t)std::min(127.f, std::max(-128.f, v));
+  for (int64_t k = k0; k < K; ++k) {
+    const int32_t qi = (int32_t)std::min(127.f, std::max(-128.f, std::nearbyint(x[k] * inv)));
     q[k] = (int8_t)qi;
     s += qi;
   }
+  return s;
+}
+
+// q = round_half_even(xhat * 127 / max(|xhat|max, 1e-5)), clamped to int8; returns sum q. Max is
+// exact in any order and each element is rounded alone, so every ISA gives identical bytes.
+using QuantFn = int32_t (*)(const float *x, int64_t K, float *inv_out, int8_t *q);
+
+int32_t quant_row_scalar(const float *x, int64_t K, float *inv_out, int8_t *q) {
+  const float inv = 127.0f / std::max(absmax_tail(x, 0, K, 0.f), 1e-5f);
+  *inv_out = inv;
+  return quant_tail(x, 0, K, inv, q);
+}
+
+__attribute__((target("avx2,fma"))) int32_t quant_row_avx2(const float *x, int64_t K, float *inv_out, int8_t *q) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 m = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+  alignas(32) float mv[8];
+  _mm256_store_ps(mv, m);
+  float amax = absmax_tail(x, k, K, 0.f);
+  for (float v : mv) amax = std::max(amax, v);
+  const float inv = 127.0f / std::max(amax, 1e-5f);
+  *inv_out = inv;
+  const __m256 vinv = _mm256_set1_ps(inv), lo = _mm256_set1_ps(-128.f), hi = _mm256_set1_ps(127.f);
+  __m256i acc = _mm256_setzero_si256();
+  for (k = 0; k + 8 <= K; k += 8) {
+    __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + k), vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i qi = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, v)));
+    acc = _mm256_add_epi32(acc, qi);
+    const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
+    _mm_storel_epi64((__m128i *)(q + k), _mm_packs_epi16(w16, w16));
+  }
+  alignas(32) int32_t av[8];
+  _mm256_store_si256((__m256i *)av, acc);
+  int32_t sum = quant_tail(x, k, K, inv, q);
+  for (int32_t v : av) sum += v;
+  return sum;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) int32_t quant_row_avx512(const float *x, int64_t K,
+                                                                                        float *inv_out, int8_t *q) {
+  __m512 m = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  const float amax = std::max(absmax_tail(x, k, K, 0.f), _mm512_reduce_max_ps(m));
+  const float inv = 127.0f / std::max(amax, 1e-5f);
+  *inv_out = inv;
+  const __m512 vinv = _mm512_set1_ps(inv), lo = _mm512_set1_ps(-128.f), hi = _mm512_set1_ps(127.f);
+  __m512i acc = _mm512_setzero_si512();
+  for (k = 0; k + 16 <= K; k += 16) {
+    const __m512 v = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x + k), vinv),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i qi = _mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(lo, v)));
+    acc = _mm512_add_epi32(acc, qi);
+    _mm_storeu_si128((__m128i *)(q + k), _mm512_cvtsepi32_epi8(qi));
+  }
+  return quant_tail(x, k, K, inv, q) + _mm512_reduce_add_epi32(acc);
+}
+
+// RMSNorm (fp32 factor from a float64 sum) then quant_row, zero-padded to Kpad.
+void rmsnorm_quant_row(Isa isa, const float *x, const float *w, int64_t K, int64_t Kpad, double eps, float *tmp,
+                       int8_t *q, float *a_scale, int32_t *sumq) {
+  const float r = rms_factor(x, K, eps);
+  for (int64_t k = 0; k < K; ++k) tmp[k] = x[k] * r * w[k];
+  static const QuantFn kQuant[3] = {quant_row_scalar, quant_row_avx2, quant_row_avx512};
+  float inv;
+  *sumq = kQuant[(int)isa](tmp, K, &inv, q);
   std::memset(q + K, 0, (size_t)(Kpad - K));
   *a_scale = 1.0f / inv;
-  *sumq = s;
 }
 
 // exp(x) without libm calls so the elementwise loops vectorize for each ISA. Evaluated in double
 // (x = n ln2 + r, degree-9 Taylor, error ~1e-10 relative) and rounded once to float, so it agrees
 // with a correctly rounded expf (what the torch reference gets) except in vanishingly rare ties:
 // a cheaper ~2-ulp float polynomial flipped int8 activations and moved logits by ~1e-2.
-// no-trapping-math lets gcc if-convert the clamps, so these loops vectorize (results unchanged).
-#define MF_VEC __attribute__((optimize("no-trapping-math")))
-#define MF_INLINE MF_VEC __attribute__((always_inline)) inline
 MF_INLINE float exp_approx(float xf) {
   double x = (double)xf;
   x = x > 88.5 ? 88.5 : x;  // branch-free clamp (vminpd / vmaxpd)
@@ -396,24 +479,6 @@ MF_INLINE float exp_approx(float xf) {
 }
 MF_INLINE float sigmoidf(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
 MF_INLINE float siluf(float x) { return x / (1.0f + exp_approx(-x)); }
-
-// Each elementwise step is written once (NAME_impl) and compiled for every ISA, so the loops
-// vectorize with the widest registers the chosen backend allows.
-#define MF_UNPAREN(...) __VA_ARGS__
-#define MF_ISA_VARIANTS(NAME, PARAMS, ARGS)                                                            \
-  MF_VEC void NAME##_scalar PARAMS { NAME##_impl ARGS; }                                                      \
-  MF_VEC __attribute__((target("avx2,fma"))) void NAME##_avx2 PARAMS { NAME##_impl ARGS; }                  \
-  MF_VEC __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void NAME##_avx512 PARAMS {       \
-    NAME##_impl ARGS;                                                                                  \
-  }                                                                                                    \
-  void NAME(Isa isa, MF_UNPAREN PARAMS) {                                                              \
-    if (isa == Isa::Avx512)                                                                            \
-      NAME##_avx512 ARGS;                                                                              \
-    else if (isa == Isa::Avx2)                                                                         \
-      NAME##_avx2 ARGS;                                                                                \
-    else                                                                                               \
-      NAME##_scalar ARGS;                                                                              \
-  }
 
 // One MLGRU time step for one token (math: reference/matmulfree.md 1.4; lb == nullptr for layer 0).
 MF_INLINE void mlgru_row_impl(const float *fi, const float *ff, const float *fg, const float *lb, const float *gnorm,
@@ -488,7 +553,7 @@ struct QBuf {
   std::vector<int8_t> q;
   std::vector<float> sa;
   std::vector<int32_t> sq;
-  void fill(const float *x, int64_t T, int64_t ldx, const PackedLinear &p, double eps, int threads) {
+  void fill(Isa isa, const float *x, int64_t T, int64_t ldx, const PackedLinear &p, double eps, int threads) {
     const int64_t Kpad = p.kpad();
     q.resize((size_t)(T * Kpad));
     sa.resize((size_t)T);
@@ -496,7 +561,7 @@ struct QBuf {
     for_ranges(threads, T, [&](int64_t t0, int64_t t1) {
       std::vector<float> tmp((size_t)p.K);
       for (int64_t t = t0; t < t1; ++t)
-        rmsnorm_quant_row(x + t * ldx, p.norm.data(), p.K, Kpad, eps, tmp.data(), q.data() + t * Kpad, &sa[t], &sq[t]);
+        rmsnorm_quant_row(isa, x + t * ldx, p.norm.data(), p.K, Kpad, eps, tmp.data(), q.data() + t * Kpad, &sa[t], &sq[t]);
     });
   }
   LinearJob job(const PackedLinear &p, int64_t T, float *Y, int64_t ldy) const {
@@ -571,9 +636,9 @@ class Engine {
     for (int64_t l = 0; l < L; ++l) {
       const Layer &ly = layers_[(size_t)l];
       for (int64_t t = 0; t < T; ++t) rmsnorm_row(h.data() + t * d, ly.attn_norm.data(), d, eps_, a.data() + t * d);
-      qi.fill(a.data(), T, d, ly.i, eps_, threads_);
-      qf.fill(a.data(), T, d, ly.f, eps_, threads_);
-      qg.fill(a.data(), T, d, ly.g, eps_, threads_);
+      qi.fill(isa_, a.data(), T, d, ly.i, eps_, threads_);
+      qf.fill(isa_, a.data(), T, d, ly.f, eps_, threads_);
+      qg.fill(isa_, a.data(), T, d, ly.g, eps_, threads_);
       const LinearJob ifg[3] = {qi.job(ly.i, T, fi.data(), d), qf.job(ly.f, T, ff.data(), d),
                                 qg.job(ly.g, T, fg.data(), d)};
       run_linears(isa_, threads_, ifg, 3);
@@ -591,25 +656,25 @@ class Engine {
                                                       a.data() + t * d);
         });
       }
-      qi.fill(a.data(), T, d, ly.o, eps_, threads_);
+      qi.fill(isa_, a.data(), T, d, ly.o, eps_, threads_);
       const LinearJob oj = qi.job(ly.o, T, fi.data(), d);
       run_linears(isa_, threads_, &oj, 1);
       for (int64_t k = 0; k < T * d; ++k) h[k] += fi[k];
       for (int64_t t = 0; t < T; ++t) rmsnorm_row(h.data() + t * d, ly.mlp_norm.data(), d, eps_, a.data() + t * d);
-      qi.fill(a.data(), T, d, ly.gate, eps_, threads_);
+      qi.fill(isa_, a.data(), T, d, ly.gate, eps_, threads_);
       const LinearJob gj = qi.job(ly.gate, T, big.data(), 2 * I);
       run_linears(isa_, threads_, &gj, 1);
       for_ranges(threads_, T, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) glu_row(isa_, big.data() + t * 2 * I, I, big.data() + t * 2 * I);
       });
-      qi.fill(big.data(), T, 2 * I, ly.down, eps_, threads_);
+      qi.fill(isa_, big.data(), T, 2 * I, ly.down, eps_, threads_);
       const LinearJob dj = qi.job(ly.down, T, fi.data(), d);
       run_linears(isa_, threads_, &dj, 1);
       for (int64_t k = 0; k < T * d; ++k) h[k] += fi[k];
     }
     const int64_t t0 = T - R;
     for (int64_t t = 0; t < R; ++t) rmsnorm_row(h.data() + (t0 + t) * d, norm_.data(), d, eps_, a.data() + t * d);
-    qi.fill(a.data(), R, d, head_[0], eps_, threads_);
+    qi.fill(isa_, a.data(), R, d, head_[0], eps_, threads_);
     const LinearJob hj = qi.job(head_[0], R, lg, V_);
     run_linears(isa_, threads_, &hj, 1);
   }
@@ -739,7 +804,7 @@ void register_ternary(nb::module_ &m) {
           throw std::invalid_argument("x / out shapes do not match the linear");
         nb::gil_scoped_release release;
         QBuf qb;
-        qb.fill(x.data(), T, p.K, p, eps, threads);
+        qb.fill(isa, x.data(), T, p.K, p, eps, threads);
         const LinearJob j = qb.job(p, T, out.data(), p.N);
         run_linears(isa, threads, &j, 1);
       },
@@ -749,7 +814,8 @@ void register_ternary(nb::module_ &m) {
   m.def(
       "rmsnorm_quant",
       [](Arr<const float, nb::ndim<2>> x, Arr<const float, nb::ndim<1>> w, double eps, Arr<int8_t, nb::ndim<2>> q,
-         Arr<float, nb::ndim<1>> a_scale, Arr<int32_t, nb::ndim<1>> sumq) {
+         Arr<float, nb::ndim<1>> a_scale, Arr<int32_t, nb::ndim<1>> sumq, const std::string &backend) {
+        const Isa isa = parse_isa(backend);
         const int64_t T = (int64_t)x.shape(0), K = (int64_t)x.shape(1), Kpad = (int64_t)q.shape(1);
         if ((int64_t)w.shape(0) != K || (int64_t)q.shape(0) != T || Kpad < K || (int64_t)a_scale.shape(0) != T ||
             (int64_t)sumq.shape(0) != T)
@@ -757,10 +823,10 @@ void register_ternary(nb::module_ &m) {
         nb::gil_scoped_release release;
         std::vector<float> tmp((size_t)K);
         for (int64_t t = 0; t < T; ++t)
-          rmsnorm_quant_row(x.data() + t * K, w.data(), K, Kpad, eps, tmp.data(), q.data() + t * Kpad,
+          rmsnorm_quant_row(isa, x.data() + t * K, w.data(), K, Kpad, eps, tmp.data(), q.data() + t * Kpad,
                             a_scale.data() + t, sumq.data() + t);
       },
-      nb::arg("x"), nb::arg("w"), nb::arg("eps"), nb::arg("q"), nb::arg("a_scale"), nb::arg("sumq"),
+      nb::arg("x"), nb::arg("w"), nb::arg("eps"), nb::arg("q"), nb::arg("a_scale"), nb::arg("sumq"), nb::arg("backend"),
       "Fused RMSNorm + per-token absmax int8 quantization (round half to even), zero-padded to q's width.");
 
   m.def(
