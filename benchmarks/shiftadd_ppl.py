@@ -35,10 +35,13 @@ def main() -> None:
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--group-size", type=int, default=128, help="weights per scale set (lat: 8 columns x group/8 rows)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--bits", type=int, nargs="+", default=[3, 2])
     ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "shiftadd-acc", "shiftadd-lat"])
+    ap.add_argument("--runs", nargs="+", default=None, metavar="METHOD:BITS",
+                    help="explicit (method, bits) rows instead of --methods x --bits, e.g. gptq:3 shiftadd-acc:2")
+    ap.add_argument("--skip-fp", action="store_true", help="do not report the FP row again (it is still measured for ratios)")
     ap.add_argument("--jsonl", default="shiftadd_ppl.jsonl")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -49,6 +52,7 @@ def main() -> None:
     ids = torch.tensor(tok(corpus.val_text)["input_ids"], dtype=torch.long)[: args.eval_windows * args.window]
     calib = calibration_ids(tok, corpus.train_text, args.calib_samples, args.calib_seqlen, args.seed)
     setup = {"model": "SmolLM2-135M-Instruct", "eval_tokens": ids.numel(), "window": args.window,
+             "weights_per_scale_set": args.group_size,
              "calib": f"{args.calib_samples}x{args.calib_seqlen}", "group": args.group_size, "rounds": args.rounds}
 
     def report(row: dict) -> None:
@@ -58,22 +62,23 @@ def main() -> None:
             f.write(line + "\n")
 
     fp = perplexity(model, ids, args.window, progress=False)
-    report({"method": "fp32", "bits": 32, "ppl": round(fp, 3)})
+    if not args.skip_fp:
+        report({"method": "fp32", "bits": 32, "ppl": round(fp, 3)})
     makers = {
         "rtn": lambda b: RTN(b, args.group_size),
         "gptq": lambda b: GPTQ(b, args.group_size),
         "shiftadd-acc": lambda b: ShiftAdd(b, args.group_size, "acc", args.rounds),
         "shiftadd-lat": lambda b: ShiftAdd(b, args.group_size, "lat", args.rounds),
     }
-    for bits in args.bits:
-        for name in args.methods:
-            t0 = time.time()
-            qmodel = copy.deepcopy(model)
-            quantize_model(qmodel, makers[name](bits), calib)
-            ppl = perplexity(qmodel, ids, args.window, progress=False)
-            report({"method": name, "bits": bits, "ppl": round(ppl, 3), "ratio_vs_fp": round(ppl / fp, 3),
-                    "seconds": round(time.time() - t0, 1)})
-            del qmodel
+    runs = [(r.split(":")[0], int(r.split(":")[1])) for r in args.runs] if args.runs else [
+        (name, bits) for bits in args.bits for name in args.methods]
+    for name, bits in runs:
+        t0 = time.time()
+        qmodel = copy.deepcopy(model)
+        quantize_model(qmodel, makers[name](bits), calib)
+        ppl = perplexity(qmodel, ids, args.window, progress=False)
+        report({"method": name, "bits": bits, "ppl": round(ppl, 3), "ratio_vs_fp": round(ppl / fp, 3),
+                "seconds": round(time.time() - t0, 1)})
 
 
 if __name__ == "__main__":

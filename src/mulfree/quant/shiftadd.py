@@ -1,10 +1,11 @@
 """ShiftAddLLM post-training reparameterization: BCQ bit planes with APoT scales, fitted column by
 column inside the shared GPTQ solver so quantization errors are compensated with the Hessian.
 
-Accuracy mode (`acc`): every input column gets its own scale set per `group` output rows, refitted
-by ALS on the column as GPTQ has updated it. Latency mode (`lat`): 8 consecutive input columns ×
-`group` rows share one scale set (fitted when the solver reaches the first of the 8), so the LUT
-kernel can apply α to a table sum; each column then only re-picks its codes for the fixed α.
+`group` counts the weights that share one scale set (as in the paper): Accuracy mode (`acc`): every
+input column gets its own scale set per `group` output rows, refitted by ALS on the column as GPTQ
+has updated it. Latency mode (`lat`): 8 consecutive input columns × `group`/8 rows share one scale
+set (fitted when the solver reaches the first of the 8; LLaMA setting 8 × 16), so the LUT kernel
+can apply α to a table sum; each column then only re-picks its codes for the fixed α.
 Optional mixed bits: per block, the most sensitive layers (paper criterion
 ‖IS‖_F · std(IS)², IS = W / diag(chol(H⁻¹))) get the higher width under an average-bit budget.
 """
@@ -135,7 +136,8 @@ class ShiftAdd:
     ) -> ShiftAddLinear:
         n, k = w.shape
         bits = bits or self.bits
-        group = n if self.group <= 0 else min(self.group, n)
+        cq_rows = self.group // MODES[self.mode]  # group = weights per scale set (lat: 8 columns x group/8 rows)
+        group = n if self.group <= 0 else min(max(1, cq_rows), n)
         cq = BCQColumnQuantizer(n, k, bits, group, self.mode, self.rounds, self.terms)
         if h is None:  # no calibration: identity Hessian = plain BCQ column by column
             h = torch.eye(k)
