@@ -238,7 +238,7 @@ class PackedModel:
             self._trits[name] = unpack_ternary(self.tensors[name + ".packed"], (n, padded_k(k))).to(torch.int64)
         q, a_scale, _ = fused.rmsnorm_quant_ref(x, self.tensors[name + ".norm.weight"], self.eps)
         dot = q.to(torch.int64) @ self._trits[name].T
-        return (dot.double() * a_scale.double()[:, None] * float(self.tensors[name + ".scale"][0])).float()
+        return dot.float() * (a_scale[:, None] * self.tensors[name + ".scale"])
 
     def _forward_reference(self, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
         t, eps = self.tensors, self.eps

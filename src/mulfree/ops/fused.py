@@ -41,7 +41,7 @@ def bitlinear_packed_ref(packed: torch.Tensor, n: int, scale: float, norm_w: tor
     q, a_scale, _ = rmsnorm_quant_ref(x, norm_w, eps)
     t = unpack_ternary(packed, (n, padded_k(k)))
     dot = q.to(torch.int64) @ t.to(torch.int64).T
-    return (dot.double() * a_scale.double()[:, None] * scale).float()
+    return dot.float() * (a_scale[:, None] * torch.tensor(scale, dtype=torch.float32))
 
 
 def mlgru_step_ref(fi: torch.Tensor, ff: torch.Tensor, fg: torch.Tensor, lb: torch.Tensor | None,

@@ -259,7 +259,7 @@ const TileFn kTiles[3][kMaxTile + 1] = {
 struct LinearJob {
   const uint8_t *W;  // packed [ceil(N/4), Kpad]
   int64_t N, Kpad;
-  double w_scale;
+  float w_scale;
   const int8_t *Q;  // [T, Kpad]
   const int32_t *sumq;
   const float *a_scale;
@@ -271,6 +271,13 @@ struct LinearJob {
 
 void linear_rows(Isa isa, const LinearJob &j, int64_t g0, int64_t g1) {
   int32_t tile[kMaxTile * kRows];
+  // Fields in locals: stores through Y must not force reloads of the job (it holds a float).
+  const int32_t *__restrict sumq = j.sumq;
+  const float *__restrict a_scale = j.a_scale;
+  const float w_scale = j.w_scale;
+  float *Y = j.Y;
+  int32_t *Yi = j.Yi;
+  const int64_t ldy = j.ldy;
   // AVX2 has 16 ymm registers: 4 rows x 2 tokens of accumulators is the most that stays in them.
   const int64_t max_tile = isa == Isa::Avx2 ? 2 : kMaxTile;
   for (int64_t g = g0; g < g1; ++g) {
@@ -278,16 +285,17 @@ void linear_rows(Isa isa, const LinearJob &j, int64_t g0, int64_t g1) {
     for (int64_t t0 = 0; t0 < j.T; t0 += max_tile) {
       const int nt = (int)std::min<int64_t>(max_tile, j.T - t0);
       kTiles[(int)isa][nt](Wg, j.Kpad, j.Q + t0 * j.Kpad, j.Kpad, tile);
+      const int rows = (int)std::min<int64_t>(kRows, j.N - g * kRows);
       for (int t = 0; t < nt; ++t) {
         const int64_t tt = t0 + t;
-        for (int r = 0; r < kRows; ++r) {
-          const int64_t n = g * kRows + r;
-          if (n >= j.N) break;
-          const int32_t v = tile[t * kRows + r] - j.sumq[tt];
-          if (j.Yi)
-            j.Yi[tt * j.ldy + n] = v;
-          else
-            j.Y[tt * j.ldy + n] = (float)((double)v * (double)j.a_scale[tt] * j.w_scale);
+        const int32_t sq = sumq[tt];
+        if (Yi) {
+          int32_t *__restrict yi = Yi + tt * ldy + g * kRows;
+          for (int r = 0; r < rows; ++r) yi[r] = tile[t * kRows + r] - sq;
+        } else {  // (s_x * s_w) in fp32, then one product: the torch BitLinear's own order
+          const float s = a_scale[tt] * w_scale;
+          float *__restrict y = Y + tt * ldy + g * kRows;
+          for (int r = 0; r < rows; ++r) y[r] = (float)(tile[t * kRows + r] - sq) * s;
         }
       }
     }
@@ -565,7 +573,7 @@ struct QBuf {
     });
   }
   LinearJob job(const PackedLinear &p, int64_t T, float *Y, int64_t ldy) const {
-    return LinearJob{p.packed.data(), p.N, p.kpad(), p.scale, q.data(), sq.data(), sa.data(), T, Y, nullptr, ldy};
+    return LinearJob{p.packed.data(), p.N, p.kpad(), (float)p.scale, q.data(), sq.data(), sa.data(), T, Y, nullptr, ldy};
   }
 };
 
@@ -629,52 +637,55 @@ class Engine {
     float *lg = logits.data();
     nb::gil_scoped_release release;
 
-    std::vector<float> h((size_t)(T * d)), a((size_t)(T * d));
-    std::vector<float> fi((size_t)(T * d)), ff((size_t)(T * d)), fg((size_t)(T * d)), big((size_t)(T * 2 * I));
-    QBuf qi, qf, qg;
-    for (int64_t t = 0; t < T; ++t) embed(idp[t], h.data() + t * d);
+    // Scratch lives in the engine and only grows: fresh pages for every call cost page faults.
+    std::lock_guard<std::mutex> lock(busy_);
+    for (auto *v : {&h_, &a_, &fi_, &ff_, &fg_}) v->resize(std::max(v->size(), (size_t)(T * d)));
+    big_.resize(std::max(big_.size(), (size_t)(T * 2 * I)));
+    float *h = h_.data(), *a = a_.data(), *fi = fi_.data(), *ff = ff_.data(), *fg = fg_.data(), *big = big_.data();
+    QBuf &qi = qi_, &qf = qf_, &qg = qg_;
+    for (int64_t t = 0; t < T; ++t) embed(idp[t], h + t * d);
     for (int64_t l = 0; l < L; ++l) {
       const Layer &ly = layers_[(size_t)l];
-      for (int64_t t = 0; t < T; ++t) rmsnorm_row(h.data() + t * d, ly.attn_norm.data(), d, eps_, a.data() + t * d);
-      qi.fill(isa_, a.data(), T, d, ly.i, eps_, threads_);
-      qf.fill(isa_, a.data(), T, d, ly.f, eps_, threads_);
-      qg.fill(isa_, a.data(), T, d, ly.g, eps_, threads_);
-      const LinearJob ifg[3] = {qi.job(ly.i, T, fi.data(), d), qf.job(ly.f, T, ff.data(), d),
-                                qg.job(ly.g, T, fg.data(), d)};
+      for (int64_t t = 0; t < T; ++t) rmsnorm_row(h + t * d, ly.attn_norm.data(), d, eps_, a + t * d);
+      qi.fill(isa_, a, T, d, ly.i, eps_, threads_);
+      qf.fill(isa_, a, T, d, ly.f, eps_, threads_);
+      qg.fill(isa_, a, T, d, ly.g, eps_, threads_);
+      const LinearJob ifg[3] = {qi.job(ly.i, T, fi, d), qf.job(ly.f, T, ff, d),
+                                qg.job(ly.g, T, fg, d)};
       run_linears(isa_, threads_, ifg, 3);
       float *s = st + l * d;
       if (T == 1) {
-        mlgru_row(isa_, fi.data(), ff.data(), fg.data(), ly.has_lb ? ly.lb.data() : nullptr, ly.g_norm.data(), d, eps_, s,
-                  a.data());
+        mlgru_row(isa_, fi, ff, fg, ly.has_lb ? ly.lb.data() : nullptr, ly.g_norm.data(), d, eps_, s,
+                  a);
       } else {  // prefill: the recurrence is independent per channel, the output norm per token
         const float *lb = ly.has_lb ? ly.lb.data() : nullptr;
         for_ranges(threads_, d, [&](int64_t k0, int64_t k1) {
-          for (int64_t t = 0; t < T; ++t) mlgru_state(isa_, fi.data() + t * d, ff.data() + t * d, lb, k0, k1, s);
+          for (int64_t t = 0; t < T; ++t) mlgru_state(isa_, fi + t * d, ff + t * d, lb, k0, k1, s);
         });
         for_ranges(threads_, T, [&](int64_t t0, int64_t t1) {
-          for (int64_t t = t0; t < t1; ++t) mlgru_out(fg.data() + t * d, ly.g_norm.data(), d, eps_, fi.data() + t * d,
-                                                      a.data() + t * d);
+          for (int64_t t = t0; t < t1; ++t) mlgru_out(fg + t * d, ly.g_norm.data(), d, eps_, fi + t * d,
+                                                      a + t * d);
         });
       }
-      qi.fill(isa_, a.data(), T, d, ly.o, eps_, threads_);
-      const LinearJob oj = qi.job(ly.o, T, fi.data(), d);
+      qi.fill(isa_, a, T, d, ly.o, eps_, threads_);
+      const LinearJob oj = qi.job(ly.o, T, fi, d);
       run_linears(isa_, threads_, &oj, 1);
       for (int64_t k = 0; k < T * d; ++k) h[k] += fi[k];
-      for (int64_t t = 0; t < T; ++t) rmsnorm_row(h.data() + t * d, ly.mlp_norm.data(), d, eps_, a.data() + t * d);
-      qi.fill(isa_, a.data(), T, d, ly.gate, eps_, threads_);
-      const LinearJob gj = qi.job(ly.gate, T, big.data(), 2 * I);
+      for (int64_t t = 0; t < T; ++t) rmsnorm_row(h + t * d, ly.mlp_norm.data(), d, eps_, a + t * d);
+      qi.fill(isa_, a, T, d, ly.gate, eps_, threads_);
+      const LinearJob gj = qi.job(ly.gate, T, big, 2 * I);
       run_linears(isa_, threads_, &gj, 1);
       for_ranges(threads_, T, [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t) glu_row(isa_, big.data() + t * 2 * I, I, big.data() + t * 2 * I);
+        for (int64_t t = t0; t < t1; ++t) glu_row(isa_, big + t * 2 * I, I, big + t * 2 * I);
       });
-      qi.fill(isa_, big.data(), T, 2 * I, ly.down, eps_, threads_);
-      const LinearJob dj = qi.job(ly.down, T, fi.data(), d);
+      qi.fill(isa_, big, T, 2 * I, ly.down, eps_, threads_);
+      const LinearJob dj = qi.job(ly.down, T, fi, d);
       run_linears(isa_, threads_, &dj, 1);
       for (int64_t k = 0; k < T * d; ++k) h[k] += fi[k];
     }
     const int64_t t0 = T - R;
-    for (int64_t t = 0; t < R; ++t) rmsnorm_row(h.data() + (t0 + t) * d, norm_.data(), d, eps_, a.data() + t * d);
-    qi.fill(isa_, a.data(), R, d, head_[0], eps_, threads_);
+    for (int64_t t = 0; t < R; ++t) rmsnorm_row(h + (t0 + t) * d, norm_.data(), d, eps_, a + t * d);
+    qi.fill(isa_, a, R, d, head_[0], eps_, threads_);
     const LinearJob hj = qi.job(head_[0], R, lg, V_);
     run_linears(isa_, threads_, &hj, 1);
   }
@@ -705,6 +716,9 @@ class Engine {
   Arr<const float, nb::ndim<1>> norm_;
   std::vector<PackedLinear> head_;
   std::vector<Layer> layers_;
+  std::mutex busy_;  // one forward at a time per engine (scratch is shared)
+  std::vector<float> h_, a_, fi_, ff_, fg_, big_;
+  QBuf qi_, qf_, qg_;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -787,7 +801,7 @@ void register_ternary(nb::module_ &m) {
           throw std::invalid_argument("packed / activation shapes do not match");
         if ((int64_t)sumq.shape(0) != T || (int64_t)out.shape(0) != T || (int64_t)out.shape(1) != n)
           throw std::invalid_argument("sumq / out shapes do not match");
-        const LinearJob j{packed.data(), n, Kpad, 1.0, q.data(), sumq.data(), nullptr, T, nullptr, out.data(), n};
+        const LinearJob j{packed.data(), n, Kpad, 1.0f, q.data(), sumq.data(), nullptr, T, nullptr, out.data(), n};
         nb::gil_scoped_release release;
         run_linears(isa, threads, &j, 1);
       },
