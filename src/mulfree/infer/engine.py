@@ -173,7 +173,7 @@ class PackedModel:
         """Write the packed dir: model.safetensors, config.json (format, version, CRC-32), tokenizer."""
         from safetensors.torch import save
 
-        from mulfree.models.io import atomic_write, atomic_write_text
+        from mulfree.atomic import atomic_write, atomic_write_text
 
         out = Path(out_dir)
         data = save(self.tensors, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})

@@ -22,6 +22,8 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <immintrin.h>
@@ -50,36 +52,54 @@ Isa parse_isa(const std::string &name) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Persistent thread pool: workers spin briefly on a generation counter (cheap hand-off between
-// the ~100 parallel regions of a decoded token), then sleep on a condition variable.
+// Persistent thread pool with dynamic chunks: a parallel region is a numbered list of chunks that
+// every thread (the caller included) claims with a compare-and-swap, so a worker the OS has not
+// scheduled yet simply claims nothing instead of stalling the region (this host kind is shared).
+// Idle workers spin briefly on a generation counter, then sleep on a condition variable.
 class Pool {
  public:
   explicit Pool(int n) : n_(std::max(1, n)) {
-    for (int i = 1; i < n_; ++i) workers_.emplace_back([this, i] { loop(i); });
+    for (int i = 1; i < n_; ++i) workers_.emplace_back([this] { loop(); });
   }
   int size() const { return n_; }
 
-  // Runs fn(tid, nthreads) on every thread (the caller is tid 0) and returns when all are done.
+  // Calls fn(c) for every c in [0, nchunks) across the threads; returns when all are done.
   template <class F>
-  void run(F &&fn) {
-    if (n_ == 1) {
-      fn(0, 1);
+  void run_chunks(int64_t nchunks, F &&fn) {
+    if (nchunks <= 0) return;
+    if (n_ == 1 || nchunks == 1) {
+      for (int64_t c = 0; c < nchunks; ++c) fn(c);
       return;
     }
-    job_ = [](void *ctx, int tid, int n) { (*static_cast<F *>(ctx))(tid, n); };
+    fn_ = [](void *ctx, int64_t c) { (*static_cast<std::remove_reference_t<F> *>(ctx))(c); };
     ctx_ = &fn;
+    nchunks_.store(nchunks, std::memory_order_relaxed);
     done_.store(0, std::memory_order_relaxed);
+    const uint64_t g = (++posted_) & 0xffffffffu;
+    state_.store(g << 32, std::memory_order_release);
     {
       std::lock_guard<std::mutex> lk(mu_);
-      gen_.fetch_add(1, std::memory_order_release);
+      gen_.store(g, std::memory_order_release);
     }
     if (sleepers_.load(std::memory_order_acquire) > 0) cv_.notify_all();
-    fn(0, n_);
-    while (done_.load(std::memory_order_acquire) != n_ - 1) _mm_pause();
+    work(g);
+    while (done_.load(std::memory_order_acquire) != nchunks) _mm_pause();
   }
 
  private:
-  void loop(int tid) {
+  // Claims and runs chunks of region g until none is left (or a newer region was posted).
+  void work(uint64_t g) {
+    for (;;) {
+      uint64_t v = state_.load(std::memory_order_acquire);
+      if ((v >> 32) != g || (int64_t)(v & 0xffffffffu) >= nchunks_.load(std::memory_order_relaxed)) return;
+      if (!state_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) continue;
+      // The region cannot end (nor fn_/ctx_ change) while this chunk is outstanding.
+      fn_(ctx_, (int64_t)(v & 0xffffffffu));
+      done_.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void loop() {
     uint64_t seen = 0;
     for (;;) {
       uint64_t g;
@@ -96,17 +116,19 @@ class Pool {
         spins = 0;
       }
       seen = g;
-      job_(ctx_, tid, n_);
-      done_.fetch_add(1, std::memory_order_release);
+      work(g);
     }
   }
 
   int n_;
   std::vector<std::thread> workers_;
-  void (*job_)(void *, int, int) = nullptr;
+  void (*fn_)(void *, int64_t) = nullptr;
   void *ctx_ = nullptr;
+  uint64_t posted_ = 0;                  // regions posted (caller side only)
+  std::atomic<uint64_t> state_{0};       // region << 32 | next unclaimed chunk
+  std::atomic<int64_t> nchunks_{0};
   std::atomic<uint64_t> gen_{0};
-  std::atomic<int> done_{0};
+  std::atomic<int64_t> done_{0};
   std::atomic<int> sleepers_{0};
   std::mutex mu_;
   std::condition_variable cv_;
@@ -310,12 +332,18 @@ void run_linears(Isa isa, int threads, const LinearJob *jobs, int njobs) {
     for (int i = 0; i < njobs; ++i) linear_rows(isa, jobs[i], 0, (jobs[i].N + kRows - 1) / kRows);
     return;
   }
-  Pool &pool = get_pool(threads);
-  pool.run([&](int tid, int n) {
-    for (int i = 0; i < njobs; ++i) {
-      const int64_t G = (jobs[i].N + kRows - 1) / kRows;
-      linear_rows(isa, jobs[i], G * tid / n, G * (tid + 1) / n);
-    }
+  // Chunks of 16 row groups (64 rows): small enough to balance two threads, big enough that
+  // claiming one (an atomic CAS) is noise.
+  constexpr int64_t kChunk = 16;
+  std::vector<std::pair<int, int64_t>> chunks;
+  for (int i = 0; i < njobs; ++i) {
+    const int64_t G = (jobs[i].N + kRows - 1) / kRows;
+    for (int64_t g = 0; g < G; g += kChunk) chunks.emplace_back(i, g);
+  }
+  get_pool(threads).run_chunks((int64_t)chunks.size(), [&](int64_t c) {
+    const auto [i, g0] = chunks[(size_t)c];
+    const int64_t G = (jobs[i].N + kRows - 1) / kRows;
+    linear_rows(isa, jobs[i], g0, std::min(G, g0 + kChunk));
   });
 }
 
@@ -327,7 +355,8 @@ void for_ranges(int threads, int64_t n, F &&fn) {
     fn(0, n);
     return;
   }
-  get_pool(threads).run([&](int tid, int nt) { fn(n * tid / nt, n * (tid + 1) / nt); });
+  const int64_t nc = std::min<int64_t>(n, 16);
+  get_pool(threads).run_chunks(nc, [&](int64_t c) { fn(n * c / nc, n * (c + 1) / nc); });
 }
 
 // no-trapping-math lets gcc if-convert the clamps, so these loops vectorize (results unchanged).
@@ -759,8 +788,9 @@ double read_bandwidth(int64_t nbytes, int threads, int reps) {
   double best = 0;
   for (int r = 0; r < reps; ++r) {
     const auto t0 = std::chrono::steady_clock::now();
-    pool.run([&](int tid, int nt) {
-      const size_t a = n / 4096 * tid / nt * 4096, b = n / 4096 * (tid + 1) / nt * 4096;
+    const int nt = pool.size();
+    pool.run_chunks(nt, [&](int64_t c) {
+      const size_t a = n / 4096 * c / nt * 4096, b = n / 4096 * (c + 1) / nt * 4096;
       sink += avx2 ? read_slice_avx2(buf + a, b - a) : read_slice_scalar(buf + a, b - a);
     });
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
