@@ -35,7 +35,8 @@ def median_ms(fn, reps: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bits", type=int, default=3)
-    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--group", type=int, default=128,
+                    help="rows per scale set (each set covers 8 columns: 128 = `--group-size 1024`, 16 = 128)")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--backend", default=None, help="kernel backend (default: best available)")

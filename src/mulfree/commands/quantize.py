@@ -25,7 +25,8 @@ def register(subparsers) -> None:
         lo, hi = BITS_RANGE[name]
         p.add_argument("--bits", type=int, required=True, help=f"weight bits ({lo}..{hi})")
         p.add_argument("--group-size", type=int, default=128,
-                       help="weights per scale group (-1 = whole row/column; default 128)")
+                       help="weights per scale set (-1 = whole row/column; default 128). RTN/GPTQ: input columns "
+                       "of one row; shiftadd acc: output rows of one column; lat: 8 columns x group/8 rows")
         p.add_argument("--out", required=True, help="output dir for the quantized model")
         p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling")
         if name != "rtn":
