@@ -292,33 +292,38 @@ struct LinearJob {
 };
 
 void linear_rows(Isa isa, const LinearJob &j, int64_t g0, int64_t g1) {
+  // Outputs of up to 16 row groups are staged, then each token's 64 values are written at once:
+  // whole cache lines instead of 16-byte pieces of a line that [T, N] outputs evict in between.
+  constexpr int64_t kSpan = 16;
+  thread_local std::vector<int32_t> stage;
   int32_t tile[kMaxTile * kRows];
-  // Fields in locals: stores through Y must not force reloads of the job (it holds a float).
-  const int32_t *__restrict sumq = j.sumq;
-  const float *__restrict a_scale = j.a_scale;
-  const float w_scale = j.w_scale;
-  float *Y = j.Y;
-  int32_t *Yi = j.Yi;
-  const int64_t ldy = j.ldy;
   // AVX2 has 16 ymm registers: 4 rows x 2 tokens of accumulators is the most that stays in them.
   const int64_t max_tile = isa == Isa::Avx2 ? 2 : kMaxTile;
-  for (int64_t g = g0; g < g1; ++g) {
-    const uint8_t *Wg = j.W + g * j.Kpad;
-    for (int64_t t0 = 0; t0 < j.T; t0 += max_tile) {
-      const int nt = (int)std::min<int64_t>(max_tile, j.T - t0);
-      kTiles[(int)isa][nt](Wg, j.Kpad, j.Q + t0 * j.Kpad, j.Kpad, tile);
-      const int rows = (int)std::min<int64_t>(kRows, j.N - g * kRows);
-      for (int t = 0; t < nt; ++t) {
-        const int64_t tt = t0 + t;
-        const int32_t sq = sumq[tt];
-        if (Yi) {
-          int32_t *__restrict yi = Yi + tt * ldy + g * kRows;
-          for (int r = 0; r < rows; ++r) yi[r] = tile[t * kRows + r] - sq;
-        } else {  // (s_x * s_w) in fp32, then one product: the torch BitLinear's own order
-          const float s = a_scale[tt] * w_scale;
-          float *__restrict y = Y + tt * ldy + g * kRows;
-          for (int r = 0; r < rows; ++r) y[r] = (float)(tile[t * kRows + r] - sq) * s;
-        }
+  const int64_t T = j.T;
+  for (int64_t gs = g0; gs < g1; gs += kSpan) {
+    const int64_t ge = std::min(g1, gs + kSpan), width = (ge - gs) * kRows;
+    stage.resize((size_t)(T * width));
+    int32_t *st = stage.data();
+    for (int64_t g = gs; g < ge; ++g) {
+      const uint8_t *Wg = j.W + g * j.Kpad;
+      for (int64_t t0 = 0; t0 < T; t0 += max_tile) {
+        const int nt = (int)std::min<int64_t>(max_tile, T - t0);
+        kTiles[(int)isa][nt](Wg, j.Kpad, j.Q + t0 * j.Kpad, j.Kpad, tile);
+        for (int t = 0; t < nt; ++t)
+          std::memcpy(st + (t0 + t) * width + (g - gs) * kRows, tile + t * kRows, sizeof(int32_t) * kRows);
+      }
+    }
+    const int64_t n0 = gs * kRows, n1 = std::min(j.N, ge * kRows);
+    for (int64_t t = 0; t < T; ++t) {
+      const int32_t sq = j.sumq[t];
+      const int32_t *src = st + t * width - n0;
+      if (j.Yi) {
+        int32_t *yi = j.Yi + t * j.ldy;
+        for (int64_t n = n0; n < n1; ++n) yi[n] = src[n] - sq;
+      } else {  // (s_x * s_w) in fp32, then one product: the torch BitLinear's own order
+        const float s = j.a_scale[t] * j.w_scale;
+        float *y = j.Y + t * j.ldy;
+        for (int64_t n = n0; n < n1; ++n) y[n] = (float)(src[n] - sq) * s;
       }
     }
   }
