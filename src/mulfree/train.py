@@ -13,7 +13,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -24,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mulfree.atomic import atomic_write_text
+from mulfree.atomic import atomic_dir, atomic_write_text
 from mulfree.errors import CheckpointError, ConfigError, DataError
 
 CHECKPOINT_POINTER = "checkpoint.json"
@@ -145,8 +144,8 @@ def save_checkpoint(out_dir: Path, step: int, model, opt, cfg: TrainConfig, extr
     """Write `ckpt-<step>/` (model, optimizer, state) via a temp dir + rename, then point to it atomically."""
     from safetensors.torch import save_file, save_model
 
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".ckpt-tmp-"))
-    try:
+    final = out_dir / f"ckpt-{step}"
+    with atomic_dir(final) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         tensors, groups = _optimizer_tensors(opt)
         tensors["torch_rng"] = torch.get_rng_state()
@@ -157,13 +156,6 @@ def save_checkpoint(out_dir: Path, step: int, model, opt, cfg: TrainConfig, extr
         if hasattr(model, "config") and hasattr(model.config, "to_dict"):
             state["model_config"] = model.config.to_dict()
         (tmp / "state.json").write_text(json.dumps(state))
-        final = out_dir / f"ckpt-{step}"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     atomic_write_text(out_dir / CHECKPOINT_POINTER, json.dumps({"checkpoint": final.name, "step": step}))
     for old in out_dir.glob("ckpt-*"):
         if old != final:

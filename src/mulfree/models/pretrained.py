@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from mulfree.atomic import atomic_dir
 from mulfree.errors import CheckpointError
 
 SMOLLM2_NAME = "smollm2"
@@ -53,17 +52,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     plain = tf.AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
     plain.load_state_dict(model.state_dict())
     plain.config.quantization_config = None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_hf_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
