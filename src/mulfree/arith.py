@@ -183,7 +183,7 @@ def plot_heatmap(rows: dict[str, list[LengthResult]], path: str | Path, title: s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mulfree.models.io import atomic_write
+    from mulfree.atomic import atomic_write
 
     lengths = sorted({r.digits for res in rows.values() for r in res})
     grid = [[next((100 * r.exact for r in res if r.digits == n), float("nan")) for n in lengths]
@@ -208,7 +208,7 @@ def plot_heatmap(rows: dict[str, list[LengthResult]], path: str | Path, title: s
 
 def save_task(out_dir: Path, task: ArithTask, kind: str, test_seed: int, test_per_length: int) -> None:
     """Write arith.json (task, model kind and how the held-out test set was drawn)."""
-    from mulfree.models.io import atomic_write_text
+    from mulfree.atomic import atomic_write_text
 
     meta = {"op": task.op, "fmt": task.fmt, "digits": task.digits, "width": task.width, "model": kind,
             "test_seed": test_seed, "test_per_length": test_per_length}
@@ -274,7 +274,7 @@ def read_results(model_dir: str | Path) -> list[LengthResult]:
 
 def write_results(out_dir: str | Path, results: list[LengthResult]) -> Path:
     """Write arith_eval.json (one record per operand length) atomically."""
-    from mulfree.models.io import atomic_write_text
+    from mulfree.atomic import atomic_write_text
 
     path = Path(out_dir) / RESULTS_FILE
     atomic_write_text(path, json.dumps([asdict(r) for r in results], indent=2) + "\n")

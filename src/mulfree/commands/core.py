@@ -286,7 +286,7 @@ def _plot_losses(runs: dict[str, Path], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mulfree.models.io import atomic_write
+    from mulfree.atomic import atomic_write
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (name, run_dir), color in zip(runs.items(), ("tab:red", "tab:blue")):

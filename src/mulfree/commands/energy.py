@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{r['arith']:<9} {r['macs'].get('weights', 0):>12,} {r['macs'].get('attention', 0):>11,} "
               f"{e['weights'] / 1e6:>11.2f} {e['other'] / 1e6:>9.2f} {e['total'] / 1e6:>9.2f} {e['total'] / base:>8.3f}")
     if args.json:
-        from mulfree.models.io import atomic_write_text
+        from mulfree.atomic import atomic_write_text
 
         atomic_write_text(Path(args.json), json.dumps({"model": args.model, "rows": rows}, indent=2) + "\n")
     return 0

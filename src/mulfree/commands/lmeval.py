@@ -29,7 +29,8 @@ def _run(args: argparse.Namespace) -> int:
     from mulfree.data.text import load_corpus
     from mulfree.errors import CheckpointError, MulfreeError
     from mulfree.lmeval import build_offline_tasks, run_lm_eval
-    from mulfree.models.io import atomic_write_text, load_model
+    from mulfree.atomic import atomic_write_text
+    from mulfree.models.io import load_model
     from mulfree.models.pretrained import cache_dir
 
     if args.limit is not None and args.limit < 1:

@@ -13,7 +13,7 @@ DEFAULT_METHODS = "fp32,bf16,fp8_e4m3,fp8_e5m2,lmul7,lmul4,lmul3"
 
 
 def _write_json(path: str, data: dict) -> None:
-    from mulfree.models.io import atomic_write_text
+    from mulfree.atomic import atomic_write_text
 
     atomic_write_text(Path(path), json.dumps(data, indent=2) + "\n")
 
@@ -98,7 +98,7 @@ def run_error_table(args: argparse.Namespace) -> int:
     ax.legend(fontsize=6)
     ax.set_title("L-Mul vs fp8 / bf16 per-product error")
     fig.tight_layout()
-    from mulfree.models.io import atomic_write
+    from mulfree.atomic import atomic_write
 
     atomic_write(Path(args.png), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     print(f"plot: {args.png}")

@@ -6,12 +6,11 @@ Digits must be single tokens for the positional formats to mean anything (a BPE 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from mulfree.atomic import atomic_write_text
 from mulfree.errors import CheckpointError, DataError
 
 ARITH_CHARS = "0123456789+*=,:;> "
@@ -61,10 +60,7 @@ class CharTokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / FILE_NAME
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"type": "char", "specials": list(SPECIALS), "chars": self.chars}, f)
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps({"type": "char", "specials": list(SPECIALS), "chars": self.chars}))
         return path
 
     @classmethod

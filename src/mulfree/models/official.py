@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from mulfree.errors import CheckpointError
-from mulfree.models.io import atomic_write, load_state, save_model
+from mulfree.atomic import atomic_write
+from mulfree.models.io import load_state, save_model
 from mulfree.models.mmfree import MMFreeConfig, MMFreeForCausalLM
 
 OFFICIAL_MODEL_TYPE = "hgrn_bit"
