@@ -73,9 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "Shakespeare with equal tokens, prints both validation perplexities, plots loss "
                        "curves and prints a sample.")
     d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    d.add_argument("--steps", type=int, default=200, help="optimizer steps per model")
+    d.add_argument("--steps", type=int, default=300, help="optimizer steps per model")
     d.add_argument("--batch-size", type=int, default=16, help="sequences per step")
-    d.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
+    d.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     d.add_argument("--hidden-size", type=int, default=256, help="model width (both models)")
     d.add_argument("--layers", type=int, default=4, help="layers (both models)")
     d.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
