@@ -60,12 +60,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="perplexity of a trained model on text",
                        description="Perplexity over windows of the given text (default: the bundled "
                        "corpus' validation plays).")
-    e.add_argument("--model", required=True, help="model directory")
+    e.add_argument("--model", required=True, help="a mulfree model dir, a `mulfree quantize` output dir, a Hugging "
+                   "Face model dir or .gguf file, or 'smollm2'")
     e.add_argument("--data", nargs="+", metavar="PATH", help="text files or folders (default: validation split)")
     e.add_argument("--window", type=int, default=256, help="tokens per window (default 256)")
     e.add_argument("--stride", type=int, default=None, help="window stride (default: the window)")
     e.add_argument("--max-tokens", type=int, default=65536, help="score at most this many tokens (0: all)")
-    e.add_argument("--seed", type=int, default=0, help="unused by perplexity; accepted for uniformity")
+    e.add_argument("--seed", type=int, default=0, help="unused by perplexity (deterministic); accepted for uniformity")
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="train tiny MMfree and Transformer++ side by side, compare, sample",
@@ -253,8 +254,33 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _load_for_eval(model_ref: str):
+    """(model, encode) for our model dirs, quantized dirs, Hugging Face dirs/GGUF files and 'smollm2'."""
+    import torch
+
+    from mulfree.data.text import encode
+    from mulfree.models.io import MODEL_CLASSES, read_config
+
+    path = Path(model_ref)
+    cfg = read_config(path) if path.is_dir() else {}
+    if cfg.get("model_type") in MODEL_CLASSES:
+        model, tokenizer = _load(model_ref)
+        return model, lambda text: encode(tokenizer, text)
+    if "quant_method" in cfg:
+        from mulfree.quant.walker import load_quantized
+
+        model, tokenizer = load_quantized(path)
+    else:
+        from mulfree.models.pretrained import load_hf_causal_lm
+
+        model, tokenizer = load_hf_causal_lm(model_ref)
+    if tokenizer is None:
+        raise CheckpointError(f"'{model_ref}' has no tokenizer", "save the tokenizer with the model")
+    return model, lambda text: torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+
+
 def cmd_eval(args) -> int:
-    from mulfree.data.text import encode, load_corpus, load_text
+    from mulfree.data.text import load_corpus, load_text
     from mulfree.evaluate import perplexity
 
     if args.window < 2:
@@ -264,13 +290,13 @@ def cmd_eval(args) -> int:
     if args.max_tokens < 0:
         raise MulfreeError(f"--max-tokens must be >= 0, got {args.max_tokens}", "use 0 for all tokens")
     text = load_text(args.data) if args.data else load_corpus().val_text
-    model, tokenizer = _load(args.model)
-    ids = encode(tokenizer, text)
+    model, encode_text = _load_for_eval(args.model)
+    ids = encode_text(text)
     if args.max_tokens:
         ids = ids[: args.max_tokens]
     if ids.numel() < 2:
         raise DataError("the evaluation text has fewer than 2 tokens", "pass more text")
-    window = min(args.window, model.config.max_position_embeddings)
+    window = min(args.window, getattr(model.config, "max_position_embeddings", args.window))
     ppl = perplexity(model, ids, window, args.stride)
     print(json.dumps({"perplexity": round(ppl, 4), "tokens": ids.numel(), "window": window}))
     return 0

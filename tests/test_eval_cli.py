@@ -1,0 +1,49 @@
+"""`mulfree eval` on Hugging Face model dirs and on `mulfree quantize` outputs (not only our own dirs)."""
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from mulfree.cli import main  # noqa: E402
+from mulfree.data.text import train_tokenizer  # noqa: E402
+from mulfree.evaluate import perplexity  # noqa: E402
+
+TEXT = "Now is the winter of our discontent\nMade glorious summer by this sun of York;\n" * 60
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hf")
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(TEXT, vocab_size=300))
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    (d / "text.txt").write_text(TEXT)
+    return d
+
+
+def _ppl(capsys) -> float:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"]
+
+
+def test_eval_reads_hugging_face_dirs(hf_dir, capsys):
+    assert main(["eval", "--model", str(hf_dir), "--data", str(hf_dir / "text.txt"), "--window", "64"]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    ids = torch.tensor(tok(TEXT)["input_ids"])
+    assert _ppl(capsys) == pytest.approx(perplexity(model, ids, 64, progress=False), rel=1e-3)
+
+
+def test_eval_reads_quantized_dirs(hf_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", "rtn", "--model", str(hf_dir), "--bits", "4", "--group-size", "32", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out), "--data", str(hf_dir / "text.txt"), "--window", "64"]) == 0
+    quantized = _ppl(capsys)
+    assert main(["eval", "--model", str(hf_dir), "--data", str(hf_dir / "text.txt"), "--window", "64"]) == 0
+    assert quantized != _ppl(capsys)  # really the quantized weights
