@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from mulfree.cli import main as cli_main  # noqa: E402
 from mulfree.errors import ConfigError, DataError  # noqa: E402
-from mulfree.ops.bcq import bcq_dequantize, bcq_fit, pack_planes, unpack_planes  # noqa: E402
+from mulfree.ops.bcq import bcq_fit, pack_planes, unpack_planes  # noqa: E402
 from mulfree.ops.powers import apot_round, apot_value, shift_scale  # noqa: E402
 from mulfree.quant.shiftadd import ShiftAdd, allocate_bits  # noqa: E402
 from mulfree.quant.walker import calibration_ids, decoder_blocks, load_quantized, quantize_model, save_quantized  # noqa: E402

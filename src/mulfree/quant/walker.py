@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from mulfree.atomic import atomic_dir
 from mulfree.errors import CheckpointError, ConfigError, DataError
 from mulfree.quant.qlinear import build_qlinear, describe
 
@@ -182,23 +181,15 @@ def save_quantized(model: nn.Module, tokenizer, out: str | Path, method, metas: 
     from safetensors.torch import save_model
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
-        cfg = model.config.to_dict()
-        cfg.pop("quantization_config", None)
-        cfg["quant_method"] = method.name
-        cfg["mulfree_quant"] = {**method.config(), **extra, "layers": metas}
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["quant_method"] = method.name
+    cfg["mulfree_quant"] = {**method.config(), **extra, "layers": metas}
+    with atomic_dir(out) as tmp:
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         save_model(model, str(tmp / "model.safetensors"))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
