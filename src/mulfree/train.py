@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from mulfree.atomic import atomic_dir, atomic_write_text
 from mulfree.errors import CheckpointError, ConfigError, DataError
+from mulfree.evaluate import model_logits
 
 CHECKPOINT_POINTER = "checkpoint.json"
 METRICS_FILE = "metrics.jsonl"
@@ -110,14 +111,10 @@ def random_windows(ids: torch.Tensor, batch_size: int, seq_len: int, generator: 
     return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
 
 
-def _logits(out) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out.logits
-
-
 def lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool = False) -> torch.Tensor:
     """Mean next-token cross-entropy (targets -100 ignored), with optional bf16 autocast."""
     with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = _logits(model(x))
+        logits = model_logits(model, x)
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
 
 
