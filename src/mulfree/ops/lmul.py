@@ -197,6 +197,20 @@ def lmul_bits(xb: torch.Tensor, yb: torch.Tensor, fmt: FloatFormat, k: int) -> t
     return torch.where(nan, fmt.nan_bits, res | sign)
 
 
+def _operand_bits(
+    op: str, x: torch.Tensor, y: torch.Tensor, mantissa_bits: int | None
+) -> tuple[torch.Tensor, torch.Tensor, FloatFormat, int]:
+    """Bit patterns of both operands (rounded to `mantissa_bits` when given), their format and k."""
+    if x.dtype != y.dtype:
+        raise ValueError(f"{op} needs operands of one dtype; got {x.dtype} and {y.dtype}")
+    fmt = float_format(x.dtype)
+    k = _check_k(fmt, mantissa_bits)
+    xb, yb = to_bits(x), to_bits(y)
+    if k < fmt.man_bits:
+        xb, yb = round_bits(xb, fmt, k), round_bits(yb, fmt, k)
+    return xb, yb, fmt, k
+
+
 def lmul(x: torch.Tensor, y: torch.Tensor, mantissa_bits: int | None = None) -> torch.Tensor:
     """Element-wise L-Mul of two same-dtype tensors (broadcasting); result in that dtype.
 
@@ -205,13 +219,7 @@ def lmul(x: torch.Tensor, y: torch.Tensor, mantissa_bits: int | None = None) -> 
         mantissa_bits: round operands to this many mantissa bits first and use l(k) (default: all bits).
     Example: lmul(torch.tensor([1.5]), torch.tensor([1.5])) -> tensor([2.125]).
     """
-    if x.dtype != y.dtype:
-        raise ValueError(f"lmul needs operands of one dtype; got {x.dtype} and {y.dtype}")
-    fmt = float_format(x.dtype)
-    k = _check_k(fmt, mantissa_bits)
-    xb, yb = to_bits(x), to_bits(y)
-    if k < fmt.man_bits:
-        xb, yb = round_bits(xb, fmt, k), round_bits(yb, fmt, k)
+    xb, yb, fmt, k = _operand_bits("lmul", x, y, mantissa_bits)
     return from_bits(lmul_bits(*torch.broadcast_tensors(xb, yb), fmt, k), x.dtype)
 
 
@@ -227,15 +235,9 @@ def lmul_matmul(
     Args:
         a: [..., M, K], b: [..., K, N] (same dtype, batch dims broadcast). Returns float32 [..., M, N].
     """
-    if a.dtype != b.dtype:
-        raise ValueError(f"lmul_matmul needs operands of one dtype; got {a.dtype} and {b.dtype}")
     if a.dim() < 2 or b.dim() < 2 or a.shape[-1] != b.shape[-2]:
         raise ValueError(f"lmul_matmul shapes do not chain: {tuple(a.shape)} @ {tuple(b.shape)}")
-    fmt = float_format(a.dtype)
-    k = _check_k(fmt, mantissa_bits)
-    ab, bb = to_bits(a), to_bits(b)
-    if k < fmt.man_bits:
-        ab, bb = round_bits(ab, fmt, k), round_bits(bb, fmt, k)
+    ab, bb, fmt, k = _operand_bits("lmul_matmul", a, b, mantissa_bits)
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     m, kk, n = a.shape[-2], a.shape[-1], b.shape[-1]
     out = torch.zeros(*batch, m, n, dtype=torch.float32)
