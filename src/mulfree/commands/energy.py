@@ -9,20 +9,15 @@ from typing import Any
 
 from mulfree.errors import ConfigError
 
-FAMILIES = ("mmfree", "transformerpp")
-
-
 def resolve_config(spec: str) -> dict[str, Any]:
     """`FAMILY:PRESET` (mmfree:370m, transformerpp:1.3b), a model dir with config.json, or a config .json."""
     if ":" in spec and not Path(spec).exists():
+        from mulfree.models.io import MODEL_CLASSES
+
         family, preset = spec.split(":", 1)
-        if family not in FAMILIES:
-            raise ConfigError(f"unknown model family {family!r}", f"use {' or '.join(FAMILIES)}, e.g. mmfree:370m")
-        if family == "mmfree":
-            from mulfree.models.mmfree import MMFreeConfig as cls
-        else:
-            from mulfree.models.transformer import TransformerConfig as cls
-        return cls.from_preset(preset).to_dict()
+        if family not in MODEL_CLASSES:
+            raise ConfigError(f"unknown model family {family!r}", f"use {' or '.join(MODEL_CLASSES)}, e.g. mmfree:370m")
+        return MODEL_CLASSES[family][0].from_preset(preset).to_dict()
     path = Path(spec)
     if path.is_dir():
         path = path / "config.json"
