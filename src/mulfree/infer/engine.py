@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from mulfree.data.text import load_tokenizer
 from mulfree.errors import CheckpointError
 from mulfree.kernels import cpu_module
 from mulfree.kernels.ternary import resolve_backend
@@ -132,11 +133,7 @@ class PackedModel:
         weights = model_dir / "model.safetensors"
         if not weights.is_file():
             raise CheckpointError(f"{weights} is missing", "pass a complete model dir")
-        tokenizer = None
-        if (model_dir / "tokenizer.json").is_file():
-            from tokenizers import Tokenizer
-
-            tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        tokenizer = load_tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
         if "format" not in cfg:
             if cfg.get("model_type") != "mmfree":
                 raise CheckpointError(f"{model_dir} holds a {cfg.get('model_type')!r} model",

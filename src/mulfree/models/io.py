@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mulfree.atomic import atomic_write, atomic_write_text
+from mulfree.data.text import load_tokenizer
 from mulfree.errors import CheckpointError, ConfigError
 from mulfree.models.mmfree import MMFreeConfig, MMFreeForCausalLM
 from mulfree.models.transformer import TransformerConfig, TransformerForCausalLM
@@ -104,9 +105,5 @@ def load_model(model_dir: str | Path) -> tuple[nn.Module, Any]:
         raise CheckpointError(f"{weights} is missing", "pass a complete model dir")
     load_state(model, read_weights(weights), str(weights))
     model.eval()
-    tokenizer = None
-    if (model_dir / TOKENIZER_NAME).is_file():
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_file(str(model_dir / TOKENIZER_NAME))
+    tokenizer = load_tokenizer(model_dir) if (model_dir / TOKENIZER_NAME).is_file() else None
     return model, tokenizer
