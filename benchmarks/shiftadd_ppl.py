@@ -37,6 +37,9 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--group-size", type=int, default=128, help="weights per scale set (lat: 8 columns x group/8 rows)")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--apot-terms", type=int, default=3, help="signed powers of two per ShiftAdd scale")
+    ap.add_argument("--incoherence", choices=("none", "hadamard"), default="none",
+                    help="randomized Hadamard incoherence processing for gptq and shiftadd rows")
     ap.add_argument("--bits", type=int, nargs="+", default=[3, 2])
     ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "shiftadd-acc", "shiftadd-lat"])
     ap.add_argument("--runs", nargs="+", default=None, metavar="METHOD:BITS",
@@ -53,7 +56,8 @@ def main() -> None:
     calib = calibration_ids(tok, corpus.train_text, args.calib_samples, args.calib_seqlen, args.seed)
     setup = {"model": "SmolLM2-135M-Instruct", "eval_tokens": ids.numel(), "window": args.window,
              "weights_per_scale_set": args.group_size,
-             "calib": f"{args.calib_samples}x{args.calib_seqlen}", "group": args.group_size, "rounds": args.rounds}
+             "calib": f"{args.calib_samples}x{args.calib_seqlen}", "group": args.group_size, "rounds": args.rounds,
+             "apot_terms": args.apot_terms, "incoherence": args.incoherence}
 
     def report(row: dict) -> None:
         line = json.dumps({**setup, **row})
@@ -66,9 +70,11 @@ def main() -> None:
         report({"method": "fp32", "bits": 32, "ppl": round(fp, 3)})
     makers = {
         "rtn": lambda b: RTN(b, args.group_size),
-        "gptq": lambda b: GPTQ(b, args.group_size),
-        "shiftadd-acc": lambda b: ShiftAdd(b, args.group_size, "acc", args.rounds),
-        "shiftadd-lat": lambda b: ShiftAdd(b, args.group_size, "lat", args.rounds),
+        "gptq": lambda b: GPTQ(b, args.group_size, incoherence=args.incoherence, seed=args.seed),
+        "shiftadd-acc": lambda b: ShiftAdd(b, args.group_size, "acc", args.rounds, args.apot_terms,
+                                           incoherence=args.incoherence, seed=args.seed),
+        "shiftadd-lat": lambda b: ShiftAdd(b, args.group_size, "lat", args.rounds, args.apot_terms,
+                                           incoherence=args.incoherence, seed=args.seed),
     }
     runs = [(r.split(":")[0], int(r.split(":")[1])) for r in args.runs] if args.runs else [
         (name, bits) for bits in args.bits for name in args.methods]

@@ -34,6 +34,9 @@ def register(subparsers) -> None:
                            help="local text files for calibration (default: bundled corpus, train split)")
             p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
             p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")
+            p.add_argument("--incoherence", choices=("none", "hadamard"), default="none",
+                           help="hadamard: quantize W T^-1 against T H T^T with T a random-sign block Walsh-Hadamard "
+                           "transform (adds only), applied to the input online (default none)")
         if name == "shiftadd":
             p.add_argument("--mode", choices=("acc", "lat"), default="acc",
                            help="acc: scales per column; lat: scales shared by 8 columns for the LUT kernel")
@@ -63,14 +66,15 @@ def build_method(args: argparse.Namespace):
     if args.method == "gptq":
         from mulfree.quant.gptq import GPTQ
 
-        return GPTQ(args.bits, args.group_size)
+        return GPTQ(args.bits, args.group_size, incoherence=args.incoherence, seed=args.seed)
     from mulfree.quant.shiftadd import ShiftAdd
 
     if args.rounds < 0 or not 1 <= args.apot_terms <= 4:
         raise ConfigError("--rounds must be >= 0 and --apot-terms in 1..4", "e.g. --rounds 10 --apot-terms 3")
     if args.mixed_bits is not None and not args.bits <= args.mixed_bits <= args.bits + 1:
         raise ConfigError(f"--mixed-bits {args.mixed_bits} must lie in [bits, bits+1]", "e.g. --bits 2 --mixed-bits 2.2")
-    return ShiftAdd(args.bits, args.group_size, args.mode, args.rounds, args.apot_terms, mixed_bits=args.mixed_bits)
+    return ShiftAdd(args.bits, args.group_size, args.mode, args.rounds, args.apot_terms, mixed_bits=args.mixed_bits,
+                    incoherence=args.incoherence, seed=args.seed)
 
 
 def run_quantize(args: argparse.Namespace) -> int:

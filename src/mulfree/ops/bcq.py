@@ -22,9 +22,10 @@ from __future__ import annotations
 import itertools
 from functools import lru_cache
 
+import numpy as np
 import torch
 
-from mulfree.ops.powers import apot_round, apot_value, shift_scale
+from mulfree.ops.powers import EXP_MAX, EXP_MIN, apot_value, shift_scale
 
 
 @lru_cache(maxsize=8)
@@ -53,37 +54,73 @@ def bcq_fit(
 
     Greedy init (b_i = sign(r), α_i = mean|r|), then `rounds` × {least-squares refit of α on the
     current codes; sort |α| descending; APoT-round α; reassign codes to the nearest of the 2^q
-    levels}. With rounds=0 the greedy α is still APoT-rounded and the codes reassigned, so the
-    result is always exactly Σ α_i b_i with APoT α.
+    levels}; each group keeps the iterate with the lowest squared error, so more rounds never
+    hurt. With rounds=0 the greedy α is still APoT-rounded and the codes reassigned, so the result
+    is always exactly Σ α_i b_i with APoT α. Runs in float64 numpy: the Accuracy-mode solver calls
+    it once per column on a few hundred weights, where torch's per-op overhead dominated.
 
     Returns (bits bool [G, m, q], alpha fp32 [G, q] (APoT values), exps int8 [G, q, T], signs int8 [G, q, T]).
     """
-    w = w.float()
-    vf = None if mask is None else mask.float()
-    if vf is not None:
-        w = w * vf
-    G, m = w.shape
-    count = torch.full((G,), float(m)) if vf is None else vf.sum(-1).clamp(min=1)
-    r = w.clone()
-    alpha = torch.empty(G, bits)
-    b = torch.empty(G, m, bits)
-    for i in range(bits):
-        b[..., i] = torch.where(r >= 0, 1.0, -1.0)
-        alpha[:, i] = (r.abs() if vf is None else r.abs() * vf).sum(-1) / count
-        r -= alpha[:, i : i + 1] * b[..., i]
-    ridge = 1e-6 * m * torch.eye(bits)
-    w3 = w.unsqueeze(-1)
-    exps = signs = None
+    wn = w.detach().double().numpy()
+    vf = np.ones(wn.shape) if mask is None else mask.numpy().astype(np.float64)
+    wn = wn * vf
+    G, m = wn.shape
+    combos = _combos(bits).double().numpy()  # [L, q], row L = sign pattern of level index L
+    L = combos.shape[0]
+    r = wn.copy()
+    alpha = np.empty((G, bits))
+    idx = np.zeros((G, m), dtype=np.int64)
+    for i in range(bits):  # greedy init; code index bit (q-1-i) is 1 where b_i = +1
+        pos = r >= 0
+        alpha[:, i] = (np.abs(r) * vf).sum(-1) / np.maximum(vf.sum(-1), 1.0)
+        r -= alpha[:, i : i + 1] * np.where(pos, 1.0, -1.0)
+        idx |= pos.astype(np.int64) << (bits - 1 - i)
+    outer = (combos[:, :, None] * combos[:, None, :]).reshape(L, -1)  # [L, q*q]
+    ridge = 1e-6 * m * np.eye(bits)
+    flat = np.arange(G)[:, None] * L
+    w2 = (wn * wn).sum(-1)
+
+    def level_stats(idx):  # per (group, level): number of valid weights and their sum
+        keys = (flat + idx).ravel()
+        return (np.bincount(keys, vf.ravel(), G * L).reshape(G, L), np.bincount(keys, wn.ravel(), G * L).reshape(G, L))
+
+    counts, sums = level_stats(idx)
+    best_err = np.full(G, np.inf)
+    best = (np.empty((G, m), dtype=np.int64), np.empty((G, bits, terms)), np.empty((G, bits, terms)))
     for _ in range(max(rounds, 1)):
-        if rounds > 0:
-            bm = b if vf is None else b * vf.unsqueeze(-1)  # padded entries take no part in the fit
-            bt = bm.transpose(1, 2)
-            sol = torch.linalg.solve(bt @ bm + ridge, (bt @ w3).squeeze(-1))  # [G, q]
-            alpha = torch.where(torch.isfinite(sol), sol, alpha)
-        alpha = alpha.abs().sort(-1, descending=True).values
-        alpha, exps, signs = apot_round(alpha, terms)
-        b = _nearest_codes(w, alpha)
-    return b > 0, alpha, exps, signs
+        if rounds > 0:  # normal equations BᵀB α = Bᵀw from the level statistics
+            sol = np.linalg.solve((counts @ outer).reshape(G, bits, bits) + ridge, (sums @ combos)[..., None])[..., 0]
+            alpha = np.where(np.isfinite(sol), sol, alpha)
+        alpha = -np.sort(-np.abs(alpha), axis=-1)
+        alpha, exps, signs = _apot_round_np(alpha, terms)
+        levels = alpha @ combos.T  # [G, L]
+        idx = np.abs(wn[..., None] - levels[:, None, :]).argmin(-1)
+        counts, sums = level_stats(idx)
+        err = w2 - 2 * (levels * sums).sum(-1) + (levels * levels * counts).sum(-1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        for kept, new in zip(best, (idx, exps, signs)):
+            kept[better] = new[better]
+    idx, exps, signs = best
+    exps_t, signs_t = torch.from_numpy(exps).to(torch.int8), torch.from_numpy(signs).to(torch.int8)
+    return torch.from_numpy(combos[idx] > 0), apot_value(exps_t, signs_t), exps_t, signs_t
+
+
+def _apot_round_np(alpha: np.ndarray, terms: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`ops.powers.apot_round` in float64 numpy (same greedy rule, exponents clamped alike)."""
+    r = alpha.copy()
+    value = np.zeros_like(r)
+    exps, signs = np.empty(r.shape + (terms,)), np.empty(r.shape + (terms,))
+    with np.errstate(divide="ignore"):
+        for t in range(terms):
+            e = np.minimum(np.maximum(np.rint(np.log2(np.abs(r))), EXP_MIN), EXP_MAX)
+            s = np.sign(r)
+            term = s * np.exp2(e)  # exact: a signed power of two
+            value += term
+            r -= term
+            exps[..., t] = np.where(s == 0, 0.0, e)
+            signs[..., t] = s
+    return value, exps, signs
 
 
 def pack_planes(bits: torch.Tensor) -> torch.Tensor:

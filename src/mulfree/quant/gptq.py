@@ -12,6 +12,8 @@ from typing import Protocol
 
 import torch
 
+from mulfree.ops.hadamard import RandomHadamard
+
 
 class ColumnQuantizer(Protocol):
     """What the GPTQ solver needs from a quantizer."""
@@ -129,25 +131,56 @@ class UniformQuantizer:
         return {"codes": self.codes, "scale": self.scale, "zero": self.zero}
 
 
+INCOHERENCE = ("none", "hadamard")
+
+
+class Incoherence:
+    """Optional randomized Hadamard incoherence processing shared by the Hessian-based methods:
+    each layer gets its own sign seed (`seed` + layer index in quantization order)."""
+
+    def __init__(self, kind: str = "none", seed: int = 0):
+        if kind not in INCOHERENCE:
+            raise ValueError(f"incoherence must be one of {INCOHERENCE}, got {kind!r}")
+        self.kind, self.seed, self._layers = kind, seed, 0
+
+    def config(self) -> dict:
+        return {"incoherence": self.kind, "incoherence_seed": self.seed}
+
+    def rotate(self, w: torch.Tensor, h: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, RandomHadamard | None]:
+        """(W', H', transform) for the next layer: W T⁻¹ and T H Tᵀ, or the inputs unchanged with 'none'."""
+        if self.kind == "none":
+            return w, h, None
+        rht = RandomHadamard(w.shape[1], self.seed + self._layers)
+        self._layers += 1
+        return rht.rotate_weight(w.float()), None if h is None else rht.rotate_hessian(h).float(), rht
+
+
 class GPTQ:
     """The GPTQ baseline as a walker method: uniform grid, activation order, error compensation."""
 
     name = "gptq"
     needs_hessian = True
 
-    def __init__(self, bits: int, group: int = 128, blocksize: int = 128, percdamp: float = 0.01):
+    def __init__(
+        self, bits: int, group: int = 128, blocksize: int = 128, percdamp: float = 0.01, incoherence: str = "none",
+        seed: int = 0,
+    ):
         self.bits, self.group, self.blocksize, self.percdamp = bits, group, blocksize, percdamp
+        self.incoherence = Incoherence(incoherence, seed)
 
     def config(self) -> dict:
-        return {"bits": self.bits, "group_size": self.group, "blocksize": self.blocksize, "percdamp": self.percdamp}
+        return {"bits": self.bits, "group_size": self.group, "blocksize": self.blocksize, "percdamp": self.percdamp,
+                **self.incoherence.config()}
 
     def quantize(self, w: torch.Tensor, h: torch.Tensor | None, bias: torch.Tensor | None):
         from mulfree.quant.qlinear import UniformLinear
 
         n, k = w.shape
+        w, h, rht = self.incoherence.rotate(w, h)
         group = k if self.group <= 0 else min(self.group, k)
         uq = UniformQuantizer(w, self.bits, group)
         gptq_solve(w, h, uq, uq.order(torch.diag(h)), self.blocksize, self.percdamp)
         layer = UniformLinear(k, n, bias is not None, self.bits, group)
         layer.load_state_dict({**uq.state(), **({"bias": bias} if bias is not None else {})})
+        layer.rht = rht
         return layer

@@ -3,7 +3,8 @@
 `UniformLinear` holds integer codes (RTN / GPTQ); `ShiftAddLinear` holds BCQ bit planes packed as
 bits and APoT scale exponents/signs as int8 (format in `ops/bcq.py`). Latency-mode ShiftAdd layers
 run single-token inputs through the LUT GEMV kernel (`kernels/shiftadd.py`); everything else uses
-the dense weight rebuilt once from the stored codes.
+the dense weight rebuilt once from the stored codes. A layer quantized with incoherence processing
+(`rht`, `ops/hadamard.py`) stores W' in the rotated basis and transforms its input online first.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mulfree.ops.bcq import bcq_dequantize
+from mulfree.ops.hadamard import RandomHadamard
 
 
 class _QuantLinear(nn.Module):
@@ -25,9 +27,10 @@ class _QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self._dense: torch.Tensor | None = None
+        self.rht: RandomHadamard | None = None  # input transform x -> T x, when quantized incoherently
 
     def dequantize(self) -> torch.Tensor:
-        """Dense fp32 W̃ [out, in]."""
+        """Dense fp32 W̃ [out, in] (in the rotated basis when `rht` is set)."""
         raise NotImplementedError
 
     def weight_dense(self) -> torch.Tensor:
@@ -39,7 +42,12 @@ class _QuantLinear(nn.Module):
         self._dense = None
         super()._load_from_state_dict(*args, **kwargs)
 
+    def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the stored weight expects it: T x with incoherence processing, else x."""
+        return x if self.rht is None else self.rht.apply_input(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.rotate_input(x)
         return F.linear(x, self.weight_dense().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
@@ -87,6 +95,7 @@ class ShiftAddLinear(_QuantLinear):
         if self.col_group == 8 and x.numel() == self.in_features and not torch.is_grad_enabled():
             from mulfree.kernels import shiftadd as kernel
 
+            x = self.rotate_input(x)
             if self._kernel_weights is None:
                 self._kernel_weights = kernel.prepare(self.planes, self.exps, self.signs, self.out_features, self.group)
             y = kernel.lut_gemv(x.reshape(-1).float(), self._kernel_weights)
@@ -100,12 +109,21 @@ def build_qlinear(meta: dict) -> _QuantLinear:
     """An empty quantized layer from its saved description (`meta` from `describe`)."""
     common = (meta["in_features"], meta["out_features"], meta["bias"])
     if meta["kind"] == "uniform":
-        return UniformLinear(*common, bits=meta["bits"], group=meta["group"])
-    if meta["kind"] == "shiftadd":
-        return ShiftAddLinear(
+        layer: _QuantLinear = UniformLinear(*common, bits=meta["bits"], group=meta["group"])
+    elif meta["kind"] == "shiftadd":
+        layer = ShiftAddLinear(
             *common, bits=meta["bits"], group=meta["group"], col_group=meta["col_group"], terms=meta["terms"]
         )
-    raise ValueError(f"unknown quantized layer kind {meta['kind']!r}")
+    else:
+        raise ValueError(f"unknown quantized layer kind {meta['kind']!r}")
+    inc = meta.get("incoherence")
+    if inc is not None:
+        if inc["transform"] != "hadamard":
+            raise ValueError(f"unknown incoherence transform {inc['transform']!r}")
+        layer.rht = RandomHadamard(meta["in_features"], inc["seed"])
+        if layer.rht.block != inc["block"]:
+            raise ValueError(f"Hadamard block {inc['block']} does not match width {meta['in_features']}")
+    return layer
 
 
 def describe(layer: _QuantLinear) -> dict:
@@ -121,4 +139,6 @@ def describe(layer: _QuantLinear) -> dict:
         meta.update(kind="shiftadd", col_group=layer.col_group, terms=layer.terms)
     else:
         meta.update(kind="uniform")
+    if layer.rht is not None:
+        meta["incoherence"] = layer.rht.meta()
     return meta

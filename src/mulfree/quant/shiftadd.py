@@ -17,7 +17,7 @@ import math
 import torch
 
 from mulfree.ops.bcq import bcq_assign, bcq_fit, pack_planes
-from mulfree.quant.gptq import act_order, gptq_solve
+from mulfree.quant.gptq import Incoherence, act_order, gptq_solve
 from mulfree.quant.qlinear import ShiftAddLinear
 
 MODES = {"acc": 1, "lat": 8}
@@ -57,23 +57,25 @@ class BCQColumnQuantizer:
         self.perm = torch.cat([perm, torch.arange(full * 8, self.k)])
         return self.perm
 
-    def _fit(self, x: torch.Tensor, tile: int) -> torch.Tensor:
-        """Fit scales for columns x [N, m] of column tile `tile`; returns α per row [N, q]."""
+    def _fit(self, x: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fit scales for columns x [N, m] of column tile `tile`: (α per row [N, q], codes [N, m, q])."""
         xg, mask = _row_groups(x, self.group)
-        _, alpha, exps, signs = bcq_fit(xg, self.bits, self.rounds, self.terms, mask)
+        bits, alpha, exps, signs = bcq_fit(xg, self.bits, self.rounds, self.terms, mask)
         self.exps[tile], self.signs[tile] = exps, signs
-        return alpha.repeat_interleave(self.group, 0)[: self.n]
+        codes = bits.reshape(-1, x.shape[1], self.bits)[: self.n]
+        return alpha.repeat_interleave(self.group, 0)[: self.n], codes
 
     def quantize_column(self, block: torch.Tensor, i: int, col: int) -> torch.Tensor:
         orig = int(self.perm[col])
-        if self.col_group == 1:
-            alpha = self._fit(block[:, i : i + 1], orig)
+        if self.col_group == 1:  # the fit's codes are already the nearest levels of the column
+            alpha, codes = self._fit(block[:, i : i + 1], orig)
+            bits = codes[:, 0]
         else:
             if orig % 8 == 0:
                 width = min(8, self.k - orig)
-                self._alpha_rows = self._fit(block[:, i : i + width], orig // 8)
+                self._alpha_rows = self._fit(block[:, i : i + width], orig // 8)[0]
             alpha = self._alpha_rows
-        bits = bcq_assign(block[:, i : i + 1], alpha)[:, 0]  # [N, q]
+            bits = bcq_assign(block[:, i : i + 1], alpha)[:, 0]  # [N, q]
         self.planes[:, :, orig] = bits.T
         return ((bits.float() * 2 - 1) * alpha).sum(-1)
 
@@ -102,6 +104,8 @@ class ShiftAdd:
         blocksize: int = 128,
         percdamp: float = 0.01,
         mixed_bits: float | None = None,
+        incoherence: str = "none",
+        seed: int = 0,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
@@ -109,6 +113,7 @@ class ShiftAdd:
             raise ValueError(f"blocksize must be a multiple of 8 (whole LUT tiles), got {blocksize}")
         self.bits, self.group, self.mode, self.rounds, self.terms = bits, group, mode, rounds, terms
         self.blocksize, self.percdamp, self.mixed_bits = blocksize, percdamp, mixed_bits
+        self.incoherence = Incoherence(incoherence, seed)
 
     def assign_bits(self, layers: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, int]:
         """Bits per layer of one block: `bits` everywhere, or with `mixed_bits` = avg (e.g. 2.2)
@@ -129,6 +134,7 @@ class ShiftAdd:
             "blocksize": self.blocksize,
             "percdamp": self.percdamp,
             "mixed_bits": self.mixed_bits,
+            **self.incoherence.config(),
         }
 
     def quantize(
@@ -136,6 +142,7 @@ class ShiftAdd:
     ) -> ShiftAddLinear:
         n, k = w.shape
         bits = bits or self.bits
+        w, h, rht = self.incoherence.rotate(w, h)
         cq_rows = self.group // MODES[self.mode]  # group = weights per scale set (lat: 8 columns x group/8 rows)
         group = n if self.group <= 0 else min(max(1, cq_rows), n)
         cq = BCQColumnQuantizer(n, k, bits, group, self.mode, self.rounds, self.terms)
@@ -147,6 +154,7 @@ class ShiftAdd:
         if bias is not None:
             state["bias"] = bias
         layer.load_state_dict(state)
+        layer.rht = rht
         return layer
 
 
