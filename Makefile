@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-peer clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ bench: install
 	$(PY) benchmarks/decode.py
 	$(PY) benchmarks/shiftadd.py
 	$(PY) benchmarks/lmul.py
+
+# llama.cpp TQ2_0/TQ1_0 vs the packed engine; builds llama.cpp once under ~/.cache/mulfree (PyPI sdist).
+bench-peer: install
+	nice -n 10 $(PY) benchmarks/llamacpp_peer.py --build
 
 clean:
 	rm -rf $(VENV) build dist
