@@ -55,10 +55,14 @@ Isa parse_isa(const std::string &name) {
 // ---------------------------------------------------------------------------------------------
 // Micro-kernels: one row group (4 rows x Kpad weights) against NT tokens of int8 activations.
 // out[t * 4 + r] = sum_k c[r, k] * q[t, k]  (codes c = trit + 1 in {0, 1, 2}).
-using TileFn = void (*)(const uint8_t *W, int64_t Kpad, const int8_t *X, int64_t ldx, int32_t *out);
+// A tile call covers `ngroups` consecutive row groups (one call per span, so the per-call cost and the
+// switch between ISA-specific and generic code are paid once per span, not once per row group):
+// out[t * ldo + g * 4 + r] = dot of row r of group g with token t.
+using TileFn = void (*)(const uint8_t *W, int64_t Kpad, int64_t ngroups, const int8_t *X, int64_t ldx, int32_t *out,
+                        int64_t ldo);
 
 template <int NT>
-void tile_scalar(const uint8_t *W, int64_t Kpad, const int8_t *X, int64_t ldx, int32_t *out) {
+void group_scalar(const uint8_t *W, int64_t Kpad, const int8_t *X, int64_t ldx, int32_t *out, int64_t ldo) {
   int32_t acc[kRows][NT] = {};
   for (int64_t b = 0; b < Kpad / kBlock; ++b) {
     for (int r = 0; r < kRows; ++r) {
@@ -74,7 +78,7 @@ void tile_scalar(const uint8_t *W, int64_t Kpad, const int8_t *X, int64_t ldx, i
     }
   }
   for (int t = 0; t < NT; ++t)
-    for (int r = 0; r < kRows; ++r) out[t * kRows + r] = acc[r][t];
+    for (int r = 0; r < kRows; ++r) out[t * ldo + r] = acc[r][t];
 }
 
 // Software prefetch of the 256-byte block `kPrefetchBlocks` ahead (2 KiB; prefetches never fault, so
@@ -90,8 +94,9 @@ __attribute__((always_inline)) inline void prefetch_block(const uint8_t *p) {
 }
 
 template <int NT>
-__attribute__((target("avx2,fma"))) void tile_avx2(const uint8_t *W, int64_t Kpad, const int8_t *X, int64_t ldx,
-                                                     int32_t *out) {
+__attribute__((target("avx2,fma"), always_inline)) inline void group_avx2(const uint8_t *W, int64_t Kpad,
+                                                                          const int8_t *X, int64_t ldx, int32_t *out,
+                                                                          int64_t ldo) {
   __m256i acc[kRows][NT];
   #pragma GCC unroll 4
   for (int r = 0; r < kRows; ++r)
@@ -129,15 +134,70 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const uint8_t *W, int64_t Kpa
 #pragma GCC unroll 4
   for (int t = 0; t < NT; ++t) {  // 4 row sums at once: [r0, r1, r2, r3] in one 128-bit lane
     const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0][t], acc[1][t]), _mm256_hadd_epi32(acc[2][t], acc[3][t]));
-    _mm_storeu_si128((__m128i *)(out + t * kRows),
+    _mm_storeu_si128((__m128i *)(out + t * ldo),
                      _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
   }
 }
 
+#define MF_AVX512 "avx512f,avx512bw,avx512vl,avx512vnni"
+
+// Sums the 16 int32 lanes of each of acc0..acc3 into out[0..3] (transpose-and-add instead of 4 reductions).
+__attribute__((target(MF_AVX512), always_inline)) inline void store_row_sums(__m512i a0, __m512i a1, __m512i a2,
+                                                                             __m512i a3, int32_t *out) {
+  const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1));
+  const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
+  const __m512i abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64(abcd, 1));
+  _mm_storeu_si128((__m128i *)out, _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+}
+
+// Decode (one token): the bit pair s of every byte is masked in place (c << 2s, at most 192 as u8)
+// instead of shifted down, and each s has its own accumulator, divided by 4^s (exact) at the end. That
+// takes the three shifts per 64 bytes off port 0, which vpdpbusd also needs; 16 independent
+// accumulators also hide the vpdpbusd latency.
+__attribute__((target(MF_AVX512), always_inline)) inline void group_avx512_decode(const uint8_t *W, int64_t Kpad,
+                                                                                  const int8_t *X, int32_t *out) {
+  __m512i acc[kRows][4];
+  #pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r)
+    #pragma GCC unroll 4
+    for (int s = 0; s < 4; ++s) acc[r][s] = _mm512_setzero_si512();
+  const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0c), m2 = _mm512_set1_epi8(0x30),
+                m3 = _mm512_set1_epi8((char)0xc0);
+  for (int64_t b = 0; b < Kpad / kBlock; ++b) {
+    const int8_t *xb = X + b * kBlock;
+    // Hold the 256 activations in registers across the 4 rows (the empty asm keeps gcc from folding
+    // them back into memory operands, which makes the loop load-port bound).
+    __m512i x0 = _mm512_loadu_si512(xb), x1 = _mm512_loadu_si512(xb + 64);
+    __m512i x2 = _mm512_loadu_si512(xb + 128), x3 = _mm512_loadu_si512(xb + 192);
+    asm("" : "+v"(x0), "+v"(x1), "+v"(x2), "+v"(x3));
+    prefetch_block(W + (b + kPrefetchBlocks) * kBlock);
+    #pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) {
+      __m512i v = _mm512_loadu_si512(W + b * kBlock + r * 64);
+      asm("" : "+v"(v));
+      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_and_si512(v, m0), x0);
+      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], _mm512_and_si512(v, m1), x1);
+      acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], _mm512_and_si512(v, m2), x2);
+      acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], _mm512_and_si512(v, m3), x3);
+    }
+  }
+  __m512i a[kRows];
+  #pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r)
+    a[r] = _mm512_add_epi32(_mm512_add_epi32(acc[r][0], _mm512_srai_epi32(acc[r][1], 2)),
+                            _mm512_add_epi32(_mm512_srai_epi32(acc[r][2], 4), _mm512_srai_epi32(acc[r][3], 6)));
+  store_row_sums(a[0], a[1], a[2], a[3], out);
+}
+
 template <int NT>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void tile_avx512(const uint8_t *W, int64_t Kpad,
-                                                                                  const int8_t *X, int64_t ldx,
-                                                                                  int32_t *out) {
+__attribute__((target(MF_AVX512), always_inline)) inline void group_avx512(const uint8_t *W, int64_t Kpad,
+                                                                           const int8_t *X, int64_t ldx, int32_t *out,
+                                                                           int64_t ldo) {
+  if constexpr (NT == 1) {
+    group_avx512_decode(W, Kpad, X, out);
+    return;
+  }
   __m512i acc[kRows][NT];
   #pragma GCC unroll 4
   for (int r = 0; r < kRows; ++r)
@@ -146,48 +206,38 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void tile_avx512
   const __m512i m3 = _mm512_set1_epi8(3);
   for (int64_t b = 0; b < Kpad / kBlock; ++b) {
     const int8_t *xb = X + b * kBlock;
-    if constexpr (NT == 1) {
-      // Decode: hold the 256 activations in registers across the 4 rows (the empty asm keeps
-      // gcc from folding them back into memory operands, which makes the loop load-port bound).
-      __m512i x0 = _mm512_loadu_si512(xb), x1 = _mm512_loadu_si512(xb + 64);
-      __m512i x2 = _mm512_loadu_si512(xb + 128), x3 = _mm512_loadu_si512(xb + 192);
-      asm("" : "+v"(x0), "+v"(x1), "+v"(x2), "+v"(x3));
-      prefetch_block(W + (b + kPrefetchBlocks) * kBlock);
+    #pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) {
+      __m512i v = _mm512_loadu_si512(W + b * kBlock + r * 64);
+      asm("" : "+v"(v));
       #pragma GCC unroll 4
-      for (int r = 0; r < kRows; ++r) {
-        __m512i v = _mm512_loadu_si512(W + b * kBlock + r * 64);
-        asm("" : "+v"(v));
-        acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_and_si512(v, m3), x0);
-        acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_and_si512(_mm512_srli_epi16(v, 2), m3), x1);
-        acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_and_si512(_mm512_srli_epi16(v, 4), m3), x2);
-        acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_and_si512(_mm512_srli_epi16(v, 6), m3), x3);
-      }
-    } else {
-      #pragma GCC unroll 4
-      for (int r = 0; r < kRows; ++r) {
-        __m512i v = _mm512_loadu_si512(W + b * kBlock + r * 64);
-        asm("" : "+v"(v));
+      for (int s = 0; s < 4; ++s) {
+        const __m512i c = _mm512_and_si512(_mm512_srli_epi16(v, 2 * s), m3);
         #pragma GCC unroll 4
-        for (int s = 0; s < 4; ++s) {
-          const __m512i c = _mm512_and_si512(_mm512_srli_epi16(v, 2 * s), m3);
-          #pragma GCC unroll 4
-          for (int t = 0; t < NT; ++t)
-            acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], c, _mm512_loadu_si512(xb + t * ldx + s * 64));
-        }
+        for (int t = 0; t < NT; ++t)
+          acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], c, _mm512_loadu_si512(xb + t * ldx + s * 64));
       }
     }
   }
-#pragma GCC unroll 4
-  for (int t = 0; t < NT; ++t) {  // 4 row sums at once (transpose-and-add instead of 4 full reductions)
-    const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(acc[0][t], acc[1][t]),
-                                        _mm512_unpackhi_epi32(acc[0][t], acc[1][t]));
-    const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(acc[2][t], acc[3][t]),
-                                        _mm512_unpackhi_epi32(acc[2][t], acc[3][t]));
-    const __m512i abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
-    const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64(abcd, 1));
-    _mm_storeu_si128((__m128i *)(out + t * kRows),
-                     _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
-  }
+  #pragma GCC unroll 4
+  for (int t = 0; t < NT; ++t) store_row_sums(acc[0][t], acc[1][t], acc[2][t], acc[3][t], out + t * ldo);
+}
+
+// The exported tiles: the group kernels above over `ngroups` row groups.
+template <int NT>
+void tile_scalar(const uint8_t *W, int64_t Kpad, int64_t ngroups, const int8_t *X, int64_t ldx, int32_t *out,
+                 int64_t ldo) {
+  for (int64_t g = 0; g < ngroups; ++g) group_scalar<NT>(W + g * Kpad, Kpad, X, ldx, out + g * kRows, ldo);
+}
+template <int NT>
+__attribute__((target("avx2,fma"))) void tile_avx2(const uint8_t *W, int64_t Kpad, int64_t ngroups, const int8_t *X,
+                                                     int64_t ldx, int32_t *out, int64_t ldo) {
+  for (int64_t g = 0; g < ngroups; ++g) group_avx2<NT>(W + g * Kpad, Kpad, X, ldx, out + g * kRows, ldo);
+}
+template <int NT>
+__attribute__((target(MF_AVX512))) void tile_avx512(const uint8_t *W, int64_t Kpad, int64_t ngroups, const int8_t *X,
+                                                    int64_t ldx, int32_t *out, int64_t ldo) {
+  for (int64_t g = 0; g < ngroups; ++g) group_avx512<NT>(W + g * Kpad, Kpad, X, ldx, out + g * kRows, ldo);
 }
 
 const TileFn kTiles[3][kMaxTile + 1] = {
@@ -216,7 +266,6 @@ void linear_rows(Isa isa, const LinearJob &j, int64_t g0, int64_t g1) {
   // whole cache lines instead of 16-byte pieces of a line that [T, N] outputs evict in between.
   constexpr int64_t kSpan = 16;
   thread_local std::vector<int32_t> stage;
-  int32_t tile[kMaxTile * kRows];
   // AVX2 has 16 ymm registers: 4 rows x 2 tokens of accumulators is the most that stays in them.
   const int64_t max_tile = isa == Isa::Avx2 ? 2 : kMaxTile;
   const int64_t T = j.T;
@@ -224,14 +273,9 @@ void linear_rows(Isa isa, const LinearJob &j, int64_t g0, int64_t g1) {
     const int64_t ge = std::min(g1, gs + kSpan), width = (ge - gs) * kRows;
     stage.resize((size_t)(T * width));
     int32_t *st = stage.data();
-    for (int64_t g = gs; g < ge; ++g) {
-      const uint8_t *Wg = j.W + g * j.Kpad;
-      for (int64_t t0 = 0; t0 < T; t0 += max_tile) {
-        const int nt = (int)std::min<int64_t>(max_tile, T - t0);
-        kTiles[(int)isa][nt](Wg, j.Kpad, j.Q + t0 * j.Kpad, j.Kpad, tile);
-        for (int t = 0; t < nt; ++t)
-          std::memcpy(st + (t0 + t) * width + (g - gs) * kRows, tile + t * kRows, sizeof(int32_t) * kRows);
-      }
+    for (int64_t t0 = 0; t0 < T; t0 += max_tile) {
+      const int nt = (int)std::min<int64_t>(max_tile, T - t0);
+      kTiles[(int)isa][nt](j.W + gs * j.Kpad, j.Kpad, ge - gs, j.Q + t0 * j.Kpad, j.Kpad, st + t0 * width, width);
     }
     const int64_t n0 = gs * kRows, n1 = std::min(j.N, ge * kRows);
     for (int64_t t = 0; t < T; ++t) {
