@@ -6,7 +6,7 @@ or a missing extension runs `mulfree.ops.bcq.bcq_lut_gemv` on the stored planes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -14,28 +14,41 @@ from mulfree.kernels import backend as default_backend
 from mulfree.kernels import cpu_module
 from mulfree.ops.bcq import bcq_lut_gemv
 
-LANES = 16  # rows per kernel tile
+LANES = 16  # rows per kernel tile (one 16-float vector)
+QUAD = 4  # tiles per quad: the 4 bytes of one 32-bit key lane
 
 
 @dataclass
 class LutWeights:
-    """Latency-mode BCQ weights in storage layout and in the kernel's tile layout."""
+    """Latency-mode BCQ weights in storage layout and in the kernel's quad layout."""
 
     planes: torch.Tensor  # uint8 [q, N, C]
     exps: torch.Tensor  # int8 [C, NG, q, T]
     signs: torch.Tensor  # int8 [C, NG, q, T]
-    tiles: torch.Tensor  # uint8 [ceil(N/16), C, q, 16]
+    escale: torch.Tensor  # fp32 [C, NG, q, T]: exponent, -inf where the term is absent
+    keys: torch.Tensor  # uint8 [ceil(N/64), C, q, 16, 4]: byte b of lane l = row 64Q + 16b + l
     n: int
     group: int
+    native: object | None = field(default=None, repr=False, compare=False)  # extension handle, made on first use
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "native": None}  # copies and pickles rebuild the handle
+
+    def handle(self) -> object:
+        """The extension's `ShiftAddWeights` over these tensors (no copy), created once."""
+        if self.native is None:
+            self.native = cpu_module().ShiftAddWeights(self.keys, self.exps, self.signs, self.escale, self.n, self.group)
+        return self.native
 
 
 def prepare(planes: torch.Tensor, exps: torch.Tensor, signs: torch.Tensor, n: int, group: int) -> LutWeights:
-    """Re-lay stored planes [q, N, C] as row tiles [ceil(N/16), C, q, 16] for the kernel."""
+    """Re-lay stored planes [q, N, C] as quads [ceil(N/64), C, q, 16, 4], in the order the kernel reads them."""
     q, _, c = planes.shape
-    nt = -(-n // LANES)
-    padded = torch.nn.functional.pad(planes, (0, 0, 0, nt * LANES - n))
-    tiles = padded.view(q, nt, LANES, c).permute(1, 3, 0, 2).contiguous()
-    return LutWeights(planes, exps.contiguous(), signs.contiguous(), tiles, n, group)
+    nq = -(-n // (LANES * QUAD))
+    padded = torch.nn.functional.pad(planes, (0, 0, 0, nq * LANES * QUAD - n))
+    keys = padded.view(q, nq, QUAD, LANES, c).permute(1, 4, 0, 3, 2).contiguous()
+    escale = torch.where(signs != 0, exps.float(), torch.tensor(float("-inf"))).contiguous()
+    return LutWeights(planes, exps.contiguous(), signs.contiguous(), escale, keys, n, group)
 
 
 def lut_gemv(x: torch.Tensor, w: LutWeights, backend: str | None = None, threads: int = 1) -> torch.Tensor:
@@ -44,7 +57,5 @@ def lut_gemv(x: torch.Tensor, w: LutWeights, backend: str | None = None, threads
     if name == "reference" or cpu_module() is None:
         return bcq_lut_gemv(x, w.planes, w.exps, w.signs, w.n, w.group)
     y = torch.empty(w.n, dtype=torch.float32)
-    cpu_module().shiftadd_lut_gemv(
-        x.float().contiguous(), w.tiles, w.exps, w.signs, y, w.n, w.group, name, threads
-    )
+    w.handle().gemv(x.float().contiguous(), y, name, threads)
     return y

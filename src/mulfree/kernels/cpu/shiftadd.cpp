@@ -7,12 +7,16 @@
 // tables of each (chunk, row group, plane) with exponent shifts (ldexp / vscalefps / exponent-field
 // add) and adds, then every row adds one lookup per half. No multiplication touches a weight.
 //
-// Kernel weight layout ("tiles"), built once by kernels/shiftadd.py `prepare`:
-//   tiles uint8 [ceil(N/16), C, q, 16]: byte of row 16*t + lane, chunk c (8 columns), plane i.
-//   exps, signs int8 [C, ceil(N/g), q, T]: the APoT terms of alpha (sign 0 = absent term).
-// Every path scales the tables term by term and adds lookups chunk by chunk, plane by plane, so scalar, AVX2
-// and AVX-512 agree bit for bit on normal numbers.
+// Kernel weight layout ("quads"), built once by kernels/shiftadd.py `prepare`:
+//   keys uint8 [ceil(N/64), C, q, 16, 4]: byte b of lane l of quad Q = key of row 64Q + 16b + l,
+//     chunk c (8 columns), plane i. One 64-byte load holds 64 rows' keys of one (c, i); the 8
+//     nibbles of a 32-bit lane are reached with shifts (vpermps only reads an index's low 4 bits).
+//   exps, signs int8 [C, ceil(N/g), q, T]: the APoT terms of alpha (sign 0 = absent term);
+//   escale fp32, same shape: the exponent as a float, -inf for an absent term (vscalefps operand).
+// Every path adds, per row, chunk by chunk and plane by plane, (lo + hi) of tables scaled term by
+// term, so scalar, AVX2 and AVX-512 agree bit for bit on normal numbers.
 #include "mulfree_cpu.h"
+#include "pool.h"
 
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
@@ -23,25 +27,32 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include <immintrin.h>
 
 namespace {
 
-constexpr int kLanes = 16;  // rows per tile
+constexpr int kLanes = 16;                   // rows per tile (one zmm of fp32)
+constexpr int kQuad = 4;                     // tiles per quad = bytes per 32-bit key lane
+constexpr int kQuadRows = kLanes * kQuad;    // 64
+constexpr int kQuadBytes = kQuadRows;        // key bytes per (quad, chunk, plane)
 
 struct Job {
-  const float *tables;  // [C][2][16]: low-nibble and high-nibble signed sums
-  const uint8_t *tiles; // [NT][C][q][16]
-  const int8_t *exps, *signs;  // [C][NG][q][T]
+  const float *tables;          // [C][2][32]: (lo16, hi16) signed sums, then their negation
+  const uint32_t *nz;           // [C][32]: all-ones where the table entry has a nonzero exponent (AVX2)
+  const uint8_t *keys;          // [NQ][C][q][16][4]
+  const int8_t *exps, *signs;   // [C][NG][q][T]
+  const float *escale;          // [C][NG][q][T]
   float *y;
   int64_t N, C, NG, group, q, T;
+
+  int64_t term(int64_t c, int64_t G, int64_t i) const { return ((c * NG + G) * q + i) * T; }
+  const uint8_t *key_block(int64_t Q, int64_t c, int64_t i) const { return keys + ((Q * C + c) * q + i) * kQuadBytes; }
 };
 
 // Signed sums of 4 activations for all 16 sign patterns: t[j] = ((±x0 + ±x1) + ±x2) + ±x3,
-// + where bit s of j is set. The same expression order is used by every path.
+// + where bit s of j is set, then the negated copy. The same expression order is used by every path.
 void build_tables(const float *x, int64_t K, int64_t C, float *tables) {
   for (int64_t c = 0; c < C; ++c) {
     float xs[8];
@@ -49,162 +60,279 @@ void build_tables(const float *x, int64_t K, int64_t C, float *tables) {
       const int64_t k = 8 * c + s;
       xs[s] = k < K ? x[k] : 0.0f;
     }
+    float *t = tables + c * 64;
     for (int half = 0; half < 2; ++half) {
       const float *h = xs + 4 * half;
-      float *t = tables + (c * 2 + half) * 16;
       for (int j = 0; j < 16; ++j) {
         float v = (j & 1) ? h[0] : -h[0];
         v += (j & 2) ? h[1] : -h[1];
         v += (j & 4) ? h[2] : -h[2];
         v += (j & 8) ? h[3] : -h[3];
-        t[j] = v;
+        t[16 * half + j] = v;
+        t[32 + 16 * half + j] = -v;
       }
     }
   }
 }
 
-// alpha_i(c, G) applied to the two half tables with exponent shifts: out = sum_t sign_t ldexp(t, e_t),
-// terms added in order t (sign 0 = absent). Shared by all rows of group G, so the shifts cost
-// O(C * q * T * 32) per group instead of per row.
-void scale_tables(const Job &j, int64_t c, int64_t G, int64_t i, float *out) {
-  const float *tb = j.tables + c * 32;
-  const int64_t s0 = ((c * j.NG + G) * j.q + i) * j.T;
-  for (int e = 0; e < 32; ++e) out[e] = 0.0f;
-  for (int64_t tt = 0; tt < j.T; ++tt) {
-    const int8_t s = j.signs[s0 + tt];
-    if (!s) continue;
+// Sign-bit masks: bit 31 of lane j of kFlip[s] is set where bit s of j is clear (that x is negated).
+alignas(64) const uint32_t kFlip[4][16] = {
+    {0x80000000u, 0, 0x80000000u, 0, 0x80000000u, 0, 0x80000000u, 0, 0x80000000u, 0, 0x80000000u, 0, 0x80000000u, 0,
+     0x80000000u, 0},
+    {0x80000000u, 0x80000000u, 0, 0, 0x80000000u, 0x80000000u, 0, 0, 0x80000000u, 0x80000000u, 0, 0, 0x80000000u,
+     0x80000000u, 0, 0},
+    {0x80000000u, 0x80000000u, 0x80000000u, 0x80000000u, 0, 0, 0, 0, 0x80000000u, 0x80000000u, 0x80000000u,
+     0x80000000u, 0, 0, 0, 0},
+    {0x80000000u, 0x80000000u, 0x80000000u, 0x80000000u, 0x80000000u, 0x80000000u, 0x80000000u, 0x80000000u, 0, 0, 0,
+     0, 0, 0, 0, 0}};
+
+// build_tables with 16 sign patterns per zmm (same sums, same order); the tail chunk goes scalar.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void build_tables_avx512(const float *x, int64_t K, int64_t C,
+                                                                              float *tables) {
+  const int64_t full = K / 8;
+  __m512i m[4];
+  for (int s = 0; s < 4; ++s) m[s] = _mm512_load_si512(kFlip[s]);
+  const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
+  for (int64_t c = 0; c < full; ++c) {
+    float *t = tables + c * 64;
+    for (int half = 0; half < 2; ++half) {
+      const float *h = x + 8 * c + 4 * half;
+      __m512i v[4];
+      for (int s = 0; s < 4; ++s) v[s] = _mm512_xor_si512(_mm512_castps_si512(_mm512_set1_ps(h[s])), m[s]);
+      const __m512 sum = _mm512_add_ps(
+          _mm512_add_ps(_mm512_add_ps(_mm512_castsi512_ps(v[0]), _mm512_castsi512_ps(v[1])), _mm512_castsi512_ps(v[2])),
+          _mm512_castsi512_ps(v[3]));
+      _mm512_storeu_ps(t + 16 * half, sum);
+      _mm512_storeu_ps(t + 32 + 16 * half, _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(sum), sign)));
+    }
+  }
+  if (full < C) build_tables(x + 8 * full, K - 8 * full, C - full, tables + full * 64);
+}
+
+// AVX2 exponent-add masks: all-ones where the + table entry has a nonzero exponent field.
+void build_nonzero(const float *tables, int64_t C, uint32_t *nz) {
+  for (int64_t c = 0; c < C; ++c)
     for (int e = 0; e < 32; ++e) {
-      const float v = std::ldexp(tb[e], j.exps[s0 + tt]);
-      out[e] = s > 0 ? out[e] + v : out[e] - v;
+      uint32_t bits;
+      std::memcpy(&bits, tables + c * 64 + e, 4);
+      nz[c * 32 + e] = (bits & 0x7f800000u) ? 0xffffffffu : 0u;
+    }
+}
+
+// The same with two ymm per half table, plus the exponent-add masks.
+__attribute__((target("avx2,fma"))) void build_tables_avx2(const float *x, int64_t K, int64_t C, float *tables,
+                                                           uint32_t *nz) {
+  const int64_t full = K / 8;
+  const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
+  const __m256i expo = _mm256_set1_epi32(0x7f800000), zero = _mm256_setzero_si256(), ones = _mm256_set1_epi32(-1);
+  for (int64_t c = 0; c < full; ++c) {
+    float *t = tables + c * 64;
+    for (int half = 0; half < 2; ++half) {
+      const float *h = x + 8 * c + 4 * half;
+      for (int r = 0; r < 2; ++r) {
+        __m256 v[4];
+        for (int s = 0; s < 4; ++s)
+          v[s] = _mm256_xor_ps(_mm256_set1_ps(h[s]), _mm256_load_ps((const float *)(kFlip[s] + 8 * r)));
+        const __m256 sum = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), v[2]), v[3]);
+        _mm256_storeu_ps(t + 16 * half + 8 * r, sum);
+        _mm256_storeu_ps(t + 32 + 16 * half + 8 * r, _mm256_xor_ps(sum, sign));
+        const __m256i is_zero = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(sum), expo), zero);
+        _mm256_storeu_si256((__m256i *)(nz + c * 32 + 16 * half + 8 * r), _mm256_xor_si256(is_zero, ones));
+      }
+    }
+  }
+  if (full < C) {
+    build_tables(x + 8 * full, K - 8 * full, C - full, tables + full * 64);
+    build_nonzero(tables + full * 64, C - full, nz + full * 32);
+  }
+}
+
+// alpha applied to one table entry with exponent shifts: sum_t sign_t ldexp(v, e_t), terms in order.
+float scaled(const Job &j, float v, int64_t s0) {
+  float out = 0.0f;
+  for (int64_t t = 0; t < j.T; ++t) {
+    const int8_t s = j.signs[s0 + t];
+    if (!s) continue;
+    const float p = std::ldexp(v, j.exps[s0 + t]);
+    out = s > 0 ? out + p : out - p;
+  }
+  return out;
+}
+
+// One row, entry by entry: the oracle, and the fallback for quads whose tiles span row groups.
+void row_scalar(const Job &j, int64_t n) {
+  const int64_t Q = n / kQuadRows, r = n % kQuadRows, byte = (r % kLanes) * kQuad + r / kLanes;
+  const int64_t G = n / j.group;
+  float acc = 0.0f;
+  for (int64_t c = 0; c < j.C; ++c) {
+    const float *tb = j.tables + c * 64;
+    for (int64_t i = 0; i < j.q; ++i) {
+      const uint8_t key = j.key_block(Q, c, i)[byte];
+      const int64_t s0 = j.term(c, G, i);
+      acc += scaled(j, tb[key & 15], s0) + scaled(j, tb[16 + (key >> 4)], s0);
+    }
+  }
+  j.y[n] = acc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512: a zmm holds 16 rows; each scaled 16-entry half table lives in a register (vpermps).
+// alpha is applied with vscalefps (exact multiply by 2^e; e = -inf gives 0 for an absent term), a
+// negative term reads the negated table. Starting from the first term instead of 0 only changes
+// the sign of zero entries, which never reaches y (acc starts at +0 and x + -0 == x).
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void scale_avx512(const Job &j, const float *tb,
+                                                                               int64_t s0, __m512 &lo, __m512 &hi) {
+  const int8_t *sg = j.signs + s0;
+  const float *es = j.escale + s0;
+  const float *p = tb + (sg[0] < 0 ? 32 : 0);
+  __m512 e = _mm512_set1_ps(es[0]);
+  lo = _mm512_scalef_ps(_mm512_loadu_ps(p), e);
+  hi = _mm512_scalef_ps(_mm512_loadu_ps(p + 16), e);
+  for (int64_t t = 1; t < j.T; ++t) {
+    p = tb + (sg[t] < 0 ? 32 : 0);
+    e = _mm512_set1_ps(es[t]);
+    lo = _mm512_add_ps(lo, _mm512_scalef_ps(_mm512_loadu_ps(p), e));
+    hi = _mm512_add_ps(hi, _mm512_scalef_ps(_mm512_loadu_ps(p + 16), e));
+  }
+}
+
+// Tile b of a 64-byte key block: acc += lo[nibble 2b] + hi[nibble 2b+1] for 16 rows.
+template <int B>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 lookup_avx512(__m512i k, __m512 lo, __m512 hi,
+                                                                                  __m512 acc) {
+  const __m512i kl = B == 0 ? k : _mm512_srli_epi32(k, 8 * B);
+  const __m512 v = _mm512_add_ps(_mm512_permutexvar_ps(kl, lo),
+                                 _mm512_permutexvar_ps(_mm512_srli_epi32(k, 8 * B + 4), hi));
+  return _mm512_add_ps(acc, v);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void store_quad_avx512(const Job &j, int64_t Q,
+                                                                                   const __m512 *acc) {
+  for (int b = 0; b < kQuad; ++b) {
+    const int64_t r0 = Q * kQuadRows + b * kLanes, rows = std::min<int64_t>(kLanes, j.N - r0);
+    if (rows <= 0) break;
+    _mm512_mask_storeu_ps(j.y + r0, (__mmask16)((1u << rows) - 1), acc[b]);
+  }
+}
+
+// NQ consecutive quads whose rows all lie in row group G: the scaled tables serve all of them.
+template <int NQ>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void quads_shared_avx512(const Job &j, int64_t Q0, int64_t G) {
+  __m512 acc[NQ][kQuad];
+  for (int a = 0; a < NQ; ++a)
+    for (int b = 0; b < kQuad; ++b) acc[a][b] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < j.C; ++c) {
+    const float *tb = j.tables + c * 64;
+    for (int64_t i = 0; i < j.q; ++i) {
+      __m512 lo, hi;
+      scale_avx512(j, tb, j.term(c, G, i), lo, hi);
+      for (int a = 0; a < NQ; ++a) {
+        const __m512i k = _mm512_loadu_si512(j.key_block(Q0 + a, c, i));
+        acc[a][0] = lookup_avx512<0>(k, lo, hi, acc[a][0]);
+        acc[a][1] = lookup_avx512<1>(k, lo, hi, acc[a][1]);
+        acc[a][2] = lookup_avx512<2>(k, lo, hi, acc[a][2]);
+        acc[a][3] = lookup_avx512<3>(k, lo, hi, acc[a][3]);
+      }
+    }
+  }
+  for (int a = 0; a < NQ; ++a) store_quad_avx512(j, Q0 + a, acc[a]);
+}
+
+// One quad whose tiles each lie in one row group (groups of 16..63 rows): tables per tile group.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void quad_tiles_avx512(const Job &j, int64_t Q,
+                                                                            const int64_t *G) {
+  __m512 acc[kQuad];
+  for (int b = 0; b < kQuad; ++b) acc[b] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < j.C; ++c) {
+    const float *tb = j.tables + c * 64;
+    for (int64_t i = 0; i < j.q; ++i) {
+      const __m512i k = _mm512_loadu_si512(j.key_block(Q, c, i));
+      __m512 lo, hi;
+      scale_avx512(j, tb, j.term(c, G[0], i), lo, hi);
+      acc[0] = lookup_avx512<0>(k, lo, hi, acc[0]);
+      if (G[1] != G[0]) scale_avx512(j, tb, j.term(c, G[1], i), lo, hi);
+      acc[1] = lookup_avx512<1>(k, lo, hi, acc[1]);
+      if (G[2] != G[1]) scale_avx512(j, tb, j.term(c, G[2], i), lo, hi);
+      acc[2] = lookup_avx512<2>(k, lo, hi, acc[2]);
+      if (G[3] != G[2]) scale_avx512(j, tb, j.term(c, G[3], i), lo, hi);
+      acc[3] = lookup_avx512<3>(k, lo, hi, acc[3]);
+    }
+  }
+  store_quad_avx512(j, Q, acc);
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX2: a ymm holds 8 rows; a 16-entry lookup is two 8-entry vpermps and a blend on index bit 3.
+// 2^e is applied by adding e to the exponent field, masked to 0 where the entry is 0 (precomputed
+// `nz`; exact for normal entries and results); an absent term reads an all-zero table and mask.
+
+alignas(64) const float kZeros[32] = {};
+
+__attribute__((target("avx2,fma"))) inline void scale_avx2(const Job &j, int64_t c, int64_t s0, __m256 *st) {
+  const float *tb = j.tables + c * 64;
+  const float *nz = reinterpret_cast<const float *>(j.nz + c * 32);
+  for (int r = 0; r < 4; ++r) st[r] = _mm256_setzero_ps();
+  for (int64_t t = 0; t < j.T; ++t) {
+    const int8_t s = j.signs[s0 + t];
+    const float *p = s == 0 ? kZeros : tb + (s < 0 ? 32 : 0);
+    const float *m = s == 0 ? kZeros : nz;
+    const __m256i e = _mm256_set1_epi32(j.exps[s0 + t] * (1 << 23));
+    for (int r = 0; r < 4; ++r) {
+      const __m256i v = _mm256_add_epi32(_mm256_castps_si256(_mm256_loadu_ps(p + 8 * r)), e);
+      st[r] = _mm256_add_ps(st[r], _mm256_and_ps(_mm256_loadu_ps(m + 8 * r), _mm256_castsi256_ps(v)));
     }
   }
 }
 
-// One tile of 16 rows, row by row: the oracle, and the fallback when a tile spans row groups.
-void tile_scalar(const Job &j, int64_t t) {
-  float acc[kLanes] = {0.0f};
-  float st[32];
+__attribute__((target("avx2,fma"))) inline __m256 lookup16_avx2(__m256i idx, __m256i sel, __m256 t0, __m256 t1) {
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, idx), _mm256_permutevar8x32_ps(t1, idx),
+                          _mm256_castsi256_ps(sel));  // sel bit 31 = index bit 3
+}
+
+// Tile B, 8 lanes: nibble at bit p = 8B (lo) and 8B + 4 (hi) of every 32-bit key lane.
+template <int B>
+__attribute__((target("avx2,fma"))) inline __m256 lookup_avx2(__m256i k, const __m256 *st, __m256 acc) {
+  const __m256i il = B == 0 ? k : _mm256_srli_epi32(k, 8 * B), sl = _mm256_slli_epi32(k, 28 - 8 * B);
+  const __m256i ih = _mm256_srli_epi32(k, 8 * B + 4), sh = B == 3 ? k : _mm256_slli_epi32(k, 24 - 8 * B);
+  return _mm256_add_ps(acc, _mm256_add_ps(lookup16_avx2(il, sl, st[0], st[1]), lookup16_avx2(ih, sh, st[2], st[3])));
+}
+
+// One quad; G[b] is the row group of tile b (all equal when the quad lies in one group).
+__attribute__((target("avx2,fma"))) void quad_avx2(const Job &j, int64_t Q, const int64_t *G) {
+  __m256 acc[kQuad][2];
+  for (int b = 0; b < kQuad; ++b) acc[b][0] = acc[b][1] = _mm256_setzero_ps();
+  const bool shared = G[0] == G[3];
   for (int64_t c = 0; c < j.C; ++c) {
     for (int64_t i = 0; i < j.q; ++i) {
-      int64_t last_group = -1;
-      for (int lane = 0; lane < kLanes; ++lane) {
-        const int64_t n = t * kLanes + lane;
-        if (n >= j.N) break;
-        if (n / j.group != last_group) {
-          last_group = n / j.group;
-          scale_tables(j, c, last_group, i, st);
-        }
-        const uint8_t key = j.tiles[((t * j.C + c) * j.q + i) * kLanes + lane];
-        acc[lane] += st[key & 15] + st[16 + (key >> 4)];
-      }
+      const uint8_t *kp = j.key_block(Q, c, i);
+      const __m256i k0 = _mm256_loadu_si256((const __m256i *)kp), k1 = _mm256_loadu_si256((const __m256i *)(kp + 32));
+      __m256 st[4];
+      scale_avx2(j, c, j.term(c, G[0], i), st);
+      acc[0][0] = lookup_avx2<0>(k0, st, acc[0][0]);
+      acc[0][1] = lookup_avx2<0>(k1, st, acc[0][1]);
+      if (!shared && G[1] != G[0]) scale_avx2(j, c, j.term(c, G[1], i), st);
+      acc[1][0] = lookup_avx2<1>(k0, st, acc[1][0]);
+      acc[1][1] = lookup_avx2<1>(k1, st, acc[1][1]);
+      if (!shared && G[2] != G[1]) scale_avx2(j, c, j.term(c, G[2], i), st);
+      acc[2][0] = lookup_avx2<2>(k0, st, acc[2][0]);
+      acc[2][1] = lookup_avx2<2>(k1, st, acc[2][1]);
+      if (!shared && G[3] != G[2]) scale_avx2(j, c, j.term(c, G[3], i), st);
+      acc[3][0] = lookup_avx2<3>(k0, st, acc[3][0]);
+      acc[3][1] = lookup_avx2<3>(k1, st, acc[3][1]);
     }
   }
-  const int64_t rows = std::min<int64_t>(kLanes, j.N - t * kLanes);
-  std::memcpy(j.y + t * kLanes, acc, rows * sizeof(float));
-}
-
-bool tile_in_one_group(const Job &j, int64_t t) {
-  const int64_t first = t * kLanes, last = std::min(j.N, first + kLanes) - 1;
-  return first / j.group == last / j.group;
-}
-
-// AVX-512: NB tiles of one row group at once; each scaled 16-entry half table lives in a register
-// (vpermps lookup); alpha applied to the tables with vscalefps (exact multiply by 2^e).
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 flip_sign(__m512 v, __m512i mask) {
-  return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), mask));  // avx512f only (no DQ)
-}
-
-template <int NB>
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void tiles_avx512(const Job &j, int64_t t0) {
-  const int64_t G = (t0 * kLanes) / j.group;
-  const __m512i m15 = _mm512_set1_epi32(15);
-  __m512 acc[NB];
-  for (int b = 0; b < NB; ++b) acc[b] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < j.C; ++c) {
-    const __m512 lo = _mm512_loadu_ps(j.tables + c * 32), hi = _mm512_loadu_ps(j.tables + c * 32 + 16);
-    for (int64_t i = 0; i < j.q; ++i) {
-      const int64_t s0 = ((c * j.NG + G) * j.q + i) * j.T;
-      __m512 slo = _mm512_setzero_ps(), shi = _mm512_setzero_ps();
-      for (int64_t tt = 0; tt < j.T; ++tt) {
-        // Branch-free (signs are random): sign 0 -> scale by 2^-inf = 0; sign -1 -> flip sign bit.
-        const int8_t s = j.signs[s0 + tt];
-        const __m512 e = _mm512_set1_ps(s ? (float)j.exps[s0 + tt] : -INFINITY);
-        const __m512i neg = _mm512_set1_epi32((int)((uint32_t)(s < 0) << 31));
-        slo = _mm512_add_ps(slo, flip_sign(_mm512_scalef_ps(lo, e), neg));
-        shi = _mm512_add_ps(shi, flip_sign(_mm512_scalef_ps(hi, e), neg));
-      }
-      for (int b = 0; b < NB; ++b) {
-        const uint8_t *kp = j.tiles + (((t0 + b) * j.C + c) * j.q + i) * kLanes;
-        const __m512i key = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)kp));
-        const __m512 v = _mm512_add_ps(_mm512_permutexvar_ps(_mm512_and_si512(key, m15), slo),
-                                       _mm512_permutexvar_ps(_mm512_srli_epi32(key, 4), shi));
-        acc[b] = _mm512_add_ps(acc[b], v);
-      }
-    }
-  }
-  for (int b = 0; b < NB; ++b) {
-    const int64_t rows = std::min<int64_t>(kLanes, j.N - (t0 + b) * kLanes);
-    _mm512_mask_storeu_ps(j.y + (t0 + b) * kLanes, (__mmask16)((1u << rows) - 1), acc[b]);
-  }
-}
-
-// AVX2: 8 rows per ymm, two 8-entry permutes + blend per 16-entry lookup; 2^e applied by adding
-// e to the exponent field (exact for normal v and result; v == 0 stays 0 via a mask).
-__attribute__((target("avx2,fma"))) __m256 ldexp_avx2(__m256 v, int e) {
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i shifted = _mm256_add_epi32(bits, _mm256_set1_epi32(e * (1 << 23)));
-  const __m256i is_zero = _mm256_cmpeq_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x7f800000)),
-                                             _mm256_setzero_si256());
-  return _mm256_castsi256_ps(_mm256_andnot_si256(is_zero, shifted));
-}
-
-__attribute__((target("avx2,fma"))) __m256 lookup16_avx2(__m256i idx, __m256 t0, __m256 t1) {
-  const __m256 a = _mm256_permutevar8x32_ps(t0, idx), b = _mm256_permutevar8x32_ps(t1, idx);
-  return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));  // bit 3 -> sign
-}
-
-template <int NB>
-__attribute__((target("avx2,fma"))) void tiles_avx2(const Job &j, int64_t t0) {
-  const int64_t G = (t0 * kLanes) / j.group;
-  const __m256i m15 = _mm256_set1_epi32(15);
-  __m256 acc[NB][2];
-  for (int b = 0; b < NB; ++b) acc[b][0] = acc[b][1] = _mm256_setzero_ps();
-  for (int64_t c = 0; c < j.C; ++c) {
-    const float *tb = j.tables + c * 32;
-    __m256 base[4];
-    for (int r = 0; r < 4; ++r) base[r] = _mm256_loadu_ps(tb + 8 * r);
-    for (int64_t i = 0; i < j.q; ++i) {
-      const int64_t s0 = ((c * j.NG + G) * j.q + i) * j.T;
-      __m256 st[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-      for (int64_t tt = 0; tt < j.T; ++tt) {
-        // Branch-free: sign 0 -> all-zero keep mask; sign -1 -> flip sign bit.
-        const int8_t s = j.signs[s0 + tt];
-        const __m256 keep = _mm256_castsi256_ps(_mm256_set1_epi32(s ? -1 : 0));
-        const __m256 neg = _mm256_castsi256_ps(_mm256_set1_epi32((int)((uint32_t)(s < 0) << 31)));
-        for (int r = 0; r < 4; ++r) {
-          const __m256 a = _mm256_and_ps(keep, _mm256_xor_ps(ldexp_avx2(base[r], j.exps[s0 + tt]), neg));
-          st[r] = _mm256_add_ps(st[r], a);
-        }
-      }
-      for (int b = 0; b < NB; ++b) {
-        const uint8_t *kp = j.tiles + (((t0 + b) * j.C + c) * j.q + i) * kLanes;
-        for (int h = 0; h < 2; ++h) {
-          const __m256i key = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(kp + 8 * h)));
-          const __m256 v = _mm256_add_ps(lookup16_avx2(_mm256_and_si256(key, m15), st[0], st[1]),
-                                         lookup16_avx2(_mm256_srli_epi32(key, 4), st[2], st[3]));
-          acc[b][h] = _mm256_add_ps(acc[b][h], v);
-        }
-      }
-    }
-  }
-  for (int b = 0; b < NB; ++b) {
+  for (int b = 0; b < kQuad; ++b) {
+    const int64_t r0 = Q * kQuadRows + b * kLanes, rows = std::min<int64_t>(kLanes, j.N - r0);
+    if (rows <= 0) break;
     alignas(32) float out[kLanes];
     _mm256_store_ps(out, acc[b][0]);
     _mm256_store_ps(out + 8, acc[b][1]);
-    const int64_t rows = std::min<int64_t>(kLanes, j.N - (t0 + b) * kLanes);
-    std::memcpy(j.y + (t0 + b) * kLanes, out, rows * sizeof(float));
+    std::memcpy(j.y + r0, out, rows * sizeof(float));
   }
 }
+
+// ---------------------------------------------------------------------------------------------
 
 enum class Isa { Scalar, Avx2, Avx512 };
 
@@ -216,76 +344,101 @@ Isa parse_isa(const std::string &name) {
   throw std::invalid_argument("backend '" + name + "' is unknown or not supported by this CPU");
 }
 
-// Tiles [t0, t1): batches of up to 8 (AVX-512) / 4 (AVX2) consecutive tiles of one row group
-// share the scaled tables; a tile spanning two row groups runs the scalar path.
-void run_tiles(const Job &j, Isa isa, int64_t t0, int64_t t1) {
-  const int64_t max_nb = isa == Isa::Avx512 ? 8 : 4;
-  int64_t t = t0;
-  while (t < t1) {
-    if (isa == Isa::Scalar || !tile_in_one_group(j, t)) {
-      tile_scalar(j, t++);
-      continue;
-    }
-    const int64_t G = (t * kLanes) / j.group;
-    int64_t nb = 1;
-    while (nb < max_nb && t + nb < t1 && tile_in_one_group(j, t + nb) && ((t + nb) * kLanes) / j.group == G) ++nb;
-    if (isa == Isa::Avx512) {
-      switch (nb) {
-        case 8: tiles_avx512<8>(j, t); break;
-        case 7: tiles_avx512<7>(j, t); break;
-        case 6: tiles_avx512<6>(j, t); break;
-        case 5: tiles_avx512<5>(j, t); break;
-        case 4: tiles_avx512<4>(j, t); break;
-        case 3: tiles_avx512<3>(j, t); break;
-        case 2: tiles_avx512<2>(j, t); break;
-        default: tiles_avx512<1>(j, t); break;
-      }
-    } else {
-      switch (nb) {
-        case 4: tiles_avx2<4>(j, t); break;
-        case 3: tiles_avx2<3>(j, t); break;
-        case 2: tiles_avx2<2>(j, t); break;
-        default: tiles_avx2<1>(j, t); break;
-      }
-    }
-    t += nb;
+// Row groups of the tiles of quad Q (rows beyond N count as the last row's group); false when a
+// tile spans two groups.
+bool tile_groups(const Job &j, int64_t Q, int64_t *G) {
+  for (int b = 0; b < kQuad; ++b) {
+    const int64_t first = std::min(j.N - 1, Q * kQuadRows + b * kLanes);
+    const int64_t last = std::min(j.N - 1, first + kLanes - 1);
+    G[b] = first / j.group;
+    if (last / j.group != G[b]) return false;
   }
+  return true;
+}
+
+// Quad Q, alone: SIMD when each tile lies in one row group, else row by row.
+void run_quad(const Job &j, Isa isa, int64_t Q) {
+  int64_t G[kQuad];
+  if (isa == Isa::Scalar || !tile_groups(j, Q, G)) {
+    for (int64_t n = Q * kQuadRows; n < std::min(j.N, (Q + 1) * kQuadRows); ++n) row_scalar(j, n);
+  } else if (isa == Isa::Avx2) {
+    quad_avx2(j, Q, G);
+  } else if (G[0] == G[3]) {
+    quads_shared_avx512<1>(j, Q, G[0]);
+  } else {
+    quad_tiles_avx512(j, Q, G);
+  }
+}
+
+// Work item u: quads [2u, 2u + 2). AVX-512 runs a pair lying in one row group (128 rows) with one
+// set of scaled tables; everything else quad by quad.
+void run_pair(const Job &j, Isa isa, int64_t u, int64_t NQ) {
+  const int64_t Q0 = 2 * u;
+  if (isa == Isa::Avx512 && Q0 + 1 < NQ) {
+    const int64_t G = (Q0 * kQuadRows) / j.group;
+    if (std::min(j.N - 1, (Q0 + 2) * kQuadRows - 1) / j.group == G) return quads_shared_avx512<2>(j, Q0, G);
+  }
+  for (int64_t Q = Q0; Q < std::min(NQ, Q0 + 2); ++Q) run_quad(j, isa, Q);
 }
 
 template <class T>
 using Arr = nb::ndarray<T, nb::c_contig, nb::device::cpu>;
 
-void lut_gemv(Arr<const float> x, Arr<const uint8_t> tiles, Arr<const int8_t> exps, Arr<const int8_t> signs,
-              Arr<float> y, int64_t n, int64_t group, const std::string &backend, int threads) {
-  const Isa isa = parse_isa(backend);
-  if (x.ndim() != 1 || tiles.ndim() != 4 || exps.ndim() != 4 || signs.ndim() != 4 || y.ndim() != 1)
-    throw std::invalid_argument("shiftadd_lut_gemv: x [K], tiles [NT, C, q, 16], exps/signs [C, NG, q, T], y [N]");
-  const int64_t K = x.shape(0), NT = tiles.shape(0), C = tiles.shape(1), q = tiles.shape(2);
-  const int64_t NG = exps.shape(1), T = exps.shape(3);
-  if (group < 1 || NT != (n + kLanes - 1) / kLanes || tiles.shape(3) != kLanes || C != (K + 7) / 8 ||
-      (int64_t)y.shape(0) != n || exps.shape(0) != (size_t)C || exps.shape(2) != (size_t)q ||
-      NG != (n + group - 1) / group)
-    throw std::invalid_argument("shiftadd_lut_gemv: shapes of x, tiles, exps and y do not match");
-  for (int d = 0; d < 4; ++d)
-    if (signs.shape(d) != exps.shape(d)) throw std::invalid_argument("shiftadd_lut_gemv: signs shape != exps shape");
-  std::vector<float> tables(C * 32);
-  Job j{tables.data(), tiles.data(), exps.data(), signs.data(), y.data(), n, C, NG, group, q, T};
-  nb::gil_scoped_release release;
-  build_tables(x.data(), K, C, tables.data());
-  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>(threads, NT));
-  if (nt == 1) return run_tiles(j, isa, 0, NT);
-  std::vector<std::thread> pool;
-  const int64_t per = (NT + nt - 1) / nt;
-  for (int w = 1; w < nt; ++w)
-    pool.emplace_back(run_tiles, std::cref(j), isa, std::min(NT, w * per), std::min(NT, (w + 1) * per));
-  run_tiles(j, isa, 0, std::min(NT, per));
-  for (auto &th : pool) th.join();
-}
+// Weights in kernel layout, checked once and held (no copy) so a GEMV call converts only x and y.
+class LutWeights {
+ public:
+  LutWeights(Arr<const uint8_t> keys, Arr<const int8_t> exps, Arr<const int8_t> signs, Arr<const float> escale,
+             int64_t n, int64_t group)
+      : keys_(keys), exps_(exps), signs_(signs), escale_(escale), n_(n), group_(group) {
+    if (keys.ndim() != 5 || exps.ndim() != 4 || signs.ndim() != 4 || escale.ndim() != 4)
+      throw std::invalid_argument("ShiftAddWeights: keys [NQ, C, q, 16, 4], exps/signs/escale [C, NG, q, T]");
+    nq_ = keys.shape(0), c_ = keys.shape(1), q_ = keys.shape(2), ng_ = exps.shape(1), t_ = exps.shape(3);
+    if (group < 1 || n < 1 || t_ < 1 || nq_ != (n + kQuadRows - 1) / kQuadRows || keys.shape(3) != kLanes ||
+        keys.shape(4) != kQuad || (int64_t)exps.shape(0) != c_ || (int64_t)exps.shape(2) != q_ ||
+        ng_ != (n + group - 1) / group)
+      throw std::invalid_argument("ShiftAddWeights: shapes of keys and exps do not match n and group");
+    for (int d = 0; d < 4; ++d)
+      if (signs.shape(d) != exps.shape(d) || escale.shape(d) != exps.shape(d))
+        throw std::invalid_argument("ShiftAddWeights: signs/escale shape != exps shape");
+  }
+
+  // y [N] = W x, x [K] with ceil(K / 8) == C.
+  void gemv(Arr<const float> x, Arr<float> y, const std::string &backend, int threads) const {
+    const Isa isa = parse_isa(backend);
+    if (x.ndim() != 1 || y.ndim() != 1 || (int64_t)(x.shape(0) + 7) / 8 != c_ || (int64_t)y.shape(0) != n_)
+      throw std::invalid_argument("shiftadd gemv: shapes of x, keys, exps and y do not match");
+    const int64_t K = x.shape(0), C = c_;
+    thread_local std::vector<float> tables;
+    thread_local std::vector<uint32_t> nz;
+    tables.resize(C * 64);
+    nz.resize(isa == Isa::Avx2 ? C * 32 : 0);
+    const Job j{tables.data(), nz.empty() ? nullptr : nz.data(), keys_.data(), exps_.data(), signs_.data(),
+                escale_.data(), y.data(), n_, C, ng_, group_, q_, t_};
+    nb::gil_scoped_release release;
+    if (isa == Isa::Avx512) {
+      build_tables_avx512(x.data(), K, C, tables.data());
+    } else if (isa == Isa::Avx2) {
+      build_tables_avx2(x.data(), K, C, tables.data(), nz.data());
+    } else {
+      build_tables(x.data(), K, C, tables.data());
+    }
+    const int64_t nq = nq_;
+    get_pool(std::max(1, threads)).run_chunks((nq + 1) / 2, [&](int64_t u) { run_pair(j, isa, u, nq); });
+  }
+
+ private:
+  Arr<const uint8_t> keys_;
+  Arr<const int8_t> exps_, signs_;
+  Arr<const float> escale_;
+  int64_t n_, group_, nq_ = 0, c_ = 0, q_ = 0, ng_ = 0, t_ = 0;
+};
 
 }  // namespace
 
 void register_shiftadd(nb::module_ &m) {
-  m.def("shiftadd_lut_gemv", &lut_gemv, nb::arg("x"), nb::arg("tiles"), nb::arg("exps"), nb::arg("signs"),
-        nb::arg("y"), nb::arg("n"), nb::arg("group"), nb::arg("backend"), nb::arg("threads"),
-        "y[N] = W x for Latency-mode BCQ weights via 16-entry LUT halves, exponent shifts and adds.");
+  nb::class_<LutWeights>(m, "ShiftAddWeights", "Latency-mode BCQ weights in the LUT GEMV kernel's quad layout.")
+      .def(nb::init<Arr<const uint8_t>, Arr<const int8_t>, Arr<const int8_t>, Arr<const float>, int64_t, int64_t>(),
+           nb::arg("keys"), nb::arg("exps"), nb::arg("signs"), nb::arg("escale"), nb::arg("n"), nb::arg("group"))
+      .def("gemv", &LutWeights::gemv, nb::arg("x"), nb::arg("y"), nb::arg("backend"), nb::arg("threads"),
+           "y[N] = W x via 16-entry LUT halves, exponent shifts and adds.");
 }
