@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128, help="weights per scale set (lat: 8 columns x group/8 rows)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--apot-terms", type=int, default=3, help="signed powers of two per ShiftAdd scale")
-    ap.add_argument("--incoherence", choices=("none", "hadamard"), default="none",
+    ap.add_argument("--incoherence", choices=("none", "hadamard", "hadamard-out", "hadamard-io"), default="none",
                     help="randomized Hadamard incoherence processing for gptq and shiftadd rows")
     ap.add_argument("--bits", type=int, nargs="+", default=[3, 2])
     ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "shiftadd-acc", "shiftadd-lat"])

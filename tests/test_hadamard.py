@@ -47,34 +47,43 @@ def test_transform_pair_is_exact_and_hessian_consistent():
     torch.testing.assert_close(rht.apply_input(x) @ rht.rotate_weight(w).T, x @ w.T)
     xr = rht.apply_input(x)
     torch.testing.assert_close(rht.rotate_hessian(x.T @ x), xr.T @ xr)
+    u = RandomHadamard(5 * 8, seed=5)  # output side: y = U⁻¹ (U W) x
+    w2 = torch.randn(40, k, dtype=torch.float64)
+    torch.testing.assert_close(u.invert_output(x @ u.rotate_output_weight(w2).T), x @ w2.T)
     assert torch.equal(RandomHadamard(k, 3).negative, rht.negative) and not torch.equal(RandomHadamard(k, 4).negative, rht.negative)
 
 
 @pytest.mark.parametrize("method", [ShiftAdd(3, 16, "acc", rounds=3, incoherence="hadamard"),
-                                    ShiftAdd(3, 16, "lat", rounds=3, incoherence="hadamard"),
-                                    GPTQ(4, 16, blocksize=16, incoherence="hadamard")], ids=["acc", "lat", "gptq"])
+                                    ShiftAdd(3, 16, "lat", rounds=3, incoherence="hadamard-io"),
+                                    ShiftAdd(3, 16, "acc", rounds=3, incoherence="hadamard-out"),
+                                    GPTQ(4, 16, blocksize=16, incoherence="hadamard-io")],
+                         ids=["acc-in", "lat-io", "acc-out", "gptq-io"])
 def test_rotated_layer_approximates_original(method):
     torch.manual_seed(0)
     x = torch.randn(256, 64) * torch.linspace(0.1, 3, 64)
-    w = torch.randn(32, 64)
-    layer = method.quantize(w, x.T @ x / 256, None)
-    assert layer.rht is not None and layer.rht.block == 64
+    w = torch.randn(48, 64)
+    b = torch.randn(48)
+    layer = method.quantize(w, x.T @ x / 256, b)
+    assert layer.rht is not None or layer.rht_out is not None
+    assert layer.rht is None or layer.rht.block == 64
+    assert layer.rht_out is None or layer.rht_out.block == 16
     with torch.no_grad():
-        err = ((layer(x) - x @ w.T) ** 2).mean() / ((x @ w.T) ** 2).mean()
-        assert err < 0.1
-        # the stored weight lives in the rotated basis
-        torch.testing.assert_close(layer(x), layer.rht.apply_input(x) @ layer.dequantize().T)
+        y = x @ w.T + b
+        assert ((layer(x) - y) ** 2).mean() / (y**2).mean() < 0.1
+        # the stored weight lives in the rotated basis: y = U⁻¹ (W'' T x) + b
+        yr = (x if layer.rht is None else layer.rht.apply_input(x)) @ layer.dequantize().T
+        torch.testing.assert_close(layer(x), (yr if layer.rht_out is None else layer.rht_out.invert_output(yr)) + b)
 
 
-@pytest.mark.parametrize("mode", ["acc", "lat"])
-def test_quantize_save_reload_with_incoherence(mode, tmp_path):
+@pytest.mark.parametrize("mode,kind", [("acc", "hadamard"), ("lat", "hadamard-io")])
+def test_quantize_save_reload_with_incoherence(mode, kind, tmp_path):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                                    max_position_embeddings=64)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     x = torch.randint(0, 300, (1, 12))
-    method = ShiftAdd(3, 16, mode, rounds=2, incoherence="hadamard", seed=7)
+    method = ShiftAdd(3, 16, mode, rounds=2, incoherence=kind, seed=7)
     metas = quantize_model(model, method, torch.randint(0, 300, (4, 16)), progress=False)
     down = next(m for name, m in metas.items() if name.endswith("down_proj"))
     assert down["incoherence"] == {"transform": "hadamard", "block": 16, "seed": down["incoherence"]["seed"]}
@@ -82,6 +91,12 @@ def test_quantize_save_reload_with_incoherence(mode, tmp_path):
     y = model(x).logits
     save_quantized(model, None, tmp_path / "q", method, metas, {})
     reloaded, _ = load_quantized(tmp_path / "q")
-    assert reloaded.config.mulfree_quant["incoherence"] == "hadamard"
+    assert reloaded.config.mulfree_quant["incoherence"] == kind
+    assert ("incoherence_out" in down) == (kind == "hadamard-io")
     assert reloaded.config.mulfree_quant["incoherence_seed"] == 7
     torch.testing.assert_close(reloaded(x).logits, y, rtol=0, atol=0)
+    layer = reloaded.get_submodule(next(iter(metas)))
+    one = torch.randn(1, 1, 32)
+    with torch.no_grad():  # single token: lat mode runs the LUT kernel on the transformed input
+        torch.testing.assert_close(layer(one), layer.finish_output(layer.rotate_input(one) @ layer.dequantize().T),
+                                   rtol=1e-5, atol=1e-5)

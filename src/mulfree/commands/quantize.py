@@ -34,9 +34,9 @@ def register(subparsers) -> None:
                            help="local text files for calibration (default: bundled corpus, train split)")
             p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
             p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")
-            p.add_argument("--incoherence", choices=("none", "hadamard"), default="none",
-                           help="hadamard: quantize W T^-1 against T H T^T with T a random-sign block Walsh-Hadamard "
-                           "transform (adds only), applied to the input online (default none)")
+            p.add_argument("--incoherence", choices=("none", "hadamard", "hadamard-out", "hadamard-io"), default="none",
+                           help="randomized block Walsh-Hadamard transforms (adds only, undone online): hadamard = "
+                           "input side (W T^-1 against T H T^T), hadamard-out = output side, hadamard-io = both")
         if name == "shiftadd":
             p.add_argument("--mode", choices=("acc", "lat"), default="acc",
                            help="acc: scales per column; lat: scales shared by 8 columns for the LUT kernel")

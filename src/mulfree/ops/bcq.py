@@ -94,13 +94,15 @@ def bcq_fit(
         alpha = -np.sort(-np.abs(alpha), axis=-1)
         alpha, exps, signs = _apot_round_np(alpha, terms)
         levels = alpha @ combos.T  # [G, L]
-        idx = np.abs(wn[..., None] - levels[:, None, :]).argmin(-1)
+        prev, idx = idx, np.abs(wn[..., None] - levels[:, None, :]).argmin(-1)
         counts, sums = level_stats(idx)
         err = w2 - 2 * (levels * sums).sum(-1) + (levels * levels * counts).sum(-1)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         for kept, new in zip(best, (idx, exps, signs)):
             kept[better] = new[better]
+        if np.array_equal(idx, prev):  # fixed point: every further round would repeat this one
+            break
     idx, exps, signs = best
     exps_t, signs_t = torch.from_numpy(exps).to(torch.int8), torch.from_numpy(signs).to(torch.int8)
     return torch.from_numpy(combos[idx] > 0), apot_value(exps_t, signs_t), exps_t, signs_t

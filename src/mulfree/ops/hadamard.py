@@ -66,6 +66,16 @@ class RandomHadamard:
         w = torch.where(self.negative, -w, w)
         return torch.ldexp(fwht(w, self.block), torch.tensor(float(self.shift_w), dtype=w.dtype))
 
+    def rotate_output_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """U W for W [dim, K] (this transform applied to the output side, i.e. to the rows' mix)."""
+        return self.apply_input(w.T).T.contiguous()
+
+    def invert_output(self, y: torch.Tensor) -> torch.Tensor:
+        """y = U⁻¹ y'' along the last dim: y'' H_b D · 2^(-log2 b - s) (butterflies, sign flips, one shift)."""
+        y = fwht(y, self.block)
+        y = torch.where(self.negative, -y, y)
+        return torch.ldexp(y, torch.tensor(float(self.shift_w), dtype=y.dtype))
+
     def rotate_hessian(self, h: torch.Tensor) -> torch.Tensor:
         """H' = T H Tᵀ for H = E[x xᵀ] [dim, dim], in float64."""
         h = h.double()

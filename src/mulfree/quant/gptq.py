@@ -131,28 +131,38 @@ class UniformQuantizer:
         return {"codes": self.codes, "scale": self.scale, "zero": self.zero}
 
 
-INCOHERENCE = ("none", "hadamard")
+INCOHERENCE = {"none": (False, False), "hadamard": (True, False), "hadamard-out": (False, True),
+               "hadamard-io": (True, True)}  # name -> (input side, output side)
 
 
 class Incoherence:
     """Optional randomized Hadamard incoherence processing shared by the Hessian-based methods:
-    each layer gets its own sign seed (`seed` + layer index in quantization order)."""
+    `hadamard` rotates the input side, `hadamard-out` the output side, `hadamard-io` both. Layer i
+    (in quantization order) draws its signs from seed + 2i (input) and seed + 2i + 1 (output)."""
 
     def __init__(self, kind: str = "none", seed: int = 0):
         if kind not in INCOHERENCE:
-            raise ValueError(f"incoherence must be one of {INCOHERENCE}, got {kind!r}")
+            raise ValueError(f"incoherence must be one of {sorted(INCOHERENCE)}, got {kind!r}")
         self.kind, self.seed, self._layers = kind, seed, 0
 
     def config(self) -> dict:
         return {"incoherence": self.kind, "incoherence_seed": self.seed}
 
-    def rotate(self, w: torch.Tensor, h: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, RandomHadamard | None]:
-        """(W', H', transform) for the next layer: W T⁻¹ and T H Tᵀ, or the inputs unchanged with 'none'."""
-        if self.kind == "none":
-            return w, h, None
-        rht = RandomHadamard(w.shape[1], self.seed + self._layers)
+    def rotate(self, w: torch.Tensor, h: torch.Tensor | None) -> tuple:
+        """(W'', H', input transform | None, output transform | None) for the next layer:
+        W'' = U W T⁻¹ and H' = T H Tᵀ for the enabled sides."""
+        side_in, side_out = INCOHERENCE[self.kind]
+        base = self.seed + 2 * self._layers
         self._layers += 1
-        return rht.rotate_weight(w.float()), None if h is None else rht.rotate_hessian(h).float(), rht
+        rin = RandomHadamard(w.shape[1], base) if side_in else None
+        rout = RandomHadamard(w.shape[0], base + 1) if side_out else None
+        w = w.float()
+        if rin is not None:
+            w = rin.rotate_weight(w)
+            h = None if h is None else rin.rotate_hessian(h).float()
+        if rout is not None:
+            w = rout.rotate_output_weight(w)
+        return w, h, rin, rout
 
 
 class GPTQ:
@@ -176,11 +186,11 @@ class GPTQ:
         from mulfree.quant.qlinear import UniformLinear
 
         n, k = w.shape
-        w, h, rht = self.incoherence.rotate(w, h)
+        w, h, rin, rout = self.incoherence.rotate(w, h)
         group = k if self.group <= 0 else min(self.group, k)
         uq = UniformQuantizer(w, self.bits, group)
         gptq_solve(w, h, uq, uq.order(torch.diag(h)), self.blocksize, self.percdamp)
         layer = UniformLinear(k, n, bias is not None, self.bits, group)
         layer.load_state_dict({**uq.state(), **({"bias": bias} if bias is not None else {})})
-        layer.rht = rht
+        layer.rht, layer.rht_out = rin, rout
         return layer

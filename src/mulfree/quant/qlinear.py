@@ -4,7 +4,8 @@
 bits and APoT scale exponents/signs as int8 (format in `ops/bcq.py`). Latency-mode ShiftAdd layers
 run single-token inputs through the LUT GEMV kernel (`kernels/shiftadd.py`); everything else uses
 the dense weight rebuilt once from the stored codes. A layer quantized with incoherence processing
-(`rht`, `ops/hadamard.py`) stores W' in the rotated basis and transforms its input online first.
+(`ops/hadamard.py`) stores W'' = U W T⁻¹ in the rotated basis: it applies T (`rht`) to its input
+first and U⁻¹ (`rht_out`) to its output before the bias.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class _QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self._dense: torch.Tensor | None = None
         self.rht: RandomHadamard | None = None  # input transform x -> T x, when quantized incoherently
+        self.rht_out: RandomHadamard | None = None  # output transform U (y = U⁻¹ y'')
 
     def dequantize(self) -> torch.Tensor:
         """Dense fp32 W̃ [out, in] (in the rotated basis when `rht` is set)."""
@@ -46,9 +48,15 @@ class _QuantLinear(nn.Module):
         """x as the stored weight expects it: T x with incoherence processing, else x."""
         return x if self.rht is None else self.rht.apply_input(x)
 
+    def finish_output(self, y: torch.Tensor) -> torch.Tensor:
+        """U⁻¹ y'' (with output-side incoherence) plus the bias."""
+        if self.rht_out is not None:
+            y = self.rht_out.invert_output(y)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.rotate_input(x)
-        return F.linear(x, self.weight_dense().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return self.finish_output(F.linear(x, self.weight_dense().to(x.dtype)))
 
 
 class UniformLinear(_QuantLinear):
@@ -98,9 +106,7 @@ class ShiftAddLinear(_QuantLinear):
             x = self.rotate_input(x)
             if self._kernel_weights is None:
                 self._kernel_weights = kernel.prepare(self.planes, self.exps, self.signs, self.out_features, self.group)
-            y = kernel.lut_gemv(x.reshape(-1).float(), self._kernel_weights)
-            if self.bias is not None:
-                y = y + self.bias
+            y = self.finish_output(kernel.lut_gemv(x.reshape(-1).float(), self._kernel_weights))
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return super().forward(x)
 
@@ -116,14 +122,21 @@ def build_qlinear(meta: dict) -> _QuantLinear:
         )
     else:
         raise ValueError(f"unknown quantized layer kind {meta['kind']!r}")
-    inc = meta.get("incoherence")
-    if inc is not None:
-        if inc["transform"] != "hadamard":
-            raise ValueError(f"unknown incoherence transform {inc['transform']!r}")
-        layer.rht = RandomHadamard(meta["in_features"], inc["seed"])
-        if layer.rht.block != inc["block"]:
-            raise ValueError(f"Hadamard block {inc['block']} does not match width {meta['in_features']}")
+    layer.rht = _transform(meta.get("incoherence"), meta["in_features"])
+    layer.rht_out = _transform(meta.get("incoherence_out"), meta["out_features"])
     return layer
+
+
+def _transform(inc: dict | None, dim: int) -> RandomHadamard | None:
+    """Rebuild a stored incoherence transform ({transform, block, seed}) of width `dim`."""
+    if inc is None:
+        return None
+    if inc["transform"] != "hadamard":
+        raise ValueError(f"unknown incoherence transform {inc['transform']!r}")
+    rht = RandomHadamard(dim, inc["seed"])
+    if rht.block != inc["block"]:
+        raise ValueError(f"Hadamard block {inc['block']} does not match width {dim}")
+    return rht
 
 
 def describe(layer: _QuantLinear) -> dict:
@@ -141,4 +154,6 @@ def describe(layer: _QuantLinear) -> dict:
         meta.update(kind="uniform")
     if layer.rht is not None:
         meta["incoherence"] = layer.rht.meta()
+    if layer.rht_out is not None:
+        meta["incoherence_out"] = layer.rht_out.meta()
     return meta

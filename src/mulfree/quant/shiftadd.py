@@ -142,7 +142,7 @@ class ShiftAdd:
     ) -> ShiftAddLinear:
         n, k = w.shape
         bits = bits or self.bits
-        w, h, rht = self.incoherence.rotate(w, h)
+        w, h, rin, rout = self.incoherence.rotate(w, h)
         cq_rows = self.group // MODES[self.mode]  # group = weights per scale set (lat: 8 columns x group/8 rows)
         group = n if self.group <= 0 else min(max(1, cq_rows), n)
         cq = BCQColumnQuantizer(n, k, bits, group, self.mode, self.rounds, self.terms)
@@ -154,7 +154,7 @@ class ShiftAdd:
         if bias is not None:
             state["bias"] = bias
         layer.load_state_dict(state)
-        layer.rht = rht
+        layer.rht, layer.rht_out = rin, rout
         return layer
 
 
