@@ -1,7 +1,10 @@
 """ShiftAdd LUT GEMV: every backend equals the dense product and the torch reference; all
-compiled paths agree bit for bit; awkward shapes (odd K, N not a multiple of 16 or of the group)."""
+compiled paths agree bit for bit; awkward shapes (odd K, N not a multiple of 16, 64 or the group;
+groups that share a 64-row quad, split one, or split a 16-row tile)."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -11,7 +14,18 @@ from mulfree.kernels import shiftadd as kernel
 from mulfree.ops.bcq import bcq_dequantize, bcq_lut_gemv, lut_tables
 from mulfree.ops.powers import apot_round
 
-SHAPES = [(1, 8, 1, 3), (37, 29, 37, 3), (50, 64, 32, 2), (64, 131, 16, 3), (33, 17, 8, 1), (130, 200, 128, 4)]
+SHAPES = [
+    (1, 8, 1, 3),
+    (37, 29, 37, 3),
+    (50, 64, 32, 2),
+    (64, 131, 16, 3),
+    (33, 17, 8, 1),
+    (130, 200, 128, 4),
+    (200, 40, 64, 3),
+    (96, 16, 48, 3),
+    (300, 24, 24, 2),
+    (65, 1000, 256, 3),
+]
 
 
 def _weights(n, k, g, q, seed=0):
@@ -44,16 +58,28 @@ def test_kernel_matches_dense(n, k, g, q, backend):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_compiled_backends_agree_exactly(threads):
+@pytest.mark.parametrize("n,g", [(70, 32), (300, 128), (200, 16)])
+def test_compiled_backends_agree_exactly(threads, n, g):
     compiled = [b for b in available_backends() if b != "reference"]
     if not compiled:
         pytest.skip("extension not built")
-    planes, exps, signs = _weights(70, 45, 32, 3, seed=1)
-    w = kernel.prepare(planes, exps, signs, 70, 32)
+    planes, exps, signs = _weights(n, 45, g, 3, seed=1)
+    w = kernel.prepare(planes, exps, signs, n, g)
     x = torch.randn(45)
     outs = [kernel.lut_gemv(x, w, b, threads) for b in compiled]
     for out in outs[1:]:
         assert torch.equal(out, outs[0])
+
+
+def test_prepared_weights_survive_deepcopy():
+    if "scalar" not in available_backends():
+        pytest.skip("extension not built")
+    planes, exps, signs = _weights(40, 24, 16, 2)
+    w = kernel.prepare(planes, exps, signs, 40, 16)
+    x = torch.randn(24)
+    y = kernel.lut_gemv(x, w, "scalar")  # creates the extension handle
+    clone = copy.deepcopy(w)
+    assert torch.equal(kernel.lut_gemv(x, clone, "scalar"), y)
 
 
 def test_kernel_rejects_mismatched_shapes():

@@ -22,11 +22,13 @@ QUAD = 4  # tiles per quad: the 4 bytes of one 32-bit key lane
 class LutWeights:
     """Latency-mode BCQ weights in storage layout and in the kernel's quad layout."""
 
-    planes: torch.Tensor  # uint8 [q, N, C]
+    planes: torch.Tensor  # uint8 [q, N, C] (stored layout, for the reference path)
     exps: torch.Tensor  # int8 [C, NG, q, T]
     signs: torch.Tensor  # int8 [C, NG, q, T]
-    escale: torch.Tensor  # fp32 [C, NG, q, T]: exponent, -inf where the term is absent
-    keys: torch.Tensor  # uint8 [ceil(N/64), C, q, 16, 4]: byte b of lane l = row 64Q + 16b + l
+    kexps: torch.Tensor  # int8 [NG, C, q, T]: exps with the row group outermost (kernel order)
+    ksigns: torch.Tensor  # int8 [NG, C, q, T]
+    escale: torch.Tensor  # fp32 [NG, C, q, T]: exponent, -inf where the term is absent
+    keys: torch.Tensor  # uint8 flat [ceil(N/64), C, q, 16, 4] + 64 zero bytes: byte b of lane l = row 64Q + 16b + l
     n: int
     group: int
     native: object | None = field(default=None, repr=False, compare=False)  # extension handle, made on first use
@@ -37,18 +39,25 @@ class LutWeights:
     def handle(self) -> object:
         """The extension's `ShiftAddWeights` over these tensors (no copy), created once."""
         if self.native is None:
-            self.native = cpu_module().ShiftAddWeights(self.keys, self.exps, self.signs, self.escale, self.n, self.group)
+            self.native = cpu_module().ShiftAddWeights(
+                self.keys, self.kexps, self.ksigns, self.escale, self.n, self.group
+            )
         return self.native
 
 
 def prepare(planes: torch.Tensor, exps: torch.Tensor, signs: torch.Tensor, n: int, group: int) -> LutWeights:
-    """Re-lay stored planes [q, N, C] as quads [ceil(N/64), C, q, 16, 4], in the order the kernel reads them."""
+    """Re-lay stored planes [q, N, C] as quads [ceil(N/64), C, q, 16, 4], in the order the kernel reads them.
+
+    The flat key buffer ends with 64 zero bytes: the kernel loads 64-byte blocks at byte offsets 0..3.
+    """
     q, _, c = planes.shape
     nq = -(-n // (LANES * QUAD))
     padded = torch.nn.functional.pad(planes, (0, 0, 0, nq * LANES * QUAD - n))
-    keys = padded.view(q, nq, QUAD, LANES, c).permute(1, 4, 0, 3, 2).contiguous()
-    escale = torch.where(signs != 0, exps.float(), torch.tensor(float("-inf"))).contiguous()
-    return LutWeights(planes, exps.contiguous(), signs.contiguous(), escale, keys, n, group)
+    quads = padded.view(q, nq, QUAD, LANES, c).permute(1, 4, 0, 3, 2).reshape(-1)
+    keys = torch.cat([quads, torch.zeros(LANES * QUAD, dtype=torch.uint8)])
+    kexps, ksigns = exps.transpose(0, 1).contiguous(), signs.transpose(0, 1).contiguous()
+    escale = torch.where(ksigns != 0, kexps.float(), torch.tensor(float("-inf")))
+    return LutWeights(planes, exps, signs, kexps, ksigns, escale, keys, n, group)
 
 
 def lut_gemv(x: torch.Tensor, w: LutWeights, backend: str | None = None, threads: int = 1) -> torch.Tensor:
