@@ -8,10 +8,12 @@
 // add) and adds, then every row adds one lookup per half. No multiplication touches a weight.
 //
 // Kernel weight layout ("quads"), built once by kernels/shiftadd.py `prepare`:
-//   keys uint8, flat: [ceil(N/64), C, q, 16, 4] then 64 zero bytes of padding; byte b of lane l
+//   keys uint8, flat: 64 zero bytes, [ceil(N/64), C, q, 16, 4], 64 zero bytes; byte b of lane l
 //     of quad Q = key of row 64Q + 16b + l, chunk c (8 columns), plane i. One 64-byte block holds
 //     64 rows' keys of one (c, i); vpermps only reads an index's low 4 bits, so the 8 nibbles of a
-//     32-bit lane are reached with loads at byte offsets 0..3 (hence the padding) and shifts by 4.
+//     32-bit lane are reached with loads at byte offsets 0..3 and shifts by 4 (AVX2 also loads at
+//     offsets -3..0 to put a key byte in the lane's top byte, where blendv reads bit 31): hence the
+//     padding on both sides.
 //   exps, signs int8 [ceil(N/g), C, q, T]: the APoT terms of alpha (sign 0 = absent term), row
 //     group outermost so that one row group's terms are read in order;
 //   escale fp32, same shape: the exponent as a float, -inf for an absent term (vscalefps operand).
@@ -43,7 +45,7 @@ constexpr int kQuadBytes = kQuadRows;        // key bytes per (quad, chunk, plan
 struct Job {
   const float *tables;          // [C][2][32]: (lo16, hi16) signed sums, then their negation
   const uint32_t *nz;           // [C][32]: all-ones where the table entry has a nonzero exponent (AVX2)
-  const uint8_t *keys;          // [NQ][C][q][16][4]
+  const uint8_t *keys;          // [NQ][C][q][16][4] (after the front padding)
   const int8_t *exps, *signs;   // [NG][C][q][T]
   const float *escale;          // [NG][C][q][T]
   float *y;
@@ -272,19 +274,27 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void quad_tiles_avx512(cons
 
 alignas(64) const float kZeros[32] = {};
 
+// One APoT term of the 4 table vectors (masked exponent add; never -0, so 0 + term == term).
+__attribute__((target("avx2,fma"))) inline void term_avx2(const Job &j, const float *tb, const float *nz, int64_t s,
+                                                          __m256 *v) {
+  const int8_t sg = j.signs[s];
+  const float *p = sg == 0 ? kZeros : tb + (sg < 0 ? 32 : 0);
+  const float *m = sg == 0 ? kZeros : nz;
+  const __m256i e = _mm256_set1_epi32(j.exps[s] * (1 << 23));
+  for (int r = 0; r < 4; ++r) {
+    const __m256i sh = _mm256_add_epi32(_mm256_castps_si256(_mm256_loadu_ps(p + 8 * r)), e);
+    v[r] = _mm256_and_ps(_mm256_loadu_ps(m + 8 * r), _mm256_castsi256_ps(sh));
+  }
+}
+
 __attribute__((target("avx2,fma"))) inline void scale_avx2(const Job &j, int64_t c, int64_t s0, __m256 *st) {
   const float *tb = j.tables + c * 64;
   const float *nz = reinterpret_cast<const float *>(j.nz + c * 32);
-  for (int r = 0; r < 4; ++r) st[r] = _mm256_setzero_ps();
-  for (int64_t t = 0; t < j.T; ++t) {
-    const int8_t s = j.signs[s0 + t];
-    const float *p = s == 0 ? kZeros : tb + (s < 0 ? 32 : 0);
-    const float *m = s == 0 ? kZeros : nz;
-    const __m256i e = _mm256_set1_epi32(j.exps[s0 + t] * (1 << 23));
-    for (int r = 0; r < 4; ++r) {
-      const __m256i v = _mm256_add_epi32(_mm256_castps_si256(_mm256_loadu_ps(p + 8 * r)), e);
-      st[r] = _mm256_add_ps(st[r], _mm256_and_ps(_mm256_loadu_ps(m + 8 * r), _mm256_castsi256_ps(v)));
-    }
+  term_avx2(j, tb, nz, s0, st);
+  for (int64_t t = 1; t < j.T; ++t) {
+    __m256 v[4];
+    term_avx2(j, tb, nz, s0 + t, v);
+    for (int r = 0; r < 4; ++r) st[r] = _mm256_add_ps(st[r], v[r]);
   }
 }
 
@@ -293,13 +303,15 @@ __attribute__((target("avx2,fma"))) inline __m256 lookup16_avx2(__m256i idx, __m
                           _mm256_castsi256_ps(sel));  // sel bit 31 = index bit 3
 }
 
-// Tile B, 8 lanes starting at kp: the block loaded at byte offset B puts byte B of each key lane
-// in its low byte (index = low nibble, bit 3 -> sign bit by << 28; high nibble by >> 4, << 24).
+// Tile B, 8 lanes starting at kp. Loaded at byte offset B, a lane's low byte is key byte B
+// (index = low nibble; high nibble by >> 4); loaded at offset B - 3, its top byte is key byte B, so
+// bit 31 is key bit 7 (the high nibble's bit 3) and, after << 4, key bit 3: the blend selectors.
 template <int B>
 __attribute__((target("avx2,fma"))) inline __m256 lookup_avx2(const uint8_t *kp, const __m256 *st, __m256 acc) {
   const __m256i k = _mm256_loadu_si256((const __m256i *)(kp + B));
-  const __m256 lo = lookup16_avx2(k, _mm256_slli_epi32(k, 28), st[0], st[1]);
-  const __m256 hi = lookup16_avx2(_mm256_srli_epi32(k, 4), _mm256_slli_epi32(k, 24), st[2], st[3]);
+  const __m256i top = _mm256_loadu_si256((const __m256i *)(kp + B - 3));
+  const __m256 lo = lookup16_avx2(k, _mm256_slli_epi32(top, 4), st[0], st[1]);
+  const __m256 hi = lookup16_avx2(_mm256_srli_epi32(k, 4), top, st[2], st[3]);
   return _mm256_add_ps(acc, _mm256_add_ps(lo, hi));
 }
 
@@ -334,6 +346,51 @@ __attribute__((target("avx2,fma"))) void quad_avx2(const Job &j, int64_t Q, cons
     _mm256_store_ps(out + 8, acc[b][1]);
     std::memcpy(j.y + r0, out, rows * sizeof(float));
   }
+}
+
+// Quads Q0, Q0 + 1 in row group G: the scaled tables of each (c, i) are made once for 128 rows.
+// Sixteen 8-row accumulators do not fit in 16 ymm, so chunks go in blocks: the first 32-row
+// sub-block scales the block's tables into an L1 buffer, the other three reload them, and each
+// sub-block keeps its 4 accumulators in memory between blocks (same addition order per row).
+__attribute__((target("avx2,fma"))) void pair_shared_avx2(const Job &j, int64_t Q0, int64_t G) {
+  constexpr int kBuf = 64;  // scaled (chunk, plane) tables per block: 8 KiB
+  alignas(32) float buf[kBuf][32];
+  alignas(32) float accs[4][kQuad][8] = {};  // [quad * 2 + half][tile][lane]
+  const int64_t cb = std::max<int64_t>(1, kBuf / j.q);
+  for (int64_t c0 = 0; c0 < j.C; c0 += cb) {
+    const int64_t c1 = std::min(j.C, c0 + cb);
+    for (int sb = 0; sb < 4; ++sb) {
+      __m256 acc[kQuad];
+      for (int b = 0; b < kQuad; ++b) acc[b] = _mm256_load_ps(accs[sb][b]);
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t i = 0; i < j.q; ++i) {
+          float *sp = buf[(c - c0) * j.q + i];
+          __m256 st[4];
+          if (sb == 0) {
+            scale_avx2(j, c, j.term(c, G, i), st);
+            for (int r = 0; r < 4; ++r) _mm256_store_ps(sp + 8 * r, st[r]);
+          } else {
+            for (int r = 0; r < 4; ++r) st[r] = _mm256_load_ps(sp + 8 * r);
+          }
+          const uint8_t *kp = j.key_block(Q0 + (sb >> 1), c, i) + 32 * (sb & 1);
+          acc[0] = lookup_avx2<0>(kp, st, acc[0]);
+          acc[1] = lookup_avx2<1>(kp, st, acc[1]);
+          acc[2] = lookup_avx2<2>(kp, st, acc[2]);
+          acc[3] = lookup_avx2<3>(kp, st, acc[3]);
+        }
+      }
+      for (int b = 0; b < kQuad; ++b) _mm256_store_ps(accs[sb][b], acc[b]);
+    }
+  }
+  for (int a = 0; a < 2; ++a)
+    for (int b = 0; b < kQuad; ++b) {
+      const int64_t r0 = (Q0 + a) * kQuadRows + b * kLanes, rows = std::min<int64_t>(kLanes, j.N - r0);
+      if (rows <= 0) break;
+      float out[kLanes];
+      std::memcpy(out, accs[2 * a][b], 8 * sizeof(float));
+      std::memcpy(out + 8, accs[2 * a + 1][b], 8 * sizeof(float));
+      std::memcpy(j.y + r0, out, rows * sizeof(float));
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -374,13 +431,14 @@ void run_quad(const Job &j, Isa isa, int64_t Q) {
   }
 }
 
-// Work item u: quads [2u, 2u + 2). AVX-512 runs a pair lying in one row group (128 rows) with one
-// set of scaled tables; everything else quad by quad.
+// Work item u: quads [2u, 2u + 2). A pair lying in one row group (128 rows) shares one set of
+// scaled tables; everything else runs quad by quad.
 void run_pair(const Job &j, Isa isa, int64_t u, int64_t NQ) {
   const int64_t Q0 = 2 * u;
-  if (isa == Isa::Avx512 && Q0 + 1 < NQ) {
+  if (isa != Isa::Scalar && Q0 + 1 < NQ) {
     const int64_t G = (Q0 * kQuadRows) / j.group;
-    if (std::min(j.N - 1, (Q0 + 2) * kQuadRows - 1) / j.group == G) return quads_shared_avx512<2>(j, Q0, G);
+    if (std::min(j.N - 1, (Q0 + 2) * kQuadRows - 1) / j.group == G)
+      return isa == Isa::Avx512 ? quads_shared_avx512<2>(j, Q0, G) : pair_shared_avx2(j, Q0, G);
   }
   for (int64_t Q = Q0; Q < std::min(NQ, Q0 + 2); ++Q) run_quad(j, isa, Q);
 }
@@ -395,10 +453,10 @@ class LutWeights {
              int64_t n, int64_t group)
       : keys_(keys), exps_(exps), signs_(signs), escale_(escale), n_(n), group_(group) {
     if (keys.ndim() != 1 || exps.ndim() != 4 || signs.ndim() != 4 || escale.ndim() != 4)
-      throw std::invalid_argument("ShiftAddWeights: keys flat [NQ * C * q * 64 + 64], exps/signs/escale [NG, C, q, T]");
+      throw std::invalid_argument("ShiftAddWeights: keys flat [64 + NQ * C * q * 64 + 64], exps/signs/escale [NG, C, q, T]");
     nq_ = (n + kQuadRows - 1) / kQuadRows, ng_ = exps.shape(0), c_ = exps.shape(1), q_ = exps.shape(2);
     t_ = exps.shape(3);
-    if (group < 1 || n < 1 || t_ < 1 || (int64_t)keys.shape(0) != (nq_ * c_ * q_ + 1) * kQuadBytes ||
+    if (group < 1 || n < 1 || t_ < 1 || (int64_t)keys.shape(0) != (nq_ * c_ * q_ + 2) * kQuadBytes ||
         ng_ != (n + group - 1) / group)
       throw std::invalid_argument("ShiftAddWeights: shapes of keys and exps do not match n and group");
     for (int d = 0; d < 4; ++d)
@@ -416,7 +474,7 @@ class LutWeights {
     thread_local std::vector<uint32_t> nz;
     tables.resize(C * 64);
     nz.resize(isa == Isa::Avx2 ? C * 32 : 0);
-    const Job j{tables.data(), nz.empty() ? nullptr : nz.data(), keys_.data(), exps_.data(), signs_.data(),
+    const Job j{tables.data(), nz.empty() ? nullptr : nz.data(), keys_.data() + kQuadBytes, exps_.data(), signs_.data(),
                 escale_.data(), y.data(), n_, C, ng_, group_, q_, t_};
     nb::gil_scoped_release release;
     if (isa == Isa::Avx512) {
