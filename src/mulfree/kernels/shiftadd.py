@@ -28,7 +28,7 @@ class LutWeights:
     kexps: torch.Tensor  # int8 [NG, C, q, T]: exps with the row group outermost (kernel order)
     ksigns: torch.Tensor  # int8 [NG, C, q, T]
     escale: torch.Tensor  # fp32 [NG, C, q, T]: exponent, -inf where the term is absent
-    keys: torch.Tensor  # uint8 flat: 64 zero bytes, [ceil(N/64), C, q, 16, 4], 64 zero bytes (row 64Q + 16b + l at [Q, c, i, l, b])
+    keys: torch.Tensor  # uint8 [ceil(N/64), C, q, 16, 4]: [Q, c, i, l, b] = key of row 64Q + 16b + l
     n: int
     group: int
     native: object | None = field(default=None, repr=False, compare=False)  # extension handle, made on first use
@@ -46,16 +46,11 @@ class LutWeights:
 
 
 def prepare(planes: torch.Tensor, exps: torch.Tensor, signs: torch.Tensor, n: int, group: int) -> LutWeights:
-    """Re-lay stored planes [q, N, C] as quads [ceil(N/64), C, q, 16, 4], in the order the kernel reads them.
-
-    The flat key buffer has 64 zero bytes on each side: the kernel loads blocks at byte offsets -3..3.
-    """
+    """Re-lay stored planes [q, N, C] as quads [ceil(N/64), C, q, 16, 4], in the order the kernel reads them."""
     q, _, c = planes.shape
     nq = -(-n // (LANES * QUAD))
     padded = torch.nn.functional.pad(planes, (0, 0, 0, nq * LANES * QUAD - n))
-    quads = padded.view(q, nq, QUAD, LANES, c).permute(1, 4, 0, 3, 2).reshape(-1)
-    pad = torch.zeros(LANES * QUAD, dtype=torch.uint8)
-    keys = torch.cat([pad, quads, pad])
+    keys = padded.view(q, nq, QUAD, LANES, c).permute(1, 4, 0, 3, 2).contiguous()
     kexps, ksigns = exps.transpose(0, 1).contiguous(), signs.transpose(0, 1).contiguous()
     escale = torch.where(ksigns != 0, kexps.float(), torch.tensor(float("-inf")))
     return LutWeights(planes, exps, signs, kexps, ksigns, escale, keys, n, group)

@@ -8,12 +8,10 @@
 // add) and adds, then every row adds one lookup per half. No multiplication touches a weight.
 //
 // Kernel weight layout ("quads"), built once by kernels/shiftadd.py `prepare`:
-//   keys uint8, flat: 64 zero bytes, [ceil(N/64), C, q, 16, 4], 64 zero bytes; byte b of lane l
-//     of quad Q = key of row 64Q + 16b + l, chunk c (8 columns), plane i. One 64-byte block holds
-//     64 rows' keys of one (c, i); vpermps only reads an index's low 4 bits, so the 8 nibbles of a
-//     32-bit lane are reached with loads at byte offsets 0..3 and shifts by 4 (AVX2 also loads at
-//     offsets -3..0 to put a key byte in the lane's top byte, where blendv reads bit 31): hence the
-//     padding on both sides.
+//   keys uint8 [ceil(N/64), C, q, 16, 4]: byte b of lane l of quad Q = key of row 64Q + 16b + l,
+//     chunk c (8 columns), plane i. One 64-byte block holds 64 rows' keys of one (c, i);
+//     vpermps only reads an index's low 4 bits, so the 8 nibbles of a 32-bit lane are reached with
+//     shifts alone (no masking). Loads at byte offsets instead of shifts were slower: line splits.
 //   exps, signs int8 [ceil(N/g), C, q, T]: the APoT terms of alpha (sign 0 = absent term), row
 //     group outermost so that one row group's terms are read in order;
 //   escale fp32, same shape: the exponent as a float, -inf for an absent term (vscalefps operand).
@@ -45,7 +43,7 @@ constexpr int kQuadBytes = kQuadRows;        // key bytes per (quad, chunk, plan
 struct Job {
   const float *tables;          // [C][2][32]: (lo16, hi16) signed sums, then their negation
   const uint32_t *nz;           // [C][32]: all-ones where the table entry has a nonzero exponent (AVX2)
-  const uint8_t *keys;          // [NQ][C][q][16][4] (after the front padding)
+  const uint8_t *keys;          // [NQ][C][q][16][4]
   const int8_t *exps, *signs;   // [NG][C][q][T]
   const float *escale;          // [NG][C][q][T]
   float *y;
@@ -201,14 +199,13 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void scale_avx512(co
   }
 }
 
-// Tile B of a 64-byte key block: acc += lo[nibble 2B] + hi[nibble 2B+1] for 16 rows. The block is
-// loaded at byte offset B, so byte B of every key lane is the lane's low byte (vpermps reads the
-// index's low 4 bits): no shift for the low nibble, one for the high nibble.
+// Tile B of a 64-byte key block: acc += lo[nibble 2B] + hi[nibble 2B+1] for 16 rows.
 template <int B>
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 lookup_avx512(const uint8_t *kp, __m512 lo,
-                                                                                  __m512 hi, __m512 acc) {
-  const __m512i k = _mm512_loadu_si512(kp + B);
-  const __m512 v = _mm512_add_ps(_mm512_permutexvar_ps(k, lo), _mm512_permutexvar_ps(_mm512_srli_epi32(k, 4), hi));
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 lookup_avx512(__m512i k, __m512 lo, __m512 hi,
+                                                                                  __m512 acc) {
+  const __m512i kl = B == 0 ? k : _mm512_srli_epi32(k, 8 * B);
+  const __m512 v = _mm512_add_ps(_mm512_permutexvar_ps(kl, lo),
+                                 _mm512_permutexvar_ps(_mm512_srli_epi32(k, 8 * B + 4), hi));
   return _mm512_add_ps(acc, v);
 }
 
@@ -233,7 +230,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void quads_shared_avx512(co
       __m512 lo, hi;
       scale_avx512(j, tb, j.term(c, G, i), lo, hi);
       for (int a = 0; a < NQ; ++a) {
-        const uint8_t *k = j.key_block(Q0 + a, c, i);
+        const __m512i k = _mm512_loadu_si512(j.key_block(Q0 + a, c, i));
         acc[a][0] = lookup_avx512<0>(k, lo, hi, acc[a][0]);
         acc[a][1] = lookup_avx512<1>(k, lo, hi, acc[a][1]);
         acc[a][2] = lookup_avx512<2>(k, lo, hi, acc[a][2]);
@@ -252,7 +249,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void quad_tiles_avx512(cons
   for (int64_t c = 0; c < j.C; ++c) {
     const float *tb = j.tables + c * 64;
     for (int64_t i = 0; i < j.q; ++i) {
-      const uint8_t *k = j.key_block(Q, c, i);
+      const __m512i k = _mm512_loadu_si512(j.key_block(Q, c, i));
       __m512 lo, hi;
       scale_avx512(j, tb, j.term(c, G[0], i), lo, hi);
       acc[0] = lookup_avx512<0>(k, lo, hi, acc[0]);
@@ -303,16 +300,13 @@ __attribute__((target("avx2,fma"))) inline __m256 lookup16_avx2(__m256i idx, __m
                           _mm256_castsi256_ps(sel));  // sel bit 31 = index bit 3
 }
 
-// Tile B, 8 lanes starting at kp. Loaded at byte offset B, a lane's low byte is key byte B
-// (index = low nibble; high nibble by >> 4); loaded at offset B - 3, its top byte is key byte B, so
-// bit 31 is key bit 7 (the high nibble's bit 3) and, after << 4, key bit 3: the blend selectors.
+// Tile B, 8 lanes: nibbles at bit 8B (lo) and 8B + 4 (hi) of every 32-bit key lane; the blend
+// selector is the nibble's bit 3 moved to bit 31.
 template <int B>
-__attribute__((target("avx2,fma"))) inline __m256 lookup_avx2(const uint8_t *kp, const __m256 *st, __m256 acc) {
-  const __m256i k = _mm256_loadu_si256((const __m256i *)(kp + B));
-  const __m256i top = _mm256_loadu_si256((const __m256i *)(kp + B - 3));
-  const __m256 lo = lookup16_avx2(k, _mm256_slli_epi32(top, 4), st[0], st[1]);
-  const __m256 hi = lookup16_avx2(_mm256_srli_epi32(k, 4), top, st[2], st[3]);
-  return _mm256_add_ps(acc, _mm256_add_ps(lo, hi));
+__attribute__((target("avx2,fma"))) inline __m256 lookup_avx2(__m256i k, const __m256 *st, __m256 acc) {
+  const __m256i il = B == 0 ? k : _mm256_srli_epi32(k, 8 * B), sl = _mm256_slli_epi32(k, 28 - 8 * B);
+  const __m256i ih = _mm256_srli_epi32(k, 8 * B + 4), sh = B == 3 ? k : _mm256_slli_epi32(k, 24 - 8 * B);
+  return _mm256_add_ps(acc, _mm256_add_ps(lookup16_avx2(il, sl, st[0], st[1]), lookup16_avx2(ih, sh, st[2], st[3])));
 }
 
 // One quad; G[b] is the row group of tile b (all equal when the quad lies in one group).
@@ -323,19 +317,20 @@ __attribute__((target("avx2,fma"))) void quad_avx2(const Job &j, int64_t Q, cons
   for (int64_t c = 0; c < j.C; ++c) {
     for (int64_t i = 0; i < j.q; ++i) {
       const uint8_t *kp = j.key_block(Q, c, i);
+      const __m256i k0 = _mm256_loadu_si256((const __m256i *)kp), k1 = _mm256_loadu_si256((const __m256i *)(kp + 32));
       __m256 st[4];
       scale_avx2(j, c, j.term(c, G[0], i), st);
-      acc[0][0] = lookup_avx2<0>(kp, st, acc[0][0]);
-      acc[0][1] = lookup_avx2<0>(kp + 32, st, acc[0][1]);
+      acc[0][0] = lookup_avx2<0>(k0, st, acc[0][0]);
+      acc[0][1] = lookup_avx2<0>(k1, st, acc[0][1]);
       if (!shared && G[1] != G[0]) scale_avx2(j, c, j.term(c, G[1], i), st);
-      acc[1][0] = lookup_avx2<1>(kp, st, acc[1][0]);
-      acc[1][1] = lookup_avx2<1>(kp + 32, st, acc[1][1]);
+      acc[1][0] = lookup_avx2<1>(k0, st, acc[1][0]);
+      acc[1][1] = lookup_avx2<1>(k1, st, acc[1][1]);
       if (!shared && G[2] != G[1]) scale_avx2(j, c, j.term(c, G[2], i), st);
-      acc[2][0] = lookup_avx2<2>(kp, st, acc[2][0]);
-      acc[2][1] = lookup_avx2<2>(kp + 32, st, acc[2][1]);
+      acc[2][0] = lookup_avx2<2>(k0, st, acc[2][0]);
+      acc[2][1] = lookup_avx2<2>(k1, st, acc[2][1]);
       if (!shared && G[3] != G[2]) scale_avx2(j, c, j.term(c, G[3], i), st);
-      acc[3][0] = lookup_avx2<3>(kp, st, acc[3][0]);
-      acc[3][1] = lookup_avx2<3>(kp + 32, st, acc[3][1]);
+      acc[3][0] = lookup_avx2<3>(k0, st, acc[3][0]);
+      acc[3][1] = lookup_avx2<3>(k1, st, acc[3][1]);
     }
   }
   for (int b = 0; b < kQuad; ++b) {
@@ -372,11 +367,11 @@ __attribute__((target("avx2,fma"))) void pair_shared_avx2(const Job &j, int64_t 
           } else {
             for (int r = 0; r < 4; ++r) st[r] = _mm256_load_ps(sp + 8 * r);
           }
-          const uint8_t *kp = j.key_block(Q0 + (sb >> 1), c, i) + 32 * (sb & 1);
-          acc[0] = lookup_avx2<0>(kp, st, acc[0]);
-          acc[1] = lookup_avx2<1>(kp, st, acc[1]);
-          acc[2] = lookup_avx2<2>(kp, st, acc[2]);
-          acc[3] = lookup_avx2<3>(kp, st, acc[3]);
+          const __m256i k = _mm256_loadu_si256((const __m256i *)(j.key_block(Q0 + (sb >> 1), c, i) + 32 * (sb & 1)));
+          acc[0] = lookup_avx2<0>(k, st, acc[0]);
+          acc[1] = lookup_avx2<1>(k, st, acc[1]);
+          acc[2] = lookup_avx2<2>(k, st, acc[2]);
+          acc[3] = lookup_avx2<3>(k, st, acc[3]);
         }
       }
       for (int b = 0; b < kQuad; ++b) _mm256_store_ps(accs[sb][b], acc[b]);
@@ -452,11 +447,12 @@ class LutWeights {
   LutWeights(Arr<const uint8_t> keys, Arr<const int8_t> exps, Arr<const int8_t> signs, Arr<const float> escale,
              int64_t n, int64_t group)
       : keys_(keys), exps_(exps), signs_(signs), escale_(escale), n_(n), group_(group) {
-    if (keys.ndim() != 1 || exps.ndim() != 4 || signs.ndim() != 4 || escale.ndim() != 4)
-      throw std::invalid_argument("ShiftAddWeights: keys flat [64 + NQ * C * q * 64 + 64], exps/signs/escale [NG, C, q, T]");
+    if (keys.ndim() != 5 || exps.ndim() != 4 || signs.ndim() != 4 || escale.ndim() != 4)
+      throw std::invalid_argument("ShiftAddWeights: keys [NQ, C, q, 16, 4], exps/signs/escale [NG, C, q, T]");
     nq_ = (n + kQuadRows - 1) / kQuadRows, ng_ = exps.shape(0), c_ = exps.shape(1), q_ = exps.shape(2);
     t_ = exps.shape(3);
-    if (group < 1 || n < 1 || t_ < 1 || (int64_t)keys.shape(0) != (nq_ * c_ * q_ + 2) * kQuadBytes ||
+    if (group < 1 || n < 1 || t_ < 1 || (int64_t)keys.shape(0) != nq_ || (int64_t)keys.shape(1) != c_ ||
+        (int64_t)keys.shape(2) != q_ || keys.shape(3) != kLanes || keys.shape(4) != kQuad ||
         ng_ != (n + group - 1) / group)
       throw std::invalid_argument("ShiftAddWeights: shapes of keys and exps do not match n and group");
     for (int d = 0; d < 4; ++d)
@@ -474,7 +470,7 @@ class LutWeights {
     thread_local std::vector<uint32_t> nz;
     tables.resize(C * 64);
     nz.resize(isa == Isa::Avx2 ? C * 32 : 0);
-    const Job j{tables.data(), nz.empty() ? nullptr : nz.data(), keys_.data() + kQuadBytes, exps_.data(), signs_.data(),
+    const Job j{tables.data(), nz.empty() ? nullptr : nz.data(), keys_.data(), exps_.data(), signs_.data(),
                 escale_.data(), y.data(), n_, C, ng_, group_, q_, t_};
     nb::gil_scoped_release release;
     if (isa == Isa::Avx512) {
