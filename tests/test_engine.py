@@ -11,6 +11,7 @@ from mulfree.errors import CheckpointError
 from mulfree.generation import generate
 from mulfree.infer.engine import PackedModel
 from mulfree.kernels import available_backends
+from mulfree.kernels.ternary import amx_available, set_amx
 from mulfree.models.io import save_model
 from mulfree.models.mmfree import MMFreeConfig, MMFreeForCausalLM
 
@@ -55,6 +56,20 @@ def test_logits_and_greedy_match_torch(model, ids, torch_greedy, backend):
     logits = pm.forward(ids, all_logits=True)
     assert (logits - ref[0]).abs().max() <= 1e-3 * ref.abs().max()
     assert pm.generate(ids, 64) == torch_greedy
+
+
+@pytest.mark.skipif(not amx_available(), reason="no AMX-INT8 on this CPU / OS")
+def test_amx_prefill_equals_vnni_prefill(model, ids):
+    pm = PackedModel.from_model(model, backend="avx512")
+    prev = set_amx(True)
+    try:
+        amx = pm.forward(ids, all_logits=True)
+        set_amx(False)
+        pm.reset()
+        vnni = pm.forward(ids, all_logits=True)
+    finally:
+        set_amx(prev)
+    assert ids.numel() >= 16 and torch.equal(amx, vnni)
 
 
 def test_decode_state_equals_prefill(model, ids):

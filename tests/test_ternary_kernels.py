@@ -39,6 +39,28 @@ def test_ternary_matmul_exact(backend, threads, shape):
     assert torch.equal(packed_matmul_ref(pack_ternary(w), n, q), expect)
 
 
+@pytest.mark.skipif(not K.amx_available(), reason="no AMX-INT8 on this CPU / OS")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(16, 1, 1), (17, 33, 300), (37, 70, 513), (64, 130, 1000), (70, 40, 2100)],
+                         ids=_ids([(16, 1, 1), (17, 33, 300), (37, 70, 513), (64, 130, 1000), (70, 40, 2100)]))
+def test_amx_gemm_exact(threads, shape):
+    t_, n, k = shape  # >= 16 tokens: the AMX path; partial token / row tiles and several k chunks
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    w = _trits(n, k, g)
+    q = torch.randint(-128, 128, (t_, k), generator=g, dtype=torch.int8)
+    q[-1, -1] = -128
+    expect = (q.long() @ w.long().T).int()
+    prev = K.set_amx(True)
+    try:
+        amx = K.ternary_matmul(pack_ternary(w), n, q, backend="avx512", threads=threads)
+        K.set_amx(False)
+        vnni = K.ternary_matmul(pack_ternary(w), n, q, backend="avx512", threads=threads)
+    finally:
+        K.set_amx(prev)
+    assert torch.equal(amx, expect)
+    assert torch.equal(vnni, expect)
+
+
 @needs_ext
 def test_ternary_matmul_extreme_values_all_backends():
     k = 4096  # long rows of +-1 x -128 stress int16 / int32 partial sums

@@ -96,3 +96,19 @@ def read_bandwidth(nbytes: int = 1 << 29, threads: int = 1, reps: int = 5) -> fl
     if mod is None:
         raise RuntimeError("the compiled extension is missing; reinstall mulfree to measure bandwidth")
     return mod.read_bandwidth(nbytes, threads, reps)
+
+
+def amx_available() -> bool:
+    """True when the CPU has AMX-INT8 and the OS granted this process the tile state."""
+    mod = cpu_module()
+    return mod is not None and mod.cpu_features()["amx_int8"]
+
+
+def set_amx(enabled: bool) -> bool:
+    """Route ternary GEMMs of >= 16 tokens on the avx512 backend through AMX tiles (default where available,
+    `MULFREE_AMX=0` turns it off); returns the previous setting."""
+    if not amx_available():
+        if enabled:
+            raise RuntimeError("AMX-INT8 is not available on this CPU / OS; the avx512 VNNI kernels are used")
+        return False
+    return cpu_module().set_amx(enabled)

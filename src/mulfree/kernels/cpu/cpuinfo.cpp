@@ -5,6 +5,27 @@
 #include <nanobind/stl/map.h>
 #include <map>
 #include <string>
+#if defined(__x86_64__) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace {
+// AMX needs the CPU (cpuid leaf 7: AMX-TILE, AMX-INT8) and the kernel's per-process grant of the
+// 8 KiB tile-data state (arch_prctl ARCH_REQ_XCOMP_PERM, Linux 5.16+); without the grant the first
+// tile instruction would fault.
+bool amx_int8_usable() {
+#if defined(__x86_64__) && defined(__linux__)
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 24) & 1) || !((d >> 25) & 1)) return false;
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+}  // namespace
 
 const CpuFeatures &cpu_features() {
   static const CpuFeatures f = [] {
@@ -18,6 +39,7 @@ const CpuFeatures &cpu_features() {
     r.avx512vl = __builtin_cpu_supports("avx512vl");
     r.avx512vnni = __builtin_cpu_supports("avx512vnni");
 #endif
+    r.amx_int8 = r.avx512vnni && amx_int8_usable();
     return r;
   }();
   return f;
@@ -28,6 +50,7 @@ void register_cpuinfo(nb::module_ &m) {
     const CpuFeatures &f = cpu_features();
     return std::map<std::string, bool>{{"avx2", f.avx2 && f.fma},
                                        {"avx512", f.avx512f && f.avx512bw && f.avx512vl},
-                                       {"avx512vnni", f.avx512f && f.avx512bw && f.avx512vl && f.avx512vnni}};
-  }, "Which SIMD instruction sets this CPU supports: {'avx2', 'avx512', 'avx512vnni'}.");
+                                       {"avx512vnni", f.avx512f && f.avx512bw && f.avx512vl && f.avx512vnni},
+                                       {"amx_int8", f.amx_int8}};
+  }, "Which SIMD instruction sets this CPU (and OS) supports: {'avx2', 'avx512', 'avx512vnni', 'amx_int8'}.");
 }

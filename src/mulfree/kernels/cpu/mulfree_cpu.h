@@ -13,5 +13,6 @@ void register_shiftadd(nb::module_ &m); // shiftadd.cpp: BCQ lookup-table GEMV
 // Instruction sets the running CPU offers (queried once, at run time).
 struct CpuFeatures {
   bool avx2, fma, avx512f, avx512bw, avx512vl, avx512vnni;
+  bool amx_int8;  // AMX-TILE + AMX-INT8, and the OS granted this process the tile state
 };
 const CpuFeatures &cpu_features();

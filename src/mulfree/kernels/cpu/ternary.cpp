@@ -27,6 +27,7 @@
 #include <utility>
 #include <vector>
 
+#include <climits>
 #include <immintrin.h>
 
 namespace {
@@ -293,10 +294,218 @@ void linear_rows(Isa isa, const LinearJob &j, int64_t g0, int64_t g1) {
   }
 }
 
-// Runs several independent linears in one parallel region (each split evenly by row groups).
+// ---------------------------------------------------------------------------------------------
+// AMX-INT8 GEMM for prefill (Sapphire Rapids and later). tdpbsud multiplies a signed A tile
+// (16 rows x 64 bytes) by an unsigned B tile in the VNNI layout (16 k-quads x [16 columns x 4 bytes])
+// into a 16 x 16 int32 C tile. A = int8 activations (16 tokens x 64 k), B = codes c = trit + 1
+// (64 k x 16 output rows), so C[t][n] - sum_k q[t, k] is the exact dot, already in the [T, N] order
+// of the outputs. Per k step a 2 x 2 block of C tiles (tmm0-3) takes two A tiles (tmm4-5, 32 tokens)
+// and two B tiles (tmm6-7, 32 rows).
+//
+// B from T2R4: dword kq of a 64-byte row block holds k-quad kq in all four bit pairs s (k = 64s + 4kq
+// .. +3), so one 16 x 16 dword transpose of a row tile's block serves the B tiles of four k steps:
+// B(s) row kq = (transposed row kq) >> 2s & 0x03030303.
+#define MF_AMX MF_AVX512 ",amx-tile,amx-int8"
+constexpr int64_t kAmxRows = 32;       // output rows per panel: 2 B tiles = 8 row groups
+constexpr int64_t kAmxTokens = 32;     // tokens per C block: 2 A tiles
+constexpr int64_t kAmxMinTokens = 16;  // below this the VNNI tiles win (a partly empty A tile)
+constexpr int64_t kTileBytes = 1024;
+constexpr int64_t kAmxChunkSteps = 8;  // k steps (64 k each) per chunk: a 16 KiB B slice, 2 row blocks
+
+// Off when the CPU / OS lacks AMX or MULFREE_AMX=0; set_amx() switches it (tests, benchmarks).
+std::atomic<bool> &amx_switch() {
+  static std::atomic<bool> on{cpu_features().amx_int8 && !(std::getenv("MULFREE_AMX") &&
+                                                            std::string(std::getenv("MULFREE_AMX")) == "0")};
+  return on;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Transposes a 16 x 16 matrix of dwords held as 16 rows.
+__attribute__((target(MF_AVX512), always_inline)) inline void transpose16x16_epi32(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // Rows now hold 4-dword pieces of 4 output rows per 128-bit lane; two lane shuffles finish it.
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
+// B tiles of one panel (row groups g0 .. g0+7; rows past the matrix zero) for row blocks [b0, b1):
+// B[((ks * 2 + i) * 16 + kq) * 64 + 4 nn + e] = code of row 16 i + nn at k = 64 ks + 4 kq + e.
+__attribute__((target(MF_AVX512))) void amx_unpack_panel(const uint8_t *W, int64_t G, int64_t Kpad, int64_t g0,
+                                                          int64_t b0, int64_t b1, int8_t *B) {
+  const __m512i m3 = _mm512_set1_epi8(3);
+  for (int64_t b = b0; b < b1; ++b)
+    for (int64_t i = 0; i < 2; ++i) {
+      __m512i r[16];
+      for (int nn = 0; nn < 16; ++nn) {  // row 16 i + nn = row group 4 i + nn / 4, row nn % 4
+        const int64_t g = g0 + 4 * i + nn / 4;
+        r[nn] = g < G ? _mm512_loadu_si512(W + g * Kpad + b * kBlock + (nn % 4) * 64) : _mm512_set1_epi8(0x55);
+      }
+      transpose16x16_epi32(r);
+      for (int s = 0; s < 4; ++s) {
+        int8_t *dst = B + ((4 * b + s) * 2 + i) * kTileBytes;
+        for (int kq = 0; kq < 16; ++kq)
+          _mm512_storeu_si512(dst + kq * 64, _mm512_and_si512(_mm512_srli_epi16(r[kq], 2 * s), m3));
+      }
+    }
+}
+
+// A tiles of all tokens, each 32-token block's k steps contiguous:
+// A[((tb * nks + ks) * 32 + tt) * 64 + e] = q[32 tb + tt, 64 ks + e], tokens past T zero.
+void amx_pack_acts(const int8_t *Q, int64_t T, int64_t Kpad, int8_t *A) {
+  const int64_t nks = Kpad / 64, Tpad = (T + kAmxTokens - 1) / kAmxTokens * kAmxTokens;
+  for (int64_t t = 0; t < Tpad; ++t) {
+    const int64_t tb = t / kAmxTokens, tt = t % kAmxTokens;
+    for (int64_t ks = 0; ks < nks; ++ks) {
+      int8_t *dst = A + ((tb * nks + ks) * kAmxTokens + tt) * 64;
+      if (t < T)
+        std::memcpy(dst, Q + t * Kpad + ks * 64, 64);
+      else
+        std::memset(dst, 0, 64);
+    }
+  }
+}
+
+// C block [2 token tiles][2 row tiles][16][16] += one 32-token block of A x one panel of B over k steps
+// [ks0, ks1) (C zeroed first when ks0 == 0).
+__attribute__((target(MF_AMX))) void amx_block(const int8_t *A, const int8_t *B, int64_t ks0, int64_t ks1,
+                                               int32_t *C) {
+  if (ks0 == 0) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  } else {
+    _tile_loadd(0, C, 64);
+    _tile_loadd(1, C + 256, 64);
+    _tile_loadd(2, C + 512, 64);
+    _tile_loadd(3, C + 768, 64);
+  }
+  for (int64_t ks = ks0; ks < ks1; ++ks) {
+    _tile_loadd(4, A + ks * 2 * kTileBytes, 64);
+    _tile_loadd(5, A + (ks * 2 + 1) * kTileBytes, 64);
+    _tile_loadd(6, B + ks * 2 * kTileBytes, 64);
+    _tile_loadd(7, B + (ks * 2 + 1) * kTileBytes, 64);
+    _tile_dpbsud(0, 4, 6);
+    _tile_dpbsud(1, 4, 7);
+    _tile_dpbsud(2, 5, 6);
+    _tile_dpbsud(3, 5, 7);
+  }
+  _tile_stored(0, C, 64);
+  _tile_stored(1, C + 256, 64);
+  _tile_stored(2, C + 512, 64);
+  _tile_stored(3, C + 768, 64);
+}
+
+// Eight 16 x 64-byte tiles. A static object: with a local one gcc 12 dropped the row / column stores
+// before ldtilecfg (it does not see the instruction read them), leaving the tiles unconfigured.
+__attribute__((target(MF_AMX))) void amx_begin() {
+  static const TileConfig cfg = [] {
+    TileConfig c;
+    for (int i = 0; i < 8; ++i) {
+      c.rows[i] = 16;
+      c.colsb[i] = 64;
+    }
+    return c;
+  }();
+  _tile_loadconfig(&cfg);
+}
+__attribute__((target(MF_AMX))) void amx_end() { _tile_release(); }
+
+// Writes one C block (tokens t0.., rows n0..) as LinearJob outputs, 16 outputs per vector.
+__attribute__((target(MF_AVX512))) void amx_finish(const LinearJob &j, const int32_t *C, int64_t n0, int64_t t0) {
+  for (int64_t it = 0; it < 2; ++it)
+    for (int64_t tt = 0; tt < 16; ++tt) {
+      const int64_t t = t0 + 16 * it + tt;
+      if (t >= j.T) return;
+      const __m512i sq = _mm512_set1_epi32(j.sumq[t]);
+      for (int64_t i = 0; i < 2; ++i) {
+        const int64_t n = n0 + 16 * i;
+        if (n >= j.N) break;
+        const __mmask16 m = j.N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (j.N - n)) - 1);
+        const __m512i v = _mm512_sub_epi32(_mm512_load_si512(C + ((it * 2 + i) * 16 + tt) * 16), sq);
+        if (j.Yi)
+          _mm512_mask_storeu_epi32(j.Yi + t * j.ldy + n, m, v);
+        else  // (s_x * s_w) in fp32, then one product: the torch BitLinear's own order
+          _mm512_mask_storeu_ps(j.Y + t * j.ldy + n, m,
+                                _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(j.a_scale[t] * j.w_scale)));
+      }
+    }
+}
+
+// All linears of one call on AMX: activations packed once per job, then panels of 32 rows over the
+// pool, each unpacked once and run against every 32-token block.
+void run_linears_amx(int threads, const LinearJob *jobs, int njobs) {
+  std::vector<std::vector<int8_t>> acts((size_t)njobs);
+  for (int i = 0; i < njobs; ++i) {
+    const LinearJob &j = jobs[i];
+    acts[(size_t)i].resize((size_t)((j.T + kAmxTokens - 1) / kAmxTokens * kAmxTokens * j.Kpad));
+    amx_pack_acts(j.Q, j.T, j.Kpad, acts[(size_t)i].data());
+  }
+  std::vector<std::pair<int, int64_t>> chunks;  // (job, first row group of the panel)
+  for (int i = 0; i < njobs; ++i) {
+    const int64_t G = (jobs[i].N + kRows - 1) / kRows;
+    for (int64_t g = 0; g < G; g += kAmxRows / kRows) chunks.emplace_back(i, g);
+  }
+  get_pool(threads).run_chunks((int64_t)chunks.size(), [&](int64_t c) {
+    const auto [i, g0] = chunks[(size_t)c];
+    const LinearJob &j = jobs[i];
+    const int64_t nks = j.Kpad / 64;
+    thread_local std::vector<int8_t> panel;
+    panel.resize((size_t)(kAmxRows * j.Kpad));
+    const int64_t nblk = (j.T + kAmxTokens - 1) / kAmxTokens, G = (j.N + kRows - 1) / kRows;
+    thread_local std::vector<int32_t> cbuf;
+    cbuf.resize((size_t)(nblk * 4 * 256 + 16));
+    int32_t *C = (int32_t *)(((uintptr_t)cbuf.data() + 63) & ~(uintptr_t)63);
+    amx_begin();
+    // k in chunks whose B slice stays in L1 across all token blocks (C blocks wait in memory between
+    // chunks). Each slice is unpacked just before its use, so the vector unit unpacking it overlaps
+    // with the tile unit still finishing the previous slice.
+    for (int64_t ks0 = 0; ks0 < nks; ks0 += kAmxChunkSteps) {
+      const int64_t ks1 = std::min(nks, ks0 + kAmxChunkSteps);
+      amx_unpack_panel(j.W, G, j.Kpad, g0, ks0 / 4, ks1 / 4, panel.data());
+      for (int64_t tb = 0; tb < nblk; ++tb)
+        amx_block(acts[(size_t)i].data() + tb * kAmxTokens * j.Kpad, panel.data(), ks0, ks1, C + tb * 4 * 256);
+    }
+    for (int64_t tb = 0; tb < nblk; ++tb) amx_finish(j, C + tb * 4 * 256, g0 * kRows, tb * kAmxTokens);
+    amx_end();
+  });
+}
+
+// Runs several independent linears in one parallel region (each split evenly by row groups); batches
+// of at least kAmxMinTokens tokens go to the AMX tiles when they are on.
 void run_linears(Isa isa, int threads, const LinearJob *jobs, int njobs) {
-  int64_t work = 0;
-  for (int i = 0; i < njobs; ++i) work += jobs[i].N * jobs[i].Kpad * jobs[i].T;
+  int64_t work = 0, min_t = INT64_MAX;
+  for (int i = 0; i < njobs; ++i) {
+    work += jobs[i].N * jobs[i].Kpad * jobs[i].T;
+    min_t = std::min(min_t, jobs[i].T);
+  }
+  if (isa == Isa::Avx512 && min_t >= kAmxMinTokens && amx_switch().load(std::memory_order_relaxed))
+    return run_linears_amx(threads, jobs, njobs);
   if (work < (int64_t(1) << 20)) {  // too small to pay for a hand-off to other threads
     for (int i = 0; i < njobs; ++i) linear_rows(isa, jobs[i], 0, (jobs[i].N + kRows - 1) / kRows);
     return;
@@ -881,6 +1090,17 @@ void register_ternary(nb::module_ &m) {
         for (int64_t t = 0; t < T; ++t) glu_row(isa, gate_up.data() + t * 2 * I, I, out.data() + t * I);
       },
       nb::arg("gate_up"), nb::arg("out"), nb::arg("backend"), "z = silu(gate) * up with gate, up = the two halves of gate_up.");
+
+  m.def(
+      "set_amx",
+      [](bool on) {
+        if (on && !cpu_features().amx_int8)
+          throw std::invalid_argument("AMX-INT8 is not available on this CPU / OS");
+        return amx_switch().exchange(on);
+      },
+      nb::arg("on"),
+      "Use AMX tiles for ternary GEMMs of >= 16 tokens on the avx512 backend (default: on where the CPU and OS allow, "
+      "unless MULFREE_AMX=0); returns the previous setting.");
 
   m.def("read_bandwidth", &read_bandwidth, nb::arg("nbytes"), nb::arg("threads"), nb::arg("reps"),
         "Streaming read bandwidth in GB/s over a buffer of nbytes (best of reps).");
