@@ -406,6 +406,10 @@ __attribute__((target(MF_AMX))) void amx_block(const int8_t *A, const int8_t *B,
     _tile_loadd(3, C + 768, 64);
   }
   for (int64_t ks = ks0; ks < ks1; ++ks) {
+    // Tile loads that miss L1 are slow (measured: ~1.35 TOP/s with A from L2 vs ~3.1 from L1), so the A
+    // tiles two steps ahead are prefetched line by line (~1.7-1.9 TOP/s); B is reused from L1.
+    const char *ahead = (const char *)(A + (ks + 2) * 2 * kTileBytes);
+    for (int l = 0; l < 2 * kTileBytes; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
     _tile_loadd(4, A + ks * 2 * kTileBytes, 64);
     _tile_loadd(5, A + (ks * 2 + 1) * kTileBytes, 64);
     _tile_loadd(6, B + ks * 2 * kTileBytes, 64);
