@@ -8,7 +8,8 @@ llama.cpp is the copy vendored in llama-cpp-python 0.3.36's sdist (PyPI), built 
 baseline only). Its model is a random Llama of the MMfree shape (MHA, head dim 128) written with `gguf`, weights
 {-1, 0, 1} x scale in F16, quantized by llama-quantize. llama-bench runs pp/tg tests at each thread count; our
 engine (benchmarks/decode.py helpers, random packed MMfree model) runs the same prefill / decode lengths right
-after, and the whole comparison repeats `--rounds` times. Prints a table, the ratios ours / llama.cpp, one JSON line.
+after, and the whole comparison repeats `--rounds` times. Prints a table (with the 1-minute load average after each
+row: the host may be shared), the ratios ours / llama.cpp, and one JSON line.
 """
 
 from __future__ import annotations
@@ -200,11 +201,12 @@ def run_ours(models: dict[int, PackedModel], prompt: int, gen: int, reps: int) -
 def print_round(i: int, rnd: dict, formats: list[str], threads: list[int], prompt: int, gen: int) -> None:
     cols = [(f"prefill_{t}t", f"pp{prompt} {t}T") for t in threads] + [(f"decode_{t}t", f"tg{gen} {t}T")
                                                                        for t in threads]
-    head = f"{'engine':<30}{'MiB':>8}" + "".join(f"{c[1]:>11}" for c in cols)
+    head = f"{'engine':<30}{'MiB':>8}" + "".join(f"{c[1]:>11}" for c in cols) + f"{'load':>7}"
     print(f"\nround {i + 1} (tok/s)\n{head}")
     rows = [(FORMATS[f][2], rnd["llama_cpp"][f]) for f in formats] + [("mulfree packed 2-bit", rnd["ours"])]
     for label, r in rows:
-        print(f"{label:<30}{r['size_mib']:>8.1f}" + "".join(f"{r[k]:>11.1f}" for k, _ in cols))
+        print(f"{label:<30}{r['size_mib']:>8.1f}" + "".join(f"{r[k]:>11.1f}" for k, _ in cols)
+              + f"{r['load_1min']:>7.1f}")
     for f in formats:
         print(f"{'ours / ' + FORMATS[f][2].removeprefix('llama.cpp '):<30}{'':>8}" + "".join(f"{rnd['ratios'][f][k]:>10.2f}x"
                                                                         for k, _ in cols))
@@ -250,8 +252,9 @@ def main() -> None:
     rounds = []
     for i in range(args.rounds):
         lc = {f: run_llama_bench(build, ggufs[f], args.threads, args.prompt, args.gen, args.reps)
-              for f in args.formats}
-        ours = run_ours(ours_models, args.prompt, args.gen, args.reps) | {"size_mib": ours_mib}
+              | {"load_1min": os.getloadavg()[0]} for f in args.formats}
+        ours = run_ours(ours_models, args.prompt, args.gen, args.reps) | {"size_mib": ours_mib,
+                                                                           "load_1min": os.getloadavg()[0]}
         keys = [k for k in ours if k != "size_mib"]
         ratios = {f: {k: ours[k] / lc[f][k] for k in keys} for f in args.formats}
         rounds.append({"llama_cpp": lc, "ours": ours, "ratios": ratios})
