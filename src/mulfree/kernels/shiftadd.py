@@ -31,7 +31,9 @@ class LutWeights:
     keys: torch.Tensor  # uint8 [ceil(N/64), C, q, 16, 4]: [Q, c, i, l, b] = key of row 64Q + 16b + l
     n: int
     group: int
-    native: object | None = field(default=None, repr=False, compare=False)  # extension handle, made on first use
+    native: object | None = field(
+        default=None, repr=False, compare=False
+    )  # extension handle, made on first use
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "native": None}  # copies and pickles rebuild the handle
