@@ -25,7 +25,7 @@ from mulfree.ops import fused
 from mulfree.ops.pack import FORMAT, FORMAT_VERSION, pack_ternary, packed_shape, padded_k, ternarize, unpack_ternary
 
 LAYER_LINEARS = ("attn.i_proj", "attn.f_proj", "attn.g_proj", "attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
-PREFILL_CHUNK = 256  # tokens per native prefill call (bounds scratch memory)
+PREFILL_CHUNK = 512  # tokens per native prefill call (bounds scratch memory: ~25 MB at the 1.3b shape)
 
 
 def _linear_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, int]]:
