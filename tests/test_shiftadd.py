@@ -164,6 +164,7 @@ def test_cli_quantize_and_errors(tmp_path, capsys):
     assert rc == 0
     model, tok = load_quantized(out)
     assert model.config.quant_method == "shiftadd" and tok is not None
+    assert model.config.mulfree_quant["incoherence"] == "hadamard-io"  # the shiftadd default
     assert cli_main(["quantize", "gptq", "--model", str(src), "--bits", "9", "--out", str(out)]) == 2
     assert "error: --bits 9 is out of range" in capsys.readouterr().err
     rc = cli_main(["quantize", "gptq", "--model", str(src), "--bits", "3", "--calib-data", str(tmp_path / "calib.txt"),

@@ -28,15 +28,17 @@ def register(subparsers) -> None:
                        help="weights per scale set (-1 = whole row/column; default 128). RTN/GPTQ: input columns "
                        "of one row; shiftadd acc: output rows of one column; lat: 8 columns x group/8 rows")
         p.add_argument("--out", required=True, help="output dir for the quantized model")
-        p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling")
+        p.add_argument("--seed", type=int, default=0, help="seed for calibration sampling and Hadamard signs")
         if name != "rtn":
             p.add_argument("--calib-data", nargs="*", default=None,
                            help="local text files for calibration (default: bundled corpus, train split)")
             p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
             p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")
-            p.add_argument("--incoherence", choices=("none", "hadamard", "hadamard-out", "hadamard-io"), default="none",
+            default = "hadamard-io" if name == "shiftadd" else "none"
+            p.add_argument("--incoherence", choices=("none", "hadamard", "hadamard-out", "hadamard-io"), default=default,
                            help="randomized block Walsh-Hadamard transforms (adds only, undone online): hadamard = "
-                           "input side (W T^-1 against T H T^T), hadamard-out = output side, hadamard-io = both")
+                           "input side (W T^-1 against T H T^T), hadamard-out = output side, hadamard-io = both "
+                           f"(default {default})")
         if name == "shiftadd":
             p.add_argument("--mode", choices=("acc", "lat"), default="acc",
                            help="acc: scales per column; lat: scales shared by 8 columns for the LUT kernel")
