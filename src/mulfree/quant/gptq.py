@@ -3,7 +3,8 @@
 
 The solver walks the (optionally activation-ordered) columns of W [N, K] in lazy blocks, asks a
 `ColumnQuantizer` for each quantized column and spreads the error over the remaining columns with
-the upper Cholesky factor of H⁻¹ (Frantar et al. 2023). ShiftAdd reuses it with a BCQ quantizer.
+the upper Cholesky factor of H⁻¹ (Frantar et al. 2023). ShiftAdd reuses it with a BCQ quantizer,
+and both methods share the optional randomized Hadamard incoherence step (`Incoherence`).
 """
 
 from __future__ import annotations

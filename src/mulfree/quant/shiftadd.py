@@ -8,6 +8,7 @@ set (fitted when the solver reaches the first of the 8; LLaMA setting 8 × 16), 
 can apply α to a table sum; each column then only re-picks its codes for the fixed α.
 Optional mixed bits: per block, the most sensitive layers (paper criterion
 ‖IS‖_F · std(IS)², IS = W / diag(chol(H⁻¹))) get the higher width under an average-bit budget.
+Optional incoherence processing (`incoherence`, see `ops/hadamard.py`) quantizes U W T⁻¹ instead.
 """
 
 from __future__ import annotations
