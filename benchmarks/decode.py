@@ -181,8 +181,8 @@ def main() -> None:
         raise SystemExit("error: the compiled extension is missing; reinstall mulfree")
     torch.manual_seed(args.seed)
     feats = cpu_module().cpu_features()
-    bw1 = read_bandwidth(args.bw_mb << 20, threads=1, reps=5)
-    bw2 = read_bandwidth(args.bw_mb << 20, threads=2, reps=5)
+    bw1 = read_bandwidth(args.bw_mb << 20, threads=1, reps=6)
+    bw2 = read_bandwidth(args.bw_mb << 20, threads=2, reps=6)
     print(f"host: {cpu_model()}, {os.cpu_count()} CPUs, features {feats}, kernel backend {best_backend()}")
     print(f"streaming read bandwidth: {bw1:.1f} GB/s (1 thread), {bw2:.1f} GB/s (2 threads)")
     results = []
