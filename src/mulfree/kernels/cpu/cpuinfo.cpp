@@ -39,7 +39,7 @@ const CpuFeatures &cpu_features() {
     r.avx512vl = __builtin_cpu_supports("avx512vl");
     r.avx512vnni = __builtin_cpu_supports("avx512vnni");
 #endif
-    r.amx_int8 = r.avx512vnni && amx_int8_usable();
+    r.amx_int8 = MF_HAVE_AMX && r.avx512vnni && amx_int8_usable();
     return r;
   }();
   return f;

@@ -10,9 +10,20 @@ void register_ternary(nb::module_ &m);  // ternary.cpp: packed 2-bit GEMV/GEMM, 
 void register_lmul(nb::module_ &m);     // lmul.cpp: L-Mul matmul
 void register_shiftadd(nb::module_ &m); // shiftadd.cpp: BCQ lookup-table GEMV
 
+// AMX intrinsics need gcc >= 11 or clang >= 12; an older compiler builds everything but the AMX path.
+// (-DMF_HAVE_AMX=0 builds without it on purpose.)
+#ifndef MF_HAVE_AMX
+#if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 12) || \
+                            (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define MF_HAVE_AMX 1
+#else
+#define MF_HAVE_AMX 0
+#endif
+#endif
+
 // Instruction sets the running CPU offers (queried once, at run time).
 struct CpuFeatures {
   bool avx2, fma, avx512f, avx512bw, avx512vl, avx512vnni;
-  bool amx_int8;  // AMX-TILE + AMX-INT8, and the OS granted this process the tile state
+  bool amx_int8;  // AMX-TILE + AMX-INT8, the OS granted this process the tile state, and MF_HAVE_AMX
 };
 const CpuFeatures &cpu_features();

@@ -301,6 +301,13 @@ void linear_rows(Isa isa, const LinearJob &j, int64_t g0, int64_t g1) {
   }
 }
 
+// Off when the CPU / OS / compiler lacks AMX or MULFREE_AMX=0; set_amx() switches it (tests, benchmarks).
+std::atomic<bool> &amx_switch() {
+  static std::atomic<bool> on{cpu_features().amx_int8 && !(std::getenv("MULFREE_AMX") &&
+                                                            std::string(std::getenv("MULFREE_AMX")) == "0")};
+  return on;
+}
+
 // ---------------------------------------------------------------------------------------------
 // AMX-INT8 GEMM for prefill (Sapphire Rapids and later). tdpbsud multiplies a signed A tile
 // (16 rows x 64 bytes) by an unsigned B tile in the VNNI layout (16 k-quads x [16 columns x 4 bytes])
@@ -319,13 +326,7 @@ constexpr int64_t kAmxMinTokens = 16;  // below this the VNNI tiles win (a partl
 constexpr int64_t kTileBytes = 1024;
 constexpr int64_t kAmxChunkSteps = 8;  // k steps (64 k each) per chunk: a 16 KiB B slice, 2 row blocks
 
-// Off when the CPU / OS lacks AMX or MULFREE_AMX=0; set_amx() switches it (tests, benchmarks).
-std::atomic<bool> &amx_switch() {
-  static std::atomic<bool> on{cpu_features().amx_int8 && !(std::getenv("MULFREE_AMX") &&
-                                                            std::string(std::getenv("MULFREE_AMX")) == "0")};
-  return on;
-}
-
+#if MF_HAVE_AMX
 struct alignas(64) TileConfig {
   uint8_t palette_id = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
@@ -507,6 +508,8 @@ void run_linears_amx(int threads, const LinearJob *jobs, int njobs) {
   });
 }
 
+#endif  // MF_HAVE_AMX
+
 // Runs several independent linears in one parallel region (each split evenly by row groups); batches
 // of at least kAmxMinTokens tokens go to the AMX tiles when they are on.
 void run_linears(Isa isa, int threads, const LinearJob *jobs, int njobs) {
@@ -515,8 +518,10 @@ void run_linears(Isa isa, int threads, const LinearJob *jobs, int njobs) {
     work += jobs[i].N * jobs[i].Kpad * jobs[i].T;
     min_t = std::min(min_t, jobs[i].T);
   }
+#if MF_HAVE_AMX
   if (isa == Isa::Avx512 && min_t >= kAmxMinTokens && amx_switch().load(std::memory_order_relaxed))
     return run_linears_amx(threads, jobs, njobs);
+#endif
   if (work < (int64_t(1) << 20)) {  // too small to pay for a hand-off to other threads
     for (int i = 0; i < njobs; ++i) linear_rows(isa, jobs[i], 0, (jobs[i].N + kRows - 1) / kRows);
     return;
