@@ -4,6 +4,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/map.h>
 #include <map>
+#include <stdexcept>
 #include <string>
 #if defined(__x86_64__) && defined(__linux__)
 #include <cpuid.h>
@@ -43,6 +44,21 @@ const CpuFeatures &cpu_features() {
     return r;
   }();
   return f;
+}
+
+Isa parse_isa(const std::string &name) {
+  const CpuFeatures &f = cpu_features();
+  if (name == "scalar") return Isa::Scalar;
+  if (name == "avx2") {
+    if (!(f.avx2 && f.fma)) throw std::invalid_argument("backend 'avx2' is not supported by this CPU");
+    return Isa::Avx2;
+  }
+  if (name == "avx512") {
+    if (!(f.avx512f && f.avx512bw && f.avx512vl && f.avx512vnni))
+      throw std::invalid_argument("backend 'avx512' is not supported by this CPU");
+    return Isa::Avx512;
+  }
+  throw std::invalid_argument("unknown backend '" + name + "' (use scalar, avx2 or avx512)");
 }
 
 void register_cpuinfo(nb::module_ &m) {

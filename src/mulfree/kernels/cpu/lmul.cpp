@@ -180,17 +180,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void rows_avx512(const Args
 using RowsFn = void (*)(const Args &, int64_t, int64_t);
 
 RowsFn pick(const std::string &backend) {
-  const CpuFeatures &f = cpu_features();
-  if (backend == "scalar") return rows_scalar;
-  if (backend == "avx2") {
-    if (!(f.avx2 && f.fma)) throw std::runtime_error("avx2 backend is not supported by this CPU");
-    return rows_avx2;
+  switch (parse_isa(backend)) {
+    case Isa::Avx512: return rows_avx512;
+    case Isa::Avx2: return rows_avx2;
+    default: return rows_scalar;
   }
-  if (backend == "avx512") {
-    if (!(f.avx512f && f.avx512bw && f.avx512vl)) throw std::runtime_error("avx512 backend is not supported by this CPU");
-    return rows_avx512;
-  }
-  throw std::invalid_argument("unknown backend '" + backend + "'; use scalar, avx2 or avx512");
 }
 
 using F32Mat = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;

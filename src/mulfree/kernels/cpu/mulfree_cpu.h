@@ -3,6 +3,8 @@
 #pragma once
 #include <nanobind/nanobind.h>
 
+#include <string>
+
 namespace nb = nanobind;
 
 void register_cpuinfo(nb::module_ &m);  // cpuinfo.cpp
@@ -27,3 +29,9 @@ struct CpuFeatures {
   bool amx_int8;  // AMX-TILE + AMX-INT8, the OS granted this process the tile state, and MF_HAVE_AMX
 };
 const CpuFeatures &cpu_features();
+
+// The SIMD path a kernel runs. Names are the backends of mulfree.kernels ("avx512" = AVX-512 with VNNI),
+// and the values index per-ISA kernel tables.
+enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+// The Isa of a backend name; std::invalid_argument if the name is unknown or this CPU lacks it.
+Isa parse_isa(const std::string &name);

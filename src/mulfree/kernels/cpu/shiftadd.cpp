@@ -392,16 +392,6 @@ __attribute__((target("avx2,fma"))) void pair_shared_avx2(const Job &j, int64_t 
 
 // ---------------------------------------------------------------------------------------------
 
-enum class Isa { Scalar, Avx2, Avx512 };
-
-Isa parse_isa(const std::string &name) {
-  const CpuFeatures &f = cpu_features();
-  if (name == "scalar") return Isa::Scalar;
-  if (name == "avx2" && f.avx2 && f.fma) return Isa::Avx2;
-  if (name == "avx512" && f.avx512f && f.avx512bw && f.avx512vl) return Isa::Avx512;
-  throw std::invalid_argument("backend '" + name + "' is unknown or not supported by this CPU");
-}
-
 // Row groups of the tiles of quad Q (rows beyond N count as the last row's group); false when a
 // tile spans two groups.
 bool tile_groups(const Job &j, int64_t Q, int64_t *G) {

@@ -36,22 +36,6 @@ constexpr int64_t kBlock = 256;  // weights per row per block (64 bytes, 4 per b
 constexpr int kRows = 4;         // rows interleaved per row group
 constexpr int kMaxTile = 4;      // tokens per GEMM micro-tile
 
-enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2 };
-
-Isa parse_isa(const std::string &name) {
-  const CpuFeatures &f = cpu_features();
-  if (name == "scalar") return Isa::Scalar;
-  if (name == "avx2") {
-    if (!(f.avx2 && f.fma)) throw std::invalid_argument("backend 'avx2' is not supported by this CPU");
-    return Isa::Avx2;
-  }
-  if (name == "avx512") {
-    if (!(f.avx512f && f.avx512bw && f.avx512vl && f.avx512vnni))
-      throw std::invalid_argument("backend 'avx512' is not supported by this CPU");
-    return Isa::Avx512;
-  }
-  throw std::invalid_argument("unknown backend '" + name + "' (use scalar, avx2 or avx512)");
-}
 
 // ---------------------------------------------------------------------------------------------
 // Micro-kernels: one row group (4 rows x Kpad weights) against NT tokens of int8 activations.
@@ -267,7 +251,19 @@ struct LinearJob {
   float *Y;      // [T, ldy] float output, or
   int32_t *Yi;   // [T, ldy] exact integer output sum_k trit * q
   int64_t ldy;
+  int64_t groups() const { return (N + kRows - 1) / kRows; }
 };
+
+constexpr int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// The work items of one parallel region over several linears: (job, first row group), every `step`
+// row groups of every job.
+std::vector<std::pair<int, int64_t>> row_group_chunks(const LinearJob *jobs, int njobs, int64_t step) {
+  std::vector<std::pair<int, int64_t>> chunks;
+  for (int i = 0; i < njobs; ++i)
+    for (int64_t g = 0; g < jobs[i].groups(); g += step) chunks.emplace_back(i, g);
+  return chunks;
+}
 
 void linear_rows(Isa isa, const LinearJob &j, int64_t g0, int64_t g1) {
   // Outputs of up to 16 row groups are staged, then each token's 64 values are written at once:
@@ -385,7 +381,7 @@ __attribute__((target(MF_AVX512))) void amx_unpack_panel(const uint8_t *W, int64
 // A tiles of all tokens, each 32-token block's k steps contiguous:
 // A[((tb * nks + ks) * 32 + tt) * 64 + e] = q[32 tb + tt, 64 ks + e], tokens past T zero.
 void amx_pack_acts(const int8_t *Q, int64_t T, int64_t Kpad, int8_t *A) {
-  const int64_t nks = Kpad / 64, Tpad = (T + kAmxTokens - 1) / kAmxTokens * kAmxTokens;
+  const int64_t nks = Kpad / 64, Tpad = round_up(T, kAmxTokens);
   for (int64_t t = 0; t < Tpad; ++t) {
     const int64_t tb = t / kAmxTokens, tt = t % kAmxTokens;
     for (int64_t ks = 0; ks < nks; ++ks) {
@@ -475,31 +471,26 @@ void run_linears_amx(int threads, const LinearJob *jobs, int njobs) {
   std::vector<std::vector<int8_t>> acts((size_t)njobs);
   for (int i = 0; i < njobs; ++i) {
     const LinearJob &j = jobs[i];
-    acts[(size_t)i].resize((size_t)((j.T + kAmxTokens - 1) / kAmxTokens * kAmxTokens * j.Kpad));
+    acts[(size_t)i].resize((size_t)(round_up(j.T, kAmxTokens) * j.Kpad));
     amx_pack_acts(j.Q, j.T, j.Kpad, acts[(size_t)i].data());
   }
-  std::vector<std::pair<int, int64_t>> chunks;  // (job, first row group of the panel)
-  for (int i = 0; i < njobs; ++i) {
-    const int64_t G = (jobs[i].N + kRows - 1) / kRows;
-    for (int64_t g = 0; g < G; g += kAmxRows / kRows) chunks.emplace_back(i, g);
-  }
+  const auto chunks = row_group_chunks(jobs, njobs, kAmxRows / kRows);  // one 32-row panel each
   get_pool(threads).run_chunks((int64_t)chunks.size(), [&](int64_t c) {
     const auto [i, g0] = chunks[(size_t)c];
     const LinearJob &j = jobs[i];
     const int64_t nks = j.Kpad / 64;
     thread_local std::vector<int8_t> panel;
     panel.resize((size_t)(kAmxRows * j.Kpad));
-    const int64_t nblk = (j.T + kAmxTokens - 1) / kAmxTokens, G = (j.N + kRows - 1) / kRows;
+    const int64_t nblk = round_up(j.T, kAmxTokens) / kAmxTokens;
     thread_local std::vector<int32_t> cbuf;
     cbuf.resize((size_t)(nblk * 4 * 256 + 16));
     int32_t *C = (int32_t *)(((uintptr_t)cbuf.data() + 63) & ~(uintptr_t)63);
     amx_begin();
     // k in chunks whose B slice stays in L1 across all token blocks (C blocks wait in memory between
-    // chunks). Each slice is unpacked just before its use, so the vector unit unpacking it overlaps
-    // with the tile unit still finishing the previous slice.
+    // chunks); each slice is unpacked just before its use.
     for (int64_t ks0 = 0; ks0 < nks; ks0 += kAmxChunkSteps) {
       const int64_t ks1 = std::min(nks, ks0 + kAmxChunkSteps);
-      amx_unpack_panel(j.W, G, j.Kpad, g0, ks0 / 4, ks1 / 4, panel.data());
+      amx_unpack_panel(j.W, j.groups(), j.Kpad, g0, ks0 / 4, ks1 / 4, panel.data());
       for (int64_t tb = 0; tb < nblk; ++tb)
         amx_block(acts[(size_t)i].data() + tb * kAmxTokens * j.Kpad, panel.data(), ks0, ks1, C + tb * 4 * 256);
     }
@@ -523,21 +514,16 @@ void run_linears(Isa isa, int threads, const LinearJob *jobs, int njobs) {
     return run_linears_amx(threads, jobs, njobs);
 #endif
   if (work < (int64_t(1) << 20)) {  // too small to pay for a hand-off to other threads
-    for (int i = 0; i < njobs; ++i) linear_rows(isa, jobs[i], 0, (jobs[i].N + kRows - 1) / kRows);
+    for (int i = 0; i < njobs; ++i) linear_rows(isa, jobs[i], 0, jobs[i].groups());
     return;
   }
   // Chunks of 16 row groups (64 rows): small enough to balance two threads, big enough that
   // claiming one (an atomic CAS) is noise.
   constexpr int64_t kChunk = 16;
-  std::vector<std::pair<int, int64_t>> chunks;
-  for (int i = 0; i < njobs; ++i) {
-    const int64_t G = (jobs[i].N + kRows - 1) / kRows;
-    for (int64_t g = 0; g < G; g += kChunk) chunks.emplace_back(i, g);
-  }
+  const auto chunks = row_group_chunks(jobs, njobs, kChunk);
   get_pool(threads).run_chunks((int64_t)chunks.size(), [&](int64_t c) {
     const auto [i, g0] = chunks[(size_t)c];
-    const int64_t G = (jobs[i].N + kRows - 1) / kRows;
-    linear_rows(isa, jobs[i], g0, std::min(G, g0 + kChunk));
+    linear_rows(isa, jobs[i], g0, std::min(jobs[i].groups(), g0 + kChunk));
   });
 }
 
