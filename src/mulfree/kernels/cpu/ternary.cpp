@@ -378,12 +378,12 @@ __attribute__((target(MF_AVX512))) void amx_unpack_panel(const uint8_t *W, int64
     }
 }
 
-// A tiles of all tokens, each 32-token block's k steps contiguous:
+// A tiles of one 32-token block tb, its k steps contiguous:
 // A[((tb * nks + ks) * 32 + tt) * 64 + e] = q[32 tb + tt, 64 ks + e], tokens past T zero.
-void amx_pack_acts(const int8_t *Q, int64_t T, int64_t Kpad, int8_t *A) {
-  const int64_t nks = Kpad / 64, Tpad = round_up(T, kAmxTokens);
-  for (int64_t t = 0; t < Tpad; ++t) {
-    const int64_t tb = t / kAmxTokens, tt = t % kAmxTokens;
+void amx_pack_acts(const int8_t *Q, int64_t T, int64_t Kpad, int64_t tb, int8_t *A) {
+  const int64_t nks = Kpad / 64;
+  for (int64_t tt = 0; tt < kAmxTokens; ++tt) {
+    const int64_t t = tb * kAmxTokens + tt;
     for (int64_t ks = 0; ks < nks; ++ks) {
       int8_t *dst = A + ((tb * nks + ks) * kAmxTokens + tt) * 64;
       if (t < T)
@@ -468,12 +468,22 @@ __attribute__((target(MF_AVX512))) void amx_finish(const LinearJob &j, const int
 // All linears of one call on AMX: activations packed once per job, then panels of 32 rows over the
 // pool, each unpacked once and run against every 32-token block.
 void run_linears_amx(int threads, const LinearJob *jobs, int njobs) {
-  std::vector<std::vector<int8_t>> acts((size_t)njobs);
+  // The caller's buffers, kept between calls (fresh pages cost faults); packed over the pool.
+  // (A reference, so the pool's workers see the caller's buffers, not their own thread_local ones.)
+  thread_local std::vector<std::vector<int8_t>> caller_acts;
+  std::vector<std::vector<int8_t>> &acts = caller_acts;
+  if (acts.size() < (size_t)njobs) acts.resize((size_t)njobs);
+  std::vector<std::pair<int, int64_t>> blocks;  // (job, token block)
   for (int i = 0; i < njobs; ++i) {
     const LinearJob &j = jobs[i];
-    acts[(size_t)i].resize((size_t)(round_up(j.T, kAmxTokens) * j.Kpad));
-    amx_pack_acts(j.Q, j.T, j.Kpad, acts[(size_t)i].data());
+    const int64_t nblk = round_up(j.T, kAmxTokens) / kAmxTokens;
+    acts[(size_t)i].resize(std::max(acts[(size_t)i].size(), (size_t)(nblk * kAmxTokens * j.Kpad)));
+    for (int64_t tb = 0; tb < nblk; ++tb) blocks.emplace_back(i, tb);
   }
+  get_pool(threads).run_chunks((int64_t)blocks.size(), [&](int64_t c) {
+    const auto [i, tb] = blocks[(size_t)c];
+    amx_pack_acts(jobs[i].Q, jobs[i].T, jobs[i].Kpad, tb, acts[(size_t)i].data());
+  });
   const auto chunks = row_group_chunks(jobs, njobs, kAmxRows / kRows);  // one 32-row panel each
   get_pool(threads).run_chunks((int64_t)chunks.size(), [&](int64_t c) {
     const auto [i, g0] = chunks[(size_t)c];
@@ -855,7 +865,7 @@ class Engine {
     for (int64_t t = 0; t < T; ++t) embed(idp[t], h + t * d);
     for (int64_t l = 0; l < L; ++l) {
       const Layer &ly = layers_[(size_t)l];
-      for (int64_t t = 0; t < T; ++t) rmsnorm_row(h + t * d, ly.attn_norm.data(), d, eps_, a + t * d);
+      rmsnorm_rows(h, ly.attn_norm.data(), T, a);
       qi.fill(isa_, a, T, d, ly.i, eps_, threads_);
       qf.fill(isa_, a, T, d, ly.f, eps_, threads_);
       qg.fill(isa_, a, T, d, ly.g, eps_, threads_);
@@ -879,8 +889,8 @@ class Engine {
       qi.fill(isa_, a, T, d, ly.o, eps_, threads_);
       const LinearJob oj = qi.job(ly.o, T, fi, d);
       run_linears(isa_, threads_, &oj, 1);
-      for (int64_t k = 0; k < T * d; ++k) h[k] += fi[k];
-      for (int64_t t = 0; t < T; ++t) rmsnorm_row(h + t * d, ly.mlp_norm.data(), d, eps_, a + t * d);
+      add_rows(h, fi, T);
+      rmsnorm_rows(h, ly.mlp_norm.data(), T, a);
       qi.fill(isa_, a, T, d, ly.gate, eps_, threads_);
       const LinearJob gj = qi.job(ly.gate, T, big, 2 * I);
       run_linears(isa_, threads_, &gj, 1);
@@ -890,7 +900,7 @@ class Engine {
       qi.fill(isa_, big, T, 2 * I, ly.down, eps_, threads_);
       const LinearJob dj = qi.job(ly.down, T, fi, d);
       run_linears(isa_, threads_, &dj, 1);
-      for (int64_t k = 0; k < T * d; ++k) h[k] += fi[k];
+      add_rows(h, fi, T);
     }
     const int64_t t0 = T - R;
     for (int64_t t = 0; t < R; ++t) rmsnorm_row(h + (t0 + t) * d, norm_.data(), d, eps_, a + t * d);
@@ -902,6 +912,17 @@ class Engine {
  private:
   void check_emb(size_t v, size_t d) {
     if ((int64_t)v != V_ || (int64_t)d != d_) throw std::invalid_argument("embedding shape does not match the config");
+  }
+  // RMSNorm of T rows of width d, and h += x over T rows, split by tokens over the pool.
+  void rmsnorm_rows(const float *x, const float *w, int64_t T, float *out) {
+    for_ranges(threads_, T, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) rmsnorm_row(x + t * d_, w, d_, eps_, out + t * d_);
+    });
+  }
+  void add_rows(float *h, const float *x, int64_t T) {
+    for_ranges(threads_, T, [&](int64_t t0, int64_t t1) {
+      for (int64_t k = t0 * d_; k < t1 * d_; ++k) h[k] += x[k];
+    });
   }
   void embed(int64_t id, float *out) const {
     if (emb_is_bf16_) {
