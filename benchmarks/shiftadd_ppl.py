@@ -47,6 +47,11 @@ def main() -> None:
     ap.add_argument("--skip-fp", action="store_true", help="do not report the FP row again (it is still measured for ratios)")
     ap.add_argument("--jsonl", default="shiftadd_ppl.jsonl")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--percdamp", type=float, default=0.01, help="Hessian dampening (fraction of mean diag)")
+    ap.add_argument("--tune-epochs", type=int, default=0, help="norm tweaking epochs per block (0 = off)")
+    ap.add_argument("--tune-lr", type=float, default=1e-3)
+    ap.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
+                    help="Hessians of all linears from the FP block (the rows measured before true-sequential)")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
@@ -57,7 +62,9 @@ def main() -> None:
     setup = {"model": "SmolLM2-135M-Instruct", "eval_tokens": ids.numel(), "window": args.window,
              "weights_per_scale_set": args.group_size,
              "calib": f"{args.calib_samples}x{args.calib_seqlen}", "group": args.group_size, "rounds": args.rounds,
-             "apot_terms": args.apot_terms, "incoherence": args.incoherence}
+             "apot_terms": args.apot_terms, "incoherence": args.incoherence,
+             "true_sequential": args.true_sequential, "tune_epochs": args.tune_epochs, "tune_lr": args.tune_lr,
+             "percdamp": args.percdamp}
 
     def report(row: dict) -> None:
         line = json.dumps({**setup, **row})
@@ -70,18 +77,20 @@ def main() -> None:
         report({"method": "fp32", "bits": 32, "ppl": round(fp, 3)})
     makers = {
         "rtn": lambda b: RTN(b, args.group_size),
-        "gptq": lambda b: GPTQ(b, args.group_size, incoherence=args.incoherence, seed=args.seed),
+        "gptq": lambda b: GPTQ(b, args.group_size, percdamp=args.percdamp, incoherence=args.incoherence,
+                               seed=args.seed),
         "shiftadd-acc": lambda b: ShiftAdd(b, args.group_size, "acc", args.rounds, args.apot_terms,
-                                           incoherence=args.incoherence, seed=args.seed),
+                                           percdamp=args.percdamp, incoherence=args.incoherence, seed=args.seed),
         "shiftadd-lat": lambda b: ShiftAdd(b, args.group_size, "lat", args.rounds, args.apot_terms,
-                                           incoherence=args.incoherence, seed=args.seed),
+                                           percdamp=args.percdamp, incoherence=args.incoherence, seed=args.seed),
     }
     runs = [(r.split(":")[0], int(r.split(":")[1])) for r in args.runs] if args.runs else [
         (name, bits) for bits in args.bits for name in args.methods]
     for name, bits in runs:
         t0 = time.time()
         qmodel = copy.deepcopy(model)
-        quantize_model(qmodel, makers[name](bits), calib)
+        quantize_model(qmodel, makers[name](bits), calib, true_sequential=args.true_sequential,
+                       tune_epochs=args.tune_epochs, tune_lr=args.tune_lr)
         ppl = perplexity(qmodel, ids, args.window, progress=False)
         report({"method": name, "bits": bits, "ppl": round(ppl, 3), "ratio_vs_fp": round(ppl / fp, 3),
                 "seconds": round(time.time() - t0, 1)})

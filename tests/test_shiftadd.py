@@ -121,6 +121,70 @@ def test_quantize_save_reload(arch, mode, tmp_path):
         torch.testing.assert_close(layer(one), one @ layer.dequantize().T, rtol=1e-5, atol=1e-5)
 
 
+class _RecordingRTN:
+    """RTN that keeps the Hessian the walker handed it for each layer (in call order)."""
+
+    name, needs_hessian = "rtn", True
+
+    def __init__(self):
+        from mulfree.quant.rtn import RTN
+
+        self.rtn, self.hessians = RTN(4, 16), []
+
+    def quantize(self, w, h, bias):
+        self.hessians.append(h)
+        return self.rtn.quantize(w, h, bias)
+
+
+def _o_proj_input_hessian(block, records):
+    """E[x xᵀ] of o_proj's input when `block` runs on the recorded block inputs (independent of the walker)."""
+    from mulfree.quant.walker import _run_block
+
+    xs = []
+    handle = block.self_attn.o_proj.register_forward_hook(lambda _m, args, _o: xs.append(args[0].reshape(-1, 32)))
+    with torch.no_grad():
+        for hid, args, kw in records:
+            _run_block(block, hid, args, kw)
+    handle.remove()
+    x = torch.cat(xs)
+    return x.T @ x / x.shape[0]
+
+
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_true_sequential_takes_hessians_through_quantized_stages(true_sequential):
+    from mulfree.quant.walker import _capture
+
+    model, calib = _tiny("llama"), torch.randint(0, 300, (4, 16))
+    block = decoder_blocks(model)[1][0]
+    records = _capture(model, block, calib, 4)
+    h_fp = _o_proj_input_hessian(block, records)
+    method = _RecordingRTN()
+    quantize_model(model, method, calib, progress=False, true_sequential=true_sequential)
+    h_o = method.hessians[3]  # q, k, v, then o_proj
+    h_quant = _o_proj_input_hessian(block, records)  # q/k/v quantized now (o_proj does not feed itself)
+    torch.testing.assert_close(h_o, h_quant if true_sequential else h_fp, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(h_fp, h_quant, rtol=1e-3, atol=1e-6)
+
+
+def test_block_tuning_lowers_block_error_and_keeps_codes():
+    from mulfree.quant.walker import _capture, _run_block
+
+    calib = torch.randint(0, 300, (4, 16))
+    fp_block = decoder_blocks(_tiny("llama"))[1][0]
+    errors, planes = [], []
+    for epochs in (0, 20):
+        model = _tiny("llama")
+        records = _capture(model, decoder_blocks(model)[1][0], calib, 4)
+        quantize_model(model, ShiftAdd(2, 16, "acc", 2), calib, progress=False, tune_epochs=epochs, tune_lr=1e-2)
+        block = decoder_blocks(model)[1][0]
+        with torch.no_grad():
+            errors.append(sum(((_run_block(block, *r) - _run_block(fp_block, *r)) ** 2).mean() for r in records))
+        planes.append(block.self_attn.q_proj.planes.clone())
+        assert block.input_layernorm.weight.requires_grad and not block.self_attn.q_proj.planes.requires_grad
+    assert torch.equal(planes[0], planes[1])
+    assert errors[1] < 0.9 * errors[0]
+
+
 def test_mixed_bits_allocation_respects_budget():
     bits = allocate_bits({"a": 3.0, "b": 1.0, "c": 2.0}, {"a": 100, "b": 100, "c": 100}, 2, 3, 2.4)
     assert bits == {"a": 3, "b": 2, "c": 2}

@@ -39,6 +39,9 @@ def register(subparsers) -> None:
                            help="randomized block Walsh-Hadamard transforms (adds only, undone online): hadamard = "
                            "input side (W T^-1 against T H T^T), hadamard-out = output side, hadamard-io = both "
                            f"(default {default})")
+            p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
+                           help="take every linear's Hessian from the FP block instead of stage by stage "
+                           "(q/k/v, o, gate/up, down) through the linears already quantized")
         if name == "shiftadd":
             p.add_argument("--mode", choices=("acc", "lat"), default="acc",
                            help="acc: scales per column; lat: scales shared by 8 columns for the LUT kernel")
@@ -100,8 +103,8 @@ def run_quantize(args: argparse.Namespace) -> int:
         text = load_corpus(args.calib_data).train_text
         calib = calibration_ids(tokenizer, text, args.calib_samples, args.calib_seqlen, args.seed)
         extra["calibration"] = {"samples": args.calib_samples, "seqlen": args.calib_seqlen, "seed": args.seed,
-                                "data": args.calib_data or "bundled"}
-    metas = quantize_model(model, method, calib)
+                                "data": args.calib_data or "bundled", "true_sequential": args.true_sequential}
+    metas = quantize_model(model, method, calib, true_sequential=getattr(args, "true_sequential", True))
     out = save_quantized(model, tokenizer, args.out, method, metas, extra)
     print(f"wrote {out} ({len(metas)} quantized layers, {method.name} {args.bits}-bit)")
     return 0

@@ -112,11 +112,21 @@ def _run_block(block: nn.Module, hidden, args, kwargs):
 
 @torch.no_grad()
 def quantize_model(
-    model: nn.Module, method, calib: torch.Tensor | None = None, batch_size: int = 4, progress: bool = True
+    model: nn.Module,
+    method,
+    calib: torch.Tensor | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+    true_sequential: bool = True,
+    tune_epochs: int = 0,
+    tune_lr: float = 1e-3,
 ) -> dict[str, dict]:
     """Quantize every linear of every decoder block in place; returns {module path: layer meta}.
 
-    Embeddings and the LM head stay in full precision (as in GPTQ and ShiftAddLLM).
+    Embeddings and the LM head stay in full precision (as in GPTQ and ShiftAddLLM). With
+    `true_sequential` (GPTQ's option of that name) the linears of a block are quantized in stages
+    of those that read the same input (q/k/v, o, gate/up, down), each stage's Hessians taken
+    from a forward pass through the stages already quantized; otherwise all from the FP block.
     """
     model.eval()
     prefix, blocks = decoder_blocks(model)
@@ -126,30 +136,63 @@ def quantize_model(
     metas: dict[str, dict] = {}
     for bi, block in enumerate(tqdm(blocks, desc=f"{method.name} blocks", disable=not progress)):
         linears = {name: mod for name, mod in block.named_modules() if name and _is_linear(mod)}
+        stages = [list(linears)]
         hess: dict[str, torch.Tensor | None] = {name: None for name in linears}
         if method.needs_hessian:
-            hess = _collect_hessians(block, linears, records)
+            targets = [_run_block(block, hid, args, kw) for hid, args, kw in records] if tune_epochs else []
+            hess, stages = _collect_hessians(block, linears, records)
+            if not true_sequential:
+                stages = [list(linears)]
         layers = {name: (_weight(mod).float(), hess[name]) for name, mod in linears.items()}
         assign = getattr(method, "assign_bits", None)
         bits = assign(layers) if assign is not None else {}
-        for name, mod in linears.items():
-            bias = None if mod.bias is None else mod.bias.detach().float()
-            w, h = layers[name]
-            extra = {"bits": bits[name]} if name in bits else {}
-            qlayer = method.quantize(w, h, bias, **extra)
-            _set_module(block, name, qlayer)
-            metas[f"{prefix}.{bi}.{name}"] = describe(qlayer)
+        for si, stage in enumerate(stages):
+            if si > 0:
+                hess, _ = _collect_hessians(block, {name: linears[name] for name in stage}, records)
+            for name in stage:
+                mod = linears[name]
+                bias = None if mod.bias is None else mod.bias.detach().float()
+                extra = {"bits": bits[name]} if name in bits else {}
+                qlayer = method.quantize(_weight(mod).float(), hess[name], bias, **extra)
+                _set_module(block, name, qlayer)
+                metas[f"{prefix}.{bi}.{name}"] = describe(qlayer)
+        if tune_epochs and method.needs_hessian:
+            _tune_block(block, records, targets, tune_epochs, tune_lr)
         if method.needs_hessian:
             records = [(_run_block(block, hid, args, kw), args, kw) for hid, args, kw in records]
     return metas
 
 
-def _collect_hessians(block: nn.Module, linears: dict[str, nn.Module], records: list) -> dict[str, torch.Tensor]:
-    """H = mean over calibration tokens of x xᵀ for each linear's input, via forward hooks.
-    Linears fed the same tensor (q/k/v, gate/up) share one product per batch."""
+def _tune_block(block: nn.Module, records: list, targets: list, epochs: int, lr: float) -> None:
+    """Adam on the block's float parameters (the quantized weights are buffers) against the MSE
+    between its outputs and the FP block's `targets` on the same calibration inputs."""
+    params = [p for p in block.parameters() if p.is_floating_point()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for (hid, args, kw), target in zip(records, targets):
+                loss = torch.nn.functional.mse_loss(_run_block(block, hid, args, kw), target)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    for p, flag in zip(params, flags):
+        p.requires_grad_(flag)
+
+
+def _collect_hessians(
+    block: nn.Module, linears: dict[str, nn.Module], records: list
+) -> tuple[dict[str, torch.Tensor], list[list[str]]]:
+    """H = mean over calibration tokens of x xᵀ for each linear's input, via forward hooks, and the
+    linears in call order grouped by shared input (the true-sequential stages). Linears fed the same
+    tensor (q/k/v, gate/up) share one product per batch."""
     hess = {name: torch.zeros(_weight(m).shape[1], _weight(m).shape[1]) for name, m in linears.items()}
     count = {"rows": 0}
     cache: dict[tuple, torch.Tensor] = {}
+    stages: list[list[str]] = []
+    stage_of: dict[str, tuple] = {}
 
     def make_hook(name):
         def hook(_module, args, _out):
@@ -159,6 +202,11 @@ def _collect_hessians(block: nn.Module, linears: dict[str, nn.Module], records: 
                 xf = x.reshape(-1, x.shape[-1]).float()
                 cache[key] = xf.T @ xf
             hess[name] += cache[key]
+            if name not in stage_of:
+                if not stages or stage_of[stages[-1][-1]] != key:
+                    stages.append([])
+                stages[-1].append(name)
+                stage_of[name] = key
 
         return hook
 
@@ -172,7 +220,10 @@ def _collect_hessians(block: nn.Module, linears: dict[str, nn.Module], records: 
         for handle in handles:
             handle.remove()
     cache.clear()
-    return {name: h / max(count["rows"], 1) for name, h in hess.items()}
+    missing = [name for name in linears if name not in stage_of]
+    if missing:
+        stages.append(missing)
+    return {name: h / max(count["rows"], 1) for name, h in hess.items()}, stages
 
 
 def save_quantized(model: nn.Module, tokenizer, out: str | Path, method, metas: dict, extra: dict) -> Path:
