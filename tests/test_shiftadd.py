@@ -224,13 +224,15 @@ def test_cli_quantize_and_errors(tmp_path, capsys):
     out = tmp_path / "q"
     rc = cli_main(["quantize", "shiftadd", "--model", str(src), "--bits", "2", "--mode", "lat", "--group-size", "16",
                    "--rounds", "1", "--calib-data", str(tmp_path / "calib.txt"), "--calib-samples", "2",
-                   "--calib-seqlen", "16", "--out", str(out)])
+                   "--calib-seqlen", "16", "--tune-epochs", "1", "--out", str(out)])
     assert rc == 0
     model, tok = load_quantized(out)
     assert model.config.quant_method == "shiftadd" and tok is not None
     assert model.config.mulfree_quant["incoherence"] == "hadamard-io"  # the shiftadd default
     assert cli_main(["quantize", "gptq", "--model", str(src), "--bits", "9", "--out", str(out)]) == 2
     assert "error: --bits 9 is out of range" in capsys.readouterr().err
+    assert cli_main(["quantize", "gptq", "--model", str(src), "--bits", "3", "--tune-epochs", "-1", "--out", str(out)]) == 2
+    assert "error: --tune-epochs must be >= 0" in capsys.readouterr().err
     rc = cli_main(["quantize", "gptq", "--model", str(src), "--bits", "3", "--calib-data", str(tmp_path / "calib.txt"),
                    "--calib-seqlen", "100000", "--out", str(out)])
     last = capsys.readouterr().err.strip().splitlines()[-1]

@@ -42,6 +42,10 @@ def register(subparsers) -> None:
             p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
                            help="take every linear's Hessian from the FP block instead of stage by stage "
                            "(q/k/v, o, gate/up, down) through the linears already quantized")
+            p.add_argument("--tune-epochs", type=int, default=0,
+                           help="norm tweaking: Adam epochs per block fitting its norm weights and biases to the FP "
+                           "block's outputs on the calibration data (default 0 = off; quantized weights unchanged)")
+            p.add_argument("--tune-lr", type=float, default=1e-3, help="learning rate of --tune-epochs (default 1e-3)")
         if name == "shiftadd":
             p.add_argument("--mode", choices=("acc", "lat"), default="acc",
                            help="acc: scales per column; lat: scales shared by 8 columns for the LUT kernel")
@@ -68,6 +72,8 @@ def build_method(args: argparse.Namespace):
         return RTN(args.bits, args.group_size)
     if args.calib_samples < 1 or args.calib_seqlen < 2:
         raise ConfigError("calibration needs at least 1 window of 2+ tokens", "raise --calib-samples/--calib-seqlen")
+    if args.tune_epochs < 0 or not args.tune_lr > 0:
+        raise ConfigError("--tune-epochs must be >= 0 and --tune-lr > 0", "e.g. --tune-epochs 4 --tune-lr 1e-3")
     if args.method == "gptq":
         from mulfree.quant.gptq import GPTQ
 
@@ -103,8 +109,10 @@ def run_quantize(args: argparse.Namespace) -> int:
         text = load_corpus(args.calib_data).train_text
         calib = calibration_ids(tokenizer, text, args.calib_samples, args.calib_seqlen, args.seed)
         extra["calibration"] = {"samples": args.calib_samples, "seqlen": args.calib_seqlen, "seed": args.seed,
-                                "data": args.calib_data or "bundled", "true_sequential": args.true_sequential}
-    metas = quantize_model(model, method, calib, true_sequential=getattr(args, "true_sequential", True))
+                                "data": args.calib_data or "bundled", "true_sequential": args.true_sequential,
+                                "tune_epochs": args.tune_epochs, "tune_lr": args.tune_lr}
+    metas = quantize_model(model, method, calib, true_sequential=getattr(args, "true_sequential", True),
+                           tune_epochs=getattr(args, "tune_epochs", 0), tune_lr=getattr(args, "tune_lr", 1e-3))
     out = save_quantized(model, tokenizer, args.out, method, metas, extra)
     print(f"wrote {out} ({len(metas)} quantized layers, {method.name} {args.bits}-bit)")
     return 0
