@@ -106,7 +106,8 @@ class ShiftAddLinear(_QuantLinear):
             x = self.rotate_input(x)
             if self._kernel_weights is None:
                 self._kernel_weights = kernel.prepare(self.planes, self.exps, self.signs, self.out_features, self.group)
-            y = self.finish_output(kernel.lut_gemv(x.reshape(-1).float(), self._kernel_weights))
+            y = kernel.lut_gemv(x.reshape(-1).float(), self._kernel_weights, threads=torch.get_num_threads())
+            y = self.finish_output(y)
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return super().forward(x)
 
