@@ -30,10 +30,19 @@ def torch_greedy(model, ids):
     return generate(model, ids, 64)[0, ids.numel():].tolist()
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.mark.parametrize("backend", available_backends())
+def test_logits_and_greedy_match_torch(model, ids, torch_greedy, backend):
+    with torch.no_grad():
+        ref, _ = model(ids[None])
+    pm = PackedModel.from_model(model, backend=backend)
+    logits = pm.forward(ids, all_logits=True)
+    assert (logits - ref[0]).abs().max() <= 1e-3 * ref.abs().max()
+    assert pm.generate(ids, 64) == torch_greedy
+
+
+def _mmfree(intermediate: int) -> MMFreeForCausalLM:
     torch.manual_seed(0)
-    cfg = MMFreeConfig(vocab_size=300, hidden_size=72, num_hidden_layers=3, intermediate_size=100)
+    cfg = MMFreeConfig(vocab_size=300, hidden_size=72, num_hidden_layers=3, intermediate_size=intermediate)
     m = MMFreeForCausalLM(cfg).eval()
     with torch.no_grad():  # move away from init so every parameter matters
         m.model.lower_bounds.normal_()
@@ -41,6 +50,11 @@ def model():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
     return m
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _mmfree(100)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +73,12 @@ def test_logits_and_greedy_match_torch(model, ids, torch_greedy, backend):
 
 
 @pytest.mark.skipif(not amx_available(), reason="no AMX-INT8 on this CPU / OS")
-def test_amx_prefill_equals_vnni_prefill(model, ids):
-    pm = PackedModel.from_model(model, backend="avx512")
+@pytest.mark.parametrize("intermediate", [100, 96])  # 96 = 3 AMX panels: the GLU is fused into the GEMM
+@pytest.mark.parametrize("n_tokens", [21, 40])  # one and two 32-token blocks, the last one partial
+def test_amx_prefill_equals_vnni_prefill(intermediate, n_tokens):
+    m = _mmfree(intermediate)
+    ids = torch.randint(0, 300, (n_tokens,), generator=torch.Generator().manual_seed(3))
+    pm = PackedModel.from_model(m, backend="avx512")
     prev = set_amx(True)
     try:
         amx = pm.forward(ids, all_logits=True)
@@ -69,7 +87,10 @@ def test_amx_prefill_equals_vnni_prefill(model, ids):
         vnni = pm.forward(ids, all_logits=True)
     finally:
         set_amx(prev)
-    assert ids.numel() >= 16 and torch.equal(amx, vnni)
+    assert torch.equal(amx, vnni)
+    with torch.no_grad():
+        ref, _ = m(ids[None])
+    assert (amx - ref[0]).abs().max() <= 1e-3 * ref.abs().max()
 
 
 def test_decode_state_equals_prefill(model, ids):

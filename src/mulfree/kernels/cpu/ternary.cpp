@@ -251,7 +251,11 @@ struct LinearJob {
   float *Y;      // [T, ldy] float output, or
   int32_t *Yi;   // [T, ldy] exact integer output sum_k trit * q
   int64_t ldy;
+  // glu = I > 0 (AMX path only, I % kAmxRows == 0): rows [0, I) are gates, [I, 2I) ups, and the output
+  // is Y[t, n] = silu(gate_n) * up_n for n < I, as glu_row would compute it from the [T, 2I] result.
+  int64_t glu = 0;
   int64_t groups() const { return (N + kRows - 1) / kRows; }
+  int64_t out_groups() const { return glu ? glu / kRows : groups(); }  // row groups that own outputs
 };
 
 constexpr int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
@@ -261,7 +265,7 @@ constexpr int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 std::vector<std::pair<int, int64_t>> row_group_chunks(const LinearJob *jobs, int njobs, int64_t step) {
   std::vector<std::pair<int, int64_t>> chunks;
   for (int i = 0; i < njobs; ++i)
-    for (int64_t g = 0; g < jobs[i].groups(); g += step) chunks.emplace_back(i, g);
+    for (int64_t g = 0; g < jobs[i].out_groups(); g += step) chunks.emplace_back(i, g);
   return chunks;
 }
 
@@ -296,6 +300,9 @@ void linear_rows(Isa isa, const LinearJob &j, int64_t g0, int64_t g1) {
     }
   }
 }
+
+// out[k] = silu(g[k]) * u[k] (defined with the other elementwise steps below).
+void glu_pairs(Isa isa, const float *g, const float *u, int64_t n, float *out);
 
 // Off when the CPU / OS / compiler lacks AMX or MULFREE_AMX=0; set_amx() switches it (tests, benchmarks).
 std::atomic<bool> &amx_switch() {
@@ -465,6 +472,26 @@ __attribute__((target(MF_AVX512))) void amx_finish(const LinearJob &j, const int
     }
 }
 
+// The GLU form of amx_finish: gate block Cg and up block Cu (rows n0.. and I + n0..) give
+// silu(gate) * up with the products of amx_finish and the arithmetic of glu_row.
+__attribute__((target(MF_AVX512))) void amx_finish_glu(const LinearJob &j, const int32_t *Cg, const int32_t *Cu,
+                                                       int64_t n0, int64_t t0) {
+  alignas(64) float g[kAmxRows], u[kAmxRows];
+  for (int64_t it = 0; it < 2; ++it)
+    for (int64_t tt = 0; tt < 16; ++tt) {
+      const int64_t t = t0 + 16 * it + tt;
+      if (t >= j.T) return;
+      const __m512i sq = _mm512_set1_epi32(j.sumq[t]);
+      const __m512 s = _mm512_set1_ps(j.a_scale[t] * j.w_scale);
+      for (int64_t i = 0; i < 2; ++i) {
+        const int64_t c = ((it * 2 + i) * 16 + tt) * 16;
+        _mm512_store_ps(g + 16 * i, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(Cg + c), sq)), s));
+        _mm512_store_ps(u + 16 * i, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(Cu + c), sq)), s));
+      }
+      glu_pairs(Isa::Avx512, g, u, kAmxRows, j.Y + t * j.ldy + n0);
+    }
+}
+
 // All linears of one call on AMX: activations packed once per job, then panels of 32 rows over the
 // pool, each unpacked once and run against every 32-token block.
 void run_linears_amx(int threads, const LinearJob *jobs, int njobs) {
@@ -491,20 +518,30 @@ void run_linears_amx(int threads, const LinearJob *jobs, int njobs) {
     const int64_t nks = j.Kpad / 64;
     thread_local std::vector<int8_t> panel;
     panel.resize((size_t)(kAmxRows * j.Kpad));
-    const int64_t nblk = round_up(j.T, kAmxTokens) / kAmxTokens;
+    const int64_t nblk = round_up(j.T, kAmxTokens) / kAmxTokens, cblk = nblk * 4 * 256;
     thread_local std::vector<int32_t> cbuf;
-    cbuf.resize((size_t)(nblk * 4 * 256 + 16));
+    cbuf.resize((size_t)(2 * cblk + 16));
     int32_t *C = (int32_t *)(((uintptr_t)cbuf.data() + 63) & ~(uintptr_t)63);
+    // C blocks of the panel at row group gp for every token block: k in chunks whose B slice stays in
+    // L1 across all token blocks (C blocks wait in memory between chunks); each slice is unpacked
+    // just before its use.
+    auto run_panel = [&](int64_t gp, int32_t *Cp) {
+      for (int64_t ks0 = 0; ks0 < nks; ks0 += kAmxChunkSteps) {
+        const int64_t ks1 = std::min(nks, ks0 + kAmxChunkSteps);
+        amx_unpack_panel(j.W, j.groups(), j.Kpad, gp, ks0 / 4, ks1 / 4, panel.data());
+        for (int64_t tb = 0; tb < nblk; ++tb)
+          amx_block(acts[(size_t)i].data() + tb * kAmxTokens * j.Kpad, panel.data(), ks0, ks1, Cp + tb * 4 * 256);
+      }
+    };
     amx_begin();
-    // k in chunks whose B slice stays in L1 across all token blocks (C blocks wait in memory between
-    // chunks); each slice is unpacked just before its use.
-    for (int64_t ks0 = 0; ks0 < nks; ks0 += kAmxChunkSteps) {
-      const int64_t ks1 = std::min(nks, ks0 + kAmxChunkSteps);
-      amx_unpack_panel(j.W, j.groups(), j.Kpad, g0, ks0 / 4, ks1 / 4, panel.data());
+    run_panel(g0, C);
+    if (j.glu) {
+      run_panel(g0 + j.glu / kRows, C + cblk);
       for (int64_t tb = 0; tb < nblk; ++tb)
-        amx_block(acts[(size_t)i].data() + tb * kAmxTokens * j.Kpad, panel.data(), ks0, ks1, C + tb * 4 * 256);
+        amx_finish_glu(j, C + tb * 4 * 256, C + cblk + tb * 4 * 256, g0 * kRows, tb * kAmxTokens);
+    } else {
+      for (int64_t tb = 0; tb < nblk; ++tb) amx_finish(j, C + tb * 4 * 256, g0 * kRows, tb * kAmxTokens);
     }
-    for (int64_t tb = 0; tb < nblk; ++tb) amx_finish(j, C + tb * 4 * 256, g0 * kRows, tb * kAmxTokens);
     amx_end();
   });
 }
@@ -513,6 +550,15 @@ void run_linears_amx(int threads, const LinearJob *jobs, int njobs) {
 
 // Runs several independent linears in one parallel region (each split evenly by row groups); batches
 // of at least kAmxMinTokens tokens go to the AMX tiles when they are on.
+bool uses_amx(Isa isa, int64_t T) {
+#if MF_HAVE_AMX
+  return isa == Isa::Avx512 && T >= kAmxMinTokens && amx_switch().load(std::memory_order_relaxed);
+#else
+  (void)isa, (void)T;
+  return false;
+#endif
+}
+
 void run_linears(Isa isa, int threads, const LinearJob *jobs, int njobs) {
   int64_t work = 0, min_t = INT64_MAX;
   for (int i = 0; i < njobs; ++i) {
@@ -520,8 +566,7 @@ void run_linears(Isa isa, int threads, const LinearJob *jobs, int njobs) {
     min_t = std::min(min_t, jobs[i].T);
   }
 #if MF_HAVE_AMX
-  if (isa == Isa::Avx512 && min_t >= kAmxMinTokens && amx_switch().load(std::memory_order_relaxed))
-    return run_linears_amx(threads, jobs, njobs);
+  if (uses_amx(isa, min_t)) return run_linears_amx(threads, jobs, njobs);
 #endif
   if (work < (int64_t(1) << 20)) {  // too small to pay for a hand-off to other threads
     for (int i = 0; i < njobs; ++i) linear_rows(isa, jobs[i], 0, jobs[i].groups());
@@ -743,10 +788,11 @@ void mlgru_out(const float *fg, const float *gnorm, int64_t d, double eps, const
   for (int64_t k = 0; k < d; ++k) out[k] = fg[k] * r * gnorm[k] * silu_s[k];
 }
 
-MF_INLINE void glu_row_impl(const float *gate_up, int64_t I, float *out) {
-  for (int64_t k = 0; k < I; ++k) out[k] = siluf(gate_up[k]) * gate_up[I + k];
+MF_INLINE void glu_pairs_impl(const float *g, const float *u, int64_t n, float *out) {
+  for (int64_t k = 0; k < n; ++k) out[k] = siluf(g[k]) * u[k];
 }
-MF_ISA_VARIANTS(glu_row, (const float *gate_up, int64_t I, float *out), (gate_up, I, out))
+MF_ISA_VARIANTS(glu_pairs, (const float *g, const float *u, int64_t n, float *out), (g, u, n, out))
+void glu_row(Isa isa, const float *gate_up, int64_t I, float *out) { glu_pairs(isa, gate_up, gate_up + I, I, out); }
 
 // ---------------------------------------------------------------------------------------------
 // Python-facing types.
@@ -892,12 +938,16 @@ class Engine {
       add_rows(h, fi, T);
       rmsnorm_rows(h, ly.mlp_norm.data(), T, a);
       qi.fill(isa_, a, T, d, ly.gate, eps_, threads_);
-      const LinearJob gj = qi.job(ly.gate, T, big, 2 * I);
+      // On AMX the GLU is applied to each panel's outputs ([T, I] written, never [T, 2I]).
+      const bool fused_glu = uses_amx(isa_, T) && I % kAmxRows == 0;
+      LinearJob gj = qi.job(ly.gate, T, big, fused_glu ? I : 2 * I);
+      if (fused_glu) gj.glu = I;
       run_linears(isa_, threads_, &gj, 1);
-      for_ranges(threads_, T, [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t) glu_row(isa_, big + t * 2 * I, I, big + t * 2 * I);
-      });
-      qi.fill(isa_, big, T, 2 * I, ly.down, eps_, threads_);
+      if (!fused_glu)
+        for_ranges(threads_, T, [&](int64_t t0, int64_t t1) {
+          for (int64_t t = t0; t < t1; ++t) glu_row(isa_, big + t * 2 * I, I, big + t * 2 * I);
+        });
+      qi.fill(isa_, big, T, fused_glu ? I : 2 * I, ly.down, eps_, threads_);
       const LinearJob dj = qi.job(ly.down, T, fi, d);
       run_linears(isa_, threads_, &dj, 1);
       add_rows(h, fi, T);
