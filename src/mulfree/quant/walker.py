@@ -190,7 +190,7 @@ def _collect_hessians(
     tensor (q/k/v, gate/up) share one product per batch."""
     hess = {name: torch.zeros(_weight(m).shape[1], _weight(m).shape[1]) for name, m in linears.items()}
     count = {"rows": 0}
-    cache: dict[tuple, torch.Tensor] = {}
+    cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
     stages: list[list[str]] = []
     stage_of: dict[str, tuple] = {}
 
@@ -198,10 +198,10 @@ def _collect_hessians(
         def hook(_module, args, _out):
             x = args[0]
             key = (x.data_ptr(), tuple(x.shape))
-            if key not in cache:
+            if key not in cache:  # x stays referenced, so no later input of the pass can reuse its address
                 xf = x.reshape(-1, x.shape[-1]).float()
-                cache[key] = xf.T @ xf
-            hess[name] += cache[key]
+                cache[key] = (x, xf.T @ xf)
+            hess[name] += cache[key][1]
             if name not in stage_of:
                 if not stages or stage_of[stages[-1][-1]] != key:
                     stages.append([])
