@@ -11,10 +11,35 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
+from mulfree.kernels import available_backends  # noqa: E402
+from mulfree.kernels import hadamard as kernel  # noqa: E402
 from mulfree.ops.hadamard import RandomHadamard, fwht, hadamard_block  # noqa: E402
 from mulfree.quant.gptq import GPTQ  # noqa: E402
 from mulfree.quant.shiftadd import ShiftAdd  # noqa: E402
 from mulfree.quant.walker import load_quantized, quantize_model, save_quantized  # noqa: E402
+
+
+@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("shape", [(1, 1), (3, 2), (2, 192), (1, 576), (2, 3, 1536)])
+def test_online_transform_kernel_equals_reference_bit_for_bit(backend, shape):
+    r = RandomHadamard(shape[-1], seed=5)
+    x = torch.randn(*shape) * 10
+    x0 = x.clone()
+    for got, want in ((kernel.apply_input(r, x, backend), r.apply_input(x)),
+                      (kernel.invert_output(r, x, backend), r.invert_output(x))):
+        assert got.shape == x.shape and torch.equal(got, want)
+    assert torch.equal(x, x0)  # new tensors, the input untouched
+    with pytest.raises(ValueError, match="does not match"):
+        kernel.apply_input(r, torch.randn(2, shape[-1] + 1), backend)
+
+
+def test_online_transform_kernel_leaves_autograd_to_torch():
+    r = RandomHadamard(64, seed=1)
+    x = torch.randn(2, 64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    kernel.apply_input(r, x).sum().backward()
+    r.apply_input(x_ref).sum().backward()
+    assert x.grad is not None and torch.equal(x.grad, x_ref.grad)
 
 
 def _sylvester(n: int) -> torch.Tensor:

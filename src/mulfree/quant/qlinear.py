@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mulfree.kernels import hadamard as hadamard_kernel
 from mulfree.ops.bcq import bcq_dequantize
 from mulfree.ops.hadamard import RandomHadamard
 
@@ -46,12 +47,12 @@ class _QuantLinear(nn.Module):
 
     def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
         """x as the stored weight expects it: T x with incoherence processing, else x."""
-        return x if self.rht is None else self.rht.apply_input(x)
+        return x if self.rht is None else hadamard_kernel.apply_input(self.rht, x)
 
     def finish_output(self, y: torch.Tensor) -> torch.Tensor:
         """U⁻¹ y'' (with output-side incoherence) plus the bias."""
         if self.rht_out is not None:
-            y = self.rht_out.invert_output(y)
+            y = hadamard_kernel.invert_output(self.rht_out, y)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

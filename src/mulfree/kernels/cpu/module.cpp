@@ -7,4 +7,5 @@ NB_MODULE(_cpu, m) {
   register_ternary(m);
   register_lmul(m);
   register_shiftadd(m);
+  register_hadamard(m);
 }

@@ -11,6 +11,7 @@ void register_cpuinfo(nb::module_ &m);  // cpuinfo.cpp
 void register_ternary(nb::module_ &m);  // ternary.cpp: packed 2-bit GEMV/GEMM, fused norm+quant
 void register_lmul(nb::module_ &m);     // lmul.cpp: L-Mul matmul
 void register_shiftadd(nb::module_ &m); // shiftadd.cpp: BCQ lookup-table GEMV
+void register_hadamard(nb::module_ &m); // hadamard.cpp: block Walsh-Hadamard transform (incoherence)
 
 // AMX intrinsics need gcc >= 11 or clang >= 12; an older compiler builds everything but the AMX path.
 // (-DMF_HAVE_AMX=0 builds without it on purpose.)

@@ -1,0 +1,49 @@
+"""Dispatch for the online side of randomized Hadamard incoherence (`RandomHadamard.apply_input` and
+`invert_output`): the C++ kernel (`kernels/cpu/hadamard.cpp`, one pass of sign flips, butterflies and a
+power-of-two scale) for float32 CPU tensors outside autograd, else the torch reference in
+`mulfree.ops.hadamard`; both compute the same operations in the same order and agree bit for bit."""
+
+from __future__ import annotations
+
+import torch
+
+from mulfree.kernels import backend as current_backend
+from mulfree.kernels import cpu_module
+from mulfree.ops.hadamard import RandomHadamard
+
+
+def _native(x: torch.Tensor, backend: str | None):
+    mod = cpu_module()
+    usable = (
+        mod is not None
+        and (backend or current_backend()) != "reference"
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and not (x.requires_grad and torch.is_grad_enabled())
+    )
+    return mod if usable else None
+
+
+def _check(r: RandomHadamard, x: torch.Tensor) -> None:
+    if x.shape[-1] != r.dim:
+        raise ValueError(f"input width {x.shape[-1]} does not match the transform's {r.dim}")
+
+
+def _run(r: RandomHadamard, x: torch.Tensor, shift: int, signs_first: bool, mod) -> torch.Tensor:
+    y = x.reshape(-1, r.dim).clone(memory_format=torch.contiguous_format)
+    mod.hadamard_(y, r.negative, r.block, shift, signs_first)
+    return y.view(x.shape)
+
+
+def apply_input(r: RandomHadamard, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """x' = T x (equal to `r.apply_input(x)`)."""
+    _check(r, x)
+    mod = _native(x, backend)
+    return r.apply_input(x) if mod is None else _run(r, x, r.shift_in, True, mod)
+
+
+def invert_output(r: RandomHadamard, y: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """y = U⁻¹ y'' (equal to `r.invert_output(y)`)."""
+    _check(r, y)
+    mod = _native(y, backend)
+    return r.invert_output(y) if mod is None else _run(r, y, r.shift_w, False, mod)
