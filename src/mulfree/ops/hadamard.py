@@ -22,17 +22,12 @@ def hadamard_block(n: int) -> int:
     return n & -n
 
 
-def check_block(n: int, block: int) -> None:
-    """ValueError unless `block` is a power of two dividing the width n."""
-    if block < 1 or block & (block - 1) or n % block:
-        raise ValueError(f"block {block} must be a power of two dividing the width {n}")
-
-
 def fwht(x: torch.Tensor, block: int) -> torch.Tensor:
     """Unnormalized block-diagonal Walsh–Hadamard transform along the last dim (adds only):
     x [..., n] -> x H_b with H_b = diag(H, …, H), H the Sylvester Hadamard of size `block` (n % block == 0)."""
     n = x.shape[-1]
-    check_block(n, block)
+    if block < 1 or block & (block - 1) or n % block:
+        raise ValueError(f"block {block} must be a power of two dividing the width {n}")
     lead = x.shape[:-1]
     y = x.reshape(-1, n // block, block)
     h = 1

@@ -472,6 +472,11 @@ __attribute__((target(MF_AVX512))) void amx_finish(const LinearJob &j, const int
     }
 }
 
+// 16 float outputs of a C tile row: (c - sum q) * (s_x * s_w), the float product of amx_finish.
+__attribute__((target(MF_AVX512), always_inline)) inline __m512 amx_dequant(const int32_t *c, __m512i sq, __m512 s) {
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(c), sq)), s);
+}
+
 // The GLU form of amx_finish: gate block Cg and up block Cu (rows n0.. and I + n0..) give
 // silu(gate) * up with the products of amx_finish and the arithmetic of glu_row.
 __attribute__((target(MF_AVX512))) void amx_finish_glu(const LinearJob &j, const int32_t *Cg, const int32_t *Cu,
@@ -485,8 +490,8 @@ __attribute__((target(MF_AVX512))) void amx_finish_glu(const LinearJob &j, const
       const __m512 s = _mm512_set1_ps(j.a_scale[t] * j.w_scale);
       for (int64_t i = 0; i < 2; ++i) {
         const int64_t c = ((it * 2 + i) * 16 + tt) * 16;
-        _mm512_store_ps(g + 16 * i, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(Cg + c), sq)), s));
-        _mm512_store_ps(u + 16 * i, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(Cu + c), sq)), s));
+        _mm512_store_ps(g + 16 * i, amx_dequant(Cg + c, sq, s));
+        _mm512_store_ps(u + 16 * i, amx_dequant(Cu + c, sq, s));
       }
       glu_pairs(Isa::Avx512, g, u, kAmxRows, j.Y + t * j.ldy + n0);
     }
