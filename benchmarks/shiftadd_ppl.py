@@ -52,6 +52,9 @@ def main() -> None:
     ap.add_argument("--tune-lr", type=float, default=1e-3)
     ap.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
                     help="Hessians of all linears from the FP block (the rows measured before true-sequential)")
+    ap.add_argument("--asymmetric", action=argparse.BooleanOptionalAction, default=True,
+                    help="asymmetric calibration: fit each layer to the FP model's output (default on; the tables "
+                    "measured before it existed correspond to --no-asymmetric)")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
@@ -64,7 +67,7 @@ def main() -> None:
              "calib": f"{args.calib_samples}x{args.calib_seqlen}", "group": args.group_size, "rounds": args.rounds,
              "apot_terms": args.apot_terms, "incoherence": args.incoherence,
              "true_sequential": args.true_sequential, "tune_epochs": args.tune_epochs, "tune_lr": args.tune_lr,
-             "percdamp": args.percdamp}
+             "percdamp": args.percdamp, "asymmetric": args.asymmetric}
 
     def report(row: dict) -> None:
         line = json.dumps({**setup, **row})
@@ -90,7 +93,7 @@ def main() -> None:
         t0 = time.time()
         qmodel = copy.deepcopy(model)
         quantize_model(qmodel, makers[name](bits), calib, true_sequential=args.true_sequential,
-                       tune_epochs=args.tune_epochs, tune_lr=args.tune_lr)
+                       tune_epochs=args.tune_epochs, tune_lr=args.tune_lr, asymmetric=args.asymmetric)
         ppl = perplexity(qmodel, ids, args.window, progress=False)
         report({"method": name, "bits": bits, "ppl": round(ppl, 3), "ratio_vs_fp": round(ppl / fp, 3),
                 "seconds": round(time.time() - t0, 1)})

@@ -122,17 +122,18 @@ def test_quantize_save_reload(arch, mode, tmp_path):
 
 
 class _RecordingRTN:
-    """RTN that keeps the Hessian the walker handed it for each layer (in call order)."""
+    """RTN that keeps the weight and Hessian the walker handed it for each layer (in call order)."""
 
     name, needs_hessian = "rtn", True
 
     def __init__(self):
         from mulfree.quant.rtn import RTN
 
-        self.rtn, self.hessians = RTN(4, 16), []
+        self.rtn, self.hessians, self.weights = RTN(4, 16), [], []
 
     def quantize(self, w, h, bias):
         self.hessians.append(h)
+        self.weights.append(w)
         return self.rtn.quantize(w, h, bias)
 
 
@@ -166,6 +167,47 @@ def test_true_sequential_takes_hessians_through_quantized_stages(true_sequential
     assert not torch.allclose(h_fp, h_quant, rtol=1e-3, atol=1e-6)
 
 
+def test_asymmetric_target_is_the_least_squares_fit_to_the_fp_output():
+    from mulfree.quant.walker import asymmetric_target
+
+    g = torch.Generator().manual_seed(0)
+    xq = torch.randn(400, 24, generator=g, dtype=torch.float64)
+    xf = xq + 0.1 * torch.randn(400, 24, generator=g, dtype=torch.float64)
+    w = torch.randn(10, 24, generator=g, dtype=torch.float64)
+    target = asymmetric_target(w, xq.T @ xq / 400, xq.T @ xf / 400, percdamp=0.0)
+    best = torch.linalg.lstsq(xq, xf @ w.T).solution.T  # argmin ||X_fp Wᵀ − X_q W'ᵀ||
+    torch.testing.assert_close(target.double(), best, rtol=1e-4, atol=1e-5)
+    h = xq.T @ xq / 400  # identical streams: the target is W itself, whatever the dampening
+    assert torch.equal(asymmetric_target(w.float(), h, h, percdamp=0.01), w.float())
+
+
+def _linear_input(model, module, calib):
+    """Rows of `module`'s input when `model` runs on `calib` (independent of the walker)."""
+    xs = []
+    handle = module.register_forward_hook(lambda _m, args, _o: xs.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        model(calib, use_cache=False)
+    handle.remove()
+    return torch.cat(xs).double()
+
+
+def test_asymmetric_walker_fits_each_layer_to_the_fp_stream():
+    from mulfree.quant.walker import asymmetric_target
+
+    model, calib = _tiny("llama"), torch.randint(0, 300, (4, 16))
+    fp_model = _tiny("llama")
+    method = _RecordingRTN()
+    quantize_model(model, method, calib, progress=False, asymmetric=True)
+    assert torch.equal(method.weights[0], decoder_blocks(fp_model)[1][0].self_attn.q_proj.weight)  # streams agree
+    q_fp = decoder_blocks(fp_model)[1][1].self_attn.q_proj  # block 1: its input saw the quantized block 0
+    xf = _linear_input(fp_model, q_fp, calib)
+    xq = _linear_input(model, decoder_blocks(model)[1][1].self_attn.q_proj, calib)
+    n = xq.shape[0]
+    expected = asymmetric_target(q_fp.weight.detach(), xq.T @ xq / n, xq.T @ xf / n, percdamp=0.01)
+    torch.testing.assert_close(method.weights[7], expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(method.weights[7], q_fp.weight, rtol=1e-3, atol=1e-4)
+
+
 def test_block_tuning_lowers_block_error_and_keeps_codes():
     from mulfree.quant.walker import _capture, _run_block
 
@@ -175,7 +217,8 @@ def test_block_tuning_lowers_block_error_and_keeps_codes():
     for epochs in (0, 20):
         model = _tiny("llama")
         records = _capture(model, decoder_blocks(model)[1][0], calib, 4)
-        quantize_model(model, ShiftAdd(2, 16, "acc", 2), calib, progress=False, tune_epochs=epochs, tune_lr=1e-2)
+        quantize_model(model, ShiftAdd(2, 16, "acc", 2), calib, progress=False, tune_epochs=epochs, tune_lr=1e-2,
+                       asymmetric=False)  # tuned to the FP block on the same inputs, the error measured here
         block = decoder_blocks(model)[1][0]
         with torch.no_grad():
             errors.append(sum(((_run_block(block, *r) - _run_block(fp_block, *r)) ** 2).mean() for r in records))
@@ -229,6 +272,10 @@ def test_cli_quantize_and_errors(tmp_path, capsys):
     model, tok = load_quantized(out)
     assert model.config.quant_method == "shiftadd" and tok is not None
     assert model.config.mulfree_quant["incoherence"] == "hadamard-io"  # the shiftadd default
+    assert model.config.mulfree_quant["calibration"]["asymmetric"]  # the walker default, recorded
+    rc = cli_main(["quantize", "gptq", "--model", str(src), "--bits", "3", "--calib-data", str(tmp_path / "calib.txt"),
+                   "--calib-samples", "2", "--calib-seqlen", "16", "--no-asymmetric", "--out", str(tmp_path / "g")])
+    assert rc == 0 and not load_quantized(tmp_path / "g")[0].config.mulfree_quant["calibration"]["asymmetric"]
     assert cli_main(["quantize", "gptq", "--model", str(src), "--bits", "9", "--out", str(out)]) == 2
     assert "error: --bits 9 is out of range" in capsys.readouterr().err
     assert cli_main(["quantize", "gptq", "--model", str(src), "--bits", "3", "--tune-epochs", "-1", "--out", str(out)]) == 2

@@ -42,6 +42,9 @@ def register(subparsers) -> None:
             p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
                            help="take every linear's Hessian from the FP block instead of stage by stage "
                            "(q/k/v, o, gate/up, down) through the linears already quantized")
+            p.add_argument("--asymmetric", action=argparse.BooleanOptionalAction, default=True,
+                           help="asymmetric calibration (GPTAQ): fit each linear to the FP model's output on the FP "
+                           "model's inputs, not to its own FP output on the quantized model's inputs (default on)")
             p.add_argument("--tune-epochs", type=int, default=0,
                            help="norm tweaking: Adam epochs per block fitting its norm weights and biases to the FP "
                            "block's outputs on the calibration data (default 0 = off; quantized weights unchanged)")
@@ -110,9 +113,12 @@ def run_quantize(args: argparse.Namespace) -> int:
         calib = calibration_ids(tokenizer, text, args.calib_samples, args.calib_seqlen, args.seed)
         extra["calibration"] = {"samples": args.calib_samples, "seqlen": args.calib_seqlen, "seed": args.seed,
                                 "data": args.calib_data or "bundled", "true_sequential": args.true_sequential,
-                                "tune_epochs": args.tune_epochs, "tune_lr": args.tune_lr}
-    metas = quantize_model(model, method, calib, true_sequential=getattr(args, "true_sequential", True),
-                           tune_epochs=getattr(args, "tune_epochs", 0), tune_lr=getattr(args, "tune_lr", 1e-3))
+                                "tune_epochs": args.tune_epochs, "tune_lr": args.tune_lr,
+                                "asymmetric": args.asymmetric}
+        metas = quantize_model(model, method, calib, true_sequential=args.true_sequential,
+                               tune_epochs=args.tune_epochs, tune_lr=args.tune_lr, asymmetric=args.asymmetric)
+    else:
+        metas = quantize_model(model, method)
     out = save_quantized(model, tokenizer, args.out, method, metas, extra)
     print(f"wrote {out} ({len(metas)} quantized layers, {method.name} {args.bits}-bit)")
     return 0

@@ -9,6 +9,7 @@ bias) -> quantized layer`; optionally `assign_bits({name: (w, h)}) -> {name: bit
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -120,6 +121,7 @@ def quantize_model(
     true_sequential: bool = True,
     tune_epochs: int = 0,
     tune_lr: float = 1e-3,
+    asymmetric: bool = True,
 ) -> dict[str, dict]:
     """Quantize every linear of every decoder block in place; returns {module path: layer meta}.
 
@@ -127,20 +129,32 @@ def quantize_model(
     `true_sequential` (GPTQ's option of that name) the linears of a block are quantized in stages
     of those that read the same input (q/k/v, o, gate/up, down), each stage's Hessians taken
     from a forward pass through the stages already quantized; otherwise all from the FP block.
+    With `asymmetric` (asymmetric calibration, as in GPTAQ) each layer is fitted to the FP model's
+    output ‖X_fp Wᵀ − X_q Ŵᵀ‖ instead of ‖X_q (W − Ŵ)ᵀ‖: an FP copy of the calibration stream runs
+    beside the quantized one, and the method quantizes the least-squares target `asymmetric_target`.
     """
     model.eval()
     prefix, blocks = decoder_blocks(model)
     if method.needs_hessian and calib is None:
         raise DataError(f"{method.name} needs calibration data", "pass calibration token ids")
     records = _capture(model, blocks[0], calib, batch_size) if method.needs_hessian else []
+    asymmetric = asymmetric and method.needs_hessian
+    fp_records = list(records) if asymmetric else []  # the FP model's stream
+    percdamp = getattr(method, "percdamp", 0.01)
     metas: dict[str, dict] = {}
     for bi, block in enumerate(tqdm(blocks, desc=f"{method.name} blocks", disable=not progress)):
         linears = {name: mod for name, mod in block.named_modules() if name and _is_linear(mod)}
         stages = [list(linears)]
         hess: dict[str, torch.Tensor | None] = {name: None for name in linears}
+        fp, fp_outputs = None, []
+        if asymmetric:  # the FP block and its outputs on the FP stream, taken before any linear is replaced
+            fp = (copy.deepcopy(block), fp_records)
+            fp_outputs = [_run_block(fp[0], hid, args, kw) for hid, args, kw in fp_records]
         if method.needs_hessian:
-            targets = [_run_block(block, hid, args, kw) for hid, args, kw in records] if tune_epochs else []
-            hess, stages = _collect_hessians(block, linears, records)
+            targets = []  # what --tune-epochs fits the quantized block's outputs to
+            if tune_epochs:
+                targets = fp_outputs if asymmetric else [_run_block(block, hid, args, kw) for hid, args, kw in records]
+            hess, stages, cross = _collect_hessians(block, linears, records, fp)
             if not true_sequential:
                 stages = [list(linears)]
         layers = {name: (_weight(mod).float(), hess[name]) for name, mod in linears.items()}
@@ -148,19 +162,32 @@ def quantize_model(
         bits = assign(layers) if assign is not None else {}
         for si, stage in enumerate(stages):
             if si > 0:
-                hess, _ = _collect_hessians(block, {name: linears[name] for name in stage}, records)
+                hess, _, cross = _collect_hessians(block, {name: linears[name] for name in stage}, records, fp)
             for name in stage:
                 mod = linears[name]
                 bias = None if mod.bias is None else mod.bias.detach().float()
                 extra = {"bits": bits[name]} if name in bits else {}
-                qlayer = method.quantize(_weight(mod).float(), hess[name], bias, **extra)
+                w = _weight(mod).float()
+                if asymmetric:
+                    w = asymmetric_target(w, hess[name], cross[name], percdamp)
+                qlayer = method.quantize(w, hess[name], bias, **extra)
                 _set_module(block, name, qlayer)
                 metas[f"{prefix}.{bi}.{name}"] = describe(qlayer)
         if tune_epochs and method.needs_hessian:
             _tune_block(block, records, targets, tune_epochs, tune_lr)
         if method.needs_hessian:
             records = [(_run_block(block, hid, args, kw), args, kw) for hid, args, kw in records]
+        fp_records = [(out, args, kw) for out, (_, args, kw) in zip(fp_outputs, fp_records)] if asymmetric else []
     return metas
+
+
+def asymmetric_target(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """W' = argmin ‖X_fp Wᵀ − X_q W'ᵀ‖ = W Cᵀ H⁻¹ with H = X_qᵀX_q, C = X_qᵀX_fp (both per token), written
+    W + W (C − H)ᵀ H_d⁻¹ with H dampened as the solver does, so that W' = W where the two streams agree.
+    Quantizing W' against H then minimizes the asymmetric objective (up to a constant)."""
+    h = h.double()
+    hd = h + (percdamp * torch.diag(h).mean() + 1e-12) * torch.eye(h.shape[0], dtype=h.dtype)
+    return (w.double() + w.double() @ torch.linalg.solve(hd, cross.double() - h).T).float()
 
 
 def _tune_block(block: nn.Module, records: list, targets: list, epochs: int, lr: float) -> None:
@@ -183,25 +210,33 @@ def _tune_block(block: nn.Module, records: list, targets: list, epochs: int, lr:
 
 
 def _collect_hessians(
-    block: nn.Module, linears: dict[str, nn.Module], records: list
-) -> tuple[dict[str, torch.Tensor], list[list[str]]]:
+    block: nn.Module, linears: dict[str, nn.Module], records: list, fp: tuple[nn.Module, list] | None = None
+) -> tuple[dict[str, torch.Tensor], list[list[str]], dict[str, torch.Tensor]]:
     """H = mean over calibration tokens of x xᵀ for each linear's input, via forward hooks, and the
     linears in call order grouped by shared input (the true-sequential stages). Linears fed the same
-    tensor (q/k/v, gate/up) share one product per batch."""
+    tensor (q/k/v, gate/up) share one product per batch. With `fp` = (FP copy of the block, FP
+    stream records) also C = mean x x_fpᵀ, x_fp the same linear's input in the FP model."""
     hess = {name: torch.zeros(_weight(m).shape[1], _weight(m).shape[1]) for name, m in linears.items()}
+    cross = {name: torch.zeros_like(h) for name, h in hess.items()} if fp is not None else {}
     count = {"rows": 0}
-    cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+    cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+    fp_inputs: dict[str, torch.Tensor] = {}
     stages: list[list[str]] = []
     stage_of: dict[str, tuple] = {}
+
+    def flat(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, x.shape[-1]).float()
 
     def make_hook(name):
         def hook(_module, args, _out):
             x = args[0]
             key = (x.data_ptr(), tuple(x.shape))
             if key not in cache:  # x stays referenced, so no later input of the pass can reuse its address
-                xf = x.reshape(-1, x.shape[-1]).float()
-                cache[key] = (x, xf.T @ xf)
+                xf = flat(x)
+                cache[key] = (x, xf.T @ xf, xf.T @ fp_inputs[name] if fp is not None else None)
             hess[name] += cache[key][1]
+            if fp is not None:
+                cross[name] += cache[key][2]
             if name not in stage_of:
                 if not stages or stage_of[stages[-1][-1]] != key:
                     stages.append([])
@@ -210,10 +245,21 @@ def _collect_hessians(
 
         return hook
 
+    def make_fp_hook(name):
+        def hook(_module, args, _out):
+            fp_inputs[name] = flat(args[0])
+
+        return hook
+
     handles = [m.register_forward_hook(make_hook(name)) for name, m in linears.items()]
+    if fp is not None:
+        handles += [fp[0].get_submodule(name).register_forward_hook(make_fp_hook(name)) for name in linears]
     try:
-        for hid, args, kw in records:
+        for i, (hid, args, kw) in enumerate(records):
             cache.clear()
+            if fp is not None:
+                fp_hid, fp_args, fp_kw = fp[1][i]
+                _run_block(fp[0], fp_hid, fp_args, fp_kw)
             _run_block(block, hid, args, kw)
             count["rows"] += hid.shape[0] * hid.shape[1]
     finally:
@@ -223,7 +269,8 @@ def _collect_hessians(
     missing = [name for name in linears if name not in stage_of]
     if missing:
         stages.append(missing)
-    return {name: h / max(count["rows"], 1) for name, h in hess.items()}, stages
+    rows = max(count["rows"], 1)
+    return {n: h / rows for n, h in hess.items()}, stages, {n: c / rows for n, c in cross.items()}
 
 
 def save_quantized(model: nn.Module, tokenizer, out: str | Path, method, metas: dict, extra: dict) -> Path:
