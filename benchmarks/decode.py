@@ -6,6 +6,13 @@ shape, beside the machine's streaming read bandwidth measured in the same run.
 
 Weights are random (speed does not depend on values). Prints a table, the ratios, effective GB/s,
 % of the bandwidth roofline, and one JSON line.
+
+torch picks its kernels by the host's ISA too, so where the host has more than the engine path being
+timed, the torch baselines are also timed in a child process limited to that path's ISA (oneDNN's
+ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS, ATEN_CPU_CAPABILITY): with AMX present, bf16 without AMX
+beside our engine with AMX off (an AVX-512 host without AMX, e.g. Zen 4); with MULFREE_BACKEND=avx2 on
+an AVX-512 host, torch at AVX2 (an AVX2-only host, e.g. Zen 3). These emulate such hosts' instruction
+sets, not their cores or memory.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import gc
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 
 import torch
@@ -30,6 +39,11 @@ SHAPES = {  # name: (vocab, hidden, layers, intermediate), reference/matmulfree.
     "tiny": (4096, 256, 4, 768),
     "370m": (32000, 1024, 24, 2816),
     "1.3b": (32000, 2048, 24, 5632),
+}
+# engine path -> (label, environment that limits torch to that path's ISA)
+TORCH_LIMITS = {
+    "vnni": ("AMX off", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}),
+    "avx2": ("at AVX2", {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}),
 }
 VALID_BYTES = torch.tensor([b for b in range(256) if all((b >> (2 * s)) & 3 != 3 for s in range(4))], dtype=torch.uint8)
 
@@ -136,6 +150,43 @@ def time_dense(model: DenseMMfree, vocab: int, d: int, layers: int, tokens: int,
     return tokens / (time.perf_counter() - t0), pre
 
 
+def torch_baseline(name: str, dtype: torch.dtype, args: argparse.Namespace) -> tuple[float, float]:
+    """(decode, prefill) tok/s of the dense torch model of shape `name` in `dtype`, 2 threads."""
+    vocab, d, layers, inter = SHAPES[name]
+    torch.set_num_threads(2)
+    dense = DenseMMfree(vocab, d, layers, inter, dtype)
+    out = time_dense(dense, vocab, d, layers, max(2, args.tokens // 4), args.prefill)
+    del dense
+    gc.collect()
+    return out
+
+
+def limited_torch_path() -> str | None:
+    """Which TORCH_LIMITS entry this run needs: the ISA the timed engine path uses where torch's is wider."""
+    feats = cpu_module().cpu_features()
+    if best_backend() == "avx2" and feats.get("avx512"):
+        return "avx2"
+    return "vnni" if best_backend() == "avx512" and amx_available() else None
+
+
+def torch_limited(name: str, path: str, args: argparse.Namespace) -> dict:
+    """The torch baselines of shape `name` in a child process whose torch may only use `path`'s ISA
+    (the libraries read these variables when they start)."""
+    cmd = [sys.executable, __file__, "--torch-only", "--shapes", name, "--tokens", str(args.tokens),
+           "--prefill", str(args.prefill), "--seed", str(args.seed)]
+    env = {**os.environ, **TORCH_LIMITS[path][1]}
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def torch_rows(name: str, args: argparse.Namespace) -> dict:
+    """torch bf16 and fp32 (decode, prefill) tok/s of shape `name` in this process."""
+    res = {}
+    for dtype, key in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        res[f"torch_{key}_decode"], res[f"torch_{key}_prefill"] = torch_baseline(name, dtype, args)
+    return res
+
+
 def bench_shape(name: str, args: argparse.Namespace, bw2: float) -> dict:
     vocab, d, layers, inter = SHAPES[name]
     res: dict = {"shape": name}
@@ -153,13 +204,15 @@ def bench_shape(name: str, args: argparse.Namespace, bw2: float) -> dict:
         set_amx(prev)
     del pm, pm_t
     gc.collect()
-    torch.set_num_threads(2)
-    for dtype, key in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-        dense = DenseMMfree(vocab, d, layers, inter, dtype)
-        res[f"torch_{key}_decode"], res[f"torch_{key}_prefill"] = time_dense(
-            dense, vocab, d, layers, max(2, args.tokens // 4), args.prefill)
-        del dense
-        gc.collect()
+    res.update(torch_rows(name, args))
+    path = limited_torch_path()
+    if path is not None:  # ours on `path` against torch limited to the same ISA
+        ours = "packed_2t_vnni" if path == "vnni" else "packed_2t"
+        for key, val in torch_limited(name, path, args).items():
+            res[key.replace("torch_", f"torch_{path}_")] = val
+        for key in ("bf16", "fp32"):
+            for phase in ("decode", "prefill"):
+                res[f"{path}_{phase}_x_{key}_{path}"] = res[f"{ours}_{phase}"] / res[f"torch_{path}_{key}_{phase}"]
     res["roofline_2t_tok_s"] = bw2 * 1e9 / per_token
     res["pct_roofline_2t"] = 100 * res["packed_2t_decode"] / res["roofline_2t_tok_s"]
     res["effective_gb_s_2t"] = res["packed_2t_decode"] * per_token / 1e9
@@ -176,7 +229,12 @@ def main() -> None:
     p.add_argument("--prefill", type=int, default=128, help="prompt tokens timed for prefill")
     p.add_argument("--bw-mb", type=int, default=1024, help="buffer for the bandwidth measurement (MB)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)  # the child of torch_limited
     args = p.parse_args()
+    if args.torch_only:
+        torch.manual_seed(args.seed)
+        print(json.dumps(torch_rows(args.shapes[0], args)))
+        return
     if cpu_module() is None:
         raise SystemExit("error: the compiled extension is missing; reinstall mulfree")
     torch.manual_seed(args.seed)
@@ -193,11 +251,18 @@ def main() -> None:
         print(f"{'engine':<22}{'decode tok/s':>14}{'prefill tok/s':>15}")
         for key, label in (("packed_1t", "packed 2-bit, 1T"), ("packed_2t", "packed 2-bit, 2T"),
                            ("packed_2t_vnni", "  same, AMX off, 2T"),
-                           ("torch_bf16", "torch bf16 dense, 2T"), ("torch_fp32", "torch fp32 dense, 2T")):
+                           ("torch_bf16", "torch bf16 dense, 2T"), ("torch_fp32", "torch fp32 dense, 2T"),
+                           ("torch_vnni_bf16", "torch bf16, AMX off"), ("torch_vnni_fp32", "torch fp32, AMX off"),
+                           ("torch_avx2_bf16", "torch bf16 at AVX2"), ("torch_avx2_fp32", "torch fp32 at AVX2")):
             if key + "_decode" in r:
                 print(f"{label:<22}{r[key + '_decode']:>14.1f}{r[key + '_prefill']:>15.1f}")
         print(f"decode: {r['decode_x_bf16']:.1f}x bf16, {r['decode_x_fp32']:.1f}x fp32; prefill: "
               f"{r['prefill_x_bf16']:.1f}x bf16, {r['prefill_x_fp32']:.1f}x fp32")
+        for path, (label, _) in TORCH_LIMITS.items():
+            if f"{path}_decode_x_bf16_{path}" in r:
+                print(f"{label} on both sides: decode {r[f'{path}_decode_x_bf16_{path}']:.1f}x bf16, "
+                      f"{r[f'{path}_decode_x_fp32_{path}']:.1f}x fp32; prefill {r[f'{path}_prefill_x_bf16_{path}']:.1f}x "
+                      f"bf16, {r[f'{path}_prefill_x_fp32_{path}']:.1f}x fp32")
         print(f"packed 2T: {r['effective_gb_s_2t']:.1f} GB/s effective = {r['pct_roofline_2t']:.0f} % of the "
               f"{r['roofline_2t_tok_s']:.0f} tok/s roofline at {bw2:.1f} GB/s")
     print(json.dumps({"benchmark": "decode", "host": cpu_model(), "backend": best_backend(), "amx": amx_available(),
