@@ -61,6 +61,26 @@ def test_amx_gemm_exact(threads, shape):
     assert torch.equal(vnni, expect)
 
 
+PANEL_SHAPES = [(48, 33, 300), (61, 70, 513), (97, 130, 2100)]  # >= 48 tokens: VNNI panels; partial blocks
+
+
+@pytest.mark.skipif("avx512" not in COMPILED, reason="no AVX-512 VNNI on this CPU")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", PANEL_SHAPES, ids=_ids(PANEL_SHAPES))
+def test_vnni_panel_gemm_exact(threads, shape):
+    t_, n, k = shape  # 12-token blocks (the last one short), partial 32-row panels, several k chunks
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    w = _trits(n, k, g)
+    q = torch.randint(-128, 128, (t_, k), generator=g, dtype=torch.int8)
+    q[-1, -1] = -128
+    prev = K.set_amx(False)
+    try:
+        out = K.ternary_matmul(pack_ternary(w), n, q, backend="avx512", threads=threads)
+    finally:
+        K.set_amx(prev)
+    assert torch.equal(out, (q.long() @ w.long().T).int())
+
+
 @needs_ext
 def test_ternary_matmul_extreme_values_all_backends():
     k = 4096  # long rows of +-1 x -128 stress int16 / int32 partial sums

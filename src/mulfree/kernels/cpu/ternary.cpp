@@ -12,6 +12,7 @@
 #include <nanobind/stl/string.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -251,7 +252,7 @@ struct LinearJob {
   float *Y;      // [T, ldy] float output, or
   int32_t *Yi;   // [T, ldy] exact integer output sum_k trit * q
   int64_t ldy;
-  // glu = I > 0 (AMX path only, I % kAmxRows == 0): rows [0, I) are gates, [I, 2I) ups, and the output
+  // glu = I > 0 (panel GEMMs only, I % kPanelRows == 0): rows [0, I) are gates, [I, 2I) ups, and the output
   // is Y[t, n] = silu(gate_n) * up_n for n < I, as glu_row would compute it from the [T, 2I] result.
   int64_t glu = 0;
   int64_t groups() const { return (N + kRows - 1) / kRows; }
@@ -312,29 +313,32 @@ std::atomic<bool> &amx_switch() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// AMX-INT8 GEMM for prefill (Sapphire Rapids and later). tdpbsud multiplies a signed A tile
-// (16 rows x 64 bytes) by an unsigned B tile in the VNNI layout (16 k-quads x [16 columns x 4 bytes])
-// into a 16 x 16 int32 C tile. A = int8 activations (16 tokens x 64 k), B = codes c = trit + 1
-// (64 k x 16 output rows), so C[t][n] - sum_k q[t, k] is the exact dot, already in the [T, N] order
-// of the outputs. Per k step a 2 x 2 block of C tiles (tmm0-3) takes two A tiles (tmm4-5, 32 tokens)
-// and two B tiles (tmm6-7, 32 rows).
+// Panel GEMM for prefill (the avx512 backend, >= kPanelMinTokens tokens): the weights of 32 output rows
+// are unpacked once per k chunk into a panel of codes c = trit + 1 in the VNNI layout (16 k-quads x
+// [16 rows x 4 bytes] per 64 k and 16 rows), which then serves every token of the batch, either as AMX
+// B tiles or as vpdpbusd operands:
+// - AMX-INT8 (Sapphire Rapids and later): tdpbsud multiplies a signed A tile (16 tokens x 64 bytes of
+//   int8 activations) by the unsigned B tile (64 k x 16 output rows) into a 16 x 16 int32 C tile. Per k
+//   step a 2 x 2 block of C tiles (tmm0-3) takes two A tiles (tmm4-5, 32 tokens) and two B tiles
+//   (tmm6-7, 32 rows).
+// - AVX-512 VNNI (no AMX, or AMX off): per k-quad, the two 16-row zmm of the panel against a broadcast
+//   activation quad of each of up to 12 tokens: 24 zmm accumulators, no horizontal sums, no transposes.
+// Both give C[t][n] = sum_k c[n, k] q[t, k] in the same C-tile layout, so C - sum_k q[t, k] is the exact
+// dot, already in the [T, N] order of the outputs, and one finishing step serves both.
 //
-// B from T2R4: dword kq of a 64-byte row block holds k-quad kq in all four bit pairs s (k = 64s + 4kq
-// .. +3), so one 16 x 16 dword transpose of a row tile's block serves the B tiles of four k steps:
-// B(s) row kq = (transposed row kq) >> 2s & 0x03030303.
+// The panel from T2R4: dword kq of a 64-byte row block holds k-quad kq in all four bit pairs s (k = 64s + 4kq
+// .. +3), so one 16 x 16 dword transpose of a row tile's block serves four k steps:
+// panel(s) row kq = (transposed row kq) >> 2s & 0x03030303.
 #define MF_AMX MF_AVX512 ",amx-tile,amx-int8"
-constexpr int64_t kAmxRows = 32;       // output rows per panel: 2 B tiles = 8 row groups
-constexpr int64_t kAmxTokens = 32;     // tokens per C block: 2 A tiles
-constexpr int64_t kAmxMinTokens = 16;  // below this the VNNI tiles win (a partly empty A tile)
+constexpr int64_t kPanelRows = 32;       // output rows per panel: 2 row tiles = 8 row groups
+constexpr int64_t kAmxTokens = 32;       // tokens per C block: 2 A tiles (also the C layout's block)
+constexpr int64_t kPanelMinTokens = 16;  // AMX: below this the 4-row VNNI tiles win (a partly empty A tile)
+// VNNI panels: the panel's unpack pays off from about 48 tokens (1.3b prefill, 2 threads, tok/s, panels vs
+// 4-row tiles: 243 vs 252 at 32 tokens, 298 vs 263 at 64, 339 vs 206-225 at 128).
+constexpr int64_t kVnniPanelMinTokens = 48;
 constexpr int64_t kTileBytes = 1024;
-constexpr int64_t kAmxChunkSteps = 8;  // k steps (64 k each) per chunk: a 16 KiB B slice, 2 row blocks
-
-#if MF_HAVE_AMX
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
+constexpr int64_t kPanelChunkSteps = 8;  // k steps (64 k each) per chunk: a 16 KiB panel slice, 2 row blocks
+constexpr int kVnniTokens = 12;          // tokens per VNNI block: 2 x 12 accumulators + 2 codes + 1 quad
 
 // Transposes a 16 x 16 matrix of dwords held as 16 rows.
 __attribute__((target(MF_AVX512), always_inline)) inline void transpose16x16_epi32(__m512i r[16]) {
@@ -364,9 +368,9 @@ __attribute__((target(MF_AVX512), always_inline)) inline void transpose16x16_epi
   }
 }
 
-// B tiles of one panel (row groups g0 .. g0+7; rows past the matrix zero) for row blocks [b0, b1):
+// The panel of row groups g0 .. g0+7 (rows past the matrix get code 1 = weight 0) for row blocks [b0, b1):
 // B[((ks * 2 + i) * 16 + kq) * 64 + 4 nn + e] = code of row 16 i + nn at k = 64 ks + 4 kq + e.
-__attribute__((target(MF_AVX512))) void amx_unpack_panel(const uint8_t *W, int64_t G, int64_t Kpad, int64_t g0,
+__attribute__((target(MF_AVX512))) void unpack_panel(const uint8_t *W, int64_t G, int64_t Kpad, int64_t g0,
                                                           int64_t b0, int64_t b1, int8_t *B) {
   const __m512i m3 = _mm512_set1_epi8(3);
   for (int64_t b = b0; b < b1; ++b)
@@ -384,6 +388,13 @@ __attribute__((target(MF_AVX512))) void amx_unpack_panel(const uint8_t *W, int64
       }
     }
 }
+
+#if MF_HAVE_AMX
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
 
 // A tiles of one 32-token block tb, its k steps contiguous:
 // A[((tb * nks + ks) * 32 + tt) * 64 + e] = q[32 tb + tt, 64 ks + e], tokens past T zero.
@@ -451,8 +462,49 @@ __attribute__((target(MF_AMX))) void amx_begin() {
 }
 __attribute__((target(MF_AMX))) void amx_end() { _tile_release(); }
 
+#endif  // MF_HAVE_AMX
+
+// Offset of token t's 16-row C tile row in the C-tile layout of amx_block (row tile i at + 256 * i).
+constexpr int64_t c_offset(int64_t t) { return t / kAmxTokens * 1024 + (t % kAmxTokens) / 16 * 512 + t % 16 * 16; }
+
+// C rows of tokens [t0, t0 + NT) += their activations x one panel over k steps [ks0, ks1) (set, not
+// added, when ks0 == 0) by vpdpbusd: codes unsigned, the broadcast activation quad signed.
+template <int NT>
+__attribute__((target(MF_AVX512))) void vnni_block(const int8_t *Q, int64_t ldq, int64_t t0, const int8_t *B,
+                                                   int64_t ks0, int64_t ks1, int32_t *C) {
+  __m512i acc[NT][2];
+  #pragma GCC unroll 12
+  for (int t = 0; t < NT; ++t)
+    for (int i = 0; i < 2; ++i)
+      acc[t][i] = ks0 == 0 ? _mm512_setzero_si512() : _mm512_load_si512(C + c_offset(t0 + t) + 256 * i);
+  const int8_t *q = Q + t0 * ldq;
+  for (int64_t ks = ks0; ks < ks1; ++ks)
+    for (int kq = 0; kq < 16; ++kq) {
+      const __m512i b0 = _mm512_loadu_si512(B + ((ks * 2) * 16 + kq) * 64);
+      const __m512i b1 = _mm512_loadu_si512(B + ((ks * 2 + 1) * 16 + kq) * 64);
+      #pragma GCC unroll 12
+      for (int t = 0; t < NT; ++t) {
+        int32_t quad;
+        std::memcpy(&quad, q + t * ldq + ks * 64 + kq * 4, 4);
+        const __m512i a = _mm512_set1_epi32(quad);
+        acc[t][0] = _mm512_dpbusd_epi32(acc[t][0], b0, a);
+        acc[t][1] = _mm512_dpbusd_epi32(acc[t][1], b1, a);
+      }
+    }
+  #pragma GCC unroll 12
+  for (int t = 0; t < NT; ++t)
+    for (int i = 0; i < 2; ++i) _mm512_store_si512(C + c_offset(t0 + t) + 256 * i, acc[t][i]);
+}
+
+using VnniBlockFn = void (*)(const int8_t *, int64_t, int64_t, const int8_t *, int64_t, int64_t, int32_t *);
+template <int... N>
+constexpr std::array<VnniBlockFn, sizeof...(N) + 1> vnni_blocks(std::integer_sequence<int, N...>) {
+  return {nullptr, vnni_block<N + 1>...};
+}
+constexpr auto kVnniBlocks = vnni_blocks(std::make_integer_sequence<int, kVnniTokens>{});
+
 // Writes one C block (tokens t0.., rows n0..) as LinearJob outputs, 16 outputs per vector.
-__attribute__((target(MF_AVX512))) void amx_finish(const LinearJob &j, const int32_t *C, int64_t n0, int64_t t0) {
+__attribute__((target(MF_AVX512))) void panel_finish(const LinearJob &j, const int32_t *C, int64_t n0, int64_t t0) {
   for (int64_t it = 0; it < 2; ++it)
     for (int64_t tt = 0; tt < 16; ++tt) {
       const int64_t t = t0 + 16 * it + tt;
@@ -472,16 +524,16 @@ __attribute__((target(MF_AVX512))) void amx_finish(const LinearJob &j, const int
     }
 }
 
-// 16 float outputs of a C tile row: (c - sum q) * (s_x * s_w), the float product of amx_finish.
-__attribute__((target(MF_AVX512), always_inline)) inline __m512 amx_dequant(const int32_t *c, __m512i sq, __m512 s) {
+// 16 float outputs of a C tile row: (c - sum q) * (s_x * s_w), the float product of panel_finish.
+__attribute__((target(MF_AVX512), always_inline)) inline __m512 panel_dequant(const int32_t *c, __m512i sq, __m512 s) {
   return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(c), sq)), s);
 }
 
-// The GLU form of amx_finish: gate block Cg and up block Cu (rows n0.. and I + n0..) give
-// silu(gate) * up with the products of amx_finish and the arithmetic of glu_row.
-__attribute__((target(MF_AVX512))) void amx_finish_glu(const LinearJob &j, const int32_t *Cg, const int32_t *Cu,
-                                                       int64_t n0, int64_t t0) {
-  alignas(64) float g[kAmxRows], u[kAmxRows];
+// The GLU form of panel_finish: gate block Cg and up block Cu (rows n0.. and I + n0..) give
+// silu(gate) * up with the products of panel_finish and the arithmetic of glu_row.
+__attribute__((target(MF_AVX512))) void panel_finish_glu(const LinearJob &j, const int32_t *Cg, const int32_t *Cu,
+                                                         int64_t n0, int64_t t0) {
+  alignas(64) float g[kPanelRows], u[kPanelRows];
   for (int64_t it = 0; it < 2; ++it)
     for (int64_t tt = 0; tt < 16; ++tt) {
       const int64_t t = t0 + 16 * it + tt;
@@ -490,89 +542,106 @@ __attribute__((target(MF_AVX512))) void amx_finish_glu(const LinearJob &j, const
       const __m512 s = _mm512_set1_ps(j.a_scale[t] * j.w_scale);
       for (int64_t i = 0; i < 2; ++i) {
         const int64_t c = ((it * 2 + i) * 16 + tt) * 16;
-        _mm512_store_ps(g + 16 * i, amx_dequant(Cg + c, sq, s));
-        _mm512_store_ps(u + 16 * i, amx_dequant(Cu + c, sq, s));
+        _mm512_store_ps(g + 16 * i, panel_dequant(Cg + c, sq, s));
+        _mm512_store_ps(u + 16 * i, panel_dequant(Cu + c, sq, s));
       }
-      glu_pairs(Isa::Avx512, g, u, kAmxRows, j.Y + t * j.ldy + n0);
+      glu_pairs(Isa::Avx512, g, u, kPanelRows, j.Y + t * j.ldy + n0);
     }
 }
 
-// All linears of one call on AMX: activations packed once per job, then panels of 32 rows over the
-// pool, each unpacked once and run against every 32-token block.
-void run_linears_amx(int threads, const LinearJob *jobs, int njobs) {
+// Off when the CPU / OS / compiler lacks AMX or MULFREE_AMX=0; set_amx() switches it (tests, benchmarks).
+bool amx_on() {
+#if MF_HAVE_AMX
+  return amx_switch().load(std::memory_order_relaxed);
+#else
+  return false;
+#endif
+}
+
+// All linears of one call as panel GEMMs: panels of 32 rows over the pool, each unpacked once per k chunk
+// and run against every token (on AMX, activations are first packed into A tiles, once per job).
+void run_linears_panels(int threads, const LinearJob *jobs, int njobs) {
+  [[maybe_unused]] const bool amx = amx_on();
   // The caller's buffers, kept between calls (fresh pages cost faults); packed over the pool.
   // (A reference, so the pool's workers see the caller's buffers, not their own thread_local ones.)
   thread_local std::vector<std::vector<int8_t>> caller_acts;
-  std::vector<std::vector<int8_t>> &acts = caller_acts;
-  if (acts.size() < (size_t)njobs) acts.resize((size_t)njobs);
-  std::vector<std::pair<int, int64_t>> blocks;  // (job, token block)
-  for (int i = 0; i < njobs; ++i) {
-    const LinearJob &j = jobs[i];
-    const int64_t nblk = round_up(j.T, kAmxTokens) / kAmxTokens;
-    acts[(size_t)i].resize(std::max(acts[(size_t)i].size(), (size_t)(nblk * kAmxTokens * j.Kpad)));
-    for (int64_t tb = 0; tb < nblk; ++tb) blocks.emplace_back(i, tb);
+  [[maybe_unused]] std::vector<std::vector<int8_t>> &acts = caller_acts;
+#if MF_HAVE_AMX
+  if (amx) {
+    if (acts.size() < (size_t)njobs) acts.resize((size_t)njobs);
+    std::vector<std::pair<int, int64_t>> blocks;  // (job, token block)
+    for (int i = 0; i < njobs; ++i) {
+      const LinearJob &j = jobs[i];
+      const int64_t nblk = round_up(j.T, kAmxTokens) / kAmxTokens;
+      acts[(size_t)i].resize(std::max(acts[(size_t)i].size(), (size_t)(nblk * kAmxTokens * j.Kpad)));
+      for (int64_t tb = 0; tb < nblk; ++tb) blocks.emplace_back(i, tb);
+    }
+    get_pool(threads).run_chunks((int64_t)blocks.size(), [&](int64_t c) {
+      const auto [i, tb] = blocks[(size_t)c];
+      amx_pack_acts(jobs[i].Q, jobs[i].T, jobs[i].Kpad, tb, acts[(size_t)i].data());
+    });
   }
-  get_pool(threads).run_chunks((int64_t)blocks.size(), [&](int64_t c) {
-    const auto [i, tb] = blocks[(size_t)c];
-    amx_pack_acts(jobs[i].Q, jobs[i].T, jobs[i].Kpad, tb, acts[(size_t)i].data());
-  });
-  const auto chunks = row_group_chunks(jobs, njobs, kAmxRows / kRows);  // one 32-row panel each
+#endif
+  const auto chunks = row_group_chunks(jobs, njobs, kPanelRows / kRows);  // one 32-row panel each
   get_pool(threads).run_chunks((int64_t)chunks.size(), [&](int64_t c) {
     const auto [i, g0] = chunks[(size_t)c];
     const LinearJob &j = jobs[i];
     const int64_t nks = j.Kpad / 64;
     thread_local std::vector<int8_t> panel;
-    panel.resize((size_t)(kAmxRows * j.Kpad));
+    panel.resize((size_t)(kPanelRows * j.Kpad));
     const int64_t nblk = round_up(j.T, kAmxTokens) / kAmxTokens, cblk = nblk * 4 * 256;
     thread_local std::vector<int32_t> cbuf;
     cbuf.resize((size_t)(2 * cblk + 16));
     int32_t *C = (int32_t *)(((uintptr_t)cbuf.data() + 63) & ~(uintptr_t)63);
-    // C blocks of the panel at row group gp for every token block: k in chunks whose B slice stays in
-    // L1 across all token blocks (C blocks wait in memory between chunks); each slice is unpacked
-    // just before its use.
+    // C blocks of the panel at row group gp for every token: k in chunks whose panel slice stays in
+    // L1 across all tokens (C blocks wait in memory between chunks); each slice is unpacked just before
+    // its use.
     auto run_panel = [&](int64_t gp, int32_t *Cp) {
-      for (int64_t ks0 = 0; ks0 < nks; ks0 += kAmxChunkSteps) {
-        const int64_t ks1 = std::min(nks, ks0 + kAmxChunkSteps);
-        amx_unpack_panel(j.W, j.groups(), j.Kpad, gp, ks0 / 4, ks1 / 4, panel.data());
-        for (int64_t tb = 0; tb < nblk; ++tb)
-          amx_block(acts[(size_t)i].data() + tb * kAmxTokens * j.Kpad, panel.data(), ks0, ks1, Cp + tb * 4 * 256);
+      for (int64_t ks0 = 0; ks0 < nks; ks0 += kPanelChunkSteps) {
+        const int64_t ks1 = std::min(nks, ks0 + kPanelChunkSteps);
+        unpack_panel(j.W, j.groups(), j.Kpad, gp, ks0 / 4, ks1 / 4, panel.data());
+#if MF_HAVE_AMX
+        if (amx) {
+          for (int64_t tb = 0; tb < nblk; ++tb)
+            amx_block(acts[(size_t)i].data() + tb * kAmxTokens * j.Kpad, panel.data(), ks0, ks1, Cp + tb * 4 * 256);
+          continue;
+        }
+#endif
+        for (int64_t t0 = 0; t0 < j.T; t0 += kVnniTokens)
+          kVnniBlocks[(size_t)std::min<int64_t>(kVnniTokens, j.T - t0)](j.Q, j.Kpad, t0, panel.data(), ks0, ks1, Cp);
       }
     };
-    amx_begin();
+#if MF_HAVE_AMX
+    if (amx) amx_begin();
+#endif
     run_panel(g0, C);
     if (j.glu) {
       run_panel(g0 + j.glu / kRows, C + cblk);
       for (int64_t tb = 0; tb < nblk; ++tb)
-        amx_finish_glu(j, C + tb * 4 * 256, C + cblk + tb * 4 * 256, g0 * kRows, tb * kAmxTokens);
+        panel_finish_glu(j, C + tb * 4 * 256, C + cblk + tb * 4 * 256, g0 * kRows, tb * kAmxTokens);
     } else {
-      for (int64_t tb = 0; tb < nblk; ++tb) amx_finish(j, C + tb * 4 * 256, g0 * kRows, tb * kAmxTokens);
+      for (int64_t tb = 0; tb < nblk; ++tb) panel_finish(j, C + tb * 4 * 256, g0 * kRows, tb * kAmxTokens);
     }
-    amx_end();
+#if MF_HAVE_AMX
+    if (amx) amx_end();
+#endif
   });
 }
 
-#endif  // MF_HAVE_AMX
-
-// Runs several independent linears in one parallel region (each split evenly by row groups); batches
-// of at least kAmxMinTokens tokens go to the AMX tiles when they are on.
-bool uses_amx(Isa isa, int64_t T) {
-#if MF_HAVE_AMX
-  return isa == Isa::Avx512 && T >= kAmxMinTokens && amx_switch().load(std::memory_order_relaxed);
-#else
-  (void)isa, (void)T;
-  return false;
-#endif
+// Batches of at least kPanelMinTokens (AMX) or kVnniPanelMinTokens tokens on the avx512 backend run as
+// panel GEMMs.
+bool uses_panels(Isa isa, int64_t T) {
+  return isa == Isa::Avx512 && T >= (amx_on() ? kPanelMinTokens : kVnniPanelMinTokens);
 }
 
+// Runs several independent linears in one parallel region (each split evenly by row groups).
 void run_linears(Isa isa, int threads, const LinearJob *jobs, int njobs) {
   int64_t work = 0, min_t = INT64_MAX;
   for (int i = 0; i < njobs; ++i) {
     work += jobs[i].N * jobs[i].Kpad * jobs[i].T;
     min_t = std::min(min_t, jobs[i].T);
   }
-#if MF_HAVE_AMX
-  if (uses_amx(isa, min_t)) return run_linears_amx(threads, jobs, njobs);
-#endif
+  if (uses_panels(isa, min_t)) return run_linears_panels(threads, jobs, njobs);
   if (work < (int64_t(1) << 20)) {  // too small to pay for a hand-off to other threads
     for (int i = 0; i < njobs; ++i) linear_rows(isa, jobs[i], 0, jobs[i].groups());
     return;
@@ -943,8 +1012,8 @@ class Engine {
       add_rows(h, fi, T);
       rmsnorm_rows(h, ly.mlp_norm.data(), T, a);
       qi.fill(isa_, a, T, d, ly.gate, eps_, threads_);
-      // On AMX the GLU is applied to each panel's outputs ([T, I] written, never [T, 2I]).
-      const bool fused_glu = uses_amx(isa_, T) && I % kAmxRows == 0;
+      // In panel GEMMs the GLU is applied to each panel's outputs ([T, I] written, never [T, 2I]).
+      const bool fused_glu = uses_panels(isa_, T) && I % kPanelRows == 0;
       LinearJob gj = qi.job(ly.gate, T, big, fused_glu ? I : 2 * I);
       if (fused_glu) gj.glu = I;
       run_linears(isa_, threads_, &gj, 1);
