@@ -549,7 +549,7 @@ __attribute__((target(MF_AVX512))) void panel_finish_glu(const LinearJob &j, con
     }
 }
 
-// Off when the CPU / OS / compiler lacks AMX or MULFREE_AMX=0; set_amx() switches it (tests, benchmarks).
+// Whether panel GEMMs run on AMX now (amx_switch, and a build with AMX).
 bool amx_on() {
 #if MF_HAVE_AMX
   return amx_switch().load(std::memory_order_relaxed);
