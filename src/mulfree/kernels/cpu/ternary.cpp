@@ -503,6 +503,12 @@ constexpr std::array<VnniBlockFn, sizeof...(N) + 1> vnni_blocks(std::integer_seq
 }
 constexpr auto kVnniBlocks = vnni_blocks(std::make_integer_sequence<int, kVnniTokens>{});
 
+// 16 float outputs of a C tile row: (c - sum q) * (s_x * s_w) -- (s_x * s_w) in fp32, then one product: the
+// torch BitLinear's own order.
+__attribute__((target(MF_AVX512), always_inline)) inline __m512 panel_dequant(const int32_t *c, __m512i sq, __m512 s) {
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(c), sq)), s);
+}
+
 // Writes one C block (tokens t0.., rows n0..) as LinearJob outputs, 16 outputs per vector.
 __attribute__((target(MF_AVX512))) void panel_finish(const LinearJob &j, const int32_t *C, int64_t n0, int64_t t0) {
   for (int64_t it = 0; it < 2; ++it)
@@ -514,19 +520,13 @@ __attribute__((target(MF_AVX512))) void panel_finish(const LinearJob &j, const i
         const int64_t n = n0 + 16 * i;
         if (n >= j.N) break;
         const __mmask16 m = j.N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (j.N - n)) - 1);
-        const __m512i v = _mm512_sub_epi32(_mm512_load_si512(C + ((it * 2 + i) * 16 + tt) * 16), sq);
+        const int32_t *c = C + ((it * 2 + i) * 16 + tt) * 16;
         if (j.Yi)
-          _mm512_mask_storeu_epi32(j.Yi + t * j.ldy + n, m, v);
-        else  // (s_x * s_w) in fp32, then one product: the torch BitLinear's own order
-          _mm512_mask_storeu_ps(j.Y + t * j.ldy + n, m,
-                                _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_set1_ps(j.a_scale[t] * j.w_scale)));
+          _mm512_mask_storeu_epi32(j.Yi + t * j.ldy + n, m, _mm512_sub_epi32(_mm512_load_si512(c), sq));
+        else  // the scales are read here only: integer jobs carry none
+          _mm512_mask_storeu_ps(j.Y + t * j.ldy + n, m, panel_dequant(c, sq, _mm512_set1_ps(j.a_scale[t] * j.w_scale)));
       }
     }
-}
-
-// 16 float outputs of a C tile row: (c - sum q) * (s_x * s_w), the float product of panel_finish.
-__attribute__((target(MF_AVX512), always_inline)) inline __m512 panel_dequant(const int32_t *c, __m512i sq, __m512 s) {
-  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(c), sq)), s);
 }
 
 // The GLU form of panel_finish: gate block Cg and up block Cu (rows n0.. and I + n0..) give
