@@ -50,6 +50,9 @@ def main() -> None:
     ap.add_argument("--percdamp", type=float, default=0.01, help="Hessian dampening (fraction of mean diag)")
     ap.add_argument("--tune-epochs", type=int, default=0, help="norm tweaking epochs per block (0 = off)")
     ap.add_argument("--tune-lr", type=float, default=1e-3)
+    ap.add_argument("--distill-epochs", type=int, default=0,
+                    help="end-to-end distillation of norms and biases to the FP model's logits (0 = off)")
+    ap.add_argument("--distill-lr", type=float, default=1e-4)
     ap.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
                     help="Hessians of all linears from the FP block (the rows measured before true-sequential)")
     ap.add_argument("--asymmetric", action=argparse.BooleanOptionalAction, default=True,
@@ -67,6 +70,7 @@ def main() -> None:
              "calib": f"{args.calib_samples}x{args.calib_seqlen}", "group": args.group_size, "rounds": args.rounds,
              "apot_terms": args.apot_terms, "incoherence": args.incoherence,
              "true_sequential": args.true_sequential, "tune_epochs": args.tune_epochs, "tune_lr": args.tune_lr,
+             "distill_epochs": args.distill_epochs, "distill_lr": args.distill_lr,
              "percdamp": args.percdamp, "asymmetric": args.asymmetric}
 
     def report(row: dict) -> None:
@@ -93,7 +97,8 @@ def main() -> None:
         t0 = time.time()
         qmodel = copy.deepcopy(model)
         quantize_model(qmodel, makers[name](bits), calib, true_sequential=args.true_sequential,
-                       tune_epochs=args.tune_epochs, tune_lr=args.tune_lr, asymmetric=args.asymmetric)
+                       tune_epochs=args.tune_epochs, tune_lr=args.tune_lr, asymmetric=args.asymmetric,
+                       distill_epochs=args.distill_epochs, distill_lr=args.distill_lr)
         ppl = perplexity(qmodel, ids, args.window, progress=False)
         report({"method": name, "bits": bits, "ppl": round(ppl, 3), "ratio_vs_fp": round(ppl / fp, 3),
                 "seconds": round(time.time() - t0, 1)})

@@ -228,6 +228,38 @@ def test_block_tuning_lowers_block_error_and_keeps_codes():
     assert errors[1] < 0.9 * errors[0]
 
 
+def _kl_to(teacher: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        lt, lq = (torch.log_softmax(m(ids).logits, -1) for m in (teacher, model))
+    return (lt.exp() * (lt - lq)).sum(-1).mean().item()
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_distillation_lowers_kl_and_trains_only_float_parameters(arch):
+    from mulfree.quant.distill import head_inputs
+
+    def peaked():  # larger weights than the default init: a sharper next-token distribution, larger 2-bit errors
+        torch.manual_seed(0)
+        config = CONFIGS[arch]()
+        config.initializer_range = 0.3
+        return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+    calib = torch.randint(0, 300, (4, 16))
+    fp = peaked()
+    assert torch.allclose(fp.get_output_embeddings()(head_inputs(fp, calib[:1])[0]), fp(calib[:1]).logits, atol=1e-5)
+    kls, planes, flags = [], [], []
+    for epochs in (0, 10):
+        model = peaked()
+        quantize_model(model, ShiftAdd(2, 16, "acc", 2), calib, progress=False, distill_epochs=epochs, distill_lr=1e-2)
+        kls.append(_kl_to(fp, model, calib))
+        planes.append(decoder_blocks(model)[1][0].self_attn.q_proj.planes.clone())
+        flags.append([p.requires_grad for p in model.parameters()])
+        assert torch.equal(model.get_input_embeddings().weight, fp.get_input_embeddings().weight)
+        assert torch.equal(model.get_output_embeddings().weight, fp.get_output_embeddings().weight)
+    assert torch.equal(planes[0], planes[1]) and flags[0] == flags[1]
+    assert kls[1] < 0.85 * kls[0]
+
+
 def test_mixed_bits_allocation_respects_budget():
     bits = allocate_bits({"a": 3.0, "b": 1.0, "c": 2.0}, {"a": 100, "b": 100, "c": 100}, 2, 3, 2.4)
     assert bits == {"a": 3, "b": 2, "c": 2}
@@ -267,12 +299,13 @@ def test_cli_quantize_and_errors(tmp_path, capsys):
     out = tmp_path / "q"
     rc = cli_main(["quantize", "shiftadd", "--model", str(src), "--bits", "2", "--mode", "lat", "--group-size", "16",
                    "--rounds", "1", "--calib-data", str(tmp_path / "calib.txt"), "--calib-samples", "2",
-                   "--calib-seqlen", "16", "--tune-epochs", "1", "--out", str(out)])
+                   "--calib-seqlen", "16", "--tune-epochs", "1", "--distill-epochs", "1", "--out", str(out)])
     assert rc == 0
     model, tok = load_quantized(out)
     assert model.config.quant_method == "shiftadd" and tok is not None
     assert model.config.mulfree_quant["incoherence"] == "hadamard-io"  # the shiftadd default
     assert model.config.mulfree_quant["calibration"]["asymmetric"]  # the walker default, recorded
+    assert model.config.mulfree_quant["calibration"]["distill_epochs"] == 1
     rc = cli_main(["quantize", "gptq", "--model", str(src), "--bits", "3", "--calib-data", str(tmp_path / "calib.txt"),
                    "--calib-samples", "2", "--calib-seqlen", "16", "--no-asymmetric", "--out", str(tmp_path / "g")])
     assert rc == 0 and not load_quantized(tmp_path / "g")[0].config.mulfree_quant["calibration"]["asymmetric"]
@@ -280,6 +313,8 @@ def test_cli_quantize_and_errors(tmp_path, capsys):
     assert "error: --bits 9 is out of range" in capsys.readouterr().err
     assert cli_main(["quantize", "gptq", "--model", str(src), "--bits", "3", "--tune-epochs", "-1", "--out", str(out)]) == 2
     assert "error: --tune-epochs must be >= 0" in capsys.readouterr().err
+    assert cli_main(["quantize", "shiftadd", "--model", str(src), "--bits", "3", "--distill-lr", "0", "--out", str(out)]) == 2
+    assert "error: --distill-epochs must be >= 0 and --distill-lr > 0" in capsys.readouterr().err
     rc = cli_main(["quantize", "gptq", "--model", str(src), "--bits", "3", "--calib-data", str(tmp_path / "calib.txt"),
                    "--calib-seqlen", "100000", "--out", str(out)])
     last = capsys.readouterr().err.strip().splitlines()[-1]

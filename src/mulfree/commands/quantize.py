@@ -32,7 +32,8 @@ def register(subparsers) -> None:
         if name != "rtn":
             p.add_argument("--calib-data", nargs="*", default=None,
                            help="local text files for calibration (default: bundled corpus, train split)")
-            p.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
+            p.add_argument("--calib-samples", type=int, default=128,
+                           help="calibration windows (default 128; fewer windows overfit the calibration text)")
             p.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")
             default = "hadamard-io" if name == "shiftadd" else "none"
             p.add_argument("--incoherence", choices=("none", "hadamard", "hadamard-out", "hadamard-io"), default=default,
@@ -49,6 +50,11 @@ def register(subparsers) -> None:
                            help="norm tweaking: Adam epochs per block fitting its norm weights and biases to the FP "
                            "block's outputs on the calibration data (default 0 = off; quantized weights unchanged)")
             p.add_argument("--tune-lr", type=float, default=1e-3, help="learning rate of --tune-epochs (default 1e-3)")
+            p.add_argument("--distill-epochs", type=int, default=0,
+                           help="after all blocks: Adam epochs fitting every norm weight and bias end to end to the "
+                           "FP model's next-token distribution on the calibration data (KL; default 0 = off)")
+            p.add_argument("--distill-lr", type=float, default=1e-4,
+                           help="learning rate of --distill-epochs (default 1e-4)")
         if name == "shiftadd":
             p.add_argument("--mode", choices=("acc", "lat"), default="acc",
                            help="acc: scales per column; lat: scales shared by 8 columns for the LUT kernel")
@@ -77,6 +83,8 @@ def build_method(args: argparse.Namespace):
         raise ConfigError("calibration needs at least 1 window of 2+ tokens", "raise --calib-samples/--calib-seqlen")
     if args.tune_epochs < 0 or not args.tune_lr > 0:
         raise ConfigError("--tune-epochs must be >= 0 and --tune-lr > 0", "e.g. --tune-epochs 4 --tune-lr 1e-3")
+    if args.distill_epochs < 0 or not args.distill_lr > 0:
+        raise ConfigError("--distill-epochs must be >= 0 and --distill-lr > 0", "e.g. --distill-epochs 2 --distill-lr 1e-4")
     if args.method == "gptq":
         from mulfree.quant.gptq import GPTQ
 
@@ -114,9 +122,11 @@ def run_quantize(args: argparse.Namespace) -> int:
         extra["calibration"] = {"samples": args.calib_samples, "seqlen": args.calib_seqlen, "seed": args.seed,
                                 "data": args.calib_data or "bundled", "true_sequential": args.true_sequential,
                                 "tune_epochs": args.tune_epochs, "tune_lr": args.tune_lr,
-                                "asymmetric": args.asymmetric}
+                                "asymmetric": args.asymmetric,
+                                "distill_epochs": args.distill_epochs, "distill_lr": args.distill_lr}
         metas = quantize_model(model, method, calib, true_sequential=args.true_sequential,
-                               tune_epochs=args.tune_epochs, tune_lr=args.tune_lr, asymmetric=args.asymmetric)
+                               tune_epochs=args.tune_epochs, tune_lr=args.tune_lr, asymmetric=args.asymmetric,
+                               distill_epochs=args.distill_epochs, distill_lr=args.distill_lr)
     else:
         metas = quantize_model(model, method)
     out = save_quantized(model, tokenizer, args.out, method, metas, extra)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from mulfree.atomic import atomic_dir
 from mulfree.errors import CheckpointError, ConfigError, DataError
+from mulfree.quant.distill import distill, head_inputs
 from mulfree.quant.qlinear import build_qlinear, describe
 
 # model_type -> dotted path of the decoder block list (one entry per architecture family).
@@ -122,6 +123,8 @@ def quantize_model(
     tune_epochs: int = 0,
     tune_lr: float = 1e-3,
     asymmetric: bool = True,
+    distill_epochs: int = 0,
+    distill_lr: float = 1e-4,
 ) -> dict[str, dict]:
     """Quantize every linear of every decoder block in place; returns {module path: layer meta}.
 
@@ -132,12 +135,16 @@ def quantize_model(
     With `asymmetric` (asymmetric calibration, as in GPTAQ) each layer is fitted to the FP model's
     output ‖X_fp Wᵀ − X_q Ŵᵀ‖ instead of ‖X_q (W − Ŵ)ᵀ‖: an FP copy of the calibration stream runs
     beside the quantized one, and the method quantizes the least-squares target `asymmetric_target`.
+    `tune_epochs` fits each block's float parameters to the FP block's outputs (norm tweaking);
+    `distill_epochs` then fits all of them end to end to the FP model's next-token distribution
+    (`distill.distill`).
     """
     model.eval()
     prefix, blocks = decoder_blocks(model)
     if method.needs_hessian and calib is None:
         raise DataError(f"{method.name} needs calibration data", "pass calibration token ids")
     records = _capture(model, blocks[0], calib, batch_size) if method.needs_hessian else []
+    teacher = head_inputs(model, calib) if distill_epochs and method.needs_hessian else []
     asymmetric = asymmetric and method.needs_hessian
     fp_records = list(records) if asymmetric else []  # the FP model's stream
     percdamp = getattr(method, "percdamp", 0.01)
@@ -178,6 +185,8 @@ def quantize_model(
         if method.needs_hessian:
             records = [(_run_block(block, hid, args, kw), args, kw) for hid, args, kw in records]
         fp_records = [(out, args, kw) for out, (_, args, kw) in zip(fp_outputs, fp_records)] if asymmetric else []
+    if teacher:
+        distill(model, blocks, calib, teacher, distill_epochs, distill_lr, progress)
     return metas
 
 
