@@ -29,6 +29,21 @@ from mulfree.quant.shiftadd import ShiftAdd  # noqa: E402
 from mulfree.quant.walker import calibration_ids, quantize_model  # noqa: E402
 
 
+@torch.no_grad()
+def fit_gap(fp_model, qmodel, windows: torch.Tensor) -> dict:
+    """Mean per-token cross-entropy of both models and KL(p_FP || p_q) over `windows` [n, T]: how much of the
+    quantization loss shows on these windows (calibration windows vs held-out ones measures overfitting)."""
+    ce_fp = ce_q = kl = 0.0
+    for row in windows:
+        lf, lq = (torch.log_softmax(m(row[None]).logits[0, :-1].float(), -1) for m in (fp_model, qmodel))
+        target = row[1:, None]
+        ce_fp -= lf.gather(1, target).mean().item()
+        ce_q -= lq.gather(1, target).mean().item()
+        kl += (lf.exp() * (lf - lq)).sum(-1).mean().item()
+    n = len(windows)
+    return {"ce_fp": round(ce_fp / n, 4), "ce_q": round(ce_q / n, 4), "kl": round(kl / n, 4)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calib-samples", type=int, default=16)
@@ -46,6 +61,8 @@ def main() -> None:
                     help="explicit (method, bits) rows instead of --methods x --bits, e.g. gptq:3 shiftadd-acc:2")
     ap.add_argument("--skip-fp", action="store_true", help="do not report the FP row again (it is still measured for ratios)")
     ap.add_argument("--jsonl", default="shiftadd_ppl.jsonl")
+    ap.add_argument("--fit-gap", action="store_true",
+                    help="also report CE of FP and quantized model and their KL on the calibration and held-out windows")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--percdamp", type=float, default=0.01, help="Hessian dampening (fraction of mean diag)")
     ap.add_argument("--tune-epochs", type=int, default=0, help="norm tweaking epochs per block (0 = off)")
@@ -100,8 +117,12 @@ def main() -> None:
                        tune_epochs=args.tune_epochs, tune_lr=args.tune_lr, asymmetric=args.asymmetric,
                        distill_epochs=args.distill_epochs, distill_lr=args.distill_lr)
         ppl = perplexity(qmodel, ids, args.window, progress=False)
-        report({"method": name, "bits": bits, "ppl": round(ppl, 3), "ratio_vs_fp": round(ppl / fp, 3),
-                "seconds": round(time.time() - t0, 1)})
+        row = {"method": name, "bits": bits, "ppl": round(ppl, 3), "ratio_vs_fp": round(ppl / fp, 3),
+               "seconds": round(time.time() - t0, 1)}
+        if args.fit_gap:
+            row["gap_calib"] = fit_gap(model, qmodel, calib)
+            row["gap_heldout"] = fit_gap(model, qmodel, ids[: ids.numel() // args.window * args.window].view(-1, args.window))
+        report(row)
 
 
 if __name__ == "__main__":
