@@ -15,7 +15,6 @@ from torch import nn
 from tqdm import tqdm
 
 
-
 @torch.no_grad()
 def head_inputs(model: nn.Module, calib: torch.Tensor) -> list[torch.Tensor]:
     """What the LM head reads (final hidden states, after the final norm) for each calibration window."""
