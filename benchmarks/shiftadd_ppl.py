@@ -46,7 +46,7 @@ def fit_gap(fp_model, qmodel, windows: torch.Tensor) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128, as mulfree quantize)")
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--window", type=int, default=512)
