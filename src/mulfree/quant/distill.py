@@ -30,13 +30,12 @@ def head_inputs(model: nn.Module, calib: torch.Tensor) -> list[torch.Tensor]:
 
 def float_parameters(model: nn.Module, blocks: nn.ModuleList) -> list[nn.Parameter]:
     """The distilled parameters: float parameters of the decoder `blocks` and of norm modules outside
-    them; never the embeddings or the LM head."""
-    frozen = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) for p in m.parameters()}
+    them (the final norm); so never the embeddings or the LM head."""
     params = {id(p): p for p in blocks.parameters() if p.is_floating_point()}
     for module in model.modules():
         if "norm" in type(module).__name__.lower():
             params.update({id(p): p for p in module.parameters(recurse=False) if p.is_floating_point()})
-    return [p for key, p in params.items() if key not in frozen]
+    return list(params.values())
 
 
 @torch.enable_grad()
