@@ -101,6 +101,29 @@ def test_vnni_panel_prefill_equals_decode_steps():
     assert (full - ref[0]).abs().max() <= 1e-3 * ref.abs().max()
 
 
+@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("intermediate", [1152, 1150])  # up rows on a row-group boundary (fused GLU) or not
+def test_threaded_elementwise_steps_match_one_thread_and_torch(backend, intermediate):
+    # wide enough that every linear is split into chunks over the pool, with the MLGRU state update and
+    # the GLU run on each chunk's rows
+    torch.manual_seed(1)
+    cfg = MMFreeConfig(vocab_size=300, hidden_size=576, num_hidden_layers=1, intermediate_size=intermediate)
+    m = MMFreeForCausalLM(cfg).eval()
+    with torch.no_grad():
+        m.model.lower_bounds.normal_()
+    ids = torch.randint(0, 300, (24,), generator=torch.Generator().manual_seed(5))
+    out = {}
+    for threads in (1, 2):
+        pm = PackedModel.from_model(m, backend=backend, threads=threads)
+        prefill = pm.forward(ids[:16], all_logits=True)
+        steps = torch.cat([pm.forward([int(i)]) for i in ids[16:]])
+        out[threads] = torch.cat([prefill, steps])
+    assert torch.equal(out[1], out[2])
+    with torch.no_grad():
+        ref, _ = m(ids[None])
+    assert (out[2] - ref[0]).abs().max() <= 1e-3 * ref.abs().max()
+
+
 def test_decode_state_equals_prefill(model, ids):
     pm = PackedModel.from_model(model)
     full = pm.forward(ids, all_logits=True)

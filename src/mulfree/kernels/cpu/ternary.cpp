@@ -656,6 +656,23 @@ void run_linears(Isa isa, int threads, const LinearJob *jobs, int njobs) {
   });
 }
 
+// Runs linears of equal N in one parallel region whose chunks own the same rows of every job, then
+// calls epi(n0, n1) on those rows in the same chunk: an elementwise step over the outputs (the MLGRU state
+// update over i/f/g, silu(gate) * up over the two GLU halves) runs split across the threads, next to the
+// outputs it reads, at no extra hand-off. Not for panel GEMMs (the caller checks uses_panels).
+template <class F>
+void run_aligned_linears(Isa isa, int threads, const LinearJob *jobs, int njobs, F &&epi) {
+  const int64_t N = jobs[0].N, groups = jobs[0].groups();
+  auto rows = [&](int64_t g0, int64_t g1) {
+    for (int i = 0; i < njobs; ++i) linear_rows(isa, jobs[i], g0, g1);
+    epi(g0 * kRows, std::min(N, g1 * kRows));
+  };
+  if (N * jobs[0].Kpad * jobs[0].T * njobs < (int64_t(1) << 20)) return rows(0, groups);  // as run_linears
+  constexpr int64_t kChunk = 16;
+  get_pool(threads).run_chunks((groups + kChunk - 1) / kChunk,
+                               [&](int64_t c) { rows(c * kChunk, std::min(groups, (c + 1) * kChunk)); });
+}
+
 // Splits [0, n) into contiguous ranges over the pool (inline when n < 2: decode steps are too
 // small to pay for a hand-off).
 template <class F>
@@ -991,36 +1008,52 @@ class Engine {
       qg.fill(isa_, a, T, d, ly.g, eps_, threads_);
       const LinearJob ifg[3] = {qi.job(ly.i, T, fi, d), qf.job(ly.f, T, ff, d),
                                 qg.job(ly.g, T, fg, d)};
-      run_linears(isa_, threads_, ifg, 3);
+      // The recurrence is independent per channel (run on each chunk's channels as their i/f/g rows
+      // are done, or split over the pool after a panel GEMM), the output norm per token.
       float *s = st + l * d;
-      if (T == 1) {
-        mlgru_row(isa_, fi, ff, fg, ly.has_lb ? ly.lb.data() : nullptr, ly.g_norm.data(), d, eps_, s,
-                  a);
-      } else {  // prefill: the recurrence is independent per channel, the output norm per token
-        const float *lb = ly.has_lb ? ly.lb.data() : nullptr;
-        for_ranges(threads_, d, [&](int64_t k0, int64_t k1) {
-          for (int64_t t = 0; t < T; ++t) mlgru_state(isa_, fi + t * d, ff + t * d, lb, k0, k1, s);
-        });
-        for_ranges(threads_, T, [&](int64_t t0, int64_t t1) {
-          for (int64_t t = t0; t < t1; ++t) mlgru_out(fg + t * d, ly.g_norm.data(), d, eps_, fi + t * d,
-                                                      a + t * d);
-        });
+      const float *lb = ly.has_lb ? ly.lb.data() : nullptr;
+      auto state_update = [&](int64_t k0, int64_t k1) {
+        for (int64_t t = 0; t < T; ++t) mlgru_state(isa_, fi + t * d, ff + t * d, lb, k0, k1, s);
+      };
+      if (uses_panels(isa_, T)) {
+        run_linears(isa_, threads_, ifg, 3);
+        for_ranges(threads_, d, state_update);
+      } else {
+        run_aligned_linears(isa_, threads_, ifg, 3, state_update);
       }
+      for_ranges(threads_, T, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) mlgru_out(fg + t * d, ly.g_norm.data(), d, eps_, fi + t * d, a + t * d);
+      });
       qi.fill(isa_, a, T, d, ly.o, eps_, threads_);
       const LinearJob oj = qi.job(ly.o, T, fi, d);
       run_linears(isa_, threads_, &oj, 1);
       add_rows(h, fi, T);
       rmsnorm_rows(h, ly.mlp_norm.data(), T, a);
       qi.fill(isa_, a, T, d, ly.gate, eps_, threads_);
-      // In panel GEMMs the GLU is applied to each panel's outputs ([T, I] written, never [T, 2I]).
+      // In panel GEMMs the GLU is applied to each panel's outputs ([T, I] written, never [T, 2I]);
+      // otherwise, where the up rows start on a row group, to each chunk's gate and up rows.
       const bool fused_glu = uses_panels(isa_, T) && I % kPanelRows == 0;
       LinearJob gj = qi.job(ly.gate, T, big, fused_glu ? I : 2 * I);
-      if (fused_glu) gj.glu = I;
-      run_linears(isa_, threads_, &gj, 1);
-      if (!fused_glu)
+      if (fused_glu) {
+        gj.glu = I;
+        run_linears(isa_, threads_, &gj, 1);
+      } else if (!uses_panels(isa_, T) && I % kRows == 0) {
+        LinearJob halves[2] = {gj, gj};
+        halves[0].N = halves[1].N = I;
+        halves[1].W += I / kRows * gj.Kpad;
+        halves[1].Y += I;
+        run_aligned_linears(isa_, threads_, halves, 2, [&](int64_t n0, int64_t n1) {
+          for (int64_t t = 0; t < T; ++t) {
+            float *y = big + t * 2 * I;
+            glu_pairs(isa_, y + n0, y + I + n0, n1 - n0, y + n0);
+          }
+        });
+      } else {
+        run_linears(isa_, threads_, &gj, 1);
         for_ranges(threads_, T, [&](int64_t t0, int64_t t1) {
           for (int64_t t = t0; t < t1; ++t) glu_row(isa_, big + t * 2 * I, I, big + t * 2 * I);
         });
+      }
       qi.fill(isa_, big, T, fused_glu ? I : 2 * I, ly.down, eps_, threads_);
       const LinearJob dj = qi.job(ly.down, T, fi, d);
       run_linears(isa_, threads_, &dj, 1);
