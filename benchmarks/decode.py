@@ -44,6 +44,8 @@ SHAPES = {  # name: (vocab, hidden, layers, intermediate), reference/matmulfree.
 TORCH_LIMITS = {
     "vnni": ("AMX off", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}),
     "avx2": ("at AVX2", {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}),
+    "avxvnni": ("at AVX2 + AVX-VNNI", {"ONEDNN_MAX_CPU_ISA": "AVX2_VNNI", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                                       "ATEN_CPU_CAPABILITY": "avx2"}),
 }
 VALID_BYTES = torch.tensor([b for b in range(256) if all((b >> (2 * s)) & 3 != 3 for s in range(4))], dtype=torch.uint8)
 
@@ -164,8 +166,8 @@ def torch_baseline(name: str, dtype: torch.dtype, args: argparse.Namespace) -> t
 def limited_torch_path() -> str | None:
     """Which TORCH_LIMITS entry this run needs: the ISA the timed engine path uses where torch's is wider."""
     feats = cpu_module().cpu_features()
-    if best_backend() == "avx2" and feats.get("avx512"):
-        return "avx2"
+    if best_backend() in ("avx2", "avxvnni") and feats.get("avx512"):
+        return best_backend()
     return "vnni" if best_backend() == "avx512" and amx_available() else None
 
 

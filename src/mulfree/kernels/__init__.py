@@ -1,6 +1,6 @@
 """Kernel dispatch: the compiled `_cpu` extension when it is present, else pure-torch references.
 
-`MULFREE_BACKEND=reference|scalar|avx2|avx512` forces a path (tests use it to cover every one);
+`MULFREE_BACKEND=reference|scalar|avx2|avxvnni|avx512` forces a path (tests use it to cover every one);
 otherwise the best path the running CPU supports is chosen. `ops/` holds the reference of every
 kernel; this package imports nothing else from mulfree.
 """
@@ -11,7 +11,7 @@ import os
 from functools import lru_cache
 from types import ModuleType
 
-BACKENDS = ("reference", "scalar", "avx2", "avx512")
+BACKENDS = ("reference", "scalar", "avx2", "avxvnni", "avx512")
 
 
 @lru_cache(maxsize=1)
@@ -33,6 +33,8 @@ def available_backends() -> list[str]:
     out = ["reference", "scalar"]
     if feats["avx2"]:
         out.append("avx2")
+    if feats["avxvnni"]:
+        out.append("avxvnni")
     if feats["avx512vnni"]:
         out.append("avx512")
     return out

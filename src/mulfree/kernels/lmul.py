@@ -20,8 +20,8 @@ def lmul_matmul(
     """a [..., M, K] @ b [..., K, N] with L-Mul products and float32 accumulation -> float32 [..., M, N].
 
     Equal bit for bit to `mulfree.ops.lmul.lmul_matmul` on every backend. `backend` overrides
-    `mulfree.kernels.backend()` (reference | scalar | avx2 | avx512); the kernel uses
-    `torch.get_num_threads()` threads.
+    `mulfree.kernels.backend()` (reference | scalar | avx2 | avxvnni | avx512; avxvnni runs
+    the avx2 code); the kernel uses `torch.get_num_threads()` threads.
     """
     name = backend or current_backend()
     mod = cpu_module()

@@ -35,6 +35,8 @@ const CpuFeatures &cpu_features() {
     __builtin_cpu_init();
     r.avx2 = __builtin_cpu_supports("avx2");
     r.fma = __builtin_cpu_supports("fma");
+    unsigned a, b, c, d;  // AVX-VNNI: cpuid leaf 7 subleaf 1, eax bit 4 (not every gcc's __builtin_cpu_supports knows it)
+    r.avxvnni = __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 4) & 1);
     r.avx512f = __builtin_cpu_supports("avx512f");
     r.avx512bw = __builtin_cpu_supports("avx512bw");
     r.avx512vl = __builtin_cpu_supports("avx512vl");
@@ -53,20 +55,26 @@ Isa parse_isa(const std::string &name) {
     if (!(f.avx2 && f.fma)) throw std::invalid_argument("backend 'avx2' is not supported by this CPU");
     return Isa::Avx2;
   }
+  if (name == "avxvnni") {
+    if (!(f.avx2 && f.fma && f.avxvnni)) throw std::invalid_argument("backend 'avxvnni' is not supported by this CPU");
+    return Isa::AvxVnni;
+  }
   if (name == "avx512") {
     if (!(f.avx512f && f.avx512bw && f.avx512vl && f.avx512vnni))
       throw std::invalid_argument("backend 'avx512' is not supported by this CPU");
     return Isa::Avx512;
   }
-  throw std::invalid_argument("unknown backend '" + name + "' (use scalar, avx2 or avx512)");
+  throw std::invalid_argument("unknown backend '" + name + "' (use scalar, avx2, avxvnni or avx512)");
 }
 
 void register_cpuinfo(nb::module_ &m) {
   m.def("cpu_features", [] {
     const CpuFeatures &f = cpu_features();
     return std::map<std::string, bool>{{"avx2", f.avx2 && f.fma},
+                                       {"avxvnni", f.avx2 && f.fma && f.avxvnni},
                                        {"avx512", f.avx512f && f.avx512bw && f.avx512vl},
                                        {"avx512vnni", f.avx512f && f.avx512bw && f.avx512vl && f.avx512vnni},
                                        {"amx_int8", f.amx_int8}};
-  }, "Which SIMD instruction sets this CPU (and OS) supports: {'avx2', 'avx512', 'avx512vnni', 'amx_int8'}.");
+  }, "Which SIMD instruction sets this CPU (and OS) supports: {'avx2', 'avxvnni', 'avx512', 'avx512vnni', "
+         "'amx_int8'}.");
 }

@@ -182,7 +182,8 @@ using RowsFn = void (*)(const Args &, int64_t, int64_t);
 RowsFn pick(const std::string &backend) {
   switch (parse_isa(backend)) {
     case Isa::Avx512: return rows_avx512;
-    case Isa::Avx2: return rows_avx2;
+    case Isa::Avx2:
+    case Isa::AvxVnni: return rows_avx2;
     default: return rows_scalar;
   }
 }

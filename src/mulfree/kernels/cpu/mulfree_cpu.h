@@ -26,13 +26,16 @@ void register_hadamard(nb::module_ &m); // hadamard.cpp: block Walsh-Hadamard tr
 
 // Instruction sets the running CPU offers (queried once, at run time).
 struct CpuFeatures {
-  bool avx2, fma, avx512f, avx512bw, avx512vl, avx512vnni;
+  bool avx2, fma, avxvnni, avx512f, avx512bw, avx512vl, avx512vnni;
   bool amx_int8;  // AMX-TILE + AMX-INT8, the OS granted this process the tile state, and MF_HAVE_AMX
 };
 const CpuFeatures &cpu_features();
 
-// The SIMD path a kernel runs. Names are the backends of mulfree.kernels ("avx512" = AVX-512 with VNNI),
-// and the values index per-ISA kernel tables.
-enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+// The SIMD path a kernel runs. Names are the backends of mulfree.kernels ("avxvnni" = AVX2 plus the VEX
+// vpdpbusd of Intel's client cores since Alder Lake; "avx512" = AVX-512 with VNNI), and the values index
+// per-ISA kernel tables.
+enum class Isa { Scalar = 0, Avx2 = 1, AvxVnni = 2, Avx512 = 3 };
+// AVX-VNNI only adds the int8 dot product: every other kernel runs its AVX2 code there.
+inline bool avx2_class(Isa isa) { return isa == Isa::Avx2 || isa == Isa::AvxVnni; }
 // The Isa of a backend name; std::invalid_argument if the name is unknown or this CPU lacks it.
 Isa parse_isa(const std::string &name);

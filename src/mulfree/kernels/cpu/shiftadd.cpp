@@ -409,7 +409,7 @@ void run_quad(const Job &j, Isa isa, int64_t Q) {
   int64_t G[kQuad];
   if (isa == Isa::Scalar || !tile_groups(j, Q, G)) {
     for (int64_t n = Q * kQuadRows; n < std::min(j.N, (Q + 1) * kQuadRows); ++n) row_scalar(j, n);
-  } else if (isa == Isa::Avx2) {
+  } else if (avx2_class(isa)) {
     quad_avx2(j, Q, G);
   } else if (G[0] == G[3]) {
     quads_shared_avx512<1>(j, Q, G[0]);
@@ -461,13 +461,13 @@ class LutWeights {
     thread_local std::vector<float> tables;
     thread_local std::vector<uint32_t> nz;
     tables.resize(C * 64);
-    nz.resize(isa == Isa::Avx2 ? C * 32 : 0);
+    nz.resize(avx2_class(isa) ? C * 32 : 0);
     const Job j{tables.data(), nz.empty() ? nullptr : nz.data(), keys_.data(), exps_.data(), signs_.data(),
                 escale_.data(), y.data(), n_, C, ng_, group_, q_, t_};
     nb::gil_scoped_release release;
     if (isa == Isa::Avx512) {
       build_tables_avx512(x.data(), K, C, tables.data());
-    } else if (isa == Isa::Avx2) {
+    } else if (avx2_class(isa)) {
       build_tables_avx2(x.data(), K, C, tables.data(), nz.data());
     } else {
       build_tables(x.data(), K, C, tables.data());

@@ -80,6 +80,17 @@ __attribute__((always_inline)) inline void prefetch_block(const uint8_t *p) {
   _mm_prefetch((const char *)(p + 192), _MM_HINT_T1);
 }
 
+__attribute__((target("avx2"), always_inline)) inline __m256i ld256(const void *p) {
+  return _mm256_loadu_si256((const __m256i *)p);
+}
+
+// Sums the 8 int32 lanes of each of a0..a3 into out[0..3]: [r0, r1, r2, r3] in one 128-bit lane.
+__attribute__((target("avx2,fma"), always_inline)) inline void store_row_sums_avx2(__m256i a0, __m256i a1, __m256i a2,
+                                                                                  __m256i a3, int32_t *out) {
+  const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
+  _mm_storeu_si128((__m128i *)out, _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+}
+
 template <int NT>
 __attribute__((target("avx2,fma"), always_inline)) inline void group_avx2(const uint8_t *W, int64_t Kpad,
                                                                           const int8_t *X, int64_t ldx, int32_t *out,
@@ -125,10 +136,64 @@ __attribute__((target("avx2,fma"), always_inline)) inline void group_avx2(const 
     }
   }
 #pragma GCC unroll 4
-  for (int t = 0; t < NT; ++t) {  // 4 row sums at once: [r0, r1, r2, r3] in one 128-bit lane
-    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(acc[0][t], acc[1][t]), _mm256_hadd_epi32(acc[2][t], acc[3][t]));
-    _mm_storeu_si128((__m128i *)(out + t * ldo),
-                     _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+  for (int t = 0; t < NT; ++t) store_row_sums_avx2(acc[0][t], acc[1][t], acc[2][t], acc[3][t], out + t * ldo);
+}
+
+// AVX-VNNI (256-bit vpdpbusd). Decode: as the AVX-512 decode below, bit pairs masked in place, but with
+// 16 ymm registers one accumulator per row for pairs 0/2 (c) and one for 1/3 (4c), pairs 2/3 from v >> 4;
+// the 4c sums are divided by 4 at the end (exact). More tokens: each bit pair shifted down, one
+// accumulator per row and token.
+template <int NT>
+__attribute__((target("avx2,fma,avxvnni"), always_inline)) inline void group_avxvnni(const uint8_t *W, int64_t Kpad,
+                                                                                    const int8_t *X, int64_t ldx,
+                                                                                    int32_t *out, int64_t ldo) {
+  const __m256i m3 = _mm256_set1_epi8(0x03), m12 = _mm256_set1_epi8(0x0c);
+  if constexpr (NT == 1) {
+    __m256i a1[kRows], a4[kRows];
+    #pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) a1[r] = a4[r] = _mm256_setzero_si256();
+    for (int64_t b = 0; b < Kpad / kBlock; ++b) {
+      const int64_t k = b * kBlock;
+      prefetch_block(W + (b + kPrefetchBlocks) * kBlock);
+      #pragma GCC unroll 4
+      for (int r = 0; r < kRows; ++r)
+        #pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+          const __m256i lo = _mm256_loadu_si256((const __m256i *)(W + k + r * 64 + 32 * h));
+          const __m256i hi = _mm256_srli_epi16(lo, 4);
+          a1[r] = _mm256_dpbusd_avx_epi32(a1[r], _mm256_and_si256(lo, m3), ld256(X + k + 32 * h));
+          a4[r] = _mm256_dpbusd_avx_epi32(a4[r], _mm256_and_si256(lo, m12), ld256(X + k + 64 + 32 * h));
+          a1[r] = _mm256_dpbusd_avx_epi32(a1[r], _mm256_and_si256(hi, m3), ld256(X + k + 128 + 32 * h));
+          a4[r] = _mm256_dpbusd_avx_epi32(a4[r], _mm256_and_si256(hi, m12), ld256(X + k + 192 + 32 * h));
+        }
+    }
+    #pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) a1[r] = _mm256_add_epi32(a1[r], _mm256_srai_epi32(a4[r], 2));
+    store_row_sums_avx2(a1[0], a1[1], a1[2], a1[3], out);
+  } else {
+    __m256i acc[kRows][NT];
+    #pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r)
+      #pragma GCC unroll 4
+      for (int t = 0; t < NT; ++t) acc[r][t] = _mm256_setzero_si256();
+    for (int64_t b = 0; b < Kpad / kBlock; ++b) {
+      const int64_t k = b * kBlock;
+      #pragma GCC unroll 4
+      for (int r = 0; r < kRows; ++r)
+        #pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+          const __m256i v = _mm256_loadu_si256((const __m256i *)(W + k + r * 64 + 32 * h));
+          #pragma GCC unroll 4
+          for (int s = 0; s < 4; ++s) {
+            const __m256i c = _mm256_and_si256(_mm256_srli_epi16(v, 2 * s), m3);
+            #pragma GCC unroll 4
+            for (int t = 0; t < NT; ++t)
+              acc[r][t] = _mm256_dpbusd_avx_epi32(acc[r][t], c, ld256(X + t * ldx + k + 64 * s + 32 * h));
+          }
+        }
+    }
+    #pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t) store_row_sums_avx2(acc[0][t], acc[1][t], acc[2][t], acc[3][t], out + t * ldo);
   }
 }
 
@@ -228,14 +293,20 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const uint8_t *W, int64_t Kpa
   for (int64_t g = 0; g < ngroups; ++g) group_avx2<NT>(W + g * Kpad, Kpad, X, ldx, out + g * kRows, ldo);
 }
 template <int NT>
+__attribute__((target("avx2,fma,avxvnni"))) void tile_avxvnni(const uint8_t *W, int64_t Kpad, int64_t ngroups,
+                                                                const int8_t *X, int64_t ldx, int32_t *out, int64_t ldo) {
+  for (int64_t g = 0; g < ngroups; ++g) group_avxvnni<NT>(W + g * Kpad, Kpad, X, ldx, out + g * kRows, ldo);
+}
+template <int NT>
 __attribute__((target(MF_AVX512))) void tile_avx512(const uint8_t *W, int64_t Kpad, int64_t ngroups, const int8_t *X,
                                                     int64_t ldx, int32_t *out, int64_t ldo) {
   for (int64_t g = 0; g < ngroups; ++g) group_avx512<NT>(W + g * Kpad, Kpad, X, ldx, out + g * kRows, ldo);
 }
 
-const TileFn kTiles[3][kMaxTile + 1] = {
+const TileFn kTiles[4][kMaxTile + 1] = {  // indexed by Isa
     {nullptr, tile_scalar<1>, tile_scalar<2>, tile_scalar<3>, tile_scalar<4>},
-    {nullptr, tile_avx2<1>, tile_avx2<2>, nullptr, nullptr},  // AVX2 tiles stop at 2 tokens (linear_rows)
+    {nullptr, tile_avx2<1>, tile_avx2<2>, nullptr, nullptr},  // 256-bit tiles stop at 2 tokens (linear_rows)
+    {nullptr, tile_avxvnni<1>, tile_avxvnni<2>, nullptr, nullptr},
     {nullptr, tile_avx512<1>, tile_avx512<2>, tile_avx512<3>, tile_avx512<4>},
 };
 
@@ -276,7 +347,7 @@ void linear_rows(Isa isa, const LinearJob &j, int64_t g0, int64_t g1) {
   constexpr int64_t kSpan = 16;
   thread_local std::vector<int32_t> stage;
   // AVX2 has 16 ymm registers: 4 rows x 2 tokens of accumulators is the most that stays in them.
-  const int64_t max_tile = isa == Isa::Avx2 ? 2 : kMaxTile;
+  const int64_t max_tile = avx2_class(isa) ? 2 : kMaxTile;
   const int64_t T = j.T;
   for (int64_t gs = g0; gs < g1; gs += kSpan) {
     const int64_t ge = std::min(g1, gs + kSpan), width = (ge - gs) * kRows;
@@ -700,7 +771,7 @@ void for_ranges(int threads, int64_t n, F &&fn) {
   void NAME(Isa isa, MF_UNPAREN PARAMS) {                                                              \
     if (isa == Isa::Avx512)                                                                            \
       NAME##_avx512 ARGS;                                                                              \
-    else if (isa == Isa::Avx2)                                                                         \
+    else if (avx2_class(isa))                                                                          \
       NAME##_avx2 ARGS;                                                                                \
     else                                                                                               \
       NAME##_scalar ARGS;                                                                              \
@@ -804,7 +875,7 @@ void rmsnorm_quant_row(Isa isa, const float *x, const float *w, int64_t K, int64
                        int8_t *q, float *a_scale, int32_t *sumq) {
   const float r = rms_factor(x, K, eps);
   for (int64_t k = 0; k < K; ++k) tmp[k] = x[k] * r * w[k];
-  static const QuantFn kQuant[3] = {quant_row_scalar, quant_row_avx2, quant_row_avx512};
+  static const QuantFn kQuant[4] = {quant_row_scalar, quant_row_avx2, quant_row_avx2, quant_row_avx512};  // by Isa
   float inv;
   *sumq = kQuant[(int)isa](tmp, K, &inv, q);
   std::memset(q + K, 0, (size_t)(Kpad - K));
