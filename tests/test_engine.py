@@ -83,18 +83,19 @@ def test_amx_prefill_equals_vnni_prefill(intermediate, n_tokens):
     assert (amx - ref[0]).abs().max() <= 1e-3 * ref.abs().max()
 
 
-@pytest.mark.skipif("avx512" not in available_backends(), reason="no AVX-512 VNNI on this CPU")
-def test_vnni_panel_prefill_equals_decode_steps():
+@pytest.mark.parametrize("backend", [b for b in available_backends() if b in ("avx2", "avxvnni", "avx512")])
+def test_panel_prefill_equals_decode_steps(backend):
     m = _mmfree(96)  # 3 panels of 32 rows: the GLU is fused into the panel GEMM
-    ids = torch.randint(0, 300, (50,), generator=torch.Generator().manual_seed(4))  # >= 48 tokens: VNNI panels
-    pm = PackedModel.from_model(m, backend="avx512")
-    prev = set_amx(False)
+    ids = torch.randint(0, 300, (66,), generator=torch.Generator().manual_seed(4))  # >= 64: panels on every SIMD path
+    pm = PackedModel.from_model(m, backend=backend)
+    prev = set_amx(False) if amx_available() else False
     try:
         full = pm.forward(ids, all_logits=True)
         pm.reset()
         steps = torch.cat([pm.forward([int(i)]) for i in ids])  # one token at a time: the 4-row tiles
     finally:
-        set_amx(prev)
+        if amx_available():
+            set_amx(prev)
     torch.testing.assert_close(steps, full, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         ref, _ = m(ids[None])

@@ -81,6 +81,36 @@ def test_vnni_panel_gemm_exact(threads, shape):
     assert torch.equal(out, (q.long() @ w.long().T).int())
 
 
+YMM = [b for b in COMPILED if b in ("avx2", "avxvnni")]
+YMM_PANEL_SHAPES = [(64, 33, 300), (77, 70, 513), (66, 130, 2100)]  # >= 64 tokens: 256-bit panels; partial blocks
+
+
+@pytest.mark.skipif(not YMM, reason="no AVX2 on this CPU")
+@pytest.mark.parametrize("backend", YMM)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", YMM_PANEL_SHAPES, ids=_ids(YMM_PANEL_SHAPES))
+def test_ymm_panel_gemm_exact(backend, threads, shape):
+    t_, n, k = shape  # 4-token blocks (the last one short), partial 32-row panels, several k chunks
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    w = _trits(n, k, g)
+    q = torch.randint(-128, 128, (t_, k), generator=g, dtype=torch.int8)
+    q[-1, -1] = -128
+    out = K.ternary_matmul(pack_ternary(w), n, q, backend=backend, threads=threads)
+    assert torch.equal(out, (q.long() @ w.long().T).int())
+
+
+@pytest.mark.skipif(not YMM, reason="no AVX2 on this CPU")
+@pytest.mark.parametrize("backend", YMM)
+def test_ymm_panel_gemm_int16_bound(backend):
+    # +1 rows against -128 everywhere: every int16 pair sum of the AVX2 panel is -512, 64 of them reach -32768
+    w = torch.ones(8, 4096, dtype=torch.int8)
+    w[1::2] = -1
+    q = torch.full((64, 4096), -128, dtype=torch.int8)
+    q[1::2] = 127
+    out = K.ternary_matmul(pack_ternary(w), 8, q, backend=backend)
+    assert torch.equal(out, (q.long() @ w.long().T).int())
+
+
 @needs_ext
 def test_ternary_matmul_extreme_values_all_backends():
     k = 4096  # long rows of +-1 x -128 stress int16 / int32 partial sums

@@ -373,9 +373,6 @@ void linear_rows(Isa isa, const LinearJob &j, int64_t g0, int64_t g1) {
   }
 }
 
-// out[k] = silu(g[k]) * u[k] (defined with the other elementwise steps below).
-void glu_pairs(Isa isa, const float *g, const float *u, int64_t n, float *out);
-
 // Off when the CPU / OS / compiler lacks AMX or MULFREE_AMX=0; set_amx() switches it (tests, benchmarks).
 std::atomic<bool> &amx_switch() {
   static std::atomic<bool> on{cpu_features().amx_int8 && !(std::getenv("MULFREE_AMX") &&
@@ -410,6 +407,13 @@ constexpr int64_t kVnniPanelMinTokens = 48;
 constexpr int64_t kTileBytes = 1024;
 constexpr int64_t kPanelChunkSteps = 8;  // k steps (64 k each) per chunk: a 16 KiB panel slice, 2 row blocks
 constexpr int kVnniTokens = 12;          // tokens per VNNI block: 2 x 12 accumulators + 2 codes + 1 quad
+// 256-bit panels (avx2, avxvnni): one 16-row tile at a time, 4 tokens: 2 x 4 accumulators + 2 codes + 4 quads
+// (with 6 tokens gcc loads all 6 quads first and spills accumulators).
+constexpr int kYmmTokens = 4;
+// Where the 256-bit panels overtake the 2-token tiles (1.3b linears, 2 threads, panels / tiles speed): AVX2
+// 1.09 at 32 tokens, 1.25 at 48, 1.35 at 128; AVX-VNNI (whose tiles need no widening) 0.80-0.84 at 32,
+// 1.03-1.06 at 48, 1.12-1.16 at 64 and 128.
+constexpr int64_t kAvx2PanelMinTokens = 32, kAvxVnniPanelMinTokens = 64;
 
 // Transposes a 16 x 16 matrix of dwords held as 16 rows.
 __attribute__((target(MF_AVX512), always_inline)) inline void transpose16x16_epi32(__m512i r[16]) {
@@ -458,6 +462,24 @@ __attribute__((target(MF_AVX512))) void unpack_panel(const uint8_t *W, int64_t G
           _mm512_storeu_si512(dst + kq * 64, _mm512_and_si512(_mm512_srli_epi16(r[kq], 2 * s), m3));
       }
     }
+}
+
+// unpack_panel without AVX-512 (the 256-bit panel GEMMs): the same layout, one row's dword at a time.
+void unpack_panel_dwords(const uint8_t *W, int64_t G, int64_t Kpad, int64_t g0, int64_t b0, int64_t b1, int8_t *B) {
+  for (int64_t b = b0; b < b1; ++b)
+    for (int64_t i = 0; i < 2; ++i)
+      for (int64_t nn = 0; nn < 16; ++nn) {
+        const int64_t g = g0 + 4 * i + nn / 4;
+        const uint8_t *src = W + g * Kpad + b * kBlock + (nn % 4) * 64;
+        for (int64_t kq = 0; kq < 16; ++kq) {
+          uint32_t w = 0x55555555u;  // rows past the matrix: code 1 = weight 0
+          if (g < G) std::memcpy(&w, src + 4 * kq, 4);
+          for (int s = 0; s < 4; ++s) {
+            const uint32_t c = (w >> (2 * s)) & 0x03030303u;
+            std::memcpy(B + (((4 * b + s) * 2 + i) * 16 + kq) * 64 + 4 * nn, &c, 4);
+          }
+        }
+      }
 }
 
 #if MF_HAVE_AMX
@@ -574,51 +596,82 @@ constexpr std::array<VnniBlockFn, sizeof...(N) + 1> vnni_blocks(std::integer_seq
 }
 constexpr auto kVnniBlocks = vnni_blocks(std::make_integer_sequence<int, kVnniTokens>{});
 
-// 16 float outputs of a C tile row: (c - sum q) * (s_x * s_w) -- (s_x * s_w) in fp32, then one product: the
-// torch BitLinear's own order.
-__attribute__((target(MF_AVX512), always_inline)) inline __m512 panel_dequant(const int32_t *c, __m512i sq, __m512 s) {
-  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(c), sq)), s);
+// The 256-bit forms of vnni_block, one 16-row tile (2 ymm of 8 rows x 4 codes) at a time. AVX-VNNI: as
+// vnni_block. AVX2: vpmaddubsw gives int16 pair sums (|c q + c q| <= 512) that are summed over at most 4 k
+// steps (64 quads: -32768 .. 32512, exact), then widened by vpmaddwd into the int32 C rows.
+template <int NT>
+__attribute__((target("avx2,fma,avxvnni"))) void avxvnni_block(const int8_t *Q, int64_t ldq, int64_t t0,
+                                                                 const int8_t *B, int64_t ks0, int64_t ks1, int32_t *C) {
+  const int8_t *q = Q + t0 * ldq;
+  for (int64_t i = 0; i < 2; ++i) {
+    __m256i acc[NT][2];
+    #pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t)
+      for (int h = 0; h < 2; ++h)
+        acc[t][h] = ks0 == 0 ? _mm256_setzero_si256() : ld256(C + c_offset(t0 + t) + 256 * i + 8 * h);
+    for (int64_t ks = ks0; ks < ks1; ++ks)
+      #pragma GCC unroll 2
+      for (int kq = 0; kq < 16; ++kq) {
+        const int8_t *b = B + ((ks * 2 + i) * 16 + kq) * 64;
+        const __m256i b0 = ld256(b), b1 = ld256(b + 32);
+        #pragma GCC unroll 4
+        for (int t = 0; t < NT; ++t) {
+          int32_t quad;
+          std::memcpy(&quad, q + t * ldq + ks * 64 + kq * 4, 4);
+          const __m256i a = _mm256_set1_epi32(quad);
+          acc[t][0] = _mm256_dpbusd_avx_epi32(acc[t][0], b0, a);
+          acc[t][1] = _mm256_dpbusd_avx_epi32(acc[t][1], b1, a);
+        }
+      }
+    #pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t)
+      for (int h = 0; h < 2; ++h) _mm256_storeu_si256((__m256i *)(C + c_offset(t0 + t) + 256 * i + 8 * h), acc[t][h]);
+  }
 }
 
-// Writes one C block (tokens t0.., rows n0..) as LinearJob outputs, 16 outputs per vector.
-__attribute__((target(MF_AVX512))) void panel_finish(const LinearJob &j, const int32_t *C, int64_t n0, int64_t t0) {
-  for (int64_t it = 0; it < 2; ++it)
-    for (int64_t tt = 0; tt < 16; ++tt) {
-      const int64_t t = t0 + 16 * it + tt;
-      if (t >= j.T) return;
-      const __m512i sq = _mm512_set1_epi32(j.sumq[t]);
-      for (int64_t i = 0; i < 2; ++i) {
-        const int64_t n = n0 + 16 * i;
-        if (n >= j.N) break;
-        const __mmask16 m = j.N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (j.N - n)) - 1);
-        const int32_t *c = C + ((it * 2 + i) * 16 + tt) * 16;
-        if (j.Yi)
-          _mm512_mask_storeu_epi32(j.Yi + t * j.ldy + n, m, _mm512_sub_epi32(_mm512_load_si512(c), sq));
-        else  // the scales are read here only: integer jobs carry none
-          _mm512_mask_storeu_ps(j.Y + t * j.ldy + n, m, panel_dequant(c, sq, _mm512_set1_ps(j.a_scale[t] * j.w_scale)));
-      }
+template <int NT>
+__attribute__((target("avx2,fma"))) void avx2_block(const int8_t *Q, int64_t ldq, int64_t t0, const int8_t *B,
+                                                      int64_t ks0, int64_t ks1, int32_t *C) {
+  const int8_t *q = Q + t0 * ldq;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t i = 0; i < 2; ++i)
+    for (int64_t kb = ks0; kb < ks1; kb += 4) {
+      __m256i acc[NT][2];
+      #pragma GCC unroll 4
+      for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_si256();
+      for (int64_t ks = kb; ks < std::min(ks1, kb + 4); ++ks)
+        #pragma GCC unroll 2
+        for (int kq = 0; kq < 16; ++kq) {
+          const int8_t *b = B + ((ks * 2 + i) * 16 + kq) * 64;
+          const __m256i b0 = ld256(b), b1 = ld256(b + 32);
+          #pragma GCC unroll 4
+          for (int t = 0; t < NT; ++t) {
+            int32_t quad;
+            std::memcpy(&quad, q + t * ldq + ks * 64 + kq * 4, 4);
+            const __m256i a = _mm256_set1_epi32(quad);
+            acc[t][0] = _mm256_add_epi16(acc[t][0], _mm256_maddubs_epi16(b0, a));
+            acc[t][1] = _mm256_add_epi16(acc[t][1], _mm256_maddubs_epi16(b1, a));
+          }
+        }
+      #pragma GCC unroll 4
+      for (int t = 0; t < NT; ++t)
+        for (int h = 0; h < 2; ++h) {
+          int32_t *c = C + c_offset(t0 + t) + 256 * i + 8 * h;
+          const __m256i sum = _mm256_madd_epi16(acc[t][h], ones);
+          _mm256_storeu_si256((__m256i *)c, kb == 0 ? sum : _mm256_add_epi32(ld256(c), sum));
+        }
     }
 }
 
-// The GLU form of panel_finish: gate block Cg and up block Cu (rows n0.. and I + n0..) give
-// silu(gate) * up with the products of panel_finish and the arithmetic of glu_row.
-__attribute__((target(MF_AVX512))) void panel_finish_glu(const LinearJob &j, const int32_t *Cg, const int32_t *Cu,
-                                                         int64_t n0, int64_t t0) {
-  alignas(64) float g[kPanelRows], u[kPanelRows];
-  for (int64_t it = 0; it < 2; ++it)
-    for (int64_t tt = 0; tt < 16; ++tt) {
-      const int64_t t = t0 + 16 * it + tt;
-      if (t >= j.T) return;
-      const __m512i sq = _mm512_set1_epi32(j.sumq[t]);
-      const __m512 s = _mm512_set1_ps(j.a_scale[t] * j.w_scale);
-      for (int64_t i = 0; i < 2; ++i) {
-        const int64_t c = ((it * 2 + i) * 16 + tt) * 16;
-        _mm512_store_ps(g + 16 * i, panel_dequant(Cg + c, sq, s));
-        _mm512_store_ps(u + 16 * i, panel_dequant(Cu + c, sq, s));
-      }
-      glu_pairs(Isa::Avx512, g, u, kPanelRows, j.Y + t * j.ldy + n0);
-    }
-}
+constexpr std::array<VnniBlockFn, kYmmTokens + 1> kAvxVnniBlocks = {nullptr, avxvnni_block<1>, avxvnni_block<2>,
+                                                                    avxvnni_block<3>, avxvnni_block<4>};
+constexpr std::array<VnniBlockFn, kYmmTokens + 1> kAvx2Blocks = {nullptr, avx2_block<1>, avx2_block<2>, avx2_block<3>,
+                                                                 avx2_block<4>};
+
+// Write one C block (tokens t0.., rows n0..) as LinearJob outputs; the GLU form takes the gate block Cg and
+// the up block Cu (rows n0.. and I + n0..). Defined with the elementwise steps below.
+void panel_finish(Isa isa, const LinearJob &j, const int32_t *C, int64_t n0, int64_t t0);
+void panel_finish_glu(Isa isa, const LinearJob &j, const int32_t *Cg, const int32_t *Cu, int64_t n0, int64_t t0);
 
 // Whether panel GEMMs run on AMX now (amx_switch, and a build with AMX).
 bool amx_on() {
@@ -631,8 +684,12 @@ bool amx_on() {
 
 // All linears of one call as panel GEMMs: panels of 32 rows over the pool, each unpacked once per k chunk
 // and run against every token (on AMX, activations are first packed into A tiles, once per job).
-void run_linears_panels(int threads, const LinearJob *jobs, int njobs) {
-  [[maybe_unused]] const bool amx = amx_on();
+void run_linears_panels(Isa isa, int threads, const LinearJob *jobs, int njobs) {
+  [[maybe_unused]] const bool amx = isa == Isa::Avx512 && amx_on();
+  const VnniBlockFn *block_fns = isa == Isa::Avx512    ? kVnniBlocks.data()
+                                : isa == Isa::AvxVnni ? kAvxVnniBlocks.data()
+                                                      : kAvx2Blocks.data();
+  const int64_t block_tokens = isa == Isa::Avx512 ? kVnniTokens : kYmmTokens;
   // The caller's buffers, kept between calls (fresh pages cost faults); packed over the pool.
   // (A reference, so the pool's workers see the caller's buffers, not their own thread_local ones.)
   thread_local std::vector<std::vector<int8_t>> caller_acts;
@@ -670,7 +727,8 @@ void run_linears_panels(int threads, const LinearJob *jobs, int njobs) {
     auto run_panel = [&](int64_t gp, int32_t *Cp) {
       for (int64_t ks0 = 0; ks0 < nks; ks0 += kPanelChunkSteps) {
         const int64_t ks1 = std::min(nks, ks0 + kPanelChunkSteps);
-        unpack_panel(j.W, j.groups(), j.Kpad, gp, ks0 / 4, ks1 / 4, panel.data());
+        (isa == Isa::Avx512 ? unpack_panel : unpack_panel_dwords)(j.W, j.groups(), j.Kpad, gp, ks0 / 4, ks1 / 4,
+                                                                  panel.data());
 #if MF_HAVE_AMX
         if (amx) {
           for (int64_t tb = 0; tb < nblk; ++tb)
@@ -678,8 +736,8 @@ void run_linears_panels(int threads, const LinearJob *jobs, int njobs) {
           continue;
         }
 #endif
-        for (int64_t t0 = 0; t0 < j.T; t0 += kVnniTokens)
-          kVnniBlocks[(size_t)std::min<int64_t>(kVnniTokens, j.T - t0)](j.Q, j.Kpad, t0, panel.data(), ks0, ks1, Cp);
+        for (int64_t t0 = 0; t0 < j.T; t0 += block_tokens)
+          block_fns[std::min(block_tokens, j.T - t0)](j.Q, j.Kpad, t0, panel.data(), ks0, ks1, Cp);
       }
     };
 #if MF_HAVE_AMX
@@ -689,9 +747,9 @@ void run_linears_panels(int threads, const LinearJob *jobs, int njobs) {
     if (j.glu) {
       run_panel(g0 + j.glu / kRows, C + cblk);
       for (int64_t tb = 0; tb < nblk; ++tb)
-        panel_finish_glu(j, C + tb * 4 * 256, C + cblk + tb * 4 * 256, g0 * kRows, tb * kAmxTokens);
+        panel_finish_glu(isa, j, C + tb * 4 * 256, C + cblk + tb * 4 * 256, g0 * kRows, tb * kAmxTokens);
     } else {
-      for (int64_t tb = 0; tb < nblk; ++tb) panel_finish(j, C + tb * 4 * 256, g0 * kRows, tb * kAmxTokens);
+      for (int64_t tb = 0; tb < nblk; ++tb) panel_finish(isa, j, C + tb * 4 * 256, g0 * kRows, tb * kAmxTokens);
     }
 #if MF_HAVE_AMX
     if (amx) amx_end();
@@ -702,7 +760,8 @@ void run_linears_panels(int threads, const LinearJob *jobs, int njobs) {
 // Batches of at least kPanelMinTokens (AMX) or kVnniPanelMinTokens tokens on the avx512 backend run as
 // panel GEMMs.
 bool uses_panels(Isa isa, int64_t T) {
-  return isa == Isa::Avx512 && T >= (amx_on() ? kPanelMinTokens : kVnniPanelMinTokens);
+  if (isa == Isa::Avx512) return T >= (amx_on() ? kPanelMinTokens : kVnniPanelMinTokens);
+  return avx2_class(isa) && T >= (isa == Isa::AvxVnni ? kAvxVnniPanelMinTokens : kAvx2PanelMinTokens);
 }
 
 // Runs several independent linears in one parallel region (each split evenly by row groups).
@@ -712,7 +771,7 @@ void run_linears(Isa isa, int threads, const LinearJob *jobs, int njobs) {
     work += jobs[i].N * jobs[i].Kpad * jobs[i].T;
     min_t = std::min(min_t, jobs[i].T);
   }
-  if (uses_panels(isa, min_t)) return run_linears_panels(threads, jobs, njobs);
+  if (uses_panels(isa, min_t)) return run_linears_panels(isa, threads, jobs, njobs);
   if (work < (int64_t(1) << 20)) {  // too small to pay for a hand-off to other threads
     for (int i = 0; i < njobs; ++i) linear_rows(isa, jobs[i], 0, jobs[i].groups());
     return;
@@ -955,6 +1014,51 @@ MF_INLINE void glu_pairs_impl(const float *g, const float *u, int64_t n, float *
 }
 MF_ISA_VARIANTS(glu_pairs, (const float *g, const float *u, int64_t n, float *out), (g, u, n, out))
 void glu_row(Isa isa, const float *gate_up, int64_t I, float *out) { glu_pairs(isa, gate_up, gate_up + I, I, out); }
+
+// The outputs of a panel GEMM's C block (layout: c_offset): (c - sum q) * (s_x * s_w), the scales product in
+// fp32 and then one product, the torch BitLinear's own order. Integer jobs carry no scales.
+MF_INLINE void panel_finish_impl(const LinearJob &j, const int32_t *C, int64_t n0, int64_t t0) {
+  for (int64_t it = 0; it < 2; ++it)
+    for (int64_t tt = 0; tt < 16; ++tt) {
+      const int64_t t = t0 + 16 * it + tt;
+      if (t >= j.T) return;
+      const int32_t sq = j.sumq[t];
+      for (int64_t i = 0; i < 2; ++i) {
+        const int64_t n = n0 + 16 * i, m = std::min<int64_t>(16, j.N - n);
+        const int32_t *c = C + ((it * 2 + i) * 16 + tt) * 16;
+        if (j.Yi) {
+          for (int64_t e = 0; e < m; ++e) j.Yi[t * j.ldy + n + e] = c[e] - sq;
+        } else {
+          const float s = j.a_scale[t] * j.w_scale;
+          for (int64_t e = 0; e < m; ++e) j.Y[t * j.ldy + n + e] = (float)(c[e] - sq) * s;
+        }
+      }
+    }
+}
+MF_ISA_VARIANTS(panel_finish, (const LinearJob &j, const int32_t *C, int64_t n0, int64_t t0), (j, C, n0, t0))
+
+// silu(gate) * up from the gate and up blocks, with the products of panel_finish and the arithmetic of glu_row.
+MF_INLINE void panel_finish_glu_impl(const LinearJob &j, const int32_t *Cg, const int32_t *Cu, int64_t n0,
+                                     int64_t t0) {
+  float g[kPanelRows], u[kPanelRows];
+  for (int64_t it = 0; it < 2; ++it)
+    for (int64_t tt = 0; tt < 16; ++tt) {
+      const int64_t t = t0 + 16 * it + tt;
+      if (t >= j.T) return;
+      const int32_t sq = j.sumq[t];
+      const float s = j.a_scale[t] * j.w_scale;
+      for (int64_t i = 0; i < 2; ++i)
+        for (int64_t e = 0; e < 16; ++e) {
+          const int64_t c = ((it * 2 + i) * 16 + tt) * 16 + e;
+          g[16 * i + e] = (float)(Cg[c] - sq) * s;
+          u[16 * i + e] = (float)(Cu[c] - sq) * s;
+        }
+      glu_pairs_impl(g, u, kPanelRows, j.Y + t * j.ldy + n0);
+    }
+}
+MF_ISA_VARIANTS(panel_finish_glu,
+                (const LinearJob &j, const int32_t *Cg, const int32_t *Cu, int64_t n0, int64_t t0),
+                (j, Cg, Cu, n0, t0))
 
 // ---------------------------------------------------------------------------------------------
 // Python-facing types.
