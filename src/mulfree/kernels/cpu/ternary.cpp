@@ -332,6 +332,10 @@ struct LinearJob {
 
 constexpr int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
+// Work items of the GEMV regions: 16 row groups (64 rows), small enough to balance two threads, big
+// enough that claiming one (an atomic CAS) is noise.
+constexpr int64_t kChunk = 16;
+
 // The work items of one parallel region over several linears: (job, first row group), every `step`
 // row groups of every job.
 std::vector<std::pair<int, int64_t>> row_group_chunks(const LinearJob *jobs, int njobs, int64_t step) {
@@ -381,10 +385,10 @@ std::atomic<bool> &amx_switch() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Panel GEMM for prefill (the avx512 backend, >= kPanelMinTokens tokens): the weights of 32 output rows
+// Panel GEMM for prefill (uses_panels: enough tokens on a SIMD backend): the weights of 32 output rows
 // are unpacked once per k chunk into a panel of codes c = trit + 1 in the VNNI layout (16 k-quads x
 // [16 rows x 4 bytes] per 64 k and 16 rows), which then serves every token of the batch, either as AMX
-// B tiles or as vpdpbusd operands:
+// B tiles or as vpdpbusd / vpmaddubsw operands (the 256-bit blocks further down):
 // - AMX-INT8 (Sapphire Rapids and later): tdpbsud multiplies a signed A tile (16 tokens x 64 bytes of
 //   int8 activations) by the unsigned B tile (64 k x 16 output rows) into a 16 x 16 int32 C tile. Per k
 //   step a 2 x 2 block of C tiles (tmm0-3) takes two A tiles (tmm4-5, 32 tokens) and two B tiles
@@ -464,22 +468,45 @@ __attribute__((target(MF_AVX512))) void unpack_panel(const uint8_t *W, int64_t G
     }
 }
 
-// unpack_panel without AVX-512 (the 256-bit panel GEMMs): the same layout, one row's dword at a time.
-void unpack_panel_dwords(const uint8_t *W, int64_t G, int64_t Kpad, int64_t g0, int64_t b0, int64_t b1, int8_t *B) {
+// Transposes an 8 x 8 matrix of dwords held as 8 rows (column j ends in r[j]).
+__attribute__((target("avx2"), always_inline)) inline void transpose8x8_epi32(__m256i r[8]) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {  // u[i + c]: columns c (low lane) and c + 4 (high lane) of 4 rows
+    u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm256_permute2x128_si256(u[c], u[c + 4], 0x20);
+    r[c + 4] = _mm256_permute2x128_si256(u[c], u[c + 4], 0x31);
+  }
+}
+
+// unpack_panel with 256-bit registers (the avx2 / avxvnni panel GEMMs): the same layout from four 8 x 8
+// dword transposes per 16-row tile and row block.
+__attribute__((target("avx2"))) void unpack_panel_avx2(const uint8_t *W, int64_t G, int64_t Kpad, int64_t g0,
+                                                       int64_t b0, int64_t b1, int8_t *B) {
+  const __m256i m3 = _mm256_set1_epi8(3);
   for (int64_t b = b0; b < b1; ++b)
     for (int64_t i = 0; i < 2; ++i)
-      for (int64_t nn = 0; nn < 16; ++nn) {
-        const int64_t g = g0 + 4 * i + nn / 4;
-        const uint8_t *src = W + g * Kpad + b * kBlock + (nn % 4) * 64;
-        for (int64_t kq = 0; kq < 16; ++kq) {
-          uint32_t w = 0x55555555u;  // rows past the matrix: code 1 = weight 0
-          if (g < G) std::memcpy(&w, src + 4 * kq, 4);
-          for (int s = 0; s < 4; ++s) {
-            const uint32_t c = (w >> (2 * s)) & 0x03030303u;
-            std::memcpy(B + (((4 * b + s) * 2 + i) * 16 + kq) * 64 + 4 * nn, &c, 4);
+      for (int64_t rh = 0; rh < 2; ++rh)    // rows 8 rh .. 8 rh + 7 of the tile
+        for (int64_t dh = 0; dh < 2; ++dh) {  // dwords (k-quads) 8 dh .. 8 dh + 7
+          __m256i r[8];
+          for (int nn = 0; nn < 8; ++nn) {  // row 16 i + 8 rh + nn = row group 4 i + 2 rh + nn / 4, row nn % 4
+            const int64_t g = g0 + 4 * i + 2 * rh + nn / 4;
+            r[nn] = g < G ? ld256(W + g * Kpad + b * kBlock + (nn % 4) * 64 + 32 * dh) : _mm256_set1_epi8(0x55);
           }
+          transpose8x8_epi32(r);
+          for (int s = 0; s < 4; ++s)
+            for (int j = 0; j < 8; ++j)
+              _mm256_storeu_si256((__m256i *)(B + (((4 * b + s) * 2 + i) * 16 + 8 * dh + j) * 64 + 32 * rh),
+                                  _mm256_and_si256(_mm256_srli_epi16(r[j], 2 * s), m3));
         }
-      }
 }
 
 #if MF_HAVE_AMX
@@ -589,9 +616,9 @@ __attribute__((target(MF_AVX512))) void vnni_block(const int8_t *Q, int64_t ldq,
     for (int i = 0; i < 2; ++i) _mm512_store_si512(C + c_offset(t0 + t) + 256 * i, acc[t][i]);
 }
 
-using VnniBlockFn = void (*)(const int8_t *, int64_t, int64_t, const int8_t *, int64_t, int64_t, int32_t *);
+using PanelBlockFn = void (*)(const int8_t *, int64_t, int64_t, const int8_t *, int64_t, int64_t, int32_t *);
 template <int... N>
-constexpr std::array<VnniBlockFn, sizeof...(N) + 1> vnni_blocks(std::integer_sequence<int, N...>) {
+constexpr std::array<PanelBlockFn, sizeof...(N) + 1> vnni_blocks(std::integer_sequence<int, N...>) {
   return {nullptr, vnni_block<N + 1>...};
 }
 constexpr auto kVnniBlocks = vnni_blocks(std::make_integer_sequence<int, kVnniTokens>{});
@@ -663,9 +690,9 @@ __attribute__((target("avx2,fma"))) void avx2_block(const int8_t *Q, int64_t ldq
     }
 }
 
-constexpr std::array<VnniBlockFn, kYmmTokens + 1> kAvxVnniBlocks = {nullptr, avxvnni_block<1>, avxvnni_block<2>,
+constexpr std::array<PanelBlockFn, kYmmTokens + 1> kAvxVnniBlocks = {nullptr, avxvnni_block<1>, avxvnni_block<2>,
                                                                     avxvnni_block<3>, avxvnni_block<4>};
-constexpr std::array<VnniBlockFn, kYmmTokens + 1> kAvx2Blocks = {nullptr, avx2_block<1>, avx2_block<2>, avx2_block<3>,
+constexpr std::array<PanelBlockFn, kYmmTokens + 1> kAvx2Blocks = {nullptr, avx2_block<1>, avx2_block<2>, avx2_block<3>,
                                                                  avx2_block<4>};
 
 // Write one C block (tokens t0.., rows n0..) as LinearJob outputs; the GLU form takes the gate block Cg and
@@ -686,7 +713,7 @@ bool amx_on() {
 // and run against every token (on AMX, activations are first packed into A tiles, once per job).
 void run_linears_panels(Isa isa, int threads, const LinearJob *jobs, int njobs) {
   [[maybe_unused]] const bool amx = isa == Isa::Avx512 && amx_on();
-  const VnniBlockFn *block_fns = isa == Isa::Avx512    ? kVnniBlocks.data()
+  const PanelBlockFn *block_fns = isa == Isa::Avx512    ? kVnniBlocks.data()
                                 : isa == Isa::AvxVnni ? kAvxVnniBlocks.data()
                                                       : kAvx2Blocks.data();
   const int64_t block_tokens = isa == Isa::Avx512 ? kVnniTokens : kYmmTokens;
@@ -727,8 +754,8 @@ void run_linears_panels(Isa isa, int threads, const LinearJob *jobs, int njobs) 
     auto run_panel = [&](int64_t gp, int32_t *Cp) {
       for (int64_t ks0 = 0; ks0 < nks; ks0 += kPanelChunkSteps) {
         const int64_t ks1 = std::min(nks, ks0 + kPanelChunkSteps);
-        (isa == Isa::Avx512 ? unpack_panel : unpack_panel_dwords)(j.W, j.groups(), j.Kpad, gp, ks0 / 4, ks1 / 4,
-                                                                  panel.data());
+        (isa == Isa::Avx512 ? unpack_panel : unpack_panel_avx2)(j.W, j.groups(), j.Kpad, gp, ks0 / 4, ks1 / 4,
+                                                                panel.data());
 #if MF_HAVE_AMX
         if (amx) {
           for (int64_t tb = 0; tb < nblk; ++tb)
@@ -757,8 +784,8 @@ void run_linears_panels(Isa isa, int threads, const LinearJob *jobs, int njobs) 
   });
 }
 
-// Batches of at least kPanelMinTokens (AMX) or kVnniPanelMinTokens tokens on the avx512 backend run as
-// panel GEMMs.
+// Batches of at least kPanelMinTokens (AMX), kVnniPanelMinTokens (AVX-512 VNNI), kAvxVnniPanelMinTokens or
+// kAvx2PanelMinTokens tokens run as panel GEMMs.
 bool uses_panels(Isa isa, int64_t T) {
   if (isa == Isa::Avx512) return T >= (amx_on() ? kPanelMinTokens : kVnniPanelMinTokens);
   return avx2_class(isa) && T >= (isa == Isa::AvxVnni ? kAvxVnniPanelMinTokens : kAvx2PanelMinTokens);
@@ -776,9 +803,6 @@ void run_linears(Isa isa, int threads, const LinearJob *jobs, int njobs) {
     for (int i = 0; i < njobs; ++i) linear_rows(isa, jobs[i], 0, jobs[i].groups());
     return;
   }
-  // Chunks of 16 row groups (64 rows): small enough to balance two threads, big enough that
-  // claiming one (an atomic CAS) is noise.
-  constexpr int64_t kChunk = 16;
   const auto chunks = row_group_chunks(jobs, njobs, kChunk);
   get_pool(threads).run_chunks((int64_t)chunks.size(), [&](int64_t c) {
     const auto [i, g0] = chunks[(size_t)c];
@@ -798,7 +822,6 @@ void run_aligned_linears(Isa isa, int threads, const LinearJob *jobs, int njobs,
     epi(g0 * kRows, std::min(N, g1 * kRows));
   };
   if (N * jobs[0].Kpad * jobs[0].T * njobs < (int64_t(1) << 20)) return rows(0, groups);  // as run_linears
-  constexpr int64_t kChunk = 16;
   get_pool(threads).run_chunks((groups + kChunk - 1) / kChunk,
                                [&](int64_t c) { rows(c * kChunk, std::min(groups, (c + 1) * kChunk)); });
 }
