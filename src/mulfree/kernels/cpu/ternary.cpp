@@ -587,6 +587,13 @@ __attribute__((target(MF_AMX))) void amx_end() { _tile_release(); }
 // Offset of token t's 16-row C tile row in the C-tile layout of amx_block (row tile i at + 256 * i).
 constexpr int64_t c_offset(int64_t t) { return t / kAmxTokens * 1024 + (t % kAmxTokens) / 16 * 512 + t % 16 * 16; }
 
+// Activation quad kq of k step ks of one token's int8 row (4 consecutive k, broadcast against a panel row).
+inline int32_t act_quad(const int8_t *row, int64_t ks, int kq) {
+  int32_t quad;
+  std::memcpy(&quad, row + ks * 64 + kq * 4, 4);
+  return quad;
+}
+
 // C rows of tokens [t0, t0 + NT) += their activations x one panel over k steps [ks0, ks1) (set, not
 // added, when ks0 == 0) by vpdpbusd: codes unsigned, the broadcast activation quad signed.
 template <int NT>
@@ -604,9 +611,7 @@ __attribute__((target(MF_AVX512))) void vnni_block(const int8_t *Q, int64_t ldq,
       const __m512i b1 = _mm512_loadu_si512(B + ((ks * 2 + 1) * 16 + kq) * 64);
       #pragma GCC unroll 12
       for (int t = 0; t < NT; ++t) {
-        int32_t quad;
-        std::memcpy(&quad, q + t * ldq + ks * 64 + kq * 4, 4);
-        const __m512i a = _mm512_set1_epi32(quad);
+        const __m512i a = _mm512_set1_epi32(act_quad(q + t * ldq, ks, kq));
         acc[t][0] = _mm512_dpbusd_epi32(acc[t][0], b0, a);
         acc[t][1] = _mm512_dpbusd_epi32(acc[t][1], b1, a);
       }
@@ -643,9 +648,7 @@ __attribute__((target("avx2,fma,avxvnni"))) void avxvnni_block(const int8_t *Q, 
         const __m256i b0 = ld256(b), b1 = ld256(b + 32);
         #pragma GCC unroll 4
         for (int t = 0; t < NT; ++t) {
-          int32_t quad;
-          std::memcpy(&quad, q + t * ldq + ks * 64 + kq * 4, 4);
-          const __m256i a = _mm256_set1_epi32(quad);
+          const __m256i a = _mm256_set1_epi32(act_quad(q + t * ldq, ks, kq));
           acc[t][0] = _mm256_dpbusd_avx_epi32(acc[t][0], b0, a);
           acc[t][1] = _mm256_dpbusd_avx_epi32(acc[t][1], b1, a);
         }
@@ -673,9 +676,7 @@ __attribute__((target("avx2,fma"))) void avx2_block(const int8_t *Q, int64_t ldq
           const __m256i b0 = ld256(b), b1 = ld256(b + 32);
           #pragma GCC unroll 4
           for (int t = 0; t < NT; ++t) {
-            int32_t quad;
-            std::memcpy(&quad, q + t * ldq + ks * 64 + kq * 4, 4);
-            const __m256i a = _mm256_set1_epi32(quad);
+            const __m256i a = _mm256_set1_epi32(act_quad(q + t * ldq, ks, kq));
             acc[t][0] = _mm256_add_epi16(acc[t][0], _mm256_maddubs_epi16(b0, a));
             acc[t][1] = _mm256_add_epi16(acc[t][1], _mm256_maddubs_epi16(b1, a));
           }
