@@ -36,7 +36,7 @@ const CpuFeatures &cpu_features() {
     r.avx2 = __builtin_cpu_supports("avx2");
     r.fma = __builtin_cpu_supports("fma");
     unsigned a, b, c, d;  // AVX-VNNI: cpuid leaf 7 subleaf 1, eax bit 4 (not every gcc's __builtin_cpu_supports knows it)
-    r.avxvnni = __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 4) & 1);
+    r.avxvnni = MF_HAVE_AVXVNNI && __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 4) & 1);
     r.avx512f = __builtin_cpu_supports("avx512f");
     r.avx512bw = __builtin_cpu_supports("avx512bw");
     r.avx512vl = __builtin_cpu_supports("avx512vl");

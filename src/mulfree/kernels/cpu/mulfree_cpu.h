@@ -13,15 +13,19 @@ void register_lmul(nb::module_ &m);     // lmul.cpp: L-Mul matmul
 void register_shiftadd(nb::module_ &m); // shiftadd.cpp: BCQ lookup-table GEMV
 void register_hadamard(nb::module_ &m); // hadamard.cpp: block Walsh-Hadamard transform (incoherence)
 
-// AMX intrinsics need gcc >= 11 or clang >= 12; an older compiler builds everything but the AMX path.
-// (-DMF_HAVE_AMX=0 builds without it on purpose.)
-#ifndef MF_HAVE_AMX
+// AMX and AVX-VNNI intrinsics need gcc >= 11 or clang >= 12; an older compiler builds everything but those
+// paths. (-DMF_HAVE_AMX=0 / -DMF_HAVE_AVXVNNI=0 build without them on purpose.)
 #if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 12) || \
                             (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
-#define MF_HAVE_AMX 1
+#define MF_NEW_X86_INTRINSICS 1
 #else
-#define MF_HAVE_AMX 0
+#define MF_NEW_X86_INTRINSICS 0
 #endif
+#ifndef MF_HAVE_AMX
+#define MF_HAVE_AMX MF_NEW_X86_INTRINSICS
+#endif
+#ifndef MF_HAVE_AVXVNNI
+#define MF_HAVE_AVXVNNI MF_NEW_X86_INTRINSICS
 #endif
 
 // Instruction sets the running CPU offers (queried once, at run time).

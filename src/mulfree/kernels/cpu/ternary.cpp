@@ -139,6 +139,7 @@ __attribute__((target("avx2,fma"), always_inline)) inline void group_avx2(const 
   for (int t = 0; t < NT; ++t) store_row_sums_avx2(acc[0][t], acc[1][t], acc[2][t], acc[3][t], out + t * ldo);
 }
 
+#if MF_HAVE_AVXVNNI
 // AVX-VNNI (256-bit vpdpbusd). Decode: as the AVX-512 decode below, bit pairs masked in place, but with
 // 16 ymm registers one accumulator per row for pairs 0/2 (c) and one for 1/3 (4c), pairs 2/3 from v >> 4;
 // the 4c sums are divided by 4 at the end (exact). More tokens: each bit pair shifted down, one
@@ -196,6 +197,7 @@ __attribute__((target("avx2,fma,avxvnni"), always_inline)) inline void group_avx
     for (int t = 0; t < NT; ++t) store_row_sums_avx2(acc[0][t], acc[1][t], acc[2][t], acc[3][t], out + t * ldo);
   }
 }
+#endif  // MF_HAVE_AVXVNNI
 
 #define MF_AVX512 "avx512f,avx512bw,avx512vl,avx512vnni"
 
@@ -292,11 +294,13 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const uint8_t *W, int64_t Kpa
                                                      int64_t ldx, int32_t *out, int64_t ldo) {
   for (int64_t g = 0; g < ngroups; ++g) group_avx2<NT>(W + g * Kpad, Kpad, X, ldx, out + g * kRows, ldo);
 }
+#if MF_HAVE_AVXVNNI
 template <int NT>
 __attribute__((target("avx2,fma,avxvnni"))) void tile_avxvnni(const uint8_t *W, int64_t Kpad, int64_t ngroups,
                                                                 const int8_t *X, int64_t ldx, int32_t *out, int64_t ldo) {
   for (int64_t g = 0; g < ngroups; ++g) group_avxvnni<NT>(W + g * Kpad, Kpad, X, ldx, out + g * kRows, ldo);
 }
+#endif
 template <int NT>
 __attribute__((target(MF_AVX512))) void tile_avx512(const uint8_t *W, int64_t Kpad, int64_t ngroups, const int8_t *X,
                                                     int64_t ldx, int32_t *out, int64_t ldo) {
@@ -306,7 +310,11 @@ __attribute__((target(MF_AVX512))) void tile_avx512(const uint8_t *W, int64_t Kp
 const TileFn kTiles[4][kMaxTile + 1] = {  // indexed by Isa
     {nullptr, tile_scalar<1>, tile_scalar<2>, tile_scalar<3>, tile_scalar<4>},
     {nullptr, tile_avx2<1>, tile_avx2<2>, nullptr, nullptr},  // 256-bit tiles stop at 2 tokens (linear_rows)
+#if MF_HAVE_AVXVNNI
     {nullptr, tile_avxvnni<1>, tile_avxvnni<2>, nullptr, nullptr},
+#else
+    {},  // a build without AVX-VNNI intrinsics reports no AVX-VNNI, so Isa::AvxVnni never reaches a table
+#endif
     {nullptr, tile_avx512<1>, tile_avx512<2>, tile_avx512<3>, tile_avx512<4>},
 };
 
@@ -631,6 +639,7 @@ constexpr auto kVnniBlocks = vnni_blocks(std::make_integer_sequence<int, kVnniTo
 // The 256-bit forms of vnni_block, one 16-row tile (2 ymm of 8 rows x 4 codes) at a time. AVX-VNNI: as
 // vnni_block. AVX2: vpmaddubsw gives int16 pair sums (|c q + c q| <= 512) that are summed over at most 4 k
 // steps (64 quads: -32768 .. 32512, exact), then widened by vpmaddwd into the int32 C rows.
+#if MF_HAVE_AVXVNNI
 template <int NT>
 __attribute__((target("avx2,fma,avxvnni"))) void avxvnni_block(const int8_t *Q, int64_t ldq, int64_t t0,
                                                                  const int8_t *B, int64_t ks0, int64_t ks1, int32_t *C) {
@@ -658,6 +667,7 @@ __attribute__((target("avx2,fma,avxvnni"))) void avxvnni_block(const int8_t *Q, 
       for (int h = 0; h < 2; ++h) _mm256_storeu_si256((__m256i *)(C + c_offset(t0 + t) + 256 * i + 8 * h), acc[t][h]);
   }
 }
+#endif  // MF_HAVE_AVXVNNI
 
 template <int NT>
 __attribute__((target("avx2,fma"))) void avx2_block(const int8_t *Q, int64_t ldq, int64_t t0, const int8_t *B,
@@ -691,10 +701,14 @@ __attribute__((target("avx2,fma"))) void avx2_block(const int8_t *Q, int64_t ldq
     }
 }
 
-constexpr std::array<PanelBlockFn, kYmmTokens + 1> kAvxVnniBlocks = {nullptr, avxvnni_block<1>, avxvnni_block<2>,
-                                                                    avxvnni_block<3>, avxvnni_block<4>};
 constexpr std::array<PanelBlockFn, kYmmTokens + 1> kAvx2Blocks = {nullptr, avx2_block<1>, avx2_block<2>, avx2_block<3>,
                                                                  avx2_block<4>};
+#if MF_HAVE_AVXVNNI
+constexpr std::array<PanelBlockFn, kYmmTokens + 1> kAvxVnniBlocks = {nullptr, avxvnni_block<1>, avxvnni_block<2>,
+                                                                    avxvnni_block<3>, avxvnni_block<4>};
+#else
+constexpr std::array<PanelBlockFn, kYmmTokens + 1> kAvxVnniBlocks = {};  // never used (see kTiles)
+#endif
 
 // Write one C block (tokens t0.., rows n0..) as LinearJob outputs; the GLU form takes the gate block Cg and
 // the up block Cu (rows n0.. and I + n0..). Defined with the elementwise steps below.
