@@ -710,10 +710,60 @@ constexpr std::array<PanelBlockFn, kYmmTokens + 1> kAvxVnniBlocks = {nullptr, av
 constexpr std::array<PanelBlockFn, kYmmTokens + 1> kAvxVnniBlocks = {};  // never used (see kTiles)
 #endif
 
-// Write one C block (tokens t0.., rows n0..) as LinearJob outputs; the GLU form takes the gate block Cg and
-// the up block Cu (rows n0.. and I + n0..). Defined with the elementwise steps below.
+// panel_finish writes one C block (tokens t0.., rows n0..) as LinearJob outputs: (c - sum q) * (s_x * s_w), the
+// scales product in fp32 and then one product, the torch BitLinear's own order (integer jobs carry no scales).
+// panel_finish_glu takes the gate block Cg and the up block Cu (rows n0.. and I + n0..) and writes
+// silu(gate) * up with those products and the arithmetic of glu_row. AVX-512 versions here; the 256-bit ones
+// and the dispatch by ISA are defined with the elementwise steps below.
+void glu_pairs(Isa isa, const float *g, const float *u, int64_t n, float *out);
 void panel_finish(Isa isa, const LinearJob &j, const int32_t *C, int64_t n0, int64_t t0);
 void panel_finish_glu(Isa isa, const LinearJob &j, const int32_t *Cg, const int32_t *Cu, int64_t n0, int64_t t0);
+
+// 16 float outputs of a C tile row: (c - sum q) * (s_x * s_w) -- (s_x * s_w) in fp32, then one product: the
+// torch BitLinear's own order.
+__attribute__((target(MF_AVX512), always_inline)) inline __m512 panel_dequant(const int32_t *c, __m512i sq, __m512 s) {
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(c), sq)), s);
+}
+
+// panel_finish on AVX-512: 16 outputs per vector, masked at the matrix edge.
+__attribute__((target(MF_AVX512))) void panel_finish_avx512(const LinearJob &j, const int32_t *C, int64_t n0, int64_t t0) {
+  for (int64_t it = 0; it < 2; ++it)
+    for (int64_t tt = 0; tt < 16; ++tt) {
+      const int64_t t = t0 + 16 * it + tt;
+      if (t >= j.T) return;
+      const __m512i sq = _mm512_set1_epi32(j.sumq[t]);
+      for (int64_t i = 0; i < 2; ++i) {
+        const int64_t n = n0 + 16 * i;
+        if (n >= j.N) break;
+        const __mmask16 m = j.N - n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (j.N - n)) - 1);
+        const int32_t *c = C + ((it * 2 + i) * 16 + tt) * 16;
+        if (j.Yi)
+          _mm512_mask_storeu_epi32(j.Yi + t * j.ldy + n, m, _mm512_sub_epi32(_mm512_load_si512(c), sq));
+        else  // the scales are read here only: integer jobs carry none
+          _mm512_mask_storeu_ps(j.Y + t * j.ldy + n, m, panel_dequant(c, sq, _mm512_set1_ps(j.a_scale[t] * j.w_scale)));
+      }
+    }
+}
+
+// panel_finish_glu on AVX-512.
+__attribute__((target(MF_AVX512))) void panel_finish_glu_avx512(const LinearJob &j, const int32_t *Cg,
+                                                                const int32_t *Cu, int64_t n0, int64_t t0) {
+  alignas(64) float g[kPanelRows], u[kPanelRows];
+  for (int64_t it = 0; it < 2; ++it)
+    for (int64_t tt = 0; tt < 16; ++tt) {
+      const int64_t t = t0 + 16 * it + tt;
+      if (t >= j.T) return;
+      const __m512i sq = _mm512_set1_epi32(j.sumq[t]);
+      const __m512 s = _mm512_set1_ps(j.a_scale[t] * j.w_scale);
+      for (int64_t i = 0; i < 2; ++i) {
+        const int64_t c = ((it * 2 + i) * 16 + tt) * 16;
+        _mm512_store_ps(g + 16 * i, panel_dequant(Cg + c, sq, s));
+        _mm512_store_ps(u + 16 * i, panel_dequant(Cu + c, sq, s));
+      }
+      glu_pairs(Isa::Avx512, g, u, kPanelRows, j.Y + t * j.ldy + n0);
+    }
+}
+
 
 // Whether panel GEMMs run on AMX now (amx_switch, and a build with AMX).
 bool amx_on() {
@@ -1053,31 +1103,42 @@ MF_INLINE void glu_pairs_impl(const float *g, const float *u, int64_t n, float *
 MF_ISA_VARIANTS(glu_pairs, (const float *g, const float *u, int64_t n, float *out), (g, u, n, out))
 void glu_row(Isa isa, const float *gate_up, int64_t I, float *out) { glu_pairs(isa, gate_up, gate_up + I, I, out); }
 
-// The outputs of a panel GEMM's C block (layout: c_offset): (c - sum q) * (s_x * s_w), the scales product in
-// fp32 and then one product, the torch BitLinear's own order. Integer jobs carry no scales.
-MF_INLINE void panel_finish_impl(const LinearJob &j, const int32_t *C, int64_t n0, int64_t t0) {
+// panel_finish and panel_finish_glu on 256-bit registers (plain loops gcc vectorizes), and their dispatch.
+MF_INLINE void finish_row(const LinearJob &j, const int32_t *__restrict c, int32_t sq, int64_t t, int64_t n,
+                          int64_t m) {
+  if (j.Yi) {
+    int32_t *__restrict y = j.Yi + t * j.ldy + n;
+    for (int64_t e = 0; e < m; ++e) y[e] = c[e] - sq;
+  } else {
+    float *__restrict y = j.Y + t * j.ldy + n;
+    const float s = j.a_scale[t] * j.w_scale;
+    for (int64_t e = 0; e < m; ++e) y[e] = (float)(c[e] - sq) * s;
+  }
+}
+MF_VEC __attribute__((target("avx2,fma"))) void panel_finish_avx2(const LinearJob &j, const int32_t *C, int64_t n0,
+                                                                  int64_t t0) {
   for (int64_t it = 0; it < 2; ++it)
     for (int64_t tt = 0; tt < 16; ++tt) {
       const int64_t t = t0 + 16 * it + tt;
       if (t >= j.T) return;
       const int32_t sq = j.sumq[t];
       for (int64_t i = 0; i < 2; ++i) {
-        const int64_t n = n0 + 16 * i, m = std::min<int64_t>(16, j.N - n);
+        const int64_t n = n0 + 16 * i;
         const int32_t *c = C + ((it * 2 + i) * 16 + tt) * 16;
-        if (j.Yi) {
-          for (int64_t e = 0; e < m; ++e) j.Yi[t * j.ldy + n + e] = c[e] - sq;
-        } else {
-          const float s = j.a_scale[t] * j.w_scale;
-          for (int64_t e = 0; e < m; ++e) j.Y[t * j.ldy + n + e] = (float)(c[e] - sq) * s;
-        }
+        // A full row of 16 with a constant trip count: one vector (AVX-512) or two (AVX2).
+        if (j.N - n >= 16)
+          finish_row(j, c, sq, t, n, 16);
+        else
+          finish_row(j, c, sq, t, n, std::max<int64_t>(0, j.N - n));
       }
     }
 }
-MF_ISA_VARIANTS(panel_finish, (const LinearJob &j, const int32_t *C, int64_t n0, int64_t t0), (j, C, n0, t0))
+void panel_finish(Isa isa, const LinearJob &j, const int32_t *C, int64_t n0, int64_t t0) {
+  isa == Isa::Avx512 ? panel_finish_avx512(j, C, n0, t0) : panel_finish_avx2(j, C, n0, t0);
+}
 
-// silu(gate) * up from the gate and up blocks, with the products of panel_finish and the arithmetic of glu_row.
-MF_INLINE void panel_finish_glu_impl(const LinearJob &j, const int32_t *Cg, const int32_t *Cu, int64_t n0,
-                                     int64_t t0) {
+MF_VEC __attribute__((target("avx2,fma"))) void panel_finish_glu_avx2(const LinearJob &j, const int32_t *Cg,
+                                                                      const int32_t *Cu, int64_t n0, int64_t t0) {
   float g[kPanelRows], u[kPanelRows];
   for (int64_t it = 0; it < 2; ++it)
     for (int64_t tt = 0; tt < 16; ++tt) {
@@ -1094,9 +1155,9 @@ MF_INLINE void panel_finish_glu_impl(const LinearJob &j, const int32_t *Cg, cons
       glu_pairs_impl(g, u, kPanelRows, j.Y + t * j.ldy + n0);
     }
 }
-MF_ISA_VARIANTS(panel_finish_glu,
-                (const LinearJob &j, const int32_t *Cg, const int32_t *Cu, int64_t n0, int64_t t0),
-                (j, Cg, Cu, n0, t0))
+void panel_finish_glu(Isa isa, const LinearJob &j, const int32_t *Cg, const int32_t *Cu, int64_t n0, int64_t t0) {
+  isa == Isa::Avx512 ? panel_finish_glu_avx512(j, Cg, Cu, n0, t0) : panel_finish_glu_avx2(j, Cg, Cu, n0, t0);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Python-facing types.
