@@ -1519,16 +1519,6 @@ void register_ternary(nb::module_ &m) {
       "Fused RMSNorm + per-token absmax int8 quantization (round half to even), zero-padded to q's width.");
 
   m.def(
-      "rmsnorm",
-      [](Arr<const float, nb::ndim<2>> x, Arr<const float, nb::ndim<1>> w, double eps, Arr<float, nb::ndim<2>> out) {
-        const int64_t T = (int64_t)x.shape(0), K = (int64_t)x.shape(1);
-        if ((int64_t)w.shape(0) != K || out.shape(0) != x.shape(0) || out.shape(1) != x.shape(1))
-          throw std::invalid_argument("rmsnorm shapes do not match");
-        for (int64_t t = 0; t < T; ++t) rmsnorm_row(x.data() + t * K, w.data(), K, eps, out.data() + t * K);
-      },
-      nb::arg("x"), nb::arg("w"), nb::arg("eps"), nb::arg("out"));
-
-  m.def(
       "mlgru_step",
       [](Arr<const float, nb::ndim<2>> fi, Arr<const float, nb::ndim<2>> ff, Arr<const float, nb::ndim<2>> fg,
          Arr<const float, nb::ndim<1>> lb, bool has_lb, Arr<const float, nb::ndim<1>> gnorm, double eps,
