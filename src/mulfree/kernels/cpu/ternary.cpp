@@ -764,7 +764,6 @@ __attribute__((target(MF_AVX512))) void panel_finish_glu_avx512(const LinearJob 
     }
 }
 
-
 // Whether panel GEMMs run on AMX now (amx_switch, and a build with AMX).
 bool amx_on() {
 #if MF_HAVE_AMX
@@ -1065,25 +1064,9 @@ MF_INLINE float exp_approx(float xf) {
 MF_INLINE float sigmoidf(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
 MF_INLINE float siluf(float x) { return x / (1.0f + exp_approx(-x)); }
 
-// One MLGRU time step for one token (math: reference/matmulfree.md 1.4; lb == nullptr for layer 0).
-MF_INLINE void mlgru_row_impl(const float *fi, const float *ff, const float *fg, const float *lb, const float *gnorm,
-                              int64_t d, double eps, float *state, float *out) {
-  for (int64_t k = 0; k < d; ++k) {
-    float f = sigmoidf(ff[k]);
-    if (lb) f = lb[k] + (1.0f - lb[k]) * f;
-    const float i = siluf(fi[k]) * (1.0f - f);
-    state[k] = f * state[k] + i;
-  }
-  const float r = rms_factor(fg, d, eps);
-  for (int64_t k = 0; k < d; ++k) out[k] = fg[k] * r * gnorm[k] * siluf(state[k]);
-}
-MF_ISA_VARIANTS(mlgru_row,
-                (const float *fi, const float *ff, const float *fg, const float *lb, const float *gnorm, int64_t d,
-                 double eps, float *state, float *out),
-                (fi, ff, fg, lb, gnorm, d, eps, state, out))
-
-// Prefill form of mlgru_row, phase 1: state update for channels [k0, k1) of one token; fi[k]
-// is overwritten with silu(state[k]) for phase 2 (mlgru_out: the same products as mlgru_row).
+// One MLGRU time step (math: reference/matmulfree.md 1.4; lb == nullptr for layer 0) in two phases, so that
+// phase 1 can run per channel range and phase 2 per token. Phase 1: state update for channels [k0, k1) of
+// one token; fi[k] is overwritten with silu(state[k]) for phase 2 (mlgru_out, which needs all channels).
 MF_INLINE void mlgru_state_impl(float *fi, const float *ff, const float *lb, int64_t k0, int64_t k1, float *state) {
   for (int64_t k = k0; k < k1; ++k) {
     float f = sigmoidf(ff[k]);
@@ -1129,7 +1112,7 @@ MF_VEC __attribute__((target("avx2,fma"))) void panel_finish_avx2(const LinearJo
       for (int64_t i = 0; i < 2; ++i) {
         const int64_t n = n0 + 16 * i;
         const int32_t *c = C + ((it * 2 + i) * 16 + tt) * 16;
-        // A full row of 16 with a constant trip count: one vector (AVX-512) or two (AVX2).
+        // A full row of 16 with a constant trip count: two ymm, no remainder loop.
         if (j.N - n >= 16)
           finish_row(j, c, sq, t, n, 16);
         else
@@ -1530,9 +1513,12 @@ void register_ternary(nb::module_ &m) {
         if ((int64_t)lb.shape(0) != d || (int64_t)gnorm.shape(0) != d || (int64_t)state.shape(0) != d ||
             (int64_t)out.shape(0) != T || (int64_t)out.shape(1) != d)
           throw std::invalid_argument("mlgru_step shapes do not match");
-        for (int64_t t = 0; t < T; ++t)
-          mlgru_row(isa, fi.data() + t * d, ff.data() + t * d, fg.data() + t * d, has_lb ? lb.data() : nullptr,
-                    gnorm.data(), d, eps, state.data(), out.data() + t * d);
+        std::vector<float> silu_s((size_t)d);  // the engine's two phases (phase 1 overwrites its gate input)
+        for (int64_t t = 0; t < T; ++t) {
+          std::memcpy(silu_s.data(), fi.data() + t * d, (size_t)d * 4);
+          mlgru_state(isa, silu_s.data(), ff.data() + t * d, has_lb ? lb.data() : nullptr, 0, d, state.data());
+          mlgru_out(fg.data() + t * d, gnorm.data(), d, eps, silu_s.data(), out.data() + t * d);
+        }
       },
       nb::arg("fi"), nb::arg("ff"), nb::arg("fg"), nb::arg("lb"), nb::arg("has_lb"), nb::arg("g_norm"), nb::arg("eps"),
       nb::arg("state"), nb::arg("out"), nb::arg("backend"), "MLGRU recurrence over T tokens + gated, normed output (fp32).");
