@@ -10,9 +10,28 @@ corrected together, against the quantity perplexity measures.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from tqdm import tqdm
+
+
+@contextmanager
+def training_only(params: list[nn.Parameter], among: Iterable[nn.Parameter]) -> Iterator[None]:
+    """Gradients for `params` alone among `among` (others frozen) inside the block; every flag restored after."""
+    among = list(among)
+    flags = [p.requires_grad for p in among]
+    for p in among:
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in zip(among, flags):
+            p.requires_grad_(flag)
 
 
 @torch.no_grad()
@@ -52,15 +71,10 @@ def distill(
     calibration window; p_FP comes from the model's own (unchanged) LM head applied to `teacher`
     (`head_inputs` of the FP model on the same windows). Returns the mean loss of each epoch."""
     params = float_parameters(model, blocks)
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
     head = model.get_output_embeddings()
     opt = torch.optim.Adam(params, lr=lr)
     losses = []
-    try:
+    with training_only(params, model.parameters()):
         for _ in tqdm(range(epochs), desc="distill epochs", disable=not progress):
             total = 0.0
             for row, hidden in zip(calib, teacher):
@@ -75,7 +89,4 @@ def distill(
                 opt.step()
                 total += loss.item()
             losses.append(total / len(teacher))
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
     return losses

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from mulfree.atomic import atomic_dir
 from mulfree.errors import CheckpointError, ConfigError, DataError
-from mulfree.quant.distill import distill, head_inputs
+from mulfree.quant.distill import distill, head_inputs, training_only
 from mulfree.quant.qlinear import build_qlinear, describe
 
 # model_type -> dotted path of the decoder block list (one entry per architecture family).
@@ -203,19 +203,14 @@ def _tune_block(block: nn.Module, records: list, targets: list, epochs: int, lr:
     """Adam on the block's float parameters (the quantized weights are buffers) against the MSE
     between its outputs and the FP block's `targets` on the same calibration inputs."""
     params = [p for p in block.parameters() if p.is_floating_point()]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
-    with torch.enable_grad():
+    with torch.enable_grad(), training_only(params, params):
         for _ in range(epochs):
             for (hid, args, kw), target in zip(records, targets):
                 loss = torch.nn.functional.mse_loss(_run_block(block, hid, args, kw), target)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-    for p, flag in zip(params, flags):
-        p.requires_grad_(flag)
 
 
 def _collect_hessians(
