@@ -3,7 +3,10 @@
 #pragma once
 #include <nanobind/nanobind.h>
 
+#include <cstddef>
+#include <new>
 #include <string>
+#include <vector>
 
 namespace nb = nanobind;
 
@@ -43,3 +46,20 @@ enum class Isa { Scalar = 0, Avx2 = 1, AvxVnni = 2, Avx512 = 3 };
 inline bool avx2_class(Isa isa) { return isa == Isa::Avx2 || isa == Isa::AvxVnni; }
 // The Isa of a backend name; std::invalid_argument if the name is unknown or this CPU lacks it.
 Isa parse_isa(const std::string &name);
+
+// Storage aligned to a cache line (64 bytes). malloc aligns to 16 only, so a 64-byte vector load or an AMX
+// tile row from a std::vector buffer straddles two lines: on a Sapphire Rapids host that alone made the AMX
+// prefill loop 2.4-2.5x slower per k step (benchmarks/amx_alignment.cpp). Kernel scratch buffers use LineVec.
+template <class T>
+struct LineAllocator {
+  using value_type = T;
+  LineAllocator() = default;
+  template <class U>
+  LineAllocator(const LineAllocator<U> &) {}
+  T *allocate(std::size_t n) { return static_cast<T *>(::operator new(n * sizeof(T), std::align_val_t{64})); }
+  void deallocate(T *p, std::size_t) { ::operator delete(p, std::align_val_t{64}); }
+  friend bool operator==(const LineAllocator &, const LineAllocator &) { return true; }
+  friend bool operator!=(const LineAllocator &, const LineAllocator &) { return false; }
+};
+template <class T>
+using LineVec = std::vector<T, LineAllocator<T>>;

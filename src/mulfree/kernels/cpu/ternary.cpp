@@ -357,7 +357,7 @@ void linear_rows(Isa isa, const LinearJob &j, int64_t g0, int64_t g1) {
   // Outputs of up to 16 row groups are staged, then each token's 64 values are written at once:
   // whole cache lines instead of 16-byte pieces of a line that [T, N] outputs evict in between.
   constexpr int64_t kSpan = 16;
-  thread_local std::vector<int32_t> stage;
+  thread_local LineVec<int32_t> stage;
   // AVX2 has 16 ymm registers: 4 rows x 2 tokens of accumulators is the most that stays in them.
   const int64_t max_tile = avx2_class(isa) ? 2 : kMaxTile;
   const int64_t T = j.T;
@@ -783,8 +783,8 @@ void run_linears_panels(Isa isa, int threads, const LinearJob *jobs, int njobs) 
   const int64_t block_tokens = isa == Isa::Avx512 ? kVnniTokens : kYmmTokens;
   // The caller's buffers, kept between calls (fresh pages cost faults); packed over the pool.
   // (A reference, so the pool's workers see the caller's buffers, not their own thread_local ones.)
-  thread_local std::vector<std::vector<int8_t>> caller_acts;
-  [[maybe_unused]] std::vector<std::vector<int8_t>> &acts = caller_acts;
+  thread_local std::vector<LineVec<int8_t>> caller_acts;
+  [[maybe_unused]] std::vector<LineVec<int8_t>> &acts = caller_acts;
 #if MF_HAVE_AMX
   if (amx) {
     if (acts.size() < (size_t)njobs) acts.resize((size_t)njobs);
@@ -806,12 +806,12 @@ void run_linears_panels(Isa isa, int threads, const LinearJob *jobs, int njobs) 
     const auto [i, g0] = chunks[(size_t)c];
     const LinearJob &j = jobs[i];
     const int64_t nks = j.Kpad / 64;
-    thread_local std::vector<int8_t> panel;
+    thread_local LineVec<int8_t> panel;
     panel.resize((size_t)(kPanelRows * j.Kpad));
     const int64_t nblk = round_up(j.T, kAmxTokens) / kAmxTokens, cblk = nblk * 4 * 256;
-    thread_local std::vector<int32_t> cbuf;
-    cbuf.resize((size_t)(2 * cblk + 16));
-    int32_t *C = (int32_t *)(((uintptr_t)cbuf.data() + 63) & ~(uintptr_t)63);
+    thread_local LineVec<int32_t> cbuf;
+    cbuf.resize((size_t)(2 * cblk));
+    int32_t *C = cbuf.data();
     // C blocks of the panel at row group gp for every token: k in chunks whose panel slice stays in
     // L1 across all tokens (C blocks wait in memory between chunks); each slice is unpacked just before
     // its use.
@@ -1175,16 +1175,16 @@ struct Layer {
 
 // Per-linear quantized input: q [T, Kpad], scales, sums.
 struct QBuf {
-  std::vector<int8_t> q;
-  std::vector<float> sa;
-  std::vector<int32_t> sq;
+  LineVec<int8_t> q;
+  LineVec<float> sa;
+  LineVec<int32_t> sq;
   void fill(Isa isa, const float *x, int64_t T, int64_t ldx, const PackedLinear &p, double eps, int threads) {
     const int64_t Kpad = p.kpad();
     q.resize((size_t)(T * Kpad));
     sa.resize((size_t)T);
     sq.resize((size_t)T);
     for_ranges(threads, T, [&](int64_t t0, int64_t t1) {
-      std::vector<float> tmp((size_t)p.K);
+      LineVec<float> tmp((size_t)p.K);
       for (int64_t t = t0; t < t1; ++t)
         rmsnorm_quant_row(isa, x + t * ldx, p.norm.data(), p.K, Kpad, eps, tmp.data(), q.data() + t * Kpad, &sa[t], &sq[t]);
     });
@@ -1365,7 +1365,7 @@ class Engine {
   std::vector<PackedLinear> head_;
   std::vector<Layer> layers_;
   std::mutex busy_;  // one forward at a time per engine (scratch is shared)
-  std::vector<float> h_, a_, fi_, ff_, fg_, big_;
+  LineVec<float> h_, a_, fi_, ff_, fg_, big_;
   QBuf qi_, qf_, qg_;
 };
 
@@ -1493,7 +1493,7 @@ void register_ternary(nb::module_ &m) {
             (int64_t)sumq.shape(0) != T)
           throw std::invalid_argument("rmsnorm_quant shapes do not match");
         nb::gil_scoped_release release;
-        std::vector<float> tmp((size_t)K);
+        LineVec<float> tmp((size_t)K);
         for (int64_t t = 0; t < T; ++t)
           rmsnorm_quant_row(isa, x.data() + t * K, w.data(), K, Kpad, eps, tmp.data(), q.data() + t * Kpad,
                             a_scale.data() + t, sumq.data() + t);
