@@ -455,8 +455,9 @@ __attribute__((target(MF_AVX512), always_inline)) inline void transpose16x16_epi
   }
 }
 
-// The panel of row groups g0 .. g0+7 (rows past the matrix get code 1 = weight 0) for row blocks [b0, b1):
-// B[((ks * 2 + i) * 16 + kq) * 64 + 4 nn + e] = code of row 16 i + nn at k = 64 ks + 4 kq + e.
+// The panel slice of row groups g0 .. g0+7 (rows past the matrix get code 1 = weight 0) for row blocks
+// [b0, b1), k steps from ks0 = 4 b0: B[(((ks - ks0) * 2 + i) * 16 + kq) * 64 + 4 nn + e] = code of row 16 i + nn
+// at k = 64 ks + 4 kq + e.
 __attribute__((target(MF_AVX512))) void unpack_panel(const uint8_t *W, int64_t G, int64_t Kpad, int64_t g0,
                                                           int64_t b0, int64_t b1, int8_t *B) {
   const __m512i m3 = _mm512_set1_epi8(3);
@@ -469,7 +470,7 @@ __attribute__((target(MF_AVX512))) void unpack_panel(const uint8_t *W, int64_t G
       }
       transpose16x16_epi32(r);
       for (int s = 0; s < 4; ++s) {
-        int8_t *dst = B + ((4 * b + s) * 2 + i) * kTileBytes;
+        int8_t *dst = B + ((4 * (b - b0) + s) * 2 + i) * kTileBytes;
         for (int kq = 0; kq < 16; ++kq)
           _mm512_storeu_si512(dst + kq * 64, _mm512_and_si512(_mm512_srli_epi16(r[kq], 2 * s), m3));
       }
@@ -512,7 +513,7 @@ __attribute__((target("avx2"))) void unpack_panel_avx2(const uint8_t *W, int64_t
           transpose8x8_epi32(r);
           for (int s = 0; s < 4; ++s)
             for (int j = 0; j < 8; ++j)
-              _mm256_storeu_si256((__m256i *)(B + (((4 * b + s) * 2 + i) * 16 + 8 * dh + j) * 64 + 32 * rh),
+              _mm256_storeu_si256((__m256i *)(B + (((4 * (b - b0) + s) * 2 + i) * 16 + 8 * dh + j) * 64 + 32 * rh),
                                   _mm256_and_si256(_mm256_srli_epi16(r[j], 2 * s), m3));
         }
 }
@@ -562,8 +563,8 @@ __attribute__((target(MF_AMX))) void amx_block(const int8_t *A, const int8_t *B,
     for (int l = 0; l < 2 * kTileBytes; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
     _tile_loadd(4, A + ks * 2 * kTileBytes, 64);
     _tile_loadd(5, A + (ks * 2 + 1) * kTileBytes, 64);
-    _tile_loadd(6, B + ks * 2 * kTileBytes, 64);
-    _tile_loadd(7, B + (ks * 2 + 1) * kTileBytes, 64);
+    _tile_loadd(6, B + (ks - ks0) * 2 * kTileBytes, 64);
+    _tile_loadd(7, B + ((ks - ks0) * 2 + 1) * kTileBytes, 64);
     _tile_dpbsud(0, 4, 6);
     _tile_dpbsud(1, 4, 7);
     _tile_dpbsud(2, 5, 6);
@@ -615,8 +616,8 @@ __attribute__((target(MF_AVX512))) void vnni_block(const int8_t *Q, int64_t ldq,
   const int8_t *q = Q + t0 * ldq;
   for (int64_t ks = ks0; ks < ks1; ++ks)
     for (int kq = 0; kq < 16; ++kq) {
-      const __m512i b0 = _mm512_loadu_si512(B + ((ks * 2) * 16 + kq) * 64);
-      const __m512i b1 = _mm512_loadu_si512(B + ((ks * 2 + 1) * 16 + kq) * 64);
+      const __m512i b0 = _mm512_load_si512(B + (((ks - ks0) * 2) * 16 + kq) * 64);
+      const __m512i b1 = _mm512_load_si512(B + (((ks - ks0) * 2 + 1) * 16 + kq) * 64);
       #pragma GCC unroll 12
       for (int t = 0; t < NT; ++t) {
         const __m512i a = _mm512_set1_epi32(act_quad(q + t * ldq, ks, kq));
@@ -653,7 +654,7 @@ __attribute__((target("avx2,fma,avxvnni"))) void avxvnni_block(const int8_t *Q, 
     for (int64_t ks = ks0; ks < ks1; ++ks)
       #pragma GCC unroll 2
       for (int kq = 0; kq < 16; ++kq) {
-        const int8_t *b = B + ((ks * 2 + i) * 16 + kq) * 64;
+        const int8_t *b = B + (((ks - ks0) * 2 + i) * 16 + kq) * 64;
         const __m256i b0 = ld256(b), b1 = ld256(b + 32);
         #pragma GCC unroll 4
         for (int t = 0; t < NT; ++t) {
@@ -682,7 +683,7 @@ __attribute__((target("avx2,fma"))) void avx2_block(const int8_t *Q, int64_t ldq
       for (int64_t ks = kb; ks < std::min(ks1, kb + 4); ++ks)
         #pragma GCC unroll 2
         for (int kq = 0; kq < 16; ++kq) {
-          const int8_t *b = B + ((ks * 2 + i) * 16 + kq) * 64;
+          const int8_t *b = B + (((ks - ks0) * 2 + i) * 16 + kq) * 64;
           const __m256i b0 = ld256(b), b1 = ld256(b + 32);
           #pragma GCC unroll 4
           for (int t = 0; t < NT; ++t) {
@@ -807,14 +808,15 @@ void run_linears_panels(Isa isa, int threads, const LinearJob *jobs, int njobs) 
     const LinearJob &j = jobs[i];
     const int64_t nks = j.Kpad / 64;
     thread_local LineVec<int8_t> panel;
-    panel.resize((size_t)(kPanelRows * j.Kpad));
+    panel.resize((size_t)(kPanelRows * 64 * kPanelChunkSteps));
     const int64_t nblk = round_up(j.T, kAmxTokens) / kAmxTokens, cblk = nblk * 4 * 256;
     thread_local LineVec<int32_t> cbuf;
     cbuf.resize((size_t)(2 * cblk));
     int32_t *C = cbuf.data();
     // C blocks of the panel at row group gp for every token: k in chunks whose panel slice stays in
     // L1 across all tokens (C blocks wait in memory between chunks); each slice is unpacked just before
-    // its use.
+    // its use, into the same 16 KiB buffer: its lines stay in L1, so the unpack's stores commit quickly
+    // (the first tile loads after them wait for them; a fresh slice per chunk cost ~1000 cycles each).
     auto run_panel = [&](int64_t gp, int32_t *Cp) {
       for (int64_t ks0 = 0; ks0 < nks; ks0 += kPanelChunkSteps) {
         const int64_t ks1 = std::min(nks, ks0 + kPanelChunkSteps);
