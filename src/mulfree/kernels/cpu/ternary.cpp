@@ -931,24 +931,25 @@ void for_ranges(int threads, int64_t n, F &&fn) {
 
 // ---------------------------------------------------------------------------------------------
 // Float steps. The RMS uses a double sum of squares so that the rounded float factor is the
-// same as the torch reference's (ops/fused.py) whatever the summation order.
+// same as the torch reference's (ops/fused.py) whatever the summation order. It runs in 32 lanes (every
+// ISA the same lanes and order), which the variants below vectorize: 4 zmm or 8 ymm of doubles.
 MF_INLINE float rms_factor(const float *x, int64_t K, double eps) {
-  double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  constexpr int kLanes = 32;
+  double s[kLanes] = {};
   int64_t k = 0;
-  for (; k + 4 <= K; k += 4) {
-    s0 += (double)x[k] * x[k];
-    s1 += (double)x[k + 1] * x[k + 1];
-    s2 += (double)x[k + 2] * x[k + 2];
-    s3 += (double)x[k + 3] * x[k + 3];
-  }
-  for (; k < K; ++k) s0 += (double)x[k] * x[k];
-  return (float)(1.0 / std::sqrt((s0 + s1 + s2 + s3) / (double)K + eps));
+  for (; k + kLanes <= K; k += kLanes)
+    for (int l = 0; l < kLanes; ++l) s[l] += (double)x[k + l] * x[k + l];
+  for (; k < K; ++k) s[0] += (double)x[k] * x[k];
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) s[l] += s[l + w];
+  return (float)(1.0 / std::sqrt(s[0] / (double)K + eps));
 }
 
-void rmsnorm_row(const float *x, const float *w, int64_t K, double eps, float *out) {
+MF_INLINE void rmsnorm_row_impl(const float *x, const float *w, int64_t K, double eps, float *out) {
   const float r = rms_factor(x, K, eps);
   for (int64_t k = 0; k < K; ++k) out[k] = x[k] * r * w[k];
 }
+MF_ISA_VARIANTS(rmsnorm_row, (const float *x, const float *w, int64_t K, double eps, float *out), (x, w, K, eps, out))
 
 // Scalar tails of quant_row_*: amax over [k0, K) and q / sum over [k0, K).
 inline float absmax_tail(const float *x, int64_t k0, int64_t K, float m) {
@@ -1025,8 +1026,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) int32_t quant_ro
 // RMSNorm (fp32 factor from a float64 sum) then quant_row, zero-padded to Kpad.
 void rmsnorm_quant_row(Isa isa, const float *x, const float *w, int64_t K, int64_t Kpad, double eps, float *tmp,
                        int8_t *q, float *a_scale, int32_t *sumq) {
-  const float r = rms_factor(x, K, eps);
-  for (int64_t k = 0; k < K; ++k) tmp[k] = x[k] * r * w[k];
+  rmsnorm_row(isa, x, w, K, eps, tmp);
   static const QuantFn kQuant[4] = {quant_row_scalar, quant_row_avx2, quant_row_avx2, quant_row_avx512};  // by Isa
   float inv;
   *sumq = kQuant[(int)isa](tmp, K, &inv, q);
@@ -1081,10 +1081,13 @@ MF_INLINE void mlgru_state_impl(float *fi, const float *ff, const float *lb, int
 MF_ISA_VARIANTS(mlgru_state, (float *fi, const float *ff, const float *lb, int64_t k0, int64_t k1, float *state),
                 (fi, ff, lb, k0, k1, state))
 
-void mlgru_out(const float *fg, const float *gnorm, int64_t d, double eps, const float *silu_s, float *out) {
+MF_INLINE void mlgru_out_impl(const float *fg, const float *gnorm, int64_t d, double eps, const float *silu_s,
+                              float *out) {
   const float r = rms_factor(fg, d, eps);
   for (int64_t k = 0; k < d; ++k) out[k] = fg[k] * r * gnorm[k] * silu_s[k];
 }
+MF_ISA_VARIANTS(mlgru_out, (const float *fg, const float *gnorm, int64_t d, double eps, const float *silu_s, float *out),
+                (fg, gnorm, d, eps, silu_s, out))
 
 MF_INLINE void glu_pairs_impl(const float *g, const float *u, int64_t n, float *out) {
   for (int64_t k = 0; k < n; ++k) out[k] = siluf(g[k]) * u[k];
@@ -1285,7 +1288,7 @@ class Engine {
         run_aligned_linears(isa_, threads_, ifg, 3, state_update);
       }
       for_ranges(threads_, T, [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t) mlgru_out(fg + t * d, ly.g_norm.data(), d, eps_, fi + t * d, a + t * d);
+        for (int64_t t = t0; t < t1; ++t) mlgru_out(isa_, fg + t * d, ly.g_norm.data(), d, eps_, fi + t * d, a + t * d);
       });
       qi.fill(isa_, a, T, d, ly.o, eps_, threads_);
       const LinearJob oj = qi.job(ly.o, T, fi, d);
@@ -1323,7 +1326,7 @@ class Engine {
       add_rows(h, fi, T);
     }
     const int64_t t0 = T - R;
-    for (int64_t t = 0; t < R; ++t) rmsnorm_row(h + (t0 + t) * d, norm_.data(), d, eps_, a + t * d);
+    for (int64_t t = 0; t < R; ++t) rmsnorm_row(isa_, h + (t0 + t) * d, norm_.data(), d, eps_, a + t * d);
     qi.fill(isa_, a, R, d, head_[0], eps_, threads_);
     const LinearJob hj = qi.job(head_[0], R, lg, V_);
     run_linears(isa_, threads_, &hj, 1);
@@ -1336,7 +1339,7 @@ class Engine {
   // RMSNorm of T rows of width d, and h += x over T rows, split by tokens over the pool.
   void rmsnorm_rows(const float *x, const float *w, int64_t T, float *out) {
     for_ranges(threads_, T, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) rmsnorm_row(x + t * d_, w, d_, eps_, out + t * d_);
+      for (int64_t t = t0; t < t1; ++t) rmsnorm_row(isa_, x + t * d_, w, d_, eps_, out + t * d_);
     });
   }
   void add_rows(float *h, const float *x, int64_t T) {
@@ -1519,7 +1522,7 @@ void register_ternary(nb::module_ &m) {
         for (int64_t t = 0; t < T; ++t) {
           std::memcpy(silu_s.data(), fi.data() + t * d, (size_t)d * 4);
           mlgru_state(isa, silu_s.data(), ff.data() + t * d, has_lb ? lb.data() : nullptr, 0, d, state.data());
-          mlgru_out(fg.data() + t * d, gnorm.data(), d, eps, silu_s.data(), out.data() + t * d);
+          mlgru_out(isa, fg.data() + t * d, gnorm.data(), d, eps, silu_s.data(), out.data() + t * d);
         }
       },
       nb::arg("fi"), nb::arg("ff"), nb::arg("fg"), nb::arg("lb"), nb::arg("has_lb"), nb::arg("g_norm"), nb::arg("eps"),
