@@ -1183,15 +1183,20 @@ struct QBuf {
   LineVec<int8_t> q;
   LineVec<float> sa;
   LineVec<int32_t> sq;
-  void fill(Isa isa, const float *x, int64_t T, int64_t ldx, const PackedLinear &p, double eps, int threads) {
-    const int64_t Kpad = p.kpad();
-    q.resize((size_t)(T * Kpad));
+  void reserve(int64_t T, const PackedLinear &p) {
+    q.resize((size_t)(T * p.kpad()));
     sa.resize((size_t)T);
     sq.resize((size_t)T);
+  }
+  // Token t's row x (after reserve); tmp holds p.K floats.
+  void row(Isa isa, const float *x, int64_t t, const PackedLinear &p, double eps, float *tmp) {
+    rmsnorm_quant_row(isa, x, p.norm.data(), p.K, p.kpad(), eps, tmp, q.data() + t * p.kpad(), &sa[t], &sq[t]);
+  }
+  void fill(Isa isa, const float *x, int64_t T, int64_t ldx, const PackedLinear &p, double eps, int threads) {
+    reserve(T, p);
     for_ranges(threads, T, [&](int64_t t0, int64_t t1) {
       LineVec<float> tmp((size_t)p.K);
-      for (int64_t t = t0; t < t1; ++t)
-        rmsnorm_quant_row(isa, x + t * ldx, p.norm.data(), p.K, Kpad, eps, tmp.data(), q.data() + t * Kpad, &sa[t], &sq[t]);
+      for (int64_t t = t0; t < t1; ++t) row(isa, x + t * ldx, t, p, eps, tmp.data());
     });
   }
   LinearJob job(const PackedLinear &p, int64_t T, float *Y, int64_t ldy) const {
@@ -1266,12 +1271,21 @@ class Engine {
     float *h = h_.data(), *a = a_.data(), *fi = fi_.data(), *ff = ff_.data(), *fg = fg_.data(), *big = big_.data();
     QBuf &qi = qi_, &qf = qf_, &qg = qg_;
     for (int64_t t = 0; t < T; ++t) embed(idp[t], h + t * d);
+    // The per-token steps between two linears run as one region over the tokens (each token's rows stay in
+    // L1 from one step to the next). residual: the last linear's output still to be added to h.
+    const float *residual = nullptr;
     for (int64_t l = 0; l < L; ++l) {
       const Layer &ly = layers_[(size_t)l];
-      rmsnorm_rows(h, ly.attn_norm.data(), T, a);
-      qi.fill(isa_, a, T, d, ly.i, eps_, threads_);
-      qf.fill(isa_, a, T, d, ly.f, eps_, threads_);
-      qg.fill(isa_, a, T, d, ly.g, eps_, threads_);
+      qi.reserve(T, ly.i);
+      qf.reserve(T, ly.f);
+      qg.reserve(T, ly.g);
+      per_token(T, [&](int64_t t, float *tmp) {
+        if (residual) add_row(h + t * d, residual + t * d);
+        rmsnorm_row(isa_, h + t * d, ly.attn_norm.data(), d, eps_, a + t * d);
+        qi.row(isa_, a + t * d, t, ly.i, eps_, tmp);
+        qf.row(isa_, a + t * d, t, ly.f, eps_, tmp);
+        qg.row(isa_, a + t * d, t, ly.g, eps_, tmp);
+      });
       const LinearJob ifg[3] = {qi.job(ly.i, T, fi, d), qf.job(ly.f, T, ff, d),
                                 qg.job(ly.g, T, fg, d)};
       // The recurrence is independent per channel (run on each chunk's channels as their i/f/g rows
@@ -1287,15 +1301,19 @@ class Engine {
       } else {
         run_aligned_linears(isa_, threads_, ifg, 3, state_update);
       }
-      for_ranges(threads_, T, [&](int64_t t0, int64_t t1) {
-        for (int64_t t = t0; t < t1; ++t) mlgru_out(isa_, fg + t * d, ly.g_norm.data(), d, eps_, fi + t * d, a + t * d);
+      qi.reserve(T, ly.o);
+      per_token(T, [&](int64_t t, float *tmp) {
+        mlgru_out(isa_, fg + t * d, ly.g_norm.data(), d, eps_, fi + t * d, a + t * d);
+        qi.row(isa_, a + t * d, t, ly.o, eps_, tmp);
       });
-      qi.fill(isa_, a, T, d, ly.o, eps_, threads_);
       const LinearJob oj = qi.job(ly.o, T, fi, d);
       run_linears(isa_, threads_, &oj, 1);
-      add_rows(h, fi, T);
-      rmsnorm_rows(h, ly.mlp_norm.data(), T, a);
-      qi.fill(isa_, a, T, d, ly.gate, eps_, threads_);
+      qi.reserve(T, ly.gate);
+      per_token(T, [&](int64_t t, float *tmp) {
+        add_row(h + t * d, fi + t * d);
+        rmsnorm_row(isa_, h + t * d, ly.mlp_norm.data(), d, eps_, a + t * d);
+        qi.row(isa_, a + t * d, t, ly.gate, eps_, tmp);
+      });
       // In panel GEMMs the GLU is applied to each panel's outputs ([T, I] written, never [T, 2I]);
       // otherwise, where the up rows start on a row group, to each chunk's gate and up rows.
       const bool fused_glu = uses_panels(isa_, T) && I % kPanelRows == 0;
@@ -1323,8 +1341,9 @@ class Engine {
       qi.fill(isa_, big, T, fused_glu ? I : 2 * I, ly.down, eps_, threads_);
       const LinearJob dj = qi.job(ly.down, T, fi, d);
       run_linears(isa_, threads_, &dj, 1);
-      add_rows(h, fi, T);
+      residual = fi;
     }
+    if (residual) add_rows(h, residual, T);
     const int64_t t0 = T - R;
     for (int64_t t = 0; t < R; ++t) rmsnorm_row(isa_, h + (t0 + t) * d, norm_.data(), d, eps_, a + t * d);
     qi.fill(isa_, a, R, d, head_[0], eps_, threads_);
@@ -1336,16 +1355,21 @@ class Engine {
   void check_emb(size_t v, size_t d) {
     if ((int64_t)v != V_ || (int64_t)d != d_) throw std::invalid_argument("embedding shape does not match the config");
   }
-  // RMSNorm of T rows of width d, and h += x over T rows, split by tokens over the pool.
-  void rmsnorm_rows(const float *x, const float *w, int64_t T, float *out) {
+  // fn(t, tmp) for every token t, split by tokens over the pool; tmp holds 2 I floats (any linear's K).
+  template <class F>
+  void per_token(int64_t T, F &&fn) {
     for_ranges(threads_, T, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) rmsnorm_row(isa_, x + t * d_, w, d_, eps_, out + t * d_);
+      thread_local LineVec<float> tmp;
+      tmp.resize(std::max(tmp.size(), (size_t)(2 * std::max(I_, d_))));
+      for (int64_t t = t0; t < t1; ++t) fn(t, tmp.data());
     });
   }
+  // h += x over one row of width d, and over T rows split by tokens over the pool.
+  void add_row(float *h, const float *x) const {
+    for (int64_t k = 0; k < d_; ++k) h[k] += x[k];
+  }
   void add_rows(float *h, const float *x, int64_t T) {
-    for_ranges(threads_, T, [&](int64_t t0, int64_t t1) {
-      for (int64_t k = t0 * d_; k < t1 * d_; ++k) h[k] += x[k];
-    });
+    per_token(T, [&](int64_t t, float *) { add_row(h + t * d_, x + t * d_); });
   }
   void embed(int64_t id, float *out) const {
     if (emb_is_bf16_) {
