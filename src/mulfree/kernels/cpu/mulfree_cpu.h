@@ -49,7 +49,7 @@ Isa parse_isa(const std::string &name);
 
 // Storage aligned to a cache line (64 bytes). malloc aligns to 16 only, so a 64-byte vector load or an AMX
 // tile row from a std::vector buffer straddles two lines: on a Sapphire Rapids host that alone made the AMX
-// prefill loop 2.4-2.5x slower per k step (benchmarks/amx_alignment.cpp). Kernel scratch buffers use LineVec.
+// prefill loop 2.4-2.5x slower per k step (benchmarks/amx_tiles.cpp). Kernel scratch buffers use LineVec.
 template <class T>
 struct LineAllocator {
   using value_type = T;

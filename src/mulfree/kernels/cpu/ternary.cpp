@@ -817,6 +817,10 @@ void run_linears_panels(Isa isa, int threads, const LinearJob *jobs, int njobs) 
     // L1 across all tokens (C blocks wait in memory between chunks); each slice is unpacked just before
     // its use, into the same 16 KiB buffer: its lines stay in L1, so the unpack's stores commit quickly
     // (the first tile loads after them wait for them; a fresh slice per chunk cost ~1000 cycles each).
+    // On AMX the first token block after an unpack still runs about 2x slower per k step than the others:
+    // the tile unit slows down after ~1000+ cycles without tile work (benchmarks/amx_tiles.cpp). Unpacking
+    // the next chunk in pieces between this chunk's blocks was slower (every block then waited on the
+    // stores), and dummy tile ops inside the unpack did not help.
     auto run_panel = [&](int64_t gp, int32_t *Cp) {
       for (int64_t ks0 = 0; ks0 < nks; ks0 += kPanelChunkSteps) {
         const int64_t ks1 = std::min(nks, ks0 + kPanelChunkSteps);

@@ -1,13 +1,18 @@
-// The AMX prefill loop of src/mulfree/kernels/cpu/ternary.cpp (run_linears_panels / amx_block) on a
-// 11264 x 2048 linear at 128 tokens, with its activation tiles and panel buffer 64-byte aligned vs 16 bytes
-// past a line (what malloc / std::vector give), in one run: the experiment behind LineVec in mulfree_cpu.h.
-// Each k step is one 2 x 2 block of tdpbsud (32 tokens x 32 rows x 64 k); per 8-step chunk the panel slice
-// is rewritten as the engine's unpack does (16 KiB), and each panel's 128 x 32 outputs are stored to [T, N].
+// Two measurements of the AMX prefill loop of src/mulfree/kernels/cpu/ternary.cpp (run_linears_panels /
+// amx_block), in one run:
+// 1. Alignment: a 11264 x 2048 linear at 128 tokens with its activation tiles and panel buffer 64-byte
+//    aligned vs 16 bytes past a line (what malloc / std::vector give): the experiment behind LineVec in
+//    mulfree_cpu.h. Each k step is one 2 x 2 block of tdpbsud (32 tokens x 32 rows x 64 k); per 8-step chunk
+//    the panel slice is rewritten as the engine's unpack does (16 KiB), and each panel's 128 x 32 outputs are
+//    stored to [T, N].
+// 2. Warm-up: the first 8-step block after a stretch of other work (a scalar multiply chain, or AVX-512 FMAs)
+//    vs the three blocks right after it: the tile unit runs slower for a while after ~1000+ cycles without
+//    tile work, which is what the engine's first block after each chunk's unpack pays.
 //
-//   g++ -O2 -o /tmp/amx_alignment benchmarks/amx_alignment.cpp -lpthread && /tmp/amx_alignment 2
+//   g++ -O2 -o /tmp/amx_tiles benchmarks/amx_tiles.cpp -lpthread && /tmp/amx_tiles 2
 //
-// Prints TSC ticks per k step for each layout (best of 5 passes), their ratio and a JSON line. Needs a CPU with
-// AMX-INT8 and Linux >= 5.16 (the tile state is requested with arch_prctl).
+// Prints TSC ticks per k step (best of 5 passes for 1; means for 2), the ratios and a JSON line. Needs a CPU
+// with AMX-INT8 and Linux >= 5.16 (the tile state is requested with arch_prctl).
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -19,6 +24,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -91,6 +97,37 @@ AMX void worker(int tid, int nth, long offset, const int8_t *A, const uint8_t *W
   *ticks += tk, *steps += st;
 }
 
+__attribute__((noinline)) void scalar_work(long n) {
+  uint64_t x = 1;
+  for (long i = 0; i < n; ++i) asm volatile("imul $3, %0, %0" : "+r"(x));
+}
+AMX void vector_work(float *buf, long n) {
+  const __m512 a = _mm512_set1_ps(1.0001f);
+  for (long i = 0; i < n; ++i) _mm512_store_ps(buf + i % 64 * 16, _mm512_fmadd_ps(_mm512_load_ps(buf + i % 64 * 16), a, a));
+}
+
+// Mean ticks per k step of the first block after `gap` iterations of other work, and of the three after it.
+AMX void warm_up(bool vector, long gap, const int8_t *A, const int8_t *B, double *first, double *next) {
+  alignas(64) static int32_t C[1024];
+  alignas(64) static float buf[1024];
+  constexpr int kReps = 2000;
+  uint64_t t_first = 0, t_next = 0;
+  _tile_loadconfig(&cfg);
+  for (int r = 0; r < kReps; ++r) {
+    vector ? vector_work(buf, gap) : scalar_work(gap);
+    _mm_lfence();
+    const uint64_t t0 = __rdtsc();
+    amx_block(A, B, 1, 1 + kChunkSteps, C);
+    _mm_mfence(), _mm_lfence();
+    const uint64_t t1 = __rdtsc();
+    for (int b = 0; b < 3; ++b) amx_block(A, B, 1, 1 + kChunkSteps, C);
+    _mm_mfence(), _mm_lfence();
+    t_first += t1 - t0, t_next += __rdtsc() - t1;
+  }
+  _tile_release();
+  *first = (double)t_first / (kReps * kChunkSteps), *next = (double)t_next / (3 * kReps * kChunkSteps);
+}
+
 int main(int argc, char **argv) {
   const int nth = argc > 1 ? atoi(argv[1]) : 2;
   for (int i = 0; i < 8; ++i) cfg.rows[i] = 16, cfg.colsb[i] = 64;
@@ -112,7 +149,20 @@ int main(int argc, char **argv) {
     per_step[v] = best;
     printf("%-34s %6.0f TSC ticks per k step\n", v == 0 ? "A tiles and panel 64-byte aligned" : "both 16 bytes past a line", best);
   }
-  printf("misaligned / aligned: %.2fx\n", per_step[1] / per_step[0]);
-  printf("{\"benchmark\": \"amx_alignment\", \"threads\": %d, \"aligned_ticks_per_step\": %.1f, "
-         "\"misaligned_ticks_per_step\": %.1f}\n", nth, per_step[0], per_step[1]);
+  printf("misaligned / aligned: %.2fx\n\n", per_step[1] / per_step[0]);
+
+  std::string json;
+  for (bool vector : {false, true})
+    for (long gap : {100L, 1000L, 3000L, 10000L}) {
+      double first, next;
+      warm_up(vector, gap, abuf, (const int8_t *)W, &first, &next);
+      printf("after %5ld %-13s first block %4.0f, next blocks %4.0f ticks per k step: %.2fx\n", gap,
+             vector ? "AVX-512 FMAs" : "scalar imuls", first, next, first / next);
+      char item[128];
+      snprintf(item, sizeof item, "%s{\"work\": \"%s\", \"iterations\": %ld, \"first\": %.1f, \"next\": %.1f}",
+               json.empty() ? "" : ", ", vector ? "fma" : "imul", gap, first, next);
+      json += item;
+    }
+  printf("{\"benchmark\": \"amx_tiles\", \"threads\": %d, \"aligned_ticks_per_step\": %.1f, "
+         "\"misaligned_ticks_per_step\": %.1f, \"warm_up\": [%s]}\n", nth, per_step[0], per_step[1], json.c_str());
 }
