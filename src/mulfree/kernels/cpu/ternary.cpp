@@ -815,12 +815,13 @@ void run_linears_panels(Isa isa, int threads, const LinearJob *jobs, int njobs) 
     int32_t *C = cbuf.data();
     // C blocks of the panel at row group gp for every token: k in chunks whose panel slice stays in
     // L1 across all tokens (C blocks wait in memory between chunks); each slice is unpacked just before
-    // its use, into the same 16 KiB buffer: its lines stay in L1, so the unpack's stores commit quickly
-    // (the first tile loads after them wait for them; a fresh slice per chunk cost ~1000 cycles each).
-    // On AMX the first token block after an unpack still runs about 2x slower per k step than the others:
-    // the tile unit slows down after ~1000+ cycles without tile work (benchmarks/amx_tiles.cpp). Unpacking
-    // the next chunk in pieces between this chunk's blocks was slower (every block then waited on the
-    // stores), and dummy tile ops inside the unpack did not help.
+    // its use, into the same 16 KiB buffer, whose lines stay in L1 (a fresh slice of a K-long panel per
+    // chunk took 1-8 % more CPU time on the 1.3b linears). On AMX the first token block of a chunk runs about 2x
+    // slower per k step than the others (TSC ticks, 1.3b prefill: 201 vs 104). Part of it is the tile unit's
+    // warm-up after ~1000+ cycles without tile work (benchmarks/amx_tiles.cpp; a 2000-tick FMA loop in place
+    // of the unpack: 276 vs 104), part is not (no unpack at all: 161-168 vs 93-95). Unpacking the next chunk
+    // in pieces between this chunk's blocks made every block slower (~12 % less prefill), and dummy tile ops
+    // inside the unpack did not help.
     auto run_panel = [&](int64_t gp, int32_t *Cp) {
       for (int64_t ks0 = 0; ks0 < nks; ks0 += kPanelChunkSteps) {
         const int64_t ks1 = std::min(nks, ks0 + kPanelChunkSteps);
