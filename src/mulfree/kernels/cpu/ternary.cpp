@@ -542,9 +542,9 @@ void amx_pack_acts(const int8_t *Q, int64_t T, int64_t Kpad, int64_t tb, int8_t 
 }
 
 // C block [2 token tiles][2 row tiles][16][16] += one 32-token block of A x one panel of B over k steps
-// [ks0, ks1) (C zeroed first when ks0 == 0).
+// [ks0, ks1) (C zeroed first when ks0 == 0). The npf lines pf[] are prefetched into L2, spread over the k steps.
 __attribute__((target(MF_AMX))) void amx_block(const int8_t *A, const int8_t *B, int64_t ks0, int64_t ks1,
-                                               int32_t *C) {
+                                               int32_t *C, const uint8_t *const *pf, int64_t npf) {
   if (ks0 == 0) {
     _tile_zero(0);
     _tile_zero(1);
@@ -569,6 +569,8 @@ __attribute__((target(MF_AMX))) void amx_block(const int8_t *A, const int8_t *B,
     _tile_dpbsud(1, 4, 7);
     _tile_dpbsud(2, 5, 6);
     _tile_dpbsud(3, 5, 7);
+    const int64_t per = (npf + (ks1 - ks0) - 1) / (ks1 - ks0);
+    for (int64_t l = (ks - ks0) * per; l < std::min(npf, (ks - ks0 + 1) * per); ++l) prefetch_line_l2(pf[l]);
   }
   _tile_stored(0, C, 64);
   _tile_stored(1, C + 256, 64);
@@ -816,28 +818,32 @@ void run_linears_panels(Isa isa, int threads, const LinearJob *jobs, int njobs) 
     // C blocks of the panel at row group gp for every token: k in chunks whose panel slice stays in
     // L1 across all tokens (C blocks wait in memory between chunks); each slice is unpacked just before
     // its use, into the same 16 KiB buffer, whose lines stay in L1 (a fresh slice of a K-long panel per
-    // chunk took 1-8 % more CPU time on the 1.3b linears). On AMX the first token block of a chunk runs about 2x
-    // slower per k step than the others (TSC ticks, 1.3b prefill: 201 vs 104). Part of it is the tile unit's
-    // warm-up after ~1000+ cycles without tile work (benchmarks/amx_tiles.cpp; a 2000-tick FMA loop in place
-    // of the unpack: 276 vs 104), part is not (no unpack at all: 161-168 vs 93-95). Unpacking the next chunk
-    // in pieces between this chunk's blocks made every block slower (~12 % less prefill), and dummy tile ops
-    // inside the unpack did not help.
+    // chunk took 1-8 % more CPU time on the 1.3b linears). On AMX the first token block of a chunk runs ~1.5x
+    // slower per k step than the others (TSC ticks, 1.3b prefill: 164 vs 112; 201 vs 104 while the next
+    // chunk's weight prefetches were issued all at once before it). Part of it is the tile unit's warm-up
+    // after ~1000+ cycles without tile work (benchmarks/amx_tiles.cpp; a 2000-tick FMA loop in place of the
+    // unpack: 276 vs 104). Unpacking the next chunk in pieces between this chunk's blocks made every block
+    // slower (~12 % less prefill), and dummy tile ops inside the unpack did not help.
     auto run_panel = [&](int64_t gp, int32_t *Cp) {
       for (int64_t ks0 = 0; ks0 < nks; ks0 += kPanelChunkSteps) {
         const int64_t ks1 = std::min(nks, ks0 + kPanelChunkSteps);
         (isa == Isa::Avx512 ? unpack_panel : unpack_panel_avx2)(j.W, j.groups(), j.Kpad, gp, ks0 / 4, ks1 / 4,
                                                                 panel.data());
-        // The next chunk's weights into L2 while this one multiplies (the unpack reads them from memory).
+        // The next chunk's weights go into L2 while this one multiplies (the unpack reads them from memory).
+        const uint8_t *lines[kPanelRows / kRows * kPanelChunkSteps];
+        int64_t nl = 0;
         for (int64_t g = gp; g < std::min(j.groups(), gp + kPanelRows / kRows); ++g)
           for (int64_t off = ks1 * 64; off < std::min(nks, ks1 + kPanelChunkSteps) * 64; off += 64)
-            prefetch_line_l2(j.W + g * j.Kpad + off);
+            lines[nl++] = j.W + g * j.Kpad + off;
 #if MF_HAVE_AMX
-        if (amx) {
+        if (amx) {  // spread over the tile loop (the 64 at once before the first block: 4-7 % less prefill)
           for (int64_t tb = 0; tb < nblk; ++tb)
-            amx_block(acts[(size_t)i].data() + tb * kAmxTokens * j.Kpad, panel.data(), ks0, ks1, Cp + tb * 4 * 256);
+            amx_block(acts[(size_t)i].data() + tb * kAmxTokens * j.Kpad, panel.data(), ks0, ks1, Cp + tb * 4 * 256,
+                      lines + nl * tb / nblk, nl * (tb + 1) / nblk - nl * tb / nblk);
           continue;
         }
 #endif
+        for (int64_t l = 0; l < nl; ++l) prefetch_line_l2(lines[l]);
         for (int64_t t0 = 0; t0 < j.T; t0 += block_tokens)
           block_fns[std::min(block_tokens, j.T - t0)](j.Q, j.Kpad, t0, panel.data(), ks0, ks1, Cp);
       }
