@@ -558,7 +558,8 @@ __attribute__((target(MF_AMX))) void amx_block(const int8_t *A, const int8_t *B,
   }
   for (int64_t ks = ks0; ks < ks1; ++ks) {
     // Tile loads that miss L1 are slow (measured: ~1.35 TOP/s with A from L2 vs ~3.1 from L1), so the A
-    // tiles two steps ahead are prefetched line by line (~1.7-1.9 TOP/s); B is reused from L1.
+    // tiles two steps ahead are prefetched line by line (~1.7-1.9 TOP/s); B is reused from L1. (Since the
+    // buffers are aligned, dropping it is about level at 128 tokens and up to 7 % slower at 512.)
     const char *ahead = (const char *)(A + (ks + 2) * 2 * kTileBytes);
     for (int l = 0; l < 2 * kTileBytes; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
     _tile_loadd(4, A + ks * 2 * kTileBytes, 64);
