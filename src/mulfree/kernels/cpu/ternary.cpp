@@ -1284,15 +1284,15 @@ class Engine {
     QBuf &qi = qi_, &qf = qf_, &qg = qg_;
     for (int64_t t = 0; t < T; ++t) embed(idp[t], h + t * d);
     // The per-token steps between two linears run as one region over the tokens (each token's rows stay in
-    // L1 from one step to the next). residual: the last linear's output still to be added to h.
-    const float *residual = nullptr;
+    // L1 from one step to the next). Each layer's down projection (in fi) is added to h by the next step that
+    // reads h: the next layer's first region, or the final norm (for the rows the head reads).
     for (int64_t l = 0; l < L; ++l) {
       const Layer &ly = layers_[(size_t)l];
       qi.reserve(T, ly.i);
       qf.reserve(T, ly.f);
       qg.reserve(T, ly.g);
       per_token(T, [&](int64_t t, float *tmp) {
-        if (residual) add_row(h + t * d, residual + t * d);
+        if (l > 0) add_row(h + t * d, fi + t * d);
         rmsnorm_row(isa_, h + t * d, ly.attn_norm.data(), d, eps_, a + t * d);
         qi.row(isa_, a + t * d, t, ly.i, eps_, tmp);
         qf.row(isa_, a + t * d, t, ly.f, eps_, tmp);
@@ -1353,11 +1353,12 @@ class Engine {
       qi.fill(isa_, big, T, fused_glu ? I : 2 * I, ly.down, eps_, threads_);
       const LinearJob dj = qi.job(ly.down, T, fi, d);
       run_linears(isa_, threads_, &dj, 1);
-      residual = fi;
     }
-    if (residual) add_rows(h, residual, T);
     const int64_t t0 = T - R;
-    for (int64_t t = 0; t < R; ++t) rmsnorm_row(isa_, h + (t0 + t) * d, norm_.data(), d, eps_, a + t * d);
+    for (int64_t t = 0; t < R; ++t) {
+      if (L > 0) add_row(h + (t0 + t) * d, fi + (t0 + t) * d);
+      rmsnorm_row(isa_, h + (t0 + t) * d, norm_.data(), d, eps_, a + t * d);
+    }
     qi.fill(isa_, a, R, d, head_[0], eps_, threads_);
     const LinearJob hj = qi.job(head_[0], R, lg, V_);
     run_linears(isa_, threads_, &hj, 1);
@@ -1376,12 +1377,9 @@ class Engine {
       for (int64_t t = t0; t < t1; ++t) fn(t, tmp.data());
     });
   }
-  // h += x over one row of width d, and over T rows split by tokens over the pool.
+  // h += x over one row of width d.
   void add_row(float *h, const float *x) const {
     for (int64_t k = 0; k < d_; ++k) h[k] += x[k];
-  }
-  void add_rows(float *h, const float *x, int64_t T) {
-    per_token(T, [&](int64_t t, float *) { add_row(h + t * d_, x + t * d_); });
   }
   void embed(int64_t id, float *out) const {
     if (emb_is_bf16_) {
