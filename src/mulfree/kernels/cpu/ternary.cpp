@@ -825,7 +825,16 @@ void run_linears_panels(Isa isa, int threads, const LinearJob *jobs, int njobs) 
     // after ~1000+ cycles without tile work (benchmarks/amx_tiles.cpp; a 2000-tick FMA loop in place of the
     // unpack: 276 vs 104). Unpacking the next chunk in pieces between this chunk's blocks made every block
     // slower (~12 % less prefill), and dummy tile ops inside the unpack did not help.
-    auto run_panel = [&](int64_t gp, int32_t *Cp) {
+    // The weight lines of the first chunk of the panel this thread most likely runs next: the up panel after
+    // the gate panel, else the work item one pool round ahead (a wrong guess costs 64 idle prefetches).
+    auto first_chunk_lines = [&](const LinearJob &jn, int64_t gn, const uint8_t **lines) {
+      int64_t nl = 0;
+      for (int64_t g = gn; g < std::min(jn.groups(), gn + kPanelRows / kRows); ++g)
+        for (int64_t off = 0; off < std::min(jn.Kpad / 64, kPanelChunkSteps) * 64; off += 64)
+          lines[nl++] = jn.W + g * jn.Kpad + off;
+      return nl;
+    };
+    auto run_panel = [&](int64_t gp, int32_t *Cp, bool gate) {
       for (int64_t ks0 = 0; ks0 < nks; ks0 += kPanelChunkSteps) {
         const int64_t ks1 = std::min(nks, ks0 + kPanelChunkSteps);
         (isa == Isa::Avx512 ? unpack_panel : unpack_panel_avx2)(j.W, j.groups(), j.Kpad, gp, ks0 / 4, ks1 / 4,
@@ -833,9 +842,16 @@ void run_linears_panels(Isa isa, int threads, const LinearJob *jobs, int njobs) 
         // The next chunk's weights go into L2 while this one multiplies (the unpack reads them from memory).
         const uint8_t *lines[kPanelRows / kRows * kPanelChunkSteps];
         int64_t nl = 0;
-        for (int64_t g = gp; g < std::min(j.groups(), gp + kPanelRows / kRows); ++g)
-          for (int64_t off = ks1 * 64; off < std::min(nks, ks1 + kPanelChunkSteps) * 64; off += 64)
-            lines[nl++] = j.W + g * j.Kpad + off;
+        if (ks1 < nks) {
+          for (int64_t g = gp; g < std::min(j.groups(), gp + kPanelRows / kRows); ++g)
+            for (int64_t off = ks1 * 64; off < std::min(nks, ks1 + kPanelChunkSteps) * 64; off += 64)
+              lines[nl++] = j.W + g * j.Kpad + off;
+        } else if (gate) {
+          nl = first_chunk_lines(j, gp + j.glu / kRows, lines);
+        } else if (c + threads < (int64_t)chunks.size()) {
+          const auto [in, gn] = chunks[(size_t)(c + threads)];
+          nl = first_chunk_lines(jobs[in], gn, lines);
+        }
 #if MF_HAVE_AMX
         if (amx) {  // spread over the tile loop (the 64 at once before the first block: 4-7 % less prefill)
           for (int64_t tb = 0; tb < nblk; ++tb)
@@ -852,9 +868,9 @@ void run_linears_panels(Isa isa, int threads, const LinearJob *jobs, int njobs) 
 #if MF_HAVE_AMX
     if (amx) amx_begin();
 #endif
-    run_panel(g0, C);
+    run_panel(g0, C, j.glu > 0);
     if (j.glu) {
-      run_panel(g0 + j.glu / kRows, C + cblk);
+      run_panel(g0 + j.glu / kRows, C + cblk, false);
       for (int64_t tb = 0; tb < nblk; ++tb)
         panel_finish_glu(isa, j, C + tb * 4 * 256, C + cblk + tb * 4 * 256, g0 * kRows, tb * kAmxTokens);
     } else {
