@@ -187,6 +187,17 @@ def test_glu_step(backend, shape):
 
 
 @needs_ext
+@pytest.mark.parametrize("backend", COMPILED)
+def test_silu_has_torch_bits(backend):
+    # torch's vectorized sigmoid / silu (AVX2 and AVX-512 builds) use the exp the kernels copy; rows of
+    # 1024 leave no scalar tail, which torch computes with std::exp instead
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("torch runs its scalar kernels here")
+    x = torch.randn(8, 2048, generator=torch.Generator().manual_seed(2)) * 6
+    assert torch.equal(K.glu_step(x, backend=backend), torch.nn.functional.silu(x[:, :1024]) * x[:, 1024:])
+
+
+@needs_ext
 def test_bad_backend_is_rejected():
     with pytest.raises(ValueError, match="unknown backend"):
         K.ternary_matmul(pack_ternary(torch.zeros(4, 4, dtype=torch.int8)), 4, torch.zeros(1, 4, dtype=torch.int8),
