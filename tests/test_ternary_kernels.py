@@ -12,7 +12,7 @@ from mulfree.ops.pack import pack_ternary, packed_matmul_ref
 
 COMPILED = [b for b in available_backends() if b != "reference"]
 needs_ext = pytest.mark.skipif(not COMPILED, reason="compiled extension missing")
-SHAPES = [(1, 1, 1), (1, 5, 3), (3, 7, 300), (5, 33, 256), (6, 64, 513), (9, 130, 1000)]  # (T, N, K)
+SHAPES = [(1, 1, 1), (1, 5, 3), (1, 9, 700), (3, 7, 300), (5, 33, 256), (6, 64, 513), (9, 130, 1000)]  # (T, N, K)
 
 
 def _ids(shapes):
