@@ -575,21 +575,25 @@ __attribute__((target(MF_AMX))) void amx_block(const int8_t *A, const int8_t *B,
     _tile_loadd(2, C + 512, 64);
     _tile_loadd(3, C + 768, 64);
   }
+  // Each operand tile is reloaded for the next k step right after its last reader (the tiles are not renamed,
+  // so a load waits for the multiplies that read the old contents), which keeps the tile unit fed: ~4 % less
+  // time per step in a standalone loop than all four loads ahead of the four multiplies. The A tiles come from
+  // L2 without software prefetch: prefetching them two steps ahead (32 prefetcht0 per step) cost 3-5 % of
+  // 1.3b prefill at 128 tokens and 4-6 % on 370m, and was level at 512.
+  auto a_tile = [&](int64_t ks, int h) { return A + (ks * 2 + h) * kTileBytes; };
+  auto b_tile = [&](int64_t ks, int h) { return B + ((ks - ks0) * 2 + h) * kTileBytes; };
+  const int64_t per = (npf + (ks1 - ks0) - 1) / (ks1 - ks0);
+  _tile_loadd(4, a_tile(ks0, 0), 64);
+  _tile_loadd(6, b_tile(ks0, 0), 64);
   for (int64_t ks = ks0; ks < ks1; ++ks) {
-    // Tile loads that miss L1 are slow (measured: ~1.35 TOP/s with A from L2 vs ~3.1 from L1), so the A
-    // tiles two steps ahead are prefetched line by line (~1.7-1.9 TOP/s); B is reused from L1. (Since the
-    // buffers are aligned, dropping it is about level at 128 tokens and up to 7 % slower at 512.)
-    const char *ahead = (const char *)(A + (ks + 2) * 2 * kTileBytes);
-    for (int l = 0; l < 2 * kTileBytes; l += 64) _mm_prefetch(ahead + l, _MM_HINT_T0);
-    _tile_loadd(4, A + ks * 2 * kTileBytes, 64);
-    _tile_loadd(5, A + (ks * 2 + 1) * kTileBytes, 64);
-    _tile_loadd(6, B + (ks - ks0) * 2 * kTileBytes, 64);
-    _tile_loadd(7, B + ((ks - ks0) * 2 + 1) * kTileBytes, 64);
+    _tile_loadd(7, b_tile(ks, 1), 64);
     _tile_dpbsud(0, 4, 6);
+    _tile_loadd(5, a_tile(ks, 1), 64);
     _tile_dpbsud(1, 4, 7);
+    if (ks + 1 < ks1) _tile_loadd(4, a_tile(ks + 1, 0), 64);
     _tile_dpbsud(2, 5, 6);
+    if (ks + 1 < ks1) _tile_loadd(6, b_tile(ks + 1, 0), 64);
     _tile_dpbsud(3, 5, 7);
-    const int64_t per = (npf + (ks1 - ks0) - 1) / (ks1 - ks0);
     for (int64_t l = (ks - ks0) * per; l < std::min(npf, (ks - ks0 + 1) * per); ++l) prefetch_line_l2(pf[l]);
   }
   _tile_stored(0, C, 64);
