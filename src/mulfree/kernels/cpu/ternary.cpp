@@ -17,10 +17,10 @@
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
-#include <limits>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -1094,10 +1094,10 @@ void rmsnorm_quant_row(Isa isa, const float *x, const float *w, int64_t K, int64
 
 // exp(x) as torch's vectorized CPU kernels compute it inside sigmoid and silu (the SLEEF u10 algorithm:
 // x = q ln2 + s with ln2 split in two, a degree-5 polynomial, 2^q applied as two halves), with the same
-// operations and FMAs, so sigmoidf / siluf give torch's bits (no mismatch in 30M inputs; test_silu_has_torch_bits).
-// A correctly rounded exp differs from them in ~10 % of inputs by 1 ulp; evaluating in float, not double, also
-// halves the elementwise cost (1.3b prefill +4-12 %). Written without libm calls,
-// so the elementwise loops vectorize for each ISA.
+// operations and FMAs, so sigmoidf / siluf give torch's bits (no mismatch in 30M inputs;
+// test_silu_has_torch_bits). A correctly rounded exp differs from them in ~10 % of inputs by 1 ulp. In float,
+// not double, it also halves the elementwise cost (1.3b prefill +4-12 %). No libm calls, so the elementwise
+// loops vectorize for each ISA.
 MF_INLINE float pow2i(int32_t e) {
   const uint32_t bits = (uint32_t)(e + 127) << 23;
   float f;
@@ -1106,7 +1106,12 @@ MF_INLINE float pow2i(int32_t e) {
 }
 MF_INLINE float exp_torch(float d) {
   const float qf = __builtin_rintf(d * 1.44269504088896341f);
-  const int32_t q = (int32_t)qf;
+  // q = qf as an integer, read from the mantissa of qf + 1.5 * 2^23 (exact for |q| < 2^22; a float-to-int
+  // conversion would be undefined for the huge inputs that the last two lines settle)
+  const float qm = qf + 12582912.0f;
+  int32_t q;
+  std::memcpy(&q, &qm, 4);
+  q -= 0x4B400000;
   float s = __builtin_fmaf(qf, -0.693145751953125f, d);
   s = __builtin_fmaf(qf, -1.428606765330187045e-06f, s);
   float u = 0.000198527617612853646278381f;
