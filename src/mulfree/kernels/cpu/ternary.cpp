@@ -1128,20 +1128,24 @@ MF_INLINE float exp_torch(float d) {
 MF_INLINE float sigmoidf(float x) { return 1.0f / (1.0f + exp_torch(-x)); }
 MF_INLINE float siluf(float x) { return x / (1.0f + exp_torch(-x)); }
 
-// One MLGRU time step (math: reference/matmulfree.md 1.4; lb == nullptr for layer 0) in two phases, so that
+// MLGRU time steps (math: reference/matmulfree.md 1.4; lb == nullptr for layer 0) in two phases, so that
 // phase 1 can run per channel range and phase 2 per token. Phase 1: state update for channels [k0, k1) of
-// one token; fi[k] is overwritten with silu(state[k]) for phase 2 (mlgru_out, which needs all channels).
-MF_INLINE void mlgru_state_impl(float *fi, const float *ff, const float *lb, int64_t k0, int64_t k1, float *state) {
-  for (int64_t k = k0; k < k1; ++k) {
-    float f = sigmoidf(ff[k]);
-    if (lb) f = lb[k] + (1.0f - lb[k]) * f;
-    const float i = siluf(fi[k]) * (1.0f - f);
-    state[k] = f * state[k] + i;
-    fi[k] = siluf(state[k]);
-  }
+// T tokens in turn (rows ld apart); fi[k] is overwritten with silu(state[k]) for phase 2 (mlgru_out, which
+// needs all channels). The token loop is inside, not one call per token: 1.3b prefill +1-3 %.
+MF_INLINE void mlgru_state_impl(float *fi, const float *ff, const float *lb, int64_t k0, int64_t k1, float *state,
+                                int64_t T, int64_t ld) {
+  for (int64_t t = 0; t < T; ++t, fi += ld, ff += ld)
+    for (int64_t k = k0; k < k1; ++k) {
+      float f = sigmoidf(ff[k]);
+      if (lb) f = lb[k] + (1.0f - lb[k]) * f;
+      const float i = siluf(fi[k]) * (1.0f - f);
+      state[k] = f * state[k] + i;
+      fi[k] = siluf(state[k]);
+    }
 }
-MF_ISA_VARIANTS(mlgru_state, (float *fi, const float *ff, const float *lb, int64_t k0, int64_t k1, float *state),
-                (fi, ff, lb, k0, k1, state))
+MF_ISA_VARIANTS(mlgru_state,
+                (float *fi, const float *ff, const float *lb, int64_t k0, int64_t k1, float *state, int64_t T, int64_t ld),
+                (fi, ff, lb, k0, k1, state, T, ld))
 
 MF_INLINE void mlgru_out_impl(const float *fg, const float *gnorm, int64_t d, double eps, const float *silu_s,
                               float *out) {
@@ -1355,7 +1359,7 @@ class Engine {
       float *s = st + l * d;
       const float *lb = ly.has_lb ? ly.lb.data() : nullptr;
       auto state_update = [&](int64_t k0, int64_t k1) {
-        for (int64_t t = 0; t < T; ++t) mlgru_state(isa_, fi + t * d, ff + t * d, lb, k0, k1, s);
+        mlgru_state(isa_, fi, ff, lb, k0, k1, s, T, d);
       };
       if (uses_panels(isa_, T)) {
         run_linears(isa_, threads_, ifg, 3);
@@ -1605,7 +1609,7 @@ void register_ternary(nb::module_ &m) {
         std::vector<float> silu_s((size_t)d);  // the engine's two phases (phase 1 overwrites its gate input)
         for (int64_t t = 0; t < T; ++t) {
           std::memcpy(silu_s.data(), fi.data() + t * d, (size_t)d * 4);
-          mlgru_state(isa, silu_s.data(), ff.data() + t * d, has_lb ? lb.data() : nullptr, 0, d, state.data());
+          mlgru_state(isa, silu_s.data(), ff.data() + t * d, has_lb ? lb.data() : nullptr, 0, d, state.data(), 1, d);
           mlgru_out(isa, fg.data() + t * d, gnorm.data(), d, eps, silu_s.data(), out.data() + t * d);
         }
       },
