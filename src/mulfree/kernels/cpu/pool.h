@@ -14,13 +14,20 @@
 // Persistent thread pool with dynamic chunks: a parallel region is a numbered list of chunks that
 // every thread (the caller included) claims with a compare-and-swap, so a worker the OS has not
 // scheduled yet simply claims nothing instead of stalling the region (this host kind is shared).
-// Idle workers spin briefly on a generation counter, then sleep on a condition variable.
+// The caller claims from the front and the workers from the back, so with two threads each keeps
+// about the same half of every region: the rows and channels one region writes are mostly read by
+// the same core in the next (1.3b AMX prefill +10-15 %, 370m +10-13 % in alternating builds). Idle
+// workers spin briefly on a generation counter, then sleep on a condition variable.
 class Pool {
  public:
   explicit Pool(int n) : n_(std::max(1, n)) {
     for (int i = 1; i < n_; ++i) workers_.emplace_back([this] { loop(); });
   }
   int size() const { return n_; }
+
+  // The chunk this thread most likely claims after chunk c (for prefetching): c + 1 on the caller, c - 1
+  // on a worker.
+  static int64_t likely_next(int64_t c) { return c + claim_step(); }
 
   // Calls fn(c) for every c in [0, nchunks) across the threads; returns when all are done.
   template <class F>
@@ -30,30 +37,48 @@ class Pool {
       for (int64_t c = 0; c < nchunks; ++c) fn(c);
       return;
     }
-    fn_ = [](void *ctx, int64_t c) { (*static_cast<std::remove_reference_t<F> *>(ctx))(c); };
+    constexpr int64_t kMax = (int64_t(1) << 24) - 1;  // the 24-bit chunk fields of state_
+    for (int64_t base = 0; base < nchunks; base += kMax) run_region(base, std::min(kMax, nchunks - base), fn);
+  }
+
+ private:
+  // One parallel region: fn(base + c) for c in [0, n), n <= kMax.
+  template <class F>
+  void run_region(int64_t base, int64_t n, F &fn) {
+    fn_ = [](void *ctx, int64_t c) { (*static_cast<F *>(ctx))(c); };
     ctx_ = &fn;
-    nchunks_.store(nchunks, std::memory_order_relaxed);
+    base_ = base;
     done_.store(0, std::memory_order_relaxed);
-    const uint64_t g = (++posted_) & 0xffffffffu;
-    state_.store(g << 32, std::memory_order_release);
+    const uint64_t g = ++posted_;
+    state_.store(pack(g, 0, (uint64_t)n), std::memory_order_release);
     {
       std::lock_guard<std::mutex> lk(mu_);
       gen_.store(g, std::memory_order_release);
     }
     if (sleepers_.load(std::memory_order_acquire) > 0) cv_.notify_all();
-    work(g);
-    while (done_.load(std::memory_order_acquire) != nchunks) _mm_pause();
+    work(g, false);
+    while (done_.load(std::memory_order_acquire) != n) _mm_pause();
   }
 
- private:
-  // Claims and runs chunks of region g until none is left (or a newer region was posted).
-  void work(uint64_t g) {
+  // state_: region (low 16 bits) << 48 | next chunk from the front << 24 | one past the next from the back.
+  static uint64_t pack(uint64_t g, uint64_t front, uint64_t back) { return (g & 0xffff) << 48 | front << 24 | back; }
+  static int &claim_step() {
+    thread_local int step = 1;
+    return step;
+  }
+
+  // Claims and runs chunks of region g, from the front or the back, until none is left (or a newer region
+  // was posted).
+  void work(uint64_t g, bool from_back) {
+    claim_step() = from_back ? -1 : 1;
     for (;;) {
       uint64_t v = state_.load(std::memory_order_acquire);
-      if ((v >> 32) != g || (int64_t)(v & 0xffffffffu) >= nchunks_.load(std::memory_order_relaxed)) return;
-      if (!state_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) continue;
+      const uint64_t front = v >> 24 & 0xffffff, back = v & 0xffffff;
+      if ((v >> 48) != (g & 0xffff) || front >= back) return;
+      const uint64_t next = from_back ? pack(g, front, back - 1) : pack(g, front + 1, back);
+      if (!state_.compare_exchange_weak(v, next, std::memory_order_acq_rel)) continue;
       // The region cannot end (nor fn_/ctx_ change) while this chunk is outstanding.
-      fn_(ctx_, (int64_t)(v & 0xffffffffu));
+      fn_(ctx_, base_ + (int64_t)(from_back ? back - 1 : front));
       done_.fetch_add(1, std::memory_order_release);
     }
   }
@@ -75,7 +100,7 @@ class Pool {
         spins = 0;
       }
       seen = g;
-      work(g);
+      work(g, true);
     }
   }
 
@@ -83,9 +108,9 @@ class Pool {
   std::vector<std::thread> workers_;
   void (*fn_)(void *, int64_t) = nullptr;
   void *ctx_ = nullptr;
+  int64_t base_ = 0;
   uint64_t posted_ = 0;                  // regions posted (caller side only)
-  std::atomic<uint64_t> state_{0};       // region << 32 | next unclaimed chunk
-  std::atomic<int64_t> nchunks_{0};
+  std::atomic<uint64_t> state_{0};       // see pack()
   std::atomic<uint64_t> gen_{0};
   std::atomic<int64_t> done_{0};
   std::atomic<int> sleepers_{0};

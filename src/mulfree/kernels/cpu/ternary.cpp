@@ -358,7 +358,7 @@ constexpr int64_t kChunk = 16;
 // The first kPrefetchBlocks blocks of rows g0.. of j into L2. The kernels prefetch that far ahead along
 // the rows, so at a work item's end they prefetch the next item's head, which another thread may own, and
 // the head of the next item this thread claims (or of the next job in the same item) would be read cold.
-// Items are claimed dynamically; one pool round ahead is the likely next one.
+// Items are claimed dynamically; Pool::likely_next names the likely next one.
 void prefetch_head(const LinearJob &j, int64_t g0) {
   for (int64_t b = 0; b < kPrefetchBlocks; ++b) prefetch_block(j.W + g0 * j.Kpad + b * kBlock);
 }
@@ -849,7 +849,7 @@ void run_linears_panels(Isa isa, int threads, const LinearJob *jobs, int njobs) 
     // unpack: 276 vs 104). Unpacking the next chunk in pieces between this chunk's blocks made every block
     // slower (~12 % less prefill), and dummy tile ops inside the unpack did not help.
     // The weight lines of the first chunk of the panel this thread most likely runs next: the up panel after
-    // the gate panel, else the work item one pool round ahead (a wrong guess costs 64 idle prefetches).
+    // the gate panel, else Pool::likely_next's work item (a wrong guess costs 64 idle prefetches).
     auto first_chunk_lines = [&](const LinearJob &jn, int64_t gn, const uint8_t **lines) {
       int64_t nl = 0;
       for (int64_t g = gn; g < std::min(jn.groups(), gn + kPanelRows / kRows); ++g)
@@ -871,9 +871,8 @@ void run_linears_panels(Isa isa, int threads, const LinearJob *jobs, int njobs) 
               lines[nl++] = j.W + g * j.Kpad + off;
         } else if (gate) {
           nl = first_chunk_lines(j, gp + j.glu / kRows, lines);
-        } else if (c + threads < (int64_t)chunks.size()) {
-          const auto [in, gn] = chunks[(size_t)(c + threads)];
-          nl = first_chunk_lines(jobs[in], gn, lines);
+        } else if (const int64_t cn = Pool::likely_next(c); cn >= 0 && cn < (int64_t)chunks.size()) {
+          nl = first_chunk_lines(jobs[chunks[(size_t)cn].first], chunks[(size_t)cn].second, lines);
         }
 #if MF_HAVE_AMX
         if (amx) {  // spread over the tile loop (the 64 at once before the first block: 4-7 % less prefill)
@@ -927,8 +926,8 @@ void run_linears(Isa isa, int threads, const LinearJob *jobs, int njobs) {
   const auto chunks = row_group_chunks(jobs, njobs, kChunk);
   get_pool(threads).run_chunks((int64_t)chunks.size(), [&](int64_t c) {
     const auto [i, g0] = chunks[(size_t)c];
-    if (c + threads < (int64_t)chunks.size()) prefetch_head(jobs[chunks[(size_t)(c + threads)].first],
-                                                            chunks[(size_t)(c + threads)].second);
+    if (const int64_t cn = Pool::likely_next(c); cn >= 0 && cn < (int64_t)chunks.size())
+      prefetch_head(jobs[chunks[(size_t)cn].first], chunks[(size_t)cn].second);
     linear_rows(isa, jobs[i], g0, std::min(jobs[i].groups(), g0 + kChunk));
   });
 }
@@ -948,7 +947,7 @@ void run_aligned_linears(Isa isa, int threads, const LinearJob *jobs, int njobs,
   if (N * jobs[0].Kpad * jobs[0].T * njobs < (int64_t(1) << 20)) return rows(0, groups);  // as run_linears
   const int64_t nc = (groups + kChunk - 1) / kChunk;
   get_pool(threads).run_chunks(nc, [&](int64_t c) {
-    if (c + threads < nc) prefetch_head(jobs[0], (c + threads) * kChunk);
+    if (const int64_t cn = Pool::likely_next(c); cn >= 0 && cn < nc) prefetch_head(jobs[0], cn * kChunk);
     rows(c * kChunk, std::min(groups, (c + 1) * kChunk));
   });
 }
