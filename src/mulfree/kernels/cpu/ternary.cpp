@@ -1095,8 +1095,8 @@ void rmsnorm_quant_row(Isa isa, const float *x, const float *w, int64_t K, int64
 // x = q ln2 + s with ln2 split in two, a degree-5 polynomial, 2^q applied as two halves), with the same
 // operations and FMAs, so sigmoidf / siluf give torch's bits (no mismatch in 30M inputs;
 // test_silu_has_torch_bits). A correctly rounded exp differs from them in ~10 % of inputs by 1 ulp. In float,
-// not double, it also halves the elementwise cost (1.3b prefill +4-12 %). No libm calls, so the elementwise
-// loops vectorize for each ISA.
+// not double, it is also cheaper (1.3b prefill +4-12 %). No libm calls, so the elementwise loops vectorize
+// for each ISA.
 MF_INLINE float pow2i(int32_t e) {
   const uint32_t bits = (uint32_t)(e + 127) << 23;
   float f;
