@@ -25,6 +25,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -114,27 +115,32 @@ class DenseMMfree(torch.nn.Module):
         return self.head(F.rms_norm(x[-1:], (self.d,)))
 
 
+def best_rate(count: int, run: Callable[[], object], setup: Callable[[], object] = lambda: None) -> float:
+    """count / seconds of the fastest of 3 timed run() calls, setup() untimed before each (the host is shared)."""
+    best = 0.0
+    for _ in range(3):
+        setup()
+        t0 = time.perf_counter()
+        run()
+        best = max(best, count / (time.perf_counter() - t0))
+    return best
+
+
 def time_packed(pm: PackedModel, tokens: int, prefill: int) -> tuple[float, float]:
     """(decode tok/s, prefill tok/s) of the packed engine."""
     ids = torch.randint(0, pm.config["vocab_size"], (prefill,))
     pm.reset()
     pm.forward(ids[:8])
-    pre = 0.0
-    for _ in range(3):  # best of 3: one prefill is short and the host is shared
-        pm.reset()
-        t0 = time.perf_counter()
-        pm.forward(ids)
-        pre = max(pre, prefill / (time.perf_counter() - t0))
-    tok = 1
+    pre = best_rate(prefill, lambda: pm.forward(ids), setup=pm.reset)
+    tok = [1]
     for _ in range(2):
-        pm.forward([tok])
-    dec = 0.0
-    for _ in range(3):  # best of 3 windows, as for prefill
-        t0 = time.perf_counter()
+        pm.forward(tok)
+
+    def window() -> None:
         for _ in range(tokens):
-            tok = int(pm.forward([tok]).argmax())
-        dec = max(dec, tokens / (time.perf_counter() - t0))
-    return dec, pre
+            tok[0] = int(pm.forward(tok).argmax())
+
+    return best_rate(tokens, window), pre
 
 
 @torch.inference_mode()
@@ -142,22 +148,21 @@ def time_dense(model: DenseMMfree, vocab: int, d: int, layers: int, tokens: int,
     dtype = model.head.weight.dtype
     ids = torch.randint(0, vocab, (prefill,))
     model(ids[:8], [torch.zeros(d, dtype=dtype) for _ in range(layers)])
-    pre = 0.0
-    for _ in range(3):  # best of 3, as for the packed engine
-        state = [torch.zeros(d, dtype=dtype) for _ in range(layers)]
-        t0 = time.perf_counter()
-        model(ids, state)
-        pre = max(pre, prefill / (time.perf_counter() - t0))
-    tok = torch.tensor([1])
+    state: list[torch.Tensor] = []
+
+    def fresh_state() -> None:
+        state[:] = [torch.zeros(d, dtype=dtype) for _ in range(layers)]
+
+    pre = best_rate(prefill, lambda: model(ids, state), setup=fresh_state)
+    tok = [torch.tensor([1])]
     for _ in range(2):
-        model(tok, state)
-    dec = 0.0
-    for _ in range(3):  # best of 3 windows, as for the packed engine
-        t0 = time.perf_counter()
+        model(tok[0], state)
+
+    def window() -> None:
         for _ in range(tokens):
-            tok = model(tok, state).argmax(-1)
-        dec = max(dec, tokens / (time.perf_counter() - t0))
-    return dec, pre
+            tok[0] = model(tok[0], state).argmax(-1)
+
+    return best_rate(tokens, window), pre
 
 
 def torch_baseline(name: str, dtype: torch.dtype, args: argparse.Namespace) -> tuple[float, float]:
