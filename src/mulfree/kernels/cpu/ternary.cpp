@@ -848,12 +848,11 @@ void run_linears_panels(Isa isa, int threads, const LinearJob *jobs, int njobs) 
     // after ~1000+ cycles without tile work (benchmarks/amx_tiles.cpp; a 2000-tick FMA loop in place of the
     // unpack: 276 vs 104). Unpacking the next chunk in pieces between this chunk's blocks made every block
     // slower (~12 % less prefill), and dummy tile ops inside the unpack did not help.
-    // The weight lines of the first chunk of the panel this thread most likely runs next: the up panel after
-    // the gate panel, else Pool::likely_next's work item (a wrong guess costs 64 idle prefetches).
-    auto first_chunk_lines = [&](const LinearJob &jn, int64_t gn, const uint8_t **lines) {
+    // The weight lines of the chunk of k steps from ks of the panel at row group gn of job jn.
+    auto chunk_lines = [&](const LinearJob &jn, int64_t gn, int64_t ks, const uint8_t **lines) {
       int64_t nl = 0;
       for (int64_t g = gn; g < std::min(jn.groups(), gn + kPanelRows / kRows); ++g)
-        for (int64_t off = 0; off < std::min(jn.Kpad / 64, kPanelChunkSteps) * 64; off += 64)
+        for (int64_t off = ks * 64; off < std::min(jn.Kpad / 64, ks + kPanelChunkSteps) * 64; off += 64)
           lines[nl++] = jn.W + g * jn.Kpad + off;
       return nl;
     };
@@ -862,18 +861,17 @@ void run_linears_panels(Isa isa, int threads, const LinearJob *jobs, int njobs) 
         const int64_t ks1 = std::min(nks, ks0 + kPanelChunkSteps);
         (isa == Isa::Avx512 ? unpack_panel : unpack_panel_avx2)(j.W, j.groups(), j.Kpad, gp, ks0 / 4, ks1 / 4,
                                                                 panel.data());
-        // The next chunk's weights go into L2 while this one multiplies (the unpack reads them from memory).
+        // The next chunk's weights go into L2 while this one multiplies (the unpack reads them from memory);
+        // after the last chunk, the first chunk of the panel this thread most likely runs next: the up panel
+        // after the gate panel, else Pool::likely_next's work item (a wrong guess costs 64 idle prefetches).
         const uint8_t *lines[kPanelRows / kRows * kPanelChunkSteps];
         int64_t nl = 0;
-        if (ks1 < nks) {
-          for (int64_t g = gp; g < std::min(j.groups(), gp + kPanelRows / kRows); ++g)
-            for (int64_t off = ks1 * 64; off < std::min(nks, ks1 + kPanelChunkSteps) * 64; off += 64)
-              lines[nl++] = j.W + g * j.Kpad + off;
-        } else if (gate) {
-          nl = first_chunk_lines(j, gp + j.glu / kRows, lines);
-        } else if (const int64_t cn = Pool::likely_next(c); cn >= 0 && cn < (int64_t)chunks.size()) {
-          nl = first_chunk_lines(jobs[chunks[(size_t)cn].first], chunks[(size_t)cn].second, lines);
-        }
+        if (ks1 < nks)
+          nl = chunk_lines(j, gp, ks1, lines);
+        else if (gate)
+          nl = chunk_lines(j, gp + j.glu / kRows, 0, lines);
+        else if (const int64_t cn = Pool::likely_next(c); cn >= 0 && cn < (int64_t)chunks.size())
+          nl = chunk_lines(jobs[chunks[(size_t)cn].first], chunks[(size_t)cn].second, 0, lines);
 #if MF_HAVE_AMX
         if (amx) {  // spread over the tile loop (the 64 at once before the first block: 4-7 % less prefill)
           for (int64_t tb = 0; tb < nblk; ++tb)
