@@ -1,5 +1,5 @@
 // Cold 2-bit GEMV sweeps with different software-prefetch hints / distances vs a plain read loop, in one
-// run: the experiment behind kPrefetchBlocks / prefetch_block in src/mulfree/kernels/cpu/ternary.cpp.
+// run: the experiment behind the ternary GEMV kernels' prefetch distance (kPrefetchBlocks, prefetch_block).
 // The kernel is the engine's AVX-512 VNNI decode loop (T2R4 blocks, bit pairs masked in place).
 //
 //   g++ -O3 -o /tmp/gemv_prefetch benchmarks/gemv_prefetch.cpp -lpthread && /tmp/gemv_prefetch 1 && /tmp/gemv_prefetch 2

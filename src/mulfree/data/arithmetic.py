@@ -1,7 +1,7 @@
 """Arithmetic task data: addition / multiplication lines in every positional format, their parsers,
 balanced sampling over digit lengths and carries, and length-held-out test sets.
 
-Formats (`FORMATS`; see docs/arithmetic.md and reference/arithmetic.md §5), for 239 + 821:
+Formats (`FORMATS`; see docs/arithmetic.md for the papers they come from), for 239 + 821:
 
     plain            239+821=1060
     reversed         239+821=0601                answer least-significant digit first (Lee et al.)

@@ -1,8 +1,8 @@
-"""Pure-torch references of the packed engine's fused CPU steps (kernels/cpu/ternary.cpp).
+"""Pure-torch references of the packed engine's fused CPU steps (the C++ kernels under kernels/cpu/).
 
 The RMS factor sums squares in float64 and rounds once to fp32, so the compiled kernel (also a
 float64 sum, other order) gets the same fp32 factor, and the int8 activations match exactly.
-Math: reference/matmulfree.md §1.3–1.5 (MLGRU with the official output gate).
+Math: the MLGRU and GLU of `nn/mlgru.py` and `nn/glu.py` (the official code's output gate).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 
 A scale α is stored as T terms (sign_t ∈ {-1, 0, +1}, exp_t ∈ int8): α = Σ_t sign_t · 2^exp_t.
 The greedy rounding picks exp_t = round(log2 |r_{t-1}|) of the running residual r, and keeps the
-sign of every term (the upstream code drops them; see reference/shiftaddllm.md §7.1). A term whose
+sign of every term (the upstream ShiftAddLLM code drops them). A term whose
 residual is already zero gets sign 0, so its exponent is irrelevant (stored as 0).
 """
 

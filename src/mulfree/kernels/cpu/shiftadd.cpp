@@ -39,7 +39,7 @@ constexpr int kLanes = 16;                   // rows per tile (one zmm of fp32)
 constexpr int kQuad = 4;                     // tiles per quad = bytes per 32-bit key lane
 constexpr int kQuadRows = kLanes * kQuad;    // 64
 constexpr int kQuadBytes = kQuadRows;        // key bytes per (quad, chunk, plane)
-constexpr int kPrefetchChunks = 4;           // AVX-512 key prefetch distance (3-5 % on 2048x5632)
+constexpr int kPrefetchChunks = 4;           // AVX-512 key prefetch distance in chunks (hides the key stream's latency)
 
 struct Job {
   const float *tables;          // [C][2][32]: (lo16, hi16) signed sums, then their negation
