@@ -7,6 +7,7 @@ A trained directory holds the model (`mulfree.models.io`), `chartok.json` and `a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections import defaultdict
@@ -27,41 +28,38 @@ from mulfree.data.arithmetic import (
     split_line,
 )
 from mulfree.data.chartok import CharTokenizer
-from mulfree.errors import CheckpointError, ConfigError
+from mulfree.errors import CheckpointError
+from mulfree.models import registry
 
 if TYPE_CHECKING:
     from mulfree.train import TrainConfig
 
 TASK_FILE = "arith.json"
 RESULTS_FILE = "arith_eval.json"
-MODEL_KINDS = ("transformer", "mmfree")
-# The `arith` size: d=128, 4 layers, GLU width 512 -> ~1.05M parameters (vocab 21).
+# The `arith` size: d=128, 4 layers, GLU width 512 -> ~1.05M parameters (vocab 21); 4 heads where
+# the family has attention heads.
 ARITH_SIZE = {"hidden_size": 128, "num_hidden_layers": 4, "intermediate_size": 512, "max_position_embeddings": 512}
+ARITH_HEADS = 4
 
 
 def model_config(kind: str, vocab_size: int, preset: str = "arith", **overrides):
-    """Config for `kind` (transformer|mmfree): the `arith` size or any model preset, with our vocab."""
-    from mulfree.models.mmfree import MMFreeConfig
-    from mulfree.models.transformer import TransformerConfig
-
-    if kind not in MODEL_KINDS:
-        raise ConfigError(f"unknown model kind {kind!r}", f"choose one of {', '.join(MODEL_KINDS)}")
-    cls = TransformerConfig if kind == "transformer" else MMFreeConfig
+    """Config of the model family `kind` (see `mulfree.models.registry`): the `arith` size or any
+    model preset / config .json, with our vocab."""
+    cls = registry.get(kind).config_cls
     fields = {"vocab_size": vocab_size, **overrides}
     if preset == "arith":
-        extra = {"num_attention_heads": 4} if kind == "transformer" else {}
-        return cls.from_preset("tiny", **{**ARITH_SIZE, **extra, **fields})
+        has_heads = any(f.name == "num_attention_heads" for f in dataclasses.fields(cls))
+        heads = {"num_attention_heads": ARITH_HEADS} if has_heads else {}
+        return cls.from_preset("tiny", **{**ARITH_SIZE, **heads, **fields})
     return cls.from_name_or_file(preset, **fields)
 
 
 def build_model(kind: str, vocab_size: int, preset: str = "arith", seed: int = 0, **overrides) -> nn.Module:
     """A freshly initialised model (deterministic for a given seed)."""
-    from mulfree.models.mmfree import MMFreeForCausalLM
-    from mulfree.models.transformer import TransformerForCausalLM
-
-    cfg = model_config(kind, vocab_size, preset, **overrides)
+    family = registry.get(kind)
+    cfg = model_config(family.name, vocab_size, preset, **overrides)
     torch.manual_seed(seed)
-    return (TransformerForCausalLM if kind == "transformer" else MMFreeForCausalLM)(cfg)
+    return family.model_cls(cfg)
 
 
 def encode_line(tok: CharTokenizer, line: str) -> tuple[list[int], int]:
@@ -246,6 +244,7 @@ def train_arith(
     evaluate on lengths `eval_lengths` (default 1..digits+3); returns (model, results, train metrics)."""
     from mulfree.train import train
 
+    kind = registry.get(kind).name
     out_dir = Path(out_dir)
     tok = CharTokenizer()
     lengths = list(eval_lengths or range(1, task.digits + 4))

@@ -10,7 +10,7 @@ import sys
 from mulfree.errors import MulfreeError
 
 # One module per group of subcommands (see DESIGN.md "Public names").
-COMMAND_MODULES = ("core", "pack", "convert", "quantize", "lmul", "energy", "arith", "lmeval", "serve")
+COMMAND_MODULES = ("core", "demo", "pack", "convert", "quantize", "lmul", "energy", "arith", "lmeval", "serve")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mulfree import offline
+
+    offline.setup()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

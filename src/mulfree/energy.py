@@ -26,6 +26,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from mulfree.models import registry
+
 ENERGY_PJ: dict[str, float] = {
     "fp32_mul": 3.7,
     "fp32_add": 0.9,
@@ -57,16 +59,18 @@ def _shape(model_or_config: Any) -> dict[str, Any]:
     d, layers = get("hidden_size"), get("num_hidden_layers")
     if d is None or layers is None or get("vocab_size") is None or get("intermediate_size") is None:
         raise ValueError("count_ops needs a config with hidden_size, num_hidden_layers, intermediate_size, vocab_size")
-    shape = {"family": "mmfree" if model_type == "mmfree" else "transformer", "d": d, "layers": layers,
-             "vocab": get("vocab_size"), "inter": get("intermediate_size"), "model_type": model_type}
-    if shape["family"] == "transformer":
+    family = registry.find(cfg)
+    shape = {"family": family.name if family else model_type, "recurrent": bool(family and family.recurrent),
+             "d": d, "layers": layers, "vocab": get("vocab_size"), "inter": get("intermediate_size"),
+             "model_type": model_type}
+    if shape["recurrent"]:
+        shape["lower_bound"] = bool(get("use_lower_bound", True))
+    else:
         heads = get("num_attention_heads")
         if heads is None:
             raise ValueError(f"model_type {model_type!r}: a transformer config needs num_attention_heads")
         head_dim = get("head_dim") or d // heads
         shape.update(heads=heads, kv_heads=get("num_key_value_heads") or heads, head_dim=head_dim)
-    else:
-        shape["lower_bound"] = bool(get("use_lower_bound", True))
     return shape
 
 
@@ -147,7 +151,7 @@ def count_ops(
     c = _Counts(arith, shiftadd_bits)
     d, inter = s["d"], s["inter"]
     for _ in range(s["layers"]):
-        if s["family"] == "mmfree":
+        if s["recurrent"]:
             c.rmsnorm(d)  # attn_norm
             for _proj in range(4):  # i, f, g, o: BitLinear d -> d, each with its own RMSNorm
                 c.rmsnorm(d)

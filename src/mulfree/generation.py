@@ -9,12 +9,12 @@ import torch
 
 from mulfree.errors import MulfreeError
 from mulfree.ops.sampling import sample_next
+from mulfree.settings import check_max_new_tokens
 
 
 def check_lengths(limit: int | None, prompt_len: int, max_new_tokens: int) -> None:
     """Raise a one-line error for an empty prompt, a negative token count, or prompt + new > `limit`."""
-    if max_new_tokens < 0:
-        raise MulfreeError(f"--max-new-tokens must be >= 0, got {max_new_tokens}", "pass 0 or a positive count")
+    check_max_new_tokens(max_new_tokens)
     if prompt_len == 0:
         raise MulfreeError("the prompt is empty", "pass some text with --prompt")
     if limit is not None and prompt_len + max_new_tokens > limit:

@@ -15,7 +15,6 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -26,61 +25,13 @@ from tqdm import tqdm
 from mulfree.atomic import atomic_dir, atomic_write_text
 from mulfree.errors import CheckpointError, ConfigError, DataError
 from mulfree.evaluate import model_logits
+from mulfree.settings import TrainConfig
 
 CHECKPOINT_POINTER = "checkpoint.json"
 METRICS_FILE = "metrics.jsonl"
 TRAIN_CONFIG_FILE = "train_config.json"
 
 BatchFn = Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass
-class TrainConfig:
-    """Run settings (not model settings). Defaults suit the tiny preset on a CPU."""
-
-    steps: int = 1000
-    batch_size: int = 16  # sequences per micro-batch per process
-    seq_len: int = 128
-    lr: float = 3e-3  # peak LR; ternary models want ~3x the LR of a float model
-    min_lr: float = 3e-4  # floor of the cosine decay
-    warmup: int = 100
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    grad_accum: int = 1  # micro-batches per optimizer step
-    eval_every: int = 100  # 0: only at the end
-    eval_batches: int = 8
-    save_every: int = 200  # 0: only at the end
-    log_every: int = 1
-    bf16: bool = False  # autocast matmuls to bfloat16
-    seed: int = 0
-    device: str = "cpu"
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"train setting {name} must be positive, got {getattr(self, name)}",
-                                  f"pass a positive --{name.replace('_', '-')}")
-        for name in ("warmup", "eval_every", "save_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train setting {name} must be >= 0, got {getattr(self, name)}",
-                                  "use 0 or a positive number")
-        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
-            raise ConfigError(f"need 0 < lr and 0 <= min_lr <= lr, got lr={self.lr} min_lr={self.min_lr}",
-                              "fix --lr / --min-lr")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown train settings {unknown}", f"valid settings: {sorted(known)}")
-        return cls(**d)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

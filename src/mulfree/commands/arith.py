@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from mulfree.commands.flags import add_flags, from_args
 from mulfree.errors import ConfigError
 
 
@@ -24,6 +25,8 @@ def _lengths(spec: str) -> list[int]:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from mulfree.data.arithmetic import FORMATS, OPS
+    from mulfree.models import registry
+    from mulfree.settings import TrainConfig
 
     p = sub.add_parser("arith", help="train/evaluate small models on arithmetic in positional formats",
                        description="Addition and multiplication with positional formats (Shen et al. 2023, Lee et al. 2024).")
@@ -37,17 +40,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--format", choices=FORMATS, default="reversed", help="data format (default: reversed)")
     t.add_argument("--digits", type=int, default=3, help="longest training operand (default: 3)")
     t.add_argument("--width", type=int, default=None, help="padding width of the padded formats (default: --digits)")
-    t.add_argument("--model", choices=["transformer", "mmfree"], default="transformer", help="model family")
+    t.add_argument("--model", type=registry.canonical, choices=registry.NAMES, default="transformerpp",
+                   help="model family")
     t.add_argument("--preset", default="arith", help="arith (~1M params, d=128, 4 layers) or a model preset/config .json")
     t.add_argument("--out", required=True, help="output directory")
-    t.add_argument("--steps", type=int, default=2000, help="optimizer steps (default: 2000)")
-    t.add_argument("--batch-size", type=int, default=128, help="problems per step (default: 128)")
-    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
-    t.add_argument("--warmup", type=int, default=100, help="warmup steps (default: 100)")
+    add_flags(t, TrainConfig, only=("steps", "batch_size", "lr", "warmup", "seed"),
+              defaults={"steps": 2000, "batch_size": 128, "lr": 1e-3, "warmup": 100, "seed": 0})
     t.add_argument("--eval-lengths", default=None, help="operand lengths to test, e.g. 1-6 (default: 1..digits+3)")
     t.add_argument("--test-per-length", type=int, default=200, help="test problems per length (default: 200)")
     t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    t.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     t.set_defaults(func=_train)
 
     e = group.add_parser("eval", help="exact-match and per-digit accuracy per operand length",
@@ -72,9 +73,8 @@ def _train(args: argparse.Namespace) -> int:
         raise ConfigError("--test-per-length must be >= 1", "pass a positive count")
     task = ArithTask(args.task, args.format, args.digits, args.width)
     lengths = _lengths(args.eval_lengths) if args.eval_lengths else None
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=64, lr=args.lr, min_lr=args.lr / 10,
-                      warmup=min(args.warmup, args.steps), eval_every=max(1, args.steps // 10), eval_batches=2,
-                      save_every=0, seed=args.seed)
+    cfg = from_args(TrainConfig, args, seq_len=64, min_lr=args.lr / 10, warmup=min(args.warmup, args.steps),
+                    eval_every=max(1, args.steps // 10), eval_batches=2, save_every=0)
     _, results, metrics = train_arith(task, args.model, args.out, cfg, args.preset, lengths,
                                       args.test_per_length, overwrite=args.overwrite)
     print(f"trained {args.model} on {args.task} {args.format} <= {args.digits} digits: "

@@ -4,20 +4,32 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mulfree.commands.flags import add_flags, from_args
+from mulfree.energy import ARITHS
 from mulfree.errors import ConfigError
+
+
+@dataclass
+class EnergyConfig:
+    """What `mulfree energy` counts, besides the model."""
+
+    arith: str | None = field(default=None, metadata={"help": "one arithmetic (default: all of them)",
+                                                      "choices": ARITHS})
+    context: int = field(default=2048, metadata={"help": "position of the counted token (attention length)"})
+    shiftadd_bits: int = field(default=3, metadata={"help": "binary planes per weight for shiftadd"})
+
 
 def resolve_config(spec: str) -> dict[str, Any]:
     """`FAMILY:PRESET` (mmfree:370m, transformerpp:1.3b), a model dir with config.json, or a config .json."""
     if ":" in spec and not Path(spec).exists():
-        from mulfree.models.io import MODEL_CLASSES
+        from mulfree.models import registry
 
         family, preset = spec.split(":", 1)
-        if family not in MODEL_CLASSES:
-            raise ConfigError(f"unknown model family {family!r}", f"use {' or '.join(MODEL_CLASSES)}, e.g. mmfree:370m")
-        return MODEL_CLASSES[family][0].from_preset(preset).to_dict()
+        return registry.get(family).config_cls.from_preset(preset).to_dict()
     path = Path(spec)
     if path.is_dir():
         path = path / "config.json"
@@ -30,16 +42,17 @@ def resolve_config(spec: str) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mulfree.energy import ARITHS, count_ops
+    from mulfree.energy import count_ops
 
+    opts = from_args(EnergyConfig, args)
     cfg = resolve_config(args.model)
-    ariths = [args.arith] if args.arith else list(ARITHS)
+    ariths = [opts.arith] if opts.arith else list(ARITHS)
     try:
-        rows = [count_ops(cfg, a, context=args.context, shiftadd_bits=args.shiftadd_bits) for a in ariths]
+        rows = [count_ops(cfg, a, context=opts.context, shiftadd_bits=opts.shiftadd_bits) for a in ariths]
     except ValueError as exc:
         raise ConfigError(str(exc), "pass a config with the standard Hugging Face shape fields") from exc
-    base = count_ops(cfg, "fp32", context=args.context)["energy_pj"]["total"]
-    print(f"{args.model} ({rows[0]['family']}), per token at context {args.context}; arithmetic only, 45 nm (Horowitz 2014)")
+    base = count_ops(cfg, "fp32", context=opts.context)["energy_pj"]["total"]
+    print(f"{args.model} ({rows[0]['family']}), per token at context {opts.context}; arithmetic only, 45 nm (Horowitz 2014)")
     print(f"{'arith':<9} {'weight MACs':>12} {'attn MACs':>11} {'weights µJ':>11} {'other µJ':>9} {'total µJ':>9} {'vs fp32':>8}")
     for r in rows:
         e = r["energy_pj"]
@@ -56,10 +69,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("energy", help="count ops per token under an arithmetic and convert to energy (45 nm)",
                        description="Multiplies/additions per token by number format and their energy (Horowitz, ISSCC 2014).")
     p.add_argument("--model", required=True, help="FAMILY:PRESET (mmfree:370m, transformerpp:1.3b), a model dir or a config .json")
-    p.add_argument("--arith", choices=("fp32", "bf16", "int8", "ternary", "shiftadd", "lmul"),
-                   help="one arithmetic (default: all of them)")
-    p.add_argument("--context", type=int, default=2048, help="position of the counted token (attention length)")
-    p.add_argument("--shiftadd-bits", type=int, default=3, help="binary planes per weight for shiftadd")
+    add_flags(p, EnergyConfig)
     p.add_argument("--json", help="also write the full counts to this JSON file")
-    p.add_argument("--seed", type=int, default=0, help="unused (the count is deterministic); accepted for uniformity")
     p.set_defaults(func=run)

@@ -3,6 +3,25 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
+
+from mulfree.commands.flags import add_flags, from_args
+from mulfree.errors import ConfigError
+
+
+@dataclass
+class LMEvalConfig:
+    """Which lm-eval tasks `mulfree lm-eval` runs, and how."""
+
+    tasks: str = field(default="mulfree_shakespeare_cloze,mulfree_shakespeare_mc,mulfree_shakespeare_bpb",
+                       metadata={"help": "comma-separated task names"})
+    limit: int | None = field(default=None, metadata={"help": "examples per task (default: all)"})
+    max_length: int = field(default=1024, metadata={"help": "longest context scored at once"})
+    seed: int = field(default=0, metadata={"help": "seed for building the offline tasks"})
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be >= 1, got {self.limit}", "pass a positive number of examples")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,12 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "held-out plays of the bundled corpus; Hub tasks (arc_easy, ...) need a local datasets cache.",
     )
     p.add_argument("--model", required=True, help="model dir written by `mulfree train`")
-    p.add_argument("--tasks", default="mulfree_shakespeare_cloze,mulfree_shakespeare_mc,mulfree_shakespeare_bpb",
-                   help="comma-separated task names")
-    p.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
-    p.add_argument("--max-length", type=int, default=1024, help="longest context scored at once")
+    add_flags(p, LMEvalConfig)
     p.add_argument("--out", default=None, help="write results JSON here")
-    p.add_argument("--seed", type=int, default=0, help="seed for building the offline tasks")
     p.set_defaults(func=_run)
 
 
@@ -26,20 +41,20 @@ def _run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from mulfree.data.text import load_corpus
-    from mulfree.errors import CheckpointError, MulfreeError
-    from mulfree.lmeval import build_offline_tasks, run_lm_eval
     from mulfree.atomic import atomic_write_text
+    from mulfree.data.text import load_corpus
+    from mulfree.errors import CheckpointError
+    from mulfree.lmeval import build_offline_tasks, run_lm_eval
     from mulfree.models.io import load_model
     from mulfree.models.pretrained import cache_dir
 
-    if args.limit is not None and args.limit < 1:
-        raise MulfreeError(f"--limit must be >= 1, got {args.limit}", "pass a positive number of examples")
+    cfg = from_args(LMEvalConfig, args)
     model, tok = load_model(args.model)
     if tok is None:
         raise CheckpointError(f"{args.model} has no tokenizer.json", "evaluate a dir written by `mulfree train`")
-    task_dir = build_offline_tasks(cache_dir() / "lm_eval_tasks" / f"seed{args.seed}", load_corpus().val_text, seed=args.seed)
-    results = run_lm_eval(model, tok, [t.strip() for t in args.tasks.split(",") if t.strip()], task_dir, args.limit, args.max_length)
+    task_dir = build_offline_tasks(cache_dir() / "lm_eval_tasks" / f"seed{cfg.seed}", load_corpus().val_text, seed=cfg.seed)
+    tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
+    results = run_lm_eval(model, tok, tasks, task_dir, cfg.limit, cfg.max_length)
     for task, metrics in results.items():
         print(task + "  " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
     if args.out:

@@ -4,12 +4,35 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from mulfree.commands.flags import add_flags, from_args
 from mulfree.errors import ConfigError
 
 DEFAULT_METHODS = "fp32,bf16,fp8_e4m3,fp8_e5m2,lmul7,lmul4,lmul3"
+
+
+@dataclass
+class ErrorTableConfig:
+    """Which products `mulfree lmul error-table` measures."""
+
+    samples: int = field(default=1_000_000, metadata={"help": "product pairs per distribution"})
+    no_model: bool = field(default=False, metadata={"help": "skip the SmolLM2 weight x activation distribution"})
+    seed: int = field(default=0, metadata={"help": "seed of the sampled pairs"})
+
+
+@dataclass
+class LMulEvalConfig:
+    """Which products `mulfree lmul eval` swaps into the model, where, on how much text."""
+
+    where: str = field(default="attention", metadata={
+        "choices": ("attention", "linear", "all"),
+        "help": "attention: Q·Kᵀ and softmax·V; linear: every linear layer but lm_head; all: both"})
+    methods: str = field(default=DEFAULT_METHODS, metadata={
+        "help": "comma list of fp32, bf16, fp8_e4m3, fp8_e5m2, lmulK"})
+    windows: int = field(default=2, metadata={"help": "number of held-out windows"})
+    window: int = field(default=512, metadata={"help": "tokens per window"})
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -19,8 +42,6 @@ def _write_json(path: str, data: dict) -> None:
 
 
 def _load(model: str):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from mulfree.models.pretrained import load_hf_causal_lm, load_smollm2
 
     return load_smollm2() if model == "smollm2" else load_hf_causal_lm(model)
@@ -74,14 +95,15 @@ def run_error_table(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
     import torch
 
-    gen = torch.Generator().manual_seed(args.seed)
-    dists = {"N(0,1) x N(0,1)": (torch.randn(args.samples, generator=gen), torch.randn(args.samples, generator=gen))}
-    if not args.no_model:
-        dists["SmolLM2 weight x activation"] = _smollm2_pairs(args.samples, gen)
+    cfg = from_args(ErrorTableConfig, args)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    dists = {"N(0,1) x N(0,1)": (torch.randn(cfg.samples, generator=gen), torch.randn(cfg.samples, generator=gen))}
+    if not cfg.no_model:
+        dists["SmolLM2 weight x activation"] = _smollm2_pairs(cfg.samples, gen)
     # N(0,1) fits fp8 as is; real weights (~1e-2) would flush, so those get per-tensor fp8 scaling
     tables = {name: error_table(*xy, scale_fp8=name.startswith("SmolLM2")) for name, xy in dists.items()}
     cols = list(next(iter(tables.values())))
-    print(f"mean relative error of one product, {args.samples:,} pairs per distribution")
+    print(f"mean relative error of one product, {cfg.samples:,} pairs per distribution")
     print(f"{'distribution':<28} " + " ".join(f"{c:>9}" for c in cols))
     for name, t in tables.items():
         print(f"{name:<28} " + " ".join(f"{100 * t[c]:>8.2f}%" for c in cols))
@@ -103,7 +125,7 @@ def run_error_table(args: argparse.Namespace) -> int:
     atomic_write(Path(args.png), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     print(f"plot: {args.png}")
     if args.json:
-        _write_json(args.json, {"samples": args.samples, "seed": args.seed, "mre": tables})
+        _write_json(args.json, {"samples": cfg.samples, "seed": cfg.seed, "mre": tables})
     return 0
 
 
@@ -116,24 +138,24 @@ def run_eval(args: argparse.Namespace) -> int:
     from mulfree.evaluate import perplexity
     from mulfree.quant.lmul_apply import Product, apply_products
 
+    cfg = from_args(LMulEvalConfig, args)
     try:
-        products = [Product.parse(m.strip()) for m in args.methods.split(",") if m.strip()]
+        products = [Product.parse(m.strip()) for m in cfg.methods.split(",") if m.strip()]
     except ValueError as exc:
         raise ConfigError(str(exc), f"e.g. --methods {DEFAULT_METHODS}") from exc
-    torch.manual_seed(args.seed)
     model, tok = _load(args.model)
     model.eval()
     text = load_corpus(args.data).val_text
-    ids = torch.tensor(tok(text)["input_ids"][: args.windows * args.window])
+    ids = torch.tensor(tok(text)["input_ids"][: cfg.windows * cfg.window])
     if ids.numel() < 2:
         raise ConfigError("the held-out text has fewer than 2 tokens", "pass a larger --data file")
-    print(f"{args.model}: products in {args.where}, {ids.numel()} held-out tokens, windows of {args.window}")
+    print(f"{args.model}: products in {cfg.where}, {ids.numel()} held-out tokens, windows of {cfg.window}")
     rows = []
     for product in products:
         m = copy.deepcopy(model)
-        counts = apply_products(m, product, args.where)
+        counts = apply_products(m, product, cfg.where)
         with torch.no_grad():
-            ppl = perplexity(m, ids, window=args.window, progress=False)
+            ppl = perplexity(m, ids, window=cfg.window, progress=False)
         rows.append({"method": product.name, "ppl": ppl, **counts})
         print(f"  {product.name:<9} ppl {ppl:9.4f}", flush=True)
         del m
@@ -143,8 +165,8 @@ def run_eval(args: argparse.Namespace) -> int:
         rel = lambda ref: f"{100 * (r['ppl'] / base[ref] - 1):+7.2f}%" if ref in base else f"{'-':>8}"  # noqa: E731
         print(f"{r['method']:<9} {r['ppl']:>9.4f} {rel('fp32')} {rel('bf16')}")
     if args.json:
-        _write_json(args.json, {"model": args.model, "where": args.where, "tokens": ids.numel(),
-                                "window": args.window, "rows": rows})
+        _write_json(args.json, {"model": args.model, "where": cfg.where, "tokens": ids.numel(),
+                                "window": cfg.window, "rows": rows})
     return 0
 
 
@@ -153,22 +175,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     lsub = p.add_subparsers(dest="lmul_command", metavar="SUBCOMMAND")
 
     e = lsub.add_parser("error-table", help="per-product error of L-Mul at k = 2..7 mantissa bits vs fp8 and bf16; PNG plot")
-    e.add_argument("--samples", type=int, default=1_000_000, help="product pairs per distribution")
+    add_flags(e, ErrorTableConfig)
     e.add_argument("--png", default="lmul_error.png", help="where to write the plot")
     e.add_argument("--json", help="also write the table as JSON")
-    e.add_argument("--no-model", action="store_true", help="skip the SmolLM2 weight x activation distribution")
-    e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=run_error_table)
 
     v = lsub.add_parser("eval", help="perplexity of an HF causal LM with L-Mul / bf16 / fp8 products in attention or linears")
     v.add_argument("--model", default="smollm2", help="'smollm2' (bundled SmolLM2-135M) or a local HF dir / .gguf")
-    v.add_argument("--where", choices=("attention", "linear", "all"), default="attention",
-                   help="attention: Q·Kᵀ and softmax·V; linear: every linear layer but lm_head; all: both")
-    v.add_argument("--methods", default=DEFAULT_METHODS, help="comma list of fp32, bf16, fp8_e4m3, fp8_e5m2, lmulK")
+    add_flags(v, LMulEvalConfig)
     v.add_argument("--data", nargs="*", help="text files for held-out text (default: bundled corpus)")
-    v.add_argument("--windows", type=int, default=2, help="number of held-out windows")
-    v.add_argument("--window", type=int, default=512, help="tokens per window")
     v.add_argument("--json", help="also write the table as JSON")
-    v.add_argument("--seed", type=int, default=0)
     v.set_defaults(func=run_eval)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])

@@ -15,7 +15,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="MMfree model dir (config.json + model.safetensors)")
     p.add_argument("--out", required=True, help="output dir for the packed model")
-    p.add_argument("--seed", type=int, default=0, help="unused by packing (deterministic); accepted for uniformity")
     p.set_defaults(func=_run)
 
 

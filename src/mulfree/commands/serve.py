@@ -3,6 +3,24 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
+
+from mulfree.commands.flags import add_flags, from_args
+from mulfree.errors import ConfigError
+
+
+@dataclass
+class ServeConfig:
+    """Where `mulfree serve` listens and how many sequences it decodes together."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind (loopback only by default)"})
+    port: int = field(default=8000, metadata={"help": "TCP port"})
+    max_batch: int = field(default=8, metadata={"help": "most sequences decoded together"})
+    seed: int = field(default=0, metadata={"help": "default sampling seed for requests that give none"})
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or not 0 < self.port < 65536:
+            raise ConfigError("--max-batch must be >= 1 and --port in 1..65535", "fix the arguments")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,10 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "MMfree models decode all live requests in one batched step (continuous batching).",
     )
     p.add_argument("--model", required=True, help="model dir written by `mulfree train`")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=8, help="most sequences decoded together")
-    p.add_argument("--seed", type=int, default=0, help="default sampling seed for requests that give none")
+    add_flags(p, ServeConfig)
     p.set_defaults(func=_run)
 
 
@@ -28,8 +43,7 @@ def _run(args: argparse.Namespace) -> int:
     from mulfree.infer.server import App
     from mulfree.models.io import load_model
 
-    if args.max_batch < 1 or not 0 < args.port < 65536:
-        raise MulfreeError("--max-batch must be >= 1 and --port in 1..65535", "fix the arguments")
+    cfg = from_args(ServeConfig, args)
     try:
         import uvicorn
     except ImportError as exc:
@@ -38,7 +52,7 @@ def _run(args: argparse.Namespace) -> int:
     if tok is None:
         raise CheckpointError(f"{args.model} has no tokenizer.json", "serve a dir written by `mulfree train`")
     eos = tok.token_to_id("<|endoftext|>")
-    batcher = ContinuousBatcher(TorchStepModel(model), max_batch=args.max_batch, eos_token_id=eos)
-    app = App(batcher, tok, Path(args.model).name, model.config.max_position_embeddings, default_seed=args.seed)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    batcher = ContinuousBatcher(TorchStepModel(model), max_batch=cfg.max_batch, eos_token_id=eos)
+    app = App(batcher, tok, Path(args.model).name, model.config.max_position_embeddings, default_seed=cfg.seed)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
     return 0

@@ -70,8 +70,10 @@ class LMConfig:
 
     @classmethod
     def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        from mulfree.models.registry import canonical
+
         data = dict(data)
-        model_type = data.pop("model_type", cls.model_type)
+        model_type = canonical(data.pop("model_type", cls.model_type))
         if model_type != cls.model_type:
             raise ConfigError(f"config is for model_type {model_type!r}, not {cls.model_type!r}", "load it with the matching model class")
         names = {f.name for f in dataclasses.fields(cls)}

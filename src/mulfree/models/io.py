@@ -19,13 +19,8 @@ from torch import nn
 from mulfree.atomic import atomic_write, atomic_write_text
 from mulfree.data.text import load_tokenizer
 from mulfree.errors import CheckpointError, ConfigError
-from mulfree.models.mmfree import MMFreeConfig, MMFreeForCausalLM
-from mulfree.models.transformer import TransformerConfig, TransformerForCausalLM
+from mulfree.models import registry
 
-MODEL_CLASSES: dict[str, tuple[type, type]] = {
-    MMFreeConfig.model_type: (MMFreeConfig, MMFreeForCausalLM),
-    TransformerConfig.model_type: (TransformerConfig, TransformerForCausalLM),
-}
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
@@ -33,13 +28,11 @@ TOKENIZER_NAME = "tokenizer.json"
 
 def build_model(config_dict: dict[str, Any]) -> nn.Module:
     """Instantiate the model class named by `config_dict["model_type"]`."""
-    model_type = config_dict.get("model_type")
-    if model_type not in MODEL_CLASSES:
-        raise CheckpointError(
-            f"unknown model_type {model_type!r} in config", f"mulfree models are {', '.join(MODEL_CLASSES)}"
-        )
-    config_cls, model_cls = MODEL_CLASSES[model_type]
-    return model_cls(config_cls.from_dict(config_dict))
+    family = registry.find(config_dict)
+    if family is None:
+        raise CheckpointError(f"unknown model_type {config_dict.get('model_type')!r} in config",
+                              f"mulfree models are {', '.join(registry.NAMES)}")
+    return family.model_cls(family.config_cls.from_dict(config_dict))
 
 
 def save_model(model: nn.Module, out_dir: str | Path, tokenizer: Any = None) -> None:

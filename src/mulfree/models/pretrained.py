@@ -35,7 +35,6 @@ def smollm2_gguf() -> Path:
 
 
 def _require_transformers():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import transformers
     except ImportError as exc:
@@ -46,8 +45,9 @@ def _require_transformers():
 def _convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF checkpoint into a plain safetensors HF dir (atomically)."""
     tf = _require_transformers()
-    model = tf.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tok = tf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = tf.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                    local_files_only=True)
+    tok = tf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     # A GGUF-loaded model carries a quantizer and refuses save_pretrained: rebuild it plainly.
     plain = tf.AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
     plain.load_state_dict(model.state_dict())
@@ -73,8 +73,8 @@ def load_hf_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} is not a Hugging Face model dir (no config.json)", "pass a dir saved with save_pretrained, a .gguf file or 'smollm2'")
     try:
-        model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        tok = tf.AutoTokenizer.from_pretrained(path)
+        model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        tok = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"cannot load {path} as a causal LM ({exc})", "check the model dir") from exc
     model.eval()
