@@ -24,6 +24,7 @@ class Example:
     sizes: tuple[int, ...] = (1, 2)
     sequential: bool = field(default=True, metadata={"negatable": True})
     name: str = field(default="x", metadata={"flag": "--label"})
+    files: list[str] | None = field(default=None, metadata={"nargs": "*"})
 
 
 def _parser(**kw) -> argparse.ArgumentParser:
@@ -35,8 +36,8 @@ def _parser(**kw) -> argparse.ArgumentParser:
 def test_one_flag_per_field_typed_from_the_annotation():
     cfg = from_args(Example, _parser().parse_args(
         ["--count", "5", "--scale", "0.5", "--mode", "exact", "--verbose", "--no-progress", "--sizes", "4", "5", "6",
-         "--no-sequential", "--label", "y"]))
-    assert cfg == Example(5, 0.5, "exact", True, False, (4, 5, 6), False, "y")
+         "--no-sequential", "--label", "y", "--files"]))
+    assert cfg == Example(5, 0.5, "exact", True, False, (4, 5, 6), False, "y", [])
     assert from_args(Example, _parser().parse_args([])) == Example()
     with pytest.raises(argparse.ArgumentError):
         _parser().parse_args(["--mode", "slow"])

@@ -6,7 +6,9 @@ Each field becomes `--kebab-name` (`dest` is the field name):
   `tuple[T, ...]` / `list[T]`: `nargs="+"`, converted back to the field's container type.
 - `bool`: default False gives `--name` (store_true); default True gives `--no-name` (store_false);
   `metadata={"negatable": True}` gives both (`--name/--no-name`).
-- `metadata` keys: `help` (the help text), `flag` (another flag name), `choices`, `metavar`.
+- `metadata` keys: `help` (the help text; for a `--no-name` flag it describes turning the setting
+  off), `flag` (another flag name), `choices`, `metavar`, `nargs` (e.g. "*" for a list that may be
+  given empty).
 
 Unless a command passes its own `defaults`, a flag's parsed value is None when it was not given, so
 `from_args` can layer the command line over a base (a saved run, a JSON file) and the dataclass
@@ -76,7 +78,7 @@ def _flag_kwargs(f: dataclasses.Field, tp: Any, default: Any) -> tuple[str, dict
         kw["type"] = tp
     else:
         raise TypeError(f"{f.name}: no command-line form for the type {tp!r}")
-    for key in ("choices", "metavar"):
+    for key in ("choices", "metavar", "nargs"):
         if key in meta:
             kw[key] = list(meta[key]) if key == "choices" else meta[key]
     return name, kw
