@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from mulfree.data.text import load_corpus  # noqa: E402
 from mulfree.evaluate import perplexity  # noqa: E402
 from mulfree.models.pretrained import load_smollm2  # noqa: E402
+from mulfree.quant.config import WalkOptions  # noqa: E402
 from mulfree.quant.gptq import GPTQ  # noqa: E402
 from mulfree.quant.rtn import RTN  # noqa: E402
 from mulfree.quant.shiftadd import ShiftAdd  # noqa: E402
@@ -96,6 +97,8 @@ def main() -> None:
         with open(args.jsonl, "a") as f:
             f.write(line + "\n")
 
+    walk = WalkOptions(true_sequential=args.true_sequential, asymmetric=args.asymmetric, tune_epochs=args.tune_epochs,
+                       tune_lr=args.tune_lr, distill_epochs=args.distill_epochs, distill_lr=args.distill_lr)
     fp = perplexity(model, ids, args.window, progress=False)
     if not args.skip_fp:
         report({"method": "fp32", "bits": 32, "ppl": round(fp, 3)})
@@ -113,9 +116,7 @@ def main() -> None:
     for name, bits in runs:
         t0 = time.time()
         qmodel = copy.deepcopy(model)
-        quantize_model(qmodel, makers[name](bits), calib, true_sequential=args.true_sequential,
-                       tune_epochs=args.tune_epochs, tune_lr=args.tune_lr, asymmetric=args.asymmetric,
-                       distill_epochs=args.distill_epochs, distill_lr=args.distill_lr)
+        quantize_model(qmodel, makers[name](bits), calib, walk)
         ppl = perplexity(qmodel, ids, args.window, progress=False)
         row = {"method": name, "bits": bits, "ppl": round(ppl, 3), "ratio_vs_fp": round(ppl / fp, 3),
                "seconds": round(time.time() - t0, 1)}

@@ -16,8 +16,13 @@ from mulfree.cli import main as cli_main  # noqa: E402
 from mulfree.errors import ConfigError, DataError  # noqa: E402
 from mulfree.ops.bcq import bcq_fit, pack_planes, unpack_planes  # noqa: E402
 from mulfree.ops.powers import apot_round, apot_value, shift_scale  # noqa: E402
+from mulfree.quant.config import WalkOptions  # noqa: E402
+from mulfree.quant.rtn import RTN  # noqa: E402
 from mulfree.quant.shiftadd import ShiftAdd, allocate_bits  # noqa: E402
+from mulfree.quant.stream import CalibrationStream, capture_inputs, run_block  # noqa: E402
 from mulfree.quant.walker import calibration_ids, decoder_blocks, load_quantized, quantize_model, save_quantized  # noqa: E402
+
+QUIET = WalkOptions(progress=False)
 
 CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(
@@ -107,7 +112,7 @@ def test_quantize_save_reload(arch, mode, tmp_path):
     x = torch.randint(0, 300, (1, 12))
     ref = model(x).logits
     method = ShiftAdd(3, 16, mode, rounds=2)
-    metas = quantize_model(model, method, calib, progress=False)
+    metas = quantize_model(model, method, calib, QUIET)
     assert len(metas) == sum(1 for n, m in decoder_blocks(model)[1].named_modules() if type(m).__name__ == "ShiftAddLinear")
     y = model(x).logits
     assert (y - ref).abs().max() < 0.5 * ref.abs().max()
@@ -121,31 +126,28 @@ def test_quantize_save_reload(arch, mode, tmp_path):
         torch.testing.assert_close(layer(one), one @ layer.dequantize().T, rtol=1e-5, atol=1e-5)
 
 
-class _RecordingRTN:
-    """RTN that keeps the weight and Hessian the walker handed it for each layer (in call order)."""
+class _RecordingRTN(RTN):
+    """RTN fed calibration statistics, keeping the weight and Hessian the walker handed it for each layer (in call order)."""
 
-    name, needs_hessian = "rtn", True
+    needs_stats = True
 
     def __init__(self):
-        from mulfree.quant.rtn import RTN
+        super().__init__(4, 16)
+        self.hessians, self.weights = [], []
 
-        self.rtn, self.hessians, self.weights = RTN(4, 16), [], []
-
-    def quantize(self, w, h, bias):
+    def quantize(self, w, h, bias, bits=None):
         self.hessians.append(h)
         self.weights.append(w)
-        return self.rtn.quantize(w, h, bias)
+        return super().quantize(w, h, bias, bits)
 
 
 def _o_proj_input_hessian(block, records):
     """E[x xᵀ] of o_proj's input when `block` runs on the recorded block inputs (independent of the walker)."""
-    from mulfree.quant.walker import _run_block
-
     xs = []
     handle = block.self_attn.o_proj.register_forward_hook(lambda _m, args, _o: xs.append(args[0].reshape(-1, 32)))
     with torch.no_grad():
         for hid, args, kw in records:
-            _run_block(block, hid, args, kw)
+            run_block(block, hid, args, kw)
     handle.remove()
     x = torch.cat(xs)
     return x.T @ x / x.shape[0]
@@ -153,14 +155,12 @@ def _o_proj_input_hessian(block, records):
 
 @pytest.mark.parametrize("true_sequential", [True, False])
 def test_true_sequential_takes_hessians_through_quantized_stages(true_sequential):
-    from mulfree.quant.walker import _capture
-
     model, calib = _tiny("llama"), torch.randint(0, 300, (4, 16))
     block = decoder_blocks(model)[1][0]
-    records = _capture(model, block, calib, 4)
+    records = capture_inputs(model, block, calib, 4)
     h_fp = _o_proj_input_hessian(block, records)
     method = _RecordingRTN()
-    quantize_model(model, method, calib, progress=False, true_sequential=true_sequential)
+    quantize_model(model, method, calib, WalkOptions(progress=False, true_sequential=true_sequential))
     h_o = method.hessians[3]  # q, k, v, then o_proj
     h_quant = _o_proj_input_hessian(block, records)  # q/k/v quantized now (o_proj does not feed itself)
     torch.testing.assert_close(h_o, h_quant if true_sequential else h_fp, rtol=1e-4, atol=1e-6)
@@ -197,7 +197,7 @@ def test_asymmetric_walker_fits_each_layer_to_the_fp_stream():
     model, calib = _tiny("llama"), torch.randint(0, 300, (4, 16))
     fp_model = _tiny("llama")
     method = _RecordingRTN()
-    quantize_model(model, method, calib, progress=False, asymmetric=True)
+    quantize_model(model, method, calib, WalkOptions(progress=False, asymmetric=True))
     assert torch.equal(method.weights[0], decoder_blocks(fp_model)[1][0].self_attn.q_proj.weight)  # streams agree
     q_fp = decoder_blocks(fp_model)[1][1].self_attn.q_proj  # block 1: its input saw the quantized block 0
     xf = _linear_input(fp_model, q_fp, calib)
@@ -209,19 +209,17 @@ def test_asymmetric_walker_fits_each_layer_to_the_fp_stream():
 
 
 def test_block_tuning_lowers_block_error_and_keeps_codes():
-    from mulfree.quant.walker import _capture, _run_block
-
     calib = torch.randint(0, 300, (4, 16))
     fp_block = decoder_blocks(_tiny("llama"))[1][0]
     errors, planes = [], []
     for epochs in (0, 20):
         model = _tiny("llama")
-        records = _capture(model, decoder_blocks(model)[1][0], calib, 4)
-        quantize_model(model, ShiftAdd(2, 16, "acc", 2), calib, progress=False, tune_epochs=epochs, tune_lr=1e-2,
-                       asymmetric=False)  # tuned to the FP block on the same inputs, the error measured here
+        records = capture_inputs(model, decoder_blocks(model)[1][0], calib, 4)
+        options = WalkOptions(progress=False, tune_epochs=epochs, tune_lr=1e-2, asymmetric=False)
+        quantize_model(model, ShiftAdd(2, 16, "acc", 2), calib, options)  # tuned to the FP block on the same inputs
         block = decoder_blocks(model)[1][0]
         with torch.no_grad():
-            errors.append(sum(((_run_block(block, *r) - _run_block(fp_block, *r)) ** 2).mean() for r in records))
+            errors.append(sum(((run_block(block, *r) - run_block(fp_block, *r)) ** 2).mean() for r in records))
         planes.append(block.self_attn.q_proj.planes.clone())
         assert block.input_layernorm.weight.requires_grad and not block.self_attn.q_proj.planes.requires_grad
     assert torch.equal(planes[0], planes[1])
@@ -250,7 +248,8 @@ def test_distillation_lowers_kl_and_trains_only_float_parameters(arch):
     kls, planes, flags = [], [], []
     for epochs in (0, 10):
         model = peaked()
-        quantize_model(model, ShiftAdd(2, 16, "acc", 2), calib, progress=False, distill_epochs=epochs, distill_lr=1e-2)
+        quantize_model(model, ShiftAdd(2, 16, "acc", 2), calib, WalkOptions(progress=False, distill_epochs=epochs,
+                                                                             distill_lr=1e-2))
         kls.append(_kl_to(fp, model, calib))
         planes.append(decoder_blocks(model)[1][0].self_attn.q_proj.planes.clone())
         flags.append([p.requires_grad for p in model.parameters()])
@@ -260,11 +259,28 @@ def test_distillation_lowers_kl_and_trains_only_float_parameters(arch):
     assert kls[1] < 0.85 * kls[0]
 
 
+def test_stream_shares_stats_by_input_and_keyword_overrides_match_options():
+    model, calib = _tiny("llama"), torch.randint(0, 300, (4, 16))
+    block = decoder_blocks(model)[1][0]
+    linears = {name: m for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    stream = CalibrationStream(model, block, calib, 2, asymmetric=True)
+    stream.enter(block)
+    stats, stages = stream.collect(block, linears, RTN(4, 16))
+    attn, mlp = ["self_attn." + n for n in ("q_proj", "k_proj", "v_proj")], ["mlp.gate_proj", "mlp.up_proj"]
+    assert stages == [attn, ["self_attn.o_proj"], mlp, ["mlp.down_proj"]]
+    assert stats[attn[0]] is stats[attn[2]] and stats[mlp[0]] is stats[mlp[1]] and stats[attn[0]].rows == 64
+    torch.testing.assert_close(stats[attn[0]].cross(), stats[attn[0]].hessian())  # nothing quantized yet
+    metas = [quantize_model(_tiny("llama"), ShiftAdd(2, 16, "lat", 1), calib, options, **kw)
+             for options, kw in ((WalkOptions(progress=False, true_sequential=False), {}),
+                                 (None, {"progress": False, "true_sequential": False}))]
+    assert metas[0] == metas[1]
+
+
 def test_mixed_bits_allocation_respects_budget():
     bits = allocate_bits({"a": 3.0, "b": 1.0, "c": 2.0}, {"a": 100, "b": 100, "c": 100}, 2, 3, 2.4)
     assert bits == {"a": 3, "b": 2, "c": 2}
     model = _tiny("llama")
-    metas = quantize_model(model, ShiftAdd(2, 16, "acc", 1, mixed_bits=2.5), torch.randint(0, 300, (2, 16)), progress=False)
+    metas = quantize_model(model, ShiftAdd(2, 16, "acc", 1, mixed_bits=2.5), torch.randint(0, 300, (2, 16)), QUIET)
     assert {m["bits"] for m in metas.values()} == {2, 3}
 
 

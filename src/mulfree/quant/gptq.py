@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 
 from mulfree.ops.hadamard import RandomHadamard
+from mulfree.quant.base import QuantMethod
 
 
 class ColumnQuantizer(Protocol):
@@ -166,11 +167,11 @@ class Incoherence:
         return w, h, rin, rout
 
 
-class GPTQ:
+class GPTQ(QuantMethod):
     """The GPTQ baseline as a walker method: uniform grid, activation order, error compensation."""
 
     name = "gptq"
-    needs_hessian = True
+    needs_stats = True
 
     def __init__(
         self, bits: int, group: int = 128, blocksize: int = 128, percdamp: float = 0.01, incoherence: str = "none",
@@ -183,15 +184,16 @@ class GPTQ:
         return {"bits": self.bits, "group_size": self.group, "blocksize": self.blocksize, "percdamp": self.percdamp,
                 **self.incoherence.config()}
 
-    def quantize(self, w: torch.Tensor, h: torch.Tensor | None, bias: torch.Tensor | None):
+    def quantize(self, w: torch.Tensor, h: torch.Tensor | None, bias: torch.Tensor | None, bits: int | None = None):
         from mulfree.quant.qlinear import UniformLinear
 
         n, k = w.shape
+        bits = bits or self.bits
         w, h, rin, rout = self.incoherence.rotate(w, h)
         group = k if self.group <= 0 else min(self.group, k)
-        uq = UniformQuantizer(w, self.bits, group)
+        uq = UniformQuantizer(w, bits, group)
         gptq_solve(w, h, uq, uq.order(torch.diag(h)), self.blocksize, self.percdamp)
-        layer = UniformLinear(k, n, bias is not None, self.bits, group)
+        layer = UniformLinear(k, n, bias is not None, bits, group)
         layer.load_state_dict({**uq.state(), **({"bias": bias} if bias is not None else {})})
         layer.rht, layer.rht_out = rin, rout
         return layer

@@ -18,6 +18,7 @@ import math
 import torch
 
 from mulfree.ops.bcq import bcq_assign, bcq_fit, pack_planes
+from mulfree.quant.base import QuantMethod
 from mulfree.quant.gptq import Incoherence, act_order, gptq_solve
 from mulfree.quant.qlinear import ShiftAddLinear
 
@@ -89,11 +90,11 @@ def sensitivity(w: torch.Tensor, h: torch.Tensor, percdamp: float = 0.01) -> flo
     return float(imp.norm() * imp.std() ** 2)
 
 
-class ShiftAdd:
+class ShiftAdd(QuantMethod):
     """ShiftAddLLM as a walker method (GPTQ-compensated BCQ + APoT), `mode` acc or lat."""
 
     name = "shiftadd"
-    needs_hessian = True
+    needs_stats = True
 
     def __init__(
         self,
@@ -116,7 +117,7 @@ class ShiftAdd:
         self.blocksize, self.percdamp, self.mixed_bits = blocksize, percdamp, mixed_bits
         self.incoherence = Incoherence(incoherence, seed)
 
-    def assign_bits(self, layers: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, int]:
+    def assign_bits(self, layers: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> dict[str, int]:
         """Bits per layer of one block: `bits` everywhere, or with `mixed_bits` = avg (e.g. 2.2)
         the most sensitive layers get bits+1 under that size-weighted average."""
         if self.mixed_bits is None:

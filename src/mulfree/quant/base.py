@@ -1,0 +1,115 @@
+"""What every PTQ method implements (`QuantMethod`) and the per-layer calibration statistics the
+walker feeds it (`HessianStats`, filled by forward hooks as GPTQ's per-layer `add_batch`).
+
+A method gets one linear at a time: its weight W [N, K] (float32, `nn.Linear` layout), the
+statistics' H = mean xᵀx [K, K] (None without calibration) and the bias, and returns the quantized
+layer (`qlinear.py`). With asymmetric calibration the walker first replaces W by the least-squares
+target `asymmetric_target(W, H, C)`, C = mean xᵀx_fp from the same statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear or GPT-2's Conv1D: the layers the walker quantizes."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """W [out, in] of nn.Linear or GPT-2 Conv1D (stored [in, out])."""
+    w = module.weight.detach()
+    return w.T if type(module).__name__ == "Conv1D" else w
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as float32 rows [M, K]."""
+    return x.reshape(-1, x.shape[-1]).float()
+
+
+class HessianStats:
+    """Calibration statistics of one linear input: H = Σ xᵀx over its input rows and, when the FP
+    model's input of the same layer is passed too, C = Σ xᵀx_fp (the asymmetric target's cross term).
+
+    Linears fed the same tensor (q/k/v, gate/up) share one object, so each product is formed once.
+    Example:
+        stats = HessianStats(k)
+        handle = linear.register_forward_hook(lambda _m, args, out: stats.add_batch(args[0], out))
+        ...  # run the calibration batches
+        h = stats.hessian()  # [K, K]
+    """
+
+    def __init__(self, columns: int):
+        self.h = torch.zeros(columns, columns)
+        self.c: torch.Tensor | None = None
+        self.rows = 0
+
+    def add_batch(self, inp: torch.Tensor, out: torch.Tensor | None = None, fp_inp: torch.Tensor | None = None) -> None:
+        """Add one batch: `inp` [..., K] the layer's input (`out` unused, as GPTQ's hook signature has
+        it); `fp_inp` [..., K] the same layer's input in the FP model on the same calibration batch."""
+        x = _rows(inp)
+        self.h += x.T @ x
+        if fp_inp is not None:
+            if self.c is None:
+                self.c = torch.zeros_like(self.h)
+            self.c += x.T @ _rows(fp_inp)
+        self.rows += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        """H = mean over calibration rows of x xᵀ: [K, K] float32."""
+        return self.h / max(self.rows, 1)
+
+    def cross(self) -> torch.Tensor:
+        """C = mean over calibration rows of x x_fpᵀ: [K, K] (zeros when no FP input was added)."""
+        return (self.c if self.c is not None else torch.zeros_like(self.h)) / max(self.rows, 1)
+
+
+def asymmetric_target(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """W' = argmin ‖X_fp Wᵀ − X_q W'ᵀ‖ = W Cᵀ H⁻¹ with H = X_qᵀX_q, C = X_qᵀX_fp (both per token), written
+    W + W (C − H)ᵀ H_d⁻¹ with H dampened as the solver does, so that W' = W where the two streams agree.
+    Quantizing W' against H then minimizes the asymmetric objective (up to a constant)."""
+    h = h.double()
+    hd = h + (percdamp * torch.diag(h).mean() + 1e-12) * torch.eye(h.shape[0], dtype=h.dtype)
+    return (w.double() + w.double() @ torch.linalg.solve(hd, cross.double() - h).T).float()
+
+
+class QuantMethod(Protocol):
+    """A PTQ method as the walker (`walker.quantize_model`) drives it; RTN, GPTQ and ShiftAdd subclass
+    this explicitly and inherit the defaults below.
+
+    Per decoder block the walker asks `make_stats` for each distinct linear input (when
+    `needs_stats`), feeds the statistics by hooks, calls `assign_bits` once with every linear's
+    (W, H) and then `quantize` per linear in call order.
+    """
+
+    name: str  # saved as the dir's `quant_method`
+    needs_stats: bool  # calibration statistics (H) required; without them `quantize` gets h=None
+    percdamp: float = 0.01  # H dampening (fraction of mean diag) of the solve and the asymmetric target
+
+    @property
+    def needs_hessian(self) -> bool:
+        """Former name of `needs_stats`."""
+        return self.needs_stats
+
+    def config(self) -> dict:
+        """The method's settings, saved in the quantized dir's config.json."""
+        ...
+
+    def make_stats(self, layer: nn.Module) -> HessianStats:
+        """Empty statistics for `layer`'s input."""
+        return HessianStats(linear_weight(layer).shape[1])
+
+    def assign_bits(self, layers: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> dict[str, int]:
+        """Bits per linear of one block from {name: (W, H)}; {} = the method's own width everywhere."""
+        return {}
+
+    def quantize(
+        self, w: torch.Tensor, h: torch.Tensor | None, bias: torch.Tensor | None, bits: int | None = None
+    ) -> nn.Module:
+        """The quantized layer for W [N, K] fitted against H [K, K] (or without H); `bits` overrides
+        the method's width (from `assign_bits`)."""
+        ...
