@@ -96,7 +96,8 @@ def cmd_demo(args) -> int:
     print(f"corpus: {len(corpus.train_docs)} training texts ({train_ids.numel()} tokens), validation "
           f"{', '.join(corpus.val_docs)} ({val_ids.numel()} tokens); BPE vocab {tokenizer.get_vocab_size()}")
     results, runs, models = [], {}, []
-    for family, lr in ((registry.get("mmfree"), demo.mmfree_lr), (registry.get("transformerpp"), demo.transformer_lr)):
+    families = (registry.get("mmfree"), registry.get("transformerpp"))
+    for family, lr in zip(families, (demo.mmfree_lr, demo.transformer_lr)):
         cfg_cls = family.config_cls
         config = cfg_cls.from_preset("tiny", hidden_size=demo.hidden_size, num_hidden_layers=demo.layers,
                                      vocab_size=tokenizer.get_vocab_size(), intermediate_size=None,
@@ -117,19 +118,20 @@ def cmd_demo(args) -> int:
     png = out / "loss_curves.png"
     _plot_losses(runs, png)
     mm, tf = results
+    mm_name, tf_name = (f.label for f in families)
     print()
-    print(f"{'':24}{'MMfree':>14}{'Transformer++':>16}")
+    print(f"{'':24}{mm_name:>14}{tf_name:>16}")
     print(f"{'parameters':24}{mm['params']:>14,}{tf['params']:>16,}")
     print(f"{'training tokens':24}{mm['tokens']:>14,}{tf['tokens']:>16,}")
     print(f"{'final train loss':24}{mm['train_loss']:>14.3f}{tf['train_loss']:>16.3f}")
     print(f"{'validation perplexity':24}{mm['val_ppl']:>14.2f}{tf['val_ppl']:>16.2f}")
     print(f"{'training time (s)':24}{mm['wall_s']:>14.1f}{tf['wall_s']:>16.1f}")
     ratio = mm["val_ppl"] / tf["val_ppl"]
-    print(f"MMfree / Transformer++ validation perplexity: {ratio:.3f} ({'within' if ratio <= 1.2 else 'outside'} 1.2x)")
+    print(f"{mm_name} / {tf_name} validation perplexity: {ratio:.3f} ({'within' if ratio <= 1.2 else 'outside'} 1.2x)")
     print(f"loss curves: {png}")
     prompt = "ROMEO.\n"
     ids = generate(models[0], encode(tokenizer, prompt), 80, temperature=0.8, top_k=40, seed=run.seed)
-    print("\nMMfree sample (temperature 0.8, top-k 40):\n" + decode(tokenizer, ids[0]))
+    print(f"\n{mm_name} sample (temperature 0.8, top-k 40):\n" + decode(tokenizer, ids[0]))
     summary = {"mmfree_val_ppl": round(mm["val_ppl"], 3), "transformer_val_ppl": round(tf["val_ppl"], 3),
                "ratio": round(ratio, 4), "params": [mm["params"], tf["params"]], "tokens": mm["tokens"],
                "wall_s": round(time.perf_counter() - t_start, 1)}
