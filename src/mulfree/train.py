@@ -111,11 +111,21 @@ def save_checkpoint(out_dir: Path, step: int, model, opt, cfg: TrainConfig, extr
     return final
 
 
+def check_run_dir(out_dir: Path, resume: bool, overwrite: bool = False) -> Path:
+    """The checkpoint pointer of `out_dir`, which must exist to resume and, unless `overwrite`, must not
+    exist for a new run (CheckpointError otherwise)."""
+    pointer = Path(out_dir) / CHECKPOINT_POINTER
+    if resume and not pointer.is_file():
+        raise CheckpointError(f"no checkpoint to resume in '{out_dir}'", "run without --resume first")
+    if not resume and not overwrite and pointer.exists():
+        raise CheckpointError(f"'{out_dir}' already holds a training run",
+                              "pass --resume to continue it or choose a new --out")
+    return pointer
+
+
 def checkpoint_state(out_dir: Path) -> dict:
     """The `state.json` of the latest checkpoint (step, train_config, model_config, param_groups)."""
-    pointer = Path(out_dir) / CHECKPOINT_POINTER
-    if not pointer.is_file():
-        raise CheckpointError(f"no checkpoint to resume in '{out_dir}'", "run without --resume first")
+    pointer = check_run_dir(out_dir, resume=True)
     try:
         return json.loads((Path(out_dir) / json.loads(pointer.read_text())["checkpoint"] / "state.json").read_text())
     except (OSError, KeyError, ValueError) as exc:
@@ -127,9 +137,7 @@ def load_checkpoint(out_dir: Path, model, opt) -> int:
     from safetensors import SafetensorError
     from safetensors.torch import load_file, load_model
 
-    pointer = out_dir / CHECKPOINT_POINTER
-    if not pointer.is_file():
-        raise CheckpointError(f"no checkpoint to resume in '{out_dir}'", "run without --resume first")
+    pointer = check_run_dir(out_dir, resume=True)
     try:
         ckpt = out_dir / json.loads(pointer.read_text())["checkpoint"]
         state = json.loads((ckpt / "state.json").read_text())
@@ -224,11 +232,7 @@ def train(
     out_dir = Path(out_dir)
     if batch_fn is None and train_ids is None:
         raise DataError("no training data", "pass train_ids or batch_fn")
-    if resume and not (out_dir / CHECKPOINT_POINTER).is_file():
-        raise CheckpointError(f"no checkpoint to resume in '{out_dir}'", "run without --resume first")
-    if not resume and not overwrite and (out_dir / CHECKPOINT_POINTER).exists():
-        raise CheckpointError(f"'{out_dir}' already holds a training run",
-                              "pass --resume to continue it or choose a new --out")
+    check_run_dir(out_dir, resume, overwrite)
     rank, world = _dist_setup(cfg.device)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cfg.device == "cuda" and world > 1
                           else cfg.device)

@@ -112,12 +112,10 @@ def cmd_train(args) -> int:
 
     from mulfree.data.text import encode, load_corpus, train_tokenizer
     from mulfree.models import registry
-    from mulfree.train import CHECKPOINT_POINTER, train
+    from mulfree.train import check_run_dir, train
 
     out = Path(args.out)
-    if not args.resume and (out / CHECKPOINT_POINTER).exists():
-        raise CheckpointError(f"'{out}' already holds a training run",
-                              "pass --resume to continue it or choose a new --out")
+    check_run_dir(out, args.resume)  # before the corpus and tokenizer work
     if args.resume:
         model_config, train_cfg, tokenizer = _resumed_run(args, out)
     else:
