@@ -19,7 +19,7 @@ TINY = {"vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 1, "intermedia
 def test_each_family_builds_and_names_itself(name):
     family = registry.get(name)
     assert family.config_cls.model_type == family.name
-    model = family.model_cls(family.config("tiny", **TINY))
+    model = family.model_cls(family.config_cls.from_preset("tiny", **TINY))
     assert registry.find(model) is family and registry.find(model.config.to_dict()) is family
     assert type(build_model(model.config.to_dict())) is family.model_cls
 

@@ -234,7 +234,7 @@ def train(
         raise DataError("no training data", "pass train_ids or batch_fn")
     check_run_dir(out_dir, resume, overwrite)
     rank, world = _dist_setup(cfg.device)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cfg.device == "cuda" and world > 1
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cfg.device == "cuda" and world > 1
                           else cfg.device)
     is_main = rank == 0
     if is_main:

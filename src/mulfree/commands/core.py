@@ -12,6 +12,7 @@ from pathlib import Path
 from mulfree.commands.flags import add_flags, from_args
 from mulfree.errors import CheckpointError, ConfigError, DataError
 
+
 def register(sub: argparse._SubParsersAction) -> None:
     from mulfree.models import registry
     from mulfree.settings import GenerationConfig, PerplexityConfig, TrainConfig

@@ -40,10 +40,6 @@ class ModelFamily:
     def model_cls(self) -> type:
         return getattr(importlib.import_module(self.module), self.model_class)
 
-    def config(self, spec: str, **overrides: Any):
-        """The config of a preset name (`tiny`, `370m`, ...) or a config .json, with overrides."""
-        return self.config_cls.from_name_or_file(spec, **overrides)
-
 
 FAMILIES: dict[str, ModelFamily] = {
     f.name: f
