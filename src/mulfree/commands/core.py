@@ -99,13 +99,14 @@ def _new_run(args):
 
     model_dict, train_settings = _read_config_spec(args.config)
     family = registry.get(args.model)
-    if model_dict is not None and "model_type" in model_dict and registry.find(model_dict) is not family:
-        found = registry.find(model_dict)
-        raise ConfigError(f"config '{args.config}' is for model_type {model_dict['model_type']!r}",
+    if model_dict is None:
+        return family.config_cls.from_preset(args.config), from_args(TrainConfig, args, base=train_settings)
+    model_type = model_dict.pop("model_type", family.name)
+    found = registry.find({"model_type": model_type})
+    if found is not family:
+        raise ConfigError(f"config '{args.config}' is for model_type {model_type!r}",
                           f"pass --model {found.name}" if found else f"use a config for {' or '.join(registry.NAMES)}")
-    cfg_cls = family.config_cls
-    model_config = cfg_cls.from_dict(model_dict) if model_dict is not None else cfg_cls.from_preset(args.config)
-    return model_config, from_args(TrainConfig, args, base=train_settings)
+    return family.config_cls.from_dict(model_dict), from_args(TrainConfig, args, base=train_settings)
 
 
 def cmd_train(args) -> int:
