@@ -26,8 +26,7 @@ from mulfree.kernels import shiftadd as kernel
 from mulfree.ops.bcq import bcq_dequantize
 from mulfree.ops.powers import apot_round
 
-BLOCK = 50  # consecutive calls of one candidate per round (steady state, as in decoding: after a pause the
-# pool worker is woken on the caller's CPU and needs a few calls to move; blocks of 10 measured mostly that)
+BLOCK = 50  # calls of one candidate per round: steady state as in decoding (a woken worker needs a few calls)
 SETTLE_S = 0.01  # pause before each block: idle worker threads of the previous block stop spinning
 
 

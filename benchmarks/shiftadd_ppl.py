@@ -12,22 +12,19 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
-
-from mulfree.data.text import load_corpus  # noqa: E402
-from mulfree.evaluate import perplexity  # noqa: E402
-from mulfree.models.pretrained import load_smollm2  # noqa: E402
-from mulfree.quant.config import WalkOptions  # noqa: E402
-from mulfree.quant.gptq import GPTQ  # noqa: E402
-from mulfree.quant.rtn import RTN  # noqa: E402
-from mulfree.quant.shiftadd import ShiftAdd  # noqa: E402
-from mulfree.quant.walker import calibration_ids, quantize_model  # noqa: E402
+from mulfree import offline
+from mulfree.data.text import load_corpus
+from mulfree.evaluate import perplexity
+from mulfree.models.pretrained import load_smollm2
+from mulfree.quant.config import WalkOptions
+from mulfree.quant.gptq import GPTQ
+from mulfree.quant.rtn import RTN
+from mulfree.quant.shiftadd import ShiftAdd
+from mulfree.quant.walker import calibration_ids, quantize_model
 
 
 @torch.no_grad()
@@ -72,11 +69,11 @@ def main() -> None:
                     help="end-to-end distillation of norms and biases to the FP model's logits (0 = off)")
     ap.add_argument("--distill-lr", type=float, default=1e-4)
     ap.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
-                    help="Hessians of all linears from the FP block (the rows measured before true-sequential)")
+                    help="Hessians of all linears from the FP block instead of stage by stage")
     ap.add_argument("--asymmetric", action=argparse.BooleanOptionalAction, default=True,
-                    help="asymmetric calibration: fit each layer to the FP model's output (default on; the tables "
-                    "measured before it existed correspond to --no-asymmetric)")
+                    help="asymmetric calibration: fit each layer to the FP model's output (default on)")
     args = ap.parse_args()
+    offline.setup()
 
     torch.manual_seed(args.seed)
     model, tok = load_smollm2()
@@ -97,8 +94,9 @@ def main() -> None:
         with open(args.jsonl, "a") as f:
             f.write(line + "\n")
 
-    walk = WalkOptions(true_sequential=args.true_sequential, asymmetric=args.asymmetric, tune_epochs=args.tune_epochs,
-                       tune_lr=args.tune_lr, distill_epochs=args.distill_epochs, distill_lr=args.distill_lr)
+    walk = WalkOptions(true_sequential=args.true_sequential, asymmetric=args.asymmetric,
+                       tune_epochs=args.tune_epochs, tune_lr=args.tune_lr,
+                       distill_epochs=args.distill_epochs, distill_lr=args.distill_lr)
     fp = perplexity(model, ids, args.window, progress=False)
     if not args.skip_fp:
         report({"method": "fp32", "bits": 32, "ppl": round(fp, 3)})

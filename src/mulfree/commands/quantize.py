@@ -83,11 +83,10 @@ def run_quantize(args: argparse.Namespace) -> int:
     if method.needs_stats:
         from mulfree.data.text import load_corpus
 
-        data = list(cfg.calib_data) if cfg.calib_data is not None else None
-        text = load_corpus(data).train_text
+        text = load_corpus(cfg.calib_data).train_text
         calib = calibration_ids(tokenizer, text, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
         extra["calibration"] = {"samples": cfg.calib_samples, "seqlen": cfg.calib_seqlen, "seed": cfg.seed,
-                                "data": data or "bundled", "true_sequential": walk.true_sequential,
+                                "data": cfg.calib_data or "bundled", "true_sequential": walk.true_sequential,
                                 "tune_epochs": walk.tune_epochs, "tune_lr": walk.tune_lr,
                                 "asymmetric": walk.asymmetric,
                                 "distill_epochs": walk.distill_epochs, "distill_lr": walk.distill_lr}

@@ -48,7 +48,9 @@ class HessianStats:
         self.c: torch.Tensor | None = None
         self.rows = 0
 
-    def add_batch(self, inp: torch.Tensor, out: torch.Tensor | None = None, fp_inp: torch.Tensor | None = None) -> None:
+    def add_batch(
+        self, inp: torch.Tensor, out: torch.Tensor | None = None, fp_inp: torch.Tensor | None = None
+    ) -> None:
         """Add one batch: `inp` [..., K] the layer's input (`out` unused, as GPTQ's hook signature has
         it); `fp_inp` [..., K] the same layer's input in the FP model on the same calibration batch."""
         x = _rows(inp)

@@ -44,8 +44,8 @@ class QuantizeConfig:
         "weights per scale set (-1 = whole row/column). RTN/GPTQ: input columns of one row; shiftadd acc: output "
         "rows of one column; lat: 8 columns x group/8 rows")})
     seed: int = field(default=0, metadata={"help": "seed for calibration sampling and Hadamard signs"})
-    calib_data: tuple[str, ...] | None = field(default=None, metadata={
-        "help": "local text files for calibration (default: bundled corpus, train split)"})
+    calib_data: list[str] | None = field(default=None, metadata={
+        "nargs": "*", "help": "local text files for calibration (default: bundled corpus, train split)"})
     calib_samples: int = field(default=128, metadata={
         "help": "calibration windows (fewer windows overfit the calibration text)"})
     calib_seqlen: int = field(default=512, metadata={"help": "tokens per window"})

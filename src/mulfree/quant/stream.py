@@ -74,7 +74,9 @@ class CalibrationStream:
     `advance(block)` once it is quantized.
     """
 
-    def __init__(self, model: nn.Module, first_block: nn.Module, calib: torch.Tensor, batch_size: int, asymmetric: bool):
+    def __init__(
+        self, model: nn.Module, first_block: nn.Module, calib: torch.Tensor, batch_size: int, asymmetric: bool
+    ):
         self.inputs = capture_inputs(model, first_block, calib, batch_size)
         self.asymmetric = asymmetric
         self.fp_inputs = list(self.inputs) if asymmetric else []
