@@ -274,6 +274,7 @@ def test_stream_shares_stats_by_input_and_keyword_overrides_match_options():
              for options, kw in ((WalkOptions(progress=False, true_sequential=False), {}),
                                  (None, {"progress": False, "true_sequential": False}))]
     assert metas[0] == metas[1]
+    assert not RTN(4).needs_hessian and ShiftAdd(2).needs_hessian  # the former name of needs_stats
 
 
 def test_mixed_bits_allocation_respects_budget():

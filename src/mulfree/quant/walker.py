@@ -156,7 +156,9 @@ def _tune_block(block: nn.Module, records: list, targets: list, epochs: int, lr:
                 opt.step()
 
 
-def save_quantized(model: nn.Module, tokenizer, out: str | Path, method, metas: dict, extra: dict) -> Path:
+def save_quantized(
+    model: nn.Module, tokenizer, out: str | Path, method: QuantMethod, metas: dict, extra: dict
+) -> Path:
     """Write a quantized model dir atomically: config.json (HF config + `quant_method` and
     `mulfree_quant` with the method settings and per-layer metas), model.safetensors, tokenizer."""
     from safetensors.torch import save_model
