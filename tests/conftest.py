@@ -3,8 +3,9 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+from mulfree import offline
+
+offline.setup()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

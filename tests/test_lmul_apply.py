@@ -4,13 +4,10 @@ kernel = reference inside the model, error ordering, the error table and the `mu
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 from mulfree.cli import main  # noqa: E402

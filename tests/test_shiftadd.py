@@ -4,12 +4,10 @@ error, quantize -> save -> reload on tiny random Llama / OPT / GPT-2, and one-li
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 from mulfree.cli import main as cli_main  # noqa: E402
@@ -20,7 +18,13 @@ from mulfree.quant.config import WalkOptions  # noqa: E402
 from mulfree.quant.rtn import RTN  # noqa: E402
 from mulfree.quant.shiftadd import ShiftAdd, allocate_bits  # noqa: E402
 from mulfree.quant.stream import CalibrationStream, capture_inputs, run_block  # noqa: E402
-from mulfree.quant.walker import calibration_ids, decoder_blocks, load_quantized, quantize_model, save_quantized  # noqa: E402
+from mulfree.quant.walker import (  # noqa: E402
+    calibration_ids,
+    decoder_blocks,
+    load_quantized,
+    quantize_model,
+    save_quantized,
+)
 
 QUIET = WalkOptions(progress=False)
 
