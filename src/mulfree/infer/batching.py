@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mulfree.models import registry
 from mulfree.ops.sampling import sample_next
 
 _DONE = object()
@@ -60,7 +61,8 @@ class TorchStepModel:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model.eval()
-        self.batchable = model.config.model_type == "mmfree"
+        family = registry.find(model)
+        self.batchable = family is not None and family.recurrent  # per-sequence states stack into one batch
 
     @torch.no_grad()
     def prefill(self, ids: list[int]) -> tuple[torch.Tensor, list]:
