@@ -18,7 +18,9 @@ sets, not their cores or memory.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
+import hashlib
 import json
 import os
 import platform
@@ -26,14 +28,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from mulfree.infer.engine import PackedModel, _linear_shapes
+from mulfree.infer.engine import PackedModel, _layout
 from mulfree.kernels import backend as best_backend
 from mulfree.kernels import cpu_module
-from mulfree.kernels.ternary import amx_available, read_bandwidth, set_amx
+from mulfree.kernels.ternary import amx_available, set_amx
 from mulfree.ops.pack import packed_shape
 
 SHAPES = {  # name: (vocab, hidden, layers, intermediate), reference/matmulfree.md §1.2
@@ -68,16 +71,30 @@ def random_packed_model(vocab: int, d: int, layers: int, inter: int, threads: in
     g = torch.Generator().manual_seed(seed)
     cfg = {"model_type": "mmfree", "vocab_size": vocab, "hidden_size": d, "num_hidden_layers": layers,
            "intermediate_size": inter, "rms_norm_eps": 1e-6, "use_lower_bound": True}
-    t: dict[str, torch.Tensor] = {"model.embeddings.weight": torch.randn(vocab, d, generator=g).to(torch.bfloat16),
-                                  "model.norm.weight": torch.ones(d), "model.lb": torch.rand(layers, d, generator=g)}
-    for name, (n, k) in _linear_shapes(cfg).items():
+    linears, shapes = _layout(cfg)
+    t = {name: torch.ones(shape) for name, shape in shapes.items() if name.endswith("norm.weight")}
+    t["model.embeddings.weight"] = torch.randn(vocab, d, generator=g).to(torch.bfloat16)
+    t["model.lb"] = torch.rand(layers, d, generator=g)
+    for name, (n, k) in linears.items():
         t[name + ".packed"] = VALID_BYTES[torch.randint(0, len(VALID_BYTES), packed_shape(n, k), generator=g)]
         t[name + ".scale"] = torch.tensor([0.02])
-        t[name + ".norm.weight"] = torch.ones(k)
-    for n in range(layers):
-        for key in ("attn_norm.weight", "attn.g_norm.weight", "mlp_norm.weight"):
-            t[f"model.layers.{n}.{key}"] = torch.ones(d)
     return PackedModel(cfg, t, backend=best_backend(), threads=threads)
+
+
+def read_bandwidth(nbytes: int, threads: int, reps: int) -> float:
+    """Streaming read bandwidth in GB/s (best of reps over an nbytes buffer): benchmarks/bandwidth.cpp, compiled
+    with the machine's g++ (or $CXX) into ~/.cache/mulfree on first use and called through ctypes."""
+    src = Path(__file__).with_name("bandwidth.cpp")
+    lib = Path.home() / ".cache" / "mulfree" / f"bandwidth-{hashlib.sha1(src.read_bytes()).hexdigest()[:12]}.so"
+    if not lib.exists():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+        subprocess.run([os.environ.get("CXX", "g++"), "-O2", "-shared", "-fPIC", "-o", str(tmp), str(src),
+                        "-lpthread"], check=True)
+        os.replace(tmp, lib)
+    fn = ctypes.CDLL(str(lib)).read_bandwidth
+    fn.restype, fn.argtypes = ctypes.c_double, [ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+    return fn(nbytes, threads, reps)
 
 
 class DenseMMfree(torch.nn.Module):

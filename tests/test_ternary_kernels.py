@@ -202,8 +202,3 @@ def test_bad_backend_is_rejected():
     with pytest.raises(ValueError, match="unknown backend"):
         K.ternary_matmul(pack_ternary(torch.zeros(4, 4, dtype=torch.int8)), 4, torch.zeros(1, 4, dtype=torch.int8),
                          backend="sse9")
-
-
-@needs_ext
-def test_read_bandwidth_positive():
-    assert K.read_bandwidth(1 << 22, threads=2, reps=2) > 0.1

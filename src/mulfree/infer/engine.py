@@ -9,6 +9,7 @@ tokenizer. Format of the weights: `mulfree.ops.pack` and docs/packed.md.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zlib
 from collections.abc import Callable
@@ -16,43 +17,66 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from mulfree.data.text import load_tokenizer
 from mulfree.errors import CheckpointError
 from mulfree.kernels import cpu_module
 from mulfree.kernels.ternary import resolve_backend
+from mulfree.models.mmfree import MMFreeConfig, MMFreeForCausalLM
+from mulfree.nn.bitlinear import BitLinear
+from mulfree.nn.norm import RMSNorm
 from mulfree.ops import fused
 from mulfree.ops.pack import FORMAT, FORMAT_VERSION, pack_ternary, packed_shape, padded_k, ternarize, unpack_ternary
 
-LAYER_LINEARS = ("attn.i_proj", "attn.f_proj", "attn.g_proj", "attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
 PREFILL_CHUNK = 512  # tokens per native prefill call (bounds scratch memory: ~25 MB at the 1.3b shape)
+
+# The one table of a block's weights: module of MMFreeBlock (model.layers.N.<module>) -> field of the engine's
+# `Layer`. Packing, validation, the engine and the reference walk all follow it and the torch model's own module
+# names and shapes, so a change to the block touches this table (and the engine's Layer) only.
+LAYER_FIELDS = {
+    "attn_norm": "attn_norm",
+    "attn.i_proj": "i_proj",
+    "attn.f_proj": "f_proj",
+    "attn.g_proj": "g_proj",
+    "attn.o_proj": "o_proj",
+    "attn.g_norm": "g_norm",
+    "mlp_norm": "mlp_norm",
+    "mlp.gate_proj": "gate_proj",
+    "mlp.down_proj": "down_proj",
+}
+
+
+def _skeleton(cfg: dict[str, Any]) -> MMFreeForCausalLM:
+    """The torch model of `cfg` on the meta device: module names and shapes, no memory."""
+    fields = {f.name for f in dataclasses.fields(MMFreeConfig)}
+    with torch.device("meta"):
+        return MMFreeForCausalLM(MMFreeConfig(**{k: v for k, v in cfg.items() if k in fields}))
+
+
+def _layout(cfg: dict[str, Any]) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, ...]]]:
+    """The packed tensors of `cfg`, from the torch model's parameters: (every BitLinear -> (N, K), every other
+    tensor -> shape). A BitLinear's latent weight becomes `<name>.packed` + `<name>.scale`; the lower bounds
+    become `model.lb`, already the per-layer vectors; every other parameter keeps its name and shape."""
+    model = _skeleton(cfg)
+    linears = {name: (m.out_features, m.in_features) for name, m in model.named_modules() if isinstance(m, BitLinear)}
+    block = {name for name, m in model.model.layers[0].named_modules() if isinstance(m, (BitLinear, RMSNorm))}
+    block -= {name + ".norm" for name in block}  # a BitLinear's own input norm
+    if block != set(LAYER_FIELDS):
+        raise RuntimeError(f"LAYER_FIELDS does not match MMFreeBlock's modules {sorted(block)}")
+    shapes: dict[str, tuple[int, ...]] = {"model.lb": (cfg["num_hidden_layers"], cfg["hidden_size"])}
+    for name, p in model.named_parameters():
+        owner = name.rpartition(".")[0]
+        if owner in linears:
+            shapes[owner + ".scale"] = (1,)
+        elif name != "model.lower_bounds":
+            shapes[name] = tuple(p.shape)
+    return linears, shapes
 
 
 def _linear_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, int]]:
-    d, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    shapes = {"lm_head": (cfg["vocab_size"], d)}
-    for n in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{n}."
-        for name in LAYER_LINEARS[:4]:
-            shapes[p + name] = (d, d)
-        shapes[p + "mlp.gate_proj"] = (2 * inter, d)
-        shapes[p + "mlp.down_proj"] = (d, inter)
-    return shapes
-
-
-def _vectors(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    d, L = cfg["hidden_size"], cfg["num_hidden_layers"]
-    out: dict[str, tuple[int, ...]] = {"model.embeddings.weight": (cfg["vocab_size"], d), "model.norm.weight": (d,),
-                                       "model.lb": (L, d)}
-    for name, (_, k) in _linear_shapes(cfg).items():
-        out[name + ".norm.weight"] = (k,)
-        out[name + ".scale"] = (1,)
-    for n in range(L):
-        p = f"model.layers.{n}."
-        out[p + "attn_norm.weight"] = (d,)
-        out[p + "attn.g_norm.weight"] = (d,)
-        out[p + "mlp_norm.weight"] = (d,)
-    return out
+    """Every BitLinear of `cfg`'s model: name -> (N, K)."""
+    return _layout(cfg)[0]
 
 
 def pack_state_dict(cfg: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -60,8 +84,9 @@ def pack_state_dict(cfg: dict[str, Any], state: dict[str, torch.Tensor]) -> dict
     if cfg.get("output_gate", "official") != "official":
         raise CheckpointError(f"output_gate {cfg['output_gate']!r} is not supported by the packed engine",
                               "pack a model trained with the official output gate")
+    linears, shapes = _layout(cfg)
     out: dict[str, torch.Tensor] = {}
-    for name, (n, k) in _linear_shapes(cfg).items():
+    for name, (n, k) in linears.items():
         w = state[name + ".weight"]
         if tuple(w.shape) != (n, k):
             raise CheckpointError(f"{name}.weight has shape {tuple(w.shape)}, the config expects {(n, k)}",
@@ -69,26 +94,20 @@ def pack_state_dict(cfg: dict[str, Any], state: dict[str, torch.Tensor]) -> dict
         t, scale = ternarize(w)
         out[name + ".packed"] = pack_ternary(t)
         out[name + ".scale"] = torch.tensor([scale], dtype=torch.float32)
-        out[name + ".norm.weight"] = state[name + ".norm.weight"].float().contiguous()
-    emb = state["model.embeddings.weight"]
-    out["model.embeddings.weight"] = (emb if emb.dtype == torch.bfloat16 else emb.float()).contiguous()
-    out["model.norm.weight"] = state["model.norm.weight"].float().contiguous()
-    L, d = cfg["num_hidden_layers"], cfg["hidden_size"]
     if cfg.get("use_lower_bound", True):
         p = state["model.lower_bounds"].float().softmax(dim=0)
         out["model.lb"] = (p.cumsum(dim=0) - p[0]).contiguous()
     else:
-        out["model.lb"] = torch.zeros(L, d)
-    for n in range(L):
-        p = f"model.layers.{n}."
-        for key in ("attn_norm.weight", "attn.g_norm.weight", "mlp_norm.weight"):
-            out[p + key] = state[p + key].float().contiguous()
+        out["model.lb"] = torch.zeros(shapes["model.lb"])
+    for name in (name for name in shapes if name not in out):
+        v = state[name]
+        out[name] = (v if name == "model.embeddings.weight" and v.dtype == torch.bfloat16 else v.float()).contiguous()
     return out
 
 
 def _validate(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> None:
-    expect = {name + ".packed": packed_shape(n, k) for name, (n, k) in _linear_shapes(cfg).items()}
-    expect.update(_vectors(cfg))
+    linears, expect = _layout(cfg)
+    expect.update({name + ".packed": packed_shape(n, k) for name, (n, k) in linears.items()})
     missing = sorted(set(expect) - set(tensors))
     if missing:
         raise CheckpointError(f"{source} lacks {len(missing)} tensors (e.g. {missing[0]})",
@@ -97,6 +116,30 @@ def _validate(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], source: str
         if tuple(tensors[name].shape) != tuple(shape):
             raise CheckpointError(f"{source}: {name} has shape {tuple(tensors[name].shape)}, the config expects "
                                   f"{tuple(shape)}", "check that config.json belongs to these weights")
+
+
+class PackedReferenceLinear(nn.Module):
+    """A BitLinear on packed weights with the engine's integer math: rmsnorm_quant_ref, then the exact
+    int64 dot with the unpacked trits, then (s_x * s_w). x [..., K] -> [..., N] fp32."""
+
+    def __init__(self, packed: torch.Tensor, n: int, k: int, scale: torch.Tensor, norm_weight: torch.Tensor,
+                 eps: float):
+        super().__init__()
+        self.register_buffer("trits", unpack_ternary(packed, (n, padded_k(k))).to(torch.int64))
+        self.register_buffer("scale", scale)
+        self.register_buffer("norm_weight", norm_weight)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, a_scale, _ = fused.rmsnorm_quant_ref(x, self.norm_weight, self.eps)
+        return (q.to(torch.int64) @ self.trits.T).float() * (a_scale[..., None] * self.scale)
+
+
+class PackedReferenceNorm(RMSNorm):
+    """RMSNorm with the engine's rounding: the fp32 factor from a float64 mean (ops.fused.rmsnorm_ref)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fused.rmsnorm_ref(x, self.weight, self.eps)
 
 
 class PackedModel:
@@ -118,8 +161,9 @@ class PackedModel:
         self.num_layers = config["num_hidden_layers"]
         self.eps = float(config.get("rms_norm_eps", 1e-6))
         self.use_lb = bool(config.get("use_lower_bound", True))
+        self._linears = _linear_shapes(config)
         self._engine = self._build_engine() if self.backend != "reference" else None
-        self._trits: dict[str, torch.Tensor] = {}
+        self._reference: MMFreeForCausalLM | None = None  # built on the first reference forward
         self.reset()
 
     # ---- construction -------------------------------------------------------------------------
@@ -180,8 +224,8 @@ class PackedModel:
         cfg = {**self.config, "format": FORMAT, "format_version": FORMAT_VERSION, "crc32": zlib.crc32(data)}
         atomic_write_text(out / "config.json", json.dumps(cfg, indent=2) + "\n")
 
-    def _linear(self, mod, name: str):
-        n, k = _linear_shapes(self.config)[name]
+    def _packed_linear(self, mod, name: str):
+        n, k = self._linears[name]
         t = self.tensors
         return mod.PackedLinear(t[name + ".packed"], n, k, float(t[name + ".scale"][0]), t[name + ".norm.weight"])
 
@@ -195,13 +239,38 @@ class PackedModel:
             eng.set_embedding_bf16(emb.view(torch.int16).numpy().view("uint16"))
         else:
             eng.set_embedding_f32(emb)
-        eng.set_head(t["model.norm.weight"], self._linear(mod, "lm_head"))
+        eng.set_head(t["model.norm.weight"], self._packed_linear(mod, "lm_head"))
         for n in range(self.num_layers):
             p = f"model.layers.{n}."
-            lin = [self._linear(mod, p + name) for name in LAYER_LINEARS]
-            eng.add_layer(t[p + "attn_norm.weight"], *lin[:4], t[p + "attn.g_norm.weight"], t["model.lb"][n],
-                          self.use_lb and n > 0, t[p + "mlp_norm.weight"], *lin[4:])
+            fields = {field: self._packed_linear(mod, p + module) if p + module in self._linears
+                      else t[p + module + ".weight"] for module, field in LAYER_FIELDS.items()}
+            lb = t["model.lb"][n] if self.use_lb and n > 0 else None
+            eng.add_layer(mod.Layer(**fields, lower_bound=lb))
         return eng
+
+    def _build_reference(self) -> MMFreeForCausalLM:
+        """The nn model walk with the engine's reference leaves: each BitLinear a PackedReferenceLinear, each
+        RMSNorm a PackedReferenceNorm, the embedding in fp32 and the stored lower bounds."""
+        model, t = _skeleton(self.config), self.tensors
+        for name, m in list(model.named_modules()):
+            if isinstance(m, BitLinear):
+                n, k = self._linears[name]
+                new = PackedReferenceLinear(t[name + ".packed"], n, k, t[name + ".scale"], t[name + ".norm.weight"],
+                                            self.eps)
+            elif isinstance(m, RMSNorm) and name.rpartition(".")[0] not in self._linears:
+                new = PackedReferenceNorm(m.weight.shape[0], self.eps)
+                new.weight = nn.Parameter(t[name + ".weight"], requires_grad=False)
+            else:
+                continue
+            model.set_submodule(name, new)
+        emb = t["model.embeddings.weight"].float()
+        model.model.embeddings = nn.Embedding.from_pretrained(emb)
+        # The stored per-layer vectors, not the trained parameter; none in layer 0, as the engine applies them.
+        lb = t["model.lb"].clone() if self.use_lb else None
+        if lb is not None:
+            lb[0] = 0.0
+        model.model.layer_lower_bounds = lambda: lb
+        return model.eval()
 
     # ---- forward ------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -229,30 +298,13 @@ class PackedModel:
                 outs.append(logits)
         return torch.cat(outs) if all_logits else outs[-1]
 
-    def _bitlinear_ref(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        n, k = _linear_shapes(self.config)[name]
-        if name not in self._trits:
-            self._trits[name] = unpack_ternary(self.tensors[name + ".packed"], (n, padded_k(k))).to(torch.int64)
-        q, a_scale, _ = fused.rmsnorm_quant_ref(x, self.tensors[name + ".norm.weight"], self.eps)
-        dot = q.to(torch.int64) @ self._trits[name].T
-        return dot.float() * (a_scale[:, None] * self.tensors[name + ".scale"])
-
+    @torch.no_grad()
     def _forward_reference(self, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
-        t, eps = self.tensors, self.eps
-        h = t["model.embeddings.weight"][ids].float()
-        for n in range(self.num_layers):
-            p = f"model.layers.{n}."
-            a = fused.rmsnorm_ref(h, t[p + "attn_norm.weight"], eps)
-            fi, ff, fg = (self._bitlinear_ref(p + f"attn.{g}_proj", a) for g in "ifg")
-            lb = t["model.lb"][n] if self.use_lb and n > 0 else None
-            o, self.state[n] = fused.mlgru_step_ref(fi, ff, fg, lb, t[p + "attn.g_norm.weight"], eps, self.state[n])
-            h = h + self._bitlinear_ref(p + "attn.o_proj", o)
-            m = fused.rmsnorm_ref(h, t[p + "mlp_norm.weight"], eps)
-            z = fused.glu_step_ref(self._bitlinear_ref(p + "mlp.gate_proj", m))
-            h = h + self._bitlinear_ref(p + "mlp.down_proj", z)
-        if not all_logits:
-            h = h[-1:]
-        return self._bitlinear_ref("lm_head", fused.rmsnorm_ref(h, t["model.norm.weight"], eps))
+        if self._reference is None:
+            self._reference = self._build_reference()
+        hidden, state = self._reference.model(ids[None], [h[None] for h in self.state])
+        self.state.copy_(torch.cat(state))
+        return self._reference.lm_head(hidden[0] if all_logits else hidden[0, -1:])
 
     # ---- generation ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -90,14 +90,6 @@ def glu_step(gate_up: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     return out
 
 
-def read_bandwidth(nbytes: int = 1 << 29, threads: int = 1, reps: int = 5) -> float:
-    """Streaming read bandwidth of this machine in GB/s (best of reps over an nbytes buffer)."""
-    mod = cpu_module()
-    if mod is None:
-        raise RuntimeError("the compiled extension is missing; reinstall mulfree to measure bandwidth")
-    return mod.read_bandwidth(nbytes, threads, reps)
-
-
 def amx_available() -> bool:
     """True when the CPU has AMX-INT8 and the OS granted this process the tile state."""
     mod = cpu_module()

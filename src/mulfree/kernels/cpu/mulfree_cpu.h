@@ -11,7 +11,7 @@
 namespace nb = nanobind;
 
 void register_cpuinfo(nb::module_ &m);  // cpuinfo.cpp
-void register_ternary(nb::module_ &m);  // ternary.cpp: packed 2-bit GEMV/GEMM, fused norm+quant
+void register_ternary(nb::module_ &m);  // bind.cpp: packed 2-bit GEMV/GEMM, elementwise steps, Engine
 void register_lmul(nb::module_ &m);     // lmul.cpp: L-Mul matmul
 void register_shiftadd(nb::module_ &m); // shiftadd.cpp: BCQ lookup-table GEMV
 void register_hadamard(nb::module_ &m); // hadamard.cpp: block Walsh-Hadamard transform (incoherence)

@@ -1,0 +1,210 @@
+// The packed MMfree model walk (engine.h): each step's linears in one parallel region, the per-token steps
+// between them in another.
+#include "engine.h"
+
+#include "elementwise.h"
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+
+namespace ternary {
+
+PackedLinear::PackedLinear(Arr<const uint8_t, nb::ndim<2>> p, int64_t n, int64_t k, double s, Vec w)
+    : packed(p), N(n), K(k), scale(s), norm(w) {
+  if ((int64_t)p.shape(0) != t2r4::row_groups(N) || (int64_t)p.shape(1) != kpad())
+    throw std::invalid_argument("packed weight shape does not match (N, K)");
+  if ((int64_t)w.shape(0) != K) throw std::invalid_argument("norm weight length does not match K");
+}
+
+void QBuf::reserve(int64_t T, const PackedLinear &p) {
+  q.resize((size_t)(T * p.kpad()));
+  sa.resize((size_t)T);
+  sq.resize((size_t)T);
+}
+void QBuf::row(Isa isa, const float *x, int64_t t, const PackedLinear &p, double eps, float *tmp) {
+  rmsnorm_quant_row(isa, x, p.norm.data(), p.K, p.kpad(), eps, tmp, q.data() + t * p.kpad(), &sa[t], &sq[t]);
+}
+void QBuf::fill(Isa isa, const float *x, int64_t T, int64_t ldx, const PackedLinear &p, double eps, int threads) {
+  reserve(T, p);
+  for_ranges(threads, T, [&](int64_t t0, int64_t t1) {
+    LineVec<float> tmp((size_t)p.K);
+    for (int64_t t = t0; t < t1; ++t) row(isa, x + t * ldx, t, p, eps, tmp.data());
+  });
+}
+LinearJob QBuf::job(const PackedLinear &p, int64_t T, float *Y, int64_t ldy) const {
+  return LinearJob{p.packed.data(), p.N, p.kpad(), (float)p.scale, q.data(), sq.data(), sa.data(), T, Y, nullptr, ldy};
+}
+
+Engine::Engine(int64_t vocab, int64_t d, int64_t inter, double eps, const std::string &backend, int threads)
+    : V_(vocab), d_(d), I_(inter), eps_(eps), isa_(parse_isa(backend)), threads_(threads) {}
+
+void Engine::set_embedding_f32(Arr<const float, nb::ndim<2>> e) {
+  check_emb(e.shape(0), e.shape(1));
+  emb_f32_ = e;
+  emb_is_bf16_ = false;
+}
+void Engine::set_embedding_bf16(Arr<const uint16_t, nb::ndim<2>> e) {
+  check_emb(e.shape(0), e.shape(1));
+  emb_bf16_ = e;
+  emb_is_bf16_ = true;
+}
+void Engine::set_head(Vec norm, const PackedLinear &head) {
+  if ((int64_t)norm.shape(0) != d_ || head.K != d_ || head.N != V_)
+    throw std::invalid_argument("lm_head shapes do not match the config");
+  norm_ = norm;
+  head_.assign(1, head);
+}
+
+void Engine::add_layer(const Layer &ly) {
+  auto need = [](const PackedLinear &p, int64_t N, int64_t K, const char *name) {
+    if (p.N != N || p.K != K) throw std::invalid_argument(std::string(name) + " shape does not match the config");
+  };
+  need(ly.i_proj, d_, d_, "i_proj");
+  need(ly.f_proj, d_, d_, "f_proj");
+  need(ly.g_proj, d_, d_, "g_proj");
+  need(ly.o_proj, d_, d_, "o_proj");
+  need(ly.gate_proj, 2 * I_, d_, "gate_proj");
+  need(ly.down_proj, d_, I_, "down_proj");
+  for (const Vec *v : {&ly.attn_norm, &ly.g_norm, &ly.mlp_norm})
+    if ((int64_t)v->shape(0) != d_) throw std::invalid_argument("norm length does not match hidden_size");
+  if (ly.lower_bound && (int64_t)ly.lower_bound->shape(0) != d_)
+    throw std::invalid_argument("lower_bound length does not match hidden_size");
+  layers_.push_back(ly);
+}
+
+void Engine::forward(Arr<const int64_t, nb::ndim<1>> ids, Arr<float, nb::ndim<2>> state, Arr<float, nb::ndim<2>> logits,
+                     bool all_logits) {
+  const int64_t T = (int64_t)ids.shape(0), L = num_layers(), d = d_;
+  if (T < 1) throw std::invalid_argument("forward needs at least one token");
+  if (head_.empty() || (emb_is_bf16_ ? !emb_bf16_.is_valid() : !emb_f32_.is_valid()))
+    throw std::invalid_argument("engine is not fully loaded (embedding / head missing)");
+  if ((int64_t)state.shape(0) != L || (int64_t)state.shape(1) != d)
+    throw std::invalid_argument("state must have shape [num_layers, hidden_size]");
+  const int64_t R = all_logits ? T : 1;
+  if ((int64_t)logits.shape(0) != R || (int64_t)logits.shape(1) != V_)
+    throw std::invalid_argument("logits buffer has the wrong shape");
+  for (int64_t t = 0; t < T; ++t)
+    if (ids.data()[t] < 0 || ids.data()[t] >= V_) throw std::invalid_argument("token id out of range");
+  const int64_t *idp = ids.data();
+  float *st = state.data();
+  float *lg = logits.data();
+  nb::gil_scoped_release release;
+
+  // Scratch lives in the engine and only grows: fresh pages for every call cost page faults.
+  std::lock_guard<std::mutex> lock(busy_);
+  for (auto *v : {&h_, &a_, &fi_, &ff_, &fg_}) v->resize(std::max(v->size(), (size_t)(T * d)));
+  big_.resize(std::max(big_.size(), (size_t)(T * 2 * I_)));
+  float *h = h_.data(), *a = a_.data(), *fi = fi_.data();
+  for (int64_t t = 0; t < T; ++t) embed(idp[t], h + t * d);
+  for (int64_t l = 0; l < L; ++l) layer_forward(layers_[(size_t)l], l, T, st + l * d);
+  const int64_t t0 = T - R;
+  for (int64_t t = 0; t < R; ++t) {
+    if (L > 0) add_row(h + (t0 + t) * d, fi + (t0 + t) * d);
+    rmsnorm_row(isa_, h + (t0 + t) * d, norm_.data(), d, eps_, a + t * d);
+  }
+  qi_.fill(isa_, a, R, d, head_[0], eps_, threads_);
+  const LinearJob hj = qi_.job(head_[0], R, lg, V_);
+  run_linears(isa_, threads_, &hj, 1);
+}
+
+template <class F>
+void Engine::per_token(int64_t T, F &&fn) {
+  for_ranges(threads_, T, [&](int64_t t0, int64_t t1) {
+    thread_local LineVec<float> tmp;
+    tmp.resize(std::max(tmp.size(), (size_t)(2 * std::max(I_, d_))));
+    for (int64_t t = t0; t < t1; ++t) fn(t, tmp.data());
+  });
+}
+
+// The per-token steps between two linears run as one region over the tokens (each token's rows stay in L1 from
+// one step to the next). Each layer's down projection (in fi) is added to h by the next step that reads h: the
+// next layer's first region, or the final norm (for the rows the head reads).
+void Engine::layer_forward(const Layer &ly, int64_t l, int64_t T, float *s) {
+  const int64_t d = d_, I = I_;
+  float *h = h_.data(), *a = a_.data(), *fi = fi_.data(), *ff = ff_.data(), *fg = fg_.data(), *big = big_.data();
+  QBuf &qi = qi_, &qf = qf_, &qg = qg_;
+  qi.reserve(T, ly.i_proj);
+  qf.reserve(T, ly.f_proj);
+  qg.reserve(T, ly.g_proj);
+  per_token(T, [&](int64_t t, float *tmp) {
+    if (l > 0) add_row(h + t * d, fi + t * d);
+    rmsnorm_row(isa_, h + t * d, ly.attn_norm.data(), d, eps_, a + t * d);
+    qi.row(isa_, a + t * d, t, ly.i_proj, eps_, tmp);
+    qf.row(isa_, a + t * d, t, ly.f_proj, eps_, tmp);
+    qg.row(isa_, a + t * d, t, ly.g_proj, eps_, tmp);
+  });
+  const LinearJob ifg[3] = {qi.job(ly.i_proj, T, fi, d), qf.job(ly.f_proj, T, ff, d), qg.job(ly.g_proj, T, fg, d)};
+  // The recurrence is independent per channel (run on each chunk's channels as their i/f/g rows are done, or
+  // split over the pool after a panel GEMM), the output norm per token.
+  const float *lb = ly.lower_bound ? ly.lower_bound->data() : nullptr;
+  auto state_update = [&](int64_t k0, int64_t k1) { mlgru_state(isa_, fi, ff, lb, k0, k1, s, T, d); };
+  if (uses_panels(isa_, T)) {
+    run_linears(isa_, threads_, ifg, 3);
+    for_ranges(threads_, d, state_update);
+  } else {
+    run_aligned_linears(isa_, threads_, ifg, 3, state_update);
+  }
+  qi.reserve(T, ly.o_proj);
+  per_token(T, [&](int64_t t, float *tmp) {
+    mlgru_out(isa_, fg + t * d, ly.g_norm.data(), d, eps_, fi + t * d, a + t * d);
+    qi.row(isa_, a + t * d, t, ly.o_proj, eps_, tmp);
+  });
+  const LinearJob oj = qi.job(ly.o_proj, T, fi, d);
+  run_linears(isa_, threads_, &oj, 1);
+  qi.reserve(T, ly.gate_proj);
+  per_token(T, [&](int64_t t, float *tmp) {
+    add_row(h + t * d, fi + t * d);
+    rmsnorm_row(isa_, h + t * d, ly.mlp_norm.data(), d, eps_, a + t * d);
+    qi.row(isa_, a + t * d, t, ly.gate_proj, eps_, tmp);
+  });
+  // In panel GEMMs the GLU is applied to each panel's outputs ([T, I] written, never [T, 2I]); otherwise,
+  // where the up rows start on a row group, to each chunk's gate and up rows.
+  const bool fused_glu = uses_panels(isa_, T) && I % kPanelRows == 0;
+  LinearJob gj = qi.job(ly.gate_proj, T, big, fused_glu ? I : 2 * I);
+  if (fused_glu) {
+    gj.glu = I;
+    run_linears(isa_, threads_, &gj, 1);
+  } else if (!uses_panels(isa_, T) && I % kRows == 0) {
+    LinearJob halves[2] = {gj, gj};
+    halves[0].N = halves[1].N = I;
+    halves[1].W += I / kRows * gj.Kpad;
+    halves[1].Y += I;
+    run_aligned_linears(isa_, threads_, halves, 2, [&](int64_t n0, int64_t n1) {
+      for (int64_t t = 0; t < T; ++t) {
+        float *y = big + t * 2 * I;
+        glu_pairs(isa_, y + n0, y + I + n0, n1 - n0, y + n0);
+      }
+    });
+  } else {
+    run_linears(isa_, threads_, &gj, 1);
+    for_ranges(threads_, T, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) glu_row(isa_, big + t * 2 * I, I, big + t * 2 * I);
+    });
+  }
+  qi.fill(isa_, big, T, fused_glu ? I : 2 * I, ly.down_proj, eps_, threads_);
+  const LinearJob dj = qi.job(ly.down_proj, T, fi, d);
+  run_linears(isa_, threads_, &dj, 1);
+}
+
+void Engine::check_emb(size_t v, size_t d) {
+  if ((int64_t)v != V_ || (int64_t)d != d_) throw std::invalid_argument("embedding shape does not match the config");
+}
+
+void Engine::add_row(float *h, const float *x) const {
+  for (int64_t k = 0; k < d_; ++k) h[k] += x[k];
+}
+
+void Engine::embed(int64_t id, float *out) const {
+  if (emb_is_bf16_) {
+    const uint16_t *row = emb_bf16_.data() + id * d_;
+    for (int64_t k = 0; k < d_; ++k) {
+      const uint32_t bits = (uint32_t)row[k] << 16;
+      std::memcpy(out + k, &bits, 4);
+    }
+  } else {
+    std::memcpy(out, emb_f32_.data() + id * d_, (size_t)d_ * 4);
+  }
+}
+
+}  // namespace ternary

@@ -1,0 +1,94 @@
+// The packed MMfree model walk: PackedLinear (one BitLinear's packed weight), Layer (one block's named weights)
+// and Engine (embedding -> layers -> norm -> head, prefill or decode, in one native call per step).
+#pragma once
+#include "linear.h"
+
+#include <nanobind/ndarray.h>
+
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace ternary {
+
+template <class T, class... Extra>
+using Arr = nb::ndarray<T, nb::c_contig, nb::device::cpu, Extra...>;
+using Vec = Arr<const float, nb::ndim<1>>;
+
+// A packed T2R4 weight [N, K] (formats/t2r4.h) with its trained scale and the RMSNorm weight of its input.
+struct PackedLinear {
+  Arr<const uint8_t, nb::ndim<2>> packed;
+  int64_t N, K;
+  double scale;
+  Vec norm;
+
+  PackedLinear(Arr<const uint8_t, nb::ndim<2>> p, int64_t n, int64_t k, double s, Vec w);
+  int64_t kpad() const { return t2r4::padded_k(K); }
+};
+
+// One MMfree block (nn/mlgru.py, nn/glu.py; the module names of models/mmfree.py's MMFreeBlock):
+// x += o_proj(g_norm(g_proj(a)) * silu(h)) with a = attn_norm(x) and the MLGRU state h from i_proj, f_proj
+// (forget gate floored by lower_bound, none in layer 0); x += down_proj(silu(gate) * up) from gate_proj of
+// mlp_norm(x).
+struct Layer {
+  Vec attn_norm;
+  PackedLinear i_proj, f_proj, g_proj, o_proj;
+  Vec g_norm;
+  std::optional<Vec> lower_bound;
+  Vec mlp_norm;
+  PackedLinear gate_proj, down_proj;
+};
+
+// Per-linear quantized input: q [T, Kpad], scales, sums.
+struct QBuf {
+  LineVec<int8_t> q;
+  LineVec<float> sa;
+  LineVec<int32_t> sq;
+  void reserve(int64_t T, const PackedLinear &p);
+  // Token t's row x (after reserve); tmp holds p.K floats.
+  void row(Isa isa, const float *x, int64_t t, const PackedLinear &p, double eps, float *tmp);
+  // Every row of x [T, ldx], split by tokens over the pool.
+  void fill(Isa isa, const float *x, int64_t T, int64_t ldx, const PackedLinear &p, double eps, int threads);
+  LinearJob job(const PackedLinear &p, int64_t T, float *Y, int64_t ldy) const;
+};
+
+class Engine {
+ public:
+  Engine(int64_t vocab, int64_t d, int64_t inter, double eps, const std::string &backend, int threads);
+  void set_embedding_f32(Arr<const float, nb::ndim<2>> e);
+  void set_embedding_bf16(Arr<const uint16_t, nb::ndim<2>> e);
+  void set_head(Vec norm, const PackedLinear &head);
+  void add_layer(const Layer &layer);
+  int64_t num_layers() const { return (int64_t)layers_.size(); }
+  // ids [T]; state [L, d] updated in place; logits [R, V] with R = T (all_logits) or 1 (last token).
+  void forward(Arr<const int64_t, nb::ndim<1>> ids, Arr<float, nb::ndim<2>> state, Arr<float, nb::ndim<2>> logits,
+               bool all_logits);
+
+ private:
+  void check_emb(size_t v, size_t d);
+  // fn(t, tmp) for every token t, split by tokens over the pool; tmp holds 2 I floats (any linear's K).
+  template <class F>
+  void per_token(int64_t T, F &&fn);
+  void add_row(float *h, const float *x) const;  // h += x over one row of width d
+  void embed(int64_t id, float *out) const;
+  // One block over T tokens: h [T, d] += its two residual branches (the last down projection is left in fi_
+  // and added by the next step that reads h); state [d] updated in place.
+  void layer_forward(const Layer &ly, int64_t l, int64_t T, float *state);
+
+  int64_t V_, d_, I_;
+  double eps_;
+  Isa isa_;
+  int threads_;
+  bool emb_is_bf16_ = false;
+  Arr<const float, nb::ndim<2>> emb_f32_;
+  Arr<const uint16_t, nb::ndim<2>> emb_bf16_;
+  Vec norm_;
+  std::vector<PackedLinear> head_;
+  std::vector<Layer> layers_;
+  std::mutex busy_;  // one forward at a time per engine (scratch is shared)
+  LineVec<float> h_, a_, fi_, ff_, fg_, big_;
+  QBuf qi_, qf_, qg_;
+};
+
+}  // namespace ternary
