@@ -1,5 +1,5 @@
-// Two measurements of the AMX prefill loop of src/mulfree/kernels/cpu/ternary.cpp (run_linears_panels /
-// amx_block), in one run:
+// Two measurements of the AMX prefill loop of src/mulfree/kernels/cpu/gemm_amx.cpp (amx_block, run by the panel
+// driver in gemm.cpp), in one run:
 // 1. Alignment: a 11264 x 2048 linear at 128 tokens with its activation tiles and panel buffer 64-byte
 //    aligned vs 16 bytes past a line (what malloc / std::vector give): the experiment behind LineVec in
 //    mulfree_cpu.h. Each k step is one 2 x 2 block of tdpbsud (32 tokens x 32 rows x 64 k); per 8-step chunk

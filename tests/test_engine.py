@@ -204,3 +204,34 @@ def test_pack_cli(model, tmp_path, capsys):
     assert PackedModel.load(tmp_path / "p").num_layers == 3
     assert main(["pack", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "q")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", [b for b in available_backends() if b != "reference"])
+def test_reference_walk_matches_engine(model, ids, backend):
+    # the reference path is the nn model walk with the engine's reference leaves: it rounds like the kernels
+    ref = PackedModel.from_model(model, backend="reference")
+    eng = PackedModel.from_model(model, backend=backend)
+    r, e = ref.forward(ids, all_logits=True), eng.forward(ids, all_logits=True)
+    assert (e - r).abs().max() <= 1e-5 * r.abs().max()
+    torch.testing.assert_close(eng.state, ref.state, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif("scalar" not in available_backends(), reason="compiled extension missing")
+def test_engine_layer_is_named(model):
+    from mulfree.infer.engine import LAYER_FIELDS
+    from mulfree.kernels import cpu_module
+
+    mod = cpu_module()
+    pm = PackedModel.from_model(model, backend="scalar")
+    p = "model.layers.1."
+    fields = {f: pm._packed_linear(mod, p + m) if p + m in pm._linears else pm.tensors[p + m + ".weight"]
+              for m, f in LAYER_FIELDS.items()}
+    layer = mod.Layer(**fields)  # no lower bound: None
+    assert layer.lower_bound is None and layer.gate_proj.n == 2 * 100 and layer.down_proj.k == 100
+    with pytest.raises(TypeError):
+        mod.Layer(*fields.values())  # keyword arguments only
+    eng = mod.Engine(300, 72, 100, 1e-6, "scalar", 1)
+    eng.add_layer(mod.Layer(**fields, lower_bound=pm.tensors["model.lb"][1]))
+    with pytest.raises(ValueError, match="gate_proj"):
+        eng.add_layer(mod.Layer(**{**fields, "gate_proj": fields["down_proj"]}))
+    assert eng.num_layers == 1

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from mulfree.data.text import load_tokenizer
 from mulfree.errors import CheckpointError
@@ -27,7 +28,15 @@ from mulfree.models.mmfree import MMFreeConfig, MMFreeForCausalLM
 from mulfree.nn.bitlinear import BitLinear
 from mulfree.nn.norm import RMSNorm
 from mulfree.ops import fused
-from mulfree.ops.pack import FORMAT, FORMAT_VERSION, pack_ternary, packed_shape, padded_k, ternarize, unpack_ternary
+from mulfree.ops.pack import (
+    FORMAT,
+    FORMAT_VERSION,
+    pack_ternary,
+    packed_shape,
+    padded_k,
+    ternarize,
+    unpack_ternary,
+)
 
 PREFILL_CHUNK = 512  # tokens per native prefill call (bounds scratch memory: ~25 MB at the 1.3b shape)
 
@@ -47,10 +56,21 @@ LAYER_FIELDS = {
 }
 
 
+class _SkipInit(TorchFunctionMode):
+    """Skips the `torch.nn.init` initializers while a shapes-only model is built (on the meta device the first
+    `normal_` imports torch's decompositions: ~1.5 s for values nobody reads)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
 def _skeleton(cfg: dict[str, Any]) -> MMFreeForCausalLM:
-    """The torch model of `cfg` on the meta device: module names and shapes, no memory."""
+    """The torch model of `cfg` on the meta device: module names and shapes, no memory, no values."""
     fields = {f.name for f in dataclasses.fields(MMFreeConfig)}
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInit():
         return MMFreeForCausalLM(MMFreeConfig(**{k: v for k, v in cfg.items() if k in fields}))
 
 
@@ -168,7 +188,7 @@ class PackedModel:
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def load(cls, model_dir: str | Path, backend: str | None = None, threads: int = 0) -> "PackedModel":
+    def load(cls, model_dir: str | Path, backend: str | None = None, threads: int = 0) -> PackedModel:
         """Load a packed dir (`mulfree pack`), or pack an ordinary MMfree model dir in memory."""
         from mulfree.models.io import read_config, read_weights
 
@@ -205,7 +225,7 @@ class PackedModel:
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, tokenizer: Any = None, backend: str | None = None,
-                   threads: int = 0) -> "PackedModel":
+                   threads: int = 0) -> PackedModel:
         """Pack an in-memory `MMFreeForCausalLM`."""
         cfg = model.config.to_dict()
         return cls(cfg, pack_state_dict(cfg, model.state_dict()), tokenizer, backend, threads)

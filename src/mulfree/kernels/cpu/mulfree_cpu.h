@@ -48,8 +48,8 @@ inline bool avx2_class(Isa isa) { return isa == Isa::Avx2 || isa == Isa::AvxVnni
 Isa parse_isa(const std::string &name);
 
 // Storage aligned to a cache line (64 bytes). malloc aligns to 16 only, so a 64-byte vector load or an AMX
-// tile row from a std::vector buffer straddles two lines: on a Sapphire Rapids host that alone made the AMX
-// prefill loop 2.4-2.5x slower per k step (benchmarks/amx_tiles.cpp). Kernel scratch buffers use LineVec.
+// tile row from a std::vector buffer straddles two lines, which slows the AMX tile loop down severely
+// (benchmarks/amx_tiles.cpp measures it; docs/packed.md). Kernel scratch buffers use LineVec.
 template <class T>
 struct LineAllocator {
   using value_type = T;

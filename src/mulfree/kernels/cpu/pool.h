@@ -16,8 +16,8 @@
 // scheduled yet simply claims nothing instead of stalling the region (this host kind is shared).
 // The caller claims from the front and the workers from the back, so with two threads each keeps
 // about the same half of every region: the rows and channels one region writes are mostly read by
-// the same core in the next (1.3b AMX prefill +10-15 %, 370m +10-13 % in alternating builds). Idle
-// workers spin briefly on a generation counter, then sleep on a condition variable.
+// the same core in the next (faster prefill, docs/packed.md). Idle workers spin briefly on a generation
+// counter, then sleep on a condition variable.
 class Pool {
  public:
   explicit Pool(int n) : n_(std::max(1, n)) {
