@@ -1,24 +1,113 @@
-"""Atomic writes: fill a temporary file (or directory) beside the target, then rename it into place,
-so an interrupted run never leaves a half-written model, checkpoint, table or plot."""
+"""The one output rule of every command that writes: build the result under a temporary name beside the
+target and rename it into place; never delete or overwrite a non-empty directory unless asked to
+(`--overwrite`), and then keep the old one until the new one is complete; never write into the current
+directory or one above it; a file path that names a directory is a one-line error.
+
+API (all errors are one-line `ConfigError` / `CheckpointError` naming the path and what to do):
+    prepare_output(out, "packed model", overwrite)   # early check of a directory --out, before any work
+    with atomic_dir(out, overwrite) as tmp:          # fill tmp; it replaces `out` whole on success
+        ...
+    prepare_file(args.png, "--png")                   # early check of a file output (--png / --json)
+    atomic_write(path, lambda tmp: fig.savefig(tmp))  # a file, via a temp file + rename
+    atomic_write_text(path, text); atomic_write_json(path, data)   # strict JSON (NaN/inf -> null)
+    remove_stale_temps(run_dir)                       # drop temp files/dirs left by killed writers
+
+Temporary names are `.<target name>.<8 chars>.tmp` (being written) and `.<target name>.<8 chars>.old`
+(a replaced directory, removed once the new one is in place); nothing else is ever removed.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
+import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+from mulfree.errors import CheckpointError, ConfigError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+# Files that mark a directory as a model or a training run (never written into by another command).
+MODEL_MARKERS = ("config.json", "model.safetensors")
+RUN_MARKERS = ("checkpoint.json", "train_config.json")
+_TEMP = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.(?P<kind>tmp|old)$")
+
+
+def describe_dir(path: str | Path) -> str | None:
+    """What a directory holds, for messages: 'a training run', 'a model', 'N entries', or None if empty."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    entries = [p.name for p in path.iterdir()]
+    if not entries:
+        return None
+    if any(m in entries for m in RUN_MARKERS):
+        return "a training run"
+    if any(m in entries for m in MODEL_MARKERS):
+        return "a model"
+    return f"{len(entries)} other entr{'y' if len(entries) == 1 else 'ies'}"
+
+
+def _check_not_cwd(path: Path) -> None:
+    """Refuse the current directory, any directory above it, and the home directory."""
+    resolved = path.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents or resolved == Path.home().resolve():
+        raise ConfigError(f"output '{path}' is the current directory or one above it",
+                          "name a new directory, e.g. --out runs/name")
+
+
+def prepare_output(path: str | Path, kind: str = "output", overwrite: bool = False) -> Path:
+    """Check that directory `path` may receive a new `kind` (e.g. "model", "packed model", "training run")
+    before any work is done: it must not be a file, the current directory or above it, and it must be
+    absent or empty unless `overwrite` (then `atomic_dir` replaces it whole). Returns `Path(path)`."""
+    path = Path(path)
+    _check_not_cwd(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output '{path}' is a file, not a directory", f"name a directory for the {kind}")
+    held = describe_dir(path)
+    if held is not None and not overwrite:
+        raise CheckpointError(f"output '{path}' already holds {held}",
+                              f"choose a new directory for the {kind} or pass --overwrite to replace it")
+    return path
+
+
+def prepare_file(path: str | Path, flag: str = "output") -> Path:
+    """Check that `path` (a --png / --json file) is not a directory and its parent is not a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{flag} '{path}' is a directory", f"name a file (e.g. '{path / ('out' + path.suffix)}')")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{flag} '{path}': '{parent}' is a file, not a directory", "choose another path")
+            break
+    return path
+
+
+def _mkdir_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create '{path.parent}' ({exc.strerror or exc})", "choose a writable path") from None
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     """Call `write(tmp_path)`, then rename tmp onto `path` (same directory, so the rename is atomic)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prepare_file(path)
+    _mkdir_parent(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise ConfigError(f"cannot write '{path}' ({exc.strerror or exc})", "choose a writable path") from None
     os.close(fd)
     try:
         write(Path(tmp))
@@ -33,18 +122,79 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def strict_json(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, ±inf) replaced by None, so it serialises as strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def dumps_strict(value: Any, **kwargs: Any) -> str:
+    """`json.dumps` that writes NaN / inf as null (never the invalid tokens NaN / Infinity)."""
+    return json.dumps(strict_json(value), allow_nan=False, **kwargs)
+
+
+def atomic_write_json(path: str | Path, data: Any, indent: int | None = 2) -> None:
+    """Write `data` as strict JSON (non-finite floats as null) atomically, with a final newline."""
+    atomic_write_text(path, dumps_strict(data, indent=indent) + "\n")
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory to fill; on success it replaces `path` whole, on error it vanishes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+def atomic_dir(path: str | Path, overwrite: bool = False, kind: str = "output") -> Iterator[Path]:
+    """Yield a temporary sibling directory to fill; on success it takes the place of `path`.
+
+    `path` must pass `prepare_output` (absent or empty, or `overwrite`). An existing directory is renamed
+    aside, the new one renamed in, and only then the old one removed; on error the temp dir vanishes and
+    `path` is untouched.
+    """
+    path = prepare_output(path, kind, overwrite)
+    _mkdir_parent(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        replace_dir(tmp, path, overwrite, kind)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(new: Path, path: Path, overwrite: bool = False, kind: str = "output") -> None:
+    """Rename directory `new` onto `path`: an empty or absent `path` is replaced directly; a non-empty one
+    (only with `overwrite`) is renamed aside first and removed after the new one is in place."""
+    held = describe_dir(path)
+    if held is None:
+        if path.is_dir():
+            path.rmdir()
+        os.replace(new, path)
+        return
+    if not overwrite:
+        raise CheckpointError(f"output '{path}' now holds {held}",
+                              f"choose a new directory for the {kind} or pass --overwrite to replace it")
+    aside = path.parent / f".{path.name}.{secrets.token_hex(4)}.old"
+    os.replace(path, aside)
+    os.replace(new, path)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def remove_stale_temps(directory: str | Path) -> list[Path]:
+    """Remove the temporary files and directories this tool's writers leave when killed (`.<name>.<8>.tmp`
+    in `directory`, and `.<name>.<8>.old` when `<name>` itself is present); returns what was removed."""
+    directory = Path(directory)
+    removed: list[Path] = []
+    if not directory.is_dir():
+        return removed
+    for entry in directory.iterdir():
+        m = _TEMP.match(entry.name)
+        if m is None or (m["kind"] == "old" and not (directory / m["name"]).exists()):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed

@@ -1,0 +1,102 @@
+"""The output rule: atomic directory replacement that never deletes what it was not asked to, file
+outputs that refuse directories, strict JSON and stale temp removal."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from mulfree.atomic import (
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    dumps_strict,
+    prepare_file,
+    prepare_output,
+    remove_stale_temps,
+)
+from mulfree.errors import CheckpointError, ConfigError
+
+
+def test_atomic_dir_refuses_a_non_empty_dir_and_keeps_it(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    ran = False
+    with pytest.raises(CheckpointError, match="--overwrite"):
+        with atomic_dir(out):
+            ran = True
+    assert not ran and (out / "mine.txt").read_text() == "keep me"
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_atomic_dir_overwrite_replaces_whole_and_failure_keeps_the_old(tmp_path):
+    out = tmp_path / "out"
+    with atomic_dir(out) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out, overwrite=True) as tmp:
+            (tmp / "b").write_text("2")
+            raise RuntimeError("killed")
+    assert os.listdir(out) == ["a"]
+    with atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "b").write_text("2")
+    assert os.listdir(out) == ["b"] and os.listdir(tmp_path) == ["out"]
+
+
+def test_empty_dir_is_filled_without_overwrite(tmp_path):
+    (tmp_path / "out").mkdir()
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "a").write_text("1")
+    assert os.listdir(tmp_path / "out") == ["a"]
+
+
+@pytest.mark.parametrize("target", [".", "..", "~"])
+def test_cwd_and_above_are_refused_even_with_overwrite(tmp_path, monkeypatch, target):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "precious").write_text("x")
+    with pytest.raises(ConfigError, match="current directory"):
+        prepare_output(os.path.expanduser(target), overwrite=True)
+    assert (tmp_path / "precious").exists()
+
+
+def test_prepare_output_names_what_the_dir_holds(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="holds a model"):
+        prepare_output(tmp_path / "m", "packed model")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        prepare_output(tmp_path / "f")
+
+
+def test_file_outputs_refuse_directories(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory"):
+        prepare_file(tmp_path, "--png")
+    with pytest.raises(ConfigError, match="is a directory"):
+        atomic_write_text(tmp_path, "x")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        prepare_file(tmp_path / "f" / "x.json", "--json")
+
+
+def test_strict_json(tmp_path):
+    assert dumps_strict({"a": float("nan"), "b": [float("inf"), 1.5]}) == '{"a": null, "b": [null, 1.5]}'
+    atomic_write_json(tmp_path / "x.json", {"loss": float("-inf")})
+    assert json.loads((tmp_path / "x.json").read_text()) == {"loss": None}
+
+
+def test_remove_stale_temps_only_removes_our_temp_names(tmp_path):
+    (tmp_path / "model.safetensors").write_text("x")
+    (tmp_path / ".model.safetensors.ab_c1234.tmp").write_text("partial")
+    (tmp_path / ".ckpt-3.zz99aa00.tmp").mkdir()
+    (tmp_path / ".model.safetensors.0123abcd.old").mkdir()  # a replaced dir whose target is in place
+    (tmp_path / ".gone.0123abcd.old").mkdir()  # the only copy: its target is missing
+    (tmp_path / ".hidden").write_text("user file")
+    (tmp_path / "notes.tmp").write_text("user file")
+    removed = remove_stale_temps(tmp_path)
+    assert len(removed) == 3
+    assert sorted(os.listdir(tmp_path)) == [".gone.0123abcd.old", ".hidden", "model.safetensors", "notes.tmp"]
