@@ -8,22 +8,13 @@
 namespace ternary {
 namespace {
 
-// Whether panel GEMMs run on AMX now (amx_switch, and a build with AMX).
-bool amx_on() {
-#if MF_HAVE_AMX
-  return amx_switch().load(std::memory_order_relaxed);
-#else
-  return false;
-#endif
-}
-
-// The panel tier of `isa`: AMX when it is on, else the ISA's own tier, else the next lower one this build
-// has; none for scalar.
+// The panel tier of `isa`: AMX when it is on (set_amx, and a build with AMX), else the ISA's own tier, else the
+// next lower one this build has; none for scalar.
 const PanelTier *panel_tier(Isa isa) {
   switch (isa) {
     case Isa::Avx512:
 #if MF_HAVE_AMX
-      if (amx_on()) return &kPanelAmx;
+      if (amx_switch().load(std::memory_order_relaxed)) return &kPanelAmx;
 #endif
       return &kPanelAvx512;
     case Isa::AvxVnni:
@@ -58,7 +49,7 @@ void multiply_blocks(const PanelTier &tier, const PanelChunk &c) {
   for (int64_t l = 0; l < c.nlines; ++l) prefetch_line_l2(c.lines[l]);
   const int64_t bt = tier.block_tokens;
   for (int64_t t0 = 0; t0 < c.j.T; t0 += bt)
-    tier.blocks[std::min(bt, c.j.T - t0)](c.acts, c.j.Kpad, t0, c.panel, c.ks0, c.ks1, c.C);
+    tier.blocks[std::min(bt, c.j.T - t0) - 1](c.acts, c.j.Kpad, t0, c.panel, c.ks0, c.ks1, c.C);
 }
 
 // Panels of 32 rows over the pool, each unpacked once per k chunk and run against every token.

@@ -74,7 +74,7 @@ struct PanelTier {
   // The gate block Cg and the up block Cu (rows n0.. and I + n0..) as silu(gate) * up, with the products of
   // finish and the arithmetic of glu_row.
   void (*finish_glu)(const LinearJob &j, const int32_t *Cg, const int32_t *Cu, int64_t n0, int64_t t0);
-  const PanelBlockFn *blocks;  // multiply_blocks: blocks[n] takes n tokens, n = 1 .. block_tokens
+  const PanelBlockFn *blocks;  // multiply_blocks: blocks[n - 1] takes n tokens, n = 1 .. block_tokens
   int block_tokens;
 };
 extern const PanelTier kPanelAvx2, kPanelAvx512;

@@ -124,7 +124,7 @@ __attribute__((target(MF_AMX))) void amx_end() { _tile_release(); }
 // B tiles are the AVX-512 VNNI panels, and the C tiles are finished as those.
 extern const PanelTier kPanelAmx = {
     kAmxPanelMinTokens,  prepare_amx,             amx_begin, amx_end, unpack_panel_avx512, multiply_amx,
-    panel_finish_avx512, panel_finish_glu_avx512, nullptr,   0};
+    panel_finish_avx512, panel_finish_glu_avx512, nullptr,   0};  // no blocks: multiply_amx runs the tile loop
 
 }  // namespace ternary
 #endif  // MF_HAVE_AMX

@@ -62,8 +62,8 @@ __attribute__((target("avx2,fma"))) void avx2_block(const int8_t *Q, int64_t ldq
     }
 }
 
-constexpr std::array<PanelBlockFn, kYmmTokens + 1> kAvx2Blocks = {nullptr, avx2_block<1>, avx2_block<2>, avx2_block<3>,
-                                                                 avx2_block<4>};
+constexpr std::array<PanelBlockFn, kYmmTokens> kAvx2Blocks = {avx2_block<1>, avx2_block<2>, avx2_block<3>,
+                                                             avx2_block<4>};
 
 // One C tile row as outputs (plain loops gcc vectorizes).
 MF_INLINE void finish_row(const LinearJob &j, const int32_t *__restrict c, int32_t sq, int64_t t, int64_t n,

@@ -68,8 +68,8 @@ __attribute__((target(MF_AVX512))) void vnni_block(const int8_t *Q, int64_t ldq,
 }
 
 template <int... N>
-constexpr std::array<PanelBlockFn, sizeof...(N) + 1> vnni_blocks(std::integer_sequence<int, N...>) {
-  return {nullptr, vnni_block<N + 1>...};  // entry 0 is never called (a block has at least one token)
+constexpr std::array<PanelBlockFn, sizeof...(N)> vnni_blocks(std::integer_sequence<int, N...>) {
+  return {vnni_block<N + 1>...};
 }
 constexpr auto kVnniBlocks = vnni_blocks(std::make_integer_sequence<int, kVnniTokens>{});
 

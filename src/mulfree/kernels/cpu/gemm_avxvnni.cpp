@@ -41,8 +41,8 @@ __attribute__((target("avx2,fma,avxvnni"))) void avxvnni_block(const int8_t *Q, 
   }
 }
 
-constexpr std::array<PanelBlockFn, kYmmTokens + 1> kAvxVnniBlocks = {nullptr, avxvnni_block<1>, avxvnni_block<2>,
-                                                                    avxvnni_block<3>, avxvnni_block<4>};
+constexpr std::array<PanelBlockFn, kYmmTokens> kAvxVnniBlocks = {avxvnni_block<1>, avxvnni_block<2>,
+                                                                avxvnni_block<3>, avxvnni_block<4>};
 
 }  // namespace
 

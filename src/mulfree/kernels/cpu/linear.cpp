@@ -24,15 +24,15 @@ const TileSet &tile_set(Isa isa) {
   return kGemvScalar;
 }
 
-// kTiles[isa][nt]: the tier's nt-token tile, else its largest (entry 0 is never asked for: the 1-token tile).
-using TileTable = std::array<std::array<Tile, kMaxTile + 1>, 4>;
+// kTiles[isa][nt - 1]: the tier's nt-token tile, else its largest.
+using TileTable = std::array<std::array<Tile, kMaxTile>, 4>;
 const TileTable kTiles = [] {
   TileTable table{};
   for (int i = 0; i < (int)table.size(); ++i) {
     const TileSet &set = tile_set((Isa)i);
-    for (int nt = 0; nt <= kMaxTile; ++nt) {
-      const int n = std::max(1, std::min(nt, set.count));
-      table[(size_t)i][(size_t)nt] = Tile{set.tiles[n - 1], n};
+    for (int nt = 1; nt <= kMaxTile; ++nt) {
+      const int n = std::min(nt, set.count);
+      table[(size_t)i][(size_t)nt - 1] = Tile{set.tiles[n - 1], n};
     }
   }
   return table;
@@ -40,7 +40,7 @@ const TileTable kTiles = [] {
 
 }  // namespace
 
-const Tile &gemv_tile(Isa isa, int nt) { return kTiles[(size_t)isa][(size_t)nt]; }
+const Tile &gemv_tile(Isa isa, int nt) { return kTiles[(size_t)isa][(size_t)nt - 1]; }
 
 std::vector<std::pair<int, int64_t>> row_group_chunks(const LinearJob *jobs, int njobs, int64_t step) {
   std::vector<std::pair<int, int64_t>> chunks;
