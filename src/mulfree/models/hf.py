@@ -6,20 +6,28 @@ MLGRU state instead of a KV cache. Importing this module registers `model_type =
     model = AutoModelForCausalLM.from_pretrained(mulfree_model_dir)
 
 The wrapper owns the same `model.*` / `lm_head.*` modules as `MMFreeForCausalLM`, so directories written by
-`save_model` and by `save_pretrained` hold identical tensors.
+`save_model` and by `save_pretrained` hold identical tensors. `generate()` has no position limit (the model has
+no positions), stops at the tokenizer's `<|endoftext|>` and pads with it, also for dirs saved without a
+generation config. A packed dir (`mulfree pack`) is refused with a pointer to `PackedModel`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from mulfree.data.text import EOS_TOKEN, TOKENIZER_FILE, eos_token_id, load_tokenizer
+from mulfree.errors import CheckpointError, MulfreeError
 from mulfree.models.mmfree import MMFreeConfig, MMFreeForCausalLM
 
 
@@ -89,6 +97,10 @@ class MMFreeHFConfig(PretrainedConfig):
     model_type = MMFreeConfig.model_type
 
     def __init__(self, **kwargs: Any) -> None:
+        if "format" in kwargs:  # a packed dir's config: its weights are trits + scales, not BitLinear weights
+            raise CheckpointError(
+                f"this config.json describes a packed mulfree model (format {kwargs['format']!r}), which transformers "
+                "cannot run", "load it with mulfree.infer.engine.PackedModel.load(dir), or pass the unpacked model dir")
         fields = {f.name for f in dataclasses.fields(MMFreeConfig)}
         own = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
         core = MMFreeConfig(**own)
@@ -118,6 +130,21 @@ class MMFreeHFForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         """Weights are initialized by `MMFreeForCausalLM.reset_parameters` (the official scheme)."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> MMFreeHFForCausalLM:
+        """As transformers loads it, plus eos/pad from the dir's `<|endoftext|>` when no generation config names them."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        path = Path(str(pretrained_model_name_or_path)) / TOKENIZER_FILE
+        if path.is_file():
+            with contextlib.suppress(MulfreeError):
+                set_generation_tokens(model, load_tokenizer(path))
+        return model
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' generate without its `max_position_embeddings` cap: the recurrence has no positions."""
+        with _no_position_limit(self.config):
+            return super().generate(*args, **kwargs)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -155,12 +182,50 @@ class MMFreeHFForCausalLM(PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
 
 
-def to_hf(model: MMFreeForCausalLM) -> MMFreeHFForCausalLM:
-    """Wrap trained weights of our model in the transformers class (shares no storage)."""
+@contextlib.contextmanager
+def _no_position_limit(config: MMFreeHFConfig) -> Iterator[None]:
+    """Hide `max_position_embeddings` (transformers caps default lengths at it and warns past it) for one call."""
+    saved = config.max_position_embeddings
+    config.max_position_embeddings = None
+    try:
+        yield
+    finally:
+        config.max_position_embeddings = saved
+
+
+def set_generation_tokens(model: MMFreeHFForCausalLM, tokenizer: Any) -> None:
+    """Make generate() stop at and pad with the tokenizer's `<|endoftext|>` where the generation config names none."""
+    eos = eos_token_id(tokenizer)
+    gen = model.generation_config
+    if gen.eos_token_id is None and eos is not None:
+        gen.eos_token_id = eos
+    if gen.pad_token_id is None and gen.eos_token_id is not None:
+        first = gen.eos_token_id if isinstance(gen.eos_token_id, int) else list(gen.eos_token_id)[0]
+        gen.pad_token_id = first
+
+
+def to_hf(model: MMFreeForCausalLM, tokenizer: Any = None) -> MMFreeHFForCausalLM:
+    """Wrap trained weights of our model in the transformers class (shares no storage); with our tokenizer,
+    generate() stops at and pads with its `<|endoftext|>`."""
     hf = MMFreeHFForCausalLM(MMFreeHFConfig(**dataclasses.asdict(model.config)))
     hf.load_state_dict(model.state_dict())
+    if tokenizer is not None:
+        set_generation_tokens(hf, tokenizer)
     return hf.eval()
+
+
+class MMFreeTokenizerFast(PreTrainedTokenizerFast):
+    """Our byte-level BPE for dirs saved without `tokenizer_config.json`: `<|endoftext|>` is eos and pad, padding left."""
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> PreTrainedTokenizerFast:
+        tok = super().from_pretrained(*args, **kwargs)  # no __init__ here: transformers then keeps tokenizer.json whole
+        if EOS_TOKEN in tok.get_vocab():
+            tok.eos_token = tok.pad_token = EOS_TOKEN
+            tok.padding_side = "left"
+        return tok
 
 
 AutoConfig.register(MMFreeHFConfig.model_type, MMFreeHFConfig, exist_ok=True)
 AutoModelForCausalLM.register(MMFreeHFConfig, MMFreeHFForCausalLM, exist_ok=True)
+AutoTokenizer.register(MMFreeHFConfig, fast_tokenizer_class=MMFreeTokenizerFast, exist_ok=True)

@@ -18,6 +18,7 @@ def glu_intermediate_size(hidden_size: int, hidden_ratio: int = 4) -> int:
 
 class TernaryGLU(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, eps: float = 1e-6):
+        """`eps` is the two BitLinears' own input-norm eps."""
         super().__init__()
         self.gate_proj = BitLinear(hidden_size, 2 * intermediate_size, eps)
         self.down_proj = BitLinear(intermediate_size, hidden_size, eps)

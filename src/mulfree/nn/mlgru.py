@@ -6,6 +6,10 @@
     o = BL_o(RMSNorm(BL_g(x)) ⊙ SiLU(h))        ("official" output gate, as the checkpoints were trained)
 
 `output_gate="paper"` uses the paper's σ(BL_g(x)) ⊙ h instead (needs retraining; not checkpoint-compatible).
+Padding (`mask` False): `mask_mode="official"` zeroes only the input i there, as the official layer does, so
+the state decays by f across a hole (left padding from a zero state stays zero); `"skip"` also sets f = 1, so
+the state passes a hole untouched (a padded sequence then equals the unpadded one, also for right padding).
+The official `num_heads` only reshapes this element-wise recurrence, so it needs no parameter here.
 The parallel scan serves training and prefill; T = 1 with a state is the O(1) decode step.
 """
 
@@ -20,18 +24,31 @@ from mulfree.nn.norm import RMSNorm
 from mulfree.ops.scan import linear_recurrence, linear_recurrence_step
 
 OUTPUT_GATES = ("official", "paper")
+MASK_MODES = ("official", "skip")
 
 
 class MLGRU(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-6, output_gate: str = "official"):
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float = 1e-6,
+        output_gate: str = "official",
+        bitlinear_eps: float | None = None,
+        mask_mode: str = "official",
+    ):
+        """`eps` is the g_norm's; `bitlinear_eps` (default: `eps`) the four projections' own input norms."""
         super().__init__()
         if output_gate not in OUTPUT_GATES:
             raise ValueError(f"output_gate must be one of {OUTPUT_GATES}, got {output_gate!r}")
+        if mask_mode not in MASK_MODES:
+            raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
         self.output_gate = output_gate
-        self.i_proj = BitLinear(hidden_size, hidden_size, eps)
-        self.f_proj = BitLinear(hidden_size, hidden_size, eps)
-        self.g_proj = BitLinear(hidden_size, hidden_size, eps)
-        self.o_proj = BitLinear(hidden_size, hidden_size, eps)
+        self.mask_mode = mask_mode
+        bl_eps = eps if bitlinear_eps is None else bitlinear_eps
+        self.i_proj = BitLinear(hidden_size, hidden_size, bl_eps)
+        self.f_proj = BitLinear(hidden_size, hidden_size, bl_eps)
+        self.g_proj = BitLinear(hidden_size, hidden_size, bl_eps)
+        self.o_proj = BitLinear(hidden_size, hidden_size, bl_eps)
         self.g_norm = RMSNorm(hidden_size, eps)
 
     def forward(
@@ -43,7 +60,7 @@ class MLGRU(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, D], lower_bound [D], state [B, D], mask [B, T] (False = padding) -> (out [B, T, D], state [B, D]).
 
-        Padded positions leave the state untouched (f = 1, i = 0), so left-padded batches decode correctly.
+        Padded positions get i = 0 (and f = 1 with mask_mode "skip"); left-padded batches decode correctly either way.
         """
         f = torch.sigmoid(self.f_proj(x)).float()
         if lower_bound is not None:
@@ -51,8 +68,9 @@ class MLGRU(nn.Module):
         i = F.silu(self.i_proj(x)).float() * (1 - f)
         if mask is not None:
             keep = mask.unsqueeze(-1).bool()
-            f = torch.where(keep, f, torch.ones_like(f))
             i = torch.where(keep, i, torch.zeros_like(i))
+            if self.mask_mode == "skip":
+                f = torch.where(keep, f, torch.ones_like(f))
         if x.shape[1] == 1 and state is not None:
             h_last = linear_recurrence_step(f[:, 0], i[:, 0], state)
             h = h_last.unsqueeze(1)
