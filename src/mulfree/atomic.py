@@ -40,6 +40,11 @@ RUN_MARKERS = ("checkpoint.json", "train_config.json")
 _TEMP = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.(?P<kind>tmp|old)$")
 
 
+def is_temp_name(name: str) -> bool:
+    """True for the names this module gives its temporary files and directories."""
+    return _TEMP.match(name) is not None
+
+
 def describe_dir(path: str | Path) -> str | None:
     """What a directory holds, for messages: 'a training run', 'a model', 'N entries', or None if empty."""
     path = Path(path)

@@ -13,6 +13,8 @@ import json
 import math
 import os
 import shutil
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,14 +24,25 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mulfree.atomic import atomic_dir, atomic_write_text
-from mulfree.errors import CheckpointError, ConfigError, DataError
+from mulfree.atomic import atomic_write_text, describe_dir, remove_stale_temps, replace_dir
+from mulfree.checkpoint import (  # noqa: F401  (checkpoint_state, CHECKPOINT_POINTER: re-exported)
+    CHECKPOINT_POINTER,
+    METRICS_FILE,
+    TRAIN_CONFIG_FILE,
+    append_metrics,
+    check_run_dir,
+    checkpoint_state,
+    clear_unstarted_run,
+    is_unstarted_run,
+    load_checkpoint,
+    remove_other_checkpoints,
+    save_checkpoint,
+    truncate_metrics,
+)
+from mulfree.errors import ConfigError, DataError
 from mulfree.evaluate import model_logits
-from mulfree.settings import TrainConfig
-
-CHECKPOINT_POINTER = "checkpoint.json"
-METRICS_FILE = "metrics.jsonl"
-TRAIN_CONFIG_FILE = "train_config.json"
+from mulfree.integrity import digest_bytes
+from mulfree.settings import TrainConfig, check_device
 
 BatchFn = Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
@@ -79,93 +92,35 @@ def evaluate_loss(model, batches: list[tuple[torch.Tensor, torch.Tensor]], bf16:
     return total / len(batches)
 
 
-# ---------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------- memory
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    sd = opt.state_dict()
-    tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()}
-    return tensors, sd["param_groups"]
-
-
-def save_checkpoint(out_dir: Path, step: int, model, opt, cfg: TrainConfig, extra: dict | None = None) -> Path:
-    """Write `ckpt-<step>/` (model, optimizer, state) via a temp dir + rename, then point to it atomically."""
-    from safetensors.torch import save_file, save_model
-
-    final = out_dir / f"ckpt-{step}"
-    with atomic_dir(final) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
-        tensors, groups = _optimizer_tensors(opt)
-        tensors["torch_rng"] = torch.get_rng_state()
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        state = {"step": step, "param_groups": groups, "train_config": cfg.to_dict()}
-        if extra:
-            state["extra"] = extra
-        if hasattr(model, "config") and hasattr(model.config, "to_dict"):
-            state["model_config"] = model.config.to_dict()
-        (tmp / "state.json").write_text(json.dumps(state))
-    atomic_write_text(out_dir / CHECKPOINT_POINTER, json.dumps({"checkpoint": final.name, "step": step}))
-    for old in out_dir.glob("ckpt-*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def check_run_dir(out_dir: Path, resume: bool, overwrite: bool = False) -> Path:
-    """The checkpoint pointer of `out_dir`, which must exist to resume and, unless `overwrite`, must not
-    exist for a new run (CheckpointError otherwise)."""
-    pointer = Path(out_dir) / CHECKPOINT_POINTER
-    if resume and not pointer.is_file():
-        raise CheckpointError(f"no checkpoint to resume in '{out_dir}'", "run without --resume first")
-    if not resume and not overwrite and pointer.exists():
-        raise CheckpointError(f"'{out_dir}' already holds a training run",
-                              "pass --resume to continue it or choose a new --out")
-    return pointer
-
-
-def checkpoint_state(out_dir: Path) -> dict:
-    """The `state.json` of the latest checkpoint (step, train_config, model_config, param_groups)."""
-    pointer = check_run_dir(out_dir, resume=True)
+def _available_bytes(device: torch.device) -> int | None:
+    """Free memory of the device (CUDA) or MemAvailable of this machine; None when unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
     try:
-        return json.loads((Path(out_dir) / json.loads(pointer.read_text())["checkpoint"] / "state.json").read_text())
-    except (OSError, KeyError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint in '{out_dir}' is corrupt ({exc})", "start a new run with a fresh --out") from exc
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
-def load_checkpoint(out_dir: Path, model, opt) -> int:
-    """Restore model, optimizer and RNG from the latest checkpoint in `out_dir`; returns its step."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, load_model
-
-    pointer = check_run_dir(out_dir, resume=True)
-    try:
-        ckpt = out_dir / json.loads(pointer.read_text())["checkpoint"]
-        state = json.loads((ckpt / "state.json").read_text())
-        load_model(model, str(ckpt / "model.safetensors"), strict=True, device=str(next(model.parameters()).device))
-        tensors = load_file(str(ckpt / "optimizer.safetensors"))
-    except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as exc:
-        raise CheckpointError(f"checkpoint in '{out_dir}' is corrupt or for another model ({exc})",
-                              "start a new run with a fresh --out") from exc
-    torch.set_rng_state(tensors.pop("torch_rng"))
-    per_param: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        i, name = key.split(".", 1)
-        per_param.setdefault(int(i), {})[name] = value
-    device = next(model.parameters()).device
-    for st in per_param.values():
-        for name, value in st.items():
-            if name != "step":
-                st[name] = value.to(device)
-    opt.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
-    return int(state["step"])
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric records past `step` (written after the checkpoint a resumed run restarts from)."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
+def check_memory(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse (one line) a step whose rough size (weights + AdamW state + logits and activations of one
+    micro-batch) exceeds the memory available, before anything is allocated."""
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", 0) or 0
+    width = (getattr(config, "hidden_size", 0) or 0) * (getattr(config, "num_hidden_layers", 1) or 1)
+    tokens = cfg.batch_size * cfg.seq_len
+    need = 16 * sum(p.numel() for p in model.parameters()) + tokens * (12 * vocab + 48 * width)
+    available = _available_bytes(device)
+    if available is not None and need > available:
+        raise ConfigError(f"a training step needs about {need / 2**30:.1f} GiB (--batch-size {cfg.batch_size} x "
+                          f"--seq-len {cfg.seq_len}, vocab {vocab}) but {available / 2**30:.1f} GiB is available",
+                          "lower --batch-size or --seq-len (use --grad-accum for a larger effective batch)")
 
 
 # ---------------------------------------------------------------- distributed
@@ -203,6 +158,28 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 # ---------------------------------------------------------------- loop
 
 
+def _token_digest(ids: torch.Tensor | None) -> str | None:
+    """Content fingerprint of a training token stream (a resumed run must see the same data)."""
+    return None if ids is None else digest_bytes(ids.detach().cpu().contiguous().numpy().tobytes())
+
+
+def _prepare_run(out_dir: Path, resume: bool, overwrite: bool, is_main: bool) -> Path:
+    """The directory to train in: `out_dir` itself, or for `overwrite` of a non-empty dir a temporary
+    sibling that replaces it once the new run is complete (the old run stays until then)."""
+    build = out_dir
+    replacing = not resume and overwrite and describe_dir(out_dir) is not None and not is_unstarted_run(out_dir)
+    if replacing and is_main:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    if is_main:
+        build.mkdir(parents=True, exist_ok=True)
+        if resume:
+            remove_stale_temps(build)
+        elif is_unstarted_run(build):
+            clear_unstarted_run(build)
+    return build
+
+
 def train(
     model: torch.nn.Module,
     train_ids: torch.Tensor | None,
@@ -223,22 +200,32 @@ def train(
         val_ids: 1-D token stream for validation loss (or None; `val_batch_fn` is an alternative).
         batch_fn: `(step, generator) -> (x [B, T], y [B, T])` supplying custom micro-batches; y may
             hold -100 (ignored). The generator is seeded from (seed, step, rank, micro-step).
-        resume: continue the run saved in `out_dir` exactly (same data order, optimizer, RNG).
-        overwrite: allow starting a fresh run in a directory that already holds one.
+        resume: continue the run saved in `out_dir` exactly (same data order, optimizer, RNG); the
+            token stream must be the one the run started with.
+        overwrite: replace what `out_dir` holds; the old contents stay until the new run is complete.
         extra: JSON-able facts stored in every checkpoint (e.g. the data paths, for the CLI's resume).
     Returns:
         final metrics: step, loss, val_loss, val_ppl (when validated), tokens, wall_s.
+    Raises:
+        ConfigError: on a non-finite loss or gradient (the last checkpoint stays), or settings the
+            machine cannot run (no CUDA, a step beyond the available memory).
     """
     out_dir = Path(out_dir)
     if batch_fn is None and train_ids is None:
         raise DataError("no training data", "pass train_ids or batch_fn")
+    check_device(cfg.device)
     check_run_dir(out_dir, resume, overwrite)
     rank, world = _dist_setup(cfg.device)
+    if world > 1:
+        check_run_dir(out_dir, resume, overwrite)
+        dist.barrier()  # every rank checked the dir before rank 0 writes into it
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cfg.device == "cuda" and world > 1
                           else cfg.device)
+    check_memory(model, cfg, device)
     is_main = rank == 0
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = _prepare_run(out_dir, resume, overwrite, is_main)
+    data_digest = _token_digest(train_ids) if batch_fn is None else None
+    extra = {**(extra or {}), "train_tokens": data_digest} if data_digest else extra
 
     if batch_fn is None:
         batch_fn = _window_sampler(train_ids, cfg)
@@ -254,22 +241,25 @@ def train(
     model.train()
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     start = 0
-    metrics_path = out_dir / METRICS_FILE
+    metrics_path = run_dir / METRICS_FILE
     if resume:
-        start = load_checkpoint(out_dir, model, opt)
+        start, state = load_checkpoint(run_dir, model, opt)
+        saved_digest = state.get("extra", {}).get("train_tokens")
+        if data_digest and saved_digest and saved_digest != data_digest:
+            raise DataError(f"the training data differs from the data the run in '{out_dir}' started with",
+                            "resume with the same --data (or leave --data out to reuse it)")
         if is_main:
-            _truncate_metrics(metrics_path, start)
-    elif is_main:
-        for old in out_dir.glob("ckpt-*"):
-            shutil.rmtree(old, ignore_errors=True)
-        (out_dir / CHECKPOINT_POINTER).unlink(missing_ok=True)
-        metrics_path.unlink(missing_ok=True)
+            remove_other_checkpoints(run_dir, f"ckpt-{start}")
+            torn = truncate_metrics(metrics_path, start)
+            if torn:
+                print(f"dropped {torn} unreadable line(s) of {metrics_path} (a write cut off by a kill)",
+                      file=sys.stderr)
     if is_main:
-        atomic_write_text(out_dir / TRAIN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2))
+        atomic_write_text(run_dir / TRAIN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2))
         if tokenizer is not None:
             from mulfree.data.text import save_tokenizer
 
-            save_tokenizer(tokenizer, out_dir)
+            save_tokenizer(tokenizer, run_dir)
 
     train_model = model
     if world > 1:
@@ -280,61 +270,74 @@ def train(
 
     def log(record: dict) -> None:
         if is_main:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_metrics(metrics_path, record)
 
+    def stop(what: str, value: float, step: int) -> ConfigError:
+        kept = (f"the last good checkpoint (step {last_saved}) stays in '{out_dir}'" if last_saved is not None and
+                run_dir == out_dir else "no checkpoint was written")
+        return ConfigError(f"{what} became {value} at step {step}; training stopped, {kept}",
+                           "lower --lr, set --grad-clip or check the data, then start again (or --resume)")
+
+    last_saved = start if resume else None
     final: dict = {"step": start}
     t_start = time.perf_counter()
     tokens_seen = 0
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",
                disable=not (cfg.progress and is_main), dynamic_ncols=True)
-    for step in bar:
-        t0 = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss_sum, step_tokens = 0.0, 0
-        for micro in range(cfg.grad_accum):
-            x, y = batch_fn(step, _generator(cfg.seed, step, rank, micro))
-            x, y = x.to(device), y.to(device)
-            sync = world == 1 or micro == cfg.grad_accum - 1
-            with contextlib.nullcontext() if sync else train_model.no_sync():
-                loss = lm_loss(train_model, x, y, cfg.bf16)
-                (loss / cfg.grad_accum).backward()
-            loss_sum += loss.item()
-            step_tokens += int((y != -100).sum())
-        loss_value = loss_sum / cfg.grad_accum
-        if world > 1:
-            buf = torch.tensor([loss_value, float(step_tokens)], dtype=torch.float64, device=device)
-            dist.all_reduce(buf)
-            loss_value, step_tokens = buf[0].item() / world, int(buf[1].item())
-        if not math.isfinite(loss_value):
-            raise ConfigError(f"loss became {loss_value} at step {step + 1}", "lower --lr or enable clipping")
-        # max_norm = inf measures the norm without clipping.
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-        opt.step()
-        done = step + 1
-        dt = time.perf_counter() - t0
-        tokens_seen += step_tokens
-        final.update(step=done, loss=loss_value)
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            log({"step": done, "loss": loss_value, "lr": opt.param_groups[0]["lr"],
-                 "grad_norm": float(grad_norm), "tokens_per_s": step_tokens / max(dt, 1e-9),
-                 "elapsed_s": time.perf_counter() - t_start})
-        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
-        if val_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
-            val_loss = evaluate_loss(model, val_batches, cfg.bf16)
-            final.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
-            log({"step": done, "val_loss": val_loss, "val_ppl": final["val_ppl"]})
-        if is_main and ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps):
-            save_checkpoint(out_dir, done, model, opt, cfg, extra)
-    bar.close()
-    final.update(tokens=tokens_seen, wall_s=time.perf_counter() - t_start)
-    if is_main:
-        from mulfree.models.io import save_model
+    try:
+        for step in bar:
+            t0 = time.perf_counter()
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss_sum, step_tokens = 0.0, 0
+            for micro in range(cfg.grad_accum):
+                x, y = batch_fn(step, _generator(cfg.seed, step, rank, micro))
+                x, y = x.to(device), y.to(device)
+                sync = world == 1 or micro == cfg.grad_accum - 1
+                with contextlib.nullcontext() if sync else train_model.no_sync():
+                    loss = lm_loss(train_model, x, y, cfg.bf16)
+                    (loss / cfg.grad_accum).backward()
+                loss_sum += loss.item()
+                step_tokens += int((y != -100).sum())
+            loss_value = loss_sum / cfg.grad_accum
+            if world > 1:
+                buf = torch.tensor([loss_value, float(step_tokens)], dtype=torch.float64, device=device)
+                dist.all_reduce(buf)
+                loss_value, step_tokens = buf[0].item() / world, int(buf[1].item())
+            if not math.isfinite(loss_value):
+                raise stop("loss", loss_value, step + 1)
+            # max_norm = inf measures the norm without clipping.
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf))
+            if not math.isfinite(grad_norm):
+                raise stop("gradient norm", grad_norm, step + 1)
+            opt.step()
+            done = step + 1
+            dt = time.perf_counter() - t0
+            tokens_seen += step_tokens
+            final.update(step=done, loss=loss_value)
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                log({"step": done, "loss": loss_value, "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm,
+                     "tokens_per_s": step_tokens / max(dt, 1e-9), "elapsed_s": time.perf_counter() - t_start})
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
+            if val_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
+                val_loss = evaluate_loss(model, val_batches, cfg.bf16)
+                final.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+                log({"step": done, "val_loss": val_loss, "val_ppl": final["val_ppl"]})
+            if is_main and ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps):
+                save_checkpoint(run_dir, done, model, opt, cfg, extra)
+                last_saved = done
+        bar.close()
+        final.update(tokens=tokens_seen, wall_s=time.perf_counter() - t_start)
+        if is_main:
+            from mulfree.models.io import save_model
 
-        save_model(model, out_dir, tokenizer)
+            save_model(model, run_dir, tokenizer)
+            if run_dir != out_dir:
+                replace_dir(run_dir, out_dir, overwrite=True, kind="training run")
+    finally:
+        if is_main and run_dir != out_dir and run_dir.exists():
+            shutil.rmtree(run_dir, ignore_errors=True)  # a replacing run that did not finish: the old stays
     if world > 1:
         dist.barrier()
     return final
-

@@ -26,7 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", nargs="+", metavar="PATH", help="text files or folders of *.txt "
                    "(default: the bundled Shakespeare corpus)")
     p.add_argument("--out", required=True, help="output directory (model, tokenizer, checkpoints, metrics.jsonl)")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly (same data; "
+                   "only --steps may change)")
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds (the old contents stay "
+                   "until the new run is complete)")
     add_flags(p, TrainConfig)
     p.set_defaults(func=cmd_train)
 
@@ -66,11 +69,33 @@ def _read_config_spec(spec: str) -> tuple[dict | None, dict]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{spec}' must hold a JSON object", "see `mulfree train --help`")
     train_settings = data.pop("train", {})
+    if not isinstance(train_settings, dict):
+        raise ConfigError(f"config file '{spec}': \"train\" must be a JSON object of run settings",
+                          "write it as \"train\": {\"steps\": 100, ...}")
     return data, train_settings
 
 
+def _data_files(paths: list[str] | None) -> dict[str, str]:
+    """Content fingerprint of the training text: resolved path -> xxh3 digest of every file read."""
+    from mulfree.data.text import _expand, bundled_text_files
+    from mulfree.integrity import digest_file
+
+    files = bundled_text_files() if paths is None else _expand(paths)
+    return {str(f.resolve()): digest_file(f) for f in files}
+
+
+def _check_same_data(out: Path, saved: dict, current: dict[str, str]) -> None:
+    """DataError naming the first file that was added, removed or changed since the run started."""
+    for name in sorted(set(saved) | set(current)):
+        if saved.get(name) != current.get(name):
+            how = "is new" if name not in saved else "is gone" if name not in current else "changed"
+            raise DataError(f"data file '{name}' {how} since the run in '{out}' started",
+                            "resume with the data the run started with, or start a new run")
+
+
 def _resumed_run(args, out: Path):
-    """(model config, train config, tokenizer) of the run saved in `out`; --steps may extend it."""
+    """(model config, train config, tokenizer, data fingerprint) of the run saved in `out`; only
+    --steps (and --device, --no-progress) may differ from the saved settings."""
     from mulfree.data.text import load_tokenizer
     from mulfree.models import registry
     from mulfree.train import TrainConfig, checkpoint_state
@@ -80,16 +105,24 @@ def _resumed_run(args, out: Path):
     family = registry.find(model_dict or {})
     if family is None:
         raise CheckpointError(f"checkpoint in '{out}' has no model config", "start a new run")
-    saved = dict(state["train_config"])
-    if args.steps is not None:
-        saved["steps"] = args.steps
-    saved["progress"] = args.progress is not False
-    saved_data = state.get("extra", {}).get("data")
+    saved = TrainConfig.from_dict(dict(state["train_config"])).to_dict()
+    given = from_args(TrainConfig, args, base=saved).to_dict()
+    changed = [k for k in saved if k not in ("steps", "device", "progress") and given[k] != saved[k]]
+    if changed:
+        name = changed[0]
+        raise ConfigError(f"--{name.replace('_', '-')} {given[name]} differs from the resumed run's {saved[name]}",
+                          "leave it out: a resumed run keeps its settings (only --steps may change)")
+    saved.update(steps=given["steps"], device=given["device"], progress=args.progress is not False)
+    extra = state.get("extra", {})
+    saved_data = extra.get("data")
     if args.data is None:
         args.data = saved_data
     elif saved_data is not None and [str(Path(p).resolve()) for p in args.data] != saved_data:
         raise DataError(f"--data differs from the data of the run in '{out}'", "leave --data out to reuse it")
-    return family.config_cls.from_dict(model_dict), TrainConfig.from_dict(saved), load_tokenizer(out)
+    files = _data_files(args.data)
+    if isinstance(extra.get("data_files"), dict):
+        _check_same_data(out, extra["data_files"], files)
+    return family.config_cls.from_dict(model_dict), TrainConfig.from_dict(saved), load_tokenizer(out), files
 
 
 def _new_run(args):
@@ -117,11 +150,12 @@ def cmd_train(args) -> int:
     from mulfree.train import check_run_dir, train
 
     out = Path(args.out)
-    check_run_dir(out, args.resume)  # before the corpus and tokenizer work
+    check_run_dir(out, args.resume, args.overwrite)  # before the corpus and tokenizer work
     if args.resume:
-        model_config, train_cfg, tokenizer = _resumed_run(args, out)
+        model_config, train_cfg, tokenizer, files = _resumed_run(args, out)
     else:
         (model_config, train_cfg), tokenizer = _new_run(args), None
+        files = _data_files(args.data)
     corpus = load_corpus(args.data)
     if tokenizer is None:
         tokenizer = train_tokenizer(corpus.train_text, model_config.vocab_size)
@@ -139,7 +173,7 @@ def cmd_train(args) -> int:
               f"{train_ids.numel()} train tokens, validation: {', '.join(corpus.val_docs)}", file=sys.stderr)
     data = None if args.data is None else [str(Path(p).resolve()) for p in args.data]
     result = train(model, train_ids, val_ids, train_cfg, out, resume=args.resume, tokenizer=tokenizer,
-                   extra={"data": data})
+                   overwrite=args.overwrite, extra={"data": data, "data_files": files})
     if main_process:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
     return 0

@@ -8,7 +8,10 @@ Each field becomes `--kebab-name` (`dest` is the field name):
   `metadata={"negatable": True}` gives both (`--name/--no-name`).
 - `metadata` keys: `help` (the help text; for a `--no-name` flag it describes turning the setting
   off), `flag` (another flag name), `choices`, `metavar`, `nargs` (e.g. "*" for a list that may be
-  given empty).
+  given empty), and the bounds `min` / `max` (inclusive), `gt` / `lt` (exclusive), `finite` (floats
+  default True), `hint` (what to do when out of range).
+- Every value `from_args` builds is checked by `mulfree.settings.check_fields`: its type, finiteness,
+  bounds, int64 range (a `seed` field: [0, 2**63 - 1]), as a one-line ConfigError naming the flag.
 
 Unless a command passes its own `defaults`, a flag's parsed value is None when it was not given, so
 `from_args` can layer the command line over a base (a saved run, a JSON file) and the dataclass
@@ -27,21 +30,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
 import typing
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
+from mulfree.settings import check_fields, unwrap_optional
+
 T = TypeVar("T")
-
-
-def _unwrap_optional(tp: Any) -> Any:
-    """`T | None` / `Optional[T]` -> T; anything else unchanged."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
 
 
 def _field_default(f: dataclasses.Field) -> Any:
@@ -57,7 +52,7 @@ def _flag_kwargs(f: dataclasses.Field, tp: Any, default: Any) -> tuple[str, dict
     meta = f.metadata
     name = meta.get("flag", "--" + f.name.replace("_", "-"))
     kw: dict[str, Any] = {"dest": f.name}
-    tp = _unwrap_optional(tp)
+    tp = unwrap_optional(tp)[0]
     origin = typing.get_origin(tp)
     if tp is bool:
         if meta.get("negatable"):
@@ -73,7 +68,7 @@ def _flag_kwargs(f: dataclasses.Field, tp: Any, default: Any) -> tuple[str, dict
     elif origin in (tuple, list):
         item = typing.get_args(tp)[0] if typing.get_args(tp) else str
         kw["nargs"] = "+"
-        kw["type"] = _unwrap_optional(item)
+        kw["type"] = unwrap_optional(item)[0]
     elif tp in (int, float, str):
         kw["type"] = tp
     else:
@@ -144,10 +139,10 @@ def from_args(cls: type[T], args: argparse.Namespace, base: Any = None, **overri
         value = getattr(args, f.name, None) if f.init else None
         if value is None:
             continue
-        container = typing.get_origin(_unwrap_optional(hints[f.name]))
+        container = typing.get_origin(unwrap_optional(hints[f.name])[0])
         values[f.name] = container(value) if container in (tuple, list) else value
     values.update(overrides)
     from_dict = getattr(cls, "from_dict", None)
-    if isinstance(base, Mapping) and from_dict is not None:
-        return from_dict(values)
-    return cls(**values)
+    obj = from_dict(values) if isinstance(base, Mapping) and from_dict is not None else cls(**values)
+    check_fields(obj)
+    return obj

@@ -1,0 +1,236 @@
+"""Training-run directories: checkpoints (`ckpt-<step>/` with model, optimizer and state, checksummed in
+`checksums.json`, pointed to by `checkpoint.json`), the metrics log and the rules of which directory a
+run may start or resume in. Every damaged file is reported as one CheckpointError line naming it.
+
+A run dir holds `train_config.json`, `tokenizer.json`, `metrics.jsonl`, `checkpoint.json`, one `ckpt-<step>/`
+and, once finished, the model (`config.json`, `model.safetensors`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from mulfree.atomic import atomic_dir, atomic_write_text, dumps_strict, is_temp_name, prepare_output
+from mulfree.errors import CheckpointError, ConfigError
+from mulfree.integrity import verify, write_manifest
+from mulfree.settings import TrainConfig
+
+CHECKPOINT_POINTER = "checkpoint.json"
+METRICS_FILE = "metrics.jsonl"
+TRAIN_CONFIG_FILE = "train_config.json"
+CKPT_FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
+_CKPT = re.compile(r"^ckpt-(\d+)$")
+# What a run writes before its first checkpoint: such a dir may be started again without --overwrite.
+_EARLY_FILES = {TRAIN_CONFIG_FILE, METRICS_FILE, "tokenizer.json", "checksums.json"}
+_FIX = "restore the run directory or start a new run with a fresh --out"
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    sd = opt.state_dict()
+    tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()}
+    return tensors, sd["param_groups"]
+
+
+def save_checkpoint(out_dir: Path, step: int, model, opt, cfg: TrainConfig, extra: dict | None = None) -> Path:
+    """Write `ckpt-<step>/` (model, optimizer, state, checksums) via a temp dir + rename, point to it
+    atomically, then remove older checkpoints."""
+    from safetensors.torch import save_file, save_model
+
+    final = Path(out_dir) / f"ckpt-{step}"
+    with atomic_dir(final, overwrite=True, kind="checkpoint") as tmp:  # a ckpt-<step> left by a killed run is ours
+        save_model(model, str(tmp / "model.safetensors"))
+        tensors, groups = _optimizer_tensors(opt)
+        tensors["torch_rng"] = torch.get_rng_state()
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        state = {"step": step, "param_groups": groups, "train_config": cfg.to_dict()}
+        if extra:
+            state["extra"] = extra
+        if hasattr(model, "config") and hasattr(model.config, "to_dict"):
+            state["model_config"] = model.config.to_dict()
+        (tmp / "state.json").write_text(dumps_strict(state))
+        write_manifest(tmp, CKPT_FILES)
+    atomic_write_text(Path(out_dir) / CHECKPOINT_POINTER, json.dumps({"checkpoint": final.name, "step": step}))
+    remove_other_checkpoints(Path(out_dir), final.name)
+    return final
+
+
+def remove_other_checkpoints(out_dir: Path, keep: str | None) -> None:
+    """Remove every `ckpt-<step>/` of the run but `keep` (older ones, or one a killed save left unpointed)."""
+    for old in out_dir.glob("ckpt-*"):
+        if old.name != keep and _CKPT.match(old.name) and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def is_unstarted_run(out_dir: Path) -> bool:
+    """True for a run dir killed before its first checkpoint: only what a run writes first, no pointer."""
+    if not (out_dir / TRAIN_CONFIG_FILE).is_file() or (out_dir / CHECKPOINT_POINTER).exists():
+        return False
+    return all(p.name in _EARLY_FILES or _CKPT.match(p.name) or is_temp_name(p.name) for p in out_dir.iterdir())
+
+
+def clear_unstarted_run(out_dir: Path) -> None:
+    """Remove what a run killed before its first checkpoint left (its own files only)."""
+    for p in list(out_dir.iterdir()):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def check_run_dir(out_dir: Path, resume: bool, overwrite: bool = False) -> Path:
+    """The checkpoint pointer of `out_dir`. To resume it must exist; a new run needs an absent or empty
+    dir, one a run left before its first checkpoint, or `overwrite` (CheckpointError otherwise)."""
+    out_dir = Path(out_dir)
+    pointer = out_dir / CHECKPOINT_POINTER
+    if resume:
+        if overwrite:
+            raise ConfigError("--resume and --overwrite were both given", "pass --resume to continue the run "
+                              "or --overwrite to replace it")
+        if not pointer.is_file():
+            if is_unstarted_run(out_dir):
+                raise CheckpointError(f"the run in '{out_dir}' stopped before its first checkpoint",
+                                      "run the same command without --resume to start it again")
+            raise CheckpointError(f"no checkpoint to resume in '{out_dir}'", "run without --resume first")
+        return pointer
+    if pointer.exists() and not overwrite:
+        raise CheckpointError(f"'{out_dir}' already holds a training run",
+                              "pass --resume to continue it, --overwrite to replace it, or choose a new --out")
+    if overwrite or not is_unstarted_run(out_dir):
+        prepare_output(out_dir, "training run", overwrite)
+    return pointer
+
+
+def _checkpoint_dir(out_dir: Path) -> Path:
+    """The `ckpt-<step>/` that `checkpoint.json` names, checked."""
+    pointer = check_run_dir(out_dir, resume=True)
+    try:
+        data = json.loads(pointer.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{pointer} is not valid JSON ({exc})", _FIX) from None
+    name = data.get("checkpoint") if isinstance(data, dict) else None
+    if not isinstance(name, str) or not _CKPT.match(name):
+        raise CheckpointError(f"{pointer} must be a JSON object with \"checkpoint\": \"ckpt-<step>\"", _FIX)
+    ckpt = Path(out_dir) / name
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt} (named by {pointer.name}) is missing", _FIX)
+    return ckpt
+
+
+def _check_state(state: object, path: Path, step: int) -> dict:
+    """`state.json` must be an object with step, param_groups, train_config (and optional dicts)."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(state).__name__}", _FIX)
+    problems = []
+    if state.get("step") != step:
+        problems.append(f"step {state.get('step')!r} is not the checkpoint's step {step}")
+    groups = state.get("param_groups")
+    if not (isinstance(groups, list) and groups and all(isinstance(g, dict) for g in groups)):
+        problems.append("param_groups is not a list of objects")
+    else:
+        for g in groups:
+            numbers = [g.get(k) for k in ("lr", "eps", "weight_decay")] + list(g.get("betas") or [None])
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
+                problems.append("param_groups hold a missing or non-finite lr/eps/weight_decay/betas")
+                break
+    for key, required in (("train_config", True), ("model_config", False), ("extra", False)):
+        if (required or key in state) and not isinstance(state.get(key), dict):
+            problems.append(f"{key} is not an object")
+    if problems:
+        raise CheckpointError(f"{path}: {problems[0]}", _FIX)
+    return state
+
+
+def checkpoint_state(out_dir: Path) -> dict:
+    """The checked `state.json` of the latest checkpoint (step, train_config, model_config, param_groups)."""
+    ckpt = _checkpoint_dir(Path(out_dir))
+    verify(ckpt, ["state.json"])
+    path = ckpt / "state.json"
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path} is unreadable ({exc})", _FIX) from None
+    return _check_state(state, path, int(_CKPT.match(ckpt.name)[1]))
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups: list, path: Path) -> None:
+    """Load the per-parameter AdamW tensors and RNG state of `optimizer.safetensors`, each checked."""
+    rng = tensors.pop("torch_rng", None)
+    if rng is None or rng.dtype != torch.uint8 or rng.dim() != 1:
+        raise CheckpointError(f"{path} has no valid torch_rng tensor", _FIX)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, _, name = key.partition(".")
+        if not index.isdigit() or int(index) >= len(params) or name not in ("step", "exp_avg", "exp_avg_sq"):
+            raise CheckpointError(f"{path}: unexpected tensor {key!r} for a model with {len(params)} parameters",
+                                  _FIX)
+        per_param.setdefault(int(index), {})[name] = value
+    device = params[0].device if params else torch.device("cpu")
+    for i, st in per_param.items():
+        if set(st) != {"step", "exp_avg", "exp_avg_sq"}:
+            raise CheckpointError(f"{path}: parameter {i} lacks {sorted({'step', 'exp_avg', 'exp_avg_sq'} - set(st))}",
+                                  _FIX)
+        for name in ("exp_avg", "exp_avg_sq"):
+            if st[name].shape != params[i].shape:
+                raise CheckpointError(f"{path}: {i}.{name} has shape {tuple(st[name].shape)}, the model's "
+                                      f"parameter {tuple(params[i].shape)}", "resume with the model of this run")
+            st[name] = st[name].to(device)
+    try:
+        torch.set_rng_state(rng)
+        opt.load_state_dict({"state": per_param, "param_groups": groups})
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} does not fit this model's optimizer ({exc})", _FIX) from None
+
+
+def load_checkpoint(out_dir: Path, model, opt) -> tuple[int, dict]:
+    """Restore model, optimizer and RNG from the latest checkpoint in `out_dir` after verifying its
+    checksums; returns (step, state)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, load_model
+
+    state = checkpoint_state(out_dir)
+    ckpt = _checkpoint_dir(Path(out_dir))
+    verify(ckpt, CKPT_FILES)
+    for name in CKPT_FILES:
+        if not (ckpt / name).is_file():
+            raise CheckpointError(f"{ckpt / name} is missing", _FIX)
+    try:
+        load_model(model, str(ckpt / "model.safetensors"), strict=True, device=str(next(model.parameters()).device))
+        tensors = load_file(str(ckpt / "optimizer.safetensors"))
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"checkpoint {ckpt} is corrupt or for another model ({first})", _FIX) from None
+    _restore_optimizer(opt, tensors, state["param_groups"], ckpt / "optimizer.safetensors")
+    return int(state["step"]), state
+
+
+def append_metrics(path: Path, record: dict) -> None:
+    """Append one strict-JSON record (non-finite values as null) to the metrics log, in one write."""
+    with path.open("a") as f:
+        f.write(dumps_strict(record) + "\n")
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep the metric records up to `step` (a resumed run rewrites later ones) and drop unreadable
+    lines (a torn last line of a killed write); returns how many lines were unreadable."""
+    if not path.is_file():
+        return 0
+    keep, torn = [], 0
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            torn += bool(line.strip())
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            torn += 1
+        elif record["step"] <= step:
+            keep.append(dumps_strict(record))
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+    return torn
