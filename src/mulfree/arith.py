@@ -28,8 +28,9 @@ from mulfree.data.arithmetic import (
     split_line,
 )
 from mulfree.data.chartok import CharTokenizer
-from mulfree.errors import CheckpointError
+from mulfree.errors import CheckpointError, MulfreeError
 from mulfree.models import registry
+from mulfree.settings import ArithConfig, ArithEvalConfig
 
 if TYPE_CHECKING:
     from mulfree.train import TrainConfig
@@ -222,9 +223,14 @@ def load_run(model_dir: str | Path) -> tuple[nn.Module, CharTokenizer, ArithTask
         raise CheckpointError(f"{path} is missing", "pass a directory written by `mulfree arith train`")
     try:
         meta = json.loads(path.read_text())
+        if not isinstance(meta, dict):
+            raise TypeError(f"a JSON object is needed, not {type(meta).__name__}")
+        ArithConfig(meta["digits"], meta["width"], meta.get("test_per_length", 200))
+        ArithEvalConfig(seed=meta.get("test_seed", 1234))
         task = ArithTask(meta["op"], meta["fmt"], meta["digits"], meta["width"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path} is malformed ({exc})", "retrain with `mulfree arith train`") from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, MulfreeError) as exc:
+        what = exc.what if isinstance(exc, MulfreeError) else f"{type(exc).__name__}: {exc}"
+        raise CheckpointError(f"{path} is malformed ({what})", "retrain with `mulfree arith train`") from None
     model, _ = load_model(model_dir)
     return model, CharTokenizer.load(model_dir), task, meta
 
@@ -241,11 +247,15 @@ def train_arith(
     overwrite: bool = False,
 ) -> tuple[nn.Module, list[LengthResult], dict]:
     """Train a fresh `kind` model on `task` (test problems of lengths 1..digits held out), save it and
-    evaluate on lengths `eval_lengths` (default 1..digits+3); returns (model, results, train metrics)."""
+    evaluate on lengths `eval_lengths` (default 1..digits+3); returns (model, results, train metrics).
+
+    The whole directory is built beside `out_dir` and renamed into place when complete; an `out_dir` that
+    is not empty is replaced only with `overwrite` (and kept until then)."""
+    from mulfree.atomic import atomic_dir, prepare_output
     from mulfree.train import train
 
     kind = registry.get(kind).name
-    out_dir = Path(out_dir)
+    out_dir = prepare_output(out_dir, "arithmetic run", overwrite)
     tok = CharTokenizer()
     lengths = list(eval_lengths or range(1, task.digits + 4))
     test_set = make_test_set(task.op, lengths, test_per_length, seed=test_seed)
@@ -253,12 +263,12 @@ def train_arith(
                      held_out=held_out_problems({n: p for n, p in test_set.items() if n <= task.digits}))
     model = build_model(kind, tok.vocab_size, preset, seed=train_cfg.seed)
     batch_fn = make_batch_fn(task, tok, train_cfg.batch_size)
-    metrics = train(model, None, None, train_cfg, out_dir, batch_fn=batch_fn, val_batch_fn=batch_fn,
-                    overwrite=overwrite)
-    tok.save(out_dir)
-    save_task(out_dir, task, kind, test_seed, test_per_length)
-    results = evaluate_task(model, tok, task, test_set)
-    write_results(out_dir, results)
+    with atomic_dir(out_dir, overwrite, kind="arithmetic run") as tmp:
+        metrics = train(model, None, None, train_cfg, tmp, batch_fn=batch_fn, val_batch_fn=batch_fn)
+        tok.save(tmp)
+        save_task(tmp, task, kind, test_seed, test_per_length)
+        results = evaluate_task(model, tok, task, test_set)
+        write_results(tmp, results)
     return model, results, metrics
 
 

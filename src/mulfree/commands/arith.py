@@ -9,7 +9,9 @@ from mulfree.errors import ConfigError
 
 
 def _lengths(spec: str) -> list[int]:
-    """'1-6' or '3,5,7' -> the operand lengths to evaluate."""
+    """'1-6' or '3,5,7' -> the operand lengths to evaluate (each in 1..MAX_DIGITS)."""
+    from mulfree.settings import MAX_DIGITS
+
     try:
         if "-" in spec:
             lo, hi = (int(v) for v in spec.split("-", 1))
@@ -20,13 +22,15 @@ def _lengths(spec: str) -> list[int]:
         raise ConfigError(f"cannot read operand lengths {spec!r}", "write them as 1-6 or 2,4,6") from None
     if not out or min(out) < 1:
         raise ConfigError(f"operand lengths {spec!r} must be >= 1", "write them as 1-6 or 2,4,6")
-    return out
+    if max(out) > MAX_DIGITS:
+        raise ConfigError(f"operand lengths {spec!r} go beyond {MAX_DIGITS} digits", f"use lengths up to {MAX_DIGITS}")
+    return sorted(set(out))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from mulfree.data.arithmetic import FORMATS, OPS
     from mulfree.models import registry
-    from mulfree.settings import TrainConfig
+    from mulfree.settings import ArithConfig, ArithEvalConfig, TrainConfig
 
     p = sub.add_parser("arith", help="train/evaluate small models on arithmetic in positional formats",
                        description="Addition and multiplication with positional formats (Shen et al. 2023, Lee et al. 2024).")
@@ -38,8 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "1..--digits+3 digits.")
     t.add_argument("--task", choices=list(OPS), default="add", help="operation (default: add)")
     t.add_argument("--format", choices=FORMATS, default="reversed", help="data format (default: reversed)")
-    t.add_argument("--digits", type=int, default=3, help="longest training operand (default: 3)")
-    t.add_argument("--width", type=int, default=None, help="padding width of the padded formats (default: --digits)")
+    add_flags(t, ArithConfig, only=("digits", "width"))
     t.add_argument("--model", type=registry.canonical, choices=registry.NAMES, default="transformerpp",
                    help="model family")
     t.add_argument("--preset", default="arith", help="arith (~1M params, d=128, 4 layers) or a model preset/config .json")
@@ -47,8 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_flags(t, TrainConfig, only=("steps", "batch_size", "lr", "warmup", "seed"),
               defaults={"steps": 2000, "batch_size": 128, "lr": 1e-3, "warmup": 100, "seed": 0})
     t.add_argument("--eval-lengths", default=None, help="operand lengths to test, e.g. 1-6 (default: 1..digits+3)")
-    t.add_argument("--test-per-length", type=int, default=200, help="test problems per length (default: 200)")
-    t.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    add_flags(t, ArithConfig, only=("test_per_length",))
+    t.add_argument("--overwrite", action="store_true", help="replace what --out holds (the old contents stay until "
+                   "the new run is complete)")
     t.set_defaults(func=_train)
 
     e = group.add_parser("eval", help="exact-match and per-digit accuracy per operand length",
@@ -56,27 +60,29 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "problems; prints a table and writes a lengths x runs heatmap PNG.")
     e.add_argument("--model", nargs="+", required=True, help="one or more directories from `mulfree arith train`")
     e.add_argument("--lengths", default=None, help="operand lengths, e.g. 1-6 (default: 1..digits+3)")
-    e.add_argument("--per-length", type=int, default=None, help="test problems per length (default: as in training)")
+    add_flags(e, ArithEvalConfig, only=("per_length",))
     e.add_argument("--png", default="arith_eval.png", help="heatmap output path (default: arith_eval.png)")
-    e.add_argument("--seed", type=int, default=None, help="seed of the test problems (default: the training one)")
+    add_flags(e, ArithEvalConfig, only=("seed",))
     e.add_argument("--saved", action="store_true", help="use the results stored at training time (no decoding)")
     e.set_defaults(func=_eval)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from mulfree.arith import format_table, train_arith
+    from mulfree.atomic import prepare_output
     from mulfree.data.arithmetic import ArithTask, check_digits
-    from mulfree.train import TrainConfig
+    from mulfree.settings import ArithConfig, TrainConfig
 
-    check_digits(args.digits)
-    if args.test_per_length < 1:
-        raise ConfigError("--test-per-length must be >= 1", "pass a positive count")
-    task = ArithTask(args.task, args.format, args.digits, args.width)
+    prepare_output(args.out, "arithmetic run", args.overwrite)  # before any work
+    sizes = from_args(ArithConfig, args)
+    check_digits(sizes.digits)
+    task = ArithTask(args.task, args.format, sizes.digits, sizes.width)
     lengths = _lengths(args.eval_lengths) if args.eval_lengths else None
     cfg = from_args(TrainConfig, args, seq_len=64, min_lr=args.lr / 10, warmup=min(args.warmup, args.steps),
                     eval_every=max(1, args.steps // 10), eval_batches=2, save_every=0)
+    from mulfree.arith import format_table, train_arith
+
     _, results, metrics = train_arith(task, args.model, args.out, cfg, args.preset, lengths,
-                                      args.test_per_length, overwrite=args.overwrite)
+                                      sizes.test_per_length, overwrite=args.overwrite)
     print(f"trained {args.model} on {args.task} {args.format} <= {args.digits} digits: "
           f"{metrics['step']} steps, loss {metrics['loss']:.4f}, {metrics['wall_s']:.0f} s")
     print(format_table({f"{args.model}/{args.format}": results}))
@@ -85,10 +91,12 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from mulfree.arith import evaluate_task, format_table, load_run, plot_heatmap, read_results
+    from mulfree.atomic import prepare_file
     from mulfree.data.arithmetic import make_test_set
+    from mulfree.settings import ArithEvalConfig
 
-    if args.per_length is not None and args.per_length < 1:
-        raise ConfigError("--per-length must be >= 1", "pass a positive count")
+    opts = from_args(ArithEvalConfig, args)
+    prepare_file(args.png, "--png")
     rows = {}
     for model_dir in args.model:
         model, tok, task, meta = load_run(model_dir)
@@ -99,8 +107,8 @@ def _eval(args: argparse.Namespace) -> int:
             rows[label] = read_results(model_dir)
             continue
         lengths = _lengths(args.lengths) if args.lengths else list(range(1, task.digits + 4))
-        per_length = args.per_length or meta.get("test_per_length", 200)
-        seed = meta.get("test_seed", 1234) if args.seed is None else args.seed
+        per_length = opts.per_length or meta.get("test_per_length", 200)
+        seed = meta.get("test_seed", 1234) if opts.seed is None else opts.seed
         rows[label] = evaluate_task(model, tok, task, make_test_set(task.op, lengths, per_length, seed=seed))
     print(format_table(rows))
     print(f"heatmap: {plot_heatmap(rows, args.png)}")

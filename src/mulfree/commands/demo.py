@@ -10,24 +10,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mulfree.commands.flags import add_flags, from_args
-from mulfree.errors import ConfigError
+from mulfree.settings import check_fields
+
+DEMO_FILE = "demo.json"
+# What a demo output dir holds: an earlier demo is replaced without --overwrite.
+DEMO_ENTRIES = {"mmfree", "transformerpp", "loss_curves.png", DEMO_FILE}
 
 
 @dataclass
 class DemoConfig:
     """Model sizes and learning rates of the two demo runs (their run settings are a TrainConfig)."""
 
-    hidden_size: int = field(default=256, metadata={"help": "model width (both models)"})
-    layers: int = field(default=4, metadata={"help": "layers (both models)"})
-    vocab_size: int = field(default=4096, metadata={"help": "BPE vocabulary size"})
-    mmfree_lr: float = field(default=4e-3, metadata={"help": "peak LR of the ternary model"})
-    transformer_lr: float = field(default=1e-3, metadata={"help": "peak LR of Transformer++"})
-    eval_tokens: int = field(default=16384, metadata={"help": "validation tokens for the final perplexity"})
+    hidden_size: int = field(default=256, metadata={"help": "model width (both models)", "min": 1, "max": 2**14})
+    layers: int = field(default=4, metadata={"help": "layers (both models)", "min": 1, "max": 256})
+    vocab_size: int = field(default=4096, metadata={"help": "BPE vocabulary size", "min": 1, "max": 2**18})
+    mmfree_lr: float = field(default=4e-3, metadata={"help": "peak LR of the ternary model", "gt": 0})
+    transformer_lr: float = field(default=1e-3, metadata={"help": "peak LR of Transformer++", "gt": 0})
+    eval_tokens: int = field(default=16384, metadata={"help": "validation tokens for the final perplexity",
+                                                      "min": 1, "max": 2**24})
+    overwrite: bool = field(default=False, metadata={"help": "replace what --out holds (kept until the new demo "
+                                                     "is complete; an earlier demo output is replaced anyway)"})
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "layers", "vocab_size", "eval_tokens"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive", "pass a positive number")
+        check_fields(self)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -73,22 +78,45 @@ def _plot_losses(runs: dict[str, Path], png: Path) -> None:
     plt.close(fig)
 
 
+def _is_demo_output(out: Path) -> bool:
+    """True for a directory an earlier `mulfree demo` wrote (nothing in it but the demo's own entries)."""
+    entries = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    return bool(entries) and entries <= DEMO_ENTRIES
+
+
 def cmd_demo(args) -> int:
     import time
 
-    import torch
-
-    from mulfree.data.text import decode, encode, load_corpus, train_tokenizer
-    from mulfree.evaluate import perplexity
-    from mulfree.generation import generate
-    from mulfree.models import registry
-    from mulfree.train import TrainConfig, train
+    from mulfree.atomic import atomic_dir, prepare_output
+    from mulfree.settings import TrainConfig
 
     demo = from_args(DemoConfig, args)
     run = from_args(TrainConfig, args, eval_batches=4, save_every=0, warmup=max(1, args.steps // 10),
                     eval_every=max(1, args.steps // 6))
     t_start = time.perf_counter()
     out = Path(args.out)
+    overwrite = demo.overwrite or _is_demo_output(out)
+    prepare_output(out, "demo", overwrite)
+    with atomic_dir(out, overwrite, kind="demo") as tmp:
+        summary = _run_demo(demo, run, tmp, out)
+    summary["wall_s"] = round(time.perf_counter() - t_start, 1)
+    print(json.dumps(summary))
+    return 0
+
+
+def _run_demo(demo: DemoConfig, run, tmp: Path, out: Path) -> dict:
+    """Train both models into `tmp` (renamed to `out` afterwards), print the comparison and a sample."""
+    import time
+
+    import torch
+
+    from mulfree.atomic import atomic_write_json
+    from mulfree.data.text import decode, encode, load_corpus, train_tokenizer
+    from mulfree.evaluate import perplexity
+    from mulfree.generation import generate
+    from mulfree.models import registry
+    from mulfree.train import train
+
     corpus = load_corpus()
     tokenizer = train_tokenizer(corpus.train_text, demo.vocab_size)
     train_ids, val_ids = encode(tokenizer, corpus.train_text), encode(tokenizer, corpus.val_text)
@@ -108,15 +136,14 @@ def cmd_demo(args) -> int:
         print(f"training {config.model_type} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
               f"lr {lr:g}, {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens)")
         t0 = time.perf_counter()
-        res = train(model, train_ids, val_ids, cfg, out / family.name, tokenizer=tokenizer, overwrite=True)
+        res = train(model, train_ids, val_ids, cfg, tmp / family.name, tokenizer=tokenizer)
         wall = time.perf_counter() - t0
         ppl = perplexity(model, eval_ids, window=cfg.seq_len, progress=False)
         results.append({"params": sum(p.numel() for p in model.parameters()), "tokens": res["tokens"],
                         "val_ppl": ppl, "train_loss": res["loss"], "wall_s": wall})
-        runs[config.model_type] = out / family.name
+        runs[config.model_type] = tmp / family.name
         models.append(model)
-    png = out / "loss_curves.png"
-    _plot_losses(runs, png)
+    _plot_losses(runs, tmp / "loss_curves.png")
     mm, tf = results
     mm_name, tf_name = (f.label for f in families)
     print()
@@ -128,12 +155,11 @@ def cmd_demo(args) -> int:
     print(f"{'training time (s)':24}{mm['wall_s']:>14.1f}{tf['wall_s']:>16.1f}")
     ratio = mm["val_ppl"] / tf["val_ppl"]
     print(f"{mm_name} / {tf_name} validation perplexity: {ratio:.3f} ({'within' if ratio <= 1.2 else 'outside'} 1.2x)")
-    print(f"loss curves: {png}")
+    print(f"loss curves: {out / 'loss_curves.png'}")
     prompt = "ROMEO.\n"
     ids = generate(models[0], encode(tokenizer, prompt), 80, temperature=0.8, top_k=40, seed=run.seed)
     print(f"\n{mm_name} sample (temperature 0.8, top-k 40):\n" + decode(tokenizer, ids[0]))
     summary = {"mmfree_val_ppl": round(mm["val_ppl"], 3), "transformer_val_ppl": round(tf["val_ppl"], 3),
-               "ratio": round(ratio, 4), "params": [mm["params"], tf["params"]], "tokens": mm["tokens"],
-               "wall_s": round(time.perf_counter() - t_start, 1)}
-    print(json.dumps(summary))
-    return 0
+               "ratio": round(ratio, 4), "params": [mm["params"], tf["params"]], "tokens": mm["tokens"]}
+    atomic_write_json(tmp / DEMO_FILE, summary)
+    return summary
