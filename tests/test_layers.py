@@ -128,3 +128,28 @@ def test_mlgru_matches_hand_written_reference():
 @pytest.mark.parametrize("d,expected", [(1024, 2816), (2048, 5632), (2560, 6912)])
 def test_official_glu_hidden_size_rule(d, expected):
     assert glu_intermediate_size(d) == expected
+
+
+@pytest.mark.parametrize("mask_mode", ["official", "skip"])
+def test_mlgru_padding_rules(mask_mode):
+    """official: a padded step has i = 0, so the state decays by f there; skip: the state passes it untouched."""
+    layer = MLGRU(16, mask_mode=mask_mode)
+    x = torch.randn(1, 6, 16)
+    mask = torch.tensor([[True, True, False, False, True, True]])
+    _, h_masked = layer(x, None, None, mask)
+    f = torch.sigmoid(layer.f_proj(x))
+    i = F.silu(layer.i_proj(x)) * (1 - f) * mask[..., None]
+    if mask_mode == "skip":
+        f = torch.where(mask[..., None], f, torch.ones_like(f))
+    h = torch.zeros(1, 16)
+    for t in range(6):
+        h = f[:, t] * h + i[:, t]
+    torch.testing.assert_close(h_masked, h, rtol=1e-6, atol=1e-7)
+
+
+def test_mlgru_eps_split():
+    """g_norm takes `eps`; the four projections' own norms take `bitlinear_eps` (as the official layer)."""
+    layer = MLGRU(16, eps=1e-5, bitlinear_eps=1e-6)
+    assert layer.g_norm.eps == 1e-5
+    assert {p.norm.eps for p in (layer.i_proj, layer.f_proj, layer.g_proj, layer.o_proj)} == {1e-6}
+    assert MLGRU(16, eps=1e-5).i_proj.norm.eps == 1e-5  # bitlinear_eps defaults to eps

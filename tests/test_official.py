@@ -56,3 +56,33 @@ def test_convert_official_rejects_unsupported_and_foreign_checkpoints(tmp_path):
     (d / "config.json").write_text(json.dumps({**OFFICIAL_CONFIG, "hidden_size": 64}))
     with pytest.raises(CheckpointError, match="has shape"):
         convert_official(d, tmp_path / "x")
+
+
+def test_two_heads_and_eps_map_to_the_official_forward(tmp_path):
+    d, state = _official_dir(tmp_path)
+    (d / "config.json").write_text(json.dumps({**OFFICIAL_CONFIG, "num_heads": 2, "rms_norm_eps": 1e-5}))
+    model = convert_official(d, tmp_path / "ours")
+    assert model.config.rms_norm_eps == 1e-5 and model.config.bitlinear_eps == 1e-6
+    assert model.model.norm.eps == model.model.layers[0].attn.g_norm.eps == 1e-5
+    assert model.lm_head.norm.eps == model.model.layers[1].mlp.down_proj.norm.eps == 1e-6
+    (d / "config.json").write_text(json.dumps({**OFFICIAL_CONFIG, "num_heads": 3}))
+    with pytest.raises(CheckpointError, match="not divisible by num_heads 3"):
+        convert_official(d, tmp_path / "x")
+
+
+def test_config_without_bitlinear_eps_keeps_its_old_meaning(tmp_path):
+    """Dirs saved before `bitlinear_eps` existed used rms_norm_eps in every BitLinear: they still do, bit for bit;
+    new presets state the official 1e-6."""
+    from mulfree.models.io import save_model
+
+    model = MMFreeForCausalLM(MMFreeConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2, rms_norm_eps=1e-5))
+    save_model(model, tmp_path / "old")
+    cfg = json.loads((tmp_path / "old" / "config.json").read_text())
+    cfg.pop("bitlinear_eps")
+    (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "old" / "checksums.json").unlink(missing_ok=True)  # old dirs predate checksums too
+    old, _ = load_model(tmp_path / "old")
+    assert old.lm_head.norm.eps == old.model.layers[0].attn.i_proj.norm.eps == 1e-5
+    ids = torch.randint(0, 101, (2, 9))
+    assert torch.equal(old(ids)[0], model(ids)[0])
+    assert MMFreeConfig.from_preset("tiny").bitlinear_eps == 1e-6

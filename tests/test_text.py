@@ -92,3 +92,16 @@ def test_tokenizer_errors(tmp_path):
         load_tokenizer(tmp_path)
     with pytest.raises(DataError):
         train_tokenizer("", 300)
+
+
+def test_saved_tokenizer_names_eos_and_pad_for_transformers(tmp_path):
+    import json
+
+    tok = train_tokenizer(TEXT, vocab_size=300)
+    save_tokenizer(tok, tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert cfg["eos_token"] == cfg["pad_token"] == EOS_TOKEN and cfg["padding_side"] == "left"
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert hf.eos_token_id == hf.pad_token_id == 0
+    assert hf(TEXT[:80])["input_ids"] == encode(tok, TEXT[:80]).tolist()

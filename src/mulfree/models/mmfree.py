@@ -139,9 +139,11 @@ class MMFreeForCausalLM(nn.Module):
             else:
                 nn.init.normal_(p, std=std)
 
-    def forward(self, input_ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        """input_ids [B, T] -> (logits [B, T, V] fp32, state: one fp32 [B, D] per layer)."""
-        hidden, state = self.model(input_ids, state)
+    def forward(
+        self, input_ids: torch.Tensor, state: State | None = None, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, State]:
+        """input_ids [B, T], mask [B, T] (False = padding) -> (logits [B, T, V] fp32, state: one fp32 [B, D] per layer)."""
+        hidden, state = self.model(input_ids, state, mask)
         return self.lm_head(hidden).float(), state
 
     def num_parameters(self) -> int:

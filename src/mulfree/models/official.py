@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,9 @@ def read_official_state(src: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for f in _official_weight_files(src):
         try:
-            part = load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch.load warns about pickle protocols of files it then reads or refuses
+                warnings.simplefilter("ignore")
+                part = load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any reader failure means a corrupt file
             raise CheckpointError(f"cannot read {f} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
                                   "re-download the checkpoint") from exc
