@@ -68,10 +68,14 @@ def remove_other_checkpoints(out_dir: Path, keep: str | None) -> None:
 
 
 def is_unstarted_run(out_dir: Path) -> bool:
-    """True for a run dir killed before its first checkpoint: only what a run writes first, no pointer."""
-    if not (out_dir / TRAIN_CONFIG_FILE).is_file() or (out_dir / CHECKPOINT_POINTER).exists():
+    """True for a run dir killed before its first checkpoint: no pointer, `train_config.json` (or only temp
+    files of our writers), and nothing but what a run writes first."""
+    if not out_dir.is_dir() or (out_dir / CHECKPOINT_POINTER).exists():
         return False
-    return all(p.name in _EARLY_FILES or _CKPT.match(p.name) or is_temp_name(p.name) for p in out_dir.iterdir())
+    entries = list(out_dir.iterdir())
+    if not entries or not ((out_dir / TRAIN_CONFIG_FILE).is_file() or all(is_temp_name(p.name) for p in entries)):
+        return False
+    return all(p.name in _EARLY_FILES or _CKPT.match(p.name) or is_temp_name(p.name) for p in entries)
 
 
 def clear_unstarted_run(out_dir: Path) -> None:

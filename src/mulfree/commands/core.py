@@ -147,6 +147,7 @@ def cmd_train(args) -> int:
 
     from mulfree.data.text import encode, load_corpus, train_tokenizer
     from mulfree.models import registry
+    from mulfree.settings import check_device
     from mulfree.train import check_run_dir, train
 
     out = Path(args.out)
@@ -156,6 +157,7 @@ def cmd_train(args) -> int:
     else:
         (model_config, train_cfg), tokenizer = _new_run(args), None
         files = _data_files(args.data)
+    check_device(train_cfg.device)
     corpus = load_corpus(args.data)
     if tokenizer is None:
         tokenizer = train_tokenizer(corpus.train_text, model_config.vocab_size)
