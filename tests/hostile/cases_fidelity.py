@@ -108,22 +108,6 @@ CASES = [
     Case("fid-partial", "official weights with one projection missing", CONVERT, "missing", setup=_with(edit=_drop)),
     Case("fid-wrong-shape", "an official projection of the wrong shape", CONVERT, "has shape",
          setup=_with(edit=_reshape)),
-    Case("fid-model-type", "unknown model_type (llama)", CONVERT, "not 'hgrn_bit'", setup=_with({"model_type": "llama"})),
-    Case("fid-lying-layers", "config says 100000000 layers (nothing may be allocated)", CONVERT, "num_hidden_layers",
-         setup=_with({"num_hidden_layers": 100_000_000})),
-    Case("fid-lying-depth", "config says 3 layers for a 2-layer checkpoint", CONVERT, "holds 2 layers",
-         setup=_with({"num_hidden_layers": 3})),
-    Case("fid-lying-vocab", "config says vocab_size 1e11 (a float)", CONVERT, "vocab_size",
-         setup=_with({"vocab_size": 1e11})),
-    Case("fid-lying-width", "config says hidden_size 4096 for 16-wide weights", CONVERT, "hidden_size",
-         setup=_with({"hidden_size": 4096})),
-    Case("fid-lying-inter", "config says intermediate_size 100000 for 32-wide GLU weights", CONVERT, "gate_proj",
-         setup=_with({"intermediate_size": 100_000})),
-    Case("fid-heads-indivisible", "num_heads that does not divide hidden_size", CONVERT, "divisible",
-         setup=_with({"num_heads": 3})),
-    Case("fid-short-conv", "a short-convolution variant the released models never used", CONVERT,
-         "short convolutions", setup=_with({"use_short_conv": True})),
-    Case("fid-eps-negative", "rms_norm_eps -1", CONVERT, "rms_norm_eps", setup=_with({"rms_norm_eps": -1})),
     Case("fid-two-heads", "num_heads 2 with eps 1e-5 (converted: heads only reshape the recurrence)", CONVERT, None,
          setup=_with({"num_heads": 2, "rms_norm_eps": 1e-5})),
     Case("fid-out-model", "--out over an existing model (without --overwrite)", CONVERT, "already holds a model",
@@ -131,3 +115,20 @@ CASES = [
     Case("fid-out-overwrite", "--out over an existing model with --overwrite", CONVERT + ("--overwrite",), None,
          copy=("model",), setup=_out_is_model),
 ]
+
+# Config fields that disagree with the weights or with the official code: (id, what, change, expected text).
+_CONFIG_LIES = [
+    ("fid-model-type", "unknown model_type (llama)", {"model_type": "llama"}, "not 'hgrn_bit'"),
+    ("fid-lying-layers", "config says 100000000 layers (nothing may be allocated)", {"num_hidden_layers": 10**8},
+     "num_hidden_layers"),
+    ("fid-lying-depth", "config says 3 layers for a 2-layer checkpoint", {"num_hidden_layers": 3}, "holds 2 layers"),
+    ("fid-lying-vocab", "config says vocab_size 1e11 (a float)", {"vocab_size": 1e11}, "vocab_size"),
+    ("fid-lying-width", "config says hidden_size 4096 for 16-wide weights", {"hidden_size": 4096}, "hidden_size"),
+    ("fid-lying-inter", "config says intermediate_size 100000 for 32-wide GLU weights", {"intermediate_size": 10**5},
+     "gate_proj"),
+    ("fid-heads-indivisible", "num_heads that does not divide hidden_size", {"num_heads": 3}, "divisible"),
+    ("fid-short-conv", "a short-convolution variant the released models never used", {"use_short_conv": True},
+     "short convolutions"),
+    ("fid-eps-negative", "rms_norm_eps -1", {"rms_norm_eps": -1}, "rms_norm_eps"),
+]
+CASES += [Case(id_, what, CONVERT, expect, setup=_with(change)) for id_, what, change, expect in _CONFIG_LIES]
