@@ -59,7 +59,7 @@ def test_convert_official_rejects_unsupported_and_foreign_checkpoints(tmp_path):
 
 
 def test_two_heads_and_eps_map_to_the_official_forward(tmp_path):
-    d, state = _official_dir(tmp_path)
+    d, _ = _official_dir(tmp_path)
     (d / "config.json").write_text(json.dumps({**OFFICIAL_CONFIG, "num_heads": 2, "rms_norm_eps": 1e-5}))
     model = convert_official(d, tmp_path / "ours")
     assert model.config.rms_norm_eps == 1e-5 and model.config.bitlinear_eps == 1e-6

@@ -21,8 +21,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationMixin,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -200,7 +207,7 @@ def set_generation_tokens(model: MMFreeHFForCausalLM, tokenizer: Any) -> None:
     if gen.eos_token_id is None and eos is not None:
         gen.eos_token_id = eos
     if gen.pad_token_id is None and gen.eos_token_id is not None:
-        first = gen.eos_token_id if isinstance(gen.eos_token_id, int) else list(gen.eos_token_id)[0]
+        first = gen.eos_token_id if isinstance(gen.eos_token_id, int) else next(iter(gen.eos_token_id))
         gen.pad_token_id = first
 
 

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from mulfree.models.config import LMConfig
-from mulfree.nn.glu import TernaryGLU
-from mulfree.nn.mlgru import MASK_MODES, OUTPUT_GATES, MLGRU
-from mulfree.nn.norm import RMSNorm
 from mulfree.nn.bitlinear import BitLinear
+from mulfree.nn.glu import TernaryGLU
+from mulfree.nn.mlgru import MASK_MODES, MLGRU, OUTPUT_GATES
+from mulfree.nn.norm import RMSNorm
 
 State = list[torch.Tensor]
 

@@ -114,7 +114,7 @@ def read_official_state(src: Path) -> dict[str, torch.Tensor]:
             with warnings.catch_warnings():  # torch.load warns about pickle protocols of files it then reads or refuses
                 warnings.simplefilter("ignore")
                 part = load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any reader failure means a corrupt file
+        except Exception as exc:
             raise CheckpointError(f"cannot read {f} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
                                   "re-download the checkpoint") from exc
         if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
