@@ -97,6 +97,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     opts = from_args(ArithEvalConfig, args)
     prepare_file(args.png, "--png")
+    given_lengths = _lengths(args.lengths) if args.lengths else None
     rows = {}
     for model_dir in args.model:
         model, tok, task, meta = load_run(model_dir)
@@ -106,7 +107,7 @@ def _eval(args: argparse.Namespace) -> int:
         if args.saved:
             rows[label] = read_results(model_dir)
             continue
-        lengths = _lengths(args.lengths) if args.lengths else list(range(1, task.digits + 4))
+        lengths = given_lengths or list(range(1, task.digits + 4))
         per_length = opts.per_length or meta.get("test_per_length", 200)
         seed = meta.get("test_seed", 1234) if opts.seed is None else opts.seed
         rows[label] = evaluate_task(model, tok, task, make_test_set(task.op, lengths, per_length, seed=seed))
