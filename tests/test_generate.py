@@ -107,3 +107,15 @@ def test_text_streamer_holds_back_partial_utf8():
         streamer(t)
     streamer.flush()
     assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": float("nan")}, "--temperature must be a finite"),
+    ({"temperature": float("inf")}, "--temperature must be a finite"),
+    ({"top_p": float("nan"), "temperature": 1.0}, "--top-p must be a finite"),
+    ({"top_p": 2.0, "temperature": 1.0}, "--top-p must be <= 1"),
+    ({"seed": 2**70, "temperature": 1.0}, "--seed must be <="),
+])
+def test_non_finite_and_out_of_range_sampling_settings_are_one_line_errors(kwargs, message):
+    with pytest.raises(MulfreeError, match=message):
+        generate(_model("mmfree"), torch.tensor([1, 2, 3]), 4, **kwargs)

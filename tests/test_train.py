@@ -118,3 +118,133 @@ def test_bf16_autocast_step_is_close_to_fp32(tmp_path):
     fp32 = train(_mmfree(), ids, None, _cfg(steps=1, save_every=0), tmp_path / "fp32")
     bf16 = train(_mmfree(), ids, None, _cfg(steps=1, save_every=0, bf16=True), tmp_path / "bf16")
     assert math.isfinite(bf16["loss"]) and abs(bf16["loss"] - fp32["loss"]) < 0.05
+
+
+def _strict(path):
+    """The records of a JSONL file, refusing the non-standard NaN / Infinity tokens."""
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token} in {path}")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint_kept(tmp_path):
+    ids = _ids()
+    model = _mmfree()
+
+    def poisons_at_step_3(step, gen):
+        if step == 3:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+        return random_windows(ids, 4, 16, gen)
+
+    with pytest.raises(ConfigError, match=r"loss became nan at step 4.*checkpoint \(step 3\) stays"):
+        train(model, ids, None, _cfg(save_every=1, grad_accum=1), tmp_path / "run", batch_fn=poisons_at_step_3)
+    run = tmp_path / "run"
+    assert json.loads((run / "checkpoint.json").read_text())["step"] == 3
+    assert not (run / "model.safetensors").exists()  # no final model from poisoned weights
+    assert [r["step"] for r in _strict(run / "metrics.jsonl")] == [1, 2, 3]
+    resumed = train(_mmfree(), ids, None, _cfg(save_every=1, grad_accum=1), run, resume=True)
+    straight = train(_mmfree(), ids, None, _cfg(save_every=1, grad_accum=1), tmp_path / "straight")
+    assert resumed["loss"] == straight["loss"] and math.isfinite(resumed["loss"])
+
+
+def test_metrics_are_strict_json_with_null_for_non_finite_values(tmp_path):
+    def unscored(step, gen):  # every target ignored: the validation loss is NaN
+        x = torch.randint(0, V, (2, 8), generator=gen)
+        return x, torch.full_like(x, -100)
+
+    train(_mmfree(), _ids(), None, _cfg(steps=2, grad_accum=1, eval_every=1), tmp_path, val_batch_fn=unscored)
+    vals = [r for r in _strict(tmp_path / "metrics.jsonl") if "val_loss" in r]
+    assert vals and all(r["val_loss"] is None for r in vals)
+
+
+def test_resume_drops_a_torn_metrics_line_and_stale_temp_files(tmp_path):
+    ids = _ids()
+    run = tmp_path / "run"
+    train(_mmfree(), ids, None, _cfg(steps=4, save_every=2), run)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "lo')  # a write cut off by kill -9
+    (run / ".model.safetensors.ab12cd34.tmp").write_bytes(b"\0" * 100)
+    (run / ".ckpt-6.zz99yy88.tmp").mkdir()
+    (run / "ckpt-6").mkdir()  # renamed into place, but the kill came before checkpoint.json pointed to it
+    (run / "notes.tmp").write_text("the user's file")
+    train(_mmfree(), ids, None, _cfg(steps=6, save_every=2), run, resume=True)
+    steps = [r["step"] for r in _strict(run / "metrics.jsonl") if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    names = sorted(p.name for p in run.iterdir() if p.name != "checksums.json")
+    assert names == ["checkpoint.json", "ckpt-6", "config.json", "metrics.jsonl",
+                     "model.safetensors", "notes.tmp", "train_config.json"]
+
+
+def test_resume_refuses_other_training_data(tmp_path):
+    from mulfree.errors import DataError
+
+    train(_mmfree(), _ids(), None, _cfg(steps=2), tmp_path)
+    with pytest.raises(DataError, match="training data differs"):
+        train(_mmfree(), _ids() % 5, None, _cfg(steps=3), tmp_path, resume=True)
+
+
+def test_checkpoint_bit_flip_is_named(tmp_path):
+    train(_mmfree(), _ids(), None, _cfg(steps=2, save_every=2), tmp_path)
+    weights = tmp_path / "ckpt-2" / "optimizer.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="optimizer.safetensors does not match its checksum"):
+        train(_mmfree(), _ids(), None, _cfg(steps=3), tmp_path, resume=True)
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_is_complete(tmp_path):
+    ids = _ids()
+    run = tmp_path / "run"
+    train(_mmfree(), ids, None, _cfg(steps=2), run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+
+    def dies(step, gen):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_mmfree(), ids, None, _cfg(steps=2), run, batch_fn=dies, overwrite=True)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the unfinished replacement is gone
+    train(_mmfree(), ids, None, _cfg(steps=3, seed=1), run, overwrite=True)
+    assert json.loads((run / "checkpoint.json").read_text())["step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_config.json").write_text("{}")
+    (run / ".tokenizer.json.ab12cd34.tmp").write_text("partial")
+    with pytest.raises(CheckpointError, match="before its first checkpoint"):
+        train(_mmfree(), _ids(), None, _cfg(steps=1), run, resume=True)
+    train(_mmfree(), _ids(), None, _cfg(steps=1), run)
+    assert not (run / ".tokenizer.json.ab12cd34.tmp").exists()
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"lr": float("inf")}, "--lr must be a finite number"),
+    ({"weight_decay": float("nan")}, "--weight-decay must be a finite number"),
+    ({"grad_clip": -1.0}, "--grad-clip must be >= 0"),
+    ({"seed": 2**70}, "--seed must be <="),
+    ({"batch_size": 10**12}, "--batch-size must be <="),
+    ({"steps": "3"}, "--steps must be an integer"),
+    ({"device": "gpu"}, "--device must be cpu, cuda or cuda:N"),
+])
+def test_train_config_refuses_non_finite_and_out_of_range_values(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**kw)
+
+
+def test_cuda_without_cuda_and_a_step_beyond_memory_are_refused(tmp_path, monkeypatch):
+    from mulfree import train as train_module
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            train(_mmfree(), _ids(), None, _cfg(device="cuda"), tmp_path / "a")
+    monkeypatch.setattr(train_module, "_available_bytes", lambda device: 1000)
+    with pytest.raises(ConfigError, match="GiB is available"):
+        train(_mmfree(), _ids(), None, _cfg(), tmp_path / "b")
+    assert not (tmp_path / "b").exists()

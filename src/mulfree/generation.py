@@ -9,7 +9,7 @@ import torch
 
 from mulfree.errors import MulfreeError
 from mulfree.ops.sampling import sample_next
-from mulfree.settings import check_max_new_tokens
+from mulfree.settings import GenerationConfig, check_max_new_tokens
 
 
 def check_lengths(limit: int | None, prompt_len: int, max_new_tokens: int) -> None:
@@ -48,6 +48,7 @@ def generate(
     receives each new token id of row 0 as soon as it is chosen (for streaming). Generation stops
     early when every row has produced `eos_token_id`.
     """
+    GenerationConfig(max_new_tokens, temperature, top_k, top_p, 0 if seed is None else seed)  # one-line errors
     ids = input_ids.long()
     if ids.dim() == 1:
         ids = ids[None]
