@@ -106,3 +106,31 @@ def test_cli_bad_input(tmp_path, capsys):
         main(["arith", "train", "--format", "bogus", "--out", str(tmp_path / "b")])
     assert exc.value.code == 2
     assert "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+def test_arith_train_never_writes_into_a_non_empty_dir(tmp_path, capsys):
+    out, preset = tmp_path / "out", tmp_path / "tiny.json"
+    preset.write_text(json.dumps({"model_type": "mmfree", "vocab_size": TOK.vocab_size, **TINY}))
+    out.mkdir()
+    (out / "config.json").write_text('{"model_type": "someone else\'s"}')
+    args = ["arith", "train", "--digits", "1", "--model", "mmfree", "--preset", str(preset), "--steps", "2",
+            "--batch-size", "4", "--test-per-length", "2", "--out", str(out)]
+    assert main(args) == 2
+    assert "already holds a model" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["config.json"]
+    assert main([*args, "--overwrite"]) == 0
+    assert (out / "arith.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny.json"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["arith", "train", "--width", "-1"], "--width must be positive"),
+    (["arith", "train", "--lr", "nan"], "--lr must be a finite number"),
+    (["arith", "train", "--seed", str(2**70)], "--seed must be <="),
+    (["arith", "eval", "--per-length", "0"], "--per-length must be positive"),
+    (["arith", "eval", "--png", "."], "--png '.' is a directory"),
+])
+def test_arith_flags_out_of_range(tmp_path, capsys, argv, message):
+    extra = ["--out", str(tmp_path / "a")] if argv[1] == "train" else ["--model", str(tmp_path)]
+    assert main(argv + extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()

@@ -142,3 +142,76 @@ def test_generate_with_packed_engine(run_dir, capsys):
     assert main(["generate", "--model", str(out), "--prompt", "ROMEO.", "--engine", "packed",
                  "--max-new-tokens", "-2"]) == 2
     assert ">= 0" in _err(capsys)
+
+
+def _snapshot(directory):
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("target", ["model", "nonempty"])
+def test_train_over_a_model_or_users_dir_writes_nothing(run_dir, tmp_path, capsys, target):
+    import shutil
+
+    _, data, cfg, out = run_dir
+    dest = tmp_path / target
+    dest.mkdir()
+    if target == "model":
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            shutil.copy(out / name, dest / name)
+    else:
+        (dest / "notes.txt").write_text("mine")
+    before = _snapshot(dest)
+    assert main(["train", "--config", str(cfg), "--data", str(data), "--out", str(dest), "--no-progress"]) == 2
+    err = _err(capsys)
+    assert err.startswith("error: ") and "--overwrite" in err
+    assert _snapshot(dest) == before and sorted(p.name for p in tmp_path.iterdir()) == [target]
+
+
+def test_train_out_cwd_is_refused(run_dir, tmp_path, capsys, monkeypatch):
+    _, data, cfg, _ = run_dir
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep.txt").write_text("x")
+    assert main(["train", "--config", str(cfg), "--data", str(data), "--out", ".", "--overwrite"]) == 2
+    assert "current directory" in _err(capsys) and sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_resume_refuses_a_changed_corpus_and_changed_settings(run_dir, tmp_path, capsys):
+    import shutil
+
+    _, data, cfg, _ = run_dir
+    mine = tmp_path / "data"
+    shutil.copytree(data, mine)
+    run = tmp_path / "run"
+    args = ["train", "--config", str(cfg), "--data", str(mine), "--out", str(run), "--steps", "1",
+            "--batch-size", "2", "--seq-len", "16", "--no-progress"]
+    assert main(args) == 0
+    assert main(["train", "--out", str(run), "--resume", "--steps", "2", "--lr", "0.5"]) == 2
+    assert "differs from the resumed run" in _err(capsys)
+    (mine / "play1.txt").write_text((mine / "play1.txt").read_text() + "an added line\n")
+    assert main(["train", "--out", str(run), "--resume", "--steps", "2", "--no-progress"]) == 2
+    assert "play1.txt' changed since the run" in _err(capsys)
+    assert json.loads((run / "checkpoint.json").read_text())["step"] == 1
+
+
+def test_train_overwrite_replaces_a_run(run_dir, tmp_path, capsys):
+    import shutil
+
+    _, data, cfg, out = run_dir
+    dest = tmp_path / "run"
+    shutil.copytree(out, dest)
+    assert main(["train", "--config", str(cfg), "--data", str(data), "--out", str(dest), "--steps", "1",
+                 "--batch-size", "2", "--seq-len", "16", "--no-progress", "--overwrite"]) == 0
+    assert json.loads((dest / "checkpoint.json").read_text())["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "nan"], "--temperature must be a finite number"),
+    (["--top-p", "nan"], "--top-p must be a finite number"),
+    (["--seed", str(2**70)], "--seed must be <="),
+])
+def test_generate_non_finite_and_huge_values(run_dir, capsys, flags, message):
+    _, _, _, out = run_dir
+    assert main(["generate", "--model", str(out), "--prompt", "ROMEO."] + flags) == 2
+    err = _err(capsys)
+    assert err.startswith("error: ") and message in err
