@@ -31,13 +31,13 @@ TEXT = "ROMEO. But soft, what light through yonder window breaks?\nJULIET. Ay me
 
 def setup(root: Path, steps: int) -> list[str]:
     """Write the tiny corpus and config; return the `mulfree train` arguments (without --out)."""
-    data = root / "data"
+    data, cfg = root / "data", root / "cfg.json"
+    plays = {data / f"play{k}.txt": f"PLAY {k}\n" + TEXT * 40 for k in range(3)}
     data.mkdir()
-    for k in range(3):
-        (data / f"play{k}.txt").write_text(f"PLAY {k}\n" + TEXT * 40)
-    cfg = root / "cfg.json"
-    cfg.write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 300,
-                               "max_position_embeddings": 64, "train": {"eval_batches": 1, "warmup": 2}}))
+    for path, text in plays.items():
+        path.write_text(text)
+    model = {"hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 300, "max_position_embeddings": 64}
+    cfg.write_text(json.dumps({**model, "train": {"eval_batches": 1, "warmup": 2}}))
     return ["train", "--config", str(cfg), "--data", str(data), "--steps", str(steps), "--batch-size", "2",
             "--seq-len", "16", "--save-every", "1", "--eval-every", "10", "--no-progress"]
 

@@ -25,9 +25,8 @@ def test_atomic_dir_refuses_a_non_empty_dir_and_keeps_it(tmp_path):
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
     ran = False
-    with pytest.raises(CheckpointError, match="--overwrite"):
-        with atomic_dir(out):
-            ran = True
+    with pytest.raises(CheckpointError, match="--overwrite"), atomic_dir(out):
+        ran = True
     assert not ran and (out / "mine.txt").read_text() == "keep me"
     assert os.listdir(tmp_path) == ["out"]
 
@@ -36,10 +35,9 @@ def test_atomic_dir_overwrite_replaces_whole_and_failure_keeps_the_old(tmp_path)
     out = tmp_path / "out"
     with atomic_dir(out) as tmp:
         (tmp / "a").write_text("1")
-    with pytest.raises(RuntimeError):
-        with atomic_dir(out, overwrite=True) as tmp:
-            (tmp / "b").write_text("2")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "b").write_text("2")
+        raise RuntimeError("killed")
     assert os.listdir(out) == ["a"]
     with atomic_dir(out, overwrite=True) as tmp:
         (tmp / "b").write_text("2")
