@@ -337,6 +337,12 @@ def test_cli_quantize_and_errors(tmp_path, capsys):
     assert cli_main(["quantize", "shiftadd", "--model", str(src), "--bits", "3", "--distill-lr", "0", "--out", str(out)]) == 2
     assert "error: --distill-epochs must be >= 0 and --distill-lr > 0" in capsys.readouterr().err
     rc = cli_main(["quantize", "gptq", "--model", str(src), "--bits", "3", "--calib-data", str(tmp_path / "calib.txt"),
-                   "--calib-seqlen", "100000", "--out", str(out)])
+                   "--calib-seqlen", "100000", "--out", str(tmp_path / "q2")])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and last.startswith("error: calibration text has") and "; pass a longer" in last
+    # --out holding a model: refused before any work, replaced whole with --overwrite
+    before = sorted(p.name for p in out.iterdir())
+    assert cli_main(["quantize", "rtn", "--model", str(src), "--bits", "4", "--out", str(out)]) == 2
+    assert "already holds a model" in capsys.readouterr().err and sorted(p.name for p in out.iterdir()) == before
+    assert cli_main(["quantize", "rtn", "--model", str(src), "--bits", "4", "--out", str(out), "--overwrite"]) == 0
+    assert load_quantized(out)[0].config.quant_method == "rtn"

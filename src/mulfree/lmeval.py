@@ -147,11 +147,18 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: list[str], task_d
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(task_dir))
+    # lm-eval's own task index takes ~15 s to build: only when a task is not one of ours
+    manager = TaskManager(include_path=str(task_dir), include_defaults=not set(tasks) <= set(OFFLINE_TASKS))
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise MulfreeError(f"unknown lm-eval tasks {unknown}", f"offline tasks: {', '.join(OFFLINE_TASKS)}")
-    results = lm_eval.simple_evaluate(model=MulfreeLM(model, tokenizer, max_length), tasks=tasks, task_manager=manager,
-                                      limit=limit, bootstrap_iters=0)
+    try:
+        results = lm_eval.simple_evaluate(model=MulfreeLM(model, tokenizer, max_length), tasks=tasks,
+                                          task_manager=manager, limit=limit, bootstrap_iters=0)
+    except ConnectionError:  # the datasets library, offline, for a Hub task that is not in the local cache
+        hub = [t for t in tasks if t not in OFFLINE_TASKS]
+        raise MulfreeError(f"lm-eval task(s) {', '.join(hub)} need a download of their Hub dataset, and mulfree "
+                           "runs offline", f"use the offline tasks {', '.join(OFFLINE_TASKS)}, or run once with "
+                           "HF_DATASETS_OFFLINE=0 to let lm-eval download it") from None
     return {task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"}
             for task, metrics in results["results"].items()}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,8 @@ from typing import Any
 from mulfree.commands.flags import add_flags, from_args
 from mulfree.energy import ARITHS
 from mulfree.errors import ConfigError
+
+MAX_CONTEXT = 1 << 30
 
 
 @dataclass
@@ -22,12 +23,18 @@ class EnergyConfig:
     context: int = field(default=2048, metadata={"help": "position of the counted token (attention length)"})
     shiftadd_bits: int = field(default=3, metadata={"help": "binary planes per weight for shiftadd"})
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.context <= MAX_CONTEXT:
+            raise ConfigError(f"--context {self.context} is out of range", f"use 1..{MAX_CONTEXT}")
+        if not 1 <= self.shiftadd_bits <= 8:
+            raise ConfigError(f"--shiftadd-bits {self.shiftadd_bits} is out of range", "use 1..8")
+
 
 def resolve_config(spec: str) -> dict[str, Any]:
     """`FAMILY:PRESET` (mmfree:370m, transformerpp:1.3b), a model dir with config.json, or a config .json."""
-    if ":" in spec and not Path(spec).exists():
-        from mulfree.models import registry
+    from mulfree.models import registry, schema
 
+    if ":" in spec and not Path(spec).exists():
         family, preset = spec.split(":", 1)
         return registry.get(family).config_cls.from_preset(preset).to_dict()
     path = Path(spec)
@@ -35,16 +42,21 @@ def resolve_config(spec: str) -> dict[str, Any]:
         path = path / "config.json"
     if not path.is_file():
         raise ConfigError(f"no model config at {spec!r}", "pass FAMILY:PRESET (e.g. mmfree:370m), a model dir or a config .json")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON ({exc})", "fix the file") from exc
+    cfg = schema.require_object(schema.read_json(path, "the config"), str(path))
+    if registry.find(cfg) is not None:
+        return schema.model_config(cfg, str(path)).to_dict()  # validated, with derived fields filled in
+    schema.check_hf_config(cfg, str(path))  # a Hugging Face config: only counted, never allocated
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:
     from mulfree.energy import count_ops
 
     opts = from_args(EnergyConfig, args)
+    if args.json:
+        from mulfree.atomic import prepare_file
+
+        prepare_file(args.json, "--json")
     cfg = resolve_config(args.model)
     ariths = [opts.arith] if opts.arith else list(ARITHS)
     try:
@@ -59,9 +71,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{r['arith']:<9} {r['macs'].get('weights', 0):>12,} {r['macs'].get('attention', 0):>11,} "
               f"{e['weights'] / 1e6:>11.2f} {e['other'] / 1e6:>9.2f} {e['total'] / 1e6:>9.2f} {e['total'] / base:>8.3f}")
     if args.json:
-        from mulfree.atomic import atomic_write_text
+        from mulfree.atomic import atomic_write_json
 
-        atomic_write_text(Path(args.json), json.dumps({"model": args.model, "rows": rows}, indent=2) + "\n")
+        atomic_write_json(Path(args.json), {"model": args.model, "rows": rows})
     return 0
 
 

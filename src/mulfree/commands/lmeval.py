@@ -20,8 +20,17 @@ class LMEvalConfig:
     seed: int = field(default=0, metadata={"help": "seed for building the offline tasks"})
 
     def __post_init__(self) -> None:
-        if self.limit is not None and self.limit < 1:
+        if self.limit is not None and not 1 <= self.limit <= 1 << 31:
             raise ConfigError(f"--limit must be >= 1, got {self.limit}", "pass a positive number of examples")
+        if not 2 <= self.max_length <= 1 << 20:
+            raise ConfigError(f"--max-length {self.max_length} is out of range", "use 2..2^20 tokens")
+        if not 0 <= self.seed < 1 << 63:
+            raise ConfigError(f"--seed {self.seed} is out of range", "use 0..2^63-1")
+        if not self.task_list():
+            raise ConfigError("--tasks names no task", "e.g. --tasks mulfree_shakespeare_mc")
+
+    def task_list(self) -> list[str]:
+        return [t.strip() for t in self.tasks.split(",") if t.strip()]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,10 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
-    from mulfree.atomic import atomic_write_text
+    from mulfree.atomic import atomic_write_json, prepare_file
     from mulfree.data.text import load_corpus
     from mulfree.errors import CheckpointError
     from mulfree.lmeval import build_offline_tasks, run_lm_eval
@@ -49,14 +57,15 @@ def _run(args: argparse.Namespace) -> int:
     from mulfree.models.pretrained import cache_dir
 
     cfg = from_args(LMEvalConfig, args)
+    if args.out:
+        prepare_file(args.out, "--out")
     model, tok = load_model(args.model)
     if tok is None:
         raise CheckpointError(f"{args.model} has no tokenizer.json", "evaluate a dir written by `mulfree train`")
     task_dir = build_offline_tasks(cache_dir() / "lm_eval_tasks" / f"seed{cfg.seed}", load_corpus().val_text, seed=cfg.seed)
-    tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
-    results = run_lm_eval(model, tok, tasks, task_dir, cfg.limit, cfg.max_length)
+    results = run_lm_eval(model, tok, cfg.task_list(), task_dir, cfg.limit, cfg.max_length)
     for task, metrics in results.items():
         print(task + "  " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
     if args.out:
-        atomic_write_text(Path(args.out), json.dumps(results, indent=2) + "\n")
+        atomic_write_json(Path(args.out), results)
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from mulfree.commands.flags import add_flags, from_args
 from mulfree.errors import ConfigError
 
 DEFAULT_METHODS = "fp32,bf16,fp8_e4m3,fp8_e5m2,lmul7,lmul4,lmul3"
+MAX_SAMPLES = 10_000_000  # ~2 GB of float64 temporaries in error_table
 
 
 @dataclass
@@ -20,6 +20,12 @@ class ErrorTableConfig:
     samples: int = field(default=1_000_000, metadata={"help": "product pairs per distribution"})
     no_model: bool = field(default=False, metadata={"help": "skip the SmolLM2 weight x activation distribution"})
     seed: int = field(default=0, metadata={"help": "seed of the sampled pairs"})
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.samples <= MAX_SAMPLES:
+            raise ConfigError(f"--samples {self.samples} is out of range", f"use 1..{MAX_SAMPLES:,}")
+        if not 0 <= self.seed < 1 << 63:
+            raise ConfigError(f"--seed {self.seed} is out of range", "use 0..2^63-1")
 
 
 @dataclass
@@ -34,11 +40,26 @@ class LMulEvalConfig:
     windows: int = field(default=2, metadata={"help": "number of held-out windows"})
     window: int = field(default=512, metadata={"help": "tokens per window"})
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.windows <= 100_000:
+            raise ConfigError(f"--windows {self.windows} is out of range", "use 1..100000")
+        if not 2 <= self.window <= 1 << 20:
+            raise ConfigError(f"--window {self.window} is out of range", "a window needs 2..2^20 tokens")
+
 
 def _write_json(path: str, data: dict) -> None:
-    from mulfree.atomic import atomic_write_text
+    from mulfree.atomic import atomic_write_json
 
-    atomic_write_text(Path(path), json.dumps(data, indent=2) + "\n")
+    atomic_write_json(Path(path), data)
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """--png / --json must name files (checked before any work)."""
+    from mulfree.atomic import prepare_file
+
+    for flag in ("png", "json"):
+        if getattr(args, flag, None):
+            prepare_file(getattr(args, flag), f"--{flag}")
 
 
 def _load(model: str):
@@ -96,6 +117,7 @@ def run_error_table(args: argparse.Namespace) -> int:
     import torch
 
     cfg = from_args(ErrorTableConfig, args)
+    _check_outputs(args)
     gen = torch.Generator().manual_seed(cfg.seed)
     dists = {"N(0,1) x N(0,1)": (torch.randn(cfg.samples, generator=gen), torch.randn(cfg.samples, generator=gen))}
     if not cfg.no_model:
@@ -139,23 +161,25 @@ def run_eval(args: argparse.Namespace) -> int:
     from mulfree.quant.lmul_apply import Product, apply_products
 
     cfg = from_args(LMulEvalConfig, args)
+    _check_outputs(args)
     try:
         products = [Product.parse(m.strip()) for m in cfg.methods.split(",") if m.strip()]
     except ValueError as exc:
         raise ConfigError(str(exc), f"e.g. --methods {DEFAULT_METHODS}") from exc
     model, tok = _load(args.model)
     model.eval()
+    window = min(cfg.window, getattr(model.config, "max_position_embeddings", None) or cfg.window)
     text = load_corpus(args.data).val_text
-    ids = torch.tensor(tok(text)["input_ids"][: cfg.windows * cfg.window])
+    ids = torch.tensor(tok(text)["input_ids"][: cfg.windows * window])
     if ids.numel() < 2:
         raise ConfigError("the held-out text has fewer than 2 tokens", "pass a larger --data file")
-    print(f"{args.model}: products in {cfg.where}, {ids.numel()} held-out tokens, windows of {cfg.window}")
+    print(f"{args.model}: products in {cfg.where}, {ids.numel()} held-out tokens, windows of {window}")
     rows = []
     for product in products:
         m = copy.deepcopy(model)
         counts = apply_products(m, product, cfg.where)
         with torch.no_grad():
-            ppl = perplexity(m, ids, window=cfg.window, progress=False)
+            ppl = perplexity(m, ids, window=window, progress=False)
         rows.append({"method": product.name, "ppl": ppl, **counts})
         print(f"  {product.name:<9} ppl {ppl:9.4f}", flush=True)
         del m
@@ -166,7 +190,7 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"{r['method']:<9} {r['ppl']:>9.4f} {rel('fp32')} {rel('bf16')}")
     if args.json:
         _write_json(args.json, {"model": args.model, "where": cfg.where, "tokens": ids.numel(),
-                                "window": cfg.window, "rows": rows})
+                                "window": window, "rows": rows})
     return 0
 
 

@@ -15,19 +15,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="MMfree model dir (config.json + model.safetensors)")
     p.add_argument("--out", required=True, help="output dir for the packed model")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out dir (kept until the new one is complete)")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from mulfree.atomic import atomic_dir, prepare_output
     from mulfree.errors import CheckpointError
     from mulfree.infer.engine import PackedModel
 
     if Path(args.out).resolve() == Path(args.model).resolve():
         raise CheckpointError("--out is the same dir as --model", "write the packed model to a new dir")
+    prepare_output(args.out, "packed model", args.overwrite)  # before any work
     packed = PackedModel.load(args.model, backend="reference")
-    packed.save(args.out)
+    with atomic_dir(args.out, args.overwrite, "packed model") as tmp:
+        packed.save(tmp)
     size = (Path(args.out) / "model.safetensors").stat().st_size
     print(f"packed {args.model} -> {args.out} ({size / 2**20:.1f} MiB, format mulfree-t2)")
     return 0

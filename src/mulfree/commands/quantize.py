@@ -37,31 +37,35 @@ def register(subparsers) -> None:
 
 def build_method(name: str, cfg: QuantizeConfig, walk: WalkOptions):
     """The walker method `name` with `cfg`'s settings; ConfigError on out-of-range settings."""
+    import math
+
     from mulfree.errors import ConfigError
 
     lo, hi = BITS_RANGE[name]
     if not lo <= cfg.bits <= hi:
         raise ConfigError(f"--bits {cfg.bits} is out of range for {name}", f"use {lo}..{hi}")
-    if cfg.group_size == 0 or cfg.group_size < -1:
-        raise ConfigError(f"--group-size {cfg.group_size} is invalid", "use a positive size or -1")
+    if cfg.group_size == 0 or not -1 <= cfg.group_size <= 1 << 20:
+        raise ConfigError(f"--group-size {cfg.group_size} is invalid", "use a positive size (up to 2^20) or -1")
+    if not 0 <= cfg.seed < 1 << 63:
+        raise ConfigError(f"--seed {cfg.seed} is out of range", "use 0..2^63-1")
     if name == "rtn":
         from mulfree.quant.rtn import RTN
 
         return RTN(cfg.bits, cfg.group_size)
-    if cfg.calib_samples < 1 or cfg.calib_seqlen < 2:
-        raise ConfigError("calibration needs at least 1 window of 2+ tokens", "raise --calib-samples/--calib-seqlen")
-    if walk.tune_epochs < 0 or not walk.tune_lr > 0:
-        raise ConfigError("--tune-epochs must be >= 0 and --tune-lr > 0", "e.g. --tune-epochs 4 --tune-lr 1e-3")
-    if walk.distill_epochs < 0 or not walk.distill_lr > 0:
-        raise ConfigError("--distill-epochs must be >= 0 and --distill-lr > 0", "e.g. --distill-epochs 2 --distill-lr 1e-4")
+    if not (1 <= cfg.calib_samples <= 1 << 16 and 2 <= cfg.calib_seqlen <= 1 << 20):
+        raise ConfigError("calibration needs 1..65536 windows of 2..2^20 tokens", "fix --calib-samples/--calib-seqlen")
+    for flag, epochs, lr, example in (("tune", walk.tune_epochs, walk.tune_lr, "--tune-epochs 4 --tune-lr 1e-3"),
+                                      ("distill", walk.distill_epochs, walk.distill_lr, "--distill-epochs 2 --distill-lr 1e-4")):
+        if not 0 <= epochs <= 10_000 or not (math.isfinite(lr) and lr > 0):
+            raise ConfigError(f"--{flag}-epochs must be >= 0 and --{flag}-lr > 0", f"e.g. {example}")
     if name == "gptq":
         from mulfree.quant.gptq import GPTQ
 
         return GPTQ(cfg.bits, cfg.group_size, incoherence=cfg.incoherence, seed=cfg.seed)
     from mulfree.quant.shiftadd import ShiftAdd
 
-    if cfg.rounds < 0 or not 1 <= cfg.apot_terms <= 4:
-        raise ConfigError("--rounds must be >= 0 and --apot-terms in 1..4", "e.g. --rounds 10 --apot-terms 3")
+    if not 0 <= cfg.rounds <= 10_000 or not 1 <= cfg.apot_terms <= 4:
+        raise ConfigError("--rounds must be in 0..10000 and --apot-terms in 1..4", "e.g. --rounds 10 --apot-terms 3")
     if cfg.mixed_bits is not None and not cfg.bits <= cfg.mixed_bits <= cfg.bits + 1:
         raise ConfigError(f"--mixed-bits {cfg.mixed_bits} must lie in [bits, bits+1]", "e.g. --bits 2 --mixed-bits 2.2")
     return ShiftAdd(cfg.bits, cfg.group_size, cfg.mode, cfg.rounds, cfg.apot_terms, mixed_bits=cfg.mixed_bits,
@@ -74,15 +78,22 @@ def run_quantize(args: argparse.Namespace) -> int:
     from mulfree.models.pretrained import load_hf_causal_lm
     from mulfree.quant.walker import calibration_ids, decoder_blocks, quantize_model, save_quantized
 
+    from mulfree.atomic import prepare_output
+    from mulfree.models.schema import check_memory
+
     cfg, walk = from_args(QuantizeConfig, args), from_args(WalkOptions, args)
-    torch.manual_seed(cfg.seed)
     method = build_method(args.method, cfg, walk)
+    prepare_output(cfg.out, "quantized model", cfg.overwrite)  # before any work
+    torch.manual_seed(cfg.seed)
     model, tokenizer = load_hf_causal_lm(cfg.model)
     decoder_blocks(model)  # fail fast on unsupported architectures
     calib, extra = None, {}
     if method.needs_stats:
         from mulfree.data.text import load_corpus
 
+        # fp32 block inputs and outputs of every window, for the FP and the quantized stream
+        check_memory(4 * 4 * cfg.calib_samples * cfg.calib_seqlen * model.config.hidden_size,
+                     "--calib-samples x --calib-seqlen", "the calibration activations")
         text = load_corpus(cfg.calib_data).train_text
         calib = calibration_ids(tokenizer, text, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
         extra["calibration"] = {"samples": cfg.calib_samples, "seqlen": cfg.calib_seqlen, "seed": cfg.seed,
@@ -91,6 +102,6 @@ def run_quantize(args: argparse.Namespace) -> int:
                                 "asymmetric": walk.asymmetric,
                                 "distill_epochs": walk.distill_epochs, "distill_lr": walk.distill_lr}
     metas = quantize_model(model, method, calib, walk)
-    out = save_quantized(model, tokenizer, cfg.out, method, metas, extra)
+    out = save_quantized(model, tokenizer, cfg.out, method, metas, extra, overwrite=cfg.overwrite)
     print(f"wrote {out} ({len(metas)} quantized layers, {method.name} {cfg.bits}-bit)")
     return 0

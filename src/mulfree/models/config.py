@@ -42,14 +42,13 @@ class LMConfig:
     eos_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        from mulfree.models.schema import check_model_fields
         from mulfree.nn.glu import glu_intermediate_size
 
+        check_model_fields(self)  # types, ranges, cross-field rules: before anything is derived from them
         if self.intermediate_size is None:
             self.intermediate_size = glu_intermediate_size(self.hidden_size, self.hidden_ratio)
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}", "fix the config")
+            check_model_fields(self)
 
     @classmethod
     def from_preset(cls: type[C], name: str, **overrides: Any) -> C:
@@ -72,8 +71,13 @@ class LMConfig:
     def from_dict(cls: type[C], data: dict[str, Any]) -> C:
         from mulfree.models.registry import canonical
 
+        if not isinstance(data, dict):
+            raise ConfigError(f"a model config must be a JSON object, not {type(data).__name__}", "fix the config")
         data = dict(data)
-        model_type = canonical(data.pop("model_type", cls.model_type))
+        model_type = data.pop("model_type", cls.model_type)
+        if not isinstance(model_type, str):
+            raise ConfigError(f"config field 'model_type' must be a string, got {model_type!r:.40}", "fix the config")
+        model_type = canonical(model_type)
         if model_type != cls.model_type:
             raise ConfigError(f"config is for model_type {model_type!r}, not {cls.model_type!r}", "load it with the matching model class")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -90,9 +94,12 @@ class LMConfig:
             data = json.loads(Path(path).read_text())
         except FileNotFoundError as exc:
             raise ConfigError(f"config file {path} does not exist", "pass a preset name or an existing .json file") from exc
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid JSON ({exc})", "fix the file") from exc
-        return cls.from_dict(data)
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise ConfigError(f"config file {path} is not valid JSON ({str(exc)[:80]})", "fix the file") from None
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc.what}", exc.hint) from None
 
     @classmethod
     def from_name_or_file(cls: type[C], spec: str, **overrides: Any) -> C:

@@ -1,7 +1,9 @@
-"""Model directories: `config.json` (with `model_type`), `model.safetensors`, optional `tokenizer.json`.
+"""Model directories: `config.json` (with `model_type`), `model.safetensors`, optional `tokenizer.json`, and
+`checksums.json` (xxh3-64 of each, `mulfree.integrity`).
 
 Every file is written to a temporary name and renamed into place, so an interrupted save never leaves
-a half-written model; loading checks the model type, the tensor names and the shapes and says which
+a half-written model; loading validates the config (`models/schema.py`: types, ranges, the memory it needs),
+verifies the checksums, checks the tensor names, shapes and dtypes and the tokenizer's ids, and says which
 one is wrong.
 """
 
@@ -16,57 +18,61 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mulfree import integrity
 from mulfree.atomic import atomic_write, atomic_write_text
 from mulfree.data.text import load_tokenizer
-from mulfree.errors import CheckpointError, ConfigError
-from mulfree.models import registry
+from mulfree.errors import CheckpointError
+from mulfree.models import registry, schema
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
 
 
-def build_model(config_dict: dict[str, Any]) -> nn.Module:
-    """Instantiate the model class named by `config_dict["model_type"]`."""
-    family = registry.find(config_dict)
-    if family is None:
-        raise CheckpointError(f"unknown model_type {config_dict.get('model_type')!r} in config",
-                              f"mulfree models are {', '.join(registry.NAMES)}")
-    return family.model_cls(family.config_cls.from_dict(config_dict))
+def build_model(config_dict: dict[str, Any], source: str = CONFIG_NAME) -> nn.Module:
+    """Instantiate the model class named by `config_dict["model_type"]`, after validating the config and
+    checking that the memory it needs is available."""
+    config = schema.model_config(config_dict, source)
+    schema.check_memory(schema.estimate_model_bytes(config), source)
+    return registry.find(config).model_cls(config)
 
 
 def save_model(model: nn.Module, out_dir: str | Path, tokenizer: Any = None) -> None:
-    """Write config, weights (safetensors, contiguous fp32/bf16 as trained) and the tokenizer."""
+    """Write config, weights (safetensors, contiguous fp32/bf16 as trained), the tokenizer and their checksums."""
     out = Path(out_dir)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    names = [WEIGHTS_NAME, CONFIG_NAME]
     if tokenizer is not None:
         atomic_write(out / TOKENIZER_NAME, lambda tmp: tokenizer.save(str(tmp)))
+        names.append(TOKENIZER_NAME)
     atomic_write_text(out / CONFIG_NAME, json.dumps(model.config.to_dict(), indent=2) + "\n")
+    integrity.write_manifest(out, names)
 
 
 def read_config(model_dir: str | Path) -> dict[str, Any]:
+    """The JSON object of `model_dir/config.json`; a config of one of our families is validated too."""
     path = Path(model_dir) / CONFIG_NAME
     if not Path(model_dir).is_dir():
         raise CheckpointError(f"model dir {model_dir} does not exist", "pass a dir written by `mulfree train`")
     if not path.is_file():
         raise CheckpointError(f"{path} is missing", "pass a dir written by `mulfree train` or `save_model`")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc})", "the checkpoint is corrupt; re-save it") from exc
+    config = schema.require_object(schema.read_json(path), str(path))
+    if "format" not in config and registry.find(config) is not None:  # packed: validate_packed_config
+        schema.model_config(config, str(path))
+    return config
 
 
 def read_weights(weights: Path) -> dict[str, torch.Tensor]:
     """Read a safetensors file, turning any reader failure into a CheckpointError."""
     try:
         return load_file(str(weights))
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"cannot read {weights} ({exc})", "the checkpoint is corrupt or truncated; re-save it") from exc
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot read {weights} ({schema.first_line(exc)})", "the checkpoint is corrupt or truncated; re-save it") from None
 
 
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load `state` into `model`, naming missing, unexpected or mis-shaped tensors of `source`."""
+    """Load `state` into `model`, naming missing, unexpected, mis-shaped or non-finite tensors of `source`."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -82,21 +88,27 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
                 f"{source}: {name} has shape {tuple(tensor.shape)}, the config expects {tuple(expected[name].shape)}",
                 "check that config.json belongs to these weights",
             )
+        if expected[name].is_floating_point() and not tensor.is_floating_point():
+            raise CheckpointError(f"{source}: {name} has dtype {tensor.dtype}, not a floating-point type",
+                                  "re-save the model")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{source}: {name} holds NaN or infinite values", "the checkpoint is corrupt; re-save it")
     model.load_state_dict(state)
 
 
 def load_model(model_dir: str | Path) -> tuple[nn.Module, Any]:
     """Load `(model, tokenizer or None)` from a dir written by `save_model`; the model is in eval mode."""
     model_dir = Path(model_dir)
-    config = read_config(model_dir)
-    try:
-        model = build_model(config)
-    except ConfigError as exc:
-        raise CheckpointError(f"{model_dir / CONFIG_NAME}: {exc.what}", exc.hint) from exc
+    config = read_config(model_dir)  # validated before the checksums: a clear message for an invalid config
     weights = model_dir / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing", "pass a complete model dir")
+    has_tokenizer = (model_dir / TOKENIZER_NAME).is_file()
+    integrity.verify(model_dir, [CONFIG_NAME, WEIGHTS_NAME] + [TOKENIZER_NAME] * has_tokenizer)
+    model = build_model(config, str(model_dir / CONFIG_NAME))
     load_state(model, read_weights(weights), str(weights))
     model.eval()
-    tokenizer = load_tokenizer(model_dir) if (model_dir / TOKENIZER_NAME).is_file() else None
+    tokenizer = load_tokenizer(model_dir) if has_tokenizer else None
+    if tokenizer is not None:
+        schema.check_tokenizer(tokenizer, model.config.vocab_size, str(model_dir / TOKENIZER_NAME))
     return model, tokenizer

@@ -58,3 +58,5 @@ class QuantizeConfig:
     apot_terms: int = field(default=3, metadata={"help": "signed powers of two per scale"})
     mixed_bits: float | None = field(default=None, metadata={
         "help": "average bits with mixed widths by sensitivity (e.g. 2.2 with --bits 2)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty --out dir (kept until the new "
+                                                             "one is complete)"})

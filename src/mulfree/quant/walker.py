@@ -11,15 +11,20 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model as _load_safetensors
 from torch import nn
 from tqdm import tqdm
 
+from mulfree import integrity
 from mulfree.atomic import atomic_dir
 from mulfree.errors import CheckpointError, ConfigError, DataError
+from mulfree.models.schema import first_line, read_json
 from mulfree.quant.base import QuantMethod, asymmetric_target, is_linear, linear_weight
 from mulfree.quant.config import WalkOptions
 from mulfree.quant.distill import distill, head_inputs, training_only
 from mulfree.quant.qlinear import build_qlinear, describe
+from mulfree.quant.schema import check_layer_target, check_layer_values, validate_quant_config
 from mulfree.quant.stream import CalibrationStream, run_block
 
 __all__ = ["BLOCK_PATHS", "WalkOptions", "asymmetric_target", "calibration_ids", "decoder_blocks", "load_quantized",
@@ -157,10 +162,12 @@ def _tune_block(block: nn.Module, records: list, targets: list, epochs: int, lr:
 
 
 def save_quantized(
-    model: nn.Module, tokenizer, out: str | Path, method: QuantMethod, metas: dict, extra: dict
+    model: nn.Module, tokenizer, out: str | Path, method: QuantMethod, metas: dict, extra: dict,
+    overwrite: bool = False,
 ) -> Path:
     """Write a quantized model dir atomically: config.json (HF config + `quant_method` and
-    `mulfree_quant` with the method settings and per-layer metas), model.safetensors, tokenizer."""
+    `mulfree_quant` with the method settings and per-layer metas), model.safetensors, tokenizer and the
+    checksums of every file. A non-empty `out` is replaced only with `overwrite` (`atomic.atomic_dir`)."""
     from safetensors.torch import save_model
 
     out = Path(out)
@@ -168,37 +175,54 @@ def save_quantized(
     cfg.pop("quantization_config", None)
     cfg["quant_method"] = method.name
     cfg["mulfree_quant"] = {**method.config(), **extra, "layers": metas}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite, "quantized model") as tmp:
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         save_model(model, str(tmp / "model.safetensors"))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        integrity.write_manifest(tmp, sorted(p.name for p in tmp.iterdir() if p.is_file()))
     return out
 
 
 def load_quantized(path: str | Path):
-    """Load a dir written by `mulfree quantize`: returns (model with quantized layers, tokenizer or None)."""
+    """Load a dir written by `mulfree quantize`: returns (model with quantized layers, tokenizer or None).
+    The config is validated (`quant.schema`), the checksums verified and the memory checked first."""
     import transformers
-    from safetensors.torch import load_model
+
+    from mulfree.models.pretrained import LOAD_ERRORS, load_hf_config, load_hf_tokenizer, verify_manifest
 
     path = Path(path)
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{path} has no config.json", "pass a dir written by `mulfree quantize`")
-    raw = json.loads(cfg_path.read_text())
-    if "quant_method" not in raw or "mulfree_quant" not in raw:
+    raw = read_json(cfg_path)
+    if not isinstance(raw, dict) or "quant_method" not in raw or "mulfree_quant" not in raw:
         raise CheckpointError(f"{path} is not a quantized model dir", "quantize it with `mulfree quantize`")
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    layers = validate_quant_config(raw, str(cfg_path))
+    verify_manifest(path)
+    config = load_hf_config(path)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    for name, meta in raw["mulfree_quant"]["layers"].items():
-        _set_module(model, name, build_qlinear(meta))
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    for name, meta in layers.items():
+        check_layer_target(model, name, meta, str(cfg_path))
+        try:
+            layer = build_qlinear(meta)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{cfg_path}: layer {name!r}: {exc}", "re-run `mulfree quantize`") from None
+        _set_module(model, name, layer)
+    weights = path / "model.safetensors"
+    try:
+        missing, unexpected = _load_safetensors(model, str(weights), strict=False)
+    except LOAD_ERRORS + (SafetensorError,) as exc:
+        raise CheckpointError(f"cannot read {weights} ({first_line(exc)})",
+                              "the file is corrupt, truncated or does not match config.json; re-run `mulfree quantize`") from None
     if unexpected or [k for k in missing if not k.startswith("lm_head")]:
-        raise CheckpointError(f"{path}/model.safetensors does not match its config ({missing[:3]}{unexpected[:3]})", "re-run `mulfree quantize`")
+        raise CheckpointError(f"{weights} does not match its config ({missing[:3]}{unexpected[:3]})", "re-run `mulfree quantize`")
+    for name in layers:
+        check_layer_values(model.get_submodule(name), name, str(weights))
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     model.eval()
     tokenizer = None
     if (path / "tokenizer.json").is_file() or (path / "vocab.json").is_file():
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = load_hf_tokenizer(path, config.vocab_size)
     return model, tokenizer
