@@ -77,6 +77,7 @@ def prepare_output(path: str | Path, kind: str = "output", overwrite: bool = Fal
     _check_not_cwd(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"output '{path}' is a file, not a directory", f"name a directory for the {kind}")
+    _check_parents(path, "output")
     held = describe_dir(path)
     if held is not None and not overwrite:
         raise CheckpointError(f"output '{path}' already holds {held}",
@@ -89,19 +90,33 @@ def prepare_file(path: str | Path, flag: str = "output") -> Path:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{flag} '{path}' is a directory", f"name a file (e.g. '{path / ('out' + path.suffix)}')")
-    for parent in path.parents:
+    _check_parents(path, flag)
+    return path
+
+
+def _check_parents(path: Path, flag: str) -> None:
+    """The nearest existing parent of `path` must be a writable directory."""
+    for parent in path.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
                 raise ConfigError(f"{flag} '{path}': '{parent}' is a file, not a directory", "choose another path")
-            break
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(f"{flag} '{path}': cannot write into '{parent}'", "choose a writable path")
+            return
+
+
+def make_dir(path: str | Path) -> Path:
+    """`mkdir -p path`, with a one-line ConfigError instead of an OSError traceback."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create '{path}' ({exc.strerror or exc})", "choose a writable path") from None
     return path
 
 
 def _mkdir_parent(path: Path) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create '{path.parent}' ({exc.strerror or exc})", "choose a writable path") from None
+    make_dir(path.parent)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mulfree.atomic import atomic_write_text, describe_dir, remove_stale_temps, replace_dir
+from mulfree.atomic import atomic_write_text, describe_dir, make_dir, remove_stale_temps, replace_dir
 from mulfree.checkpoint import (  # noqa: F401  (checkpoint_state, CHECKPOINT_POINTER: re-exported)
     CHECKPOINT_POINTER,
     METRICS_FILE,
@@ -169,10 +169,10 @@ def _prepare_run(out_dir: Path, resume: bool, overwrite: bool, is_main: bool) ->
     build = out_dir
     replacing = not resume and overwrite and describe_dir(out_dir) is not None and not is_unstarted_run(out_dir)
     if replacing and is_main:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(out_dir.parent)
         build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     if is_main:
-        build.mkdir(parents=True, exist_ok=True)
+        make_dir(build)
         if resume:
             remove_stale_temps(build)
         elif is_unstarted_run(build):

@@ -276,6 +276,7 @@ _FLAGS = [  # (id, command, flags, expected error): refused before any model, co
     ("arith-eval-per-length-huge", "arith-eval", ("--per-length", "1000000000"), "--per-length must be <="),
     ("arith-eval-seed-negative", "arith-eval", ("--seed", "-1"), "--seed must be >= 0"),
     ("arith-eval-png-dir", "arith-eval", ("--png", "{tmp}"), "--png"),
+    ("arith-eval-png-under-file", "arith-eval", ("--png", "{model}/config.json/x.png"), "is a file"),
     ("arith-eval-lengths-zero", "arith-eval", ("--lengths", "0-2"), "must be >= 1"),
 ]
 
@@ -307,6 +308,8 @@ CASES = [
     Case("train-out-parent", "train --out ..", _train(out=".."), "current directory", setup=_write_cfg),
     Case("train-out-file", "train --out naming a file", _train(out="{tmp}/f"), "is a file",
          setup=lambda tmp: (_write_cfg(tmp), _file("f")(tmp))),
+    Case("train-out-under-file", "train --out inside a path that is a file", _train(out="{tmp}/f/run"),
+         "is a file, not a directory", setup=lambda tmp: (_write_cfg(tmp), _file("f")(tmp))),
     Case("train-out-model-overwrite", "train --out over a model with --overwrite (replaced once complete)",
          _train("--steps", "1", "--overwrite", out="{model}"), None, copy=("model",), setup=_write_cfg),
     Case("train-resume-and-overwrite", "train --resume --overwrite", _resume("--overwrite"),
