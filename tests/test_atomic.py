@@ -98,3 +98,10 @@ def test_remove_stale_temps_only_removes_our_temp_names(tmp_path):
     removed = remove_stale_temps(tmp_path)
     assert len(removed) == 3
     assert sorted(os.listdir(tmp_path)) == [".gone.0123abcd.old", ".hidden", "model.safetensors", "notes.tmp"]
+
+
+def test_remove_stale_temps_can_be_limited_to_one_target(tmp_path):
+    (tmp_path / ".run.ab12cd34.tmp").mkdir()
+    (tmp_path / ".other.ab12cd34.tmp").mkdir()
+    assert [p.name for p in remove_stale_temps(tmp_path, names={"run"})] == [".run.ab12cd34.tmp"]
+    assert [p.name for p in tmp_path.iterdir()] == [".other.ab12cd34.tmp"]

@@ -26,7 +26,7 @@ import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -201,9 +201,10 @@ def replace_dir(new: Path, path: Path, overwrite: bool = False, kind: str = "out
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def remove_stale_temps(directory: str | Path) -> list[Path]:
+def remove_stale_temps(directory: str | Path, names: Collection[str] | None = None) -> list[Path]:
     """Remove the temporary files and directories this tool's writers leave when killed (`.<name>.<8>.tmp`
-    in `directory`, and `.<name>.<8>.old` when `<name>` itself is present); returns what was removed."""
+    in `directory`, and `.<name>.<8>.old` when `<name>` itself is present), only for targets in `names`
+    when given; returns what was removed."""
     directory = Path(directory)
     removed: list[Path] = []
     if not directory.is_dir():
@@ -211,6 +212,8 @@ def remove_stale_temps(directory: str | Path) -> list[Path]:
     for entry in directory.iterdir():
         m = _TEMP.match(entry.name)
         if m is None or (m["kind"] == "old" and not (directory / m["name"]).exists()):
+            continue
+        if names is not None and m["name"] not in names:
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)

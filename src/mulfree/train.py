@@ -4,6 +4,7 @@ torchrun DDP (gloo on CPU, nccl on GPU).
 
 Batches are a pure function of (seed, step, rank, micro-step), so a resumed run sees exactly the data
 an uninterrupted run would, and together with the restored optimizer state gives identical losses.
+Checkpoints and the rules of which directory a run may use live in `mulfree.checkpoint`.
 """
 
 from __future__ import annotations
@@ -170,6 +171,7 @@ def _prepare_run(out_dir: Path, resume: bool, overwrite: bool, is_main: bool) ->
     replacing = not resume and overwrite and describe_dir(out_dir) is not None and not is_unstarted_run(out_dir)
     if replacing and is_main:
         make_dir(out_dir.parent)
+        remove_stale_temps(out_dir.parent, names={out_dir.name})  # an earlier replacement that was killed
         build = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     if is_main:
         make_dir(build)
