@@ -283,8 +283,8 @@ def read_results(model_dir: str | Path) -> list[LengthResult]:
 
 def write_results(out_dir: str | Path, results: list[LengthResult]) -> Path:
     """Write arith_eval.json (one record per operand length) atomically."""
-    from mulfree.atomic import atomic_write_text
+    from mulfree.atomic import atomic_write_json
 
     path = Path(out_dir) / RESULTS_FILE
-    atomic_write_text(path, json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    atomic_write_json(path, [asdict(r) for r in results])
     return path

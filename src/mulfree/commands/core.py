@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from mulfree.atomic import dumps_strict
 from mulfree.commands.flags import add_flags, from_args
 from mulfree.errors import CheckpointError, ConfigError, DataError
 
@@ -177,7 +178,7 @@ def cmd_train(args) -> int:
     result = train(model, train_ids, val_ids, train_cfg, out, resume=args.resume, tokenizer=tokenizer,
                    overwrite=args.overwrite, extra={"data": data, "data_files": files})
     if main_process:
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+        print(dumps_strict({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
     return 0
 
 
@@ -269,5 +270,5 @@ def cmd_eval(args) -> int:
         raise DataError("the evaluation text has fewer than 2 tokens", "pass more text")
     window = min(cfg.window, getattr(model.config, "max_position_embeddings", cfg.window))
     ppl = perplexity(model, ids, window, cfg.stride)
-    print(json.dumps({"perplexity": round(ppl, 4), "tokens": ids.numel(), "window": window}))
+    print(dumps_strict({"perplexity": round(ppl, 4), "tokens": ids.numel(), "window": window}))
     return 0

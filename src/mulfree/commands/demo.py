@@ -87,7 +87,7 @@ def _is_demo_output(out: Path) -> bool:
 def cmd_demo(args) -> int:
     import time
 
-    from mulfree.atomic import atomic_dir, prepare_output
+    from mulfree.atomic import atomic_dir, dumps_strict, prepare_output
     from mulfree.settings import TrainConfig
 
     demo = from_args(DemoConfig, args)
@@ -100,7 +100,7 @@ def cmd_demo(args) -> int:
     with atomic_dir(out, overwrite, kind="demo") as tmp:
         summary = _run_demo(demo, run, tmp, out)
     summary["wall_s"] = round(time.perf_counter() - t_start, 1)
-    print(json.dumps(summary))
+    print(dumps_strict(summary))
     return 0
 
 
