@@ -75,11 +75,10 @@ def build_method(name: str, cfg: QuantizeConfig, walk: WalkOptions):
 def run_quantize(args: argparse.Namespace) -> int:
     import torch
 
-    from mulfree.models.pretrained import load_hf_causal_lm
-    from mulfree.quant.walker import calibration_ids, decoder_blocks, quantize_model, save_quantized
-
     from mulfree.atomic import prepare_output
+    from mulfree.models.pretrained import load_hf_causal_lm
     from mulfree.models.schema import check_memory
+    from mulfree.quant.walker import calibration_ids, decoder_blocks, quantize_model, save_quantized
 
     cfg, walk = from_args(QuantizeConfig, args), from_args(WalkOptions, args)
     method = build_method(args.method, cfg, walk)

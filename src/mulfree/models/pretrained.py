@@ -15,6 +15,8 @@ import struct
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 
 from mulfree import integrity
 from mulfree.atomic import atomic_dir
@@ -53,7 +55,7 @@ def _require_transformers():
 
 # Failures of the third-party readers on a damaged file (GGUF parser, config, safetensors, tokenizer).
 LOAD_ERRORS = (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, RuntimeError, struct.error,
-               NotImplementedError, AssertionError, RecursionError)
+               NotImplementedError, AssertionError, RecursionError, SafetensorError, StrictDataclassError)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 GGUF_MAGIC = b"GGUF"
 
@@ -121,7 +123,7 @@ def load_hf_config(path: Path):
     """The validated transformers config of an HF dir, after checking that its model fits in memory."""
     tf = _require_transformers()
     source = str(path / "config.json")
-    schema.require_object(schema.read_json(path / "config.json"), source)
+    schema.check_hf_config(schema.require_object(schema.read_json(path / "config.json"), source), source)
     try:
         config = tf.AutoConfig.from_pretrained(path, local_files_only=True)
     except LOAD_ERRORS as exc:

@@ -162,21 +162,24 @@ def check_model_fields(config: Any) -> None:
         limit = MODEL_RULES.get(f.name)
         if limit is not None and value is not None and not limit.accepts(value):
             raise ConfigError(f"config field '{f.name}' must be {limit.describe()}, got {show(value)}", "fix the config")
-    _cross_checks({f.name: getattr(config, f.name) for f in dataclasses.fields(config)}, "config", ConfigError)
+    problem = _cross_problem({f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+    if problem:
+        raise ConfigError(f"config {problem}", "fix the config")
 
 
-def _cross_checks(cfg: Mapping, source: str, error: type) -> None:
-    """Token ids inside the vocabulary; the width divisible by the number of heads."""
+def _cross_problem(cfg: Mapping) -> str | None:
+    """Token ids inside the vocabulary; the width divisible by the number of heads. None when they hold."""
     vocab = cfg.get("vocab_size")
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = cfg.get(name)
         if isinstance(value, int) and isinstance(vocab, int) and not 0 <= value < vocab:
-            raise error(f"{source}: {name} {value} is outside the vocabulary (vocab_size {vocab})", FIX)
+            return f"{name} {value} is outside the vocabulary (vocab_size {vocab})"
     width = cfg.get("hidden_size")
     for name in ("num_attention_heads", "num_heads"):
         heads = cfg.get(name)
         if isinstance(heads, int) and isinstance(width, int) and heads > 0 and width % heads and not cfg.get("head_dim"):
-            raise error(f"{source}: hidden_size {width} is not divisible by {name} {heads}", FIX)
+            return f"hidden_size {width} is not divisible by {name} {heads}"
+    return None
 
 
 def model_config(cfg: Mapping, source: str) -> Any:
@@ -205,7 +208,9 @@ def check_hf_config(config: Any, source: str, error: type = CheckpointError) -> 
             continue
         if not rule.accepts(value):
             raise error(f"{source}: field '{name}' must be {rule.describe()}, got {show(value)}", FIX)
-    _cross_checks(values, source, error)
+    problem = _cross_problem(values)
+    if problem:
+        raise error(f"{source}: {problem}", FIX)
 
 
 # ---- memory --------------------------------------------------------------------------------------------------

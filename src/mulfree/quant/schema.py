@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from mulfree.errors import CheckpointError
-from mulfree.models.schema import FIX, MAX_INTERMEDIATE, MAX_SEED, Rule, check_field, check_fields, show
+from mulfree.models.schema import FIX, MAX_INTERMEDIATE, MAX_SEED, Rule, check_fields, show
 from mulfree.quant.base import is_linear, linear_weight
 from mulfree.quant.config import BITS_RANGE
 
@@ -84,12 +84,14 @@ def check_layer_target(model: nn.Module, name: str, meta: dict, source: str) -> 
                               f", the model's linear is {shape[0]}x{shape[1]}", FIX)
 
 
-def check_layer_values(layer: nn.Module, name: str, source: str) -> None:
-    """Loaded buffers agree with the description: integer codes inside 2^bits, scales finite."""
-    codes = getattr(layer, "codes", None)
-    if codes is not None and codes.numel() and int(codes.max()) >= 1 << layer.bits:
-        raise CheckpointError(f"{source}: {name}.codes holds {int(codes.max())}, beyond {layer.bits}-bit codes",
-                              "the weights do not belong to this config; re-run `mulfree quantize`")
-    for key, tensor in layer.named_buffers(recurse=False):
+def check_values(model: nn.Module, layers: dict[str, dict], source: str) -> None:
+    """Loaded tensors agree with the config: integer codes inside 2^bits, every float finite."""
+    for name in layers:
+        layer = model.get_submodule(name)
+        codes = getattr(layer, "codes", None)
+        if codes is not None and codes.numel() and int(codes.max()) >= 1 << layer.bits:
+            raise CheckpointError(f"{source}: {name}.codes holds {int(codes.max())}, beyond {layer.bits}-bit codes",
+                                  "the weights do not belong to this config; re-run `mulfree quantize`")
+    for key, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f"{source}: {name}.{key} holds NaN or infinite values", "re-run `mulfree quantize`")
+            raise CheckpointError(f"{source}: {key} holds NaN or infinite values", "re-run `mulfree quantize`")

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_model as _load_safetensors
 from torch import nn
 from tqdm import tqdm
@@ -24,7 +23,7 @@ from mulfree.quant.base import QuantMethod, asymmetric_target, is_linear, linear
 from mulfree.quant.config import WalkOptions
 from mulfree.quant.distill import distill, head_inputs, training_only
 from mulfree.quant.qlinear import build_qlinear, describe
-from mulfree.quant.schema import check_layer_target, check_layer_values, validate_quant_config
+from mulfree.quant.schema import check_layer_target, check_values, validate_quant_config
 from mulfree.quant.stream import CalibrationStream, run_block
 
 __all__ = ["BLOCK_PATHS", "WalkOptions", "asymmetric_target", "calibration_ids", "decoder_blocks", "load_quantized",
@@ -212,13 +211,14 @@ def load_quantized(path: str | Path):
     weights = path / "model.safetensors"
     try:
         missing, unexpected = _load_safetensors(model, str(weights), strict=False)
-    except LOAD_ERRORS + (SafetensorError,) as exc:
+    except LOAD_ERRORS as exc:
         raise CheckpointError(f"cannot read {weights} ({first_line(exc)})",
                               "the file is corrupt, truncated or does not match config.json; re-run `mulfree quantize`") from None
-    if unexpected or [k for k in missing if not k.startswith("lm_head")]:
-        raise CheckpointError(f"{weights} does not match its config ({missing[:3]}{unexpected[:3]})", "re-run `mulfree quantize`")
-    for name in layers:
-        check_layer_values(model.get_submodule(name), name, str(weights))
+    missing = sorted(k for k in missing if not k.startswith("lm_head"))
+    if unexpected or missing:
+        raise CheckpointError(f"{weights} does not match its config (missing {missing[:3]}, unexpected "
+                              f"{sorted(unexpected)[:3]})", "re-run `mulfree quantize`")
+    check_values(model, layers, str(weights))
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     model.eval()
