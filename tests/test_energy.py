@@ -72,3 +72,13 @@ def test_cli(tmp_path, capsys):
     assert main(["energy", "--model", str(tmp_path / "m"), "--arith", "lmul", "--context", "5"]) == 0
     assert main(["energy", "--model", "nosuch:370m"]) == 2
     assert "unknown model family" in capsys.readouterr().err
+
+
+def test_cli_refuses_bad_values(tmp_path, capsys):
+    assert main(["energy", "--model", "mmfree:370m", "--context", "-1"]) == 2
+    assert "--context -1 is out of range" in capsys.readouterr().err
+    assert main(["energy", "--model", "mmfree:370m", "--json", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    (tmp_path / "c.json").write_text(json.dumps({**MM.to_dict(), "num_hidden_layers": 10**8}))
+    assert main(["energy", "--model", str(tmp_path / "c.json")]) == 2
+    assert "num_hidden_layers" in capsys.readouterr().err

@@ -39,3 +39,24 @@ def test_offline_tasks_run_through_lm_eval(lm_and_tok, tmp_path):
     assert results["mulfree_shakespeare_cloze"]["perplexity"] > 1.0
     # An untrained model spreads probability evenly: about log2(vocab)/bytes-per-token bits per byte.
     assert results["mulfree_shakespeare_bpb"]["bits_per_byte"] > 1.0
+
+
+def test_hub_task_offline_is_one_line(lm_and_tok, tmp_path, monkeypatch):
+    import lm_eval
+    import lm_eval.tasks
+
+    from mulfree.errors import MulfreeError
+
+    class Manager:  # lm-eval's full task index takes ~15 s to build: a stand-in that knows arc_easy
+        def __init__(self, include_path=None, include_defaults=True):
+            self.all_tasks = ["arc_easy"] if include_defaults else []
+
+    def offline(**kwargs):
+        raise ConnectionError("Couldn't reach 'allenai/ai2_arc' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", Manager)
+    monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
+    model, tok, _ = lm_and_tok
+    with pytest.raises(MulfreeError, match="arc_easy need a download of their Hub dataset") as err:
+        run_lm_eval(model, tok, ["arc_easy"], tmp_path)
+    assert "mulfree_shakespeare_mc" in str(err.value)

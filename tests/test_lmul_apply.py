@@ -99,3 +99,10 @@ def test_cli_eval_on_local_hf_dir(tiny, tmp_path, capsys):
     assert rc == 0 and "lmul3" in out and "vs fp32" in out
     assert main(["lmul", "eval", "--model", str(tmp_path / "m"), "--methods", "fp7"]) == 2
     assert "unknown product mode" in capsys.readouterr().err
+
+
+def test_cli_refuses_bad_windows_before_loading(tmp_path, capsys):
+    for flags, words in ((["--window", "1"], "--window 1 is out of range"), (["--windows", "0"], "--windows 0"),
+                         (["--json", str(tmp_path)], "is a directory")):
+        assert main(["lmul", "eval", "--model", str(tmp_path / "none"), *flags]) == 2
+        assert words in capsys.readouterr().err

@@ -132,3 +132,47 @@ def test_load_errors_name_the_problem(tmp_path):
     (tmp_path / "w" / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_model(tmp_path / "w")
+
+
+def test_saved_dirs_carry_checksums_that_catch_damage(tmp_path):
+    from mulfree.data.text import train_tokenizer
+    from mulfree.integrity import MANIFEST, read_manifest
+
+    save_model(_mmfree(vocab_size=300), tmp_path / "m", train_tokenizer("to be or not to be " * 50, 280))
+    assert sorted(read_manifest(tmp_path / "m")) == ["config.json", "model.safetensors", "tokenizer.json"]
+    load_model(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 1  # one payload bit: a valid file that only the checksum can tell apart
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors does not match its checksum"):
+        load_model(tmp_path / "m")
+    (tmp_path / "m" / MANIFEST).unlink()  # a dir written before checksums still loads
+    load_model(tmp_path / "m")
+
+
+def test_load_checks_tokenizer_dtypes_and_values(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from mulfree.data.text import train_tokenizer
+
+    save_model(_mmfree(), tmp_path / "m", train_tokenizer("to be or not to be " * 50, 280))
+    (tmp_path / "m" / "checksums.json").unlink()
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 10**8}))
+    with pytest.raises(CheckpointError, match="config.json: config field 'num_hidden_layers'"):
+        load_model(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="beyond the model's vocab_size 97"):  # a 280-token tokenizer
+        load_model(tmp_path / "m")
+    (tmp_path / "m" / "tokenizer.json").unlink()
+    weights = tmp_path / "m" / "model.safetensors"
+    state = load_file(str(weights))
+    state["model.norm.weight"][0] = float("inf")
+    save_file(state, str(weights))
+    with pytest.raises(CheckpointError, match="model.norm.weight holds NaN or infinite"):
+        load_model(tmp_path / "m")
+    state["model.norm.weight"] = state["model.norm.weight"].to(torch.int32)
+    save_file(state, str(weights))
+    with pytest.raises(CheckpointError, match="model.norm.weight has dtype torch.int32"):
+        load_model(tmp_path / "m")

@@ -61,3 +61,19 @@ def test_ternarize_keeps_scale_of_already_ternary_weights():
     assert s2 == pytest.approx(float(s), rel=1e-6)
     _, requant = weight_quant(wq)  # what re-quantizing would do: the scale shrinks
     assert float(requant) < 0.9 * float(s)
+
+
+def test_cli_pack_out_rule(tmp_path, capsys):
+    from mulfree.cli import main
+    from mulfree.models.io import save_model
+    from mulfree.models.mmfree import MMFreeConfig, MMFreeForCausalLM
+
+    save_model(MMFreeForCausalLM(MMFreeConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1)), tmp_path / "m")
+    out = tmp_path / "p"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["pack", "--model", str(tmp_path / "m"), "--out", str(out)]) == 2
+    assert "already holds 1 other entry" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+    assert main(["pack", "--model", str(tmp_path / "m"), "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp or old dirs left

@@ -137,3 +137,22 @@ def test_served_over_http_on_loopback(app):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_serve_checks_host_and_port_before_loading(tmp_path, capsys):
+    from mulfree.cli import main
+    from mulfree.commands.serve import check_bind, valid_host
+    from mulfree.errors import ConfigError
+
+    assert valid_host("127.0.0.1") and valid_host("::1") and valid_host("localhost") and valid_host("my-host.lan")
+    assert not valid_host("a;b") and not valid_host("-x") and not valid_host("")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}"):
+            check_bind("127.0.0.1", port)
+        assert main(["serve", "--model", str(tmp_path / "none"), "--port", str(port)]) == 2
+    assert "cannot listen" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path / "none"), "--max-batch", "100000"]) == 2
+    assert "--max-batch" in capsys.readouterr().err

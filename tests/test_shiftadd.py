@@ -4,6 +4,7 @@ error, quantize -> save -> reload on tiny random Llama / OPT / GPT-2, and one-li
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -346,3 +347,31 @@ def test_cli_quantize_and_errors(tmp_path, capsys):
     assert "already holds a model" in capsys.readouterr().err and sorted(p.name for p in out.iterdir()) == before
     assert cli_main(["quantize", "rtn", "--model", str(src), "--bits", "4", "--out", str(out), "--overwrite"]) == 0
     assert load_quantized(out)[0].config.quant_method == "rtn"
+
+
+def test_quantized_dir_checksums_and_schema(tmp_path):
+    from mulfree.errors import CheckpointError
+    from mulfree.integrity import MANIFEST, read_manifest
+
+    model = _tiny("llama")
+    method = RTN(4, 16)
+    save_quantized(model, None, tmp_path / "q", method, quantize_model(model, method, None, QUIET), {})
+    assert {"config.json", "model.safetensors"} <= set(read_manifest(tmp_path / "q"))
+    path = tmp_path / "q" / "config.json"
+    good = json.loads(path.read_text())
+    edited = json.loads(path.read_text())
+    edited["mulfree_quant"]["bits"] = 3
+    for meta in edited["mulfree_quant"]["layers"].values():
+        meta["bits"] = 3
+    path.write_text(json.dumps(edited))  # consistent with itself: only the checksum tells
+    with pytest.raises(CheckpointError, match="config.json does not match its checksum"):
+        load_quantized(tmp_path / "q")
+    (tmp_path / "q" / MANIFEST).unlink()
+    edited["mulfree_quant"]["bits"] = 9
+    path.write_text(json.dumps(edited))
+    with pytest.raises(CheckpointError, match="field 'bits' must be an integer in 2..8, got 9"):
+        load_quantized(tmp_path / "q")
+    path.write_text(json.dumps(good))  # a dir without a manifest (written before checksums) loads
+    load_quantized(tmp_path / "q")
+    assert cli_main(["quantize", "rtn", "--model", str(tmp_path / "nowhere"), "--bits", "4", "--out",
+                     str(tmp_path / "q")]) == 2  # refused before the (missing) model is even read

@@ -105,7 +105,10 @@ def load_model(model_dir: str | Path) -> tuple[nn.Module, Any]:
         raise CheckpointError(f"{weights} is missing", "pass a complete model dir")
     has_tokenizer = (model_dir / TOKENIZER_NAME).is_file()
     integrity.verify(model_dir, [CONFIG_NAME, WEIGHTS_NAME] + [TOKENIZER_NAME] * has_tokenizer)
-    model = build_model(config, str(model_dir / CONFIG_NAME))
+    source = str(model_dir / CONFIG_NAME)
+    need = schema.estimate_model_bytes(schema.model_config(config, source)) + weights.stat().st_size
+    schema.check_memory(need, source)  # the model and the tensors read from disk, before either exists
+    model = build_model(config, source)
     load_state(model, read_weights(weights), str(weights))
     model.eval()
     tokenizer = load_tokenizer(model_dir) if has_tokenizer else None

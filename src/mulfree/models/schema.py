@@ -266,8 +266,8 @@ def parameter_count(cfg: Any) -> int:
 
 
 def estimate_model_bytes(cfg: Any) -> int:
-    """Memory to load a float model of `cfg`: fp32 parameters twice (the model, and the tensors read from disk)."""
-    return 2 * 4 * parameter_count(cfg)
+    """Memory of a float model of `cfg`: its fp32 parameters (a loader adds the tensors it reads from disk)."""
+    return 4 * parameter_count(cfg)
 
 
 def estimate_packed_bytes(cfg: Any) -> int:
@@ -289,7 +289,7 @@ PACKED_RULES: dict[str, Rule] = {
 def validate_packed_config(cfg: Any, source: str) -> None:
     """A packed dir's config.json (`mulfree pack`): the format fields, the MMfree model fields (types, ranges,
     cross-field rules) and the memory the packed model needs. Fields other than these are left to the loader.
-    Raises CheckpointError naming `source` and the field."""
+    Raises CheckpointError naming `source` and the field (ConfigError when the memory is not available)."""
     require_object(cfg, source)
     check_fields(cfg, PACKED_RULES, source)
     if cfg.get("model_type", "mmfree") != "mmfree":
