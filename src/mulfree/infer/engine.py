@@ -119,9 +119,11 @@ def pack_state_dict(cfg: dict[str, Any], state: dict[str, torch.Tensor]) -> dict
         out["model.lb"] = (p.cumsum(dim=0) - p[0]).contiguous()
     else:
         out["model.lb"] = torch.zeros(shapes["model.lb"])
-    for name in (name for name in shapes if name not in out):
-        v = state[name]
-        out[name] = (v if name == "model.embeddings.weight" and v.dtype == torch.bfloat16 else v.float()).contiguous()
+    for name in shapes:  # norms and the embedding, in fp32 (a bf16 embedding stays bf16)
+        if name not in out:
+            v = state[name]
+            keep = name == "model.embeddings.weight" and v.dtype == torch.bfloat16
+            out[name] = (v if keep else v.float()).contiguous()
     return out
 
 
