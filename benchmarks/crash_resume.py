@@ -96,7 +96,9 @@ def one_round(root: Path, base: list[str], run: Path, rng: random.Random, window
             continue
         err = proc.stderr.read() if proc.stderr else ""
         if proc.returncode != 0:
-            failures.append(f"exit {proc.returncode} ({'resume' if resume else 'start'}): {err.strip()[-300:]}")
+            listing = sorted(p.name for p in run.iterdir()) if run.is_dir() else []
+            failures.append(f"exit {proc.returncode} ({'resume' if resume else 'start'}): {err.strip()[-300:]} "
+                            f"[run dir: {', '.join(listing)}]")
             if len(failures) > 3:
                 return {"kills": kills, "restarts": restarts, "torn": torn, "failures": failures, "finished": False}
             continue

@@ -217,6 +217,8 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "train_config.json").write_text("{}")
+    (run / "tokenizer.json").write_text("{}")
+    (run / "tokenizer_config.json").write_text("{}")
     (run / ".tokenizer.json.ab12cd34.tmp").write_text("partial")
     with pytest.raises(CheckpointError, match="before its first checkpoint"):
         train(_mmfree(), _ids(), None, _cfg(steps=1), run, resume=True)

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from mulfree.atomic import atomic_dir, atomic_write_text, dumps_strict, is_temp_name, prepare_output
+from mulfree.data.text import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from mulfree.errors import CheckpointError, ConfigError
-from mulfree.integrity import verify, write_manifest
+from mulfree.integrity import MANIFEST, verify, write_manifest
 from mulfree.settings import TrainConfig
 
 CHECKPOINT_POINTER = "checkpoint.json"
@@ -27,7 +28,7 @@ TRAIN_CONFIG_FILE = "train_config.json"
 CKPT_FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
 _CKPT = re.compile(r"^ckpt-(\d+)$")
 # What a run writes before its first checkpoint: such a dir may be started again without --overwrite.
-_EARLY_FILES = {TRAIN_CONFIG_FILE, METRICS_FILE, "tokenizer.json", "checksums.json"}
+_EARLY_FILES = {TRAIN_CONFIG_FILE, METRICS_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, MANIFEST}
 _FIX = "restore the run directory or start a new run with a fresh --out"
 
 
