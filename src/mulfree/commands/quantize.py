@@ -73,15 +73,20 @@ def build_method(name: str, cfg: QuantizeConfig, walk: WalkOptions):
 
 
 def run_quantize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import torch
 
     from mulfree.atomic import prepare_output
+    from mulfree.errors import ConfigError
     from mulfree.models.pretrained import load_hf_causal_lm
     from mulfree.models.schema import check_memory
     from mulfree.quant.walker import calibration_ids, decoder_blocks, quantize_model, save_quantized
 
     cfg, walk = from_args(QuantizeConfig, args), from_args(WalkOptions, args)
     method = build_method(args.method, cfg, walk)
+    if Path(cfg.out).resolve() == Path(cfg.model).resolve():
+        raise ConfigError("--out is the same dir as --model", "write the quantized model to a new dir")
     prepare_output(cfg.out, "quantized model", cfg.overwrite)  # before any work
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_hf_causal_lm(cfg.model)
