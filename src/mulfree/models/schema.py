@@ -49,9 +49,9 @@ class Rule:
         if self.choices:
             what = "one of " + ", ".join(map(repr, self.choices))
         elif self.lo is not None and self.hi is not None:
-            what += f" in {self.lo:g}..{self.hi:g}"
+            what += f" in {_number(self.lo)}..{_number(self.hi)}"
         elif self.lo is not None:
-            what += f" >= {self.lo:g}"
+            what += f" >= {_number(self.lo)}"
         return what + (" or null" if self.optional else "")
 
     def accepts(self, value: Any) -> bool:
@@ -70,6 +70,11 @@ class Rule:
         if self.kind in ("int", "float"):
             return (self.lo is None or value >= self.lo) and (self.hi is None or value <= self.hi)
         return True
+
+
+def _number(x: float) -> str:
+    """A bound as written by hand: integers in full, other numbers in %g form."""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e19 else f"{x:g}"
 
 
 def show(value: Any) -> str:
@@ -139,6 +144,7 @@ MODEL_RULES: dict[str, Rule] = {
     "head_dim": Rule("int", 1, MAX_WIDTH, optional=True),
     "rope_theta": Rule("float", 1e-6, 1e12),
 }
+TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 _ANNOTATION_KINDS = {"int": "int", "float": "float", "bool": "bool", "str": "str"}
 
 
@@ -167,10 +173,10 @@ def check_model_fields(config: Any) -> None:
         raise ConfigError(f"config {problem}", "fix the config")
 
 
-def _cross_problem(cfg: Mapping) -> str | None:
+def _cross_problem(cfg: Mapping, token_ids: bool = True) -> str | None:
     """Token ids inside the vocabulary; the width divisible by the number of heads. None when they hold."""
     vocab = cfg.get("vocab_size")
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+    for name in TOKEN_IDS if token_ids else ():
         value = cfg.get(name)
         if isinstance(value, int) and isinstance(vocab, int) and not 0 <= value < vocab:
             return f"{name} {value} is outside the vocabulary (vocab_size {vocab})"
@@ -199,16 +205,15 @@ def model_config(cfg: Mapping, source: str) -> Any:
 
 def check_hf_config(config: Any, source: str, error: type = CheckpointError) -> None:
     """Shape fields of a Hugging Face config object or dict (aliases such as GPT-2's n_embd resolved by the
-    config class) and their cross-field rules."""
+    config class) and their cross-field rules. Token ids are left alone (HF configs hold lists and -1 there;
+    the tokenizer is checked against the vocabulary instead)."""
     get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
-    values = {name: get(name) for name in (*MODEL_RULES, "pad_token_id")}
-    for name, rule in MODEL_RULES.items():
-        value = values[name]
-        if value is None:
-            continue
-        if not rule.accepts(value):
+    values = {name: get(name) for name in MODEL_RULES if name not in TOKEN_IDS}
+    for name, value in values.items():
+        rule = MODEL_RULES[name]
+        if value is not None and not rule.accepts(value):
             raise error(f"{source}: field '{name}' must be {rule.describe()}, got {show(value)}", FIX)
-    problem = _cross_problem(values)
+    problem = _cross_problem(values, token_ids=False)
     if problem:
         raise error(f"{source}: {problem}", FIX)
 
