@@ -249,3 +249,8 @@ PACKED_CASES += [
     Case("packed-tokenizer-beyond", "a packed dir whose tokenizer has id 5000 (vocab_size 300)", GEN_PACKED,
          "beyond the model's vocab_size", copy=("packed",), setup=d.tokenizer_extra_id("packed/tokenizer.json", 5000)),
 ]
+CASES += [  # the packed engine packs an ordinary model dir in memory through the same weights reader
+    Case("weights-bitflip-packed-engine", "generate --engine packed from a checksummed model dir with a flipped bit",
+         ("generate", "--engine", "packed", "--model", "{tmp}/model", "--prompt", "x", "--max-new-tokens", "1"),
+         "checksum", copy=("model",), setup=d.chain(d.manifest(), d.flip("model/model.safetensors"))),
+]

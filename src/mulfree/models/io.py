@@ -63,8 +63,11 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
     return config
 
 
-def read_weights(weights: Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors file, turning any reader failure into a CheckpointError."""
+def read_weights(weights: Path, verify: bool = True) -> dict[str, torch.Tensor]:
+    """Read a safetensors file (checked against its dir's checksums.json unless `verify` is False, i.e. done
+    already), turning any reader failure into a CheckpointError."""
+    if verify:
+        integrity.verify(weights.parent, [weights.name])
     try:
         return load_file(str(weights))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -109,7 +112,7 @@ def load_model(model_dir: str | Path) -> tuple[nn.Module, Any]:
     need = schema.estimate_model_bytes(schema.model_config(config, source)) + weights.stat().st_size
     schema.check_memory(need, source)  # the model and the tensors read from disk, before either exists
     model = build_model(config, source)
-    load_state(model, read_weights(weights), str(weights))
+    load_state(model, read_weights(weights, verify=False), str(weights))
     model.eval()
     tokenizer = load_tokenizer(model_dir) if has_tokenizer else None
     if tokenizer is not None:
