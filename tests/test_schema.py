@@ -139,6 +139,14 @@ def test_gguf_cache_is_keyed_by_contents(tmp_path, monkeypatch):
         with pytest.raises(CheckpointError, match="not a Hugging Face model dir"):  # the stub writes no config.json
             pretrained.load_hf_causal_lm(path)
     assert [g for g, _ in converted] == [a, b, a] and converted[0][1] != converted[1][1]
+    from mulfree.integrity import write_manifest
+
+    entry = pretrained.gguf_cache_dir(a)  # a complete entry is reused; a damaged one is converted again
+    (entry / "config.json").write_text("{}")
+    write_manifest(entry, ["config.json"])
+    assert pretrained._cache_intact(entry)
+    (entry / "config.json").write_text('{"edited": 1}')
+    assert not pretrained._cache_intact(entry)
 
 
 @pytest.mark.parametrize("head, words", [(b"GGUX" + bytes(20), "not a GGUF file"), (b"GGUF", "not a GGUF file"),

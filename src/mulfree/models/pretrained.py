@@ -109,6 +109,15 @@ def verify_manifest(directory: Path) -> None:
         integrity.verify(directory, [n for n in manifest if "/" not in n and "\\" not in n and n not in (".", "..")])
 
 
+def _cache_intact(target: Path) -> bool:
+    """A converted cache entry is complete and matches its checksums (else it is converted again)."""
+    try:
+        verify_manifest(target)
+    except CheckpointError:
+        return False
+    return (target / "config.json").is_file() and (target / integrity.MANIFEST).is_file()
+
+
 def _refuse_pickles(path: Path) -> None:
     """mulfree never unpickles weights: a dir with pickle weights and no safetensors is a one-line error."""
     if any(path.glob("*.safetensors")):
@@ -154,7 +163,7 @@ def load_hf_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
         if not path.is_file():
             raise CheckpointError(f"GGUF file {path} does not exist", "pass an existing .gguf file")
         target = gguf_cache_dir(path)
-        if not (target / "config.json").exists():
+        if not _cache_intact(target):
             _convert_gguf(path, target)
         path = target
     if not (path / "config.json").is_file():
