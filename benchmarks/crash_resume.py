@@ -72,8 +72,32 @@ def leftovers(root: Path, run: Path) -> list[str]:
     return found
 
 
-def one_round(root: Path, base: list[str], run: Path, rng: random.Random, window: tuple[float, float],
-              kills_left: int, log: list[str]) -> dict:
+class Clock:
+    """Predicts a launch's lifetime from the uninterrupted run (start-up, then training in proportion to the
+    steps left), rescaled by the last launch that finished unkilled (the machine's load changes)."""
+
+    def __init__(self, t_start: float, t_train: float, steps: int):
+        self.t_start, self.t_train, self.steps, self.scale = t_start, t_train, steps, 1.0
+
+    def lifetime(self, done: int) -> float:
+        return self.t_start + (1 - done / self.steps) * self.t_train
+
+    def window(self, done: int) -> tuple[float, float]:
+        """Kill moments: from late start-up (some kills before the run dir is written) to the predicted end."""
+        lo, hi = 0.8 * self.scale * self.t_start, self.scale * self.lifetime(done)
+        return lo, max(hi, lo + 0.05)
+
+    def observe(self, done: int, wall: float) -> None:
+        self.scale = min(5.0, max(0.2, wall / self.lifetime(done)))
+
+
+def _done(run: Path) -> int:
+    pointer = run / "checkpoint.json"
+    return int(json.loads(pointer.read_text())["step"]) if pointer.is_file() else 0
+
+
+def one_round(root: Path, base: list[str], run: Path, rng: random.Random, clock: Clock, kills_left: int,
+              log: list[str]) -> dict:
     """Train `run` to completion under random kills; returns counts and the restart failures."""
     from mulfree.atomic import is_temp_name
 
@@ -81,12 +105,15 @@ def one_round(root: Path, base: list[str], run: Path, rng: random.Random, window
     failures: list[str] = []
     while True:
         resume = (run / "checkpoint.json").is_file()
+        done = _done(run)
         argv = [*base, "--out", str(run)] + (["--resume"] if resume else [])
         restarts += resume
+        t0 = time.perf_counter()
         proc = launch(argv)
-        delay = rng.uniform(*window) if kills < kills_left else None
+        delay = rng.uniform(*clock.window(done)) if kills < kills_left else None
         try:
             proc.wait(timeout=delay)
+            clock.observe(done, time.perf_counter() - t0)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
@@ -131,12 +158,11 @@ def main() -> int:
             print(f"uninterrupted run failed: {err.strip()[-500:]}", file=sys.stderr)
             return 1
         reference = loss_records(root / "reference")
-        # Most kills land while training and checkpointing, some before the run dir is written.
-        window = (0.8 * (t_train or 0.0), ref_wall)
+        clock = Clock(t_train or 0.0, ref_wall - (t_train or 0.0), args.steps)
         rounds, log, kills, restarts, bad = [], [], 0, 0, []
-        while kills < args.kills:
+        while kills < args.kills and len(rounds) <= 2 * args.kills:
             run = root / f"run{len(rounds)}"
-            r = one_round(root, base, run, rng, window, args.kills - kills, log)
+            r = one_round(root, base, run, rng, clock, args.kills - kills, log)
             kills, restarts = kills + r["kills"], restarts + r["restarts"]
             problems = list(r["failures"])
             if r["finished"]:
@@ -151,11 +177,14 @@ def main() -> int:
             bad += [f"{run.name}: {p}" for p in problems]
             if not args.workdir and not problems:
                 shutil.rmtree(run, ignore_errors=True)
+        if kills < args.kills:
+            bad.append(f"only {kills} of {args.kills} kills landed in {len(rounds)} runs")
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
     wall = time.perf_counter() - t_start
-    print(f"uninterrupted run: {args.steps} steps in {ref_wall:.1f} s; kill window {window[0]:.1f}-{window[1]:.1f} s")
+    print(f"uninterrupted run: {args.steps} steps in {ref_wall:.1f} s ({clock.t_start:.1f} s to the first write); "
+          f"kills at random moments from 80 % of that start-up to the predicted end of each launch")
     torn = sum(r["torn"] for r in rounds)
     print(f"{kills} kills over {len(rounds)} runs ({torn} left a half-written temp file), {restarts} resumes; "
           f"{sum(not r['problems'] for r in rounds)}/{len(rounds)} runs identical to the uninterrupted one "
