@@ -65,9 +65,10 @@ def test_eos_stops_generation():
 
 
 def test_length_limits():
-    model = _model("mmfree")
-    with pytest.raises(MulfreeError, match="exceeds"):
-        generate(model, torch.zeros(60, dtype=torch.long), 10)
+    with pytest.raises(MulfreeError, match="exceeds"):  # positions past max_position_embeddings have no RoPE table
+        generate(_model("transformer"), torch.zeros(60, dtype=torch.long), 10)
+    model = _model("mmfree")  # recurrent: no position limit (the official model has none)
+    assert generate(model, torch.zeros(60, dtype=torch.long), 10).shape == (1, 70)
     with pytest.raises(MulfreeError, match=">= 0"):
         generate(model, torch.zeros(3, dtype=torch.long), -1)
     assert generate(model, torch.tensor([4, 5]), 0).tolist() == [[4, 5]]

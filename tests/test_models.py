@@ -139,7 +139,7 @@ def test_saved_dirs_carry_checksums_that_catch_damage(tmp_path):
     from mulfree.integrity import MANIFEST, read_manifest
 
     save_model(_mmfree(vocab_size=300), tmp_path / "m", train_tokenizer("to be or not to be " * 50, 280))
-    assert sorted(read_manifest(tmp_path / "m")) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(read_manifest(tmp_path / "m")) == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     load_model(tmp_path / "m")
     weights = tmp_path / "m" / "model.safetensors"
     data = bytearray(weights.read_bytes())

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 
 from mulfree.errors import MulfreeError
+from mulfree.models import registry
 from mulfree.ops.sampling import sample_next
 from mulfree.settings import GenerationConfig, check_max_new_tokens
 
@@ -26,7 +27,11 @@ def check_lengths(limit: int | None, prompt_len: int, max_new_tokens: int) -> No
 
 
 def context_limit(model: torch.nn.Module) -> int | None:
-    """Longest prompt + generation the model's config accepts (`max_position_embeddings`), if any."""
+    """Longest prompt + generation the model accepts: `max_position_embeddings` for position-encoded
+    models, None (no limit) for recurrent ones, whose state does not grow with the sequence."""
+    family = registry.find(model)
+    if family is not None and family.recurrent:
+        return None
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 

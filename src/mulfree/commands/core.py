@@ -78,10 +78,10 @@ def _read_config_spec(spec: str) -> tuple[dict | None, dict]:
 
 def _data_files(paths: list[str] | None) -> dict[str, str]:
     """Content fingerprint of the training text: resolved path -> xxh3 digest of every file read."""
-    from mulfree.data.text import _expand, bundled_text_files
+    from mulfree.data.text import bundled_text_files, expand_paths
     from mulfree.integrity import digest_file
 
-    files = bundled_text_files() if paths is None else _expand(paths)
+    files = bundled_text_files() if paths is None else expand_paths(paths)
     return {str(f.resolve()): digest_file(f) for f in files}
 
 
@@ -204,7 +204,7 @@ def cmd_generate(args) -> int:
         from mulfree.infer.engine import PackedModel
 
         runner = PackedModel.load(args.model)
-        tokenizer, limit = runner.tokenizer, runner.config.get("max_position_embeddings")
+        tokenizer, limit = runner.tokenizer, None  # the packed engine runs recurrent MMfree models only
         if tokenizer is None:
             raise CheckpointError(f"model dir '{args.model}' has no tokenizer.json", "pack a trained model")
     else:

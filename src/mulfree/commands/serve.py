@@ -77,6 +77,7 @@ def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from mulfree.errors import CheckpointError, MulfreeError
+    from mulfree.generation import context_limit
     from mulfree.infer.batching import ContinuousBatcher, TorchStepModel
     from mulfree.infer.server import App
     from mulfree.models.io import load_model
@@ -92,6 +93,6 @@ def _run(args: argparse.Namespace) -> int:
         raise CheckpointError(f"{args.model} has no tokenizer.json", "serve a dir written by `mulfree train`")
     eos = tok.token_to_id("<|endoftext|>")
     batcher = ContinuousBatcher(TorchStepModel(model), max_batch=cfg.max_batch, eos_token_id=eos)
-    app = App(batcher, tok, Path(args.model).name, model.config.max_position_embeddings, default_seed=cfg.seed)
+    app = App(batcher, tok, Path(args.model).name, context_limit(model), default_seed=cfg.seed)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
     return 0

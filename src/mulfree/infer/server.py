@@ -56,7 +56,7 @@ def _params(body: dict[str, Any]) -> tuple[SamplingParams, list[str]]:
 class App:
     """The ASGI application. `tokenizer` is a `tokenizers.Tokenizer`."""
 
-    def __init__(self, batcher: ContinuousBatcher, tokenizer: Any, model_name: str, max_prompt_tokens: int,
+    def __init__(self, batcher: ContinuousBatcher, tokenizer: Any, model_name: str, max_prompt_tokens: int | None,
                  default_seed: int | None = None):
         self.batcher = batcher
         self.default_seed = default_seed
@@ -112,7 +112,7 @@ class App:
         if params.seed is None:
             params.seed = self.default_seed
         ids = self.tok.encode(prompt).ids
-        if len(ids) + params.max_new_tokens > self.max_prompt_tokens:
+        if self.max_prompt_tokens is not None and len(ids) + params.max_new_tokens > self.max_prompt_tokens:
             raise BadRequest(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_new_tokens}) exceeds the model's limit of {self.max_prompt_tokens}")
         req = self.batcher.submit(ids, params)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]

@@ -20,7 +20,7 @@ from torch import nn
 
 from mulfree import integrity
 from mulfree.atomic import atomic_write, atomic_write_text
-from mulfree.data.text import load_tokenizer
+from mulfree.data.text import TOKENIZER_CONFIG_FILE, load_tokenizer, save_tokenizer
 from mulfree.errors import CheckpointError
 from mulfree.models import registry, schema
 
@@ -44,8 +44,8 @@ def save_model(model: nn.Module, out_dir: str | Path, tokenizer: Any = None) -> 
     atomic_write(out / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     names = [WEIGHTS_NAME, CONFIG_NAME]
     if tokenizer is not None:
-        atomic_write(out / TOKENIZER_NAME, lambda tmp: tokenizer.save(str(tmp)))
-        names.append(TOKENIZER_NAME)
+        save_tokenizer(tokenizer, out)
+        names += [TOKENIZER_NAME, TOKENIZER_CONFIG_FILE]
     atomic_write_text(out / CONFIG_NAME, json.dumps(model.config.to_dict(), indent=2) + "\n")
     integrity.write_manifest(out, names)
 
