@@ -2,7 +2,7 @@
 accuracies per operand length side by side (plus a heatmap PNG and one JSON line).
 
     python benchmarks/arith_formats.py --task add --digits 3 --formats plain,reversed,random-space \
-        --models transformer --steps 1500 --out runs/arith
+        --models transformerpp --steps 1500 --out runs/arith
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 
 from mulfree.arith import format_table, plot_heatmap, train_arith
 from mulfree.data.arithmetic import ArithTask
+from mulfree.models import registry
 from mulfree.train import TrainConfig
 
 
@@ -25,7 +26,7 @@ def main() -> None:
     p.add_argument("--task", default="add", choices=["add", "mul"])
     p.add_argument("--digits", type=int, default=3, help="longest training operand")
     p.add_argument("--formats", default="plain,reversed,random-space")
-    p.add_argument("--models", default="transformer", help="comma list of transformer,mmfree")
+    p.add_argument("--models", default="transformerpp", help="comma list of model families (transformerpp, mmfree)")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3, help="peak LR of the transformer")
@@ -44,7 +45,7 @@ def main() -> None:
         lengths = list(range(lo, hi + 1))
     rows, record = {}, {"task": args.task, "digits": args.digits, "steps": args.steps,
                         "batch_size": args.batch_size, "runs": {}}
-    for kind in args.models.split(","):
+    for kind in map(registry.canonical, args.models.split(",")):
         for fmt in args.formats.split(","):
             lr = args.lr_mmfree if kind == "mmfree" else args.lr
             cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=64, lr=lr, min_lr=lr / 10,
