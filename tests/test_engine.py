@@ -1,4 +1,5 @@
-"""PackedModel vs the torch MMfree model: logits, greedy text, state, sampling, bad packed dirs."""
+"""PackedModel vs the torch MMfree model: logits, greedy text, state, sampling, the two norm eps, bad packed dirs
+and hostile calls."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import pytest
 import torch
 
-from mulfree.errors import CheckpointError
+from mulfree.errors import CheckpointError, ConfigError, MulfreeError
 from mulfree.generation import generate
 from mulfree.infer.engine import PackedModel
 from mulfree.kernels import available_backends
@@ -30,9 +31,9 @@ def torch_greedy(model, ids):
     return generate(model, ids, 64)[0, ids.numel():].tolist()
 
 
-def _mmfree(intermediate: int) -> MMFreeForCausalLM:
+def _mmfree(intermediate: int, **extra) -> MMFreeForCausalLM:
     torch.manual_seed(0)
-    cfg = MMFreeConfig(vocab_size=300, hidden_size=72, num_hidden_layers=3, intermediate_size=intermediate)
+    cfg = MMFreeConfig(vocab_size=300, hidden_size=72, num_hidden_layers=3, intermediate_size=intermediate, **extra)
     m = MMFreeForCausalLM(cfg).eval()
     with torch.no_grad():  # move away from init so every parameter matters
         m.model.lower_bounds.normal_()
@@ -69,6 +70,46 @@ def test_logits_and_greedy_match_torch(model, ids, torch_greedy, backend):
     logits = pm.forward(ids, all_logits=True)
     assert (logits - ref[0]).abs().max() <= 1e-3 * ref.abs().max()
     assert pm.generate(ids, 64) == torch_greedy
+
+
+@pytest.fixture(scope="module")
+def two_eps_model():
+    # as the official checkpoints: the block norms use the config's rms_norm_eps, every BitLinear's input norm 1e-6
+    return _mmfree(100, rms_norm_eps=1e-5, bitlinear_eps=1e-6)
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_two_eps_engine_equals_reference_equals_torch(two_eps_model, ids, backend):
+    m = two_eps_model
+    with torch.no_grad():
+        ref, _ = m(ids[None])
+    ref = ref[0]
+    pm = PackedModel.from_model(m, backend=backend)
+    assert (pm.eps, pm.bitlinear_eps) == (1e-5, 1e-6)
+    logits = pm.forward(ids, all_logits=True)
+    assert (logits - ref).abs().max() <= 1e-3 * ref.abs().max()
+    walk = PackedModel.from_model(m, backend="reference").forward(ids, all_logits=True)
+    assert (logits - walk).abs().max() <= 1e-5 * walk.abs().max()
+    # either eps in the wrong place is seen: 1e-5 in the BitLinears (the old engine) or 1e-6 in the block norms
+    for wrong in ({"bitlinear_eps": None}, {"rms_norm_eps": 1e-6}):
+        other = PackedModel({**pm.config, **wrong}, pm.tensors, backend=backend).forward(ids, all_logits=True)
+        assert (other - ref).abs().max() > 5e-3 * ref.abs().max()
+
+
+def test_two_eps_survive_save_and_old_dirs_keep_one(two_eps_model, ids, tmp_path):
+    pm = PackedModel.from_model(two_eps_model)
+    pm.save(tmp_path / "p")
+    again = PackedModel.load(tmp_path / "p")
+    assert (again.eps, again.bitlinear_eps) == (1e-5, 1e-6)
+    assert torch.equal(again.forward(ids), pm.forward(ids))
+    # a dir packed before the field existed: every norm uses rms_norm_eps, as before
+    cfg_path = tmp_path / "p" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["bitlinear_eps"]
+    cfg_path.write_text(json.dumps(cfg))
+    (tmp_path / "p" / "checksums.json").unlink()
+    old = PackedModel.load(tmp_path / "p")
+    assert old.bitlinear_eps == old.eps == 1e-5
 
 
 def test_rounding_flips_are_rare(model):
@@ -171,6 +212,8 @@ def test_save_load_round_trip_and_unpacked_dir(model, ids, tmp_path):
     pm.save(tmp_path / "p")
     cfg = json.loads((tmp_path / "p" / "config.json").read_text())
     assert cfg["format"] == "mulfree-t2" and cfg["format_version"] == 1
+    sums = json.loads((tmp_path / "p" / "checksums.json").read_text())
+    assert sorted(sums) == ["config.json", "model.safetensors"] and all(v.startswith("xxh3-64:") for v in sums.values())
     again = PackedModel.load(tmp_path / "p")
     assert again.generate(ids, 16) == pm.generate(ids, 16)
 
@@ -179,21 +222,69 @@ def test_bad_packed_dirs(model, tmp_path):
     PackedModel.from_model(model).save(tmp_path / "p")
     weights = tmp_path / "p" / "model.safetensors"
     cfg_path = tmp_path / "p" / "config.json"
-    good = weights.read_bytes()
+    sums = tmp_path / "p" / "checksums.json"
+    good, good_sums = weights.read_bytes(), sums.read_bytes()
     weights.write_bytes(good[: len(good) // 2])
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+    with pytest.raises(CheckpointError, match="checksum.*corrupt or truncated"):
         PackedModel.load(tmp_path / "p")
     weights.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(CheckpointError, match="model.safetensors does not match its checksum"):
+        PackedModel.load(tmp_path / "p")
+    sums.unlink()  # a dir packed before checksums.json: the CRC-32 still catches it
+    with pytest.raises(CheckpointError, match="CRC-32 mismatch"):
         PackedModel.load(tmp_path / "p")
     weights.write_bytes(good)
+    sums.write_bytes(good_sums)
     cfg = json.loads(cfg_path.read_text())
     cfg_path.write_text(json.dumps({**cfg, "format_version": 99}))
     with pytest.raises(CheckpointError, match="format_version 99"):
         PackedModel.load(tmp_path / "p")
-    cfg_path.write_text(json.dumps({**cfg, "hidden_size": 80}))
+    cfg_path.write_text(json.dumps({**cfg, "format": "gguf"}))
+    with pytest.raises(CheckpointError, match="unknown format 'gguf'"):
+        PackedModel.load(tmp_path / "p")
+    cfg_path.write_text(json.dumps({**cfg, "num_hidden_layers": 100_000_000}))  # checked before any allocation
+    with pytest.raises(CheckpointError, match="config.json: field 'num_hidden_layers'"):
+        PackedModel.load(tmp_path / "p")
+    cfg_path.write_text(json.dumps({**cfg, "bitlinear_eps": -1}))
+    with pytest.raises(CheckpointError, match="bitlinear_eps"):
+        PackedModel.load(tmp_path / "p")
+    cfg_path.write_text(json.dumps({**cfg, "hidden_size": 80}))  # a valid config, but not the one recorded
+    with pytest.raises(CheckpointError, match="config.json does not match its checksum"):
+        PackedModel.load(tmp_path / "p")
+    sums.unlink()
     with pytest.raises(CheckpointError, match="shape"):
         PackedModel.load(tmp_path / "p")
+
+
+@pytest.mark.parametrize("backend", ["reference", *[b for b in available_backends() if b != "reference"][:1]])
+def test_hostile_calls_are_one_line_errors(model, backend):
+    pm = PackedModel.from_model(model, backend=backend)
+    bad_ids = [([], ValueError, "at least one token"), ([300], ValueError, "token id 300 is outside"),
+               ([5, -1], ValueError, "token id -1 is outside"), ([1.5], ValueError, "integers"),
+               (torch.tensor([True]), ValueError, "integers"), ([2**70], ValueError, "integers"),
+               ("abc", ValueError, "integers")]
+    for ids, error, match in bad_ids:
+        with pytest.raises(error, match=match) as info:
+            pm.forward(ids)
+        assert "\n" not in str(info.value)
+    bad_generate = [({"ids": []}, MulfreeError, "prompt is empty"),
+                    ({"ids": [300]}, ValueError, "outside the vocabulary"),
+                    ({"max_new_tokens": -1}, ConfigError, "max.new.tokens"),
+                    ({"max_new_tokens": 2**40}, ConfigError, "max.new.tokens"),
+                    ({"temperature": float("nan")}, ConfigError, "temperature"),
+                    ({"temperature": float("inf")}, ConfigError, "temperature"),
+                    ({"temperature": -1.0}, ConfigError, "temperature"),
+                    ({"top_p": 0.0}, ConfigError, "top.p"),
+                    ({"top_k": -3}, ConfigError, "top.k"),
+                    ({"seed": 2**70}, ConfigError, "seed"),
+                    ({"eos_token_id": 300}, ValueError, "eos_token_id"),
+                    ({"eos_token_id": True}, ValueError, "eos_token_id")]
+    for change, error, match in bad_generate:
+        call = {"ids": [1, 2, 3], "max_new_tokens": 2, **change}
+        with pytest.raises(error, match=match) as info:
+            pm.generate(**call)
+        assert "\n" not in str(info.value)
+    assert pm.generate([1, 2, 3], 0) == [] and len(pm.generate(torch.tensor([[1, 2, 3]]), 2)) == 2
 
 
 def test_pack_cli(model, tmp_path, capsys):
@@ -230,7 +321,7 @@ def test_engine_layer_is_named(model):
     assert layer.lower_bound is None and layer.gate_proj.n == 2 * 100 and layer.down_proj.k == 100
     with pytest.raises(TypeError):
         mod.Layer(*fields.values())  # keyword arguments only
-    eng = mod.Engine(300, 72, 100, 1e-6, "scalar", 1)
+    eng = mod.Engine(300, 72, 100, 1e-6, "scalar", 1, bitlinear_eps=1e-6)
     eng.add_layer(mod.Layer(**fields, lower_bound=pm.tensors["model.lb"][1]))
     with pytest.raises(ValueError, match="gate_proj"):
         eng.add_layer(mod.Layer(**{**fields, "gate_proj": fields["down_proj"]}))

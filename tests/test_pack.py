@@ -75,5 +75,5 @@ def test_cli_pack_out_rule(tmp_path, capsys):
     assert main(["pack", "--model", str(tmp_path / "m"), "--out", str(out)]) == 2
     assert "already holds 1 other entry" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
     assert main(["pack", "--model", str(tmp_path / "m"), "--out", str(out), "--overwrite"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["checksums.json", "config.json", "model.safetensors"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp or old dirs left

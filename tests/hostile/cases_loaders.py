@@ -1,9 +1,6 @@
 """Loaded files: model configs, weights, tokenizers and checksum manifests of model dirs, quantized dirs, Hugging
 Face dirs and GGUF files, with wrong JSON types, missing keys, huge values, lying headers, truncation, bit flips and
-pickles (`damage.py` does the damage).
-
-`PACKED_CASES` (packed-dir configs) are kept out of `CASES` until the packed loader calls
-`models.schema.validate_packed_config`."""
+pickles (`damage.py` does the damage)."""
 
 from __future__ import annotations
 
@@ -241,9 +238,9 @@ _PACKED = [  # (id, what, config change, expected error) for `generate --engine 
     ("packed-eos-beyond", "eos_token_id 999999 with vocab_size 300", {"eos_token_id": 999999}, "eos_token_id"),
     ("packed-crc-null", "crc32: null", {"crc32": None}, "crc32"),
 ]
-PACKED_CASES = [Case(id_, what, GEN_PACKED, expect, copy=("packed",), setup=d.set_json("packed/config.json", **change))
+CASES += [Case(id_, what, GEN_PACKED, expect, copy=("packed",), setup=d.set_json("packed/config.json", **change))
                 for id_, what, change, expect in _PACKED]
-PACKED_CASES += [
+CASES += [
     Case("packed-config-list", "a packed config.json holding a list", GEN_PACKED, "JSON object", copy=("packed",),
          setup=d.write("packed/config.json", "[]")),
     Case("packed-tokenizer-beyond", "a packed dir whose tokenizer has id 5000 (vocab_size 300)", GEN_PACKED,

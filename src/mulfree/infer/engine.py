@@ -3,8 +3,13 @@ decode and sampling. The whole forward runs in the compiled `Engine` (one native
 GIL released); with backend "reference" or no extension it runs the same math in pure torch.
 
 A packed model dir (written by `mulfree pack`) holds `config.json` (the model config plus
-`format: "mulfree-t2"`, `format_version` and a CRC-32 of the weights), `model.safetensors` and the
-tokenizer. Format of the weights: `mulfree.ops.pack` and docs/packed.md.
+`format: "mulfree-t2"`, `format_version` and a CRC-32 of the weights), `model.safetensors`, the
+tokenizer and `checksums.json` (xxh3 of the other files, `mulfree.integrity`; dirs packed before it have
+the CRC-32 only). Format of the weights: `mulfree.ops.pack` and docs/packed.md.
+
+Two norm eps, as the official model: `rms_norm_eps` for attn_norm, g_norm, mlp_norm and model.norm;
+`bitlinear_norm_eps(config)` (the config's `bitlinear_eps`, else `rms_norm_eps`) for every BitLinear's
+own input norm (the rmsnorm_quant before i/f/g/o_proj, gate/down_proj and lm_head).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from mulfree.data.text import load_tokenizer
 from mulfree.errors import CheckpointError
 from mulfree.kernels import cpu_module
 from mulfree.kernels.ternary import resolve_backend
-from mulfree.models.mmfree import MMFreeConfig, MMFreeForCausalLM
+from mulfree.models.mmfree import MMFreeConfig, MMFreeForCausalLM, bitlinear_norm_eps
 from mulfree.nn.bitlinear import BitLinear
 from mulfree.nn.norm import RMSNorm
 from mulfree.ops import fused
@@ -38,6 +43,7 @@ from mulfree.ops.pack import (
     unpack_ternary,
 )
 
+CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_NAME = "config.json", "model.safetensors", "tokenizer.json"
 PREFILL_CHUNK = 512  # tokens per native prefill call (bounds scratch memory: ~25 MB at the 1.3b shape)
 
 # The one table of a block's weights: module of MMFreeBlock (model.layers.N.<module>) -> field of the engine's
@@ -181,7 +187,8 @@ class PackedModel:
         self.backend = resolve_backend(backend)
         self.threads = threads
         self.num_layers = config["num_hidden_layers"]
-        self.eps = float(config.get("rms_norm_eps", 1e-6))
+        self.eps = float(config.get("rms_norm_eps", 1e-6))  # attn_norm, g_norm, mlp_norm, model.norm
+        self.bitlinear_eps = bitlinear_norm_eps(config)  # every BitLinear's input norm
         self.use_lb = bool(config.get("use_lower_bound", True))
         self._linears = _linear_shapes(config)
         self._engine = self._build_engine() if self.backend != "reference" else None
@@ -191,38 +198,56 @@ class PackedModel:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def load(cls, model_dir: str | Path, backend: str | None = None, threads: int = 0) -> PackedModel:
-        """Load a packed dir (`mulfree pack`), or pack an ordinary MMfree model dir in memory."""
+        """Load a packed dir (`mulfree pack`), or pack an ordinary MMfree model dir in memory.
+
+        Checked before anything is allocated: the config (types, ranges, the memory the model needs), the
+        tokenizer against the vocabulary, then the checksums (`checksums.json`; the CRC-32 of dirs packed
+        before it). Every failure is a one-line CheckpointError / ConfigError naming the file and field."""
+        from mulfree import integrity
+        from mulfree.models import schema
         from mulfree.models.io import read_config, read_weights
 
         model_dir = Path(model_dir)
-        cfg = read_config(model_dir)
-        weights = model_dir / "model.safetensors"
+        cfg = read_config(model_dir)  # a JSON object (an ordinary model config is validated too)
+        source = str(model_dir / CONFIG_NAME)
+        weights = model_dir / WEIGHTS_NAME
         if not weights.is_file():
             raise CheckpointError(f"{weights} is missing", "pass a complete model dir")
-        tokenizer = load_tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
-        if "format" not in cfg:
+        packed = "format" in cfg
+        if packed:
+            fmt, version = cfg["format"], cfg.get("format_version")
+            if isinstance(fmt, str) and fmt != FORMAT:
+                raise CheckpointError(f"{source}: unknown format {schema.show(fmt)}", f"expected {FORMAT!r}")
+            if isinstance(version, int) and not isinstance(version, bool) and version != FORMAT_VERSION:
+                raise CheckpointError(f"{source}: format_version {version} is not supported (this mulfree reads "
+                                      f"{FORMAT_VERSION})", "re-pack the model with this mulfree version")
+            schema.validate_packed_config(cfg, source)
+        else:
             if cfg.get("model_type") != "mmfree":
-                raise CheckpointError(f"{model_dir} holds a {cfg.get('model_type')!r} model",
+                raise CheckpointError(f"{model_dir} holds a {schema.show(cfg.get('model_type'))} model",
                                       "the packed engine runs MMfree models only")
-            from mulfree.models.io import build_model
-
-            cfg = build_model(cfg).config.to_dict()
-            return cls(cfg, pack_state_dict(cfg, read_weights(weights)), tokenizer, backend, threads)
-        if cfg["format"] != FORMAT:
-            raise CheckpointError(f"{model_dir}: unknown format {cfg['format']!r}", f"expected {FORMAT!r}")
-        if cfg.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{model_dir}: format_version {cfg.get('format_version')!r} is not supported "
-                                  f"(this mulfree reads {FORMAT_VERSION})", "re-pack the model with this mulfree version")
+            config = schema.model_config(cfg, source)
+            # the float weights read from disk, then their packed form
+            schema.check_memory(weights.stat().st_size + schema.estimate_packed_bytes(config), source)
+            cfg = config.to_dict()
+        tokenizer = None
+        if (model_dir / TOKENIZER_NAME).is_file():  # checked before the checksums: names the bad token id
+            tokenizer = load_tokenizer(model_dir)
+            schema.check_tokenizer(tokenizer, cfg["vocab_size"], str(model_dir / TOKENIZER_NAME))
+        integrity.verify(model_dir, [CONFIG_NAME, WEIGHTS_NAME] + [TOKENIZER_NAME] * (tokenizer is not None))
+        if not packed:
+            return cls(cfg, pack_state_dict(cfg, read_weights(weights, verify=False)), tokenizer, backend, threads)
         data = weights.read_bytes()
-        if zlib.crc32(data) != cfg.get("crc32"):
+        if zlib.crc32(data) != cfg["crc32"]:
             raise CheckpointError(f"{weights} is corrupt or truncated (CRC-32 mismatch)",
                                   "re-run `mulfree pack` to rewrite it")
-        try:
-            from safetensors.torch import load
+        from safetensors import SafetensorError
+        from safetensors.torch import load
 
+        try:
             tensors = load(data)
-        except Exception as exc:  # safetensors raises several types on a bad header
-            raise CheckpointError(f"cannot read {weights} ({exc})", "re-run `mulfree pack`") from exc
+        except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:  # a bad header
+            raise CheckpointError(f"cannot read {weights} ({schema.first_line(exc)})", "re-run `mulfree pack`") from None
         return cls(cfg, tensors, tokenizer, backend, threads)
 
     @classmethod
@@ -233,18 +258,23 @@ class PackedModel:
         return cls(cfg, pack_state_dict(cfg, model.state_dict()), tokenizer, backend, threads)
 
     def save(self, out_dir: str | Path) -> None:
-        """Write the packed dir: model.safetensors, config.json (format, version, CRC-32), tokenizer."""
+        """Write the packed dir: model.safetensors, tokenizer, config.json (format, version, CRC-32), and last
+        checksums.json over those files. Each file is written atomically (temp file + rename)."""
         from safetensors.torch import save
 
         from mulfree.atomic import atomic_write, atomic_write_text
+        from mulfree.integrity import write_manifest
 
         out = Path(out_dir)
         data = save(self.tensors, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-        atomic_write(out / "model.safetensors", lambda tmp: tmp.write_bytes(data))
+        atomic_write(out / WEIGHTS_NAME, lambda tmp: tmp.write_bytes(data))
+        names = [WEIGHTS_NAME, CONFIG_NAME]
         if self.tokenizer is not None:
-            atomic_write(out / "tokenizer.json", lambda tmp: self.tokenizer.save(str(tmp)))
+            atomic_write(out / TOKENIZER_NAME, lambda tmp: self.tokenizer.save(str(tmp)))
+            names.append(TOKENIZER_NAME)
         cfg = {**self.config, "format": FORMAT, "format_version": FORMAT_VERSION, "crc32": zlib.crc32(data)}
-        atomic_write_text(out / "config.json", json.dumps(cfg, indent=2) + "\n")
+        atomic_write_text(out / CONFIG_NAME, json.dumps(cfg, indent=2) + "\n")
+        write_manifest(out, names)
 
     def _packed_linear(self, mod, name: str):
         n, k = self._linears[name]
@@ -255,7 +285,7 @@ class PackedModel:
         mod = cpu_module()
         cfg, t = self.config, self.tensors
         eng = mod.Engine(cfg["vocab_size"], cfg["hidden_size"], cfg["intermediate_size"], self.eps, self.backend,
-                         self.threads)
+                         self.threads, bitlinear_eps=self.bitlinear_eps)
         emb = t["model.embeddings.weight"]
         if emb.dtype == torch.bfloat16:
             eng.set_embedding_bf16(emb.view(torch.int16).numpy().view("uint16"))
@@ -278,7 +308,7 @@ class PackedModel:
             if isinstance(m, BitLinear):
                 n, k = self._linears[name]
                 new = PackedReferenceLinear(t[name + ".packed"], n, k, t[name + ".scale"], t[name + ".norm.weight"],
-                                            self.eps)
+                                            self.bitlinear_eps)
             elif isinstance(m, RMSNorm) and name.rpartition(".")[0] not in self._linears:
                 new = PackedReferenceNorm(m.weight.shape[0], self.eps)
                 new.weight = nn.Parameter(t[name + ".weight"], requires_grad=False)
@@ -301,11 +331,7 @@ class PackedModel:
 
     def forward(self, ids: list[int] | torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         """Feed tokens [T] after the current state; returns logits fp32 [T, V] (all_logits) or [1, V] (last)."""
-        ids = torch.as_tensor(ids, dtype=torch.long).flatten().contiguous()
-        if ids.numel() == 0:
-            raise ValueError("forward needs at least one token")
-        if ids.min() < 0 or ids.max() >= self.config["vocab_size"]:
-            raise ValueError(f"token ids must be in [0, {self.config['vocab_size']})")
+        ids = self._token_ids(ids)
         outs = []
         for start in range(0, ids.numel(), PREFILL_CHUNK):
             chunk = ids[start:start + PREFILL_CHUNK].contiguous()
@@ -319,6 +345,28 @@ class PackedModel:
             if all_logits or last:
                 outs.append(logits)
         return torch.cat(outs) if all_logits else outs[-1]
+
+    def _token_ids(self, ids: list[int] | torch.Tensor, allow_empty: bool = False) -> torch.Tensor:
+        """ids as a flat int64 tensor; ValueError (one line) for an empty (unless allowed), non-integer or
+        out-of-range id list."""
+        from mulfree.models.schema import first_line
+
+        try:
+            t = torch.as_tensor(ids)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+            raise ValueError(f"token ids must be a list or tensor of integers ({first_line(exc)})") from None
+        if t.numel() == 0:
+            if allow_empty:
+                return torch.zeros(0, dtype=torch.long)
+            raise ValueError("forward needs at least one token")
+        if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+            raise ValueError(f"token ids must be integers, got dtype {t.dtype}")
+        t = t.to(torch.long).flatten().contiguous()
+        vocab = self.config["vocab_size"]
+        if t.min() < 0 or t.max() >= vocab:
+            bad = int(t[(t < 0) | (t >= vocab)][0])
+            raise ValueError(f"token id {bad} is outside the vocabulary: ids must be in [0, {vocab})")
+        return t
 
     @torch.no_grad()
     def _forward_reference(self, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
@@ -338,10 +386,17 @@ class PackedModel:
         Greedy when temperature == 0; otherwise samples with top-k / top-p from a generator seeded by `seed`.
         `on_token` receives each new id as soon as it is chosen.
         """
+        from mulfree.generation import check_lengths
         from mulfree.ops.sampling import sample_next
+        from mulfree.settings import GenerationConfig
 
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        GenerationConfig(max_new_tokens, temperature, top_k, top_p, seed)  # one-line ConfigError, as torch generate
+        ids = self._token_ids(ids, allow_empty=True)  # empty: check_lengths' message, as torch generate
+        check_lengths(None, ids.numel(), max_new_tokens)  # recurrent: no position limit
+        vocab = self.config["vocab_size"]
+        if eos_token_id is not None and (isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)
+                                         or not 0 <= eos_token_id < vocab):
+            raise ValueError(f"eos_token_id must be an id in [0, {vocab}), got {eos_token_id!r}")
         gen = torch.Generator().manual_seed(seed)
         self.reset()
         out: list[int] = []

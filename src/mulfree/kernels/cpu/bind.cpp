@@ -43,9 +43,16 @@ void register_ternary(nb::module_ &m) {
       .def_ro("down_proj", &Layer::down_proj);
 
   nb::class_<Engine>(m, "Engine", "Whole MMfree forward on packed weights (prefill T tokens or decode 1).")
-      .def(nb::init<int64_t, int64_t, int64_t, double, const std::string &, int>(), nb::arg("vocab_size"),
-           nb::arg("hidden_size"), nb::arg("intermediate_size"), nb::arg("eps"), nb::arg("backend"),
-           nb::arg("threads"))
+      .def(
+          "__init__",
+          [](Engine *self, int64_t vocab, int64_t d, int64_t inter, double eps, const std::string &backend, int threads,
+             std::optional<double> bitlinear_eps) {
+            new (self) Engine(vocab, d, inter, eps, bitlinear_eps.value_or(eps), backend, threads);
+          },
+          nb::arg("vocab_size"), nb::arg("hidden_size"), nb::arg("intermediate_size"), nb::arg("eps"),
+          nb::arg("backend"), nb::arg("threads"), nb::kw_only(), nb::arg("bitlinear_eps").none() = nb::none(),
+          "eps: rms_norm_eps (attn_norm, g_norm, mlp_norm, the final norm); bitlinear_eps: every BitLinear's input "
+          "norm (None: eps).")
       .def("set_embedding_f32", &Engine::set_embedding_f32)
       .def("set_embedding_bf16", &Engine::set_embedding_bf16)
       .def("set_head", &Engine::set_head, nb::arg("norm"), nb::arg("head"))

@@ -36,8 +36,12 @@ LinearJob QBuf::job(const PackedLinear &p, int64_t T, float *Y, int64_t ldy) con
   return LinearJob{p.packed.data(), p.N, p.kpad(), (float)p.scale, q.data(), sq.data(), sa.data(), T, Y, nullptr, ldy};
 }
 
-Engine::Engine(int64_t vocab, int64_t d, int64_t inter, double eps, const std::string &backend, int threads)
-    : V_(vocab), d_(d), I_(inter), eps_(eps), isa_(parse_isa(backend)), threads_(threads) {}
+Engine::Engine(int64_t vocab, int64_t d, int64_t inter, double eps, double bitlinear_eps, const std::string &backend,
+               int threads)
+    : V_(vocab), d_(d), I_(inter), eps_(eps), beps_(bitlinear_eps), isa_(parse_isa(backend)), threads_(threads) {
+  if (vocab < 1 || d < 1 || inter < 1) throw std::invalid_argument("vocab, hidden and intermediate sizes must be >= 1");
+  if (!(eps > 0) || !(bitlinear_eps > 0)) throw std::invalid_argument("eps and bitlinear_eps must be > 0");
+}
 
 void Engine::set_embedding_f32(Arr<const float, nb::ndim<2>> e) {
   check_emb(e.shape(0), e.shape(1));
@@ -103,7 +107,7 @@ void Engine::forward(Arr<const int64_t, nb::ndim<1>> ids, Arr<float, nb::ndim<2>
     if (L > 0) add_row(h + (t0 + t) * d, fi + (t0 + t) * d);
     rmsnorm_row(isa_, h + (t0 + t) * d, norm_.data(), d, eps_, a + t * d);
   }
-  qi_.fill(isa_, a, R, d, head_[0], eps_, threads_);
+  qi_.fill(isa_, a, R, d, head_[0], beps_, threads_);
   const LinearJob hj = qi_.job(head_[0], R, lg, V_);
   run_linears(isa_, threads_, &hj, 1);
 }
@@ -130,9 +134,9 @@ void Engine::layer_forward(const Layer &ly, int64_t l, int64_t T, float *s) {
   per_token(T, [&](int64_t t, float *tmp) {
     if (l > 0) add_row(h + t * d, fi + t * d);
     rmsnorm_row(isa_, h + t * d, ly.attn_norm.data(), d, eps_, a + t * d);
-    qi.row(isa_, a + t * d, t, ly.i_proj, eps_, tmp);
-    qf.row(isa_, a + t * d, t, ly.f_proj, eps_, tmp);
-    qg.row(isa_, a + t * d, t, ly.g_proj, eps_, tmp);
+    qi.row(isa_, a + t * d, t, ly.i_proj, beps_, tmp);
+    qf.row(isa_, a + t * d, t, ly.f_proj, beps_, tmp);
+    qg.row(isa_, a + t * d, t, ly.g_proj, beps_, tmp);
   });
   const LinearJob ifg[3] = {qi.job(ly.i_proj, T, fi, d), qf.job(ly.f_proj, T, ff, d), qg.job(ly.g_proj, T, fg, d)};
   // The recurrence is independent per channel (run on each chunk's channels as their i/f/g rows are done, or
@@ -148,7 +152,7 @@ void Engine::layer_forward(const Layer &ly, int64_t l, int64_t T, float *s) {
   qi.reserve(T, ly.o_proj);
   per_token(T, [&](int64_t t, float *tmp) {
     mlgru_out(isa_, fg + t * d, ly.g_norm.data(), d, eps_, fi + t * d, a + t * d);
-    qi.row(isa_, a + t * d, t, ly.o_proj, eps_, tmp);
+    qi.row(isa_, a + t * d, t, ly.o_proj, beps_, tmp);
   });
   const LinearJob oj = qi.job(ly.o_proj, T, fi, d);
   run_linears(isa_, threads_, &oj, 1);
@@ -156,7 +160,7 @@ void Engine::layer_forward(const Layer &ly, int64_t l, int64_t T, float *s) {
   per_token(T, [&](int64_t t, float *tmp) {
     add_row(h + t * d, fi + t * d);
     rmsnorm_row(isa_, h + t * d, ly.mlp_norm.data(), d, eps_, a + t * d);
-    qi.row(isa_, a + t * d, t, ly.gate_proj, eps_, tmp);
+    qi.row(isa_, a + t * d, t, ly.gate_proj, beps_, tmp);
   });
   // In panel GEMMs the GLU is applied to each panel's outputs ([T, I] written, never [T, 2I]); otherwise,
   // where the up rows start on a row group, to each chunk's gate and up rows.
@@ -182,7 +186,7 @@ void Engine::layer_forward(const Layer &ly, int64_t l, int64_t T, float *s) {
       for (int64_t t = t0; t < t1; ++t) glu_row(isa_, big + t * 2 * I, I, big + t * 2 * I);
     });
   }
-  qi.fill(isa_, big, T, fused_glu ? I : 2 * I, ly.down_proj, eps_, threads_);
+  qi.fill(isa_, big, T, fused_glu ? I : 2 * I, ly.down_proj, beps_, threads_);
   const LinearJob dj = qi.job(ly.down_proj, T, fi, d);
   run_linears(isa_, threads_, &dj, 1);
 }

@@ -53,9 +53,13 @@ struct QBuf {
   LinearJob job(const PackedLinear &p, int64_t T, float *Y, int64_t ldy) const;
 };
 
+// Two norm eps, as the official model: `eps` (rms_norm_eps) for attn_norm, g_norm, mlp_norm and the final norm;
+// `bitlinear_eps` for every BitLinear's own input norm (the rmsnorm_quant of i/f/g/o_proj, gate/down_proj and
+// lm_head; the official fused BitLinear always uses 1e-6).
 class Engine {
  public:
-  Engine(int64_t vocab, int64_t d, int64_t inter, double eps, const std::string &backend, int threads);
+  Engine(int64_t vocab, int64_t d, int64_t inter, double eps, double bitlinear_eps, const std::string &backend,
+         int threads);
   void set_embedding_f32(Arr<const float, nb::ndim<2>> e);
   void set_embedding_bf16(Arr<const uint16_t, nb::ndim<2>> e);
   void set_head(Vec norm, const PackedLinear &head);
@@ -77,7 +81,7 @@ class Engine {
   void layer_forward(const Layer &ly, int64_t l, int64_t T, float *state);
 
   int64_t V_, d_, I_;
-  double eps_;
+  double eps_, beps_;  // rms_norm_eps; the BitLinear input norms' eps
   Isa isa_;
   int threads_;
   bool emb_is_bf16_ = false;
