@@ -327,11 +327,47 @@ class PackedModel:
     # ---- forward ------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget the sequence: zero the recurrent state (one fp32 [hidden] per layer)."""
-        self.state = torch.zeros(self.num_layers, self.config["hidden_size"])
+        self.state = self.new_state()
+
+    def new_state(self) -> torch.Tensor:
+        """A fresh recurrent state fp32 [L, d] (zeros) for a sequence kept outside `self.state`."""
+        return torch.zeros(self.num_layers, self.config["hidden_size"])
 
     def forward(self, ids: list[int] | torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         """Feed tokens [T] after the current state; returns logits fp32 [T, V] (all_logits) or [1, V] (last)."""
-        ids = self._token_ids(ids)
+        return self._run(self._token_ids(ids), self.state, all_logits)
+
+    def prefill_state(self, ids: list[int] | torch.Tensor,
+                      state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed tokens [T] after `state` (None: a fresh one), leaving `self.state` alone; returns (the last
+        token's logits [V], the state [L, d], updated in place when given). A long prompt can be fed in
+        chunks between decode steps by passing the state back in."""
+        state = self.new_state() if state is None else self._check_states(state, (self.num_layers,))
+        return self._run(self._token_ids(ids), state, False)[0], state
+
+    def decode_batch(self, tokens: list[int] | torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """One decode step of B independent sequences at any positions: token b follows states[b]. tokens [B];
+        states fp32 [B, L, d], contiguous (a server keeping per-sequence states gathers them in and scatters
+        them back), updated in place; returns logits fp32 [B, V]. Each linear runs once over the B tokens."""
+        ids = self._token_ids(tokens)
+        states = self._check_states(states, (ids.numel(), self.num_layers))
+        if self._engine is None:  # the reference walk, one sequence at a time
+            return torch.cat([self._forward_reference(ids[b:b + 1], False, states[b]) for b in range(ids.numel())])
+        logits = torch.empty(ids.numel(), self.config["vocab_size"])
+        self._engine.forward_batch(ids, states, logits)
+        return logits
+
+    def _check_states(self, states: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
+        """states as given (updated in place, so never copied): fp32, contiguous, shape lead + (hidden,)."""
+        shape = (*lead, self.config["hidden_size"])
+        if not isinstance(states, torch.Tensor) or states.dtype != torch.float32 or tuple(states.shape) != shape:
+            got = tuple(states.shape) if isinstance(states, torch.Tensor) else type(states).__name__
+            raise ValueError(f"state must be a float32 tensor of shape {shape}, got {got}")
+        if not states.is_contiguous() or states.device.type != "cpu":
+            raise ValueError("state must be a contiguous CPU tensor (it is updated in place)")
+        return states
+
+    def _run(self, ids: torch.Tensor, state: torch.Tensor, all_logits: bool) -> torch.Tensor:
         outs = []
         for start in range(0, ids.numel(), PREFILL_CHUNK):
             chunk = ids[start:start + PREFILL_CHUNK].contiguous()
@@ -339,9 +375,9 @@ class PackedModel:
             if self._engine is not None:
                 rows = chunk.numel() if all_logits else 1
                 logits = torch.empty(rows, self.config["vocab_size"])
-                self._engine.forward(chunk, self.state, logits, all_logits)
+                self._engine.forward(chunk, state, logits, all_logits)
             else:
-                logits = self._forward_reference(chunk, all_logits)
+                logits = self._forward_reference(chunk, all_logits, state)
             if all_logits or last:
                 outs.append(logits)
         return torch.cat(outs) if all_logits else outs[-1]
@@ -369,11 +405,11 @@ class PackedModel:
         return t
 
     @torch.no_grad()
-    def _forward_reference(self, ids: torch.Tensor, all_logits: bool) -> torch.Tensor:
+    def _forward_reference(self, ids: torch.Tensor, all_logits: bool, state: torch.Tensor) -> torch.Tensor:
         if self._reference is None:
             self._reference = self._build_reference()
-        hidden, state = self._reference.model(ids[None], [h[None] for h in self.state])
-        self.state.copy_(torch.cat(state))
+        hidden, new = self._reference.model(ids[None], [h[None] for h in state])
+        state.copy_(torch.cat(new))
         return self._reference.lm_head(hidden[0] if all_logits else hidden[0, -1:])
 
     # ---- generation ---------------------------------------------------------------------------

@@ -42,7 +42,7 @@ void register_ternary(nb::module_ &m) {
       .def_ro("gate_proj", &Layer::gate_proj)
       .def_ro("down_proj", &Layer::down_proj);
 
-  nb::class_<Engine>(m, "Engine", "Whole MMfree forward on packed weights (prefill T tokens or decode 1).")
+  nb::class_<Engine>(m, "Engine", "Whole MMfree forward on packed weights (prefill T tokens, decode 1, or decode B sequences).")
       .def(
           "__init__",
           [](Engine *self, int64_t vocab, int64_t d, int64_t inter, double eps, const std::string &backend, int threads,
@@ -58,6 +58,8 @@ void register_ternary(nb::module_ &m) {
       .def("set_head", &Engine::set_head, nb::arg("norm"), nb::arg("head"))
       .def("add_layer", &Engine::add_layer, nb::arg("layer"))
       .def("forward", &Engine::forward, nb::arg("ids"), nb::arg("state"), nb::arg("logits"), nb::arg("all_logits"))
+      .def("forward_batch", &Engine::forward_batch, nb::arg("ids"), nb::arg("states"), nb::arg("logits"),
+           "One decode step of B sequences: ids [B], states [B, L, d] (contiguous, updated in place), logits [B, V].")
       .def_prop_ro("num_layers", &Engine::num_layers);
 
   m.def(

@@ -135,8 +135,8 @@ void rmsnorm_quant_row(Isa isa, const float *x, const float *w, int64_t K, int64
 // MLGRU time steps (math: nn/mlgru.py) in two phases, so that phase 1 can run per channel range and phase 2
 // per token. The state update loops over the tokens inside one call per channel range (fewer calls).
 MF_INLINE void mlgru_state_impl(float *fi, const float *ff, const float *lb, int64_t k0, int64_t k1, float *state,
-                                int64_t T, int64_t ld) {
-  for (int64_t t = 0; t < T; ++t, fi += ld, ff += ld)
+                                int64_t T, int64_t ld, int64_t sld) {
+  for (int64_t t = 0; t < T; ++t, fi += ld, ff += ld, state += sld)
     for (int64_t k = k0; k < k1; ++k) {
       float f = sigmoidf(ff[k]);
       if (lb) f = lb[k] + (1.0f - lb[k]) * f;
@@ -146,8 +146,9 @@ MF_INLINE void mlgru_state_impl(float *fi, const float *ff, const float *lb, int
     }
 }
 MF_ISA_VARIANTS(mlgru_state,
-                (float *fi, const float *ff, const float *lb, int64_t k0, int64_t k1, float *state, int64_t T, int64_t ld),
-                (fi, ff, lb, k0, k1, state, T, ld))
+                (float *fi, const float *ff, const float *lb, int64_t k0, int64_t k1, float *state, int64_t T, int64_t ld,
+                 int64_t sld),
+                (fi, ff, lb, k0, k1, state, T, ld, sld))
 
 MF_INLINE void mlgru_out_impl(const float *fg, const float *gnorm, int64_t d, double eps, const float *silu_s,
                               float *out) {

@@ -64,9 +64,10 @@ void rmsnorm_row(Isa isa, const float *x, const float *w, int64_t K, double eps,
 void rmsnorm_quant_row(Isa isa, const float *x, const float *w, int64_t K, int64_t Kpad, double eps, float *tmp,
                        int8_t *q, float *a_scale, int32_t *sumq);
 // MLGRU phase 1: the state update of channels [k0, k1) for T tokens in turn (rows ld apart; lb == nullptr
-// for no lower bound); fi[k] is overwritten with silu(state[k]) for phase 2.
+// for no lower bound); fi[k] is overwritten with silu(state[k]) for phase 2. Token t updates the state row
+// state + t * sld: sld = 0 for T tokens of one sequence, else one state per token (a batched decode step).
 void mlgru_state(Isa isa, float *fi, const float *ff, const float *lb, int64_t k0, int64_t k1, float *state, int64_t T,
-                 int64_t ld);
+                 int64_t ld, int64_t sld = 0);
 // MLGRU phase 2, one token: out = rmsnorm(fg) * g_norm * silu_s.
 void mlgru_out(Isa isa, const float *fg, const float *gnorm, int64_t d, double eps, const float *silu_s, float *out);
 // out = silu(g) * u over n values; glu_row: the same with g, u = the two halves of gate_up [2I].

@@ -77,31 +77,48 @@ void Engine::add_layer(const Layer &ly) {
   layers_.push_back(ly);
 }
 
-void Engine::forward(Arr<const int64_t, nb::ndim<1>> ids, Arr<float, nb::ndim<2>> state, Arr<float, nb::ndim<2>> logits,
-                     bool all_logits) {
-  const int64_t T = (int64_t)ids.shape(0), L = num_layers(), d = d_;
+void Engine::check_ready(const int64_t *ids, int64_t T) const {
   if (T < 1) throw std::invalid_argument("forward needs at least one token");
   if (head_.empty() || (emb_is_bf16_ ? !emb_bf16_.is_valid() : !emb_f32_.is_valid()))
     throw std::invalid_argument("engine is not fully loaded (embedding / head missing)");
-  if ((int64_t)state.shape(0) != L || (int64_t)state.shape(1) != d)
+  for (int64_t t = 0; t < T; ++t)
+    if (ids[t] < 0 || ids[t] >= V_) throw std::invalid_argument("token id out of range");
+}
+
+void Engine::forward(Arr<const int64_t, nb::ndim<1>> ids, Arr<float, nb::ndim<2>> state, Arr<float, nb::ndim<2>> logits,
+                     bool all_logits) {
+  const int64_t T = (int64_t)ids.shape(0);
+  check_ready(ids.data(), T);
+  if ((int64_t)state.shape(0) != num_layers() || (int64_t)state.shape(1) != d_)
     throw std::invalid_argument("state must have shape [num_layers, hidden_size]");
   const int64_t R = all_logits ? T : 1;
   if ((int64_t)logits.shape(0) != R || (int64_t)logits.shape(1) != V_)
     throw std::invalid_argument("logits buffer has the wrong shape");
-  for (int64_t t = 0; t < T; ++t)
-    if (ids.data()[t] < 0 || ids.data()[t] >= V_) throw std::invalid_argument("token id out of range");
-  const int64_t *idp = ids.data();
-  float *st = state.data();
-  float *lg = logits.data();
   nb::gil_scoped_release release;
+  run(ids.data(), T, state.data(), 0, R, logits.data());
+}
 
+void Engine::forward_batch(Arr<const int64_t, nb::ndim<1>> ids, Arr<float, nb::ndim<3>> states,
+                           Arr<float, nb::ndim<2>> logits) {
+  const int64_t B = (int64_t)ids.shape(0);
+  check_ready(ids.data(), B);
+  if ((int64_t)states.shape(0) != B || (int64_t)states.shape(1) != num_layers() || (int64_t)states.shape(2) != d_)
+    throw std::invalid_argument("states must have shape [batch, num_layers, hidden_size]");
+  if ((int64_t)logits.shape(0) != B || (int64_t)logits.shape(1) != V_)
+    throw std::invalid_argument("logits buffer must have shape [batch, vocab_size]");
+  nb::gil_scoped_release release;
+  run(ids.data(), B, states.data(), num_layers() * d_, B, logits.data());
+}
+
+void Engine::run(const int64_t *idp, int64_t T, float *st, int64_t sld, int64_t R, float *lg) {
+  const int64_t L = num_layers(), d = d_;
   // Scratch lives in the engine and only grows: fresh pages for every call cost page faults.
   std::lock_guard<std::mutex> lock(busy_);
   for (auto *v : {&h_, &a_, &fi_, &ff_, &fg_}) v->resize(std::max(v->size(), (size_t)(T * d)));
   big_.resize(std::max(big_.size(), (size_t)(T * 2 * I_)));
   float *h = h_.data(), *a = a_.data(), *fi = fi_.data();
   for (int64_t t = 0; t < T; ++t) embed(idp[t], h + t * d);
-  for (int64_t l = 0; l < L; ++l) layer_forward(layers_[(size_t)l], l, T, st + l * d);
+  for (int64_t l = 0; l < L; ++l) layer_forward(layers_[(size_t)l], l, T, st + l * d, sld);
   const int64_t t0 = T - R;
   for (int64_t t = 0; t < R; ++t) {
     if (L > 0) add_row(h + (t0 + t) * d, fi + (t0 + t) * d);
@@ -124,7 +141,7 @@ void Engine::per_token(int64_t T, F &&fn) {
 // The per-token steps between two linears run as one region over the tokens (each token's rows stay in L1 from
 // one step to the next). Each layer's down projection (in fi) is added to h by the next step that reads h: the
 // next layer's first region, or the final norm (for the rows the head reads).
-void Engine::layer_forward(const Layer &ly, int64_t l, int64_t T, float *s) {
+void Engine::layer_forward(const Layer &ly, int64_t l, int64_t T, float *s, int64_t sld) {
   const int64_t d = d_, I = I_;
   float *h = h_.data(), *a = a_.data(), *fi = fi_.data(), *ff = ff_.data(), *fg = fg_.data(), *big = big_.data();
   QBuf &qi = qi_, &qf = qf_, &qg = qg_;
@@ -142,7 +159,7 @@ void Engine::layer_forward(const Layer &ly, int64_t l, int64_t T, float *s) {
   // The recurrence is independent per channel (run on each chunk's channels as their i/f/g rows are done, or
   // split over the pool after a panel GEMM), the output norm per token.
   const float *lb = ly.lower_bound ? ly.lower_bound->data() : nullptr;
-  auto state_update = [&](int64_t k0, int64_t k1) { mlgru_state(isa_, fi, ff, lb, k0, k1, s, T, d); };
+  auto state_update = [&](int64_t k0, int64_t k1) { mlgru_state(isa_, fi, ff, lb, k0, k1, s, T, d, sld); };
   if (uses_panels(isa_, T)) {
     run_linears(isa_, threads_, ifg, 3);
     for_ranges(threads_, d, state_update);

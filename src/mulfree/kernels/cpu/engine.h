@@ -68,8 +68,18 @@ class Engine {
   // ids [T]; state [L, d] updated in place; logits [R, V] with R = T (all_logits) or 1 (last token).
   void forward(Arr<const int64_t, nb::ndim<1>> ids, Arr<float, nb::ndim<2>> state, Arr<float, nb::ndim<2>> logits,
                bool all_logits);
+  // One decode step of B independent sequences: ids [B] (token b of sequence b), states [B, L, d] (sequence b's
+  // recurrent state, contiguous; a caller keeping states elsewhere gathers them in and scatters them back),
+  // updated in place; logits [B, V]. Every linear runs once over the B tokens (T = B: the weights are read once
+  // per step for all sequences); the MLGRU update of token b uses state row b.
+  void forward_batch(Arr<const int64_t, nb::ndim<1>> ids, Arr<float, nb::ndim<3>> states,
+                     Arr<float, nb::ndim<2>> logits);
 
  private:
+  // The walk of forward and forward_batch over T tokens: token t of layer l updates the state row
+  // st + l * d + t * sld (sld = 0: one sequence); logits of the last R tokens into lg [R, V].
+  void run(const int64_t *ids, int64_t T, float *st, int64_t sld, int64_t R, float *lg);
+  void check_ready(const int64_t *ids, int64_t T) const;
   void check_emb(size_t v, size_t d);
   // fn(t, tmp) for every token t, split by tokens over the pool; tmp holds 2 I floats (any linear's K).
   template <class F>
@@ -77,8 +87,8 @@ class Engine {
   void add_row(float *h, const float *x) const;  // h += x over one row of width d
   void embed(int64_t id, float *out) const;
   // One block over T tokens: h [T, d] += its two residual branches (the last down projection is left in fi_
-  // and added by the next step that reads h); state [d] updated in place.
-  void layer_forward(const Layer &ly, int64_t l, int64_t T, float *state);
+  // and added by the next step that reads h); token t's state row state + t * sld [d] updated in place.
+  void layer_forward(const Layer &ly, int64_t l, int64_t T, float *state, int64_t sld);
 
   int64_t V_, d_, I_;
   double eps_, beps_;  // rms_norm_eps; the BitLinear input norms' eps
