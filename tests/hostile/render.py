@@ -20,6 +20,23 @@ Every value a user or a client can send is normal input. Each row below is one c
 (run by `tests/test_hostile.py` in the test suite); this page is written by
 `python tests/hostile/render.py docs/reliability.md` from a real run of every case. "ok" means the
 outcome is the one the case expects: a one-line `error: ...` with exit code 2, or a correct result.
+`{tmp}` is the case's own directory, `{model}`, `{run}`, `{packed}` and `{data}` a tiny trained model, its
+training run, its packed dir and a text folder (copied into `{tmp}` when a case damages them).
+
+Besides these cases:
+- **Nothing lost**: every `--out` is checked before any work (`atomic.prepare_output`): a non-empty directory
+  needs `--overwrite`, and then the old output stays until the new one is complete; the current directory,
+  its parents and home are never replaced; files are built beside their target and renamed into place;
+  model, packed, quantized, checkpoint and GGUF-cache directories carry `checksums.json` (xxh3-64), verified
+  on load (`tests/test_atomic.py`, `tests/test_integrity.py`, `tests/test_schema.py`).
+- **Kill anywhere**: `python benchmarks/crash_resume.py --kills 50 --seed 1` (AMD EPYC, 2 vCPUs): 50 `kill -9`
+  at random moments of a tiny 40-step training run over 4 runs, 49 resumes, 0 failed restarts, 4/4 runs
+  identical to the uninterrupted one (every loss and weight), 1 kill left a half-written temp file that the
+  next resume removed, none left at the end; 179 s. `--seed 0`: 50 kills over 3 runs, the same outcome.
+  `tests/test_crash_resume.py` runs 2 kills in the suite.
+- **Loader fidelity**: `tests/test_official_fidelity.py` converts a tiny official-format `hgrn_bit` checkpoint
+  (rms_norm_eps 1e-5, two heads, right padding and a mask hole) and matches an independent plain-torch
+  reference of the official forward written in the test to 8.9e-8 (bound 1e-5).
 
 | case | input | command | outcome |
 |---|---|---|---|
@@ -30,6 +47,7 @@ def main(out: str) -> int:
     cases = all_cases()
     rows, bad = [], 0
     with tempfile.TemporaryDirectory() as root:
+        (Path(root) / "fixtures").mkdir()
         fixtures = build_fixtures(Path(root) / "fixtures")
         for i, case in enumerate(cases):
             tmp = Path(root) / f"case{i}"
@@ -37,7 +55,10 @@ def main(out: str) -> int:
             outcome = run_case(case, tmp, fixtures)
             problem = check(case, outcome)
             bad += problem is not None
-            result = ("ok: " if problem is None else "WRONG: ") + (outcome.line if case.expect else "exit 0")
+            line = outcome.line if case.expect else "exit 0"
+            for name, path in [("tmp", tmp), *fixtures.items()]:  # stable names instead of this run's temp paths
+                line = line.replace(str(path), "{" + name + "}")
+            result = ("ok: " if problem is None else "WRONG: ") + line
             command = "mulfree " + " ".join(case.argv)
             rows.append(f"| {case.id} | {case.what} | `{command}` | {result.replace('|', '/')} |")
     summary = f"\n{len(cases)} cases, {len(cases) - bad} as expected.\n"
