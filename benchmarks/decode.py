@@ -3,6 +3,7 @@ shape, beside the machine's streaming read bandwidth measured in the same run.
 
     python benchmarks/decode.py                     # 370m and 1.3b shapes (a few minutes)
     python benchmarks/decode.py --shapes tiny --tokens 8 --prefill 32   # smoke run
+    python benchmarks/decode.py --shapes 1.3b --batch 1 8 32   # batched decode only: aggregate tok/s per B
 
 Weights are random (speed does not depend on values). Prints a table, the ratios, effective GB/s,
 % of the bandwidth roofline, and one JSON line.
@@ -182,6 +183,39 @@ def time_dense(model: DenseMMfree, vocab: int, d: int, layers: int, tokens: int,
     return best_rate(tokens, window), pre
 
 
+def time_batched(pm: PackedModel, batch: int, steps: int) -> float:
+    """Aggregate decode tok/s of `batch` sequences at different positions, one decode_batch call per step."""
+    vocab = pm.config["vocab_size"]
+    states = torch.stack([pm.prefill_state(torch.randint(0, vocab, (1 + b % 8,)))[1] for b in range(batch)])
+    tok = [torch.randint(0, vocab, (batch,))]
+    for _ in range(2):
+        pm.decode_batch(tok[0], states)
+
+    def window() -> None:
+        for _ in range(steps):
+            tok[0] = pm.decode_batch(tok[0], states).argmax(-1)
+
+    return best_rate(batch * steps, window)
+
+
+def bench_batched(name: str, args: argparse.Namespace) -> dict:
+    """Batched decode of shape `name`, 2 threads: aggregate tok/s per batch size beside B = 1 and prefill."""
+    vocab, d, layers, inter = SHAPES[name]
+    torch.set_num_threads(1)  # torch's argmax workers would spin against the engine's pool on 2 cores
+    pm = random_packed_model(vocab, d, layers, inter, threads=2, seed=args.seed)
+    res: dict = {"shape": name, "steps": args.tokens}
+    res["decode_1seq"], res["prefill"] = time_packed(pm, args.tokens, args.prefill)
+    for b in args.batch:
+        res[f"batch_{b}"] = time_batched(pm, b, args.tokens)
+    print(f"\n[{name}] 2T: forward() decode {res['decode_1seq']:.1f} tok/s, {args.prefill}-token prefill "
+          f"{res['prefill']:.1f} tok/s")
+    base = res.get("batch_1", res["decode_1seq"])
+    for b in args.batch:
+        r = res[f"batch_{b}"]
+        print(f"decode_batch B={b:<4}{r:>10.1f} tok/s aggregate  {r / base:5.2f}x B=1  {r / res['prefill']:5.2f}x prefill")
+    return res
+
+
 def torch_baseline(name: str, dtype: torch.dtype, args: argparse.Namespace) -> tuple[float, float]:
     """(decode, prefill) tok/s of the dense torch model of shape `name` in `dtype`, 2 threads."""
     vocab, d, layers, inter = SHAPES[name]
@@ -261,6 +295,7 @@ def main() -> None:
     p.add_argument("--prefill", type=int, default=128, help="prompt tokens timed for prefill")
     p.add_argument("--bw-mb", type=int, default=1024, help="buffer for the bandwidth measurement (MB)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, nargs="+", help="only time batched decode at these batch sizes")
     p.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)  # the child of torch_limited
     args = p.parse_args()
     if args.torch_only:
@@ -270,6 +305,12 @@ def main() -> None:
     if cpu_module() is None:
         raise SystemExit("error: the compiled extension is missing; reinstall mulfree")
     torch.manual_seed(args.seed)
+    if args.batch:
+        print(f"host: {cpu_model()}, {os.cpu_count()} CPUs, kernel backend {best_backend()}")
+        results = [bench_batched(name, args) for name in args.shapes]
+        print(json.dumps({"benchmark": "decode_batch", "host": cpu_model(), "backend": best_backend(),
+                          "results": results}))
+        return
     feats = cpu_module().cpu_features()
     bw1 = read_bandwidth(args.bw_mb << 20, threads=1, reps=6)
     bw2 = read_bandwidth(args.bw_mb << 20, threads=2, reps=6)
