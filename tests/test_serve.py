@@ -1,19 +1,14 @@
-"""Continuous batching equals one-at-a-time generation; the OpenAI-compatible API answers like OpenAI's."""
+"""Continuous batching equals one-at-a-time generation, isolates failures, cancels and bounds its queue;
+`serve` checks its flags before loading (the HTTP API: test_serve_api.py)."""
 
-import asyncio
-import json
 import socket
-import threading
-import time
-import urllib.request
 
 import pytest
 import torch
 
-from mulfree.data.text import train_tokenizer
 from mulfree.generation import generate
-from mulfree.infer.batching import ContinuousBatcher, SamplingParams, TorchStepModel
-from mulfree.infer.server import App
+from mulfree.infer.batching import ContinuousBatcher, QueueFull, SamplingParams, TorchStepModel
+from mulfree.infer.protocol import seed64
 from mulfree.models.mmfree import MMFreeConfig, MMFreeForCausalLM
 from mulfree.models.transformer import TransformerConfig, TransformerForCausalLM
 
@@ -59,84 +54,40 @@ def test_seeded_sampling_is_reproducible():
         batcher.close()
 
 
-def _call(app, method, path, body=None):
-    """Drive the ASGI app in-process; returns (status, headers, body bytes)."""
-    messages = []
-    payload = json.dumps(body).encode() if isinstance(body, dict) else (body or b"")
-
-    async def receive():
-        return {"type": "http.request", "body": payload, "more_body": False}
-
-    async def send(message):
-        messages.append(message)
-
-    asyncio.run(app({"type": "http", "method": method, "path": path, "headers": []}, receive, send))
-    start = messages[0]
-    return start["status"], dict(start["headers"]), b"".join(m.get("body", b"") for m in messages[1:])
-
-
-@pytest.fixture(scope="module")
-def app():
-    tok = train_tokenizer(TEXT, vocab_size=300)
-    model = _mmfree(tok.get_vocab_size())
-    batcher = ContinuousBatcher(TorchStepModel(model), max_batch=4)
-    yield App(batcher, tok, "tiny", max_prompt_tokens=64), model, tok
-    batcher.close()
-
-
-def test_completion_matches_greedy_generation_and_streams_the_same_text(app):
-    server, model, tok = app
-    body = {"prompt": "To be, or not", "max_tokens": 12, "temperature": 0}
-    status, headers, raw = _call(server, "POST", "/v1/completions", body)
-    assert status == 200 and headers[b"content-type"] == b"application/json"
-    out = json.loads(raw)
-    ids = tok.encode("To be, or not").ids
-    expected = generate(model, torch.tensor(ids), 12)[0, len(ids):].tolist()
-    assert out["choices"][0]["text"] == tok.decode(expected)
-    assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 12, "total_tokens": len(ids) + 12}
-    status, headers, raw = _call(server, "POST", "/v1/completions", {**body, "stream": True})
-    events = [e[len("data: "):] for e in raw.decode().split("\n\n") if e]
-    assert headers[b"content-type"] == b"text/event-stream" and events[-1] == "[DONE]"
-    assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == out["choices"][0]["text"]
-
-
-def test_chat_and_errors(app):
-    server, _, _ = app
-    status, _, raw = _call(server, "POST", "/v1/chat/completions",
-                           {"messages": [{"role": "user", "content": "Speak"}], "max_tokens": 4, "temperature": 0})
-    out = json.loads(raw)
-    assert status == 200 and out["object"] == "chat.completion" and out["choices"][0]["message"]["role"] == "assistant"
-    assert _call(server, "GET", "/v1/models")[0] == 200
-    for body, match in [(b"{oops", "not valid JSON"), ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
-                        ({"prompt": ""}, "prompt"), ({"prompt": "x " * 80}, "exceeds"), ({"messages": []}, "messages")]:
-        path = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
-        status, _, raw = _call(server, "POST", path, body)
-        assert status == 400 and match in json.loads(raw)["error"]["message"]
-    assert _call(server, "GET", "/nope")[0] == 404
-
-
-def test_served_over_http_on_loopback(app):
-    uvicorn = pytest.importorskip("uvicorn")
-    server_app, _, _ = app
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(server_app, host="127.0.0.1", port=port, log_level="error", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+def test_one_failing_request_never_touches_the_others_or_the_loop():
+    batcher = ContinuousBatcher(TorchStepModel(_mmfree()), max_batch=4)
     try:
-        for _ in range(100):
-            if server.started:
-                break
-            time.sleep(0.05)
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", method="POST",
-                                     data=json.dumps({"prompt": "To be", "max_tokens": 3, "temperature": 0}).encode(),
-                                     headers={"content-type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            assert json.loads(resp.read())["usage"]["completion_tokens"] == 3
+        good = batcher.submit([1, 2, 3], SamplingParams(max_new_tokens=5))
+        bad = batcher.submit([1, 2], SamplingParams(max_new_tokens=5, temperature=1.0, top_p=float("nan")))
+        assert bad.result() == [] and bad.finish_reason == "error" and "top_p" in bad.error
+        assert len(good.result()) == 5 and good.finish_reason == "length"
+        assert batcher.alive and len(batcher.submit([4], SamplingParams(max_new_tokens=3)).result()) == 3
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        batcher.close()
+    assert not batcher.alive
+
+
+def test_cancel_frees_the_slot_and_the_queue_is_bounded():
+    batcher = ContinuousBatcher(TorchStepModel(_mmfree()), max_batch=1, max_queue=2)
+    try:
+        long = batcher.submit([1], SamplingParams(max_new_tokens=10**6))
+        next(long.stream())  # running
+        queued = [batcher.submit([1], SamplingParams(max_new_tokens=1)) for _ in range(2)]
+        with pytest.raises(QueueFull):
+            batcher.submit([1], SamplingParams(max_new_tokens=1))
+        long.cancel()
+        long.result()
+        assert long.finish_reason == "cancelled" and len(long.tokens) < 10**6
+        assert [len(q.result()) for q in queued] == [1, 1]
+        timed = batcher.submit([1], SamplingParams(max_new_tokens=10**6), timeout_s=0.2)
+        timed.result()
+        assert timed.finish_reason == "timeout"
+    finally:
+        batcher.close()
+
+
+def test_huge_seeds_hash_into_64_bits():
+    assert seed64(5) == 5 and 0 <= seed64(2**200) < 2**63 and 0 <= seed64(-1) < 2**63 and seed64(-1) != seed64(-2)
 
 
 def test_serve_checks_host_and_port_before_loading(tmp_path, capsys):

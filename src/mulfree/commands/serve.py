@@ -18,12 +18,31 @@ class ServeConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind (loopback only by default)"})
     port: int = field(default=8000, metadata={"help": "TCP port"})
     max_batch: int = field(default=8, metadata={"help": "most sequences decoded together"})
-    seed: int = field(default=0, metadata={"help": "default sampling seed for requests that give none"})
+    seed: int | None = field(default=None, metadata={
+        "help": "fixed sampling seed for requests that give none (default: a fresh random seed per request)"})
+    max_queue: int = field(default=256, metadata={"help": "most requests waiting for a batch slot (more: 429)",
+                                                  "min": 1, "max": 1 << 20})
+    max_body_bytes: int = field(default=1 << 20, metadata={"help": "largest request body accepted (more: 413)",
+                                                           "min": 1024, "max": 1 << 30})
+    max_prompt_tokens: int | None = field(default=None, metadata={
+        "help": "longest prompt in tokens (default: the model's context)", "min": 1, "max": 1 << 24})
+    max_tokens: int = field(default=256, metadata={"help": "max_tokens of requests that give none (clipped to the "
+                                                           "context)", "min": 1, "max": 1 << 20})
+    max_tokens_limit: int = field(default=4096, metadata={"help": "largest max_tokens a request may ask for",
+                                                          "min": 1, "max": 1 << 24})
+    request_timeout: float = field(default=600.0, metadata={"help": "seconds a request may take, queue included",
+                                                            "gt": 0, "max": 86400})
+    limit_concurrency: int = field(default=1024, metadata={"help": "most open HTTP connections (more: 503)",
+                                                           "min": 1, "max": 1 << 20})
+    keep_alive: float = field(default=5.0, metadata={"help": "seconds an idle keep-alive connection stays open",
+                                                     "gt": 0, "max": 3600})
+    shutdown_timeout: float = field(default=30.0, metadata={
+        "help": "seconds SIGTERM waits for running requests before it cancels them", "min": 0, "max": 3600})
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_batch <= MAX_BATCH or not 0 < self.port < 65536:
             raise ConfigError(f"--max-batch must be in 1..{MAX_BATCH} and --port in 1..65535", "fix the arguments")
-        if not 0 <= self.seed < 1 << 63:
+        if self.seed is not None and not 0 <= self.seed < 1 << 63:
             raise ConfigError(f"--seed {self.seed} is out of range", "use 0..2^63-1")
         if not valid_host(self.host):
             raise ConfigError(f"--host {self.host!r} is not an IP address or host name", "e.g. --host 127.0.0.1")
@@ -65,8 +84,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",
-        description="Serves /v1/models, /v1/completions and /v1/chat/completions (streaming with \"stream\": true). "
-        "MMfree models decode all live requests in one batched step (continuous batching).",
+        description="Serves /v1/models, /v1/completions and /v1/chat/completions (streaming with \"stream\": true), "
+        "/health and /metrics (Prometheus). MMfree models decode all live requests in one batched step "
+        "(continuous batching).",
     )
     p.add_argument("--model", required=True, help="model dir written by `mulfree train`")
     add_flags(p, ServeConfig)
@@ -79,20 +99,27 @@ def _run(args: argparse.Namespace) -> int:
     from mulfree.errors import CheckpointError, MulfreeError
     from mulfree.generation import context_limit
     from mulfree.infer.batching import ContinuousBatcher, TorchStepModel
-    from mulfree.infer.server import App
+    from mulfree.infer.server import Server, build_app
     from mulfree.models.io import load_model
 
     cfg = from_args(ServeConfig, args)
     try:
+        import fastapi  # noqa: F401
         import uvicorn
     except ImportError as exc:
-        raise MulfreeError("uvicorn is not installed", "pip install 'mulfree[serve]'") from exc
+        raise MulfreeError(f"{exc.name} is not installed", "pip install 'mulfree[serve]'") from exc
     check_bind(cfg.host, cfg.port)
     model, tok = load_model(args.model)
     if tok is None:
         raise CheckpointError(f"{args.model} has no tokenizer.json", "serve a dir written by `mulfree train`")
     eos = tok.token_to_id("<|endoftext|>")
-    batcher = ContinuousBatcher(TorchStepModel(model), max_batch=cfg.max_batch, eos_token_id=eos)
-    app = App(batcher, tok, Path(args.model).name, context_limit(model), default_seed=cfg.seed)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+    batcher = ContinuousBatcher(TorchStepModel(model), max_batch=cfg.max_batch, eos_token_id=eos,
+                                max_queue=cfg.max_queue)
+    srv = Server(batcher, tok, Path(args.model).name, context_limit=context_limit(model),
+                 max_prompt_tokens=cfg.max_prompt_tokens, max_body_bytes=cfg.max_body_bytes,
+                 request_timeout_s=cfg.request_timeout, default_max_tokens=cfg.max_tokens, fixed_seed=cfg.seed,
+                 max_new_tokens=cfg.max_tokens_limit)
+    uvicorn.run(build_app(srv), host=cfg.host, port=cfg.port, log_level="info", timeout_keep_alive=cfg.keep_alive,
+                limit_concurrency=cfg.limit_concurrency, timeout_graceful_shutdown=cfg.shutdown_timeout,
+                h11_max_incomplete_event_size=64 * 1024)
     return 0

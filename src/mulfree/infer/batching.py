@@ -3,15 +3,22 @@
 An MMfree sequence is fully described by its per-layer recurrent state h [1, D] (no KV cache that grows
 with length), so the batch for one decode step is just the concatenation of the live sequences' states,
 whatever their prompt lengths or ages. A new request is prefilled on its own and joins at the next step;
-a finished one is dropped without touching the others. Models with a KV cache (Transformer++) are served
-through the same interface one sequence at a time (their caches differ in length).
+a finished, cancelled or timed-out one is dropped before the next step without touching the others.
+Models with a KV cache (Transformer++) are served through the same interface one sequence at a time.
+
+The loop never dies of one request: an error while prefilling or sampling finishes that request with
+finish_reason "error"; a failing batched step finishes the sequences in it. `alive` turns False only when
+the loop itself has stopped (closed, or an unexpected error, kept in `error`) — `/health` reports it.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -21,24 +28,34 @@ from mulfree.ops.sampling import sample_next
 _DONE = object()
 
 
+class QueueFull(RuntimeError):
+    """The waiting queue is at its bound (the server answers 429)."""
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
-    seed: int | None = None
+    seed: int | None = None  # 0 <= seed < 2^64; None draws from torch's global generator
     stop_token_ids: tuple[int, ...] = ()
 
 
 @dataclass
 class Request:
-    """One generation in flight. Iterate `stream()` for token ids as they come, or call `result()`."""
+    """One generation in flight. Iterate `stream()` for token ids as they come, or call `result()`.
+
+    `sink`, when set, is also called (from the batcher thread) with each token id and finally with None.
+    """
 
     prompt_ids: list[int]
     params: SamplingParams
+    sink: Callable[[int | None], None] | None = None
+    deadline: float | None = None  # time.monotonic() after which the request is finished as "timeout"
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    error: str | None = None
     _out: queue.Queue = field(default_factory=queue.Queue, repr=False)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -52,8 +69,20 @@ class Request:
         return self.tokens
 
     def cancel(self) -> None:
-        """Stop generating (e.g. a stop string was seen or the client went away)."""
+        """Stop generating before the next step (a stop string was seen or the client went away)."""
         self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def _push(self, item: Any) -> None:
+        self._out.put(item)
+        if self.sink is not None:
+            try:
+                self.sink(None if item is _DONE else item)
+            except Exception:  # noqa: BLE001, S110 - a closed event loop on the other side must not reach the batcher
+                pass
 
 
 class TorchStepModel:
@@ -80,84 +109,160 @@ class TorchStepModel:
         return logits[:, -1], [[layer[b : b + 1] for layer in new] for b in range(len(tokens))]
 
 
-class ContinuousBatcher:
-    """Runs a background thread that admits, steps and retires requests (at most `max_batch` live)."""
+_Live = tuple[Request, Any, "torch.Generator | None"]
 
-    def __init__(self, step_model: TorchStepModel, max_batch: int = 8, eos_token_id: int | None = None):
+
+class ContinuousBatcher:
+    """Runs a background thread that admits, steps and retires requests (at most `max_batch` live,
+    at most `max_queue` waiting)."""
+
+    def __init__(self, step_model: Any, max_batch: int = 8, eos_token_id: int | None = None,
+                 max_queue: int = 1024):
         self.model = step_model
         self.max_batch = max_batch
+        self.max_queue = max_queue
         self.eos_token_id = eos_token_id
         self.steps = 0  # decode steps taken (for tests and metrics)
         self.max_live = 0
-        self._waiting: queue.Queue[Request] = queue.Queue()
+        self.live = 0  # sequences in the current batch (metrics)
+        self.error: BaseException | None = None  # what killed the loop, if anything did
+        self._waiting: queue.Queue[Request | None] = queue.Queue()
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="mulfree-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Request:
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._waiting.qsize()
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, sink: Callable | None = None,
+               timeout_s: float | None = None, reserve: int = 1) -> Request:
+        """Queue one request; QueueFull when `reserve` more would pass the bound, RuntimeError when dead."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        req = Request(list(prompt_ids), params)
-        self._waiting.put(req)
+        if not self.alive:
+            raise RuntimeError("the decode loop is not running")
+        with self._lock:
+            if self._waiting.qsize() + reserve > self.max_queue:
+                raise QueueFull(f"{self._waiting.qsize()} requests are waiting (limit {self.max_queue})")
+            deadline = time.monotonic() + timeout_s if timeout_s else None
+            req = Request(list(prompt_ids), params, sink=sink, deadline=deadline)
+            self._waiting.put(req)
         return req
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = 30.0) -> None:
         self._stop.set()
         self._waiting.put(None)  # wake the loop
-        self._thread.join()
+        self._thread.join(timeout)
+
+    def _finish(self, req: Request, reason: str | None = None, error: str | None = None) -> None:
+        if reason is not None:
+            req.finish_reason = reason
+        if error is not None:
+            req.error = error
+        req._push(_DONE)
 
     def _emit(self, req: Request, logits: torch.Tensor, gen: torch.Generator | None) -> bool:
         """Sample the next token of `req`; returns False once the request is finished."""
         p = req.params
         token = int(sample_next(logits[None], p.temperature, p.top_k, p.top_p, gen)[0])
         req.tokens.append(token)
-        req._out.put(token)
-        stops = set(p.stop_token_ids) | ({self.eos_token_id} if self.eos_token_id is not None else set())
-        if token in stops:
+        req._push(token)
+        if token in p.stop_token_ids or token == self.eos_token_id:
             req.finish_reason = "stop"
         elif len(req.tokens) >= p.max_new_tokens:
             req.finish_reason = "length"
-        elif req._cancelled.is_set():
-            req.finish_reason = "stop"
         return req.finish_reason is None
 
-    def _finish(self, req: Request) -> None:
-        req._out.put(_DONE)
+    def _gone(self, req: Request, now: float) -> bool:
+        """Finish a cancelled or timed-out request; True when it must leave the batch."""
+        if req.cancelled:
+            self._finish(req, "cancelled")
+            return True
+        if req.deadline is not None and now > req.deadline:
+            self._finish(req, "timeout")
+            return True
+        return False
+
+    def _admit(self, req: Request) -> _Live | None:
+        """Prefill one request and sample its first token; None when it is already finished."""
+        if self._gone(req, time.monotonic()):
+            return None
+        if req.params.max_new_tokens <= 0:
+            self._finish(req, "length")
+            return None
+        try:
+            gen = torch.Generator().manual_seed(req.params.seed) if req.params.seed is not None else None
+            logits, state = self.model.prefill(req.prompt_ids)
+            if self._emit(req, logits, gen):
+                return req, state, gen
+        except Exception as exc:  # noqa: BLE001 - this request only
+            self._finish(req, "error", f"{type(exc).__name__}: {exc}")
+            return None
+        self._finish(req)
+        return None
+
+    def _step(self, live: list[_Live]) -> list[_Live]:
+        """Admit waiting requests, then advance every live sequence by one token."""
+        block = not live
+        limit = self.max_batch if getattr(self.model, "batchable", True) else 1
+        while len(live) < limit:
+            try:
+                req = self._waiting.get(block=block, timeout=None if block else 0)
+            except queue.Empty:
+                break
+            block = False
+            if req is None:
+                break
+            if (entry := self._admit(req)) is not None:
+                live.append(entry)
+        now = time.monotonic()
+        live = [entry for entry in live if not self._gone(entry[0], now)]
+        self.live = len(live)
+        if not live:
+            return live
+        self.max_live = max(self.max_live, len(live))
+        try:
+            logits, states = self.model.decode([r.tokens[-1] for r, _, _ in live], [s for _, s, _ in live])
+        except Exception as exc:  # noqa: BLE001 - the sequences of this step only
+            for req, _, _ in live:
+                self._finish(req, "error", f"{type(exc).__name__}: {exc}")
+            return []
+        self.steps += 1
+        still = []
+        for (req, _, gen), row, state in zip(live, logits, states):
+            try:
+                more = self._emit(req, row, gen)
+            except Exception as exc:  # noqa: BLE001 - this request only
+                self._finish(req, "error", f"{type(exc).__name__}: {exc}")
+                continue
+            if more:
+                still.append((req, state, gen))
+            else:
+                self._finish(req)
+        return still
 
     def _loop(self) -> None:
-        live: list[tuple[Request, list, torch.Generator | None]] = []
-        while not self._stop.is_set():
-            block = not live
-            while len(live) < (self.max_batch if self.model.batchable else 1):
+        live: list[_Live] = []
+        try:
+            while not self._stop.is_set():
+                live = self._step(live)
+        except BaseException as exc:  # noqa: BLE001 - an unexpected error: the loop is dead and says so
+            self.error = exc
+        finally:
+            self._stop.set()
+            for req, _, _ in live:
+                self._finish(req, "abort")
+            while True:  # nobody will admit the waiting ones any more
                 try:
-                    req = self._waiting.get(block=block, timeout=None if block else 0)
+                    req = self._waiting.get_nowait()
                 except queue.Empty:
                     break
-                block = False
-                if req is None:
-                    break
-                gen = torch.Generator().manual_seed(req.params.seed) if req.params.seed is not None else None
-                if req.params.max_new_tokens <= 0 or req._cancelled.is_set():
-                    req.finish_reason = "length"
-                    self._finish(req)
-                    continue
-                logits, state = self.model.prefill(req.prompt_ids)
-                if self._emit(req, logits, gen):
-                    live.append((req, state, gen))
-                else:
-                    self._finish(req)
-            if not live:
-                continue
-            self.max_live = max(self.max_live, len(live))
-            logits, states = self.model.decode([r.tokens[-1] for r, _, _ in live], [s for _, s, _ in live])
-            self.steps += 1
-            still = []
-            for (req, _, gen), row, state in zip(live, logits, states):
-                if self._emit(req, row, gen):
-                    still.append((req, state, gen))
-                else:
-                    self._finish(req)
-            live = still
-        for req, _, _ in live:
-            req.finish_reason = "abort"
-            self._finish(req)
+                if req is not None:
+                    self._finish(req, "abort")
+            self.live = 0

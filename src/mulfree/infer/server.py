@@ -1,158 +1,318 @@
-"""OpenAI-compatible HTTP API (ASGI) over the continuous batcher: `/v1/models`, `/v1/completions`,
-`/v1/chat/completions`, with server-sent-event streaming. Run it with `mulfree serve` (uvicorn)."""
+"""OpenAI-compatible HTTP API (FastAPI on uvicorn) over the continuous batcher: `/v1/models[/{id}]`,
+`/v1/completions`, `/v1/chat/completions` (SSE streaming), `/health`, `/metrics`. Run it with `mulfree serve`.
+
+Every bad input is a 4xx OpenAI-style JSON error; bodies are size-checked while they arrive; a client that
+goes away cancels its sequences before the next decode step; tokens cross from the batcher thread to the
+event loop through `call_soon_threadsafe` (no thread per token)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
-from mulfree.infer.batching import ContinuousBatcher, SamplingParams
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mulfree.infer.batching import ContinuousBatcher, QueueFull, SamplingParams
+from mulfree.infer.detok import ChoiceText
+from mulfree.infer.metrics import Metrics
+from mulfree.infer.protocol import ChatRequest, CompletionRequest, ModelCard, ModelList, chat_prompt, seed64
 
 
-class BadRequest(ValueError):
-    """A request the API rejects with HTTP 400 and an OpenAI-style error body."""
+class ApiError(Exception):
+    """An error answered as {"error": {message, type, param, code}} with an HTTP status."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.param, self.code = status, kind, param, code
 
 
-def chat_prompt(messages: list[dict[str, Any]]) -> str:
-    """Plain-text chat template for models trained without one: 'role: content' lines, then 'assistant:'."""
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty list of {role, content} objects")
-    lines = []
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            raise BadRequest("each message needs a string 'content'")
-        lines.append(f"{m.get('role', 'user')}: {m['content']}")
-    return "\n".join(lines) + "\nassistant:"
+def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
 
 
-def _params(body: dict[str, Any]) -> tuple[SamplingParams, list[str]]:
-    def number(name, kind, default, lo=None, hi=None):
-        value = body.get(name, default)
-        if value is None:
-            return None
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or (kind is int and value != int(value)):
-            raise BadRequest(f"'{name}' must be a {kind.__name__}")
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise BadRequest(f"'{name}' must be in [{lo}, {hi}]")
-        return kind(value)
-
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not all(isinstance(s, str) for s in stop):
-        raise BadRequest("'stop' must be a string or a list of strings")
-    params = SamplingParams(
-        max_new_tokens=number("max_tokens", int, 64, 0, 4096),
-        temperature=number("temperature", float, 1.0, 0.0, 10.0),
-        top_k=number("top_k", int, None, 0, None),
-        top_p=number("top_p", float, None, 0.0, 1.0) or None,
-        seed=number("seed", int, None),
-    )
-    return params, stop
+async def read_json(request: Request, limit: int) -> Any:
+    """The body as JSON, refusing one over `limit` bytes before reading it all (413), bad UTF-8 or JSON (400)."""
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        raise ApiError(413, f"request body is larger than {limit} bytes", code="body_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"request body is larger than {limit} bytes", code="body_too_large")
+    try:
+        return json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"body is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, f"body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
 
 
-class App:
-    """The ASGI application. `tokenizer` is a `tokenizers.Tokenizer`."""
+class Server:
+    """The app's state: batcher, tokenizer, limits and metrics."""
 
-    def __init__(self, batcher: ContinuousBatcher, tokenizer: Any, model_name: str, max_prompt_tokens: int | None,
-                 default_seed: int | None = None):
-        self.batcher = batcher
-        self.default_seed = default_seed
-        self.tok = tokenizer
-        self.model_name = model_name
-        self.max_prompt_tokens = max_prompt_tokens
+    def __init__(self, batcher: ContinuousBatcher, tokenizer: Any, model_name: str, context_limit: int | None = None,
+                 max_prompt_tokens: int | None = None, max_body_bytes: int = 1 << 20,
+                 request_timeout_s: float | None = 600.0, default_max_tokens: int = 256,
+                 fixed_seed: int | None = None, max_new_tokens: int = 4096):
+        self.batcher, self.tok, self.model_name = batcher, tokenizer, model_name
+        self.context_limit, self.max_prompt_tokens = context_limit, max_prompt_tokens
+        self.max_body_bytes, self.timeout_s = max_body_bytes, request_timeout_s
+        self.default_max_tokens, self.fixed_seed = min(default_max_tokens, max_new_tokens), fixed_seed
+        self.max_new_tokens = max_new_tokens
+        self.created = int(time.time())
+        self.vocab = tokenizer.get_vocab_size()
+        self.metrics = Metrics(batcher)
 
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    self.batcher.close()
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["type"] != "http":
-            return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        route = (scope["method"], scope["path"])
+    def check_model(self, body: Any) -> None:
+        if isinstance(body, dict) and isinstance(body.get("model"), str) and body["model"] != self.model_name:
+            raise ApiError(404, f"The model '{body['model']}' does not exist", param="model", code="model_not_found")
+
+    async def encode(self, prompts: list[str | list[int]]) -> list[list[int]]:
+        """Token ids of each prompt (tokenized off the event loop), within the prompt-token limit."""
+        texts = [p for p in prompts if isinstance(p, str)]
+        encoded = iter(await run_in_threadpool(lambda: [e.ids for e in self.tok.encode_batch(texts)]) if texts else [])
+        out = []
+        for p in prompts:
+            ids = next(encoded) if isinstance(p, str) else p
+            if not ids:
+                raise ApiError(400, "a prompt is empty", param="prompt")
+            if any(i >= self.vocab for i in ids):
+                raise ApiError(400, f"token ids must be below the vocabulary size {self.vocab}", param="prompt")
+            if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
+                raise ApiError(400, f"the prompt has {len(ids)} tokens; the limit is {self.max_prompt_tokens}",
+                               param="prompt", code="context_length_exceeded")
+            out.append(ids)
+        return out
+
+    def budget(self, asked: int | None, prompt_len: int) -> int:
+        """max_tokens for one prompt: as asked (it must fit the context) or the default clipped to fit."""
+        room = None if self.context_limit is None else self.context_limit - prompt_len
+        if asked is not None:
+            if asked > self.max_new_tokens:
+                raise ApiError(400, f"max_tokens ({asked}) is above this server's limit of {self.max_new_tokens}",
+                               param="max_tokens")
+            if room is not None and asked > room:
+                raise ApiError(400, f"prompt ({prompt_len} tokens) + max_tokens ({asked}) exceeds the model's limit of "
+                               f"{self.context_limit}", param="max_tokens", code="context_length_exceeded")
+            return asked
+        if room is not None and room <= 0:
+            raise ApiError(400, f"the prompt ({prompt_len} tokens) fills the model's context of {self.context_limit}",
+                           param="prompt", code="context_length_exceeded")
+        return self.default_max_tokens if room is None else min(self.default_max_tokens, room)
+
+
+async def complete(srv: Server, request: Request, chat: bool) -> Response:
+    raw = await read_json(request, srv.max_body_bytes)
+    srv.check_model(raw)
+    try:
+        body = (ChatRequest if chat else CompletionRequest).model_validate(raw)
+        prompts = [chat_prompt(body.messages)] if chat else body.prompts()  # type: ignore[union-attr]
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = ".".join(str(x) for x in err["loc"]) or None
+        raise ApiError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param) from None
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
+    ids = await srv.encode(prompts)
+    asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    budgets = [srv.budget(asked, len(p)) for p in ids]
+    seed = body.seed if body.seed is not None else srv.fixed_seed
+    base = seed64(seed) if seed is not None else secrets.randbits(63)
+    temperature = 1.0 if body.temperature is None else body.temperature
+    top_p = body.top_p if body.top_p is not None and body.top_p < 1.0 else None
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[tuple[int, int | None]] = asyncio.Queue()
+    texts, reqs = [], []
+    total = len(ids) * body.n
+    try:
+        for k in range(total):
+            params = SamplingParams(max_new_tokens=budgets[k // body.n], temperature=temperature, top_k=body.top_k,
+                                    top_p=top_p, seed=base if k == 0 else seed64(base * 1_000_003 + k))
+            sink = _sink(loop, events, k)
+            reqs.append(srv.batcher.submit(ids[k // body.n], params, sink=sink, timeout_s=srv.timeout_s,
+                                           reserve=total - k))
+            texts.append(ChoiceText(srv.tok, body.stops))
+    except QueueFull as exc:
+        for r in reqs:
+            r.cancel()
+        raise ApiError(429, f"server busy: {exc}", kind="rate_limit_error", code="queue_full") from None
+    except RuntimeError as exc:
+        raise ApiError(503, str(exc), kind="server_error") from None
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    meta = {"id": rid, "created": int(time.time()), "model": srv.model_name}
+    start = time.monotonic()
+    endpoint = "chat" if chat else "completions"
+    srv.metrics.prompt_tokens.inc(sum(len(p) for p in ids))
+
+    def usage() -> dict[str, int]:
+        done = sum(t.used for t in texts)
+        prompt = sum(len(p) for p in ids)
+        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+
+    async def drive() -> AsyncIterator[tuple[int, str, bool]]:
+        """(choice index, new text, finished) as text becomes safe to send; ends when every choice is finished."""
+        pending, first = set(range(total)), True
+        deadline = None if srv.timeout_s is None else start + srv.timeout_s + 5.0  # the batcher's own bound, plus slack
         try:
-            if route == ("GET", "/v1/models"):
-                return await self._json(send, 200, {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "mulfree"}]})
-            if route in (("POST", "/v1/completions"), ("POST", "/v1/chat/completions")):
+            while pending:
+                left = None if deadline is None else deadline - time.monotonic()
                 try:
-                    request = json.loads(body or b"{}")
-                except json.JSONDecodeError as exc:
-                    raise BadRequest(f"body is not valid JSON ({exc.msg})") from exc
-                if not isinstance(request, dict):
-                    raise BadRequest("body must be a JSON object")
-                return await self._complete(send, request, chat=route[1].endswith("chat/completions"))
-            return await self._json(send, 404, {"error": {"message": f"no route {scope['method']} {scope['path']}", "type": "not_found"}})
-        except BadRequest as exc:
-            return await self._json(send, 400, {"error": {"message": str(exc), "type": "invalid_request_error"}})
+                    k, token = await asyncio.wait_for(events.get(), left)
+                except TimeoutError:
+                    raise ApiError(504, "the request timed out", kind="server_error", code="timeout") from None
+                if k not in pending:
+                    continue
+                t = texts[k]
+                if token is None:
+                    pending.discard(k)
+                    reason = reqs[k].finish_reason
+                    if t.finish is None and reason in ("timeout", "abort", "error"):
+                        raise ApiError(504 if reason == "timeout" else 503, f"generation ended: {reason}"
+                                       + (f" ({reqs[k].error})" if reqs[k].error else ""), kind="server_error")
+                    t.flush("length" if reason in (None, "cancelled") else reason)
+                else:
+                    t.feed(token)
+                    if t.finish is not None:  # a stop string: no more tokens for this choice
+                        reqs[k].cancel()
+                        pending.discard(k)
+                    if first:
+                        srv.metrics.ttft.observe(time.monotonic() - start)
+                        first = False
+                chunk, done = t.ready(), t.finish is not None and k not in pending
+                if chunk or done:
+                    yield k, chunk, done
+        finally:
+            for r in reqs:
+                r.cancel()
+            srv.metrics.completion_tokens.inc(sum(t.used for t in texts))
+            srv.metrics.latency.labels(endpoint).observe(time.monotonic() - start)
 
-    async def _json(self, send, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
-        await send({"type": "http.response.body", "body": data})
+    def choice(k: int, text: str, finish: str | None, delta: bool) -> dict:
+        if not chat:
+            return {"index": k, "text": text, "logprobs": None, "finish_reason": finish}
+        content = {"role": "assistant", "content": text} if not delta else ({"content": text} if text else {})
+        return {"index": k, "delta" if delta else "message": content, "logprobs": None, "finish_reason": finish}
 
-    async def _complete(self, send, body: dict, chat: bool) -> None:
-        prompt = chat_prompt(body.get("messages")) if chat else body.get("prompt")
-        if not isinstance(prompt, str) or not prompt:
-            raise BadRequest("'prompt' must be a non-empty string")
-        params, stop = _params(body)
-        if params.seed is None:
-            params.seed = self.default_seed
-        ids = self.tok.encode(prompt).ids
-        if self.max_prompt_tokens is not None and len(ids) + params.max_new_tokens > self.max_prompt_tokens:
-            raise BadRequest(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_new_tokens}) exceeds the model's limit of {self.max_prompt_tokens}")
-        req = self.batcher.submit(ids, params)
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
-        kind = "chat.completion" if chat else "text_completion"
+    kind = "chat.completion" if chat else "text_completion"
+    if not body.stream:
+        watcher = asyncio.create_task(_watch_disconnect(request, reqs))
+        try:
+            async for _ in drive():
+                pass
+        finally:
+            watcher.cancel()
+        return JSONResponse({**meta, "object": kind, "choices": [choice(k, t.text, t.finish, False)
+                                                                 for k, t in enumerate(texts)], "usage": usage()})
+    with_usage = body.stream_options is not None and body.stream_options.include_usage
+    chunk_kind = kind + ".chunk" if chat else kind
 
-        def choice(text: str, finish: str | None, delta: bool) -> dict:
-            if not chat:
-                return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-            key = "delta" if delta else "message"
-            return {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": finish}
+    def frame(choices: list[dict], use: dict | None = None) -> str:
+        payload = {**meta, "object": chunk_kind, "choices": choices}
+        if with_usage:
+            payload["usage"] = use
+        return f"data: {json.dumps(payload)}\n\n"
 
-        stream = bool(body.get("stream"))
-        if stream:
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
-        text, sent, finish, got = "", 0, None, []
-        loop = asyncio.get_running_loop()
-        tokens = req.stream()
-        while (token := await loop.run_in_executor(None, next, tokens, None)) is not None:
-            got.append(token)
-            text = self.tok.decode(got)
-            hit = min((text.find(s) for s in stop if s in text), default=-1)
-            if hit >= 0:
-                text, finish = text[:hit], "stop"
-                req.cancel()
-            if stream and not text.endswith("\ufffd") and len(text) > sent:
-                chunk = {"id": rid, "object": kind + ".chunk", "created": created, "model": self.model_name,
-                         "choices": [choice(text[sent:], None, True)]}
-                await send({"type": "http.response.body", "body": f"data: {json.dumps(chunk)}\n\n".encode(), "more_body": True})
-                sent = len(text)
-            if finish:
-                req.result()
-                break
-        finish = finish or req.finish_reason
-        usage = {"prompt_tokens": len(ids), "completion_tokens": len(req.tokens), "total_tokens": len(ids) + len(req.tokens)}
-        if stream:
-            last = {"id": rid, "object": kind + ".chunk", "created": created, "model": self.model_name,
-                    "choices": [choice(text[sent:], finish, True)], "usage": usage}
-            await send({"type": "http.response.body", "body": f"data: {json.dumps(last)}\n\ndata: [DONE]\n\n".encode()})
+    async def sse() -> AsyncIterator[str]:
+        if chat:
+            yield frame([{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for k in range(total)])
+        try:
+            async for k, text, done in drive():
+                if text:
+                    yield frame([choice(k, text, None, True)])
+                if done:
+                    yield frame([choice(k, "", texts[k].finish, True)])
+        except ApiError as exc:
+            yield f"data: {json.dumps({'error': {'message': str(exc), 'type': exc.kind, 'param': None, 'code': exc.code}})}\n\n"
+        if with_usage:
+            yield f"data: {json.dumps({**meta, 'object': chunk_kind, 'choices': [], 'usage': usage()})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(sse(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+
+def _sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, k: int):
+    """The batcher-thread callback that hands choice k's tokens (None at the end) to the event loop."""
+    return lambda token: loop.call_soon_threadsafe(events.put_nowait, (k, token))
+
+
+async def _watch_disconnect(request: Request, reqs: list) -> None:
+    """Cancel `reqs` when the client goes away while a non-streamed answer is being generated."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            for r in reqs:
+                r.cancel()
             return
-        await self._json(send, 200, {"id": rid, "object": kind, "created": created, "model": self.model_name,
-                                     "choices": [choice(text, finish, False)], "usage": usage})
+
+
+def build_app(srv: Server) -> FastAPI:
+    """The FastAPI app over `srv`; its shutdown closes the batcher."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await run_in_threadpool(srv.batcher.close, 10.0)
+
+    app = FastAPI(title="mulfree", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(srv.metrics.middleware)
+    app.state.server = srv
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, str(exc), exc.kind, exc.param, exc.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}",
+                              code="not_found" if exc.status_code == 404 else None)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
+
+    card = ModelCard(id=srv.model_name, created=srv.created)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return ModelList(data=[card]).model_dump()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        if model_id != srv.model_name:
+            raise ApiError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+        return card.model_dump()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await complete(srv, request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await complete(srv, request, chat=True)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not srv.batcher.alive:
+            why = f" ({type(srv.batcher.error).__name__}: {srv.batcher.error})" if srv.batcher.error else ""
+            return error_response(503, "the decode loop is not running" + why, "server_error")
+        return JSONResponse({"status": "ok", "live": srv.batcher.live, "queued": srv.batcher.queue_depth})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return srv.metrics.response()
+
+    return app

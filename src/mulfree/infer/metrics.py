@@ -1,0 +1,58 @@
+"""Prometheus metrics of the server (prometheus-client, one registry per app): requests by endpoint and
+status, prompt and completion tokens, queue depth, live sequences, request latency, time to first token."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from starlette.responses import Response
+
+_ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
+
+
+class Metrics:
+    def __init__(self, batcher: Any):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("mulfree_requests", "HTTP requests answered", ["path", "status"], registry=r)
+        self.prompt_tokens = Counter("mulfree_prompt_tokens", "prompt tokens admitted", registry=r)
+        self.completion_tokens = Counter("mulfree_completion_tokens", "completion tokens returned", registry=r)
+        Gauge("mulfree_queue_depth", "requests waiting for a batch slot", registry=r).set_function(
+            lambda: batcher.queue_depth)
+        Gauge("mulfree_live_sequences", "sequences in the decode batch", registry=r).set_function(lambda: batcher.live)
+        Gauge("mulfree_decode_steps", "batched decode steps taken", registry=r).set_function(lambda: batcher.steps)
+        self.latency = Histogram("mulfree_request_seconds", "completion request latency", ["endpoint"], registry=r)
+        self.ttft = Histogram("mulfree_time_to_first_token_seconds", "time to the first generated token", registry=r)
+        metrics = self
+
+        class Middleware:
+            """Counts every HTTP response by path (known routes only, to bound label values) and status."""
+
+            def __init__(self, app: Any):
+                self.app = app
+
+            async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+                if scope["type"] != "http":
+                    return await self.app(scope, receive, send)
+                path = scope["path"] if scope["path"] in _ROUTES else "other"
+
+                async def counted(message: dict) -> None:
+                    if message["type"] == "http.response.start":
+                        metrics.requests.labels(path, str(message["status"])).inc()
+                    await send(message)
+
+                await self.app(scope, receive, counted)
+
+        self.middleware = Middleware
+        self.started = time.time()
+
+    def response(self) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)

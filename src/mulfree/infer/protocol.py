@@ -1,0 +1,161 @@
+"""Pydantic models of the OpenAI completion and chat request/response schemas (the parts we serve).
+
+Validation is strict where OpenAI's is: `stop: 5`, NaN/inf sampling values and wrong types fail here and
+become 400 JSON errors; fields we accept but cannot honour (`echo`, penalties, `logit_bias`, tools) are
+refused rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+TokenIds = list[Annotated[StrictInt, Field(ge=0)]]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    """Sampling fields shared by both endpoints."""
+
+    model_config = ConfigDict(extra="allow")  # OpenAI clients send fields we have no use for (user, metadata)
+
+    model: StrictStr
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
+    temperature: Annotated[Finite, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[Finite, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=0)] | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=16)] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
+    seed: StrictInt | None = None  # any integer: see `seed64`
+    presence_penalty: Annotated[Finite, Field(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[Finite, Field(ge=-2.0, le=2.0)] = 0.0
+    logit_bias: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> _Common:
+        if self.presence_penalty or self.frequency_penalty:
+            raise ValueError("presence_penalty and frequency_penalty are not supported (leave them 0)")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
+        return self
+
+    @property
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [s for s in stops if s]
+
+
+class CompletionRequest(_Common):
+    prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
+    echo: bool = False
+    logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
+    suffix: StrictStr | None = None
+    best_of: StrictInt | None = None
+
+    @model_validator(mode="after")
+    def _unsupported_completion(self) -> CompletionRequest:
+        if self.echo:
+            raise ValueError("echo is not supported")
+        if self.logprobs is not None:
+            raise ValueError("logprobs is not supported")
+        if self.suffix:
+            raise ValueError("suffix is not supported")
+        if self.best_of not in (None, 1, self.n):
+            raise ValueError("best_of is not supported")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt as a list of strings or token-id lists (one completion set per prompt)."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise ValueError("'prompt' is empty")
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(_Common):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
+    logprobs: bool = False
+    top_logprobs: StrictInt | None = None
+    tools: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _unsupported_chat(self) -> ChatRequest:
+        if self.logprobs or self.top_logprobs:
+            raise ValueError("logprobs / top_logprobs are not supported")
+        if self.tools:
+            raise ValueError("tools are not supported")
+        return self
+
+
+def chat_prompt(messages: list[ChatMessage]) -> str:
+    """Plain-text chat template for models trained without one: 'role: content' lines, then 'assistant:'."""
+    return "\n".join(f"{m.role}: {m.text()}" for m in messages) + "\nassistant:"
+
+
+def seed64(seed: int) -> int:
+    """Any integer -> a torch seed in [0, 2^63): small non-negative seeds as they are, others hashed."""
+    if 0 <= seed < 1 << 63:
+        return seed
+    digest = hashlib.blake2b(str(seed).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "mulfree"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

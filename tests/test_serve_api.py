@@ -1,0 +1,221 @@
+"""The OpenAI-compatible server driven by the official `openai` client against a real uvicorn on loopback."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("fastapi")
+
+from mulfree.data.text import train_tokenizer
+from mulfree.generation import context_limit, generate
+from mulfree.infer.batching import ContinuousBatcher, TorchStepModel
+from mulfree.infer.server import Server, build_app
+from mulfree.models.io import load_model, save_model
+from mulfree.models.mmfree import MMFreeConfig, MMFreeForCausalLM
+
+TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 50
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_model_dir(path):
+    """A random MMfree model dir with a trained byte-level BPE tokenizer, as `mulfree train` writes one."""
+    tok = train_tokenizer(TEXT, vocab_size=300)
+    torch.manual_seed(0)
+    m = MMFreeForCausalLM(MMFreeConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
+                                       intermediate_size=64, max_position_embeddings=128))
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(std=0.5)
+    save_model(m, path, tok)
+    return path
+
+
+class Running:
+    """A uvicorn server in a thread on a random loopback port (stopped by `stop`, bounded in time)."""
+
+    def __init__(self, srv: Server, **uvicorn_kw):
+        self.srv, self.port = srv, free_port()
+        self.server = uvicorn.Server(uvicorn.Config(build_app(srv), host="127.0.0.1", port=self.port,
+                                                    log_level="error", timeout_graceful_shutdown=2, **uvicorn_kw))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert self.server.started
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    model_dir = tiny_model_dir(tmp_path_factory.mktemp("tiny") / "tiny")
+    model, tok = load_model(model_dir)
+    batcher = ContinuousBatcher(TorchStepModel(model), max_batch=4, eos_token_id=None, max_queue=8)
+    srv = Server(batcher, tok, "tiny", context_limit=context_limit(model), max_prompt_tokens=64,
+                 max_body_bytes=64 * 1024, request_timeout_s=20)
+    run = Running(srv)
+    client = openai.OpenAI(base_url=run.url + "/v1", api_key="x", timeout=20, max_retries=0)
+    yield run, client, model, tok
+    run.stop()
+
+
+def greedy(model, tok, prompt: str, n: int) -> str:
+    ids = tok.encode(prompt).ids
+    return tok.decode(generate(model, torch.tensor(ids), n)[0, len(ids):].tolist())
+
+
+def test_completion_equals_generate_and_streams_the_same_text(served):
+    _run, client, model, tok = served
+    out = client.completions.create(model="tiny", prompt="To be, or not", max_tokens=12, temperature=0)
+    assert out.choices[0].text == greedy(model, tok, "To be, or not", 12)
+    assert out.choices[0].finish_reason == "length"
+    ids = tok.encode("To be, or not").ids
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(ids), 12)
+    chunks = list(client.completions.create(model="tiny", prompt="To be, or not", max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == out.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].choices == []
+    # prompts as a list of strings and as token ids
+    many = client.completions.create(model="tiny", prompt=["To be, or not", "Whether"], max_tokens=5, temperature=0)
+    assert [c.text for c in many.choices] == [greedy(model, tok, p, 5) for p in ("To be, or not", "Whether")]
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=5, temperature=0)
+    assert by_ids.choices[0].text == greedy(model, tok, "To be, or not", 5)
+
+
+def test_chat_n_seeds_and_models(served):
+    _run, client, _model, _tok = served
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Speak"}]}]
+    out = client.chat.completions.create(model="tiny", messages=msgs, max_completion_tokens=6, temperature=0, n=3)
+    assert [c.index for c in out.choices] == [0, 1, 2] and out.usage.completion_tokens == 18
+    assert len({c.message.content for c in out.choices}) == 1 and out.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == out.choices[0].message.content
+    kw = {"model": "tiny", "prompt": "To be", "max_tokens": 10, "temperature": 1.0}
+    a, b = (client.completions.create(seed=2**70 + 3, **kw).choices[0].text for _ in range(2))
+    assert a == b  # a huge seed is accepted and reproducible
+    unseeded = {client.completions.create(**kw).choices[0].text for _ in range(4)}
+    assert len(unseeded) > 1  # a fresh random seed per request
+    assert [m.id for m in client.models.list().data] == ["tiny"] and client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=1)
+
+
+def test_stop_strings_never_leak_and_usage_ends_with_the_text(served):
+    _run, client, model, tok = served
+    full = greedy(model, tok, "To be, or not", 30)
+    at = next(i for i in range(2, len(full) - 3) if full[i : i + 3].isascii() and full[i : i + 3].isprintable())
+    stop = full[at : at + 3]  # a string the greedy text is known to contain
+    cut = full[: full.index(stop)]
+    out = client.completions.create(model="tiny", prompt="To be, or not", max_tokens=30, temperature=0, stop=[stop])
+    assert out.choices[0].text == cut and out.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(model="tiny", prompt="To be, or not", max_tokens=30, temperature=0,
+                                            stop=stop, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == cut
+    used = chunks[-1].usage.completion_tokens
+    assert used == out.usage.completion_tokens < 30
+    ids = tok.encode("To be, or not").ids
+    gen = generate(model, torch.tensor(ids), 30)[0, len(ids):].tolist()
+    assert stop in tok.decode(gen[:used]) and stop not in tok.decode(gen[: used - 1])
+
+
+def post(run, path, content, headers=None):
+    with httpx.Client(timeout=20) as c:
+        return c.post(run.url + path, content=content, headers={"content-type": "application/json", **(headers or {})})
+
+
+BAD = [
+    ({"prompt": "x", "temperature": float("nan")}, 400), ({"prompt": "x", "top_p": float("inf")}, 400),
+    ({"prompt": "x", "stop": 5}, 400), ({"prompt": "x", "max_tokens": "3"}, 400), ({"prompt": 7}, 400),
+    ({"prompt": "x", "max_tokens": -1}, 400), ({"prompt": ""}, 400), ({"prompt": "x " * 80}, 400),
+    ({"prompt": [10**9]}, 400), ({"prompt": "x", "n": 0}, 400), ({"prompt": "x", "logprobs": 2}, 400),
+    ({"prompt": "x", "echo": True}, 400), ({"prompt": "x", "presence_penalty": 1}, 400),
+    ({"prompt": "x", "max_tokens": 10**6}, 400), ({"prompt": "x", "model": "other"}, 404),
+]
+
+
+def test_bad_input_is_a_4xx_json_error_and_the_server_keeps_serving(served):
+    run, client, _, _ = served
+    for body, status in BAD:
+        raw = json.dumps({"model": "tiny", **body}).replace("NaN", "NaN").encode()
+        r = post(run, "/v1/completions", raw)
+        assert r.status_code == status, (body, r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    for raw, status in [(b"{oops", 400), (b'{"model": "tiny", "prompt": "\xff\xfe"}', 400), (b"[1]", 400),
+                        (b'{"model": "tiny", "messages": []}', 400), (b"x" * (65 * 1024), 413)]:
+        path = "/v1/chat/completions" if b"messages" in raw else "/v1/completions"
+        r = post(run, path, raw)
+        assert r.status_code == status and "error" in r.json(), raw[:40]
+    with socket.create_connection(("127.0.0.1", run.port), timeout=5) as sock:  # a 100 MB body announced: 413 at once
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: 100000000\r\n\r\n{")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 413")
+    with httpx.Client(timeout=5) as c:
+        assert c.get(run.url + "/nope").json()["error"]["code"] == "not_found"
+        assert c.get(run.url + "/health").status_code == 200
+        metrics = c.get(run.url + "/metrics").text
+    assert "mulfree_requests_total" in metrics and "mulfree_queue_depth" in metrics
+    assert 'status="400"' in metrics
+    out = client.completions.create(model="tiny", prompt="To be", max_tokens=3, temperature=0)
+    assert out.usage.completion_tokens == 3
+
+
+def test_disconnect_mid_stream_frees_the_slot(served):
+    run, client, _, _ = served
+    batcher = run.srv.batcher
+    body = json.dumps({"model": "tiny", "prompt": "To be", "max_tokens": 100, "temperature": 1.0, "stream": True})
+    with httpx.Client(timeout=20) as c:
+        for _ in range(4):  # fill every slot with a stream and drop it after its first event
+            with c.stream("POST", run.url + "/v1/completions", content=body,
+                          headers={"content-type": "application/json"}) as r:
+                next(r.iter_lines())
+    deadline = time.monotonic() + 5
+    while batcher.live and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert batcher.live == 0  # cancelled within a step or so, not run to max_tokens
+    t = time.monotonic()
+    client.completions.create(model="tiny", prompt="To be", max_tokens=2, temperature=0)
+    assert time.monotonic() - t < 5
+
+
+def test_a_dead_decode_loop_shows_in_health(tmp_path):
+    model, tok = load_model(tiny_model_dir(tmp_path / "m"))
+    batcher = ContinuousBatcher(TorchStepModel(model), max_batch=2)
+    run = Running(Server(batcher, tok, "m", context_limit=context_limit(model), request_timeout_s=5))
+    try:
+        with httpx.Client(timeout=10) as c:
+            assert c.get(run.url + "/health").status_code == 200
+
+            def boom(live):
+                raise SystemError("injected")
+
+            batcher._step = boom
+            batcher._waiting.put(None)  # wake the loop into the failing step
+            batcher._thread.join(timeout=5)
+            r = c.get(run.url + "/health")
+            assert r.status_code == 503 and "injected" in r.json()["error"]["message"]
+            r = c.post(run.url + "/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 2})
+            assert r.status_code == 503 and "error" in r.json()
+    finally:
+        run.stop()
