@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
+from typing import Literal
 
 from mulfree.commands.flags import add_flags, from_args
 from mulfree.errors import ConfigError
@@ -18,6 +19,10 @@ class ServeConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind (loopback only by default)"})
     port: int = field(default=8000, metadata={"help": "TCP port"})
     max_batch: int = field(default=8, metadata={"help": "most sequences decoded together"})
+    engine: Literal["auto", "packed", "torch"] = field(default="auto", metadata={
+        "help": "auto: the packed engine for MMfree dirs (packed, or packed in memory), torch otherwise"})
+    threads: int = field(default=0, metadata={"help": "packed engine threads (0: the engine's default)",
+                                              "min": 0, "max": 1024})
     seed: int | None = field(default=None, metadata={
         "help": "fixed sampling seed for requests that give none (default: a fresh random seed per request)"})
     max_queue: int = field(default=256, metadata={"help": "most requests waiting for a batch slot (more: 429)",
@@ -88,19 +93,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "/health and /metrics (Prometheus). MMfree models decode all live requests in one batched step "
         "(continuous batching).",
     )
-    p.add_argument("--model", required=True, help="model dir written by `mulfree train`")
+    p.add_argument("--model", required=True, help="model dir written by `mulfree train` or `mulfree pack`")
     add_flags(p, ServeConfig)
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    import signal
+    import sys
     from pathlib import Path
 
     from mulfree.errors import CheckpointError, MulfreeError
-    from mulfree.generation import context_limit
-    from mulfree.infer.batching import ContinuousBatcher, TorchStepModel
+    from mulfree.infer.batching import ContinuousBatcher
     from mulfree.infer.server import Server, build_app
-    from mulfree.models.io import load_model
+    from mulfree.models.io import read_config
 
     cfg = from_args(ServeConfig, args)
     try:
@@ -109,17 +115,42 @@ def _run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise MulfreeError(f"{exc.name} is not installed", "pip install 'mulfree[serve]'") from exc
     check_bind(cfg.host, cfg.port)
-    model, tok = load_model(args.model)
+    step_model, tok, limit = _load(args.model, cfg, read_config(args.model))
     if tok is None:
         raise CheckpointError(f"{args.model} has no tokenizer.json", "serve a dir written by `mulfree train`")
     eos = tok.token_to_id("<|endoftext|>")
-    batcher = ContinuousBatcher(TorchStepModel(model), max_batch=cfg.max_batch, eos_token_id=eos,
-                                max_queue=cfg.max_queue)
-    srv = Server(batcher, tok, Path(args.model).name, context_limit=context_limit(model),
+    batcher = ContinuousBatcher(step_model, max_batch=cfg.max_batch, eos_token_id=eos, max_queue=cfg.max_queue)
+    srv = Server(batcher, tok, Path(args.model).name, context_limit=limit,
                  max_prompt_tokens=cfg.max_prompt_tokens, max_body_bytes=cfg.max_body_bytes,
                  request_timeout_s=cfg.request_timeout, default_max_tokens=cfg.max_tokens, fixed_seed=cfg.seed,
                  max_new_tokens=cfg.max_tokens_limit)
+    # uvicorn drains on SIGTERM, then re-raises it: exit 0 rather than die of the signal
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(build_app(srv), host=cfg.host, port=cfg.port, log_level="info", timeout_keep_alive=cfg.keep_alive,
                 limit_concurrency=cfg.limit_concurrency, timeout_graceful_shutdown=cfg.shutdown_timeout,
                 h11_max_incomplete_event_size=64 * 1024)
     return 0
+
+
+def _load(model_dir: str, cfg: ServeConfig, config: dict):
+    """(step model, tokenizer, context limit) for the engine `cfg.engine` picks for this dir."""
+    from mulfree.errors import CheckpointError
+    from mulfree.generation import context_limit
+    from mulfree.infer.batching import PackedStepModel, TorchStepModel
+
+    packed_dir, mmfree = "format" in config, config.get("model_type") == "mmfree"
+    if cfg.engine == "torch" and packed_dir:
+        raise CheckpointError(f"{model_dir} is a packed dir: it runs on the packed engine only",
+                              "drop --engine torch, or serve the unpacked model dir")
+    if cfg.engine == "packed" and not (packed_dir or mmfree):
+        raise CheckpointError(f"{model_dir} is not an MMfree model: the packed engine runs MMfree models only",
+                              "use --engine torch (or auto)")
+    if packed_dir or (mmfree and cfg.engine != "torch"):
+        from mulfree.infer.engine import PackedModel
+
+        packed = PackedModel.load(model_dir, threads=cfg.threads)
+        return PackedStepModel(packed), packed.tokenizer, None  # recurrent: no position limit
+    from mulfree.models.io import load_model
+
+    model, tok = load_model(model_dir)
+    return TorchStepModel(model), tok, context_limit(model)

@@ -109,6 +109,27 @@ class TorchStepModel:
         return logits[:, -1], [[layer[b : b + 1] for layer in new] for b in range(len(tokens))]
 
 
+class PackedStepModel:
+    """Prefill/decode on the packed engine (`PackedModel`): a sequence's state is fp32 [L, d]; one step gathers
+    the live states into a contiguous [B, L, d] for `decode_batch` (every linear once over the B tokens) and
+    hands each sequence its row back."""
+
+    batchable = True
+
+    def __init__(self, packed: Any):
+        self.packed = packed
+
+    @torch.no_grad()
+    def prefill(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.packed.prefill_state(ids)
+
+    @torch.no_grad()
+    def decode(self, tokens: list[int], states: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        batch = torch.stack(states)  # [B, L, d], contiguous; updated in place by the engine
+        logits = self.packed.decode_batch(tokens, batch)
+        return logits, list(batch.unbind(0))
+
+
 _Live = tuple[Request, Any, "torch.Generator | None"]
 
 

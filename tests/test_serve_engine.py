@@ -1,0 +1,90 @@
+"""`mulfree serve` on the packed engine: greedy output equals `PackedModel.generate` alone and among
+concurrent requests; the real CLI process serves, and SIGTERM drains it and exits within a bound."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from test_serve_api import Running, free_port, tiny_model_dir
+
+from mulfree.infer.batching import ContinuousBatcher, PackedStepModel
+from mulfree.infer.engine import PackedModel
+from mulfree.infer.server import Server
+
+PROMPTS = ["To be, or not", "Whether 'tis", "the question", "nobler in", "suffer", "To", "mind to", "be, or"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("packed") / "tiny")
+
+
+def test_packed_server_greedy_equals_generate_alone_and_concurrently(model_dir):
+    direct = PackedModel.load(model_dir)
+    tok = direct.tokenizer
+    expected = {p: tok.decode(direct.generate(tok.encode(p).ids, 10)) for p in PROMPTS}
+    served = PackedModel.load(model_dir)
+    batcher = ContinuousBatcher(PackedStepModel(served), max_batch=8, max_queue=32)
+    run = Running(Server(batcher, tok, "tiny", request_timeout_s=20))
+    try:
+        client = openai.OpenAI(base_url=run.url + "/v1", api_key="x", timeout=20, max_retries=0)
+        alone = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=10, temperature=0)
+        assert alone.choices[0].text == expected[PROMPTS[0]]
+        got: dict[str, str] = {}
+
+        def ask(p: str) -> None:
+            got[p] = client.completions.create(model="tiny", prompt=p, max_tokens=10, temperature=0).choices[0].text
+
+        threads = [threading.Thread(target=ask, args=(p,)) for p in PROMPTS * 2]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert got == expected
+        assert batcher.max_live > 1  # they really shared decode steps
+    finally:
+        run.stop()
+
+
+def test_cli_serves_the_packed_engine_and_sigterm_drains(model_dir):
+    port = free_port()
+    code = "import sys; from mulfree.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--model", str(model_dir), "--port", str(port),
+                             "--shutdown-timeout", "5"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("the server did not come up")
+        with httpx.Client(timeout=20) as c:
+            body = {"model": "tiny", "prompt": "To be", "max_tokens": 40, "temperature": 0, "stream": True}
+            with c.stream("POST", url + "/v1/completions", json=body) as r:
+                lines = r.iter_lines()
+                assert next(lines).startswith("data: ")
+                proc.send_signal(signal.SIGTERM)  # mid-stream: the stream is drained, then the process exits
+                rest = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+        assert rest[-1]["choices"][0]["finish_reason"] == "length"
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
