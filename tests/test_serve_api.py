@@ -139,6 +139,22 @@ def test_stop_strings_never_leak_and_usage_ends_with_the_text(served):
     assert stop in tok.decode(gen[:used]) and stop not in tok.decode(gen[: used - 1])
 
 
+def test_logprobs(served):
+    _run, client, _model, _tok = served
+    out = client.completions.create(model="tiny", prompt="To be", max_tokens=6, temperature=0, logprobs=2)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == out.usage.completion_tokens == 6
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert chosen <= 0 and len(top) <= 2 and abs(max(top.values()) - chosen) < 1e-5  # greedy: the top token
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+                                          temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 5 and all(len(c.top_logprobs) == 3 and c.logprob <= 0 for c in content)
+    chunks = list(client.completions.create(model="tiny", prompt="To be", max_tokens=6, temperature=0, logprobs=0,
+                                            stream=True))
+    assert sum(len(c.choices[0].logprobs.tokens) for c in chunks if c.choices and c.choices[0].logprobs) == 6
+
+
 def post(run, path, content, headers=None):
     with httpx.Client(timeout=20) as c:
         return c.post(run.url + path, content=content, headers={"content-type": "application/json", **(headers or {})})
@@ -148,7 +164,7 @@ BAD = [
     ({"prompt": "x", "temperature": float("nan")}, 400), ({"prompt": "x", "top_p": float("inf")}, 400),
     ({"prompt": "x", "stop": 5}, 400), ({"prompt": "x", "max_tokens": "3"}, 400), ({"prompt": 7}, 400),
     ({"prompt": "x", "max_tokens": -1}, 400), ({"prompt": ""}, 400), ({"prompt": "x " * 80}, 400),
-    ({"prompt": [10**9]}, 400), ({"prompt": "x", "n": 0}, 400), ({"prompt": "x", "logprobs": 2}, 400),
+    ({"prompt": [10**9]}, 400), ({"prompt": "x", "n": 0}, 400), ({"prompt": "x", "logprobs": 9}, 400),
     ({"prompt": "x", "echo": True}, 400), ({"prompt": "x", "presence_penalty": 1}, 400),
     ({"prompt": "x", "max_tokens": 10**6}, 400), ({"prompt": "x", "model": "other"}, 404),
 ]

@@ -40,6 +40,7 @@ class SamplingParams:
     top_p: float | None = None
     seed: int | None = None  # 0 <= seed < 2^64; None draws from torch's global generator
     stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k most likely
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Request:
     sink: Callable[[int | None], None] | None = None
     deadline: float | None = None  # time.monotonic() after which the request is finished as "timeout"
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)  # per token, if asked
     finish_reason: str | None = None
     error: str | None = None
     _out: queue.Queue = field(default_factory=queue.Queue, repr=False)
@@ -192,6 +194,11 @@ class ContinuousBatcher:
         """Sample the next token of `req`; returns False once the request is finished."""
         p = req.params
         token = int(sample_next(logits[None], p.temperature, p.top_k, p.top_p, gen)[0])
+        if p.logprobs is not None:  # of the model's distribution (before temperature / top-k / top-p)
+            lp = torch.log_softmax(logits.float(), dim=-1)
+            top = torch.topk(lp, min(p.logprobs, lp.numel())) if p.logprobs else None
+            req.logprobs.append((float(lp[token]), [] if top is None else
+                                 [(int(i), float(v)) for v, i in zip(top.values, top.indices)]))
         req.tokens.append(token)
         req._push(token)
         if token in p.stop_token_ids or token == self.eos_token_id:

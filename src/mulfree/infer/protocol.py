@@ -66,8 +66,6 @@ class CompletionRequest(_Common):
     def _unsupported_completion(self) -> CompletionRequest:
         if self.echo:
             raise ValueError("echo is not supported")
-        if self.logprobs is not None:
-            raise ValueError("logprobs is not supported")
         if self.suffix:
             raise ValueError("suffix is not supported")
         if self.best_of not in (None, 1, self.n):
@@ -107,13 +105,13 @@ class ChatRequest(_Common):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
     logprobs: bool = False
-    top_logprobs: StrictInt | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     tools: list[Any] | None = None
 
     @model_validator(mode="after")
     def _unsupported_chat(self) -> ChatRequest:
-        if self.logprobs or self.top_logprobs:
-            raise ValueError("logprobs / top_logprobs are not supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         if self.tools:
             raise ValueError("tools are not supported")
         return self
@@ -122,6 +120,34 @@ class ChatRequest(_Common):
 def chat_prompt(messages: list[ChatMessage]) -> str:
     """Plain-text chat template for models trained without one: 'role: content' lines, then 'assistant:'."""
     return "\n".join(f"{m.role}: {m.text()}" for m in messages) + "\nassistant:"
+
+
+def logprob_count(body: CompletionRequest | ChatRequest) -> int | None:
+    """How many alternatives per token to report (None: no logprobs)."""
+    if isinstance(body, CompletionRequest):
+        return body.logprobs
+    return (body.top_logprobs or 0) if body.logprobs else None
+
+
+def completion_logprobs(tokens: list[int], entries: list, piece: Any, offset: int = 0) -> dict:
+    """The completions `logprobs` object for tokens with their (logprob, [(id, logprob)]) entries."""
+    strings = [piece(t) for t in tokens]
+    offsets = []
+    for s in strings:
+        offsets.append(offset)
+        offset += len(s)
+    return {"tokens": strings, "token_logprobs": [lp for lp, _ in entries],
+            "top_logprobs": [{piece(i): v for i, v in tops} for _, tops in entries], "text_offset": offsets}
+
+
+def chat_logprobs(tokens: list[int], entries: list, piece: Any) -> dict:
+    """The chat `logprobs` object ({"content": [{token, logprob, bytes, top_logprobs}]})."""
+    def one(i: int, lp: float) -> dict:
+        s = piece(i)
+        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+
+    return {"content": [{**one(t, lp), "top_logprobs": [one(i, v) for i, v in tops]}
+                        for t, (lp, tops) in zip(tokens, entries)], "refusal": None}
 
 
 def seed64(seed: int) -> int:

@@ -25,7 +25,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mulfree.infer.batching import ContinuousBatcher, QueueFull, SamplingParams
 from mulfree.infer.detok import ChoiceText
 from mulfree.infer.metrics import Metrics
-from mulfree.infer.protocol import ChatRequest, CompletionRequest, ModelCard, ModelList, chat_prompt, seed64
+from mulfree.infer.protocol import (
+    ChatRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    chat_logprobs,
+    chat_prompt,
+    completion_logprobs,
+    logprob_count,
+    seed64,
+)
 
 
 class ApiError(Exception):
@@ -75,6 +85,11 @@ class Server:
         self.created = int(time.time())
         self.vocab = tokenizer.get_vocab_size()
         self.metrics = Metrics(batcher)
+
+    def token_text(self, token: int) -> str:
+        """One token as text for logprobs; a partial UTF-8 sequence as its (unique) vocabulary entry."""
+        text = self.tok.decode([token])
+        return text if "\ufffd" not in text else self.tok.id_to_token(token) or text
 
     def check_model(self, body: Any) -> None:
         if isinstance(body, dict) and isinstance(body.get("model"), str) and body["model"] != self.model_name:
@@ -140,7 +155,8 @@ async def complete(srv: Server, request: Request, chat: bool) -> Response:
     try:
         for k in range(total):
             params = SamplingParams(max_new_tokens=budgets[k // body.n], temperature=temperature, top_k=body.top_k,
-                                    top_p=top_p, seed=base if k == 0 else seed64(base * 1_000_003 + k))
+                                    top_p=top_p, seed=base if k == 0 else seed64(base * 1_000_003 + k),
+                                    logprobs=logprob_count(body))
             sink = _sink(loop, events, k)
             reqs.append(srv.batcher.submit(ids[k // body.n], params, sink=sink, timeout_s=srv.timeout_s,
                                            reserve=total - k))
@@ -200,11 +216,23 @@ async def complete(srv: Server, request: Request, chat: bool) -> Response:
             srv.metrics.completion_tokens.inc(sum(t.used for t in texts))
             srv.metrics.latency.labels(endpoint).observe(time.monotonic() - start)
 
+    want_lp = logprob_count(body) is not None
+    lp_sent = [0] * total  # tokens of each choice whose logprobs went out already
+
+    def logprobs(k: int) -> dict | None:
+        """The logprobs of choice k's tokens not reported yet (up to where its text ends)."""
+        if not want_lp:
+            return None
+        a, b = lp_sent[k], texts[k].used
+        lp_sent[k] = b
+        tokens, entries, piece = reqs[k].tokens[a:b], reqs[k].logprobs[a:b], srv.token_text
+        return chat_logprobs(tokens, entries, piece) if chat else completion_logprobs(tokens, entries, piece)
+
     def choice(k: int, text: str, finish: str | None, delta: bool) -> dict:
         if not chat:
-            return {"index": k, "text": text, "logprobs": None, "finish_reason": finish}
+            return {"index": k, "text": text, "logprobs": logprobs(k), "finish_reason": finish}
         content = {"role": "assistant", "content": text} if not delta else ({"content": text} if text else {})
-        return {"index": k, "delta" if delta else "message": content, "logprobs": None, "finish_reason": finish}
+        return {"index": k, "delta" if delta else "message": content, "logprobs": logprobs(k), "finish_reason": finish}
 
     kind = "chat.completion" if chat else "text_completion"
     if not body.stream:
