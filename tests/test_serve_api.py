@@ -19,6 +19,7 @@ from mulfree.data.text import train_tokenizer
 from mulfree.generation import context_limit, generate
 from mulfree.infer.batching import ContinuousBatcher, TorchStepModel
 from mulfree.infer.server import Server, build_app
+from mulfree.infer.transport import header_timeout_protocol
 from mulfree.models.io import load_model, save_model
 from mulfree.models.mmfree import MMFreeConfig, MMFreeForCausalLM
 
@@ -72,7 +73,7 @@ def served(tmp_path_factory):
     batcher = ContinuousBatcher(TorchStepModel(model), max_batch=4, eos_token_id=None, max_queue=8)
     srv = Server(batcher, tok, "tiny", context_limit=context_limit(model), max_prompt_tokens=64,
                  max_body_bytes=64 * 1024, request_timeout_s=20)
-    run = Running(srv)
+    run = Running(srv, http=header_timeout_protocol(1.0))
     client = openai.OpenAI(base_url=run.url + "/v1", api_key="x", timeout=20, max_retries=0)
     yield run, client, model, tok
     run.stop()
@@ -195,6 +196,28 @@ def test_bad_input_is_a_4xx_json_error_and_the_server_keeps_serving(served):
     assert 'status="400"' in metrics
     out = client.completions.create(model="tiny", prompt="To be", max_tokens=3, temperature=0)
     assert out.usage.completion_tokens == 3
+
+
+def test_idle_and_half_sent_connections_are_closed_and_health_stays_fast(served):
+    run, client, _, _ = served
+    socks = []
+    try:
+        for i in range(300):  # idle, and a request head that never ends (slowloris)
+            s = socket.create_connection(("127.0.0.1", run.port), timeout=5)
+            if i % 3 == 0:
+                s.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n")
+            socks.append(s)
+        t = time.monotonic()
+        assert httpx.get(run.url + "/health", timeout=5).status_code == 200
+        assert time.monotonic() - t < 1.0
+        time.sleep(1.3)  # past the 1 s header timeout: the server has closed them all
+        for s in socks:
+            s.settimeout(2)
+            assert s.recv(1) == b""
+    finally:
+        for s in socks:
+            s.close()
+    assert client.completions.create(model="tiny", prompt="To be", max_tokens=2, temperature=0).usage.total_tokens
 
 
 def test_disconnect_mid_stream_frees_the_slot(served):

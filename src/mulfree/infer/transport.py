@@ -1,0 +1,40 @@
+"""Connection-level protection uvicorn lacks: a header timeout (a connection that has not sent a complete
+request head within `seconds` of opening is closed: idle and slowloris connections), and a file-descriptor
+limit raised to its hard bound so thousands of idle sockets do not starve `accept`."""
+
+from __future__ import annotations
+
+import asyncio
+
+
+def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol, closing connections that send no complete request head within `seconds`
+    (after the first response, uvicorn's own keep-alive timeout takes over)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11(H11Protocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.loop.call_later(seconds, self._head_deadline)
+
+        def _head_deadline(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():  # no request head yet
+                self.transport.close()
+
+    return HeaderTimeoutH11
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft open-files limit to the hard one (where the platform has it); returns the soft limit."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 65536),
+                                                        hard))
+        except (ValueError, OSError):
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
