@@ -59,6 +59,9 @@ def test_packed_server_greedy_equals_generate_alone_and_concurrently(model_dir):
 
 
 def test_cli_serves_the_packed_engine_and_sigterm_drains(model_dir):
+    template = "{% for m in messages %}<<{{ m.content }}>>{% endfor %}{% if add_generation_prompt %}A:{% endif %}"
+    config = model_dir / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": template}))
     port = free_port()
     code = "import sys; from mulfree.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--model", str(model_dir), "--port", str(port),
@@ -76,6 +79,10 @@ def test_cli_serves_the_packed_engine_and_sigterm_drains(model_dir):
         else:
             pytest.fail("the server did not come up")
         with httpx.Client(timeout=20) as c:
+            chat = c.post(url + "/v1/chat/completions", json={"model": "tiny", "max_tokens": 2,
+                                                               "messages": [{"role": "user", "content": "Hi"}]})
+            tok = PackedModel.load(model_dir).tokenizer
+            assert chat.json()["usage"]["prompt_tokens"] == len(tok.encode("<<Hi>>A:").ids)  # the model's template
             body = {"model": "tiny", "prompt": "To be", "max_tokens": 40, "temperature": 0, "stream": True}
             with c.stream("POST", url + "/v1/completions", json=body) as r:
                 lines = r.iter_lines()

@@ -29,8 +29,8 @@ class ServeConfig:
                                                   "min": 1, "max": 1 << 20})
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "largest request body accepted (more: 413)",
                                                            "min": 1024, "max": 1 << 30})
-    max_prompt_tokens: int | None = field(default=None, metadata={
-        "help": "longest prompt in tokens (default: the model's context)", "min": 1, "max": 1 << 24})
+    max_prompt_tokens: int = field(default=8192, metadata={
+        "help": "longest prompt in tokens (and never past the model's context)", "min": 1, "max": 1 << 24})
     max_tokens: int = field(default=256, metadata={"help": "max_tokens of requests that give none (clipped to the "
                                                            "context)", "min": 1, "max": 1 << 20})
     max_tokens_limit: int = field(default=4096, metadata={"help": "largest max_tokens a request may ask for",
@@ -107,6 +107,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from mulfree.errors import CheckpointError, MulfreeError
     from mulfree.infer.batching import ContinuousBatcher
+    from mulfree.infer.protocol import load_chat_template
     from mulfree.infer.server import Server, build_app
     from mulfree.infer.transport import header_timeout_protocol, raise_fd_limit
     from mulfree.models.io import read_config
@@ -126,7 +127,7 @@ def _run(args: argparse.Namespace) -> int:
     srv = Server(batcher, tok, Path(args.model).name, context_limit=limit,
                  max_prompt_tokens=cfg.max_prompt_tokens, max_body_bytes=cfg.max_body_bytes,
                  request_timeout_s=cfg.request_timeout, default_max_tokens=cfg.max_tokens, fixed_seed=cfg.seed,
-                 max_new_tokens=cfg.max_tokens_limit)
+                 max_new_tokens=cfg.max_tokens_limit, chat_template=load_chat_template(args.model))
     raise_fd_limit()
     # uvicorn drains on SIGTERM, then re-raises it: exit 0 rather than die of the signal
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -8,6 +8,9 @@ refused rather than silently ignored.
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
@@ -120,6 +123,41 @@ class ChatRequest(_Common):
 def chat_prompt(messages: list[ChatMessage]) -> str:
     """Plain-text chat template for models trained without one: 'role: content' lines, then 'assistant:'."""
     return "\n".join(f"{m.role}: {m.text()}" for m in messages) + "\nassistant:"
+
+
+def load_chat_template(model_dir: str | Path) -> Callable[[list[ChatMessage]], str] | None:
+    """The `chat_template` of the dir's tokenizer_config.json rendered as transformers does (sandboxed
+    Jinja, add_generation_prompt=True, bos/eos tokens); None when there is none."""
+    path = Path(model_dir) / "tokenizer_config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        return None
+    template = cfg.get("chat_template") if isinstance(cfg, dict) else None
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    if not isinstance(template, str) or not template:
+        return None
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    compiled = env.from_string(template)
+    special = {k: (v.get("content") if isinstance(v, dict) else v) for k in ("bos_token", "eos_token")
+               if isinstance(v := cfg.get(k), (str, dict))}
+
+    def render(messages: list[ChatMessage]) -> str:
+        try:
+            return compiled.render(messages=[{"role": m.role, "content": m.text()} for m in messages],
+                                   add_generation_prompt=True, **special)
+        except TemplateError as exc:
+            raise ValueError(f"the model's chat template rejects these messages ({exc})") from None
+
+    return render
 
 
 def logprob_count(body: CompletionRequest | ChatRequest) -> int | None:

@@ -76,12 +76,13 @@ class Server:
     def __init__(self, batcher: ContinuousBatcher, tokenizer: Any, model_name: str, context_limit: int | None = None,
                  max_prompt_tokens: int | None = None, max_body_bytes: int = 1 << 20,
                  request_timeout_s: float | None = 600.0, default_max_tokens: int = 256,
-                 fixed_seed: int | None = None, max_new_tokens: int = 4096):
+                 fixed_seed: int | None = None, max_new_tokens: int = 4096, chat_template: Any = None):
         self.batcher, self.tok, self.model_name = batcher, tokenizer, model_name
         self.context_limit, self.max_prompt_tokens = context_limit, max_prompt_tokens
         self.max_body_bytes, self.timeout_s = max_body_bytes, request_timeout_s
         self.default_max_tokens, self.fixed_seed = min(default_max_tokens, max_new_tokens), fixed_seed
         self.max_new_tokens = max_new_tokens
+        self.chat_template = chat_template or chat_prompt  # messages -> prompt text
         self.created = int(time.time())
         self.vocab = tokenizer.get_vocab_size()
         self.metrics = Metrics(batcher)
@@ -134,7 +135,7 @@ async def complete(srv: Server, request: Request, chat: bool) -> Response:
     srv.check_model(raw)
     try:
         body = (ChatRequest if chat else CompletionRequest).model_validate(raw)
-        prompts = [chat_prompt(body.messages)] if chat else body.prompts()  # type: ignore[union-attr]
+        prompts = [srv.chat_template(body.messages)] if chat else body.prompts()  # type: ignore[union-attr]
     except ValidationError as exc:
         err = exc.errors()[0]
         param = ".".join(str(x) for x in err["loc"]) or None
