@@ -167,7 +167,8 @@ BAD = [
     ({"prompt": "x", "max_tokens": -1}, 400), ({"prompt": ""}, 400), ({"prompt": "x " * 80}, 400),
     ({"prompt": [10**9]}, 400), ({"prompt": "x", "n": 0}, 400), ({"prompt": "x", "logprobs": 9}, 400),
     ({"prompt": "x", "echo": True}, 400), ({"prompt": "x", "presence_penalty": 1}, 400),
-    ({"prompt": "x", "max_tokens": 10**6}, 400), ({"prompt": "x", "model": "other"}, 404),
+    ({"prompt": "x", "max_tokens": 10**6}, 400), ({"prompt": ["x"] * 20, "n": 4}, 400),
+    ({"prompt": "x", "n": 16}, 429), ({"prompt": "x", "response_format": {"type": "json_object"}}, 400), ({"prompt": "x", "model": "other"}, 404),
 ]
 
 
@@ -233,6 +234,18 @@ def test_disconnect_mid_stream_frees_the_slot(served):
     while batcher.live and time.monotonic() < deadline:
         time.sleep(0.01)
     assert batcher.live == 0  # cancelled within a step or so, not run to max_tokens
+    raw = json.dumps({"model": "tiny", "prompt": "To be", "max_tokens": 4000, "temperature": 1.0}).encode()
+    with socket.create_connection(("127.0.0.1", run.port), timeout=5) as sock:  # a non-streamed one, dropped
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (len(raw), raw))
+        deadline = time.monotonic() + 5
+        while not batcher.live and time.monotonic() < deadline:
+            time.sleep(0.01)
+        steps = batcher.steps
+    deadline = time.monotonic() + 5
+    while batcher.live and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert batcher.live == 0 and batcher.steps - steps < 100  # of its 4000
     t = time.monotonic()
     client.completions.create(model="tiny", prompt="To be", max_tokens=2, temperature=0)
     assert time.monotonic() - t < 5

@@ -41,6 +41,7 @@ class _Common(BaseModel):
     presence_penalty: Annotated[Finite, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[Finite, Field(ge=-2.0, le=2.0)] = 0.0
     logit_bias: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _unsupported(self) -> _Common:
@@ -48,6 +49,8 @@ class _Common(BaseModel):
             raise ValueError("presence_penalty and frequency_penalty are not supported (leave them 0)")
         if self.logit_bias:
             raise ValueError("logit_bias is not supported")
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise ValueError("response_format other than {\"type\": \"text\"} is not supported")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream: true")
         return self

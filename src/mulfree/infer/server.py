@@ -37,6 +37,8 @@ from mulfree.infer.protocol import (
     seed64,
 )
 
+MAX_CHOICES = 64  # completions one request may ask for (prompts x n)
+
 
 class ApiError(Exception):
     """An error answered as {"error": {message, type, param, code}} with an HTTP status."""
@@ -142,6 +144,8 @@ async def complete(srv: Server, request: Request, chat: bool) -> Response:
         raise ApiError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param) from None
     except ValueError as exc:
         raise ApiError(400, str(exc)) from None
+    if len(prompts) * body.n > MAX_CHOICES:
+        raise ApiError(400, f"{len(prompts)} prompts x n={body.n} is more than {MAX_CHOICES} completions", param="n")
     ids = await srv.encode(prompts)
     asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
     budgets = [srv.budget(asked, len(p)) for p in ids]
@@ -197,7 +201,7 @@ async def complete(srv: Server, request: Request, chat: bool) -> Response:
                     pending.discard(k)
                     reason = reqs[k].finish_reason
                     if t.finish is None and reason in ("timeout", "abort", "error"):
-                        raise ApiError(504 if reason == "timeout" else 503, f"generation ended: {reason}"
+                        raise ApiError({"timeout": 504, "abort": 503, "error": 500}[reason], f"generation ended: {reason}"
                                        + (f" ({reqs[k].error})" if reqs[k].error else ""), kind="server_error")
                     t.flush("length" if reason in (None, "cancelled") else reason)
                 else:
