@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mulfree.infer.engine import PackedModel, _layout
+from mulfree.infer.engine import PackedModel
+from mulfree.infer.packed_layout import layout
 from mulfree.kernels import backend as best_backend
 from mulfree.kernels import cpu_module
 from mulfree.kernels.ternary import amx_available, set_amx
@@ -72,7 +73,7 @@ def random_packed_model(vocab: int, d: int, layers: int, inter: int, threads: in
     g = torch.Generator().manual_seed(seed)
     cfg = {"model_type": "mmfree", "vocab_size": vocab, "hidden_size": d, "num_hidden_layers": layers,
            "intermediate_size": inter, "rms_norm_eps": 1e-6, "use_lower_bound": True}
-    linears, shapes = _layout(cfg)
+    linears, shapes = layout(cfg)
     t = {name: torch.ones(shape) for name, shape in shapes.items() if name.endswith("norm.weight")}
     t["model.embeddings.weight"] = torch.randn(vocab, d, generator=g).to(torch.bfloat16)
     t["model.lb"] = torch.rand(layers, d, generator=g)
