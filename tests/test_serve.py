@@ -30,7 +30,7 @@ def test_batched_decoding_equals_one_at_a_time(family):
         TransformerConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)).eval()
     prompts = [torch.randint(0, 300, (n,)).tolist() for n in (3, 11, 1, 7, 5)]
     lengths = [8, 3, 12, 1, 6]
-    batcher = ContinuousBatcher(TorchStepModel(model), max_batch=4)
+    batcher = ContinuousBatcher(TorchStepModel(model), max_batch=4, prefill_chunk=4)  # prompts fed in chunks
     try:
         reqs = [batcher.submit(p, SamplingParams(max_new_tokens=n, temperature=0.0)) for p, n in zip(prompts, lengths)]
         results = [r.result() for r in reqs]
@@ -82,6 +82,22 @@ def test_cancel_frees_the_slot_and_the_queue_is_bounded():
         timed = batcher.submit([1], SamplingParams(max_new_tokens=10**6), timeout_s=0.2)
         timed.result()
         assert timed.finish_reason == "timeout"
+    finally:
+        batcher.close()
+
+
+def test_a_long_prompt_is_fed_in_chunks_between_decode_steps():
+    batcher = ContinuousBatcher(TorchStepModel(_mmfree()), max_batch=2, prefill_chunk=8)
+    try:
+        running = batcher.submit([1, 2], SamplingParams(max_new_tokens=2000))
+        next(running.stream())
+        seen: list[int] = []
+        long = batcher.submit([3] * 400, SamplingParams(max_new_tokens=1),
+                              sink=lambda t: seen.append(len(running.tokens)) if t is not None else None)
+        long.result()
+        running.cancel()
+        running.result()
+        assert seen and seen[0] >= 400 // 8 - 2  # the running stream got a token at every prefill chunk
     finally:
         batcher.close()
 

@@ -27,6 +27,9 @@ class ServeConfig:
         "help": "fixed sampling seed for requests that give none (default: a fresh random seed per request)"})
     max_queue: int = field(default=256, metadata={"help": "most requests waiting for a batch slot (more: 429)",
                                                   "min": 1, "max": 1 << 20})
+    prefill_chunk: int = field(default=512, metadata={
+        "help": "prompt tokens fed per decode step (a long prompt never stalls running streams)", "min": 1,
+        "max": 1 << 20})
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "largest request body accepted (more: 413)",
                                                            "min": 1024, "max": 1 << 30})
     max_prompt_tokens: int = field(default=8192, metadata={
@@ -123,7 +126,8 @@ def _run(args: argparse.Namespace) -> int:
     if tok is None:
         raise CheckpointError(f"{args.model} has no tokenizer.json", "serve a dir written by `mulfree train`")
     eos = tok.token_to_id("<|endoftext|>")
-    batcher = ContinuousBatcher(step_model, max_batch=cfg.max_batch, eos_token_id=eos, max_queue=cfg.max_queue)
+    batcher = ContinuousBatcher(step_model, max_batch=cfg.max_batch, eos_token_id=eos, max_queue=cfg.max_queue,
+                                prefill_chunk=cfg.prefill_chunk)
     srv = Server(batcher, tok, Path(args.model).name, context_limit=limit,
                  max_prompt_tokens=cfg.max_prompt_tokens, max_body_bytes=cfg.max_body_bytes,
                  request_timeout_s=cfg.request_timeout, default_max_tokens=cfg.max_tokens, fixed_seed=cfg.seed,

@@ -96,8 +96,9 @@ class TorchStepModel:
         self.batchable = family is not None and family.recurrent  # per-sequence states stack into one batch
 
     @torch.no_grad()
-    def prefill(self, ids: list[int]) -> tuple[torch.Tensor, list]:
-        logits, state = self.model(torch.tensor([ids]))
+    def prefill(self, ids: list[int], state: list | None = None) -> tuple[torch.Tensor, list]:
+        """Feed `ids` after `state` (None: a fresh sequence); returns (last logits [V], new state)."""
+        logits, state = self.model(torch.tensor([ids]), state)
         return logits[0, -1], state
 
     @torch.no_grad()
@@ -122,8 +123,8 @@ class PackedStepModel:
         self.packed = packed
 
     @torch.no_grad()
-    def prefill(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.packed.prefill_state(ids)
+    def prefill(self, ids: list[int], state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.packed.prefill_state(ids, state)
 
     @torch.no_grad()
     def decode(self, tokens: list[int], states: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -135,16 +136,28 @@ class PackedStepModel:
 _Live = tuple[Request, Any, "torch.Generator | None"]
 
 
+@dataclass
+class _Prefill:
+    """A request whose prompt is being fed, `prefill_chunk` tokens per step at most."""
+
+    req: Request
+    gen: torch.Generator | None
+    state: Any = None
+    pos: int = 0
+
+
 class ContinuousBatcher:
     """Runs a background thread that admits, steps and retires requests (at most `max_batch` live,
     at most `max_queue` waiting)."""
 
     def __init__(self, step_model: Any, max_batch: int = 8, eos_token_id: int | None = None,
-                 max_queue: int = 1024):
+                 max_queue: int = 1024, prefill_chunk: int = 512):
         self.model = step_model
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.eos_token_id = eos_token_id
+        self.prefill_chunk = prefill_chunk  # prompt tokens fed per step: a long prompt never stalls the others
+        self._prefilling: list[_Prefill] = []  # loop thread only
         self.steps = 0  # decode steps taken (for tests and metrics)
         self.max_live = 0
         self.live = 0  # sequences in the current batch (metrics)
@@ -190,10 +203,11 @@ class ContinuousBatcher:
             req.error = error
         req._push(_DONE)
 
-    def _emit(self, req: Request, logits: torch.Tensor, gen: torch.Generator | None) -> bool:
-        """Sample the next token of `req`; returns False once the request is finished."""
+    def _emit(self, req: Request, logits: torch.Tensor, gen: torch.Generator | None, token: int | None = None) -> bool:
+        """Sample (unless `token` is the greedy pick already) the next token of `req`; False once it is finished."""
         p = req.params
-        token = int(sample_next(logits[None], p.temperature, p.top_k, p.top_p, gen)[0])
+        if token is None:
+            token = int(sample_next(logits[None], p.temperature, p.top_k, p.top_p, gen)[0])
         if p.logprobs is not None:  # of the model's distribution (before temperature / top-k / top-p)
             lp = torch.log_softmax(logits.float(), dim=-1)
             top = torch.topk(lp, min(p.logprobs, lp.numel())) if p.logprobs else None
@@ -217,29 +231,51 @@ class ContinuousBatcher:
             return True
         return False
 
-    def _admit(self, req: Request) -> _Live | None:
-        """Prefill one request and sample its first token; None when it is already finished."""
+    def _admit(self, req: Request) -> None:
+        """Queue a new request for prefill (or finish it at once)."""
         if self._gone(req, time.monotonic()):
-            return None
+            return
         if req.params.max_new_tokens <= 0:
             self._finish(req, "length")
-            return None
+            return
         try:
             gen = torch.Generator().manual_seed(req.params.seed) if req.params.seed is not None else None
-            logits, state = self.model.prefill(req.prompt_ids)
-            if self._emit(req, logits, gen):
-                return req, state, gen
         except Exception as exc:  # noqa: BLE001 - this request only
             self._finish(req, "error", f"{type(exc).__name__}: {exc}")
-            return None
-        self._finish(req)
-        return None
+            return
+        self._prefilling.append(_Prefill(req, gen))
+
+    def _prefill(self, live: list[_Live]) -> None:
+        """Feed at most `prefill_chunk` prompt tokens; a prompt fed to its end samples its first token and
+        joins `live`."""
+        budget, now = self.prefill_chunk, time.monotonic()
+        self._prefilling = [p for p in self._prefilling if not self._gone(p.req, now)]
+        while budget > 0 and self._prefilling:
+            p = self._prefilling[0]
+            chunk = p.req.prompt_ids[p.pos : p.pos + budget]
+            budget -= len(chunk)
+            try:
+                logits, p.state = self.model.prefill(chunk, p.state)
+                p.pos += len(chunk)
+                if p.pos < len(p.req.prompt_ids):
+                    continue
+                self._prefilling.pop(0)
+                more = self._emit(p.req, logits, p.gen)
+            except Exception as exc:  # noqa: BLE001 - this request only
+                if self._prefilling and self._prefilling[0] is p:
+                    self._prefilling.pop(0)
+                self._finish(p.req, "error", f"{type(exc).__name__}: {exc}")
+                continue
+            if more:
+                live.append((p.req, p.state, p.gen))
+            else:
+                self._finish(p.req)
 
     def _step(self, live: list[_Live]) -> list[_Live]:
-        """Admit waiting requests, then advance every live sequence by one token."""
-        block = not live
+        """Admit waiting requests, feed prompts, then advance every live sequence by one token."""
+        block = not live and not self._prefilling
         limit = self.max_batch if getattr(self.model, "batchable", True) else 1
-        while len(live) < limit:
+        while len(live) + len(self._prefilling) < limit:
             try:
                 req = self._waiting.get(block=block, timeout=None if block else 0)
             except queue.Empty:
@@ -247,25 +283,27 @@ class ContinuousBatcher:
             block = False
             if req is None:
                 break
-            if (entry := self._admit(req)) is not None:
-                live.append(entry)
+            self._admit(req)
         now = time.monotonic()
         live = [entry for entry in live if not self._gone(entry[0], now)]
+        self._prefill(live)
         self.live = len(live)
         if not live:
             return live
         self.max_live = max(self.max_live, len(live))
         try:
             logits, states = self.model.decode([r.tokens[-1] for r, _, _ in live], [s for _, s, _ in live])
+            greedy = [i for i, (r, _, _) in enumerate(live) if r.params.temperature == 0]
+            picks = dict(zip(greedy, logits[greedy].float().argmax(-1).tolist())) if greedy else {}  # one argmax
         except Exception as exc:  # noqa: BLE001 - the sequences of this step only
             for req, _, _ in live:
                 self._finish(req, "error", f"{type(exc).__name__}: {exc}")
             return []
         self.steps += 1
         still = []
-        for (req, _, gen), row, state in zip(live, logits, states):
+        for i, ((req, _, gen), row, state) in enumerate(zip(live, logits, states)):
             try:
-                more = self._emit(req, row, gen)
+                more = self._emit(req, row, gen, picks.get(i))
             except Exception as exc:  # noqa: BLE001 - this request only
                 self._finish(req, "error", f"{type(exc).__name__}: {exc}")
                 continue
@@ -284,7 +322,7 @@ class ContinuousBatcher:
             self.error = exc
         finally:
             self._stop.set()
-            for req, _, _ in live:
+            for req in [r for r, _, _ in live] + [p.req for p in self._prefilling]:
                 self._finish(req, "abort")
             while True:  # nobody will admit the waiting ones any more
                 try:
