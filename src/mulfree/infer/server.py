@@ -147,7 +147,8 @@ async def complete(srv: Server, request: Request, chat: bool) -> Response:
     if len(prompts) * body.n > MAX_CHOICES:
         raise ApiError(400, f"{len(prompts)} prompts x n={body.n} is more than {MAX_CHOICES} completions", param="n")
     ids = await srv.encode(prompts)
-    asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    asked = getattr(body, "max_completion_tokens", None)
+    asked = body.max_tokens if asked is None else asked
     budgets = [srv.budget(asked, len(p)) for p in ids]
     seed = body.seed if body.seed is not None else srv.fixed_seed
     base = seed64(seed) if seed is not None else secrets.randbits(63)
@@ -171,6 +172,8 @@ async def complete(srv: Server, request: Request, chat: bool) -> Response:
             r.cancel()
         raise ApiError(429, f"server busy: {exc}", kind="rate_limit_error", code="queue_full") from None
     except RuntimeError as exc:
+        for r in reqs:
+            r.cancel()
         raise ApiError(503, str(exc), kind="server_error") from None
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     meta = {"id": rid, "created": int(time.time()), "model": srv.model_name}
