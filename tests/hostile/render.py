@@ -34,6 +34,12 @@ Besides these cases:
   identical to the uninterrupted one (every loss and weight), 1 kill left a half-written temp file that the
   next resume removed, none left at the end; 179 s. `--seed 0`: 50 kills over 3 runs, the same outcome.
   `tests/test_crash_resume.py` runs 2 kills in the suite.
+- **HTTP clients** (`tests/test_serve_api.py`, the official `openai` client and raw sockets against a real
+  server on 127.0.0.1): NaN / inf sampling values, huge seeds, wrong types, malformed JSON, invalid UTF-8, a
+  body over the limit (announced or streamed), an unknown model, `stop: 5`, a full queue, 300 idle or
+  half-sent connections (`/health` answers within 1 s), disconnects mid-stream and before the answer (the slot
+  is freed within one step), a request that fails inside the loop and a loop that dies (503 on `/health`):
+  each answers a 4xx JSON error or cancels cleanly, and the server keeps serving.
 - **Loader fidelity**: `tests/test_official_fidelity.py` converts a tiny official-format `hgrn_bit` checkpoint
   (rms_norm_eps 1e-5, two heads, right padding and a mask hole) and matches an independent plain-torch
   reference of the official forward written in the test to 8.9e-8 (bound 1e-5).
