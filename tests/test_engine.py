@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from helpers import random_mmfree
 
 from mulfree.errors import CheckpointError, ConfigError, MulfreeError
 from mulfree.generation import generate
@@ -32,15 +33,7 @@ def torch_greedy(model, ids):
 
 
 def _mmfree(intermediate: int, **extra) -> MMFreeForCausalLM:
-    torch.manual_seed(0)
-    cfg = MMFreeConfig(vocab_size=300, hidden_size=72, num_hidden_layers=3, intermediate_size=intermediate, **extra)
-    m = MMFreeForCausalLM(cfg).eval()
-    with torch.no_grad():  # move away from init so every parameter matters
-        m.model.lower_bounds.normal_()
-        for name, p in m.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    return m
+    return random_mmfree(72, intermediate, **extra)
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import random_mmfree
 
 from mulfree.infer.engine import PackedModel
 from mulfree.kernels import available_backends
-from mulfree.models.mmfree import MMFreeConfig, MMFreeForCausalLM
+from mulfree.models.mmfree import MMFreeForCausalLM
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -21,15 +22,7 @@ def one_torch_thread():
 
 
 def _mmfree(hidden: int, intermediate: int, layers: int = 3) -> MMFreeForCausalLM:
-    torch.manual_seed(0)
-    cfg = MMFreeConfig(vocab_size=300, hidden_size=hidden, num_hidden_layers=layers, intermediate_size=intermediate)
-    m = MMFreeForCausalLM(cfg).eval()
-    with torch.no_grad():  # away from init so every parameter matters
-        m.model.lower_bounds.normal_()
-        for name, p in m.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    return m
+    return random_mmfree(hidden, intermediate, layers)
 
 
 @pytest.fixture(scope="module")
