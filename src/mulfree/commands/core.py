@@ -38,8 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Continue a prompt; greedy at temperature 0, sampling otherwise.")
     g.add_argument("--model", required=True, help="model directory written by `mulfree train`")
     g.add_argument("--prompt", required=True, help="text to continue")
-    g.add_argument("--engine", choices=("torch", "packed"), default="torch",
-                   help="torch (reference) or packed (2-bit ternary runtime, MMfree only)")
+    g.add_argument("--engine", choices=("auto", "torch", "packed"), default="auto",
+                   help="auto: the packed 2-bit engine for MMfree dirs (packed, or packed in memory), torch otherwise")
     add_flags(g, GenerationConfig)
     g.set_defaults(func=cmd_generate)
 
@@ -200,7 +200,8 @@ def cmd_generate(args) -> int:
     from mulfree.settings import GenerationConfig
 
     cfg = from_args(GenerationConfig, args)
-    if args.engine == "packed":
+    engine = _pick_engine(args.model, args.engine)
+    if engine == "packed":
         from mulfree.infer.engine import PackedModel
 
         runner = PackedModel.load(args.model)
@@ -220,13 +221,24 @@ def cmd_generate(args) -> int:
     stream(args.prompt)
     streamer = TextStreamer(tokenizer, stream)
     sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed}
-    if args.engine == "packed":
+    if engine == "packed":
         runner.generate(ids, cfg.max_new_tokens, on_token=streamer, **sampling)
     else:
         generate(model, ids, cfg.max_new_tokens, callback=streamer, **sampling)
     streamer.flush()
     stream("\n")
     return 0
+
+
+def _pick_engine(model_ref: str, requested: str) -> str:
+    """The engine `generate` runs: `pick_engine` on a model dir's config; torch for anything else (HF dirs, GGUF)."""
+    from mulfree.infer.engine import pick_engine
+    from mulfree.models.io import read_config
+
+    path = Path(model_ref)
+    if not (path / "config.json").is_file():
+        return "packed" if requested == "packed" else "torch"  # the loaders below say what is wrong
+    return pick_engine(read_config(path), requested, model_ref)
 
 
 def _load_for_eval(model_ref: str):

@@ -143,20 +143,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def _load(model_dir: str, cfg: ServeConfig, config: dict):
     """(step model, tokenizer, context limit) for the engine `cfg.engine` picks for this dir."""
-    from mulfree.errors import CheckpointError
     from mulfree.generation import context_limit
     from mulfree.infer.batching import PackedStepModel, TorchStepModel
+    from mulfree.infer.engine import PackedModel, pick_engine
 
-    packed_dir, mmfree = "format" in config, config.get("model_type") == "mmfree"
-    if cfg.engine == "torch" and packed_dir:
-        raise CheckpointError(f"{model_dir} is a packed dir: it runs on the packed engine only",
-                              "drop --engine torch, or serve the unpacked model dir")
-    if cfg.engine == "packed" and not (packed_dir or mmfree):
-        raise CheckpointError(f"{model_dir} is not an MMfree model: the packed engine runs MMfree models only",
-                              "use --engine torch (or auto)")
-    if packed_dir or (mmfree and cfg.engine != "torch"):
-        from mulfree.infer.engine import PackedModel
-
+    if pick_engine(config, cfg.engine, model_dir) == "packed":
         packed = PackedModel.load(model_dir, threads=cfg.threads)
         return PackedStepModel(packed), packed.tokenizer, None  # recurrent: no position limit
     from mulfree.models.io import load_model

@@ -48,6 +48,19 @@ CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_NAME = "config.json", "model.safetensors", 
 PREFILL_CHUNK = 512  # tokens per native prefill call (bounds scratch memory: ~25 MB at the 1.3b shape)
 
 
+def pick_engine(config: dict[str, Any], requested: str, source: str) -> str:
+    """`packed` or `torch` for a model dir's config: `auto` runs MMfree dirs (packed, or packed in memory) on the
+    packed engine and everything else on torch; an explicit choice the dir cannot run is one line."""
+    packed_dir, mmfree = "format" in config, config.get("model_type") == "mmfree"
+    if requested == "torch" and packed_dir:
+        raise CheckpointError(f"{source} is a packed dir: it runs on the packed engine only",
+                              "drop --engine torch, or pass the unpacked model dir")
+    if requested == "packed" and not (packed_dir or mmfree):
+        raise CheckpointError(f"{source} is not an MMfree model: the packed engine runs MMfree models only",
+                              "use --engine torch (or auto)")
+    return "packed" if packed_dir or (mmfree and requested != "torch") else "torch"
+
+
 class PackedModel:
     """An MMfree model on packed 2-bit weights, with its recurrent state.
 
