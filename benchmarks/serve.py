@@ -1,0 +1,282 @@
+"""Serving speed of `mulfree serve` on the packed engine: streaming completions from the official `openai`
+client at several concurrency levels on loopback, beside `PackedModel.generate` called directly.
+
+    python benchmarks/serve.py                                  # 1.3b shape, 1 8 32 64 clients
+    python benchmarks/serve.py --shape tiny --requests-per-client 2 --max-tokens 16   # smoke run
+    python benchmarks/serve.py --shape 1.3b --clients 1 8 32 --requests-per-client 1
+
+Weights are random (speed does not depend on values); the model dir is written to a temp dir with a
+tokenizer of the shape's vocab (BPE on the bundled corpus, padded with added words) that has no
+`<|endoftext|>` token, so greedy decoding of random weights never stops early: every request runs to
+--max-tokens, one streamed chunk per token. The server runs as a subprocess
+(`python -m mulfree serve`, 127.0.0.1, a free port) and is always killed at the end.
+
+Per level: aggregate decode tok/s (completion tokens of all requests / wall time of the level), time to
+first token p50/p99 and inter-token latency p50/p99 (gaps between streamed chunks of one request).
+Baselines in this process, before the server starts: one stream of `PackedModel.generate` (tok/s) and the
+engine's own 128-token prefill rate. The torch-engine server is not timed: a random packed dir has no
+unpacked weights for `--engine torch` (see benchmarks/decode.py for the torch baselines of each shape).
+The client runs on the same host as the server, so at high concurrency it competes for the same cores.
+Prints a table, the ratios, the 1-minute load average and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch
+from decode import SHAPES, cpu_model, random_packed_model
+
+from mulfree.data.text import bundled_text_files
+from mulfree.kernels import backend as best_backend
+
+PROMPT = "Shall I compare thee to a summer's day? Thou art more lovely and more temperate:"
+
+
+def make_tokenizer(vocab_size: int):
+    """A tokenizer of exactly `vocab_size` ids: a character-level (Metaspace) BPE of up to 2048 ids trained on a
+    slice of the bundled corpus, then plain added words (" w<i>") up to `vocab_size`, so every id the random
+    model can pick decodes to text. No special tokens, so the server has no end-of-text id to stop on (every
+    request runs to max_tokens); no byte tokens, so each streamed token reaches the client as its own chunk
+    (a byte-level tokenizer's lone high bytes, or ids past its vocab, would hold text back and make chunks,
+    TTFT and ITL bursty)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    text = "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in bundled_text_files()[:4])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=min(vocab_size, 2048), special_tokens=[], show_progress=False)
+    tok.train_from_iterator((text[i:i + 65536] for i in range(0, len(text), 65536)), trainer=trainer)
+    base = tok.get_vocab_size()
+    tok.add_tokens([AddedToken(f" w{i}", normalized=False) for i in range(vocab_size - base)])
+    if tok.get_vocab_size() != vocab_size:
+        raise SystemExit(f"error: tokenizer has {tok.get_vocab_size()} ids, the model {vocab_size}")
+    return tok
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def direct_baseline(pm, tok, max_tokens: int, prefill: int, rounds: int) -> dict:
+    """One stream of PackedModel.generate (greedy, the benchmark's prompt) and the engine's prefill rate; best of
+    `rounds` each."""
+    ids = tok.encode(PROMPT).ids
+    pm.generate(ids, 4)  # warm up
+    gen = 0.0
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        n = len(pm.generate(ids, max_tokens))
+        gen = max(gen, n / (time.perf_counter() - t0))
+    pre_ids = torch.randint(0, pm.config["vocab_size"], (prefill,))
+    pre = 0.0
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        pm.prefill_state(pre_ids)
+        pre = max(pre, prefill / (time.perf_counter() - t0))
+    return {"direct_generate_tok_s": gen, "prefill_tok_s": pre, "prompt_tokens": len(ids)}
+
+
+def wait_health(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before /health answered")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"/health did not answer within {timeout:.0f} s")
+
+
+async def one_request(client, model: str, max_tokens: int, req_timeout: float) -> dict:
+    t0 = time.perf_counter()
+    stamps: list[float] = []
+    usage = None
+    stream = await client.completions.create(model=model, prompt=PROMPT, max_tokens=max_tokens, temperature=0,
+                                             stream=True, stream_options={"include_usage": True},
+                                             timeout=req_timeout)
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            stamps.append(time.perf_counter())
+        if chunk.usage is not None:
+            usage = chunk.usage
+    t1 = time.perf_counter()
+    tokens = usage.completion_tokens if usage is not None else len(stamps)
+    return {"start": t0, "end": t1, "ttft": (stamps[0] - t0) if stamps else float("nan"),
+            "itl": [b - a for a, b in itertools.pairwise(stamps)], "tokens": tokens}
+
+
+async def run_level(base_url: str, model: str, clients: int, per_client: int, max_tokens: int,
+                    budget: float) -> dict:
+    """`clients` concurrent streaming clients, each sending `per_client` requests in turn, within `budget` s."""
+    import httpx
+    from openai import AsyncOpenAI
+
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    client = AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0,
+                         http_client=httpx.AsyncClient(limits=limits, timeout=budget))
+    results: list[dict] = []
+
+    async def worker() -> None:
+        for _ in range(per_client):
+            results.append(await one_request(client, model, max_tokens, budget))
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    try:
+        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(clients))), timeout=budget)
+    finally:
+        await client.close()
+    wall, client_cpu = time.perf_counter() - t0, time.process_time() - c0
+    tokens = sum(r["tokens"] for r in results)
+    ttft = [r["ttft"] for r in results]
+    itl = [x for r in results for x in r["itl"]]
+    return {"clients": clients, "requests": len(results), "tokens": tokens, "wall_s": wall,
+            "chunks": sum(len(r["itl"]) + 1 for r in results), "client_cpu_s": client_cpu,
+            "tok_s": tokens / wall, "per_stream_tok_s": tokens / wall / clients,
+            "ttft_p50_ms": 1e3 * percentile(ttft, 50), "ttft_p99_ms": 1e3 * percentile(ttft, 99),
+            "itl_p50_ms": 1e3 * percentile(itl, 50), "itl_p99_ms": 1e3 * percentile(itl, 99)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="1.3b", choices=sorted(SHAPES))
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 64])
+    p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2, help="packed engine threads (server and direct baseline)")
+    p.add_argument("--prefill", type=int, default=128, help="prompt tokens of the engine's prefill-rate baseline")
+    p.add_argument("--rounds", type=int, default=3, help="direct baseline: best of this many runs")
+    p.add_argument("--timeout", type=float, default=900.0, help="global limit in seconds (the whole run)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    if not 1 <= args.requests_per_client <= 1000 or not all(1 <= c <= 1024 for c in args.clients):
+        raise SystemExit("error: --clients in 1..1024 and --requests-per-client in 1..1000")
+    deadline = time.monotonic() + args.timeout
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(1)  # sampling / argmax only: leave the cores to the engine's pool
+    vocab, d, layers, inter = SHAPES[args.shape]
+    print(f"host: {cpu_model()}, {os.cpu_count()} CPUs, kernel backend {best_backend()}, "
+          f"load average {os.getloadavg()[0]:.2f}")
+
+    tmp = Path(tempfile.mkdtemp(prefix="mulfree-serve-bench-"))
+    model_dir = tmp / f"random-{args.shape}"
+    proc: subprocess.Popen | None = None
+    log = None
+    res: dict = {"benchmark": "serve", "shape": args.shape, "host": cpu_model(), "cpus": os.cpu_count(),
+                 "backend": best_backend(), "threads": args.threads, "max_tokens": args.max_tokens,
+                 "requests_per_client": args.requests_per_client, "max_batch": args.max_batch,
+                 "torch_server": "skipped: a random packed dir has no unpacked weights for --engine torch"}
+    try:
+        t0 = time.perf_counter()
+        tok = make_tokenizer(vocab)
+        pm = random_packed_model(vocab, d, layers, inter, threads=args.threads, seed=args.seed)
+        pm.tokenizer = tok
+        pm.save(model_dir)
+        print(f"wrote {model_dir} ({sum(f.stat().st_size for f in model_dir.iterdir()) / 1e6:.0f} MB) "
+              f"in {time.perf_counter() - t0:.1f} s")
+        res.update(direct_baseline(pm, tok, args.max_tokens, args.prefill, args.rounds))
+        print(f"direct PackedModel.generate, 1 stream: {res['direct_generate_tok_s']:.1f} tok/s; "
+              f"{args.prefill}-token prefill {res['prefill_tok_s']:.1f} tok/s")
+        del pm
+        gc.collect()
+
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        log = open(tmp / "server.log", "w")  # noqa: SIM115 - closed in the finally below
+        cmd = [sys.executable, "-m", "mulfree", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
+               "--port", str(port), "--max-batch", str(args.max_batch), "--engine", "packed",
+               "--threads", str(args.threads), "--max-queue", str(max(256, 2 * max(args.clients)))]
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_health(base, proc, min(180.0, deadline - time.monotonic()))
+        model = json.loads(urllib.request.urlopen(base + "/v1/models", timeout=10).read())["data"][0]["id"]
+        asyncio.run(run_level(base + "/v1", model, 1, 2, 8, 120.0))  # warm up
+
+        levels = []
+        for c in args.clients:
+            left = deadline - time.monotonic()
+            if left < 5:
+                print(f"global timeout: skipped {c} clients")
+                break
+            lv = asyncio.run(run_level(base + "/v1", model, c, args.requests_per_client, args.max_tokens, left))
+            levels.append(lv)
+            print(f"  {c:>3} clients: {lv['tok_s']:8.1f} tok/s in {lv['wall_s']:.1f} s", flush=True)
+        res["levels"] = levels
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=15)
+        if log is not None:
+            log.close()
+            if proc is not None and proc.returncode not in (0, None, -signal.SIGTERM):
+                print(f"server exit {proc.returncode}; log tail:\n"
+                      + "\n".join((tmp / "server.log").read_text().splitlines()[-20:]))
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"\n[{args.shape}] mulfree serve, packed engine, {args.threads} threads, --max-batch {args.max_batch}, "
+          f"{args.requests_per_client} req/client x {args.max_tokens} tokens")
+    print(f"{'clients':>7}{'reqs':>6}{'tokens':>8}{'chunks':>8}{'client CPU s':>13}{'tok/s':>10}{'tok/s/stream':>14}"
+          f"{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}  (ms)")
+    for lv in res["levels"]:
+        print(f"{lv['clients']:>7}{lv['requests']:>6}{lv['tokens']:>8}{lv['chunks']:>8}{lv['client_cpu_s']:>13.2f}"
+              f"{lv['tok_s']:>10.1f}{lv['per_stream_tok_s']:>14.1f}"
+              f"{lv['ttft_p50_ms']:>10.0f}{lv['ttft_p99_ms']:>10.0f}{lv['itl_p50_ms']:>9.1f}{lv['itl_p99_ms']:>9.1f}")
+    by = {lv["clients"]: lv for lv in res["levels"]}
+    if 1 in by:
+        res["server_1_vs_direct"] = by[1]["tok_s"] / res["direct_generate_tok_s"]
+        print(f"1 stream through the server: {res['server_1_vs_direct']:.2f}x PackedModel.generate direct "
+              f"({res['direct_generate_tok_s']:.1f} tok/s)")
+    top = max(by) if by else None
+    for c in sorted(by):
+        if c > 1 and 1 in by:
+            res[f"x_{c}_vs_1"] = by[c]["tok_s"] / by[1]["tok_s"]
+        if c > 1:
+            res[f"x_{c}_vs_prefill"] = by[c]["tok_s"] / res["prefill_tok_s"]
+    if top is not None and top > 1:
+        msg = f" = {res[f'x_{top}_vs_1']:.2f}x 1 stream" if 1 in by else ""
+        print(f"{top} streams: {by[top]['tok_s']:.1f} tok/s{msg}, {res[f'x_{top}_vs_prefill']:.2f}x the "
+              f"{args.prefill}-token prefill rate ({res['prefill_tok_s']:.1f} tok/s)")
+    if 32 in by and 1 in by and top != 32:
+        print(f"32 streams: {res['x_32_vs_1']:.2f}x 1 stream, {res['x_32_vs_prefill']:.2f}x prefill")
+    print("torch-engine server: skipped (no unpacked weights for a random packed dir; see benchmarks/decode.py)")
+    res["loadavg_1m"] = os.getloadavg()[0]
+    print(f"load average (1 min): {res['loadavg_1m']:.2f}")
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
