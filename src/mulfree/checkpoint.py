@@ -20,6 +20,7 @@ from mulfree.atomic import atomic_dir, atomic_write_text, dumps_strict, is_temp_
 from mulfree.data.text import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from mulfree.errors import CheckpointError, ConfigError
 from mulfree.integrity import MANIFEST, verify, write_manifest
+from mulfree.models.schema import read_json
 from mulfree.settings import TrainConfig
 
 CHECKPOINT_POINTER = "checkpoint.json"
@@ -114,10 +115,7 @@ def check_run_dir(out_dir: Path, resume: bool, overwrite: bool = False) -> Path:
 def _checkpoint_dir(out_dir: Path) -> Path:
     """The `ckpt-<step>/` that `checkpoint.json` names, checked."""
     pointer = check_run_dir(out_dir, resume=True)
-    try:
-        data = json.loads(pointer.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{pointer} is not valid JSON ({exc})", _FIX) from None
+    data = read_json(pointer, hint=_FIX)
     name = data.get("checkpoint") if isinstance(data, dict) else None
     if not isinstance(name, str) or not _CKPT.match(name):
         raise CheckpointError(f"{pointer} must be a JSON object with \"checkpoint\": \"ckpt-<step>\"", _FIX)
@@ -156,11 +154,7 @@ def checkpoint_state(out_dir: Path) -> dict:
     ckpt = _checkpoint_dir(Path(out_dir))
     verify(ckpt, ["state.json"])
     path = ckpt / "state.json"
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{path} is unreadable ({exc})", _FIX) from None
-    return _check_state(state, path, int(_CKPT.match(ckpt.name)[1]))
+    return _check_state(read_json(path, hint=_FIX), path, int(_CKPT.match(ckpt.name)[1]))
 
 
 def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups: list, path: Path) -> None:

@@ -17,6 +17,7 @@ import xxhash
 
 from mulfree.atomic import atomic_write_text
 from mulfree.errors import CheckpointError
+from mulfree.models.schema import read_json
 
 MANIFEST = "checksums.json"
 ALGORITHM = "xxh3-64"
@@ -42,11 +43,7 @@ def read_manifest(directory: str | Path) -> dict[str, str] | None:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is unreadable ({exc})",
-                              "rewrite the directory with the command that made it") from exc
+    data = read_json(path, hint="rewrite the directory with the command that made it")
     if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
         raise CheckpointError(f"{path} is not a JSON object of file name -> digest",
                               "rewrite the directory with the command that made it")

@@ -24,6 +24,7 @@ from mulfree.atomic import atomic_dir, prepare_output
 from mulfree.errors import CheckpointError, ConfigError
 from mulfree.models.io import load_state, save_model
 from mulfree.models.mmfree import OFFICIAL_BITLINEAR_EPS, MMFreeConfig, MMFreeForCausalLM
+from mulfree.models.schema import read_json
 
 OFFICIAL_MODEL_TYPE = "hgrn_bit"
 # Tokenizer files of the official repos (Mistral's sentencepiece model and its HF forms).
@@ -148,10 +149,7 @@ def load_official(src: str | Path) -> MMFreeForCausalLM:
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{cfg_path} is missing", "pass the directory of an official checkpoint")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{cfg_path} is not valid JSON ({exc})", "re-download the checkpoint") from exc
+    raw = read_json(cfg_path, hint="re-download the checkpoint")
     config = config_from_official(raw)
     state = read_official_state(src)
     check_sizes(config, state, str(src))

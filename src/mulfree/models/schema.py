@@ -83,12 +83,14 @@ def show(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def read_json(path: Path, what: str = "the checkpoint") -> Any:
-    """Parse a JSON file; CheckpointError (one line) when it is unreadable or not JSON."""
+def read_json(path: Path, what: str = "the checkpoint", hint: str | None = None) -> Any:
+    """Parse a JSON file; CheckpointError (one line) when it is unreadable, not UTF-8, not JSON or nested too
+    deep. `hint` says what to do (default: re-save `what`)."""
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({str(exc)[:80]})", f"{what} is corrupt; re-save it") from None
+        raise CheckpointError(f"{path} is not valid JSON ({str(exc)[:80]})",
+                              hint or f"{what} is corrupt; re-save it") from None
 
 
 def first_line(exc: BaseException) -> str:
