@@ -43,6 +43,7 @@ from mulfree.checkpoint import (  # noqa: F401  (checkpoint_state, CHECKPOINT_PO
 from mulfree.errors import ConfigError, DataError
 from mulfree.evaluate import model_logits
 from mulfree.integrity import digest_bytes
+from mulfree.models.schema import available_memory
 from mulfree.settings import TrainConfig, check_device
 
 BatchFn = Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
@@ -97,16 +98,10 @@ def evaluate_loss(model, batches: list[tuple[torch.Tensor, torch.Tensor]], bf16:
 
 
 def _available_bytes(device: torch.device) -> int | None:
-    """Free memory of the device (CUDA) or MemAvailable of this machine; None when unknown."""
+    """Free memory of the device (CUDA) or what this process may still allocate on the host; None when unknown."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return available_memory()
 
 
 def check_memory(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> None:
