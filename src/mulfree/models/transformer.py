@@ -47,8 +47,8 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, cache):
-        mixed, cache = self.attn(self.attn_norm(x), cache)
+    def forward(self, x, cache, positions=None, key_mask=None):
+        mixed, cache = self.attn(self.attn_norm(x), cache, positions, key_mask)
         x = x + mixed
         return x + self.mlp(self.mlp_norm(x)), cache
 
@@ -80,12 +80,22 @@ class TransformerForCausalLM(nn.Module):
             else:
                 nn.init.normal_(p, std=std)
 
-    def forward(self, input_ids: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
-        """input_ids [B, T] -> (logits [B, T, V] fp32, KV cache: one (k, v) [B, H, T, Dh] per layer)."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        state: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, KVCache]:
+        """input_ids [B, T] -> (logits [B, T, V] fp32, KV cache: one (k, v) [B, H, T, Dh] per layer).
+
+        positions (int64 [B, T]) and key_mask (bool [B, past + T], False = padding key) let rows of different
+        lengths share a batch (see `RotaryAttention.forward`); None keeps every row at past .. past + T.
+        """
         x = self.model.embeddings(input_ids)
         new_state: KVCache = []
         for layer_idx, layer in enumerate(self.model.layers):
-            x, cache = layer(x, None if state is None else state[layer_idx])
+            x, cache = layer(x, None if state is None else state[layer_idx], positions, key_mask)
             new_state.append(cache)
         return self.lm_head(self.model.norm(x)).float(), new_state
 

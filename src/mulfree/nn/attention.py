@@ -1,5 +1,9 @@
 """Causal multi-head self-attention with rotary position embeddings (Llama style, no bias),
-for the Transformer++ baseline. The KV cache is a (k, v) pair of [B, H, T, Dh] tensors."""
+for the Transformer++ baseline. The KV cache is a (k, v) pair of [B, H, T, Dh] tensors.
+
+By default every row of a batch sits at the same positions (past .. past + T). Rows of different lengths
+can share one forward (batched decode, `mulfree.infer.kv_batch`) by left-padding their caches to one
+length and passing each row's own RoPE `positions` and a `key_mask` that hides the padding keys."""
 
 from __future__ import annotations
 
@@ -9,15 +13,16 @@ from torch import nn
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [T, Dh] for integer positions [T] (half-split layout, as Llama's rotate_half)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = positions.float()[:, None] * inv_freq[None, :]
+    """cos, sin [..., T, Dh] for integer positions [..., T] (half-split layout, as Llama's rotate_half)."""
+    half = torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device)
+    inv_freq = 1.0 / theta ** (half / head_dim)
+    angles = positions.float()[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, H, T, Dh] by the tables [T, Dh]."""
+    """Rotate x [B, H, T, Dh] by the tables [T, Dh] (shared positions) or [B, 1, T, Dh] (per row)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
@@ -37,22 +42,43 @@ class RotaryAttention(nn.Module):
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self,
+        x: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        positions: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """x [B, T, D], cache of past (k, v) or None -> (out [B, T, D], new cache)."""
+        """x [B, T, D], cache of past (k, v) [B, H, past, Dh] or None -> (out [B, T, D], new cache).
+
+        positions: int64 [B, T], each row's RoPE positions; None: past .. past + T for every row.
+        key_mask: bool [B, past + T], False marks a padding key (cached or new) that no query may see;
+        None: every key is real. Causality is by cache slot, so padding belongs on the left.
+        """
         B, T, D = x.shape
         past = 0 if cache is None else cache[0].shape[2]
-        q, k, v = (p(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        cos, sin = rope_tables(torch.arange(past, past + T, device=x.device), self.head_dim, self.rope_theta)
+        q, k, v = (
+            p(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        if positions is None:
+            positions = torch.arange(past, past + T, device=x.device)
+        cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)  # [T, Dh] or per row [B, T, Dh]
+        if cos.dim() == 3:
+            cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, Dh], broadcast over heads
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k = torch.cat([cache[0], k], dim=2)
             v = torch.cat([cache[1], v], dim=2)
-        if past == 0:
+        if past == 0 and key_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             # Query t (absolute past + t) sees keys 0..past + t.
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            if key_mask is not None:
+                # Each query keeps its own key, so a padding query gets a finite output instead of NaN
+                # (a NaN there would reach the real rows through the masked values: 0 * NaN = NaN).
+                own = mask & ~mask.tril(diagonal=past - 1)
+                mask = mask & key_mask[:, None, None, :] | own  # [B, 1, T, past + T]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, D)
         return self.o_proj(y), (k, v)
