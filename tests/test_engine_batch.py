@@ -117,3 +117,31 @@ def test_bad_batches_are_one_line_errors(model, backend):
         assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match="shape"):
         pm.prefill_state([1], torch.zeros(72))
+
+
+@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("mix", [(1,), (9,), (1, 1, 1), (1, 12, 1, 1, 5), (40, 1, 1, 1, 30), (1,) * 70])
+def test_ragged_step_equals_each_sequence_alone(model, backend, mix):
+    # decode tokens (length 1) and prompt chunks (longer) of different sequences in one step, after states
+    # at different positions, equal each sequence fed alone, bit for bit; a fresh state starts a prompt
+    pm = PackedModel.from_model(model, backend=backend)
+    g = torch.Generator().manual_seed(len(mix))
+    starts = [pm.prefill_state(p)[1] if i % 3 else pm.new_state() for i, p in enumerate(_prompts(len(mix), 5))]
+    chunks = [torch.randint(0, 300, (n,), generator=g).tolist() for n in mix]
+    alone = [pm.prefill_state(c, s.clone()) for c, s in zip(chunks, starts)]
+    states = [s.clone() for s in starts]
+    logits = pm.step(chunks, states)
+    assert torch.equal(logits, torch.stack([lg for lg, _ in alone]))
+    assert all(torch.equal(s, a) for s, (_, a) in zip(states, alone))
+
+
+def test_bad_ragged_steps_are_one_line_errors(model):
+    pm = PackedModel.from_model(model)
+    s = pm.new_state()
+    cases = [([[1]], [], "one state per chunk"), ([], [], "one state per chunk"), ([[1], []], [s, pm.new_state()],
+             "at least one token"), ([[1], [2]], [s, s], "share one state"), ([[1]], [torch.zeros(2, 72)], "shape"),
+             ([[300]], [s], "outside the vocabulary")]
+    for chunks, states, match in cases:
+        with pytest.raises(ValueError, match=match) as info:
+            pm.step(chunks, states)
+        assert "\n" not in str(info.value)

@@ -9,7 +9,7 @@ from mulfree.errors import MulfreeError
 from mulfree.generation import TextStreamer, generate
 from mulfree.models.mmfree import MMFreeConfig, MMFreeForCausalLM
 from mulfree.models.transformer import TransformerConfig, TransformerForCausalLM
-from mulfree.ops.sampling import filter_logits, sample_next
+from mulfree.ops.sampling import filter_logits, sample_next, sample_row
 
 V = 50
 
@@ -95,6 +95,29 @@ def test_sample_next_distribution_and_errors():
         sample_next(logits, -1.0)
     with pytest.raises(ValueError):
         sample_next(logits, 1.0, top_p=0.0)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(None, None), (5, None), (None, 0.6), (None, 0.999), (8, 0.7), (0, 1.0)])
+def test_sample_row_draws_the_filtered_distribution(top_k, top_p):
+    # the reference: softmax of filter_logits (top-k, then top-p of the rest); 0.999 of a flat 600-token row
+    # needs more than the first topk candidates
+    logits = torch.randn(600, generator=torch.Generator().manual_seed(1)) * 2
+    want = filter_logits(logits[None] / 0.7, top_k, top_p)[0].softmax(-1)
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    draws = torch.tensor([sample_row(logits, 0.7, top_k, top_p, g) for _ in range(n)])
+    freq = torch.bincount(draws, minlength=600).float() / n
+    assert bool((freq[want == 0] == 0).all())  # never outside the set
+    assert (freq - want).abs().max() < 0.02
+    top = want.argsort(descending=True)[:3]
+    assert torch.allclose(freq[top], want[top], rtol=0.1)
+
+
+def test_sample_row_is_seeded_and_greedy_at_zero():
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(3))
+    pick = [sample_row(logits, 1.0, None, 0.9, torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert pick[0] == pick[1]
+    assert sample_row(logits, 0.0) == int(logits.argmax())
 
 
 def test_text_streamer_holds_back_partial_utf8():

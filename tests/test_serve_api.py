@@ -259,7 +259,7 @@ def test_a_dead_decode_loop_shows_in_health(tmp_path):
         with httpx.Client(timeout=10) as c:
             assert c.get(run.url + "/health").status_code == 200
 
-            def boom(live):
+            def boom():
                 raise SystemError("injected")
 
             batcher._step = boom

@@ -27,8 +27,9 @@ class ServeConfig:
         "help": "fixed sampling seed for requests that give none (default: a fresh random seed per request)"})
     max_queue: int = field(default=256, metadata={"help": "most requests waiting for a batch slot (more: 429)",
                                                   "min": 1, "max": 1 << 20})
-    prefill_chunk: int = field(default=512, metadata={
-        "help": "prompt tokens fed per decode step (a long prompt never stalls running streams)", "min": 1,
+    prefill_chunk: int = field(default=128, metadata={
+        "help": "prompt tokens fed per step beside the decode tokens (a long prompt never stalls running streams)",
+        "min": 1,
         "max": 1 << 20})
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "largest request body accepted (more: 413)",
                                                            "min": 1024, "max": 1 << 30})

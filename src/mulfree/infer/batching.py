@@ -1,14 +1,16 @@
-"""Continuous batching: requests join and leave the decode batch at any step.
+"""Continuous batching: requests join and leave the batch at any step.
 
 An MMfree sequence is fully described by its per-layer recurrent state h [1, D] (no KV cache that grows
-with length), so the batch for one decode step is just the concatenation of the live sequences' states,
-whatever their prompt lengths or ages. A new request is prefilled on its own and joins at the next step;
-a finished, cancelled or timed-out one is dropped before the next step without touching the others.
-Models with a KV cache (Transformer++) are served through the same interface one sequence at a time.
+with length), so one step can hold any mix of sequences: every live sequence's next token and the prompt
+chunks of joining ones (at most `prefill_chunk` prompt tokens a step), run by the step model together
+(`step(chunks, states)`: on the packed engine, one native call in which every linear runs once over all the
+step's tokens). A long prompt is fed over several steps and never stalls the running streams for longer than
+one chunk. A finished, cancelled or timed-out sequence leaves before the next step without touching the others.
+Models with a KV cache (Transformer++) decode their live sequences together with padded caches.
 
-The loop never dies of one request: an error while prefilling or sampling finishes that request with
-finish_reason "error"; a failing batched step finishes the sequences in it. `alive` turns False only when
-the loop itself has stopped (closed, or an unexpected error, kept in `error`) — `/health` reports it.
+The loop never dies of one request: a step that fails is retried one sequence at a time, and only the
+sequences that fail alone finish with finish_reason "error". `alive` turns False only when the loop itself
+has stopped (closed, or an unexpected error, kept in `error`) — `/health` reports it.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from typing import Any
 
 import torch
 
+from mulfree.infer.kv_batch import decode_kv_batch
 from mulfree.models import registry
-from mulfree.ops.sampling import sample_next
+from mulfree.ops.sampling import check_sampling, sample_row
 
 _DONE = object()
 
@@ -88,79 +91,84 @@ class Request:
 
 
 class TorchStepModel:
-    """Prefill/decode on one of our torch models (`logits, state = model(ids, state)`)."""
+    """Steps on one of our torch models (`logits, state = model(ids, state)`): decode tokens of sequences
+    with a state run as one batch (recurrent states concatenated, KV caches padded), prompt chunks one by one."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model.eval()
         family = registry.find(model)
-        self.batchable = family is not None and family.recurrent  # per-sequence states stack into one batch
+        self.recurrent = family is not None and family.recurrent  # per-sequence states stack into one batch
+
+    def new_state(self) -> None:
+        return None
 
     @torch.no_grad()
-    def prefill(self, ids: list[int], state: list | None = None) -> tuple[torch.Tensor, list]:
-        """Feed `ids` after `state` (None: a fresh sequence); returns (last logits [V], new state)."""
-        logits, state = self.model(torch.tensor([ids]), state)
-        return logits[0, -1], state
+    def step(self, chunks: list[list[int]], states: list[Any]) -> tuple[torch.Tensor, list[Any]]:
+        """Feed chunk s after states[s] (None: a fresh sequence) -> (last logits [S, V], new states)."""
+        logits: list[torch.Tensor | None] = [None] * len(chunks)
+        new = list(states)
+        decode = [i for i, (c, st) in enumerate(zip(chunks, states)) if len(c) == 1 and st is not None]
+        for i in (i for i in range(len(chunks)) if i not in set(decode)):
+            out, new[i] = self.model(torch.tensor([chunks[i]]), states[i])
+            logits[i] = out[0, -1]
+        if decode:
+            rows, moved = self._decode([chunks[i][0] for i in decode], [states[i] for i in decode])
+            for i, row, st in zip(decode, rows, moved):
+                logits[i], new[i] = row, st
+        return torch.stack(logits), new
 
-    @torch.no_grad()
-    def decode(self, tokens: list[int], states: list[list]) -> tuple[torch.Tensor, list[list]]:
-        """One token for each sequence: tokens [B], states B × per-layer state -> (logits [B, V], new states)."""
-        if not self.batchable:
-            outs = [self.model(torch.tensor([[t]]), s) for t, s in zip(tokens, states)]
-            return torch.stack([lg[0, -1] for lg, _ in outs]), [s for _, s in outs]
-        batched = [torch.cat(layer, dim=0) for layer in zip(*states)]
-        logits, new = self.model(torch.tensor(tokens)[:, None], batched)
-        return logits[:, -1], [[layer[b : b + 1] for layer in new] for b in range(len(tokens))]
+    def _decode(self, tokens: list[int], states: list[Any]) -> tuple[torch.Tensor, list[Any]]:
+        if self.recurrent:
+            batched = [torch.cat(layer, dim=0) for layer in zip(*states)]
+            logits, new = self.model(torch.tensor(tokens)[:, None], batched)
+            return logits[:, -1], [[layer[b : b + 1] for layer in new] for b in range(len(tokens))]
+        return decode_kv_batch(self.model, tokens, states)
 
 
 class PackedStepModel:
-    """Prefill/decode on the packed engine (`PackedModel`): a sequence's state is fp32 [L, d]; one step gathers
-    the live states into a contiguous [B, L, d] for `decode_batch` (every linear once over the B tokens) and
-    hands each sequence its row back."""
-
-    batchable = True
+    """Steps on the packed engine (`PackedModel.step`): a sequence's state is fp32 [L, d], updated in place;
+    decode tokens and prompt chunks of all sequences go through one native call."""
 
     def __init__(self, packed: Any):
         self.packed = packed
 
-    @torch.no_grad()
-    def prefill(self, ids: list[int], state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.packed.prefill_state(ids, state)
+    def new_state(self) -> torch.Tensor:
+        return self.packed.new_state()
 
     @torch.no_grad()
-    def decode(self, tokens: list[int], states: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        batch = torch.stack(states)  # [B, L, d], contiguous; updated in place by the engine
-        logits = self.packed.decode_batch(tokens, batch)
-        return logits, list(batch.unbind(0))
-
-
-_Live = tuple[Request, Any, "torch.Generator | None"]
+    def step(self, chunks: list[list[int]], states: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return self.packed.step(chunks, states), states
 
 
 @dataclass
-class _Prefill:
-    """A request whose prompt is being fed, `prefill_chunk` tokens per step at most."""
+class _Seq:
+    """A request in the batch: its prompt is fed `pos` tokens so far; it decodes once pos reaches the end."""
 
     req: Request
     gen: torch.Generator | None
-    state: Any = None
+    state: Any
     pos: int = 0
+
+    @property
+    def decoding(self) -> bool:
+        return self.pos == len(self.req.prompt_ids)
 
 
 class ContinuousBatcher:
-    """Runs a background thread that admits, steps and retires requests (at most `max_batch` live,
+    """Runs a background thread that admits, steps and retires requests (at most `max_batch` in the batch,
     at most `max_queue` waiting)."""
 
     def __init__(self, step_model: Any, max_batch: int = 8, eos_token_id: int | None = None,
-                 max_queue: int = 1024, prefill_chunk: int = 512):
+                 max_queue: int = 1024, prefill_chunk: int = 128):
         self.model = step_model
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.eos_token_id = eos_token_id
         self.prefill_chunk = prefill_chunk  # prompt tokens fed per step: a long prompt never stalls the others
-        self._prefilling: list[_Prefill] = []  # loop thread only
-        self.steps = 0  # decode steps taken (for tests and metrics)
+        self._seqs: list[_Seq] = []  # loop thread only
+        self.steps = 0  # steps taken (for tests and metrics)
         self.max_live = 0
-        self.live = 0  # sequences in the current batch (metrics)
+        self.live = 0  # decoding sequences in the current batch (metrics)
         self.error: BaseException | None = None  # what killed the loop, if anything did
         self._waiting: queue.Queue[Request | None] = queue.Queue()
         self._stop = threading.Event()
@@ -203,11 +211,11 @@ class ContinuousBatcher:
             req.error = error
         req._push(_DONE)
 
-    def _emit(self, req: Request, logits: torch.Tensor, gen: torch.Generator | None, token: int | None = None) -> bool:
-        """Sample (unless `token` is the greedy pick already) the next token of `req`; False once it is finished."""
-        p = req.params
+    def _emit(self, seq: _Seq, logits: torch.Tensor, token: int | None) -> bool:
+        """Sample (unless `token` is the greedy pick already) the next token of `seq`; False once it is finished."""
+        req, p = seq.req, seq.req.params
         if token is None:
-            token = int(sample_next(logits[None], p.temperature, p.top_k, p.top_p, gen)[0])
+            token = sample_row(logits, p.temperature, p.top_k, p.top_p, seq.gen)
         if p.logprobs is not None:  # of the model's distribution (before temperature / top-k / top-p)
             lp = torch.log_softmax(logits.float(), dim=-1)
             top = torch.topk(lp, min(p.logprobs, lp.numel())) if p.logprobs else None
@@ -232,50 +240,60 @@ class ContinuousBatcher:
         return False
 
     def _admit(self, req: Request) -> None:
-        """Queue a new request for prefill (or finish it at once)."""
+        """Add a new request to the batch (or finish it at once)."""
         if self._gone(req, time.monotonic()):
             return
         if req.params.max_new_tokens <= 0:
             self._finish(req, "length")
             return
         try:
-            gen = torch.Generator().manual_seed(req.params.seed) if req.params.seed is not None else None
+            p = req.params
+            check_sampling(p.temperature, p.top_k, p.top_p)
+            gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
+            self._seqs.append(_Seq(req, gen, self.model.new_state()))
         except Exception as exc:  # noqa: BLE001 - this request only
             self._finish(req, "error", f"{type(exc).__name__}: {exc}")
-            return
-        self._prefilling.append(_Prefill(req, gen))
 
-    def _prefill(self, live: list[_Live]) -> None:
-        """Feed at most `prefill_chunk` prompt tokens; a prompt fed to its end samples its first token and
-        joins `live`."""
-        budget, now = self.prefill_chunk, time.monotonic()
-        self._prefilling = [p for p in self._prefilling if not self._gone(p.req, now)]
-        while budget > 0 and self._prefilling:
-            p = self._prefilling[0]
-            chunk = p.req.prompt_ids[p.pos : p.pos + budget]
-            budget -= len(chunk)
-            try:
-                logits, p.state = self.model.prefill(chunk, p.state)
-                p.pos += len(chunk)
-                if p.pos < len(p.req.prompt_ids):
-                    continue
-                self._prefilling.pop(0)
-                more = self._emit(p.req, logits, p.gen)
-            except Exception as exc:  # noqa: BLE001 - this request only
-                if self._prefilling and self._prefilling[0] is p:
-                    self._prefilling.pop(0)
-                self._finish(p.req, "error", f"{type(exc).__name__}: {exc}")
-                continue
-            if more:
-                live.append((p.req, p.state, p.gen))
-            else:
-                self._finish(p.req)
+    def _plan(self) -> list[tuple[_Seq, list[int]]]:
+        """This step's work: every decoding sequence's last token, then prompt chunks in arrival order while
+        the step's prompt-token budget lasts."""
+        work, budget = [], self.prefill_chunk
+        for seq in self._seqs:
+            if seq.decoding:
+                work.append((seq, seq.req.tokens[-1:]))
+            elif budget > 0:
+                chunk = seq.req.prompt_ids[seq.pos : seq.pos + budget]
+                budget -= len(chunk)
+                work.append((seq, chunk))
+        return work
 
-    def _step(self, live: list[_Live]) -> list[_Live]:
-        """Admit waiting requests, feed prompts, then advance every live sequence by one token."""
-        block = not live and not self._prefilling
-        limit = self.max_batch if getattr(self.model, "batchable", True) else 1
-        while len(live) + len(self._prefilling) < limit:
+    def _run(self, work: list[tuple[_Seq, list[int]]]) -> list[torch.Tensor | None]:
+        """Each sequence's last logits of this step (its state advanced), one model call; when that call fails,
+        each sequence alone, and the ones that fail alone are finished with an error (None)."""
+        chunks = [c for _, c in work]
+        try:
+            logits, states = self.model.step(chunks, [s.state for s, _ in work])
+            rows: list[torch.Tensor | None] = list(logits)
+        except Exception:  # noqa: BLE001 - find the sequences at fault
+            rows, states = [], []
+            for seq, chunk in work:
+                try:
+                    lg, st = self.model.step([chunk], [seq.state])
+                    rows.append(lg[0])
+                    states.append(st[0])
+                except Exception as exc:  # noqa: BLE001 - this request only
+                    self._finish(seq.req, "error", f"{type(exc).__name__}: {exc}")
+                    rows.append(None)
+                    states.append(None)
+        for (seq, chunk), st in zip(work, states):
+            seq.state = st
+            seq.pos = min(seq.pos + len(chunk), len(seq.req.prompt_ids))
+        return rows
+
+    def _step(self) -> None:
+        """Admit waiting requests, drop finished ones, then run one step over the batch."""
+        block = not self._seqs
+        while len(self._seqs) < self.max_batch:
             try:
                 req = self._waiting.get(block=block, timeout=None if block else 0)
             except queue.Empty:
@@ -285,45 +303,44 @@ class ContinuousBatcher:
                 break
             self._admit(req)
         now = time.monotonic()
-        live = [entry for entry in live if not self._gone(entry[0], now)]
-        self._prefill(live)
-        self.live = len(live)
-        if not live:
-            return live
-        self.max_live = max(self.max_live, len(live))
-        try:
-            logits, states = self.model.decode([r.tokens[-1] for r, _, _ in live], [s for _, s, _ in live])
-            greedy = [i for i, (r, _, _) in enumerate(live) if r.params.temperature == 0]
-            picks = dict(zip(greedy, logits[greedy].float().argmax(-1).tolist())) if greedy else {}  # one argmax
-        except Exception as exc:  # noqa: BLE001 - the sequences of this step only
-            for req, _, _ in live:
-                self._finish(req, "error", f"{type(exc).__name__}: {exc}")
-            return []
+        self._seqs = [s for s in self._seqs if not self._gone(s.req, now)]
+        self.live = sum(s.decoding for s in self._seqs)
+        self.max_live = max(self.max_live, self.live)
+        work = self._plan()
+        if not work:
+            return
+        rows = self._run(work)
         self.steps += 1
-        still = []
-        for i, ((req, _, gen), row, state) in enumerate(zip(live, logits, states)):
+        # a sequence samples when it was decoding or its prompt's last chunk went in; greedy picks in one argmax
+        ready = [i for i, ((seq, _), row) in enumerate(zip(work, rows)) if row is not None and seq.decoding]
+        greedy = [i for i in ready if work[i][0].req.params.temperature == 0]
+        picks = dict(zip(greedy, torch.stack([rows[i] for i in greedy]).argmax(-1).tolist())) if greedy else {}
+        finished = set()
+        for i in ready:
+            seq = work[i][0]
             try:
-                more = self._emit(req, row, gen, picks.get(i))
+                more = self._emit(seq, rows[i], picks.get(i))
             except Exception as exc:  # noqa: BLE001 - this request only
-                self._finish(req, "error", f"{type(exc).__name__}: {exc}")
-                continue
-            if more:
-                still.append((req, state, gen))
+                self._finish(seq.req, "error", f"{type(exc).__name__}: {exc}")
+                more = False
             else:
-                self._finish(req)
-        return still
+                if not more:
+                    self._finish(seq.req)
+            if not more:
+                finished.add(id(seq))
+        failed = {id(seq) for (seq, _), row in zip(work, rows) if row is None}
+        self._seqs = [s for s in self._seqs if id(s) not in finished | failed]
 
     def _loop(self) -> None:
-        live: list[_Live] = []
         try:
             while not self._stop.is_set():
-                live = self._step(live)
+                self._step()
         except BaseException as exc:  # noqa: BLE001 - an unexpected error: the loop is dead and says so
             self.error = exc
         finally:
             self._stop.set()
-            for req in [r for r, _, _ in live] + [p.req for p in self._prefilling]:
-                self._finish(req, "abort")
+            for seq in self._seqs:
+                self._finish(seq.req, "abort")
             while True:  # nobody will admit the waiting ones any more
                 try:
                     req = self._waiting.get_nowait()

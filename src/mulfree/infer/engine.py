@@ -248,6 +248,23 @@ class PackedModel:
         self._engine.forward_batch(ids, states, logits)
         return logits
 
+    def step(self, chunks: list[list[int]], states: list[torch.Tensor]) -> torch.Tensor:
+        """One continuous-batching step: sequence s feeds `chunks[s]` (one decode token or a prompt chunk) after
+        `states[s]` (fp32 [L, d], updated in place); returns logits fp32 [S, V] of each sequence's last token.
+        Every linear runs once over all the tokens of the step, so prompt chunks ride along with decode tokens."""
+        if len(chunks) != len(states) or not chunks:
+            raise ValueError(f"need one state per chunk (and a chunk at least), got {len(chunks)} and {len(states)}")
+        ids = [self._token_ids(c) for c in chunks]
+        states = [self._check_states(s, (self.num_layers,)) for s in states]
+        if len({s.data_ptr() for s in states}) != len(states):
+            raise ValueError("two sequences share one state tensor")
+        if self._engine is None:
+            return torch.cat([self._forward_reference(i, False, s) for i, s in zip(ids, states)])
+        logits = torch.empty(len(ids), self.config["vocab_size"])
+        lengths = torch.tensor([i.numel() for i in ids], dtype=torch.long)
+        self._engine.forward_ragged(torch.cat(ids), lengths, states, logits)
+        return logits
+
     def _check_states(self, states: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
         """states as given (updated in place, so never copied): fp32, contiguous, shape lead + (hidden,)."""
         shape = (*lead, self.config["hidden_size"])

@@ -42,7 +42,7 @@ void register_ternary(nb::module_ &m) {
       .def_ro("gate_proj", &Layer::gate_proj)
       .def_ro("down_proj", &Layer::down_proj);
 
-  nb::class_<Engine>(m, "Engine", "Whole MMfree forward on packed weights (prefill T tokens, decode 1, or decode B sequences).")
+  nb::class_<Engine>(m, "Engine", "Whole MMfree forward on packed weights (prefill T tokens, decode 1, decode B sequences, or a ragged step).")
       .def(
           "__init__",
           [](Engine *self, int64_t vocab, int64_t d, int64_t inter, double eps, const std::string &backend, int threads,
@@ -60,6 +60,10 @@ void register_ternary(nb::module_ &m) {
       .def("forward", &Engine::forward, nb::arg("ids"), nb::arg("state"), nb::arg("logits"), nb::arg("all_logits"))
       .def("forward_batch", &Engine::forward_batch, nb::arg("ids"), nb::arg("states"), nb::arg("logits"),
            "One decode step of B sequences: ids [B], states [B, L, d] (contiguous, updated in place), logits [B, V].")
+      .def("forward_ragged", &Engine::forward_ragged, nb::arg("ids"), nb::arg("lengths"), nb::arg("states"),
+           nb::arg("logits"),
+           "One step of S sequences feeding lengths[s] tokens each (ids concatenated): states, a list of S [L, d] "
+           "(updated in place); logits [S, V] of each sequence's last token.")
       .def_prop_ro("num_layers", &Engine::num_layers);
 
   m.def(

@@ -89,13 +89,14 @@ void Engine::forward(Arr<const int64_t, nb::ndim<1>> ids, Arr<float, nb::ndim<2>
                      bool all_logits) {
   const int64_t T = (int64_t)ids.shape(0);
   check_ready(ids.data(), T);
-  if ((int64_t)state.shape(0) != num_layers() || (int64_t)state.shape(1) != d_)
-    throw std::invalid_argument("state must have shape [num_layers, hidden_size]");
+  check_state(state.shape(0), state.shape(1));
   const int64_t R = all_logits ? T : 1;
   if ((int64_t)logits.shape(0) != R || (int64_t)logits.shape(1) != V_)
     throw std::invalid_argument("logits buffer has the wrong shape");
+  std::vector<int64_t> rows((size_t)R);
+  for (int64_t r = 0; r < R; ++r) rows[(size_t)r] = T - R + r;
   nb::gil_scoped_release release;
-  run(ids.data(), T, state.data(), 0, R, logits.data());
+  run(ids.data(), T, {Segment{0, T, state.data()}}, rows, logits.data());
 }
 
 void Engine::forward_batch(Arr<const int64_t, nb::ndim<1>> ids, Arr<float, nb::ndim<3>> states,
@@ -106,23 +107,60 @@ void Engine::forward_batch(Arr<const int64_t, nb::ndim<1>> ids, Arr<float, nb::n
     throw std::invalid_argument("states must have shape [batch, num_layers, hidden_size]");
   if ((int64_t)logits.shape(0) != B || (int64_t)logits.shape(1) != V_)
     throw std::invalid_argument("logits buffer must have shape [batch, vocab_size]");
+  std::vector<Segment> segs((size_t)B);
+  std::vector<int64_t> rows((size_t)B);
+  for (int64_t b = 0; b < B; ++b) {
+    segs[(size_t)b] = Segment{b, 1, states.data() + b * num_layers() * d_};
+    rows[(size_t)b] = b;
+  }
   nb::gil_scoped_release release;
-  run(ids.data(), B, states.data(), num_layers() * d_, B, logits.data());
+  run(ids.data(), B, segs, rows, logits.data());
 }
 
-void Engine::run(const int64_t *idp, int64_t T, float *st, int64_t sld, int64_t R, float *lg) {
-  const int64_t L = num_layers(), d = d_;
+void Engine::forward_ragged(Arr<const int64_t, nb::ndim<1>> ids, Arr<const int64_t, nb::ndim<1>> lengths,
+                            std::vector<Arr<float, nb::ndim<2>>> states, Arr<float, nb::ndim<2>> logits) {
+  const int64_t T = (int64_t)ids.shape(0), S = (int64_t)lengths.shape(0);
+  check_ready(ids.data(), T);
+  if (S < 1 || (int64_t)states.size() != S) throw std::invalid_argument("need one state per sequence (and one sequence at least)");
+  if ((int64_t)logits.shape(0) != S || (int64_t)logits.shape(1) != V_)
+    throw std::invalid_argument("logits buffer must have shape [sequences, vocab_size]");
+  std::vector<Segment> segs((size_t)S);
+  std::vector<int64_t> rows((size_t)S);
+  int64_t start = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t n = lengths.data()[s];
+    if (n < 1 || n > T - start) throw std::invalid_argument("sequence lengths must be >= 1 and sum to len(ids)");
+    check_state(states[(size_t)s].shape(0), states[(size_t)s].shape(1));
+    for (int64_t r = 0; r < s; ++r)
+      if (states[(size_t)r].data() == states[(size_t)s].data()) throw std::invalid_argument("two sequences share one state");
+    segs[(size_t)s] = Segment{start, n, states[(size_t)s].data()};
+    start += n;
+    rows[(size_t)s] = start - 1;
+  }
+  if (start != T) throw std::invalid_argument("sequence lengths must be >= 1 and sum to len(ids)");
+  nb::gil_scoped_release release;
+  run(ids.data(), T, segs, rows, logits.data());
+}
+
+void Engine::check_state(size_t layers, size_t d) const {
+  if ((int64_t)layers != num_layers() || (int64_t)d != d_)
+    throw std::invalid_argument("state must have shape [num_layers, hidden_size]");
+}
+
+void Engine::run(const int64_t *idp, int64_t T, const std::vector<Segment> &segs, const std::vector<int64_t> &rows,
+                 float *lg) {
+  const int64_t L = num_layers(), d = d_, R = (int64_t)rows.size();
   // Scratch lives in the engine and only grows: fresh pages for every call cost page faults.
   std::lock_guard<std::mutex> lock(busy_);
   for (auto *v : {&h_, &a_, &fi_, &ff_, &fg_}) v->resize(std::max(v->size(), (size_t)(T * d)));
   big_.resize(std::max(big_.size(), (size_t)(T * 2 * I_)));
   float *h = h_.data(), *a = a_.data(), *fi = fi_.data();
   for (int64_t t = 0; t < T; ++t) embed(idp[t], h + t * d);
-  for (int64_t l = 0; l < L; ++l) layer_forward(layers_[(size_t)l], l, T, st + l * d, sld);
-  const int64_t t0 = T - R;
-  for (int64_t t = 0; t < R; ++t) {
-    if (L > 0) add_row(h + (t0 + t) * d, fi + (t0 + t) * d);
-    rmsnorm_row(isa_, h + (t0 + t) * d, norm_.data(), d, eps_, a + t * d);
+  for (int64_t l = 0; l < L; ++l) layer_forward(layers_[(size_t)l], l, T, segs);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t t = rows[(size_t)r];
+    if (L > 0) add_row(h + t * d, fi + t * d);
+    rmsnorm_row(isa_, h + t * d, norm_.data(), d, eps_, a + r * d);
   }
   qi_.fill(isa_, a, R, d, head_[0], beps_, threads_);
   const LinearJob hj = qi_.job(head_[0], R, lg, V_);
@@ -141,7 +179,7 @@ void Engine::per_token(int64_t T, F &&fn) {
 // The per-token steps between two linears run as one region over the tokens (each token's rows stay in L1 from
 // one step to the next). Each layer's down projection (in fi) is added to h by the next step that reads h: the
 // next layer's first region, or the final norm (for the rows the head reads).
-void Engine::layer_forward(const Layer &ly, int64_t l, int64_t T, float *s, int64_t sld) {
+void Engine::layer_forward(const Layer &ly, int64_t l, int64_t T, const std::vector<Segment> &segs) {
   const int64_t d = d_, I = I_;
   float *h = h_.data(), *a = a_.data(), *fi = fi_.data(), *ff = ff_.data(), *fg = fg_.data(), *big = big_.data();
   QBuf &qi = qi_, &qf = qf_, &qg = qg_;
@@ -159,7 +197,10 @@ void Engine::layer_forward(const Layer &ly, int64_t l, int64_t T, float *s, int6
   // The recurrence is independent per channel (run on each chunk's channels as their i/f/g rows are done, or
   // split over the pool after a panel GEMM), the output norm per token.
   const float *lb = ly.lower_bound ? ly.lower_bound->data() : nullptr;
-  auto state_update = [&](int64_t k0, int64_t k1) { mlgru_state(isa_, fi, ff, lb, k0, k1, s, T, d, sld); };
+  auto state_update = [&](int64_t k0, int64_t k1) {
+    for (const Segment &g : segs)
+      mlgru_state(isa_, fi + g.start * d, ff + g.start * d, lb, k0, k1, g.state + l * d, g.len, d, 0);
+  };
   if (uses_panels(isa_, T)) {
     run_linears(isa_, threads_, ifg, 3);
     for_ranges(threads_, d, state_update);

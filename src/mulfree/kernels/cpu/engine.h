@@ -4,6 +4,7 @@
 #include "linear.h"
 
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/vector.h>
 
 #include <mutex>
 #include <optional>
@@ -74,21 +75,34 @@ class Engine {
   // per step for all sequences); the MLGRU update of token b uses state row b.
   void forward_batch(Arr<const int64_t, nb::ndim<1>> ids, Arr<float, nb::ndim<3>> states,
                      Arr<float, nb::ndim<2>> logits);
+  // One step of S sequences that each feed any number of tokens (a continuous-batching step: decode tokens
+  // and prompt chunks together): ids [T] holds sequence s's lengths[s] tokens after sequence s-1's; states[s]
+  // [L, d] is sequence s's state, updated in place; logits [S, V] of each sequence's last token. Every linear
+  // runs once over all T tokens; the MLGRU update runs each sequence's tokens in order on its own state.
+  void forward_ragged(Arr<const int64_t, nb::ndim<1>> ids, Arr<const int64_t, nb::ndim<1>> lengths,
+                      std::vector<Arr<float, nb::ndim<2>>> states, Arr<float, nb::ndim<2>> logits);
 
  private:
-  // The walk of forward and forward_batch over T tokens: token t of layer l updates the state row
-  // st + l * d + t * sld (sld = 0: one sequence); logits of the last R tokens into lg [R, V].
-  void run(const int64_t *ids, int64_t T, float *st, int64_t sld, int64_t R, float *lg);
+  // Tokens [start, start + len) of one sequence, whose state is state [L, d].
+  struct Segment {
+    int64_t start, len;
+    float *state;
+  };
+  // The walk over T tokens in segments (the sequences' token ranges in order, covering [0, T)); logits of the
+  // tokens rows[0..R) into lg [R, V].
+  void run(const int64_t *ids, int64_t T, const std::vector<Segment> &segs, const std::vector<int64_t> &rows,
+           float *lg);
   void check_ready(const int64_t *ids, int64_t T) const;
   void check_emb(size_t v, size_t d);
+  void check_state(size_t layers, size_t d) const;  // a state is [num_layers, hidden_size]
   // fn(t, tmp) for every token t, split by tokens over the pool; tmp holds 2 I floats (any linear's K).
   template <class F>
   void per_token(int64_t T, F &&fn);
   void add_row(float *h, const float *x) const;  // h += x over one row of width d
   void embed(int64_t id, float *out) const;
   // One block over T tokens: h [T, d] += its two residual branches (the last down projection is left in fi_
-  // and added by the next step that reads h); token t's state row state + t * sld [d] updated in place.
-  void layer_forward(const Layer &ly, int64_t l, int64_t T, float *state, int64_t sld);
+  // and added by the next step that reads h); each segment's layer-l state row updated in place.
+  void layer_forward(const Layer &ly, int64_t l, int64_t T, const std::vector<Segment> &segs);
 
   int64_t V_, d_, I_;
   double eps_, beps_;  // rms_norm_eps; the BitLinear input norms' eps
