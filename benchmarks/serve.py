@@ -3,7 +3,7 @@ client at several concurrency levels on loopback, beside `PackedModel.generate` 
 
     python benchmarks/serve.py                                  # 1.3b shape, 1 8 32 64 clients
     python benchmarks/serve.py --shape tiny --requests-per-client 2 --max-tokens 16   # smoke run
-    python benchmarks/serve.py --shape 1.3b --clients 1 8 32 --requests-per-client 1
+    python benchmarks/serve.py --shape 1.3b --clients 1 8 32 --requests-per-client 1 --torch-clients 0
 
 Weights are random (speed does not depend on values); the model dir is written to a temp dir with a
 tokenizer of the shape's vocab (BPE on the bundled corpus, padded with added words) that has no
@@ -14,8 +14,8 @@ tokenizer of the shape's vocab (BPE on the bundled corpus, padded with added wor
 Per level: aggregate decode tok/s (completion tokens of all requests / wall time of the level), time to
 first token p50/p99 and inter-token latency p50/p99 (gaps between streamed chunks of one request).
 Baselines in this process, before the server starts: one stream of `PackedModel.generate` (tok/s) and the
-engine's own 128-token prefill rate. The torch-engine server is not timed: a random packed dir has no
-unpacked weights for `--engine torch` (see benchmarks/decode.py for the torch baselines of each shape).
+engine's own 128-token prefill rate. Then the same server on `--engine torch` (the torch MMfree model) over a
+random unpacked dir of the same shape, at --torch-clients streams (one request each; 0 skips it).
 The client runs on the same host as the server, so at high concurrency it competes for the same cores.
 Prints a table, the ratios, the 1-minute load average and one JSON line.
 """
@@ -167,6 +167,65 @@ async def run_level(base_url: str, model: str, clients: int, per_client: int, ma
             "itl_p50_ms": 1e3 * percentile(itl, 50), "itl_p99_ms": 1e3 * percentile(itl, 99)}
 
 
+def random_torch_dir(shape: str, tok, out: Path, seed: int) -> None:
+    """A random MMfree torch model of `shape` (its own init) saved with `tok` for `serve --engine torch`."""
+    from mulfree.models.io import save_model
+    from mulfree.models.mmfree import MMFreeConfig, MMFreeForCausalLM
+
+    vocab, d, layers, inter = SHAPES[shape]
+    torch.manual_seed(seed)
+    model = MMFreeForCausalLM(MMFreeConfig(vocab_size=vocab, hidden_size=d, num_hidden_layers=layers,
+                                           intermediate_size=inter))
+    save_model(model, out, tok)
+
+
+def serve_levels(model_dir: Path, engine: str, clients: list[int], per_client: int, args, deadline: float,
+                 log_path: Path) -> list[dict]:
+    """Start `mulfree serve --engine engine` on model_dir, run each client level, stop the server."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "mulfree", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
+           "--port", str(port), "--max-batch", str(args.max_batch), "--engine", engine,
+           "--threads", str(args.threads), "--prefill-chunk", str(args.prefill_chunk), "--max-queue", str(max(256, 2 * max(clients))),
+           "--request-timeout", str(max(60.0, deadline - time.monotonic()))]
+    levels: list[dict] = []
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_health(base, proc, min(600.0, deadline - time.monotonic()))
+            model = json.loads(urllib.request.urlopen(base + "/v1/models", timeout=10).read())["data"][0]["id"]
+            asyncio.run(run_level(base + "/v1", model, 1, 1, 2, max(5.0, deadline - time.monotonic())))  # warm up
+            for c in clients:
+                left = deadline - time.monotonic()
+                if left < 5:
+                    print(f"global timeout: skipped {c} clients ({engine})")
+                    break
+                lv = asyncio.run(run_level(base + "/v1", model, c, per_client, args.max_tokens, left))
+                levels.append(lv)
+                print(f"  {engine} {c:>3} clients: {lv['tok_s']:8.1f} tok/s in {lv['wall_s']:.1f} s", flush=True)
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=15)
+            if proc.returncode not in (0, None, -signal.SIGTERM):
+                print(f"server exit {proc.returncode}; log tail:\n" + "\n".join(log_path.read_text().splitlines()[-20:]))
+    return levels
+
+
+def print_levels(title: str, levels: list[dict]) -> None:
+    print(title)
+    print(f"{'clients':>7}{'reqs':>6}{'tokens':>8}{'chunks':>8}{'client CPU s':>13}{'tok/s':>10}{'tok/s/stream':>14}"
+          f"{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}  (ms)")
+    for lv in levels:
+        print(f"{lv['clients']:>7}{lv['requests']:>6}{lv['tokens']:>8}{lv['chunks']:>8}{lv['client_cpu_s']:>13.2f}"
+              f"{lv['tok_s']:>10.1f}{lv['per_stream_tok_s']:>14.1f}"
+              f"{lv['ttft_p50_ms']:>10.0f}{lv['ttft_p99_ms']:>10.0f}{lv['itl_p50_ms']:>9.1f}{lv['itl_p99_ms']:>9.1f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="1.3b", choices=sorted(SHAPES))
@@ -179,9 +238,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="direct baseline: best of this many runs")
     p.add_argument("--timeout", type=float, default=900.0, help="global limit in seconds (the whole run)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefill-chunk", type=int, default=128, help="the server's prompt tokens per step")
+    p.add_argument("--torch-clients", type=int, default=32, help="streams of the torch-engine server level (0: skip)")
     args = p.parse_args()
-    if not 1 <= args.requests_per_client <= 1000 or not all(1 <= c <= 1024 for c in args.clients):
-        raise SystemExit("error: --clients in 1..1024 and --requests-per-client in 1..1000")
+    if (not 1 <= args.requests_per_client <= 1000 or not all(1 <= c <= 1024 for c in args.clients)
+            or not 0 <= args.torch_clients <= 1024):
+        raise SystemExit("error: --clients in 1..1024, --torch-clients in 0..1024, --requests-per-client in 1..1000")
     deadline = time.monotonic() + args.timeout
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)  # sampling / argmax only: leave the cores to the engine's pool
@@ -191,12 +253,10 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="mulfree-serve-bench-"))
     model_dir = tmp / f"random-{args.shape}"
-    proc: subprocess.Popen | None = None
-    log = None
     res: dict = {"benchmark": "serve", "shape": args.shape, "host": cpu_model(), "cpus": os.cpu_count(),
                  "backend": best_backend(), "threads": args.threads, "max_tokens": args.max_tokens,
                  "requests_per_client": args.requests_per_client, "max_batch": args.max_batch,
-                 "torch_server": "skipped: a random packed dir has no unpacked weights for --engine torch"}
+                 "prefill_chunk": args.prefill_chunk, "levels": [], "torch_levels": []}
     try:
         t0 = time.perf_counter()
         tok = make_tokenizer(vocab)
@@ -210,51 +270,22 @@ def main() -> None:
               f"{args.prefill}-token prefill {res['prefill_tok_s']:.1f} tok/s")
         del pm
         gc.collect()
-
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        log = open(tmp / "server.log", "w")  # noqa: SIM115 - closed in the finally below
-        cmd = [sys.executable, "-m", "mulfree", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
-               "--port", str(port), "--max-batch", str(args.max_batch), "--engine", "packed",
-               "--threads", str(args.threads), "--max-queue", str(max(256, 2 * max(args.clients)))]
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_health(base, proc, min(180.0, deadline - time.monotonic()))
-        model = json.loads(urllib.request.urlopen(base + "/v1/models", timeout=10).read())["data"][0]["id"]
-        asyncio.run(run_level(base + "/v1", model, 1, 2, 8, 120.0))  # warm up
-
-        levels = []
-        for c in args.clients:
-            left = deadline - time.monotonic()
-            if left < 5:
-                print(f"global timeout: skipped {c} clients")
-                break
-            lv = asyncio.run(run_level(base + "/v1", model, c, args.requests_per_client, args.max_tokens, left))
-            levels.append(lv)
-            print(f"  {c:>3} clients: {lv['tok_s']:8.1f} tok/s in {lv['wall_s']:.1f} s", flush=True)
-        res["levels"] = levels
+        res["levels"] = serve_levels(model_dir, "packed", args.clients, args.requests_per_client, args, deadline,
+                                     tmp / "server.log")
+        shutil.rmtree(model_dir)
+        if args.torch_clients and deadline - time.monotonic() > 60:
+            torch_dir = tmp / f"random-{args.shape}-torch"
+            random_torch_dir(args.shape, tok, torch_dir, args.seed)
+            gc.collect()
+            res["torch_levels"] = serve_levels(torch_dir, "torch", [args.torch_clients], 1, args, deadline,
+                                               tmp / "server-torch.log")
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=15)
-        if log is not None:
-            log.close()
-            if proc is not None and proc.returncode not in (0, None, -signal.SIGTERM):
-                print(f"server exit {proc.returncode}; log tail:\n"
-                      + "\n".join((tmp / "server.log").read_text().splitlines()[-20:]))
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\n[{args.shape}] mulfree serve, packed engine, {args.threads} threads, --max-batch {args.max_batch}, "
-          f"{args.requests_per_client} req/client x {args.max_tokens} tokens")
-    print(f"{'clients':>7}{'reqs':>6}{'tokens':>8}{'chunks':>8}{'client CPU s':>13}{'tok/s':>10}{'tok/s/stream':>14}"
-          f"{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}  (ms)")
-    for lv in res["levels"]:
-        print(f"{lv['clients']:>7}{lv['requests']:>6}{lv['tokens']:>8}{lv['chunks']:>8}{lv['client_cpu_s']:>13.2f}"
-              f"{lv['tok_s']:>10.1f}{lv['per_stream_tok_s']:>14.1f}"
-              f"{lv['ttft_p50_ms']:>10.0f}{lv['ttft_p99_ms']:>10.0f}{lv['itl_p50_ms']:>9.1f}{lv['itl_p99_ms']:>9.1f}")
+    print_levels(f"\n[{args.shape}] mulfree serve, packed engine, {args.threads} threads, --max-batch "
+                 f"{args.max_batch}, {args.requests_per_client} req/client x {args.max_tokens} tokens", res["levels"])
+    if res["torch_levels"]:
+        print_levels("mulfree serve --engine torch (the torch MMfree model), 1 req/client", res["torch_levels"])
     by = {lv["clients"]: lv for lv in res["levels"]}
     if 1 in by:
         res["server_1_vs_direct"] = by[1]["tok_s"] / res["direct_generate_tok_s"]
@@ -272,7 +303,12 @@ def main() -> None:
               f"{args.prefill}-token prefill rate ({res['prefill_tok_s']:.1f} tok/s)")
     if 32 in by and 1 in by and top != 32:
         print(f"32 streams: {res['x_32_vs_1']:.2f}x 1 stream, {res['x_32_vs_prefill']:.2f}x prefill")
-    print("torch-engine server: skipped (no unpacked weights for a random packed dir; see benchmarks/decode.py)")
+    for lv in res["torch_levels"]:
+        c = lv["clients"]
+        if c in by:
+            res[f"x_{c}_vs_torch_server"] = by[c]["tok_s"] / lv["tok_s"]
+            print(f"{c} streams: packed server {res[f'x_{c}_vs_torch_server']:.1f}x the torch-engine server "
+                  f"({lv['tok_s']:.2f} tok/s); TTFT p50 {by[c]['ttft_p50_ms']:.0f} ms vs {lv['ttft_p50_ms']:.0f} ms")
     res["loadavg_1m"] = os.getloadavg()[0]
     print(f"load average (1 min): {res['loadavg_1m']:.2f}")
     print(json.dumps(res))

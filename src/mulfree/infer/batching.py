@@ -108,7 +108,7 @@ class TorchStepModel:
         logits: list[torch.Tensor | None] = [None] * len(chunks)
         new = list(states)
         decode = [i for i, (c, st) in enumerate(zip(chunks, states)) if len(c) == 1 and st is not None]
-        for i in (i for i in range(len(chunks)) if i not in set(decode)):
+        for i in sorted(set(range(len(chunks))) - set(decode)):
             out, new[i] = self.model(torch.tensor([chunks[i]]), states[i])
             logits[i] = out[0, -1]
         if decode:
