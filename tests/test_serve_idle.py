@@ -184,3 +184,45 @@ def test_thousands_of_idle_connections_neither_block_serving_nor_stay_open(serve
           f"{', '.join(f'{x * 1000:.1f}' for x in under_load)} ms; completion {gen_s * 1000:.0f} ms; all closed "
           f"{min(lived):.2f}..{max(lived):.2f} s after opening; /health after "
           f"{', '.join(f'{x * 1000:.1f}' for x in after)} ms; completion {gen_after_s * 1000:.0f} ms")
+
+
+def _read_until_closed(s: socket.socket, limit_s: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection (or `limit_s` passes); (bytes, seconds)."""
+    t, data = time.monotonic(), b""
+    s.settimeout(limit_s)
+    try:
+        while chunk := s.recv(65536):
+            data += chunk
+    except TimeoutError:
+        pass
+    return data, time.monotonic() - t
+
+
+def test_stalls_after_a_response_or_inside_a_body_are_cut_off(serve_cli):
+    port, proc, tail = serve_cli
+    # one complete request on a keep-alive connection, then half a head: closed a header timeout later
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        first = b""
+        while not first.endswith(b"}"):  # the whole answer (a small JSON object)
+            first += s.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200")
+        s.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n")
+        data, waited = _read_until_closed(s, HEADER_TIMEOUT + 5)
+        assert data == b"" and waited < HEADER_TIMEOUT + 2, f"still open after {waited:.1f} s"
+    # a complete head whose body never arrives: 408 JSON within the same bound
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                  b"content-length: 40\r\n\r\n{")
+        data, waited = _read_until_closed(s, HEADER_TIMEOUT + 5)
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408") and waited < HEADER_TIMEOUT + 2, data[:200]
+        assert json.loads(body)["error"]["code"] == "body_timeout"
+    # a client that leaves in the middle of its body: no traceback in the log, the server keeps serving
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 40\r\n\r\n{")
+        time.sleep(0.3)
+    time.sleep(0.3)
+    probes(port)
+    assert completion(port) < 20
+    assert "Traceback" not in tail() and proc.poll() is None, tail()

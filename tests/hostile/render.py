@@ -36,10 +36,13 @@ Besides these cases:
   `tests/test_crash_resume.py` runs 2 kills in the suite.
 - **HTTP clients** (`tests/test_serve_api.py`, the official `openai` client and raw sockets against a real
   server on 127.0.0.1): NaN / inf sampling values, huge seeds, wrong types, malformed JSON, invalid UTF-8, a
-  body over the limit (announced or streamed), an unknown model, `stop: 5`, a full queue, 300 idle or
-  half-sent connections (`/health` answers within 1 s), disconnects mid-stream and before the answer (the slot
-  is freed within one step), a request that fails inside the loop and a loop that dies (503 on `/health`):
-  each answers a 4xx JSON error or cancels cleanly, and the server keeps serving.
+  body over the limit (announced or streamed), an unknown model, `stop: 5`, a full queue, disconnects
+  mid-stream and before the answer (the slot is freed within one step), a request that fails inside the loop
+  and a loop that dies (503 on `/health`): each answers a 4xx JSON error or cancels cleanly, and the server
+  keeps serving. `tests/test_serve_idle.py` runs `mulfree serve` itself under 2,000 idle and 300 half-sent
+  connections (`/health` answers a fresh connection within 1 s, a completion succeeds, every one is closed a
+  `--header-timeout` later), a half head sent after a first response (closed), a body that never arrives
+  (408 JSON, closed) and a client that leaves mid-body (no traceback in the log).
 - **Loader fidelity**: `tests/test_official_fidelity.py` converts a tiny official-format `hgrn_bit` checkpoint
   (rms_norm_eps 1e-5, two heads, right padding and a mask hole) and matches an independent plain-torch
   reference of the official forward written in the test to 8.9e-8 (bound 1e-5).

@@ -41,10 +41,12 @@ class ServeConfig:
                                                           "min": 1, "max": 1 << 24})
     request_timeout: float = field(default=600.0, metadata={"help": "seconds a request may take, queue included",
                                                             "gt": 0, "max": 86400})
-    limit_concurrency: int = field(default=4096, metadata={"help": "most open HTTP connections (more: 503)",
-                                                           "min": 1, "max": 1 << 20})
+    limit_concurrency: int = field(default=16384, metadata={
+        "help": "most open HTTP connections, idle ones included (more: 503; clipped to the open-files limit)",
+        "min": 1, "max": 1 << 20})
     header_timeout: float = field(default=10.0, metadata={
-        "help": "seconds a new connection has to send its request head before it is closed", "gt": 0, "max": 3600})
+        "help": "seconds a connection has to send a request head (after opening or a response) before it is "
+                "closed, and a request its body (408)", "gt": 0, "max": 3600})
     keep_alive: float = field(default=5.0, metadata={"help": "seconds an idle keep-alive connection stays open",
                                                      "gt": 0, "max": 3600})
     shutdown_timeout: float = field(default=30.0, metadata={
@@ -132,12 +134,14 @@ def _run(args: argparse.Namespace) -> int:
     srv = Server(batcher, tok, Path(args.model).name, context_limit=limit,
                  max_prompt_tokens=cfg.max_prompt_tokens, max_body_bytes=cfg.max_body_bytes,
                  request_timeout_s=cfg.request_timeout, default_max_tokens=cfg.max_tokens, fixed_seed=cfg.seed,
-                 max_new_tokens=cfg.max_tokens_limit, chat_template=load_chat_template(args.model))
-    raise_fd_limit()
+                 max_new_tokens=cfg.max_tokens_limit, chat_template=load_chat_template(args.model),
+                 body_timeout_s=cfg.header_timeout)
+    files = raise_fd_limit()
     # uvicorn drains on SIGTERM, then re-raises it: exit 0 rather than die of the signal
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(build_app(srv), host=cfg.host, port=cfg.port, log_level="info", timeout_keep_alive=cfg.keep_alive,
-                limit_concurrency=cfg.limit_concurrency, timeout_graceful_shutdown=cfg.shutdown_timeout,
+                limit_concurrency=min(cfg.limit_concurrency, files - 64) if files > 128 else cfg.limit_concurrency,
+                timeout_graceful_shutdown=cfg.shutdown_timeout,
                 h11_max_incomplete_event_size=64 * 1024, http=header_timeout_protocol(cfg.header_timeout))
     return 0
 

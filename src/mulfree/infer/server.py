@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from mulfree.infer.batching import ContinuousBatcher, QueueFull, SamplingParams
 from mulfree.infer.detok import ChoiceText
@@ -54,16 +55,23 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The body as JSON, refusing one over `limit` bytes before reading it all (413), bad UTF-8 or JSON (400)."""
+async def read_json(request: Request, limit: int, timeout_s: float) -> Any:
+    """The body as JSON, refusing one over `limit` bytes before reading it all (413), one that has not arrived
+    within `timeout_s` (408), bad UTF-8 or JSON (400)."""
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
         raise ApiError(413, f"request body is larger than {limit} bytes", code="body_too_large")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"request body is larger than {limit} bytes", code="body_too_large")
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise ApiError(413, f"request body is larger than {limit} bytes", code="body_too_large")
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", code="body_timeout") from None
+    except ClientDisconnect:
+        raise ApiError(400, "the client disconnected while sending the body", code="client_disconnected") from None
     try:
         return json.loads(body.decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -78,10 +86,11 @@ class Server:
     def __init__(self, batcher: ContinuousBatcher, tokenizer: Any, model_name: str, context_limit: int | None = None,
                  max_prompt_tokens: int | None = None, max_body_bytes: int = 1 << 20,
                  request_timeout_s: float | None = 600.0, default_max_tokens: int = 256,
-                 fixed_seed: int | None = None, max_new_tokens: int = 4096, chat_template: Any = None):
+                 fixed_seed: int | None = None, max_new_tokens: int = 4096, chat_template: Any = None,
+                 body_timeout_s: float = 10.0):
         self.batcher, self.tok, self.model_name = batcher, tokenizer, model_name
         self.context_limit, self.max_prompt_tokens = context_limit, max_prompt_tokens
-        self.max_body_bytes, self.timeout_s = max_body_bytes, request_timeout_s
+        self.max_body_bytes, self.timeout_s, self.body_timeout_s = max_body_bytes, request_timeout_s, body_timeout_s
         self.default_max_tokens, self.fixed_seed = min(default_max_tokens, max_new_tokens), fixed_seed
         self.max_new_tokens = max_new_tokens
         self.chat_template = chat_template or chat_prompt  # messages -> prompt text
@@ -133,7 +142,7 @@ class Server:
 
 
 async def complete(srv: Server, request: Request, chat: bool) -> Response:
-    raw = await read_json(request, srv.max_body_bytes)
+    raw = await read_json(request, srv.max_body_bytes, srv.body_timeout_s)
     srv.check_model(raw)
     try:
         body = (ChatRequest if chat else CompletionRequest).model_validate(raw)
@@ -309,7 +318,10 @@ def build_app(srv: Server) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, str(exc), exc.kind, exc.param, exc.code)
+        response = error_response(exc.status, str(exc), exc.kind, exc.param, exc.code)
+        if exc.status == 408:  # the rest of the body may still arrive: not a connection to keep
+            response.headers["connection"] = "close"
+        return response
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -1,6 +1,7 @@
 """Connection-level protection uvicorn lacks: a header timeout (a connection that has not sent a complete
-request head within `seconds` of opening is closed: idle and slowloris connections), and a file-descriptor
-limit raised to its hard bound so thousands of idle sockets do not starve `accept`."""
+request head within `seconds` of opening, or of its last response, is closed: idle and slowloris
+connections; uvicorn's own keep-alive timer stops as soon as any byte arrives), and a file-descriptor limit
+raised to its hard bound so thousands of idle sockets do not starve `accept`."""
 
 from __future__ import annotations
 
@@ -8,18 +9,26 @@ import asyncio
 
 
 def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
-    """uvicorn's h11 protocol, closing connections that send no complete request head within `seconds`
-    (after the first response, uvicorn's own keep-alive timeout takes over)."""
+    """uvicorn's h11 protocol, closing connections that send no complete request head within `seconds` of
+    opening or of their last response (a new head starts a new request cycle; none means the client stalled)."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class HeaderTimeoutH11(H11Protocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self.loop.call_later(seconds, self._head_deadline)
+            self._arm_head_deadline()
 
-        def _head_deadline(self) -> None:
-            if self.cycle is None and not self.transport.is_closing():  # no request head yet
-                self.transport.close()
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_head_deadline()
+
+        def _arm_head_deadline(self) -> None:
+            cycle = self.cycle
+            self.loop.call_later(seconds, self._head_deadline, cycle)
+
+        def _head_deadline(self, cycle: object) -> None:
+            if self.cycle is cycle and not self.transport.is_closing() and (cycle is None or cycle.response_complete):
+                self.transport.close()  # no request head since the deadline was armed
 
     return HeaderTimeoutH11
 
