@@ -11,8 +11,9 @@ tokenizer of the shape's vocab (BPE on the bundled corpus, padded with added wor
 --max-tokens, one streamed chunk per token. The server runs as a subprocess
 (`python -m mulfree serve`, 127.0.0.1, a free port) and is always killed at the end.
 
-Per level: aggregate decode tok/s (completion tokens of all requests / wall time of the level), time to
-first token p50/p99 and inter-token latency p50/p99 (gaps between streamed chunks of one request).
+Per level: aggregate decode tok/s (completion tokens of all requests / wall time of the level; the
+headline), the same with prompt tokens counted (+prompt: all the tokens the engine ran), time to first token
+p50/p99 and inter-token latency p50/p99 (gaps between streamed chunks of one request).
 Baselines in this process, before the server starts: one stream of `PackedModel.generate` (tok/s) and the
 engine's own 128-token prefill rate. Then the same server on `--engine torch` (the torch MMfree model) over a
 random unpacked dir of the same shape, at --torch-clients streams (one request each; 0 skips it).
@@ -133,7 +134,8 @@ async def one_request(client, model: str, max_tokens: int, req_timeout: float) -
     t1 = time.perf_counter()
     tokens = usage.completion_tokens if usage is not None else len(stamps)
     return {"start": t0, "end": t1, "ttft": (stamps[0] - t0) if stamps else float("nan"),
-            "itl": [b - a for a, b in itertools.pairwise(stamps)], "tokens": tokens}
+            "itl": [b - a for a, b in itertools.pairwise(stamps)], "tokens": tokens,
+            "prompt_tokens": usage.prompt_tokens if usage is not None else 0}
 
 
 async def run_level(base_url: str, model: str, clients: int, per_client: int, max_tokens: int,
@@ -158,9 +160,11 @@ async def run_level(base_url: str, model: str, clients: int, per_client: int, ma
         await client.close()
     wall, client_cpu = time.perf_counter() - t0, time.process_time() - c0
     tokens = sum(r["tokens"] for r in results)
+    prompt = sum(r["prompt_tokens"] for r in results)
     ttft = [r["ttft"] for r in results]
     itl = [x for r in results for x in r["itl"]]
-    return {"clients": clients, "requests": len(results), "tokens": tokens, "wall_s": wall,
+    return {"clients": clients, "requests": len(results), "tokens": tokens, "prompt_tokens": prompt, "wall_s": wall,
+            "processed_tok_s": (tokens + prompt) / wall,
             "chunks": sum(len(r["itl"]) + 1 for r in results), "client_cpu_s": client_cpu,
             "tok_s": tokens / wall, "per_stream_tok_s": tokens / wall / clients,
             "ttft_p50_ms": 1e3 * percentile(ttft, 50), "ttft_p99_ms": 1e3 * percentile(ttft, 99),
@@ -218,11 +222,11 @@ def serve_levels(model_dir: Path, engine: str, clients: list[int], per_client: i
 
 def print_levels(title: str, levels: list[dict]) -> None:
     print(title)
-    print(f"{'clients':>7}{'reqs':>6}{'tokens':>8}{'chunks':>8}{'client CPU s':>13}{'tok/s':>10}{'tok/s/stream':>14}"
+    print(f"{'clients':>7}{'reqs':>6}{'tokens':>8}{'prompt':>8}{'tok/s':>9}{'+prompt':>9}"
           f"{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}  (ms)")
     for lv in levels:
-        print(f"{lv['clients']:>7}{lv['requests']:>6}{lv['tokens']:>8}{lv['chunks']:>8}{lv['client_cpu_s']:>13.2f}"
-              f"{lv['tok_s']:>10.1f}{lv['per_stream_tok_s']:>14.1f}"
+        print(f"{lv['clients']:>7}{lv['requests']:>6}{lv['tokens']:>8}{lv['prompt_tokens']:>8}{lv['tok_s']:>9.1f}"
+              f"{lv['processed_tok_s']:>9.1f}"
               f"{lv['ttft_p50_ms']:>10.0f}{lv['ttft_p99_ms']:>10.0f}{lv['itl_p50_ms']:>9.1f}{lv['itl_p99_ms']:>9.1f}")
 
 
@@ -297,10 +301,12 @@ def main() -> None:
             res[f"x_{c}_vs_1"] = by[c]["tok_s"] / by[1]["tok_s"]
         if c > 1:
             res[f"x_{c}_vs_prefill"] = by[c]["tok_s"] / res["prefill_tok_s"]
+            res[f"x_{c}_processed_vs_prefill"] = by[c]["processed_tok_s"] / res["prefill_tok_s"]
     if top is not None and top > 1:
         msg = f" = {res[f'x_{top}_vs_1']:.2f}x 1 stream" if 1 in by else ""
         print(f"{top} streams: {by[top]['tok_s']:.1f} tok/s{msg}, {res[f'x_{top}_vs_prefill']:.2f}x the "
-              f"{args.prefill}-token prefill rate ({res['prefill_tok_s']:.1f} tok/s)")
+              f"{args.prefill}-token prefill rate ({res['prefill_tok_s']:.1f} tok/s); with prompt tokens "
+              f"{by[top]['processed_tok_s']:.1f} tok/s = {res[f'x_{top}_processed_vs_prefill']:.2f}x")
     if 32 in by and 1 in by and top != 32:
         print(f"32 streams: {res['x_32_vs_1']:.2f}x 1 stream, {res['x_32_vs_prefill']:.2f}x prefill")
     for lv in res["torch_levels"]:
