@@ -143,13 +143,13 @@ def test_generate_with_packed_engine(run_dir, capsys):
     assert main(["generate", "--model", str(out), "--prompt", "ROMEO.",  # auto: an MMfree dir runs packed
                  "--max-new-tokens", "4", "--temperature", "0"]) == 0
     assert capsys.readouterr().out == packed
-    from mulfree.commands.core import _pick_engine
     from mulfree.errors import CheckpointError
+    from mulfree.models.resolve import resolve
 
-    assert (_pick_engine(str(out), "auto"), _pick_engine(str(out), "torch")) == ("packed", "torch")
+    assert (resolve(str(out), "auto").kind, resolve(str(out), "torch").kind) == ("packed", "mmfree")
     assert main(["pack", "--model", str(out), "--out", str(out.parent / "packed-cli")]) == 0
     with pytest.raises(CheckpointError, match="packed dir"):
-        _pick_engine(str(out.parent / "packed-cli"), "torch")
+        resolve(str(out.parent / "packed-cli"), "torch")
     assert main(["generate", "--model", str(out), "--prompt", "ROMEO.", "--engine", "packed",
                  "--max-new-tokens", "-2"]) == 2
     assert ">= 0" in _err(capsys)

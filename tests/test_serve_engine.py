@@ -101,13 +101,12 @@ def test_engine_choice(model_dir, tmp_path):
     from mulfree.commands.serve import ServeConfig, _load
     from mulfree.errors import CheckpointError
     from mulfree.infer.batching import TorchStepModel
-    from mulfree.models.io import read_config
 
     packed_dir = tmp_path / "packed"
     PackedModel.load(model_dir).save(packed_dir)
     for d, engine, kind in [(model_dir, "auto", PackedStepModel), (model_dir, "packed", PackedStepModel),
                             (model_dir, "torch", TorchStepModel), (packed_dir, "auto", PackedStepModel)]:
-        step, tok, _ = _load(str(d), ServeConfig(engine=engine), read_config(d))
-        assert isinstance(step, kind) and tok is not None
+        step, loaded = _load(str(d), ServeConfig(engine=engine))
+        assert isinstance(step, kind) and loaded.tokenizer is not None
     with pytest.raises(CheckpointError, match="packed engine only"):
-        _load(str(packed_dir), ServeConfig(engine="torch"), read_config(packed_dir))
+        _load(str(packed_dir), ServeConfig(engine="torch"))

@@ -33,14 +33,18 @@ EOT = "<|endoftext|>"
 
 
 class MulfreeLM(TemplateLM):
-    """Our `(logits, state) = model(ids, state)` models behind lm-eval's request API (batch size 1)."""
+    """Our `(logits, state) = model(ids, state)` models (Hugging Face ones through `HFCausalLM`) behind
+    lm-eval's request API (batch size 1). `tokenizer` is a `tokenizers.Tokenizer`; texts are encoded without
+    special tokens (no BOS), as lm-eval's own HF model does. `eot_token_id` None: `<|endoftext|>`, else the
+    config's eos id."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, max_length: int = 1024):
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, max_length: int = 1024,
+                 eot_token_id: int | None = None):
         super().__init__()
         self.model = model.eval()
         self.tok = tokenizer
         self.max_length = min(max_length, model.config.max_position_embeddings)
-        eot = tokenizer.token_to_id(EOT)
+        eot = eot_token_id if eot_token_id is not None else tokenizer.token_to_id(EOT)
         self._eot = eot if eot is not None else (model.config.eos_token_id or 0)
 
     @property
@@ -48,7 +52,7 @@ class MulfreeLM(TemplateLM):
         return self._eot
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
-        return self.tok.encode(string).ids
+        return self.tok.encode(string, add_special_tokens=False).ids
 
     def tok_decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids)
@@ -142,8 +146,8 @@ def build_offline_tasks(out_dir: Path, text: str, n: int = 500, seed: int = 0) -
 
 
 def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: list[str], task_dir: Path, limit: int | None = None,
-                max_length: int = 1024) -> dict[str, dict[str, float]]:
-    """Evaluate with lm-eval's `simple_evaluate`; returns {task: {metric: value}}."""
+                max_length: int = 1024, eot_token_id: int | None = None) -> dict[str, dict[str, float]]:
+    """Evaluate with lm-eval's `simple_evaluate` (`MulfreeLM` arguments as given); returns {task: {metric: value}}."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -153,7 +157,7 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: list[str], task_d
     if unknown:
         raise MulfreeError(f"unknown lm-eval tasks {unknown}", f"offline tasks: {', '.join(OFFLINE_TASKS)}")
     try:
-        results = lm_eval.simple_evaluate(model=MulfreeLM(model, tokenizer, max_length), tasks=tasks,
+        results = lm_eval.simple_evaluate(model=MulfreeLM(model, tokenizer, max_length, eot_token_id), tasks=tasks,
                                           task_manager=manager, limit=limit, bootstrap_iters=0)
     except ConnectionError:  # the datasets library, offline, for a Hub task that is not in the local cache
         hub = [t for t in tasks if t not in OFFLINE_TASKS]

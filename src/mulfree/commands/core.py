@@ -13,6 +13,9 @@ from mulfree.atomic import dumps_strict
 from mulfree.commands.flags import add_flags, from_args
 from mulfree.errors import CheckpointError, ConfigError, DataError
 
+MODEL_HELP = ("a model dir (`mulfree train`, `pack` or `quantize`, or a Hugging Face Llama / OPT / GPT-2 dir), "
+              "a .gguf file, or 'smollm2'")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from mulfree.models import registry
@@ -36,18 +39,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     g = sub.add_parser("generate", help="generate text from a trained model (streamed)",
                        description="Continue a prompt; greedy at temperature 0, sampling otherwise.")
-    g.add_argument("--model", required=True, help="model directory written by `mulfree train`")
+    g.add_argument("--model", required=True, help=MODEL_HELP)
     g.add_argument("--prompt", required=True, help="text to continue")
     g.add_argument("--engine", choices=("auto", "torch", "packed"), default="auto",
-                   help="auto: the packed 2-bit engine for MMfree dirs (packed, or packed in memory), torch otherwise")
+                   help="auto: the packed 2-bit engine for MMfree and packed dirs, torch otherwise")
     add_flags(g, GenerationConfig)
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("eval", help="perplexity of a trained model on text",
                        description="Perplexity over windows of the given text (default: the bundled "
                        "corpus' validation plays).")
-    e.add_argument("--model", required=True, help="a mulfree model dir, a `mulfree quantize` output dir, a Hugging "
-                   "Face model dir or .gguf file, or 'smollm2'")
+    e.add_argument("--model", required=True, help=MODEL_HELP)
     e.add_argument("--data", nargs="+", metavar="PATH", help="text files or folders (default: validation split)")
     add_flags(e, PerplexityConfig)
     e.set_defaults(func=cmd_eval)
@@ -185,97 +187,42 @@ def cmd_train(args) -> int:
 # ---------------------------------------------------------------- generate / eval
 
 
-def _load(model_dir: str):
-    from mulfree.models.io import load_model
-
-    model, tokenizer = load_model(model_dir)
-    if tokenizer is None:
-        raise CheckpointError(f"model dir '{model_dir}' has no tokenizer.json", "train it with `mulfree train`")
-    return model, tokenizer
-
-
 def cmd_generate(args) -> int:
-    from mulfree.data.text import encode
-    from mulfree.generation import TextStreamer, check_lengths, context_limit, generate
+    from mulfree.generation import TextStreamer, check_lengths, generate
+    from mulfree.models.resolve import resolve
     from mulfree.settings import GenerationConfig
 
     cfg = from_args(GenerationConfig, args)
-    engine = _pick_engine(args.model, args.engine)
-    if engine == "packed":
-        from mulfree.infer.engine import PackedModel
-
-        runner = PackedModel.load(args.model)
-        tokenizer, limit = runner.tokenizer, None  # the packed engine runs recurrent MMfree models only
-        if tokenizer is None:
-            raise CheckpointError(f"model dir '{args.model}' has no tokenizer.json", "pack a trained model")
-    else:
-        model, tokenizer = _load(args.model)
-        limit = context_limit(model)
-    ids = encode(tokenizer, args.prompt)
-    check_lengths(limit, ids.numel(), cfg.max_new_tokens)
+    loaded = resolve(args.model, args.engine)
+    ids = loaded.encode(args.prompt)
+    check_lengths(loaded.context_limit, ids.numel(), cfg.max_new_tokens)
 
     def stream(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
     stream(args.prompt)
-    streamer = TextStreamer(tokenizer, stream)
+    streamer = TextStreamer(loaded.tokenizer, stream)
     sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed}
-    if engine == "packed":
-        runner.generate(ids, cfg.max_new_tokens, on_token=streamer, **sampling)
+    if loaded.packed:
+        loaded.model.generate(ids, cfg.max_new_tokens, on_token=streamer, **sampling)
     else:
-        generate(model, ids, cfg.max_new_tokens, callback=streamer, **sampling)
+        generate(loaded.model, ids, cfg.max_new_tokens, callback=streamer, **sampling)
     streamer.flush()
     stream("\n")
     return 0
 
 
-def _pick_engine(model_ref: str, requested: str) -> str:
-    """The engine `generate` runs: `pick_engine` on a model dir's config; torch for anything else (HF dirs, GGUF)."""
-    from mulfree.infer.engine import pick_engine
-    from mulfree.models.io import read_config
-
-    path = Path(model_ref)
-    if not (path / "config.json").is_file():
-        return "packed" if requested == "packed" else "torch"  # the loaders below say what is wrong
-    return pick_engine(read_config(path), requested, model_ref)
-
-
-def _load_for_eval(model_ref: str):
-    """(model, encode) for our model dirs, quantized dirs, Hugging Face dirs/GGUF files and 'smollm2'."""
-    import torch
-
-    from mulfree.data.text import encode
-    from mulfree.models import registry
-    from mulfree.models.io import read_config
-
-    path = Path(model_ref)
-    cfg = read_config(path) if path.is_dir() else {}
-    if registry.find(cfg) is not None:
-        model, tokenizer = _load(model_ref)
-        return model, lambda text: encode(tokenizer, text)
-    if "quant_method" in cfg:
-        from mulfree.quant.walker import load_quantized
-
-        model, tokenizer = load_quantized(path)
-    else:
-        from mulfree.models.pretrained import load_hf_causal_lm
-
-        model, tokenizer = load_hf_causal_lm(model_ref)
-    if tokenizer is None:
-        raise CheckpointError(f"'{model_ref}' has no tokenizer", "save the tokenizer with the model")
-    return model, lambda text: torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-
-
 def cmd_eval(args) -> int:
     from mulfree.data.text import load_corpus, load_text
     from mulfree.evaluate import perplexity
+    from mulfree.models.resolve import resolve
     from mulfree.settings import PerplexityConfig
 
     cfg = from_args(PerplexityConfig, args)
     text = load_text(args.data) if args.data else load_corpus().val_text
-    model, encode_text = _load_for_eval(args.model)
-    ids = encode_text(text)
+    loaded = resolve(args.model, engine="torch")  # perplexity scores whole windows on the torch model
+    model, ids = loaded.model, loaded.encode(text)
     if cfg.max_tokens:
         ids = ids[: cfg.max_tokens]
     if ids.numel() < 2:

@@ -37,10 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "lm-eval",
         help="evaluate a model with lm-evaluation-harness",
-        description="Runs lm-eval tasks on a mulfree model dir. The mulfree_* tasks are built offline from the "
+        description="Runs lm-eval tasks on a model (any `mulfree generate` takes but packed dirs). The mulfree_* tasks are built offline from the "
         "held-out plays of the bundled corpus; Hub tasks (arc_easy, ...) need a local datasets cache.",
     )
-    p.add_argument("--model", required=True, help="model dir written by `mulfree train`")
+    p.add_argument("--model", required=True, help="a model dir (`mulfree train` or `quantize`, or a Hugging Face Llama / "
+                   "OPT / GPT-2 dir), a .gguf file, or 'smollm2'")
     add_flags(p, LMEvalConfig)
     p.add_argument("--out", default=None, help="write results JSON here")
     p.set_defaults(func=_run)
@@ -51,19 +52,17 @@ def _run(args: argparse.Namespace) -> int:
 
     from mulfree.atomic import atomic_write_json, prepare_file
     from mulfree.data.text import load_corpus
-    from mulfree.errors import CheckpointError
     from mulfree.lmeval import build_offline_tasks, run_lm_eval
-    from mulfree.models.io import load_model
     from mulfree.models.pretrained import cache_dir
+    from mulfree.models.resolve import resolve
 
     cfg = from_args(LMEvalConfig, args)
     if args.out:
         prepare_file(args.out, "--out")
-    model, tok = load_model(args.model)
-    if tok is None:
-        raise CheckpointError(f"{args.model} has no tokenizer.json", "evaluate a dir written by `mulfree train`")
+    loaded = resolve(args.model, engine="torch")  # lm-eval scores whole contexts on the torch model
     task_dir = build_offline_tasks(cache_dir() / "lm_eval_tasks" / f"seed{cfg.seed}", load_corpus().val_text, seed=cfg.seed)
-    results = run_lm_eval(model, tok, cfg.task_list(), task_dir, cfg.limit, cfg.max_length)
+    results = run_lm_eval(loaded.model, loaded.tokenizer, cfg.task_list(), task_dir, cfg.limit, cfg.max_length,
+                          loaded.eos_token_id)
     for task, metrics in results.items():
         print(task + "  " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
     if args.out:

@@ -101,7 +101,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "/health and /metrics (Prometheus). MMfree models decode all live requests in one batched step "
         "(continuous batching).",
     )
-    p.add_argument("--model", required=True, help="model dir written by `mulfree train` or `mulfree pack`")
+    p.add_argument("--model", required=True, help="a model dir (`mulfree train`, `pack` or `quantize`, or a Hugging "
+                   "Face Llama / OPT / GPT-2 dir), a .gguf file, or 'smollm2'")
     add_flags(p, ServeConfig)
     p.set_defaults(func=_run)
 
@@ -111,12 +112,11 @@ def _run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    from mulfree.errors import CheckpointError, MulfreeError
+    from mulfree.errors import MulfreeError
     from mulfree.infer.batching import ContinuousBatcher
     from mulfree.infer.protocol import load_chat_template
     from mulfree.infer.server import Server, build_app
     from mulfree.infer.transport import header_timeout_protocol, raise_fd_limit
-    from mulfree.models.io import read_config
 
     cfg = from_args(ServeConfig, args)
     try:
@@ -125,16 +125,13 @@ def _run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise MulfreeError(f"{exc.name} is not installed", "pip install 'mulfree[serve]'") from exc
     check_bind(cfg.host, cfg.port)
-    step_model, tok, limit = _load(args.model, cfg, read_config(args.model))
-    if tok is None:
-        raise CheckpointError(f"{args.model} has no tokenizer.json", "serve a dir written by `mulfree train`")
-    eos = tok.token_to_id("<|endoftext|>")
-    batcher = ContinuousBatcher(step_model, max_batch=cfg.max_batch, eos_token_id=eos, max_queue=cfg.max_queue,
-                                prefill_chunk=cfg.prefill_chunk)
-    srv = Server(batcher, tok, Path(args.model).name, context_limit=limit,
+    step_model, loaded = _load(args.model, cfg)
+    batcher = ContinuousBatcher(step_model, max_batch=cfg.max_batch, eos_token_id=loaded.eos_token_id,
+                                max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk)
+    srv = Server(batcher, loaded.tokenizer, Path(args.model).name, context_limit=loaded.context_limit,
                  max_prompt_tokens=cfg.max_prompt_tokens, max_body_bytes=cfg.max_body_bytes,
                  request_timeout_s=cfg.request_timeout, default_max_tokens=cfg.max_tokens, fixed_seed=cfg.seed,
-                 max_new_tokens=cfg.max_tokens_limit, chat_template=load_chat_template(args.model),
+                 max_new_tokens=cfg.max_tokens_limit, chat_template=load_chat_template(loaded.files_dir),
                  body_timeout_s=cfg.header_timeout)
     files = raise_fd_limit()
     # uvicorn drains on SIGTERM, then re-raises it: exit 0 rather than die of the signal
@@ -146,16 +143,10 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(model_dir: str, cfg: ServeConfig, config: dict):
-    """(step model, tokenizer, context limit) for the engine `cfg.engine` picks for this dir."""
-    from mulfree.generation import context_limit
+def _load(model_ref: str, cfg: ServeConfig):
+    """(step model, `Resolved`) for any model reference, on the engine `cfg.engine` picks for it."""
     from mulfree.infer.batching import PackedStepModel, TorchStepModel
-    from mulfree.infer.engine import PackedModel, pick_engine
+    from mulfree.models.resolve import resolve
 
-    if pick_engine(config, cfg.engine, model_dir) == "packed":
-        packed = PackedModel.load(model_dir, threads=cfg.threads)
-        return PackedStepModel(packed), packed.tokenizer, None  # recurrent: no position limit
-    from mulfree.models.io import load_model
-
-    model, tok = load_model(model_dir)
-    return TorchStepModel(model), tok, context_limit(model)
+    loaded = resolve(model_ref, cfg.engine, threads=cfg.threads)
+    return (PackedStepModel if loaded.packed else TorchStepModel)(loaded.model), loaded
