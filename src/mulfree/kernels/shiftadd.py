@@ -1,7 +1,10 @@
-"""Python entry points of the ShiftAdd LUT GEMV kernel, with the pure-torch fallback.
+"""Python entry points of the ShiftAdd LUT kernels (one-token GEMV, T-token GEMM), with the
+pure-torch fallback.
 
 `backend` is one of `mulfree.kernels.BACKENDS` (None = `mulfree.kernels.backend()`); "reference"
-or a missing extension runs `mulfree.ops.bcq.bcq_lut_gemv` on the stored planes.
+or a missing extension runs `mulfree.ops.bcq.bcq_lut_gemv` on the stored planes (token by token
+for the GEMM). The compiled GEMM runs the GEMV's per-token kernels, so its row t equals
+`lut_gemv(x[t])` bit for bit on every backend.
 """
 
 from __future__ import annotations
@@ -65,4 +68,21 @@ def lut_gemv(x: torch.Tensor, w: LutWeights, backend: str | None = None, threads
         return bcq_lut_gemv(x, w.planes, w.exps, w.signs, w.n, w.group)
     y = torch.empty(w.n, dtype=torch.float32)
     w.handle().gemv(x.float().contiguous(), y, name, threads)
+    return y
+
+
+def lut_gemm(x: torch.Tensor, w: LutWeights, backend: str | None = None, threads: int = 1) -> torch.Tensor:
+    """Y [T, N] = X Wᵀ for X fp32 [T, K] on Latency-mode BCQ weights (`prepare` output).
+
+    Per token the same lookup tables and key lookups as `lut_gemv` (row t of Y equals
+    `lut_gemv(X[t])` exactly); tokens are tiled so each 128-row key block is read once per tile.
+    No dense weight is built. Example: `lut_gemm(torch.randn(16, 576), w, threads=2)` -> [16, N].
+    """
+    name = backend or default_backend()
+    x = x.float().contiguous()
+    if name == "reference" or cpu_module() is None:
+        rows = [bcq_lut_gemv(xt, w.planes, w.exps, w.signs, w.n, w.group) for xt in x]
+        return torch.stack(rows) if rows else torch.empty(0, w.n)
+    y = torch.empty(x.shape[0], w.n, dtype=torch.float32)
+    w.handle().gemm(x, y, name, threads)
     return y

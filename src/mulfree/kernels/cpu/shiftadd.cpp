@@ -1,4 +1,4 @@
-// Kernel family 'shiftadd': ShiftAddLLM lookup-table GEMV for Latency-mode BCQ weights
+// Kernel family 'shiftadd', one token: the ShiftAddLLM lookup-table GEMV for Latency-mode BCQ weights
 // (reference: mulfree.ops.bcq.bcq_lut_gemv; storage format in ops/bcq.py).
 //
 // y[n] = sum_c sum_i alpha_i(c, n/g) * LUT_c[key_i(n, c)], LUT_c[key] = sum_s (bit s ? +x : -x)[8c+s].
@@ -7,52 +7,22 @@
 // tables of each (chunk, row group, plane) with exponent shifts (ldexp / vscalefps / exponent-field
 // add) and adds, then every row adds one lookup per half. No multiplication touches a weight.
 //
-// Kernel weight layout ("quads"), built once by kernels/shiftadd.py `prepare`:
-//   keys uint8 [ceil(N/64), C, q, 16, 4]: byte b of lane l of quad Q = key of row 64Q + 16b + l,
-//     chunk c (8 columns), plane i. One 64-byte block holds 64 rows' keys of one (c, i);
-//     vpermps only reads an index's low 4 bits, so the 8 nibbles of a 32-bit lane are reached with
-//     shifts alone (no masking). Loads at byte offsets instead of shifts were slower: line splits.
-//   exps, signs int8 [ceil(N/g), C, q, T]: the APoT terms of alpha (sign 0 = absent term), row
-//     group outermost so that one row group's terms are read in order;
-//   escale fp32, same shape: the exponent as a float, -inf for an absent term (vscalefps operand).
+// Kernel weight layout: shiftadd.h.
 // Every path adds, per row, chunk by chunk and plane by plane, (lo + hi) of tables scaled term by
 // term, so scalar, AVX2 and AVX-512 agree bit for bit on normal numbers.
-#include "mulfree_cpu.h"
-#include "pool.h"
-
-#include <nanobind/ndarray.h>
-#include <nanobind/stl/string.h>
+#include "shiftadd.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <stdexcept>
-#include <string>
-#include <vector>
 
 #include <immintrin.h>
 
+namespace shiftadd {
 namespace {
 
-constexpr int kLanes = 16;                   // rows per tile (one zmm of fp32)
-constexpr int kQuad = 4;                     // tiles per quad = bytes per 32-bit key lane
-constexpr int kQuadRows = kLanes * kQuad;    // 64
-constexpr int kQuadBytes = kQuadRows;        // key bytes per (quad, chunk, plane)
 constexpr int kPrefetchChunks = 4;           // AVX-512 key prefetch distance in chunks (hides the key stream's latency)
-
-struct Job {
-  const float *tables;          // [C][2][32]: (lo16, hi16) signed sums, then their negation
-  const uint32_t *nz;           // [C][32]: all-ones where the table entry has a nonzero exponent (AVX2)
-  const uint8_t *keys;          // [NQ][C][q][16][4]
-  const int8_t *exps, *signs;   // [NG][C][q][T]
-  const float *escale;          // [NG][C][q][T]
-  float *y;
-  int64_t N, C, NG, group, q, T;
-
-  int64_t term(int64_t c, int64_t G, int64_t i) const { return ((G * C + c) * q + i) * T; }
-  const uint8_t *key_block(int64_t Q, int64_t c, int64_t i) const { return keys + ((Q * C + c) * q + i) * kQuadBytes; }
-};
 
 // Signed sums of 4 activations for all 16 sign patterns: t[j] = ((±x0 + ±x1) + ±x2) + ±x3,
 // + where bit s of j is set, then the negated copy. The same expression order is used by every path.
@@ -418,6 +388,18 @@ void run_quad(const Job &j, Isa isa, int64_t Q) {
   }
 }
 
+}  // namespace
+
+void build_lut(Isa isa, const float *x, int64_t K, int64_t C, float *tables, uint32_t *nz) {
+  if (isa == Isa::Avx512) {
+    build_tables_avx512(x, K, C, tables);
+  } else if (avx2_class(isa)) {
+    build_tables_avx2(x, K, C, tables, nz);
+  } else {
+    build_tables(x, K, C, tables);
+  }
+}
+
 // Work item u: quads [2u, 2u + 2). A pair lying in one row group (128 rows) shares one set of
 // scaled tables; everything else runs quad by quad.
 void run_pair(const Job &j, Isa isa, int64_t u, int64_t NQ) {
@@ -430,65 +412,4 @@ void run_pair(const Job &j, Isa isa, int64_t u, int64_t NQ) {
   for (int64_t Q = Q0; Q < std::min(NQ, Q0 + 2); ++Q) run_quad(j, isa, Q);
 }
 
-template <class T>
-using Arr = nb::ndarray<T, nb::c_contig, nb::device::cpu>;
-
-// Weights in kernel layout, checked once and held (no copy) so a GEMV call converts only x and y.
-class LutWeights {
- public:
-  LutWeights(Arr<const uint8_t> keys, Arr<const int8_t> exps, Arr<const int8_t> signs, Arr<const float> escale,
-             int64_t n, int64_t group)
-      : keys_(keys), exps_(exps), signs_(signs), escale_(escale), n_(n), group_(group) {
-    if (keys.ndim() != 5 || exps.ndim() != 4 || signs.ndim() != 4 || escale.ndim() != 4)
-      throw std::invalid_argument("ShiftAddWeights: keys [NQ, C, q, 16, 4], exps/signs/escale [NG, C, q, T]");
-    nq_ = (n + kQuadRows - 1) / kQuadRows, ng_ = exps.shape(0), c_ = exps.shape(1), q_ = exps.shape(2);
-    t_ = exps.shape(3);
-    if (group < 1 || n < 1 || t_ < 1 || (int64_t)keys.shape(0) != nq_ || (int64_t)keys.shape(1) != c_ ||
-        (int64_t)keys.shape(2) != q_ || keys.shape(3) != kLanes || keys.shape(4) != kQuad ||
-        ng_ != (n + group - 1) / group)
-      throw std::invalid_argument("ShiftAddWeights: shapes of keys and exps do not match n and group");
-    for (int d = 0; d < 4; ++d)
-      if (signs.shape(d) != exps.shape(d) || escale.shape(d) != exps.shape(d))
-        throw std::invalid_argument("ShiftAddWeights: signs/escale shape != exps shape");
-  }
-
-  // y [N] = W x, x [K] with ceil(K / 8) == C.
-  void gemv(Arr<const float> x, Arr<float> y, const std::string &backend, int threads) const {
-    const Isa isa = parse_isa(backend);
-    if (x.ndim() != 1 || y.ndim() != 1 || (int64_t)(x.shape(0) + 7) / 8 != c_ || (int64_t)y.shape(0) != n_)
-      throw std::invalid_argument("shiftadd gemv: shapes of x, keys, exps and y do not match");
-    const int64_t K = x.shape(0), C = c_;
-    thread_local std::vector<float> tables;
-    thread_local std::vector<uint32_t> nz;
-    tables.resize(C * 64);
-    nz.resize(avx2_class(isa) ? C * 32 : 0);
-    const Job j{tables.data(), nz.empty() ? nullptr : nz.data(), keys_.data(), exps_.data(), signs_.data(),
-                escale_.data(), y.data(), n_, C, ng_, group_, q_, t_};
-    nb::gil_scoped_release release;
-    if (isa == Isa::Avx512) {
-      build_tables_avx512(x.data(), K, C, tables.data());
-    } else if (avx2_class(isa)) {
-      build_tables_avx2(x.data(), K, C, tables.data(), nz.data());
-    } else {
-      build_tables(x.data(), K, C, tables.data());
-    }
-    const int64_t nq = nq_;
-    get_pool(std::max(1, threads)).run_chunks((nq + 1) / 2, [&](int64_t u) { run_pair(j, isa, u, nq); });
-  }
-
- private:
-  Arr<const uint8_t> keys_;
-  Arr<const int8_t> exps_, signs_;
-  Arr<const float> escale_;
-  int64_t n_, group_, nq_ = 0, c_ = 0, q_ = 0, ng_ = 0, t_ = 0;
-};
-
-}  // namespace
-
-void register_shiftadd(nb::module_ &m) {
-  nb::class_<LutWeights>(m, "ShiftAddWeights", "Latency-mode BCQ weights in the LUT GEMV kernel's quad layout.")
-      .def(nb::init<Arr<const uint8_t>, Arr<const int8_t>, Arr<const int8_t>, Arr<const float>, int64_t, int64_t>(),
-           nb::arg("keys"), nb::arg("exps"), nb::arg("signs"), nb::arg("escale"), nb::arg("n"), nb::arg("group"))
-      .def("gemv", &LutWeights::gemv, nb::arg("x"), nb::arg("y"), nb::arg("backend"), nb::arg("threads"),
-           "y[N] = W x via 16-entry LUT halves, exponent shifts and adds.");
-}
+}  // namespace shiftadd

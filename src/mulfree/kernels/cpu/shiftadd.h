@@ -1,0 +1,52 @@
+// Kernel family 'shiftadd': ShiftAddLLM lookup-table products for Latency-mode BCQ weights
+// (reference: mulfree.ops.bcq.bcq_lut_gemv; storage format in ops/bcq.py). One-token kernels live
+// in shiftadd.cpp, the T-token driver in shiftadd_gemm.cpp, the Python class in shiftadd_bind.cpp.
+//
+// Kernel weight layout ("quads"), built once by kernels/shiftadd.py `prepare`:
+//   keys uint8 [ceil(N/64), C, q, 16, 4]: byte b of lane l of quad Q = key of row 64Q + 16b + l,
+//     chunk c (8 columns), plane i. One 64-byte block holds 64 rows' keys of one (c, i).
+//   exps, signs int8 [ceil(N/g), C, q, T]: the APoT terms of alpha (sign 0 = absent term), row
+//     group outermost so that one row group's terms are read in order;
+//   escale fp32, same shape: the exponent as a float, -inf for an absent term (vscalefps operand).
+// Per token the kernels read a table block of kTableFloats floats per chunk ((lo16, hi16) signed
+// sums, then their negation) and, on AVX2, kMaskWords exponent-add masks per chunk.
+#pragma once
+#include "mulfree_cpu.h"
+
+#include <cstdint>
+
+namespace shiftadd {
+
+constexpr int kLanes = 16;                 // rows per tile (one zmm of fp32)
+constexpr int kQuad = 4;                   // tiles per quad = bytes per 32-bit key lane
+constexpr int kQuadRows = kLanes * kQuad;  // 64
+constexpr int kQuadBytes = kQuadRows;      // key bytes per (quad, chunk, plane)
+constexpr int kTableFloats = 64;           // per chunk: lo16, hi16, -lo16, -hi16
+constexpr int kMaskWords = 32;             // per chunk (AVX2 only): nonzero-exponent masks of lo16, hi16
+
+// One token's product over the whole weight: tables/nz/y are that token's, the rest is the weight.
+struct Job {
+  const float *tables;          // [C][2][32]: (lo16, hi16) signed sums, then their negation
+  const uint32_t *nz;           // [C][32]: all-ones where the table entry has a nonzero exponent (AVX2)
+  const uint8_t *keys;          // [NQ][C][q][16][4]
+  const int8_t *exps, *signs;   // [NG][C][q][T]
+  const float *escale;          // [NG][C][q][T]
+  float *y;
+  int64_t N, C, NG, group, q, T;
+
+  int64_t term(int64_t c, int64_t G, int64_t i) const { return ((G * C + c) * q + i) * T; }
+  const uint8_t *key_block(int64_t Q, int64_t c, int64_t i) const { return keys + ((Q * C + c) * q + i) * kQuadBytes; }
+};
+
+// Tables (and, for AVX2-class isa, masks into nz) of one token x [K], C = ceil(K / 8) chunks.
+void build_lut(Isa isa, const float *x, int64_t K, int64_t C, float *tables, uint32_t *nz);
+
+// Rows of quads [2u, 2u + 2) (of NQ) for one token: y[n] = sum_c sum_i alpha * (lo + hi lookups).
+void run_pair(const Job &j, Isa isa, int64_t u, int64_t NQ);
+
+// Y [T, N] = X [T, K] W^T: per token the same tables and run_pair calls as one GEMV (bit-identical
+// rows), with tokens tiled so that each quad pair's keys are read once per tile. `w` carries the
+// weight fields of Job (tables, nz, y ignored).
+void lut_gemm(const Job &w, Isa isa, const float *x, int64_t T, int64_t K, float *y, int threads);
+
+}  // namespace shiftadd
