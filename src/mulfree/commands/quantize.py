@@ -1,5 +1,8 @@
 """`mulfree quantize {rtn,gptq,shiftadd}`: post-training quantization of a pretrained HF causal LM.
-Flags come from `quant.config.QuantizeConfig` and `WalkOptions`."""
+Flags come from `quant.config.QuantizeConfig` and `WalkOptions`.
+
+A local HF dir is quantized block by block (`quant.blockwise`: one decoder block in memory at a time);
+a .gguf file, 'smollm2' (converted on first use) and --distill-epochs load the whole model (`quant.walker`)."""
 
 from __future__ import annotations
 
@@ -79,8 +82,8 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     from mulfree.atomic import prepare_output
     from mulfree.errors import ConfigError
-    from mulfree.models.pretrained import load_hf_causal_lm
-    from mulfree.models.schema import check_memory
+    from mulfree.models.pretrained import load_hf_causal_lm, load_hf_tokenizer
+    from mulfree.quant.blockwise import load_config, quantize_blockwise, skeleton
     from mulfree.quant.walker import calibration_ids, decoder_blocks, quantize_model, save_quantized
 
     cfg, walk = from_args(QuantizeConfig, args), from_args(WalkOptions, args)
@@ -89,15 +92,28 @@ def run_quantize(args: argparse.Namespace) -> int:
         raise ConfigError("--out is the same dir as --model", "write the quantized model to a new dir")
     prepare_output(cfg.out, "quantized model", cfg.overwrite)  # before any work
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_hf_causal_lm(cfg.model)
-    decoder_blocks(model)  # fail fast on unsupported architectures
+    src = Path(cfg.model)
+    blockwise = src.is_dir() and not walk.distill_epochs
+    if blockwise:
+        model = None
+        config = load_config(src)
+        decoder_blocks(skeleton(config))  # fail fast on unsupported architectures
+        tokenizer = load_hf_tokenizer(src, config.vocab_size)
+    else:
+        model, tokenizer = load_hf_causal_lm(cfg.model)
+        config = model.config
+        decoder_blocks(model)
     calib, extra = None, {}
     if method.needs_stats:
         from mulfree.data.text import load_corpus
 
-        # fp32 block inputs and outputs of every window, for the FP and the quantized stream
-        check_memory(4 * 4 * cfg.calib_samples * cfg.calib_seqlen * model.config.hidden_size,
-                     "--calib-samples x --calib-seqlen", "the calibration activations")
+        # fp32 block inputs and outputs of every window, for the FP and the quantized stream (blockwise: a
+        # scratch file beyond quant.spill.SPILL_BYTES, so only the whole-model walk must hold them)
+        if not blockwise:
+            from mulfree.models.schema import check_memory
+
+            check_memory(4 * 4 * cfg.calib_samples * cfg.calib_seqlen * config.hidden_size,
+                         "--calib-samples x --calib-seqlen", "the calibration activations")
         text = load_corpus(cfg.calib_data).train_text
         calib = calibration_ids(tokenizer, text, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
         extra["calibration"] = {"samples": cfg.calib_samples, "seqlen": cfg.calib_seqlen, "seed": cfg.seed,
@@ -105,7 +121,12 @@ def run_quantize(args: argparse.Namespace) -> int:
                                 "tune_epochs": walk.tune_epochs, "tune_lr": walk.tune_lr,
                                 "asymmetric": walk.asymmetric,
                                 "distill_epochs": walk.distill_epochs, "distill_lr": walk.distill_lr}
-    metas = quantize_model(model, method, calib, walk)
-    out = save_quantized(model, tokenizer, cfg.out, method, metas, extra, overwrite=cfg.overwrite)
+    if blockwise:
+        out = Path(cfg.out)
+        metas = quantize_blockwise(src, out, method, calib, walk, tokenizer=tokenizer, extra=extra,
+                                   overwrite=cfg.overwrite)
+    else:
+        metas = quantize_model(model, method, calib, walk)
+        out = save_quantized(model, tokenizer, cfg.out, method, metas, extra, overwrite=cfg.overwrite)
     print(f"wrote {out} ({len(metas)} quantized layers, {method.name} {cfg.bits}-bit)")
     return 0

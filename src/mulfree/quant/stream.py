@@ -4,17 +4,23 @@ one block at a time, with the FP model's stream beside the quantized one for asy
 `CalibrationStream.collect` runs the current block on every calibration batch with forward hooks
 that fill one `HessianStats` per distinct linear input, and reports the linears grouped by shared
 input in call order (q/k/v, o, gate/up, down): the true-sequential stages.
+
+With a `spill.Spill` the hidden states of every calibration batch (the stream's one large state, n x T x D
+floats per stream) move to a scratch file once they outgrow its threshold and are read back one batch at a
+time; the other block arguments (masks, rotary tables) stay in memory.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from mulfree.quant.base import HessianStats, QuantMethod
+from mulfree.quant.spill import Spill
 
 
 class BlockInput(NamedTuple):
@@ -42,9 +48,9 @@ def run_block(block: nn.Module, hidden: torch.Tensor, args: tuple | None, kwargs
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, block: nn.Module, calib: torch.Tensor, batch_size: int) -> list[BlockInput]:
-    """Inputs of `block` for every batch of `batch_size` rows of `calib` [n, T] (the model stops there)."""
-    records = []
+def iter_inputs(model: nn.Module, block: nn.Module, calib: torch.Tensor, batch_size: int) -> Iterator[BlockInput]:
+    """Inputs of `block` for each batch of `batch_size` rows of `calib` [n, T] in turn (the model stops there)."""
+    records: list[BlockInput] = []
 
     def hook(_module, args, kwargs):
         if args:
@@ -54,16 +60,42 @@ def capture_inputs(model: nn.Module, block: nn.Module, calib: torch.Tensor, batc
             records.append(BlockInput(kw.pop("hidden_states"), None, kw))
         raise _Stop
 
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for i in range(0, calib.shape[0], batch_size):
-            try:
-                model(calib[i : i + batch_size], use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return records
+    for i in range(0, calib.shape[0], batch_size):
+        handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            model(calib[i : i + batch_size], use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if records:
+            yield records.pop()
+
+
+def capture_inputs(model: nn.Module, block: nn.Module, calib: torch.Tensor, batch_size: int) -> list[BlockInput]:
+    """Inputs of `block` for every batch of `batch_size` rows of `calib` [n, T] (the model stops there)."""
+    return list(iter_inputs(model, block, calib, batch_size))
+
+
+class Records(Sequence[BlockInput]):
+    """Block inputs with the hidden states in `hidden` (a list, or a scratch file when spilled) and the
+    other arguments in `rest` [(args, kwargs)] (shared, unchanged, from block to block)."""
+
+    def __init__(self, hidden: Sequence[torch.Tensor], rest: list[tuple[tuple | None, dict]]):
+        self.hidden, self.rest = hidden, rest
+
+    def __len__(self) -> int:
+        return len(self.rest)
+
+    def __getitem__(self, i: int) -> BlockInput:  # type: ignore[override]
+        return BlockInput(self.hidden[i], *self.rest[i])
+
+    def __iter__(self) -> Iterator[BlockInput]:
+        return (self[i] for i in range(len(self)))
+
+    def with_hidden(self, hidden: Sequence[torch.Tensor]) -> Records:
+        """The same batches with new hidden states."""
+        return Records(hidden, self.rest)
 
 
 class CalibrationStream:
@@ -71,30 +103,39 @@ class CalibrationStream:
     `asymmetric`, `fp_inputs` on the FP model (every earlier block still in full precision).
 
     Per block: `enter(block)` before any of its linears is replaced, `collect` as often as needed,
-    `advance(block)` once it is quantized.
+    `advance(block)` once it is quantized. With `spill`, hidden states beyond its threshold live on disk.
     """
 
     def __init__(
-        self, model: nn.Module, first_block: nn.Module, calib: torch.Tensor, batch_size: int, asymmetric: bool
+        self, model: nn.Module, first_block: nn.Module, calib: torch.Tensor, batch_size: int, asymmetric: bool,
+        spill: Spill | None = None,
     ):
-        self.inputs = capture_inputs(model, first_block, calib, batch_size)
+        self._keep = spill.keep if spill is not None else list
+        rest: list[tuple[tuple | None, dict]] = []
+
+        def hidden():
+            for record in iter_inputs(model, first_block, calib, batch_size):
+                rest.append((record.args, record.kwargs))
+                yield record.hidden
+
+        self.inputs = Records(self._keep(hidden()), rest)
         self.asymmetric = asymmetric
-        self.fp_inputs = list(self.inputs) if asymmetric else []
+        self.fp_inputs = self.inputs if asymmetric else Records([], [])
         self.fp_block: nn.Module | None = None
-        self.fp_outputs: list[torch.Tensor] = []
+        self.fp_outputs: Sequence[torch.Tensor] = []
 
     @torch.no_grad()
     def enter(self, block: nn.Module) -> None:
         """Keep an FP copy of `block` and its outputs on the FP stream (asymmetric only)."""
         if self.asymmetric:
             self.fp_block = copy.deepcopy(block)
-            self.fp_outputs = [run_block(self.fp_block, *r) for r in self.fp_inputs]
+            self.fp_outputs = self._keep(run_block(self.fp_block, *r) for r in self.fp_inputs)
 
     @torch.no_grad()
-    def fp_targets(self, block: nn.Module) -> list[torch.Tensor]:
+    def fp_targets(self, block: nn.Module) -> Sequence[torch.Tensor]:
         """The FP block's outputs that block tuning fits to: on the FP stream when asymmetric, else
         `block` (not yet quantized) on the quantized stream."""
-        return self.fp_outputs if self.asymmetric else [run_block(block, *r) for r in self.inputs]
+        return self.fp_outputs if self.asymmetric else self._keep(run_block(block, *r) for r in self.inputs)
 
     @torch.no_grad()
     def collect(
@@ -154,7 +195,7 @@ class CalibrationStream:
     @torch.no_grad()
     def advance(self, block: nn.Module) -> None:
         """Move both streams past the current block: the quantized one through `block` as it is now."""
-        self.inputs = [r._replace(hidden=run_block(block, *r)) for r in self.inputs]
+        self.inputs = self.inputs.with_hidden(self._keep(run_block(block, *r) for r in self.inputs))
         if self.asymmetric:
-            self.fp_inputs = [r._replace(hidden=out) for out, r in zip(self.fp_outputs, self.fp_inputs)]
+            self.fp_inputs = self.fp_inputs.with_hidden(self.fp_outputs)
         self.fp_block, self.fp_outputs = None, []

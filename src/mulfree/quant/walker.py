@@ -1,7 +1,8 @@
 """One layer walker for every PTQ method (`base.QuantMethod`): a `CalibrationStream` captures the
 calibration inputs at the first decoder block; per block, hooks fill each linear's `HessianStats`,
 the method quantizes the block's linears, and the stream moves on through the quantized block.
-Also saves a quantized HF model dir and loads it back (`load_quantized`).
+Also saves a quantized HF model dir and loads it back (`load_quantized`); `quant.blockwise` drives the same
+per-block step (`quantize_block`) one block in memory at a time and writes the dir sharded.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model as _load_safetensors
+from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
@@ -24,10 +25,11 @@ from mulfree.quant.config import WalkOptions
 from mulfree.quant.distill import distill, head_inputs, training_only
 from mulfree.quant.qlinear import build_qlinear, describe
 from mulfree.quant.schema import check_layer_target, check_values, validate_quant_config
+from mulfree.quant.shards import INDEX, weight_map
 from mulfree.quant.stream import CalibrationStream, run_block
 
 __all__ = ["BLOCK_PATHS", "WalkOptions", "asymmetric_target", "calibration_ids", "decoder_blocks", "load_quantized",
-           "quantize_model", "save_quantized"]
+           "quant_config", "quantize_block", "quantize_model", "save_quantized"]
 
 # model_type -> dotted path of the decoder block list (one entry per architecture family).
 BLOCK_PATHS = {
@@ -102,14 +104,14 @@ def quantize_model(
     teacher = head_inputs(model, calib) if opts.distill_epochs and stream is not None else []
     metas: dict[str, dict] = {}
     for bi, block in enumerate(tqdm(blocks, desc=f"{method.name} blocks", disable=not opts.progress)):
-        for name, layer in _quantize_block(block, method, stream, opts).items():
+        for name, layer in quantize_block(block, method, stream, opts).items():
             metas[f"{prefix}.{bi}.{name}"] = describe(layer)
     if teacher:
         distill(model, blocks, calib, teacher, opts.distill_epochs, opts.distill_lr, opts.progress)
     return metas
 
 
-def _quantize_block(
+def quantize_block(
     block: nn.Module, method: QuantMethod, stream: CalibrationStream | None, opts: WalkOptions
 ) -> dict[str, nn.Module]:
     """Replace every linear of `block` by the method's quantized layer, in call order; then tune the
@@ -170,17 +172,23 @@ def save_quantized(
     from safetensors.torch import save_model
 
     out = Path(out)
-    cfg = model.config.to_dict()
-    cfg.pop("quantization_config", None)
-    cfg["quant_method"] = method.name
-    cfg["mulfree_quant"] = {**method.config(), **extra, "layers": metas}
     with atomic_dir(out, overwrite, "quantized model") as tmp:
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        (tmp / "config.json").write_text(json.dumps(quant_config(model.config, method, metas, extra), indent=2))
         save_model(model, str(tmp / "model.safetensors"))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         integrity.write_manifest(tmp, sorted(p.name for p in tmp.iterdir() if p.is_file()))
     return out
+
+
+def quant_config(config, method: QuantMethod, metas: dict, extra: dict) -> dict:
+    """The config.json of a quantized dir: the HF `config` + `quant_method` and `mulfree_quant` (the method's
+    settings, `extra` and the per-layer metas)."""
+    cfg = config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["quant_method"] = method.name
+    cfg["mulfree_quant"] = {**method.config(), **extra, "layers": metas}
+    return cfg
 
 
 def load_quantized(path: str | Path):
@@ -208,13 +216,22 @@ def load_quantized(path: str | Path):
         except (ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{cfg_path}: layer {name!r}: {exc}", "re-run `mulfree quantize`") from None
         _set_module(model, name, layer)
-    weights = path / "model.safetensors"
-    try:
-        missing, unexpected = _load_safetensors(model, str(weights), strict=False)
-    except LOAD_ERRORS as exc:
-        raise CheckpointError(f"cannot read {weights} ({first_line(exc)})",
-                              "the file is corrupt, truncated or does not match config.json; re-run `mulfree quantize`") from None
-    missing = sorted(k for k in missing if not k.startswith("lm_head"))
+    files = sorted(set(weight_map(path).values()))
+    state = model.state_dict()
+    storage = {key: _storage_key(key, t) for key, t in state.items()}  # tied names share one key
+    loaded, unexpected = set(), []
+    for file in files:  # one file in memory at a time (the model itself is whole)
+        weights = path / file
+        try:
+            tensors = load_file(str(weights))
+            unexpected += model.load_state_dict(tensors, strict=False).unexpected_keys
+        except LOAD_ERRORS as exc:
+            raise CheckpointError(f"cannot read {weights} ({first_line(exc)})",
+                                  "the file is corrupt, truncated or does not match config.json; re-run `mulfree quantize`") from None
+        loaded |= {storage[k] for k in tensors if k in storage}
+        del tensors
+    weights = path / (files[0] if len(files) == 1 else INDEX)
+    missing = sorted(k for k in state if storage[k] not in loaded and not k.startswith("lm_head"))
     if unexpected or missing:
         raise CheckpointError(f"{weights} does not match its config (missing {missing[:3]}, unexpected "
                               f"{sorted(unexpected)[:3]})", "re-run `mulfree quantize`")
@@ -226,3 +243,10 @@ def load_quantized(path: str | Path):
     if (path / "tokenizer.json").is_file() or (path / "vocab.json").is_file():
         tokenizer = load_hf_tokenizer(path, config.vocab_size)
     return model, tokenizer
+
+
+def _storage_key(name: str, t: torch.Tensor) -> tuple:
+    """Equal for state-dict entries that are one tensor under two names (tied embeddings)."""
+    if not t.numel():
+        return (name,)
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))

@@ -1,0 +1,167 @@
+"""Quantization in bounded memory: the model is built with its parameters on the meta device, the
+embeddings, final norm and head are read from the safetensors files, and each decoder block is read
+when the walk reaches it, quantized by the walker's own step (`walker.quantize_block`), written out
+as one shard and dropped. Peak memory is one block, the non-block tensors and the calibration
+activations (those on disk beyond `spill.SPILL_BYTES`), not the model.
+
+The result is the quantized dir of `walker.save_quantized` with the weights sharded one block per file
+(`shards.ShardWriter`; the embeddings, norms and head in the last shard), the same tensors bit for bit.
+The dir is built beside `out` and renamed into place (`atomic.atomic_dir`): an interrupted run leaves
+`out` as it was. Not for `distill_epochs` (end-to-end distillation needs every block at once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from mulfree import integrity
+from mulfree.atomic import atomic_dir
+from mulfree.errors import CheckpointError, ConfigError, DataError
+from mulfree.models import schema
+from mulfree.quant.base import QuantMethod
+from mulfree.quant.config import WalkOptions
+from mulfree.quant.qlinear import describe
+from mulfree.quant.shards import SafetensorsDir, ShardWriter
+from mulfree.quant.spill import SPILL_BYTES, Spill
+from mulfree.quant.stream import CalibrationStream
+from mulfree.quant.walker import decoder_blocks, quant_config, quantize_block
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (no memory, no init work); buffers,
+    such as rotary tables, are built as usual (accelerate's init_empty_weights does the same)."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def load_config(src: Path):
+    """The validated transformers config of the HF dir `src`."""
+    import transformers
+
+    source = str(src / "config.json")
+    if not (src / "config.json").is_file():
+        raise CheckpointError(f"{src} is not a Hugging Face model dir (no config.json)", "pass a dir saved with save_pretrained")
+    schema.check_hf_config(schema.require_object(schema.read_json(src / "config.json"), source), source)
+    try:
+        config = transformers.AutoConfig.from_pretrained(src, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"cannot read {source} ({schema.first_line(exc)})", "check the model dir") from None
+    schema.check_hf_config(config, source)
+    return config
+
+
+def skeleton(config) -> nn.Module:
+    """The fp32 causal LM of `config` with every parameter on the meta device."""
+    import transformers
+
+    with _parameters_on_meta():
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
+
+
+def _materialize(root: nn.Module, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """Put each tensor of {name under `root`'s prefix: tensor} in place of the parameter or buffer of that name."""
+    for key, value in tensors.items():
+        owner, _, leaf = key[len(prefix):].rpartition(".")
+        module = root.get_submodule(owner) if owner else root
+        if leaf in module._parameters:
+            old = module._parameters[leaf]
+            if tuple(old.shape) != tuple(value.shape):
+                raise CheckpointError(f"tensor {key} has shape {tuple(value.shape)}, the config says {tuple(old.shape)}",
+                                      "the weights do not match config.json")
+            module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+        elif leaf in module._buffers:
+            module._buffers[leaf] = value
+
+
+def _state_names(module: nn.Module, prefix: str) -> list[str]:
+    return [f"{prefix}{k}" for k in module.state_dict(keep_vars=True)]
+
+
+def _load_outside_blocks(model: nn.Module, weights: SafetensorsDir, prefix: str) -> None:
+    """Read every tensor of `model` outside the decoder blocks `prefix`.* (tying the head when configured)."""
+    names = [k for k in _state_names(model, "") if not k.startswith(prefix + ".") and k in weights.files]
+    _materialize(model, weights.load(names, torch.float32))
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    left = [k for k, t in model.state_dict(keep_vars=True).items() if t.is_meta and not k.startswith(prefix + ".")]
+    if left:
+        raise CheckpointError(f"{weights.directory} has no tensor {left[0]}", "the weights do not match config.json")
+
+
+@torch.no_grad()
+def quantize_blockwise(
+    src: str | Path, out: str | Path, method: QuantMethod, calib: torch.Tensor | None = None,
+    options: WalkOptions | None = None, *, tokenizer=None, extra: dict | None = None, overwrite: bool = False,
+    spill_bytes: int = SPILL_BYTES, **overrides,
+) -> dict[str, dict]:
+    """Quantize the HF safetensors dir `src` into the quantized dir `out`, one decoder block in memory at
+    a time; returns {module path: layer meta} as `walker.quantize_model` does.
+
+    `calib` [n, T] calibration token ids (required when `method.needs_stats`), `options` / `overrides`
+    the walk as in `quantize_model` (not `distill_epochs`); `tokenizer` saved beside the weights when
+    given; `extra` recorded in config.json; activations over `spill_bytes` go to a scratch file.
+    Example:
+        quantize_blockwise("llama-1b", "llama-1b-rtn4", RTN(4, 128))
+    """
+    opts = dataclasses.replace(options or WalkOptions(), **overrides)
+    if opts.distill_epochs:
+        raise ConfigError("block-by-block quantization cannot distill end to end",
+                          "use walker.quantize_model on the whole model for --distill-epochs")
+    if method.needs_stats and calib is None:
+        raise DataError(f"{method.name} needs calibration data", "pass calibration token ids")
+    src = Path(src)
+    config = load_config(src)
+    from mulfree.models.pretrained import verify_manifest
+
+    verify_manifest(src)
+    weights = SafetensorsDir(src)
+    model = skeleton(config)
+    prefix, blocks = decoder_blocks(model)
+    per_block = 4 * sum(t.numel() for t in blocks[0].state_dict(keep_vars=True).values())
+    outside = 4 * sum(t.numel() for k, t in model.state_dict(keep_vars=True).items() if not k.startswith(prefix + "."))
+    schema.check_memory(outside + 3 * per_block, str(src), "block-by-block quantization")
+    _load_outside_blocks(model, weights, prefix)
+    metas: dict[str, dict] = {}
+    with atomic_dir(out, overwrite, "quantized model") as tmp:
+        stream = None
+        if method.needs_stats:
+            stream = CalibrationStream(model, blocks[0], calib, opts.batch_size, opts.asymmetric,
+                                       spill=Spill(tmp, spill_bytes))
+        writer = ShardWriter(tmp, len(blocks) + 1)
+        for bi in tqdm(range(len(blocks)), desc=f"{method.name} blocks", disable=not opts.progress):
+            block = blocks[bi]
+            at = f"{prefix}.{bi}."
+            _materialize(block, weights.load([k for k in _state_names(block, at) if k in weights.files],
+                                             torch.float32), at)
+            for name, layer in quantize_block(block, method, stream, opts).items():
+                metas[at + name] = describe(layer)
+            writer.write({at + k: t for k, t in block.state_dict().items()})
+            blocks[bi] = nn.Identity()  # drop the block (and its cached dense weights)
+            del block
+        writer.write(model.state_dict())  # embeddings, final norm, head (the blocks are gone)
+        names = writer.finish()
+        (tmp / "config.json").write_text(json.dumps(quant_config(config, method, metas, extra or {}), indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        integrity.write_manifest(tmp, sorted({*names, *(p.name for p in tmp.iterdir() if p.is_file())}))
+    return metas

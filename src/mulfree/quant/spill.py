@@ -1,0 +1,82 @@
+"""Calibration activations kept on disk once they outgrow a memory budget: `Spill.keep` holds a stream of
+tensors in a list while their total stays under `threshold` bytes and otherwise writes them, in order, to
+one scratch file that `TensorFile` reads back one tensor at a time.
+
+Reads go through `readinto` into a fresh tensor (not a memory map), so a tensor read back is ordinary
+memory freed with it: the resident set holds the tensors in use, not the file. The scratch file is
+unlinked as soon as it is open, so nothing is left behind, whatever ends the process.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+SPILL_BYTES = 256 << 20  # activations above this total go to a scratch file
+
+
+class TensorFile(Sequence[torch.Tensor]):
+    """The tensors of `tensors`, written to an unlinked scratch file in `directory`; `self[i]` reads
+    tensor i back (a new CPU tensor of the same shape and dtype)."""
+
+    def __init__(self, directory: str | Path, tensors: Iterable[torch.Tensor]):
+        fd, path = tempfile.mkstemp(prefix=".activations.", suffix=".tmp", dir=directory)
+        os.unlink(path)
+        self._file = os.fdopen(fd, "w+b")
+        self._entries: list[tuple[int, tuple[int, ...], torch.dtype]] = []
+        offset = 0
+        for t in tensors:
+            t = t.detach().contiguous().cpu()
+            self._file.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+            self._entries.append((offset, tuple(t.shape), t.dtype))
+            offset += t.numel() * t.element_size()
+        self._file.flush()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        offset, shape, dtype = self._entries[i]
+        t = torch.empty(shape, dtype=dtype)
+        self._file.seek(offset)
+        view = memoryview(t.view(-1).view(torch.uint8).numpy())
+        if self._file.readinto(view) != len(view):
+            raise OSError(f"scratch activation file ended early at tensor {i}")
+        return t
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self[i] for i in range(len(self)))
+
+
+class Spill:
+    """Where and from what size `keep` moves a stream of activations to disk."""
+
+    def __init__(self, directory: str | Path, threshold: int = SPILL_BYTES):
+        self.directory, self.threshold = Path(directory), threshold
+
+    def keep(self, tensors: Iterable[torch.Tensor]) -> Sequence[torch.Tensor]:
+        """Every tensor of `tensors`, in order: a list when their total stays within `threshold`
+        bytes, else a `TensorFile` (the tensors already held are written first, then released)."""
+        held: list[torch.Tensor] = []
+        size = 0
+        it = iter(tensors)
+        for t in it:
+            held.append(t)
+            size += t.numel() * t.element_size()
+            if size > self.threshold:
+                return TensorFile(self.directory, _drain(held, it))
+        return held
+
+
+def _drain(held: list[torch.Tensor], rest: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """`held` (emptied while it is read, so each tensor is freed once written), then `rest`."""
+    held.reverse()
+    while held:
+        yield held.pop()
+    yield from rest
