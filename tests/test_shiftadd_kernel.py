@@ -132,3 +132,31 @@ def test_gemm_rejects_mismatched_shapes():
     w = kernel.prepare(planes, exps, signs, 20, 16)
     with pytest.raises(ValueError, match="do not match"):
         kernel.lut_gemm(torch.randn(3, 24), w, "scalar")
+
+
+LAYER_INPUTS = [(1, 37), (5, 37), (2, 3, 37), (1, 1, 37), (4, 1, 37)]
+
+
+@pytest.mark.parametrize("shape", LAYER_INPUTS, ids=["x".join(map(str, s)) for s in LAYER_INPUTS])
+def test_latency_layer_uses_lut_kernels_without_dense_weight(shape):
+    """ShiftAddLinear (col_group 8) under no_grad: any leading dims go through the LUT kernels
+    (row by row equal to the GEMV), match the dense product, and leave no fp32 dense copy behind;
+    with grad enabled it still uses the dense weight."""
+    from mulfree.quant.qlinear import ShiftAddLinear
+
+    n, k, g = 70, 37, 16
+    layer = ShiftAddLinear(k, n, True, bits=3, group=g, col_group=8, terms=3)
+    planes, exps, signs = _weights(n, k, g, 3, seed=5)
+    layer.planes.copy_(planes), layer.exps.copy_(exps), layer.signs.copy_(signs)
+    layer.bias.normal_()
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        y = layer(x)
+    assert y.shape == (*shape[:-1], n) and layer._dense is None
+    rows = x.reshape(-1, k)
+    per_token = torch.stack([kernel.lut_gemv(r, layer.kernel_weights(), threads=torch.get_num_threads()) for r in rows])
+    assert torch.equal(y.reshape(-1, n), per_token + layer.bias)
+    dense = torch.nn.functional.linear(x.double(), layer.dequantize().double(), layer.bias.double())
+    torch.testing.assert_close(y.double(), dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)  # grad enabled: dense path
+    assert layer._dense is not None

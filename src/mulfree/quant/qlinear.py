@@ -2,8 +2,11 @@
 
 `UniformLinear` holds integer codes (RTN / GPTQ); `ShiftAddLinear` holds BCQ bit planes packed as
 bits and APoT scale exponents/signs as int8 (format in `ops/bcq.py`). Latency-mode ShiftAdd layers
-run single-token inputs through the LUT GEMV kernel (`kernels/shiftadd.py`); everything else uses
-the dense weight rebuilt once from the stored codes. A layer quantized with incoherence processing
+(col_group 8) run every input outside autograd through the LUT kernels (`kernels/shiftadd.py`: the
+GEMV for one token, the GEMM for any batch) and never build a dense weight. Accuracy-mode layers
+(col_group 1: one α per column, so a key's 8 columns do not share a scale and the LUT cannot be
+scaled as a whole), uniform layers and grad-enabled forwards use the dense weight rebuilt once from
+the stored codes. A layer quantized with incoherence processing
 (`ops/hadamard.py`) stores W'' = U W T⁻¹ in the rotated basis: it applies T (`rht`) to its input
 first and U⁻¹ (`rht_out`) to its output before the bias.
 """
@@ -100,17 +103,28 @@ class ShiftAddLinear(_QuantLinear):
             self.planes, self.exps, self.signs, self.out_features, self.in_features, self.group, self.col_group
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.col_group == 8 and x.numel() == self.in_features and not torch.is_grad_enabled():
-            from mulfree.kernels import shiftadd as kernel
+    def kernel_weights(self):
+        """The LUT kernels' weight layout (`kernels.shiftadd.prepare`), made on first use (Latency mode)."""
+        from mulfree.kernels import shiftadd as kernel
 
-            x = self.rotate_input(x)
-            if self._kernel_weights is None:
-                self._kernel_weights = kernel.prepare(self.planes, self.exps, self.signs, self.out_features, self.group)
-            y = kernel.lut_gemv(x.reshape(-1).float(), self._kernel_weights, threads=torch.get_num_threads())
-            y = self.finish_output(y)
-            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        return super().forward(x)
+        if self._kernel_weights is None:
+            self._kernel_weights = kernel.prepare(self.planes, self.exps, self.signs, self.out_features, self.group)
+        return self._kernel_weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.col_group != 8 or torch.is_grad_enabled():
+            return super().forward(x)
+        from mulfree.kernels import shiftadd as kernel
+
+        x = self.rotate_input(x)
+        x2 = x.reshape(-1, self.in_features).float()  # [T, K], any leading dims
+        threads = torch.get_num_threads()
+        if x2.shape[0] == 1:
+            y = kernel.lut_gemv(x2[0], self.kernel_weights(), threads=threads).unsqueeze(0)
+        else:
+            y = kernel.lut_gemm(x2, self.kernel_weights(), threads=threads)
+        y = self.finish_output(y)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
 def build_qlinear(meta: dict) -> _QuantLinear:
