@@ -153,6 +153,10 @@ def quantize_blockwise(
             at = f"{prefix}.{bi}."
             _materialize(block, weights.load([k for k in _state_names(block, at) if k in weights.files],
                                              torch.float32), at)
+            left = [k for k, t in block.state_dict(keep_vars=True).items() if t.is_meta]
+            if left:
+                raise CheckpointError(f"{weights.directory} has no tensor {at}{left[0]}",
+                                      "the weights do not match config.json")
             for name, layer in quantize_block(block, method, stream, opts).items():
                 metas[at + name] = describe(layer)
             writer.write({at + k: t for k, t in block.state_dict().items()})

@@ -193,7 +193,9 @@ def quant_config(config, method: QuantMethod, metas: dict, extra: dict) -> dict:
 
 def load_quantized(path: str | Path):
     """Load a dir written by `mulfree quantize`: returns (model with quantized layers, tokenizer or None).
-    The config is validated (`quant.schema`), the checksums verified and the memory checked first."""
+    The weights are `model.safetensors` or shards listed in `model.safetensors.index.json` (`quant.shards`),
+    read one file at a time. The config is validated (`quant.schema`), the checksums verified and the
+    memory checked first."""
     import transformers
 
     from mulfree.models.pretrained import LOAD_ERRORS, load_hf_config, load_hf_tokenizer, verify_manifest
