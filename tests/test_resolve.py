@@ -132,7 +132,8 @@ def test_eval_generate_and_lm_eval_commands(dirs, kind, capsys, tmp_path, monkey
     expected = perplexity(loaded.model, ids, 32, progress=False)
     assert result["tokens"] == 200 and math.isclose(result["perplexity"], expected, rel_tol=1e-3)
     assert main(["generate", "--model", ref, "--prompt", PROMPT, "--max-new-tokens", "6", "--temperature", "0"]) == 0
-    assert capsys.readouterr().out == PROMPT + loaded.decode(generate(loaded.model, loaded.encode(PROMPT), 6)[0, -6:]) + "\n"
+    new = generate(loaded.model, loaded.encode(PROMPT), 6)[0, -6:]
+    assert capsys.readouterr().out == PROMPT + loaded.decode(new) + "\n"
     pytest.importorskip("lm_eval")
     assert main(["lm-eval", "--model", ref, "--tasks", "mulfree_shakespeare_cloze", "--limit", "2",
                  "--max-length", "64", "--out", str(tmp_path / "r.json")]) == 0
@@ -151,10 +152,11 @@ def test_served_completion_equals_generate(dirs, kind):
     from mulfree.infer.server import Server
 
     step, loaded = _load(str(dirs[kind]), ServeConfig(max_batch=4))
-    assert isinstance(step, TorchStepModel) and loaded.eos_token_id == loaded.tokenizer.token_to_id("<|endoftext|>")
+    assert isinstance(step, TorchStepModel)
+    assert loaded.eos_token_id == loaded.tokenizer.token_to_id("<|endoftext|>")
     batcher = ContinuousBatcher(step, max_batch=4, eos_token_id=None, max_queue=8)
-    run = Running(Server(batcher, loaded.tokenizer, kind, context_limit=loaded.context_limit, max_prompt_tokens=32,
-                         max_body_bytes=64 * 1024, request_timeout_s=20))
+    run = Running(Server(batcher, loaded.tokenizer, kind, context_limit=loaded.context_limit,
+                         max_prompt_tokens=32, max_body_bytes=64 * 1024, request_timeout_s=20))
     try:
         client = openai.OpenAI(base_url=run.url + "/v1", api_key="x", timeout=20, max_retries=0)
         many = client.completions.create(model=kind, prompt=[PROMPT, "Whether 'tis nobler in the mind"],
@@ -211,3 +213,32 @@ def test_smollm2_resolves_everywhere(capsys):
     assert main(["generate", "--model", "smollm2", "--prompt", PROMPT, "--max-new-tokens", "4",
                  "--temperature", "0"]) == 0
     assert capsys.readouterr().out == PROMPT + loaded.decode(generate(loaded.model, ids, 4)[0, -4:]) + "\n"
+
+
+def test_lm_eval_scores_a_continuation_longer_than_the_context_in_chunks():
+    pytest.importorskip("lm_eval")
+    from mulfree.lmeval import MulfreeLM
+
+    lm = MulfreeLM(HFCausalLM(_tiny("llama")), _tokenizer().backend_tokenizer, max_length=8)
+    tokens = torch.randint(0, 300, (25,)).tolist()
+    logp, greedy = lm._score(tokens[:5], tokens[5:])  # 20 targets: chunks [5, 13), [13, 21), [21, 25)
+    parts = [lm._score(tokens[end - 9 : start], tokens[start:end]) for start, end in ((5, 13), (13, 21), (21, 25))]
+    assert math.isclose(logp, sum(p[0] for p in parts), rel_tol=1e-6) and greedy == all(p[1] for p in parts)
+    with torch.no_grad():  # a chunk that fits is scored in one forward, as the model scores it
+        ref = torch.log_softmax(lm.model(torch.tensor([tokens[4:12]]))[0][0], -1)
+    assert math.isclose(parts[0][0], float(ref[torch.arange(8), torch.tensor(tokens[5:13])].sum()), rel_tol=1e-5)
+
+
+def test_a_model_without_a_key_value_cache_is_a_one_line_error():
+    from types import SimpleNamespace
+
+    from mulfree.errors import ConfigError
+
+    class StateSpace(torch.nn.Module):  # a cache of conv / recurrent states, no (k, v)
+        config = SimpleNamespace(model_type="mamba")
+
+        def forward(self, **kwargs):
+            return SimpleNamespace(logits=torch.zeros(1, 1, 3), past_key_values=SimpleNamespace(layers=[object()]))
+
+    with pytest.raises(ConfigError, match="'mamba' keeps no key/value cache"):
+        HFCausalLM(StateSpace())(torch.zeros(1, 1, dtype=torch.long))

@@ -59,14 +59,20 @@ class MulfreeLM(TemplateLM):
 
     @torch.no_grad()
     def _score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
-        """log p(continuation | context) and whether greedy decoding would produce it."""
-        whole = (context + continuation)[-(self.max_length + 1) :]
-        inp = torch.tensor(whole[:-1])[None]
-        logits, _ = self.model(inp)
-        logp = F.log_softmax(logits[0, -len(continuation) :].float(), dim=-1)
-        target = torch.tensor(continuation)
-        greedy = bool((logp.argmax(-1) == target).all())
-        return float(logp.gather(1, target[:, None]).sum()), greedy
+        """log p(continuation | context) and whether greedy decoding would produce it. A continuation longer
+        than `max_length` is scored in chunks of `max_length` targets, each after the `max_length` tokens before
+        it (context must be non-empty, as lm-eval makes it)."""
+        tokens = context + continuation
+        total, greedy = 0.0, True
+        for start in range(len(context), len(tokens), self.max_length):
+            end = min(start + self.max_length, len(tokens))
+            inp = torch.tensor(tokens[max(0, end - 1 - self.max_length) : end - 1])[None]
+            logits, _ = self.model(inp)
+            logp = F.log_softmax(logits[0, start - end :].float(), dim=-1)
+            target = torch.tensor(tokens[start:end])
+            greedy &= bool((logp.argmax(-1) == target).all())
+            total += float(logp.gather(1, target[:, None]).sum())
+        return total, greedy
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
         return [self._score(ctx, cont) for _, ctx, cont in tqdm(requests, disable=disable_tqdm, desc="loglikelihood")]

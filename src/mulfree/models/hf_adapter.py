@@ -1,6 +1,6 @@
-"""Any Hugging Face causal LM (plain, or with layers swapped by `mulfree quantize`) behind our model interface,
-`logits, state = model(input_ids, state, positions, key_mask)`, so that generation, perplexity, lm-eval and the
-server's batched KV decode (`infer.kv_batch`) run it exactly as they run our Transformer++.
+"""Any Hugging Face causal LM (plain, or with layers swapped by `mulfree quantize`) behind our model
+interface, `logits, state = model(input_ids, state, positions, key_mask)`, so that generation, perplexity,
+lm-eval and the server's batched KV decode (`infer.kv_batch`) run it exactly as they run our Transformer++.
 
 The state is our `KVCache`: one (k, v) [B, H_kv, T, Dh] per layer. Each call copies it into a transformers
 `DynamicCache`, runs the model with explicit `position_ids` (0-based; OPT adds its offset of 2 itself, GPT-2
@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mulfree.errors import ConfigError
 from mulfree.models.transformer import KVCache
 
 
@@ -52,4 +53,8 @@ class HFCausalLM(nn.Module):
         cache = DynamicCache() if state is None else DynamicCache(ddp_cache_data=state)
         out = self.hf(input_ids=input_ids, attention_mask=key_mask.long(), position_ids=positions,
                       past_key_values=cache, use_cache=True)
-        return out.logits.float(), [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        layers = getattr(out.past_key_values, "layers", [None])
+        if not all(hasattr(layer, "keys") for layer in layers):  # e.g. a state-space model's cache
+            raise ConfigError(f"model_type {self.config.model_type!r} keeps no key/value cache",
+                              "use a decoder-only transformer (Llama, OPT, GPT-2, ...)")
+        return out.logits.float(), [(layer.keys, layer.values) for layer in layers]

@@ -35,7 +35,7 @@ class Resolved:
     kind: "mmfree", "transformerpp", "packed", "hf:<model_type>" or "<quant_method>:<model_type>".
     context_limit: longest prompt + generation in tokens; None for recurrent models.
     eos_token_id: the end-of-text id generation stops at (None: none known).
-    files_dir: the dir holding the model's tokenizer files (chat template; for a GGUF file, its converted copy).
+    files_dir: the dir of the model's tokenizer files (chat template); for a GGUF file, its converted copy.
     """
 
     model: Any
