@@ -1,8 +1,9 @@
 """Quantization in bounded memory: the model is built with its parameters on the meta device, the
 embeddings, final norm and head are read from the safetensors files, and each decoder block is read
 when the walk reaches it, quantized by the walker's own step (`walker.quantize_block`), written out
-as one shard and dropped. Peak memory is one block, the non-block tensors and the calibration
-activations (those on disk beyond `spill.SPILL_BYTES`), not the model.
+as one shard and dropped; the embeddings and head are read only to capture the calibration inputs and
+again to be written last. Peak memory is one block plus the calibration activations (those beyond
+`spill.SPILL_BYTES` on disk), not the model.
 
 The result is the quantized dir of `walker.save_quantized` with the weights sharded one block per file
 (`shards.ShardWriter`; the embeddings, norms and head in the last shard), the same tensors bit for bit.
@@ -97,15 +98,38 @@ def _state_names(module: nn.Module, prefix: str) -> list[str]:
     return [f"{prefix}{k}" for k in module.state_dict(keep_vars=True)]
 
 
-def _load_outside_blocks(model: nn.Module, weights: SafetensorsDir, prefix: str) -> None:
-    """Read every tensor of `model` outside the decoder blocks `prefix`.* (tying the head when configured)."""
-    names = [k for k in _state_names(model, "") if not k.startswith(prefix + ".") and k in weights.files]
-    _materialize(model, weights.load(names, torch.float32))
+def _outside_names(model: nn.Module, weights: SafetensorsDir, prefix: str) -> list[str]:
+    """The names in `weights` of `model`'s tensors outside the decoder blocks `prefix`.*; CheckpointError when
+    one is missing (a tied head may be: it is the input embedding)."""
+    names = [k for k in _state_names(model, "") if not k.startswith(prefix + ".")]
+    tied = set()
     if getattr(model.config, "tie_word_embeddings", False):
-        model.get_output_embeddings().weight = model.get_input_embeddings().weight
-    left = [k for k, t in model.state_dict(keep_vars=True).items() if t.is_meta and not k.startswith(prefix + ".")]
+        head = model.get_output_embeddings()
+        tied = {f"{n}.weight" for n, m in model.named_modules() if m is head}
+    left = [k for k in names if k not in weights.files and k not in tied]
     if left:
         raise CheckpointError(f"{weights.directory} has no tensor {left[0]}", "the weights do not match config.json")
+    return [k for k in names if k in weights.files]
+
+
+def _outside_tensors(model: nn.Module, weights: SafetensorsDir, prefix: str) -> dict[str, torch.Tensor]:
+    """{name: fp32 tensor} of `_outside_names`, read from `weights`."""
+    return weights.load(_outside_names(model, weights, prefix), torch.float32)
+
+
+def _load_outside_blocks(model: nn.Module, weights: SafetensorsDir, prefix: str) -> None:
+    """Read the embeddings, norms and head into `model` (what the calibration runs up to block 0)."""
+    _materialize(model, _outside_tensors(model, weights, prefix))
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+
+
+def _drop_outside_blocks(model: nn.Module, prefix: str) -> None:
+    """Put the parameters outside the decoder blocks back on the meta device (freed until written)."""
+    for name, param in list(model.named_parameters()):
+        if not name.startswith(prefix + "."):
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._parameters[leaf] = nn.Parameter(param.to("meta"), requires_grad=False)
 
 
 @torch.no_grad()
@@ -140,13 +164,15 @@ def quantize_blockwise(
     per_block = 4 * sum(t.numel() for t in blocks[0].state_dict(keep_vars=True).values())
     outside = 4 * sum(t.numel() for k, t in model.state_dict(keep_vars=True).items() if not k.startswith(prefix + "."))
     schema.check_memory(outside + 3 * per_block, str(src), "block-by-block quantization")
-    _load_outside_blocks(model, weights, prefix)
+    _outside_names(model, weights, prefix)  # fail before any work when one is missing
     metas: dict[str, dict] = {}
     with atomic_dir(out, overwrite, "quantized model") as tmp:
         stream = None
-        if method.needs_stats:
+        if method.needs_stats:  # the embeddings are needed only to capture block 0's inputs
+            _load_outside_blocks(model, weights, prefix)
             stream = CalibrationStream(model, blocks[0], calib, opts.batch_size, opts.asymmetric,
                                        spill=Spill(tmp, spill_bytes))
+            _drop_outside_blocks(model, prefix)
         writer = ShardWriter(tmp, len(blocks) + 1)
         for bi in tqdm(range(len(blocks)), desc=f"{method.name} blocks", disable=not opts.progress):
             block = blocks[bi]
@@ -162,7 +188,7 @@ def quantize_blockwise(
             writer.write({at + k: t for k, t in block.state_dict().items()})
             blocks[bi] = nn.Identity()  # drop the block (and its cached dense weights)
             del block
-        writer.write(model.state_dict())  # embeddings, final norm, head (the blocks are gone)
+        writer.write(_outside_tensors(model, weights, prefix))  # embeddings, final norm, head: as read
         names = writer.finish()
         (tmp / "config.json").write_text(json.dumps(quant_config(config, method, metas, extra or {}), indent=2))
         if tokenizer is not None:
