@@ -29,14 +29,14 @@ from mulfree.ops.powers import EXP_MAX, EXP_MIN, apot_value, shift_scale
 
 
 @lru_cache(maxsize=8)
-def _combos(q: int) -> torch.Tensor:
+def level_signs(q: int) -> torch.Tensor:
     """All 2^q sign patterns [2^q, q] in {-1, +1}."""
     return torch.tensor(list(itertools.product((-1.0, 1.0), repeat=q)))
 
 
 def _nearest_codes(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """Codes in {-1., +1.} [G, m, q] of the level Σ ±α_i nearest to each weight of w [G, m]."""
-    combos = _combos(alpha.shape[-1])  # [L, q]
+    combos = level_signs(alpha.shape[-1])  # [L, q]
     levels = alpha @ combos.T  # [G, L]
     return combos[(w.unsqueeze(-1) - levels.unsqueeze(1)).abs_().argmin(-1)]
 
@@ -56,16 +56,29 @@ def bcq_fit(
     current codes; sort |α| descending; APoT-round α; reassign codes to the nearest of the 2^q
     levels}; each group keeps the iterate with the lowest squared error, so more rounds never
     hurt. With rounds=0 the greedy α is still APoT-rounded and the codes reassigned, so the result
-    is always exactly Σ α_i b_i with APoT α. Runs in float64 numpy: the Accuracy-mode solver calls
-    it once per column on a few hundred weights, where torch's per-op overhead dominated.
+    is always exactly Σ α_i b_i with APoT α. Runs in float64 numpy (`bcq_fit_np`).
 
     Returns (bits bool [G, m, q], alpha fp32 [G, q] (APoT values), exps int8 [G, q, T], signs int8 [G, q, T]).
     """
     wn = w.detach().double().numpy()
     vf = np.ones(wn.shape) if mask is None else mask.numpy().astype(np.float64)
-    wn = wn * vf
+    idx, exps, signs = bcq_fit_np(wn * vf, vf, bits, rounds, terms)
+    exps_t, signs_t = torch.from_numpy(exps).to(torch.int8), torch.from_numpy(signs).to(torch.int8)
+    return torch.from_numpy(level_signs(bits).numpy()[idx] > 0), apot_value(exps_t, signs_t), exps_t, signs_t
+
+
+def bcq_fit_np(
+    wn: np.ndarray, vf: np.ndarray, bits: int, rounds: int, terms: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`bcq_fit` on float64 arrays: masked weights wn [G, m] (zero where vf is 0), validity vf [G, m]
+    (1. or 0.) -> (level index [G, m] (bit q-1-i set iff b_i = +1), exps [G, q, T], signs [G, q, T]).
+
+    The Accuracy-mode solver calls it once per column on a few hundred weights, where the cost is
+    the number of numpy calls per round (torch's per-op overhead is larger still): the loop keeps
+    only the APoT values and the winning iterate's sorted |α|, whose terms are derived once at the end.
+    """
     G, m = wn.shape
-    combos = _combos(bits).double().numpy()  # [L, q], row L = sign pattern of level index L
+    combos = level_signs(bits).double().numpy()  # [L, q], row L = sign pattern of level index L
     L = combos.shape[0]
     r = wn.copy()
     alpha = np.empty((G, bits))
@@ -79,33 +92,47 @@ def bcq_fit(
     ridge = 1e-6 * m * np.eye(bits)
     flat = np.arange(G)[:, None] * L
     w2 = (wn * wn).sum(-1)
+    wl = wn[..., None]  # [G, m, 1]
+    vflat = vf.ravel()
+    wflat = wn.ravel()
 
     def level_stats(idx):  # per (group, level): number of valid weights and their sum
         keys = (flat + idx).ravel()
-        return (np.bincount(keys, vf.ravel(), G * L).reshape(G, L), np.bincount(keys, wn.ravel(), G * L).reshape(G, L))
+        return np.bincount(keys, vflat, G * L).reshape(G, L), np.bincount(keys, wflat, G * L).reshape(G, L)
 
     counts, sums = level_stats(idx)
     best_err = np.full(G, np.inf)
-    best = (np.empty((G, m), dtype=np.int64), np.empty((G, bits, terms)), np.empty((G, bits, terms)))
-    for _ in range(max(rounds, 1)):
-        if rounds > 0:  # normal equations BᵀB α = Bᵀw from the level statistics
-            sol = np.linalg.solve((counts @ outer).reshape(G, bits, bits) + ridge, (sums @ combos)[..., None])[..., 0]
-            alpha = np.where(np.isfinite(sol), sol, alpha)
-        alpha = -np.sort(-np.abs(alpha), axis=-1)
-        alpha, exps, signs = _apot_round_np(alpha, terms)
-        levels = alpha @ combos.T  # [G, L]
-        prev, idx = idx, np.abs(wn[..., None] - levels[:, None, :]).argmin(-1)
-        counts, sums = level_stats(idx)
-        err = w2 - 2 * (levels * sums).sum(-1) + (levels * levels * counts).sum(-1)
-        better = err < best_err
-        best_err = np.where(better, err, best_err)
-        for kept, new in zip(best, (idx, exps, signs)):
-            kept[better] = new[better]
-        if np.array_equal(idx, prev):  # fixed point: every further round would repeat this one
-            break
-    idx, exps, signs = best
-    exps_t, signs_t = torch.from_numpy(exps).to(torch.int8), torch.from_numpy(signs).to(torch.int8)
-    return torch.from_numpy(combos[idx] > 0), apot_value(exps_t, signs_t), exps_t, signs_t
+    best_idx, best_alpha = np.empty((G, m), dtype=np.int64), np.empty((G, bits))
+    with np.errstate(divide="ignore"):
+        for _ in range(max(rounds, 1)):
+            if rounds > 0:  # normal equations BᵀB α = Bᵀw from the level statistics
+                sol = np.linalg.solve((counts @ outer).reshape(G, bits, bits) + ridge, (sums @ combos)[..., None])
+                alpha = np.where(np.isfinite(sol[..., 0]), sol[..., 0], alpha)
+            raw = -np.sort(-np.abs(alpha), axis=-1)
+            alpha = _apot_value_np(raw, terms)  # the fallback of the next solve, as the APoT value
+            levels = alpha @ combos.T  # [G, L]
+            prev, idx = idx, np.abs(wl - levels[:, None, :]).argmin(-1)
+            counts, sums = level_stats(idx)
+            err = w2 - 2 * (levels * sums).sum(-1) + (levels * levels * counts).sum(-1)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            np.copyto(best_idx, idx, where=better[:, None])
+            np.copyto(best_alpha, raw, where=better[:, None])
+            if np.array_equal(idx, prev):  # fixed point: every further round would repeat this one
+                break
+    _, exps, signs = _apot_round_np(best_alpha, terms)
+    return best_idx, exps, signs
+
+
+def _apot_value_np(alpha: np.ndarray, terms: int) -> np.ndarray:
+    """The value of `_apot_round_np` alone (same operations, no terms kept); call under errstate(divide)."""
+    r = alpha.copy()
+    value = np.zeros_like(r)
+    for _ in range(terms):
+        term = np.sign(r) * np.exp2(np.minimum(np.maximum(np.rint(np.log2(np.abs(r))), EXP_MIN), EXP_MAX))
+        value += term
+        r -= term
+    return value
 
 
 def _apot_round_np(alpha: np.ndarray, terms: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from mulfree.ops.hadamard import RandomHadamard
@@ -23,10 +24,11 @@ class ColumnQuantizer(Protocol):
     def order(self, diag_h: torch.Tensor) -> torch.Tensor:
         """Column processing order (a permutation of range(K)) given diag(H)."""
 
-    def quantize_column(self, block: torch.Tensor, i: int, col: int) -> torch.Tensor:
-        """Quantize column i of the current lazy block [N, B] (absolute permuted position `col`);
-        later columns of `block` are up to date and may be used to fit shared scales. Returns the
-        dequantized column [N] and records the codes for original column `perm[col]`."""
+    def quantize_column(self, block: np.ndarray, i: int, col: int) -> np.ndarray:
+        """Quantize column i of the current lazy block, given transposed as fp32 `block` [B, N] (row i
+        is the column, contiguous; absolute permuted position `col`); later rows of `block` are up to
+        date and may be used to fit shared scales. Returns the dequantized column fp32 [N] and records
+        the codes for original column `perm[col]`."""
 
 
 def act_order(diag_h: torch.Tensor) -> torch.Tensor:
@@ -45,8 +47,10 @@ def gptq_solve(
 ) -> torch.Tensor:
     """Quantize W [N, K] column by column in order `perm`, compensating errors with H [K, K].
 
-    Returns the dequantized weight [N, K] in the original column order. Runs on one torch thread:
-    the column loop is thousands of tiny ops, which extra threads only slow down.
+    Returns the dequantized weight [N, K] in the original column order. The column loop is
+    thousands of tiny ops, so it runs in numpy on a transposed copy of each lazy block (a column is
+    a contiguous row; numpy's per-call cost is a fraction of torch's) and on one torch thread (the
+    block update, a matmul, stays in torch); every value equals the plain torch loop's.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -66,20 +70,20 @@ def _solve(w, h, quantizer, perm, blocksize, percdamp):
     h += percdamp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
     k = w.shape[1]
-    q = torch.zeros_like(w)
+    qt = np.zeros((k, w.shape[0]), dtype=np.float32)  # [K, N]: dequantized columns as rows
     for i1 in range(0, k, blocksize):
         i2 = min(i1 + blocksize, k)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
+        w1 = w[:, i1:i2].T.contiguous().numpy()  # [B, N]
+        err1 = np.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2].numpy()
         for i in range(i2 - i1):
             qcol = quantizer.quantize_column(w1, i, i1 + i)
-            q[:, i1 + i] = qcol
-            err = (w1[:, i] - qcol) / hinv1[i, i]
-            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = err
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return q[:, torch.argsort(perm)]
+            qt[i1 + i] = qcol
+            err = (w1[i] - qcol) / hinv1[i, i]
+            w1[i:] -= hinv1[i, i:, None] * err
+            err1[i] = err
+        w[:, i2:] -= torch.from_numpy(err1).T.contiguous() @ hinv[i1:i2, i2:]
+    return torch.from_numpy(qt).T[:, torch.argsort(perm)]
 
 
 class UniformQuantizer:
@@ -107,17 +111,19 @@ class UniformQuantizer:
         self.zero = torch.round(-lo / scale)  # [N, G]
         self.codes = torch.zeros(n, k, dtype=torch.uint8)
         self.perm = torch.arange(k)
+        self._scale_t = self.scale.T.contiguous().numpy()  # [G, N]: one group's scales contiguous
+        self._zero_t = self.zero.T.contiguous().numpy()
 
     def order(self, diag_h: torch.Tensor) -> torch.Tensor:
         self.perm = act_order(diag_h)
         return self.perm
 
-    def quantize_column(self, block: torch.Tensor, i: int, col: int) -> torch.Tensor:
+    def quantize_column(self, block: np.ndarray, i: int, col: int) -> np.ndarray:
         orig = int(self.perm[col])
         g = orig // self.group
-        s, z = self.scale[:, g], self.zero[:, g]
-        code = torch.clamp(torch.round(block[:, i] / s) + z, 0, 2**self.bits - 1)
-        self.codes[:, orig] = code.to(torch.uint8)
+        s, z = self._scale_t[g], self._zero_t[g]
+        code = np.clip(np.rint(block[i] / s) + z, 0, 2**self.bits - 1)
+        self.codes.numpy()[:, orig] = code
         return (code - z) * s
 
     def quantize_all(self, w: torch.Tensor) -> torch.Tensor:

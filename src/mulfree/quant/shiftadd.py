@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-from mulfree.ops.bcq import bcq_assign, bcq_fit, pack_planes
+from mulfree.ops.bcq import bcq_assign, bcq_fit, bcq_fit_np, level_signs, pack_planes
+from mulfree.ops.powers import apot_value
 from mulfree.quant.base import QuantMethod
 from mulfree.quant.gptq import Incoherence, act_order, gptq_solve
 from mulfree.quant.qlinear import ShiftAddLinear
@@ -46,6 +48,11 @@ class BCQColumnQuantizer:
         self.signs = torch.zeros(shape, dtype=torch.int8)
         self.perm = torch.arange(k)
         self._alpha_rows: torch.Tensor | None = None  # [N, q], lat mode: scales of the current tile
+        groups = math.ceil(n / group)
+        self._col = np.zeros((groups, group))  # acc mode: one column in row groups, zero-padded
+        self._valid = (np.arange(groups * group) < n).astype(np.float64).reshape(groups, group)
+        self._signs = level_signs(bits).numpy()  # [L, q] fp32 ±1 of each level index
+        self._group_of_row = np.arange(n) // group
 
     def order(self, diag_h: torch.Tensor) -> torch.Tensor:
         """Acc: act order. Lat: whole 8-column tiles by summed diag(H), a narrow tail tile last."""
@@ -67,19 +74,28 @@ class BCQColumnQuantizer:
         codes = bits.reshape(-1, x.shape[1], self.bits)[: self.n]
         return alpha.repeat_interleave(self.group, 0)[: self.n], codes
 
-    def quantize_column(self, block: torch.Tensor, i: int, col: int) -> torch.Tensor:
+    def _fit_column(self, x: np.ndarray, orig: int) -> np.ndarray:
+        """Acc mode: fit column `orig` (x fp32 [N]) straight in numpy (`_fit` without the torch
+        round trips, the same values); records codes and scales, returns the dequantized column [N]."""
+        self._col.reshape(-1)[: self.n] = x
+        idx, exps, signs = bcq_fit_np(self._col, self._valid, self.bits, self.rounds, self.terms)
+        self.exps[orig], self.signs[orig] = torch.from_numpy(exps), torch.from_numpy(signs)
+        sgn = self._signs[idx].reshape(-1, self.bits)[: self.n]  # [N, q] ±1
+        self.planes.numpy()[:, :, orig] = sgn.T > 0
+        alpha = apot_value(self.exps[orig], self.signs[orig]).numpy()[self._group_of_row]  # [N, q]
+        return (sgn * alpha).sum(-1)
+
+    def quantize_column(self, block: np.ndarray, i: int, col: int) -> np.ndarray:
         orig = int(self.perm[col])
         if self.col_group == 1:  # the fit's codes are already the nearest levels of the column
-            alpha, codes = self._fit(block[:, i : i + 1], orig)
-            bits = codes[:, 0]
-        else:
-            if orig % 8 == 0:
-                width = min(8, self.k - orig)
-                self._alpha_rows = self._fit(block[:, i : i + width], orig // 8)[0]
-            alpha = self._alpha_rows
-            bits = bcq_assign(block[:, i : i + 1], alpha)[:, 0]  # [N, q]
+            return self._fit_column(block[i], orig)
+        if orig % 8 == 0:
+            width = min(8, self.k - orig)
+            self._alpha_rows = self._fit(torch.from_numpy(block[i : i + width].T), orig // 8)[0]
+        alpha = self._alpha_rows
+        bits = bcq_assign(torch.from_numpy(block[i : i + 1].T), alpha)[:, 0]  # [N, q]
         self.planes[:, :, orig] = bits.T
-        return ((bits.float() * 2 - 1) * alpha).sum(-1)
+        return ((bits.float() * 2 - 1) * alpha).sum(-1).numpy()
 
 
 def sensitivity(w: torch.Tensor, h: torch.Tensor, percdamp: float = 0.01) -> float:
