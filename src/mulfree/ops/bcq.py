@@ -78,7 +78,7 @@ def bcq_fit_np(
     only the APoT values and the winning iterate's sorted |α|, whose terms are derived once at the end.
     """
     G, m = wn.shape
-    combos = level_signs(bits).double().numpy()  # [L, q], row L = sign pattern of level index L
+    combos, combos_t, outer, ridge, flat = _fit_constants(G, m, bits)
     L = combos.shape[0]
     r = wn.copy()
     alpha = np.empty((G, bits))
@@ -88,9 +88,6 @@ def bcq_fit_np(
         alpha[:, i] = (np.abs(r) * vf).sum(-1) / np.maximum(vf.sum(-1), 1.0)
         r -= alpha[:, i : i + 1] * np.where(pos, 1.0, -1.0)
         idx |= pos.astype(np.int64) << (bits - 1 - i)
-    outer = (combos[:, :, None] * combos[:, None, :]).reshape(L, -1)  # [L, q*q]
-    ridge = 1e-6 * m * np.eye(bits)
-    flat = np.arange(G)[:, None] * L
     w2 = (wn * wn).sum(-1)
     wl = wn[..., None]  # [G, m, 1]
     vflat = vf.ravel()
@@ -107,10 +104,11 @@ def bcq_fit_np(
         for _ in range(max(rounds, 1)):
             if rounds > 0:  # normal equations BᵀB α = Bᵀw from the level statistics
                 sol = np.linalg.solve((counts @ outer).reshape(G, bits, bits) + ridge, (sums @ combos)[..., None])
-                alpha = np.where(np.isfinite(sol[..., 0]), sol[..., 0], alpha)
+                sol = sol[..., 0]
+                alpha = np.where(np.isfinite(sol), sol, alpha)
             raw = -np.sort(-np.abs(alpha), axis=-1)
             alpha = _apot_value_np(raw, terms)  # the fallback of the next solve, as the APoT value
-            levels = alpha @ combos.T  # [G, L]
+            levels = alpha @ combos_t  # [G, L]
             prev, idx = idx, np.abs(wl - levels[:, None, :]).argmin(-1)
             counts, sums = level_stats(idx)
             err = w2 - 2 * (levels * sums).sum(-1) + (levels * levels * counts).sum(-1)
@@ -124,14 +122,24 @@ def bcq_fit_np(
     return best_idx, exps, signs
 
 
+@lru_cache(maxsize=16)
+def _fit_constants(G: int, m: int, bits: int) -> tuple[np.ndarray, ...]:
+    """Read-only arrays of `bcq_fit_np` for G groups of m weights: level signs [L, q] and their
+    transpose, sign products [L, q*q], the normal equations' ridge [q, q], group offsets [G, 1]."""
+    combos = level_signs(bits).double().numpy()  # [L, q], row L = sign pattern of level index L
+    L = combos.shape[0]
+    outer = (combos[:, :, None] * combos[:, None, :]).reshape(L, -1)
+    return combos, np.ascontiguousarray(combos.T), outer, 1e-6 * m * np.eye(bits), np.arange(G)[:, None] * L
+
+
 def _apot_value_np(alpha: np.ndarray, terms: int) -> np.ndarray:
     """The value of `_apot_round_np` alone (same operations, no terms kept); call under errstate(divide)."""
-    r = alpha.copy()
-    value = np.zeros_like(r)
-    for _ in range(terms):
+    r, value = alpha, 0.0
+    for t in range(terms):
         term = np.sign(r) * np.exp2(np.minimum(np.maximum(np.rint(np.log2(np.abs(r))), EXP_MIN), EXP_MAX))
-        value += term
-        r -= term
+        value = value + term
+        if t + 1 < terms:
+            r = r - term
     return value
 
 
