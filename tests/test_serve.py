@@ -122,3 +122,14 @@ def test_serve_checks_host_and_port_before_loading(tmp_path, capsys):
     assert "cannot listen" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path / "none"), "--max-batch", "100000"]) == 2
     assert "--max-batch" in capsys.readouterr().err
+
+
+def test_chat_template_from_a_jinja_file(tmp_path):
+    # transformers 5 saves the template beside tokenizer_config.json as chat_template.jinja
+    from mulfree.infer.protocol import ChatRequest, load_chat_template
+
+    assert load_chat_template(tmp_path) is None
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m.content }}]{% endfor %}"
+                                                  "{% if add_generation_prompt %}>{% endif %}")
+    messages = ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).messages
+    assert load_chat_template(tmp_path)(messages) == "[hi]>"

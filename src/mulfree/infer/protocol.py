@@ -129,14 +129,18 @@ def chat_prompt(messages: list[ChatMessage]) -> str:
 
 
 def load_chat_template(model_dir: str | Path) -> Callable[[list[ChatMessage]], str] | None:
-    """The `chat_template` of the dir's tokenizer_config.json rendered as transformers does (sandboxed
-    Jinja, add_generation_prompt=True, bos/eos tokens); None when there is none."""
+    """The dir's chat template (`chat_template` of tokenizer_config.json, else `chat_template.jinja`, where
+    transformers 5 saves it) rendered as transformers does (sandboxed Jinja, add_generation_prompt=True,
+    bos/eos tokens); None when there is none."""
     path = Path(model_dir) / "tokenizer_config.json"
     try:
         cfg = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        template = cfg.get("chat_template") if isinstance(cfg, dict) else None
+        jinja = Path(model_dir) / "chat_template.jinja"
+        if template is None and jinja.is_file():
+            template = jinja.read_text(encoding="utf-8")
     except (OSError, ValueError):
         return None
-    template = cfg.get("chat_template") if isinstance(cfg, dict) else None
     if isinstance(template, list):  # named templates: the default one
         template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
     if not isinstance(template, str) or not template:

@@ -118,7 +118,7 @@ def _cache_intact(target: Path) -> bool:
     return (target / "config.json").is_file() and (target / integrity.MANIFEST).is_file()
 
 
-def _refuse_pickles(path: Path) -> None:
+def refuse_pickles(path: Path) -> None:
     """mulfree never unpickles weights: a dir with pickle weights and no safetensors is a one-line error."""
     if any(path.glob("*.safetensors")):
         return
@@ -168,7 +168,7 @@ def load_hf_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
         path = target
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} is not a Hugging Face model dir (no config.json)", "pass a dir saved with save_pretrained, a .gguf file or 'smollm2'")
-    _refuse_pickles(path)
+    refuse_pickles(path)
     verify_manifest(path)
     config = load_hf_config(path)
     try:

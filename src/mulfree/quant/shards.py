@@ -48,6 +48,9 @@ def weight_map(directory: str | Path) -> dict[str, str]:
         return dict(mapping)
     single = directory / SINGLE
     if not single.is_file():
+        from mulfree.models.pretrained import refuse_pickles
+
+        refuse_pickles(directory)  # pickle weights only: say that they are never loaded
         raise CheckpointError(f"{directory} has neither {SINGLE} nor {INDEX}", "pass a dir of safetensors weights")
     with _open(single) as f:
         return {name: SINGLE for name in f.keys()}

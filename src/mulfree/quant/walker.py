@@ -183,11 +183,15 @@ def save_quantized(
 
 def quant_config(config, method: QuantMethod, metas: dict, extra: dict) -> dict:
     """The config.json of a quantized dir: the HF `config` + `quant_method` and `mulfree_quant` (the method's
-    settings, `extra` and the per-layer metas)."""
+    settings, `extra` and the per-layer metas), and the same as a `quantization_config` for transformers'
+    `from_pretrained` (`quant.hf_quantizer`)."""
+    from mulfree.quant.hf_quantizer import hf_quantization_config
+
     cfg = config.to_dict()
     cfg.pop("quantization_config", None)
     cfg["quant_method"] = method.name
     cfg["mulfree_quant"] = {**method.config(), **extra, "layers": metas}
+    cfg["quantization_config"] = hf_quantization_config(cfg)
     return cfg
 
 
