@@ -47,3 +47,22 @@ def test_eval_reads_quantized_dirs(hf_dir, tmp_path, capsys):
     quantized = _ppl(capsys)
     assert main(["eval", "--model", str(hf_dir), "--data", str(hf_dir / "text.txt"), "--window", "64"]) == 0
     assert quantized != _ppl(capsys)  # really the quantized weights
+
+
+def test_eval_and_lm_eval_score_packed_dirs_on_the_engine(tmp_path, capsys):
+    # a packed dir has no torch weights: eval and lm-eval score it through PackedLM (the packed engine behind
+    # the torch interface), at the perplexity of the unpacked model within float rounding
+    from test_serve_api import tiny_model_dir
+
+    model = tiny_model_dir(tmp_path / "m")
+    (tmp_path / "text.txt").write_text(TEXT)
+    assert main(["pack", "--model", str(model), "--out", str(tmp_path / "p")]) == 0
+    capsys.readouterr()
+    args = ["--data", str(tmp_path / "text.txt"), "--window", "48", "--stride", "32"]
+    assert main(["eval", "--model", str(model), *args]) == 0
+    unpacked = _ppl(capsys)
+    assert main(["eval", "--model", str(tmp_path / "p"), *args]) == 0
+    assert _ppl(capsys) == pytest.approx(unpacked, rel=1e-4)
+    pytest.importorskip("lm_eval")
+    assert main(["lm-eval", "--model", str(tmp_path / "p"), "--tasks", "mulfree_shakespeare_cloze", "--limit", "2"]) == 0
+    assert "mulfree_shakespeare_cloze" in capsys.readouterr().out

@@ -221,7 +221,7 @@ def cmd_eval(args) -> int:
 
     cfg = from_args(PerplexityConfig, args)
     text = load_text(args.data) if args.data else load_corpus().val_text
-    loaded = resolve(args.model, engine="torch")  # perplexity scores whole windows on the torch model
+    loaded = resolve(args.model, engine="torch", scoring=True)  # whole windows: the torch interface
     model, ids = loaded.model, loaded.encode(text)
     if cfg.max_tokens:
         ids = ids[: cfg.max_tokens]

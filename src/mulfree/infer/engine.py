@@ -18,6 +18,7 @@ import json
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -356,3 +357,21 @@ class PackedModel:
                 break
             logits = self.forward([token])
         return out
+
+
+class PackedLM(nn.Module):
+    """A PackedModel in our torch models' interface, `(logits [B, T, V], state) = lm(ids [B, T], state)`, so
+    perplexity, lm-eval scoring and the generation loop run on packed dirs. Each row starts from `state` (one
+    [L, d] per row, or None: fresh); recurrent, so there is no position limit."""
+
+    def __init__(self, packed: PackedModel):
+        super().__init__()
+        self.packed = packed
+        self.config = SimpleNamespace(**{**packed.config, "max_position_embeddings": 1 << 30})
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, state: list[torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        states = [self.packed.new_state() for _ in input_ids] if state is None else [s.clone() for s in state]
+        logits = [self.packed._run(self.packed._token_ids(row), s, all_logits=True) for row, s in zip(input_ids, states)]
+        return torch.stack(logits), states

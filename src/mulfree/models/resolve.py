@@ -60,10 +60,11 @@ class Resolved:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
 
-def resolve(model_ref: str, engine: str = "auto", threads: int = 0) -> Resolved:
+def resolve(model_ref: str, engine: str = "auto", threads: int = 0, scoring: bool = False) -> Resolved:
     """Load `model_ref` for `engine` ("auto": the packed engine for MMfree and packed dirs, torch otherwise;
     "packed" only for those; "torch" for anything but packed dirs). `threads`: packed engine threads (0: its
-    default). Every failure is a one-line CheckpointError / ConfigError."""
+    default). `scoring` (eval, lm-eval): a packed dir comes as an `infer.engine.PackedLM`, the torch
+    interface over the packed engine. Every failure is a one-line CheckpointError / ConfigError."""
     from mulfree.infer.engine import pick_engine
     from mulfree.models import registry
     from mulfree.models.io import read_config
@@ -81,6 +82,11 @@ def resolve(model_ref: str, engine: str = "auto", threads: int = 0) -> Resolved:
     if not path.is_dir():
         raise CheckpointError(f"{model_ref} is neither a model dir nor a .gguf file", REF_HINT)
     config = read_config(path)
+    if scoring and "format" in config:  # a packed dir scores on the packed engine behind the torch interface
+        from mulfree.infer.engine import PackedLM, PackedModel
+
+        packed = PackedModel.load(path, threads=threads)
+        return _ours(PackedLM(packed), packed.tokenizer, "packed", None, model_ref)
     if pick_engine(config, engine, model_ref) == "packed":
         from mulfree.infer.engine import PackedModel
 
