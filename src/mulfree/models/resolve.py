@@ -82,16 +82,12 @@ def resolve(model_ref: str, engine: str = "auto", threads: int = 0, scoring: boo
     if not path.is_dir():
         raise CheckpointError(f"{model_ref} is neither a model dir nor a .gguf file", REF_HINT)
     config = read_config(path)
-    if scoring and "format" in config:  # a packed dir scores on the packed engine behind the torch interface
+    # scoring: a packed dir runs on the packed engine behind the torch interface (PackedLM)
+    if (scoring and "format" in config) or pick_engine(config, engine, model_ref) == "packed":
         from mulfree.infer.engine import PackedLM, PackedModel
 
         packed = PackedModel.load(path, threads=threads)
-        return _ours(PackedLM(packed), packed.tokenizer, "packed", None, model_ref)
-    if pick_engine(config, engine, model_ref) == "packed":
-        from mulfree.infer.engine import PackedModel
-
-        packed = PackedModel.load(path, threads=threads)
-        return _ours(packed, packed.tokenizer, "packed", None, model_ref)
+        return _ours(PackedLM(packed) if scoring else packed, packed.tokenizer, "packed", None, model_ref)
     family = registry.find(config)
     if family is not None:
         from mulfree.generation import context_limit
