@@ -328,8 +328,8 @@ class ContinuousBatcher:
                     self._finish(seq.req)
             if not more:
                 finished.add(id(seq))
-        failed = {id(seq) for (seq, _), row in zip(work, rows) if row is None}
-        self._seqs = [s for s in self._seqs if id(s) not in finished | failed]
+        gone = finished | {id(seq) for (seq, _), row in zip(work, rows) if row is None}  # failed in `_run`
+        self._seqs = [s for s in self._seqs if id(s) not in gone]
 
     def _loop(self) -> None:
         try:
