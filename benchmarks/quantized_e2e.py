@@ -4,8 +4,10 @@ perplexity (`mulfree eval`'s computation on the bundled validation text).
 
 Each model runs in its own subprocess (so RSS numbers do not mix and the thread pools start cold the
 same way); quantized dirs are made once with `mulfree quantize` and cached under --work (a temp dir by
-default; their names carry the calibration settings). Latency-mode ShiftAdd layers run the LUT GEMV
-for each decode token and the LUT GEMM for the prefill and the perplexity windows.
+default; their names carry the calibration settings). The torch-* rows run transformers' own forward;
+"ours-fp32" and the quantized rows run what `mulfree generate` runs (`models.resolve`: `LlamaLM`). A
+Latency-mode ShiftAdd model decodes one token per native call (`_cpu.ShiftAddLlama`: LUT GEMVs and the
+glue between them), and runs the LUT GEMM for the prefill and the perplexity windows.
 
     python benchmarks/quantized_e2e.py --quick               # smoke run, < 2 min once dirs are cached
     python benchmarks/quantized_e2e.py --work /tmp/qe2e      # full run, dirs kept for the next run
@@ -28,10 +30,13 @@ import tempfile
 import time
 from pathlib import Path
 
-# name -> `mulfree quantize` arguments (None: the torch model itself); {bits} is filled in.
+# name -> `mulfree quantize` arguments (None: the torch model itself); {bits} is filled in. The torch-* rows run
+# transformers' own forward (the baseline a user has); "ours-fp32" and the quantized rows run the path `mulfree
+# generate` takes (`models.resolve`: `LlamaLM`, with the native decode step for Latency-mode ShiftAdd).
 MODELS = {
     "torch-fp32": None,
     "torch-bf16": None,
+    "ours-fp32": None,
     "shiftadd-lat": ["shiftadd", "--bits", "{bits}", "--mode", "lat"],
     "shiftadd-acc": ["shiftadd", "--bits", "{bits}", "--mode", "acc"],
     "gptq": ["gptq", "--bits", "{bits}"],
@@ -74,37 +79,40 @@ def child(args) -> None:
     from mulfree.data.text import load_corpus
     from mulfree.evaluate import perplexity
     from mulfree.models.pretrained import load_smollm2
-    from mulfree.quant.walker import load_quantized
 
     torch.set_num_threads(args.threads)
     rss_start = rss_mib()["VmRSS"]
     t0 = time.perf_counter()
-    if args.dir:
-        model, tok = load_quantized(args.dir)
-    else:
+    if args.child.startswith("torch-"):
         model, tok = load_smollm2(torch.bfloat16 if args.child == "torch-bf16" else torch.float32)
+        step = _hf_step(model)
+    else:
+        from mulfree.models.resolve import resolve
+
+        res = resolve(args.dir or "smollm2")
+        model, tok = res.model, res.tokenizer
+        step = model
     load_s = time.perf_counter() - t0
     rss_load = rss_mib()["VmRSS"]
-    if tok is None:
-        raise SystemExit(f"{args.dir} has no tokenizer")
-    ids = torch.tensor(tok.encode(load_corpus().val_text), dtype=torch.long)
+    encoder = getattr(tok, "backend_tokenizer", tok)  # a `tokenizers.Tokenizer` either way
+    ids = torch.tensor(encoder.encode(load_corpus().val_text).ids, dtype=torch.long)
     prefill_ids = ids[None, : args.prefill]
     prompt = ids[None, :16]
 
     def prefill():
-        model(input_ids=prefill_ids, use_cache=True)
+        step(prefill_ids, None)
 
     generated = []
 
-    def decode():  # greedy; only the decode steps are timed by the caller's subtraction below
-        out = model(input_ids=prompt, use_cache=True)
-        pkv, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    def decode():  # greedy; only the decode steps are timed
+        logits, state = step(prompt, None)
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
         t = time.perf_counter()
         toks = []
         for _ in range(args.decode):
             toks.append(int(nxt))
-            out = model(input_ids=nxt, past_key_values=pkv, use_cache=True)
-            pkv, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            logits, state = step(nxt, state)
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
         generated.append((time.perf_counter() - t, toks))
 
     with torch.inference_mode():
@@ -127,6 +135,16 @@ def child(args) -> None:
         "rss_start_mib": rss_start, "rss_load_mib": rss_load, "rss_gen_mib": rss_gen["VmRSS"],
         "rss_peak_mib": rss_gen["VmHWM"], "rss_live_mib": rss_live, "dense_copies": dense, "tokens": generated[0][1][:8],
     }))
+
+
+def _hf_step(model):
+    """transformers' own forward as `(logits, state) = step(ids, state)`."""
+
+    def step(ids, state):
+        out = model(input_ids=ids, past_key_values=state, use_cache=True)
+        return out.logits, out.past_key_values
+
+    return step
 
 
 def quantize(name: str, args, work: Path) -> tuple[Path, float]:

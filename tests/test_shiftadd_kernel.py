@@ -160,3 +160,31 @@ def test_latency_layer_uses_lut_kernels_without_dense_weight(shape):
     torch.testing.assert_close(y.double(), dense, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)  # grad enabled: dense path
     assert layer._dense is not None
+
+
+@pytest.mark.parametrize("tokens", [1, 6])
+@pytest.mark.parametrize("backend", available_backends())
+def test_layer_forward_is_one_call_equal_to_the_composition(tokens, backend):
+    """`kernel.forward` (input Hadamard, LUT product, output inverse, bias in one native call) equals the
+    composition of the separate kernels bit for bit, and the dense rotated layer within float error."""
+    from mulfree.kernels import hadamard
+    from mulfree.ops.hadamard import RandomHadamard
+    from mulfree.quant.qlinear import ShiftAddLinear
+
+    n, k, g = 96, 64, 16
+    layer = ShiftAddLinear(k, n, True, bits=3, group=g, col_group=8, terms=3)
+    planes, exps, signs = _weights(n, k, g, 3, seed=7)
+    layer.planes.copy_(planes), layer.exps.copy_(exps), layer.signs.copy_(signs)
+    layer.bias.normal_()
+    layer.rht, layer.rht_out = RandomHadamard(k, 3), RandomHadamard(n, 4)
+    x = torch.randn(tokens, k)
+    w = layer.kernel_weights()
+    y = kernel.forward(x, w, backend, threads=2)
+    xr = hadamard.apply_input(layer.rht, x, backend)
+    raw = torch.stack([kernel.lut_gemv(r, w, backend) for r in xr])
+    assert torch.equal(y, hadamard.invert_output(layer.rht_out, raw, backend) + layer.bias)
+    if backend == available_backends()[-1]:  # the layer itself runs the default backend
+        with torch.no_grad():
+            assert torch.equal(layer(x), y)
+    dense = layer.rht_out.invert_output(torch.nn.functional.linear(xr.double(), layer.dequantize().double()))
+    torch.testing.assert_close(y.double(), dense + layer.bias.double(), rtol=1e-5, atol=1e-5)

@@ -8,6 +8,8 @@ kernel; this package imports nothing else from mulfree.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from types import ModuleType
 
@@ -26,9 +28,15 @@ def cpu_module() -> ModuleType | None:
 
 def available_backends() -> list[str]:
     """Backends usable on this machine, slowest first."""
+    return list(_available())
+
+
+@lru_cache(maxsize=1)
+def _available() -> tuple[str, ...]:
+    """`available_backends`, probed once (CPU features do not change while the process runs)."""
     mod = cpu_module()
     if mod is None:
-        return ["reference"]
+        return ("reference",)
     feats = mod.cpu_features()
     out = ["reference", "scalar"]
     if feats["avx2"]:
@@ -37,13 +45,13 @@ def available_backends() -> list[str]:
         out.append("avxvnni")
     if feats["avx512vnni"]:
         out.append("avx512")
-    return out
+    return tuple(out)
 
 
 def backend() -> str:
     """The backend to use now: `MULFREE_BACKEND` if set (and available), else the fastest one."""
     forced = os.environ.get("MULFREE_BACKEND", "").strip().lower()
-    avail = available_backends()
+    avail = _available()
     if forced:
         if forced not in BACKENDS:
             raise ValueError(f"MULFREE_BACKEND={forced!r} is unknown; use one of {', '.join(BACKENDS)}")
@@ -53,3 +61,37 @@ def backend() -> str:
             )
         return forced
     return avail[-1]
+
+
+_threads_override: int | None = None
+
+
+def kernel_threads() -> int:
+    """Threads our kernels use now: the innermost `use_threads` value, else torch's thread count."""
+    if _threads_override is not None:
+        return _threads_override
+    import torch
+
+    return torch.get_num_threads()
+
+
+@contextmanager
+def use_threads(kernels: int, torch_ops: int | None = None) -> Iterator[None]:
+    """Run our kernels on `kernels` threads and, if given, torch's own ops on `torch_ops` meanwhile.
+
+    Two pools that both spin on a 2-core host slow each other down when a decode step alternates
+    between them hundreds of times (docs/shiftadd.md): a decode loop of tiny torch ops runs them on one
+    thread and keeps both cores for the LUT kernels.
+    """
+    import torch
+
+    global _threads_override
+    saved, saved_torch = _threads_override, torch.get_num_threads()
+    _threads_override = max(1, kernels)
+    if torch_ops is not None:
+        torch.set_num_threads(max(1, torch_ops))
+    try:
+        yield
+    finally:
+        _threads_override = saved
+        torch.set_num_threads(saved_torch)

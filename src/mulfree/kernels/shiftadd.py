@@ -34,6 +34,7 @@ class LutWeights:
     keys: torch.Tensor  # uint8 [ceil(N/64), C, q, 16, 4]: [Q, c, i, l, b] = key of row 64Q + 16b + l
     n: int
     group: int
+    layer: tuple | None = None  # (rht, rht_out, bias) of the layer `forward` runs, set by `attach_layer`
     native: object | None = field(
         default=None, repr=False, compare=False
     )  # extension handle, made on first use
@@ -44,10 +45,22 @@ class LutWeights:
     def handle(self) -> object:
         """The extension's `ShiftAddWeights` over these tensors (no copy), created once."""
         if self.native is None:
-            self.native = cpu_module().ShiftAddWeights(
-                self.keys, self.kexps, self.ksigns, self.escale, self.n, self.group
-            )
+            native = cpu_module().ShiftAddWeights(self.keys, self.kexps, self.ksigns, self.escale, self.n, self.group)
+            if self.layer is not None:
+                rht, rht_out, bias = self.layer
+                if rht is not None:
+                    native.set_input_transform(rht.negative, rht.block, rht.shift_in)
+                neg = None if rht_out is None else rht_out.negative
+                native.set_output(neg, 1 if rht_out is None else rht_out.block,
+                                  0 if rht_out is None else rht_out.shift_w, bias)
+            self.native = native
         return self.native
+
+    def attach_layer(self, rht, rht_out, bias: torch.Tensor | None) -> None:
+        """Make `forward` the whole layer: input transform `rht`, output inverse `rht_out` (RandomHadamard or
+        None) and `bias` (fp32 [N] or None, read in place) around the product."""
+        self.layer = (rht, rht_out, None if bias is None else bias.detach().float().contiguous())
+        self.native = None
 
 
 def prepare(planes: torch.Tensor, exps: torch.Tensor, signs: torch.Tensor, n: int, group: int) -> LutWeights:
@@ -85,4 +98,25 @@ def lut_gemm(x: torch.Tensor, w: LutWeights, backend: str | None = None, threads
         return torch.stack(rows) if rows else torch.empty(0, w.n)
     y = torch.empty(x.shape[0], w.n, dtype=torch.float32)
     w.handle().gemm(x, y, name, threads)
+    return y
+
+
+def forward(x: torch.Tensor, w: LutWeights, backend: str | None = None, threads: int = 1) -> torch.Tensor:
+    """The attached layer (`attach_layer`) on X fp32 [T, K]: Y = U⁻¹ (W (T X)) + b in one native call.
+
+    Equal bit for bit to composing `kernels.hadamard`, `lut_gemv` / `lut_gemm` and the bias add, which is
+    what runs on the "reference" backend or without the extension; one call per linear keeps the
+    Python overhead of a decode step small next to its LUT work.
+    """
+    name = backend or default_backend()
+    if name == "reference" or cpu_module() is None:
+        from mulfree.kernels import hadamard
+
+        rht, rht_out, bias = w.layer or (None, None, None)
+        x = x if rht is None else hadamard.apply_input(rht, x, name)
+        y = lut_gemv(x[0], w, name).unsqueeze(0) if x.shape[0] == 1 else lut_gemm(x, w, name)
+        y = y if rht_out is None else hadamard.invert_output(rht_out, y, name)
+        return y if bias is None else y + bias
+    y = torch.empty(x.shape[0], w.n, dtype=torch.float32)
+    w.handle().forward(x, y, name, threads)
     return y

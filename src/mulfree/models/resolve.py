@@ -6,8 +6,10 @@ A reference is one of:
   - a packed dir (`mulfree pack`) -> the packed engine (`infer.engine.PackedModel`);
   - a quantized dir (`mulfree quantize`, config with "quant_method") -> `quant.walker.load_quantized`;
   - any other Hugging Face causal LM dir, a .gguf file, or the name 'smollm2' -> `models.pretrained`.
-Hugging Face models are wrapped in `HFCausalLM`, so every torch model answers `model(ids, state, positions,
-key_mask)`; every tokenizer is a `tokenizers.Tokenizer` (an HF fast tokenizer's backend).
+Hugging Face models are wrapped in `LlamaLM` (Llama architecture: our lean forward, and the native decode
+step for Latency-mode ShiftAdd models) or `HFCausalLM` (any other), so every torch model answers
+`model(ids, state, positions, key_mask)`; every tokenizer is a `tokenizers.Tokenizer` (an HF fast
+tokenizer's backend).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ REF_HINT = "pass a mulfree, packed, quantized or Hugging Face model dir, a .gguf
 class Resolved:
     """A loaded model reference.
 
-    model: our torch model, an `HFCausalLM`, or a `PackedModel` (kind "packed").
+    model: our torch model, an `LlamaLM` / `HFCausalLM`, or a `PackedModel` (kind "packed").
     tokenizer: a `tokenizers.Tokenizer` (encode(...).ids, decode, encode_batch, token_to_id, ...).
     kind: "mmfree", "transformerpp", "packed", "hf:<model_type>" or "<quant_method>:<model_type>".
     context_limit: longest prompt + generation in tokens; None for recurrent models.
@@ -112,9 +114,10 @@ def _ours(model: Any, tokenizer: Any, kind: str, limit: int | None, model_ref: s
 
 
 def _wrap_hf(model: nn.Module, tokenizer: Any, model_ref: str, prefix: str, files_dir: Path) -> Resolved:
-    """An HF causal LM behind `HFCausalLM`, with its fast tokenizer's `tokenizers.Tokenizer`."""
+    """An HF causal LM behind `LlamaLM` or `HFCausalLM`, with its fast tokenizer's `tokenizers.Tokenizer`."""
     from mulfree.generation import context_limit
     from mulfree.models.hf_adapter import HFCausalLM
+    from mulfree.models.llama import LlamaLM, supports
 
     if tokenizer is None:
         raise CheckpointError(f"'{model_ref}' has no tokenizer", "save the tokenizer with the model")
@@ -122,7 +125,7 @@ def _wrap_hf(model: nn.Module, tokenizer: Any, model_ref: str, prefix: str, file
     if backend is None:
         raise CheckpointError(f"the tokenizer of '{model_ref}' is not a fast (tokenizer.json) tokenizer",
                               "save the model with a fast tokenizer")
-    wrapped = HFCausalLM(model)
+    wrapped = LlamaLM(model) if supports(model) else HFCausalLM(model)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
     return Resolved(wrapped, backend, f"{prefix}:{model.config.model_type}", context_limit(wrapped),
                     eos if isinstance(eos, int) else None, files_dir)

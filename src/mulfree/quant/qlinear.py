@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mulfree.kernels import hadamard as hadamard_kernel
+from mulfree.kernels import kernel_threads
 from mulfree.ops.bcq import bcq_dequantize
 from mulfree.ops.hadamard import RandomHadamard
 
@@ -108,7 +109,9 @@ class ShiftAddLinear(_QuantLinear):
         from mulfree.kernels import shiftadd as kernel
 
         if self._kernel_weights is None:
-            self._kernel_weights = kernel.prepare(self.planes, self.exps, self.signs, self.out_features, self.group)
+            w = kernel.prepare(self.planes, self.exps, self.signs, self.out_features, self.group)
+            w.attach_layer(self.rht, self.rht_out, self.bias)
+            self._kernel_weights = w
         return self._kernel_weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,15 +119,11 @@ class ShiftAddLinear(_QuantLinear):
             return super().forward(x)
         from mulfree.kernels import shiftadd as kernel
 
-        x = self.rotate_input(x)
-        x2 = x.reshape(-1, self.in_features).float()  # [T, K], any leading dims
-        threads = torch.get_num_threads()
-        if x2.shape[0] == 1:
-            y = kernel.lut_gemv(x2[0], self.kernel_weights(), threads=threads).unsqueeze(0)
-        else:
-            y = kernel.lut_gemm(x2, self.kernel_weights(), threads=threads)
-        y = self.finish_output(y)
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        x2 = x.reshape(-1, self.in_features)  # [T, K], any leading dims
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.float().contiguous()
+        y = kernel.forward(x2, self.kernel_weights(), threads=kernel_threads())
+        return (y if x.dtype == torch.float32 else y.to(x.dtype)).view(*x.shape[:-1], self.out_features)
 
 
 def build_qlinear(meta: dict) -> _QuantLinear:

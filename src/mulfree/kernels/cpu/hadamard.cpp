@@ -3,6 +3,8 @@
 // Walsh-Hadamard transform and one power-of-two scale. Only adds and subtracts, in the
 // reference's butterfly order (level h = 1, 2, 4, ...: x[j], x[j + h] <- x[j] + x[j + h], x[j] - x[j + h]),
 // so results equal it bit for bit.
+#include "hadamard.h"
+
 #include <nanobind/ndarray.h>
 
 #include <cmath>
@@ -26,27 +28,33 @@ void butterflies(float *v, int64_t block) {
       }
 }
 
-// In place on every row: signs_first ? 2^shift * H_b (D x) : 2^shift * D (H_b x), D = diag(negative ? -1 : 1).
-// The power of two is one exact product (what torch.ldexp computes).
 void hadamard_rows(F32Rows x, Mask negative, int64_t block, int shift, bool signs_first) {
   const int64_t rows = (int64_t)x.shape(0), n = (int64_t)x.shape(1);
+  check_hadamard(n, block, (int64_t)negative.shape(0));
+  nb::gil_scoped_release release;
+  hadamard_inplace(x.data(), rows, n, negative.data(), block, shift, signs_first);
+}
+
+}  // namespace
+
+void check_hadamard(int64_t n, int64_t block, int64_t mask_len) {
   if (block < 1 || (block & (block - 1)) || n % block)
     throw std::invalid_argument("block must be a power of two dividing the row width");
-  if ((int64_t)negative.shape(0) != n) throw std::invalid_argument("sign mask length must equal the row width");
+  if (mask_len != n) throw std::invalid_argument("sign mask length must equal the row width");
+}
+
+// The power of two is one exact product (what torch.ldexp computes).
+void hadamard_inplace(float *x, int64_t rows, int64_t n, const bool *neg, int64_t block, int shift,
+                      bool signs_first) {
   const float scale = std::ldexp(1.0f, shift);
-  float *p = x.data();
-  const bool *neg = negative.data();
-  nb::gil_scoped_release release;
   for (int64_t r = 0; r < rows; ++r) {
-    float *v = p + r * n;
+    float *v = x + r * n;
     if (signs_first)
       for (int64_t k = 0; k < n; ++k) v[k] = neg[k] ? -v[k] : v[k];
     for (int64_t b = 0; b < n; b += block) butterflies(v + b, block);
     for (int64_t k = 0; k < n; ++k) v[k] = (!signs_first && neg[k] ? -v[k] : v[k]) * scale;
   }
 }
-
-}  // namespace
 
 void register_hadamard(nb::module_ &m) {
   m.def("hadamard_", &hadamard_rows, nb::arg("x"), nb::arg("negative"), nb::arg("block"), nb::arg("shift"),

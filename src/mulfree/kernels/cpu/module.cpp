@@ -7,5 +7,6 @@ NB_MODULE(_cpu, m) {
   register_ternary(m);
   register_lmul(m);
   register_shiftadd(m);
+  register_shiftadd_llama(m);
   register_hadamard(m);
 }

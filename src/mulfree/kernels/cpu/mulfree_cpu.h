@@ -14,6 +14,7 @@ void register_cpuinfo(nb::module_ &m);  // cpuinfo.cpp
 void register_ternary(nb::module_ &m);  // bind.cpp: packed 2-bit GEMV/GEMM, elementwise steps, Engine
 void register_lmul(nb::module_ &m);     // lmul.cpp: L-Mul matmul
 void register_shiftadd(nb::module_ &m); // shiftadd_bind.cpp: BCQ lookup-table GEMV / GEMM
+void register_shiftadd_llama(nb::module_ &m);  // shiftadd_llama.cpp: Llama decode step on ShiftAdd layers
 void register_hadamard(nb::module_ &m); // hadamard.cpp: block Walsh-Hadamard transform (incoherence)
 
 // AMX and AVX-VNNI intrinsics need gcc >= 11 or clang >= 12; an older compiler builds everything but those

@@ -9,7 +9,9 @@
 //
 // Kernel weight layout: shiftadd.h.
 // Every path adds, per row, chunk by chunk and plane by plane, (lo + hi) of tables scaled term by
-// term, so scalar, AVX2 and AVX-512 agree bit for bit on normal numbers.
+// term, so scalar, AVX2 and AVX-512 agree bit for bit on normal numbers. Row groups narrower than a
+// quad (group < 64) scale the row's lookup sum instead: alpha * (lo + hi), term by term.
+// With 16-row groups that halves the shift work, which dominates there.
 #include "shiftadd.h"
 
 #include <algorithm>
@@ -136,13 +138,15 @@ float scaled(const Job &j, float v, int64_t s0) {
 void row_scalar(const Job &j, int64_t n) {
   const int64_t Q = n / kQuadRows, r = n % kQuadRows, byte = (r % kLanes) * kQuad + r / kLanes;
   const int64_t G = n / j.group;
+  const bool narrow = j.group < kQuadRows;
   float acc = 0.0f;
   for (int64_t c = 0; c < j.C; ++c) {
     const float *tb = j.tables + c * 64;
     for (int64_t i = 0; i < j.q; ++i) {
       const uint8_t key = j.key_block(Q, c, i)[byte];
       const int64_t s0 = j.term(c, G, i);
-      acc += scaled(j, tb[key & 15], s0) + scaled(j, tb[16 + (key >> 4)], s0);
+      acc += narrow ? scaled(j, tb[key & 15] + tb[16 + (key >> 4)], s0)
+                    : scaled(j, tb[key & 15], s0) + scaled(j, tb[16 + (key >> 4)], s0);
     }
   }
   j.y[n] = acc;
@@ -360,6 +364,57 @@ __attribute__((target("avx2,fma"))) void pair_shared_avx2(const Job &j, int64_t 
     }
 }
 
+// Narrow row groups (group < 64 rows, Latency mode's 16-row scale sets): alpha scales each row's
+// lookup (lo + hi) instead of the tables, so a 16-row tile shifts 2 vectors per term instead of 4.
+// 2^e and the term's sign are one integer add to the float's bits (delta: e << 23, plus the sign
+// bit when negative). Where the lookup's exponent field is 0 (the same rule as `nz`) the terms are
+// garbage, and the sum is masked to 0 once at the end (no FP exceptions are unmasked).
+__attribute__((target("avx2,fma"))) inline __m256 scale_rows_avx2(const Job &j, __m256 v, int64_t s0) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i zero_exp =
+      _mm256_cmpeq_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x7f800000)), _mm256_setzero_si256());
+  __m256 out = _mm256_setzero_ps();
+  for (int64_t t = 0; t < j.T; ++t) {
+    if (j.signs[s0 + t] == 0) continue;
+    out = _mm256_add_ps(out, _mm256_castsi256_ps(_mm256_add_epi32(bits, _mm256_set1_epi32(j.delta[s0 + t]))));
+  }
+  return _mm256_andnot_ps(_mm256_castsi256_ps(zero_exp), out);
+}
+
+// Tile B's (lo + hi) lookups of 8 rows from unscaled tables t[0..3] (lo 0-7, lo 8-15, hi 0-7, hi 8-15).
+template <int B>
+__attribute__((target("avx2,fma"))) inline __m256 lookup_rows_avx2(__m256i k, const __m256 *t) {
+  const __m256i il = B == 0 ? k : _mm256_srli_epi32(k, 8 * B), sl = _mm256_slli_epi32(k, 28 - 8 * B);
+  const __m256i ih = _mm256_srli_epi32(k, 8 * B + 4), sh = B == 3 ? k : _mm256_slli_epi32(k, 24 - 8 * B);
+  return _mm256_add_ps(lookup16_avx2(il, sl, t[0], t[1]), lookup16_avx2(ih, sh, t[2], t[3]));
+}
+
+// Half h (8 lanes of each tile: 32 rows) of a quad whose tiles each lie in one narrow row group G[b]:
+// 4 accumulators, 4 tables and the temporaries fit in 16 ymm, and 32-row work items balance threads.
+__attribute__((target("avx2,fma"))) void quad_narrow_avx2(const Job &j, int64_t Q, const int64_t *G, int h) {
+  __m256 acc[kQuad];
+  for (int b = 0; b < kQuad; ++b) acc[b] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < j.C; ++c) {
+    const float *tb = j.tables + c * 64;
+    const __m256 t[4] = {_mm256_loadu_ps(tb), _mm256_loadu_ps(tb + 8), _mm256_loadu_ps(tb + 16),
+                         _mm256_loadu_ps(tb + 24)};
+    for (int64_t i = 0; i < j.q; ++i) {
+      const __m256i k = _mm256_loadu_si256((const __m256i *)(j.key_block(Q, c, i) + 32 * h));
+      acc[0] = _mm256_add_ps(acc[0], scale_rows_avx2(j, lookup_rows_avx2<0>(k, t), j.term(c, G[0], i)));
+      acc[1] = _mm256_add_ps(acc[1], scale_rows_avx2(j, lookup_rows_avx2<1>(k, t), j.term(c, G[1], i)));
+      acc[2] = _mm256_add_ps(acc[2], scale_rows_avx2(j, lookup_rows_avx2<2>(k, t), j.term(c, G[2], i)));
+      acc[3] = _mm256_add_ps(acc[3], scale_rows_avx2(j, lookup_rows_avx2<3>(k, t), j.term(c, G[3], i)));
+    }
+  }
+  for (int b = 0; b < kQuad; ++b) {
+    const int64_t r0 = Q * kQuadRows + b * kLanes + 8 * h, rows = std::min<int64_t>(8, j.N - r0);
+    if (rows <= 0) break;
+    alignas(32) float out[8];
+    _mm256_store_ps(out, acc[b]);
+    std::memcpy(j.y + r0, out, rows * sizeof(float));
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 
 // Row groups of the tiles of quad Q (rows beyond N count as the last row's group); false when a
@@ -400,9 +455,28 @@ void build_lut(Isa isa, const float *x, int64_t K, int64_t C, float *tables, uin
   }
 }
 
-// Work item u: quads [2u, 2u + 2). A pair lying in one row group (128 rows) shares one set of
-// scaled tables; everything else runs quad by quad.
-void run_pair(const Job &j, Isa isa, int64_t u, int64_t NQ) {
+int64_t work_items(const Job &j) {
+  const int64_t NQ = (j.N + kQuadRows - 1) / kQuadRows;
+  return j.group < kQuadRows ? 2 * NQ : (NQ + 1) / 2;
+}
+
+// Work item u: with narrow row groups half u % 2 of quad u / 2; else quads [2u, 2u + 2), where a pair
+// lying in one row group (128 rows) shares one set of scaled tables and everything else runs quad by quad.
+void run_item(const Job &j, Isa isa, int64_t u) {
+  const int64_t NQ = (j.N + kQuadRows - 1) / kQuadRows;
+  if (j.group < kQuadRows) {
+    const int64_t Q = u / 2;
+    const int h = (int)(u % 2);
+    int64_t G[kQuad];
+    if (isa != Isa::Scalar && tile_groups(j, Q, G))
+      return quad_narrow_avx2(j, Q, G, h);  // also on AVX-512 hosts: no zmm version of the narrow path yet
+    for (int b = 0; b < kQuad; ++b)
+      for (int l = 0; l < 8; ++l) {
+        const int64_t n = Q * kQuadRows + b * kLanes + 8 * h + l;
+        if (n < j.N) row_scalar(j, n);
+      }
+    return;
+  }
   const int64_t Q0 = 2 * u;
   if (isa != Isa::Scalar && Q0 + 1 < NQ) {
     const int64_t G = (Q0 * kQuadRows) / j.group;

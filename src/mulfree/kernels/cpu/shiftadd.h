@@ -7,7 +7,8 @@
 //     chunk c (8 columns), plane i. One 64-byte block holds 64 rows' keys of one (c, i).
 //   exps, signs int8 [ceil(N/g), C, q, T]: the APoT terms of alpha (sign 0 = absent term), row
 //     group outermost so that one row group's terms are read in order;
-//   escale fp32, same shape: the exponent as a float, -inf for an absent term (vscalefps operand).
+//   escale fp32, same shape: the exponent as a float, -inf for an absent term (vscalefps operand);
+//   delta int32, same shape: the term as one add to a float's bits (made by the binding).
 // Per token the kernels read a table block of kTableFloats floats per chunk ((lo16, hi16) signed
 // sums, then their negation) and, on AVX2, kMaskWords exponent-add masks per chunk.
 #pragma once
@@ -31,6 +32,7 @@ struct Job {
   const uint8_t *keys;          // [NQ][C][q][16][4]
   const int8_t *exps, *signs;   // [NG][C][q][T]
   const float *escale;          // [NG][C][q][T]
+  const int32_t *delta;         // [NG][C][q][T]: (e << 23) + sign bit if negative (narrow groups, AVX2)
   float *y;
   int64_t N, C, NG, group, q, T;
 
@@ -41,10 +43,13 @@ struct Job {
 // Tables (and, for AVX2-class isa, masks into nz) of one token x [K], C = ceil(K / 8) chunks.
 void build_lut(Isa isa, const float *x, int64_t K, int64_t C, float *tables, uint32_t *nz);
 
-// Rows of quads [2u, 2u + 2) (of NQ) for one token: y[n] = sum_c sum_i alpha * (lo + hi lookups).
-void run_pair(const Job &j, Isa isa, int64_t u, int64_t NQ);
+// One token's product is work_items(j) items of rows, each written by one run_item call:
+// y[n] = sum_c sum_i alpha * (lo + hi lookups). Items are quad pairs (128 rows), or half quads (32 rows)
+// for row groups narrower than a quad.
+int64_t work_items(const Job &j);
+void run_item(const Job &j, Isa isa, int64_t u);
 
-// Y [T, N] = X [T, K] W^T: per token the same tables and run_pair calls as one GEMV (bit-identical
+// Y [T, N] = X [T, K] W^T: per token the same tables and run_item calls as one GEMV (bit-identical
 // rows), with tokens tiled so that each quad pair's keys are read once per tile. `w` carries the
 // weight fields of Job (tables, nz, y ignored).
 void lut_gemm(const Job &w, Isa isa, const float *x, int64_t T, int64_t K, float *y, int threads);

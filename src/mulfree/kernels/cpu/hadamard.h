@@ -1,0 +1,10 @@
+// Kernel family 'hadamard' (hadamard.cpp): the online side of randomized Hadamard incoherence, shared
+// by its Python binding and the ShiftAdd layer call that applies it around the LUT product.
+#pragma once
+#include <cstdint>
+
+// In place on x [rows, n]: signs_first ? 2^shift * H_b (D x) : 2^shift * D (H_b x), D = diag(neg ? -1 : 1).
+void hadamard_inplace(float *x, int64_t rows, int64_t n, const bool *neg, int64_t block, int shift,
+                      bool signs_first);
+// std::invalid_argument unless block is a power of two dividing n and the sign mask has n entries.
+void check_hadamard(int64_t n, int64_t block, int64_t mask_len);

@@ -1,0 +1,122 @@
+"""`LlamaLM`, our forward of transformers' Llama: its logits equal the transformers model's (prefill, cached
+decode, padded batched decode); on a Llama whose projections are all Latency-mode ShiftAdd layers the native
+one-call decode step (`_cpu.ShiftAddLlama`) equals the torch forward step after step, through KV buffer growth,
+forks from older states and states it did not make."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from mulfree.infer.kv_batch import decode_kv_batch  # noqa: E402
+from mulfree.kernels import available_backends  # noqa: E402
+from mulfree.models.hf_adapter import HFCausalLM  # noqa: E402
+from mulfree.models.llama import LlamaLM, supports  # noqa: E402
+from mulfree.ops.hadamard import RandomHadamard  # noqa: E402
+from mulfree.ops.powers import apot_round  # noqa: E402
+from mulfree.quant.qlinear import ShiftAddLinear  # noqa: E402
+
+PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
+               ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+
+
+def _llama(layers: int = 2):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      initializer_range=0.2)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _lut_llama(group: int, incoherent: bool):
+    """A tiny Llama whose 7 projections per block are random Latency-mode ShiftAdd layers."""
+    hf = _llama()
+    gen = torch.Generator().manual_seed(1)
+    for layer in hf.model.layers:
+        for part, name in PROJECTIONS:
+            old = getattr(getattr(layer, part), name)
+            k, n = old.in_features, old.out_features
+            new = ShiftAddLinear(k, n, False, bits=3, group=group, col_group=8, terms=3)
+            c, ng = -(-k // 8), -(-n // group)
+            new.planes.copy_(torch.randint(0, 256, (3, n, c), dtype=torch.uint8, generator=gen))
+            _, exps, signs = apot_round(torch.rand(c, ng, 3, generator=gen) * 0.2 + 0.05, 3)
+            new.exps.copy_(exps), new.signs.copy_(signs)
+            if incoherent:
+                new.rht, new.rht_out = RandomHadamard(k, 7), RandomHadamard(n, 8)
+            setattr(getattr(layer, part), name, new)
+    return hf
+
+
+def test_lean_forward_equals_transformers_in_prefill_decode_and_padded_batches():
+    hf = _llama()
+    model = LlamaLM(hf)
+    assert supports(hf) and model.native is None  # dense projections: the torch forward
+    x = torch.randint(0, 300, (2, 11))
+    with torch.no_grad():
+        ref = hf(x).logits
+        logits, cache = model(x[:, :6])
+        torch.testing.assert_close(logits, ref[:, :6], rtol=1e-5, atol=1e-5)
+        for t in range(6, 11):
+            logits, cache = model(x[:, t : t + 1], cache)
+            torch.testing.assert_close(logits[:, 0], ref[:, t], rtol=1e-5, atol=1e-5)
+        assert cache[0][0].shape == (2, 2, 11, 8)
+        prompts = [torch.randint(0, 300, (n,)) for n in (3, 9, 1)]
+        caches = [model(p[None])[1] for p in prompts]
+        batched, _ = decode_kv_batch(model, [5, 17, 250], caches)
+        for b, (p, n) in enumerate(zip(prompts, [5, 17, 250])):
+            full = hf(torch.cat([p, torch.tensor([n])])[None]).logits[0, -1]
+            torch.testing.assert_close(batched[b], full, rtol=1e-5, atol=1e-5)
+            assert torch.isfinite(batched[b]).all()
+
+
+def test_other_architectures_are_not_taken():
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2))
+    assert not supports(gpt2)
+    with pytest.raises(ValueError, match="LlamaForCausalLM"):
+        LlamaLM(gpt2)
+
+
+@pytest.mark.skipif("scalar" not in available_backends(), reason="extension not built")
+@pytest.mark.parametrize("group,incoherent", [(16, True), (16, False), (128, True)])
+def test_native_decode_equals_the_torch_step(group, incoherent):
+    hf = _lut_llama(group, incoherent)
+    native = LlamaLM(hf)
+    ref = LlamaLM(hf)
+    ref.native = None
+    assert native.native is not None
+    ids = torch.randint(0, 300, (1, 80), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, sa = native(ids[:, :5])
+        b, sb = ref(ids[:, :5])
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # prefill: the same torch forward
+        for t in range(5, 80):  # past the first buffer (64 positions): one growth
+            a, sa = native(ids[:, t : t + 1], sa)
+            b, sb = ref(ids[:, t : t + 1], sb)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        for (ka, va), (kb, vb) in zip(sa, sb):
+            assert ka.shape == kb.shape == (1, 2, 80, 8)
+            torch.testing.assert_close(ka, kb, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif("scalar" not in available_backends(), reason="extension not built")
+def test_native_decode_forks_and_foreign_states():
+    """Stepping twice from the same state (a retry, a fork) gives the same logits and leaves the newer state's
+    cache as it was; a state made by another model instance is copied in, not written through."""
+    hf = _lut_llama(16, True)
+    model = LlamaLM(hf)
+    ids = torch.randint(0, 300, (1, 9))
+    with torch.no_grad():
+        _, s0 = model(ids[:, :8])
+        first, s1 = model(ids[:, 8:9], s0)
+        kept = [(k.clone(), v.clone()) for k, v in s1]
+        again, s1b = model(ids[:, 8:9], s0)
+        torch.testing.assert_close(again, first, rtol=0, atol=0)
+        for (k, v), (kk, vv) in zip(s1, kept):
+            assert torch.equal(k, kk) and torch.equal(v, vv)
+        other = LlamaLM(hf)
+        theirs, _ = other(ids[:, 8:9], s0)
+        torch.testing.assert_close(theirs, first, rtol=0, atol=0)
+        assert s0[0][0].shape[2] == 8
