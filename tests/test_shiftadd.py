@@ -375,3 +375,16 @@ def test_quantized_dir_checksums_and_schema(tmp_path):
     load_quantized(tmp_path / "q")
     assert cli_main(["quantize", "rtn", "--model", str(tmp_path / "nowhere"), "--bits", "4", "--out",
                      str(tmp_path / "q")]) == 2  # refused before the (missing) model is even read
+
+
+def test_collect_stops_each_pass_after_the_linears_it_asks_for():
+    """True-sequential + asymmetric walk: per batch the block's MLP norm runs in the first collect, the gate/up
+    and down stages and the advance (4), not in the o_proj stage; its FP copy (which inherits the hook) runs
+    whole once, in the collect that keeps its outputs, then in the gate/up and down stages only (3).
+    Running every pass whole, as before, made it 5 + 5."""
+    model, calib = _tiny("llama"), torch.randint(0, 300, (4, 16))
+    block = decoder_blocks(model)[1][0]
+    calls = []
+    block.post_attention_layernorm.register_forward_hook(lambda *_: calls.append(1))
+    quantize_model(model, _RecordingRTN(), calib, WalkOptions(progress=False, batch_size=2, asymmetric=True))
+    assert len(calls) == (4 + 3) * 2  # 2 batches

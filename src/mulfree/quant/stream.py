@@ -33,7 +33,8 @@ class BlockInput(NamedTuple):
 
 
 class _Stop(Exception):
-    """Raised by the capture hook once block 0's inputs are recorded."""
+    """Raised by a hook once the rest of a forward pass is not needed (block 0's inputs are recorded, or
+    every linear a `collect` asks for has seen this batch)."""
 
 
 def _block_output(out):
@@ -122,20 +123,25 @@ class CalibrationStream:
         self.asymmetric = asymmetric
         self.fp_inputs = self.inputs if asymmetric else Records([], [])
         self.fp_block: nn.Module | None = None
-        self.fp_outputs: Sequence[torch.Tensor] = []
+        self.fp_outputs: Sequence[torch.Tensor] | None = None
 
     @torch.no_grad()
     def enter(self, block: nn.Module) -> None:
-        """Keep an FP copy of `block` and its outputs on the FP stream (asymmetric only)."""
+        """Keep an FP copy of `block` (asymmetric only); its outputs on the FP stream are kept by the first
+        pass that runs it whole (the first `collect`, else `fp_targets` or `advance`)."""
         if self.asymmetric:
             self.fp_block = copy.deepcopy(block)
-            self.fp_outputs = self._keep(run_block(self.fp_block, *r) for r in self.fp_inputs)
+            self.fp_outputs = None
 
     @torch.no_grad()
     def fp_targets(self, block: nn.Module) -> Sequence[torch.Tensor]:
         """The FP block's outputs that block tuning fits to: on the FP stream when asymmetric, else
         `block` (not yet quantized) on the quantized stream."""
-        return self.fp_outputs if self.asymmetric else self._keep(run_block(block, *r) for r in self.inputs)
+        if not self.asymmetric:
+            return self._keep(run_block(block, *r) for r in self.inputs)
+        if self.fp_outputs is None:
+            self.fp_outputs = self._keep(run_block(self.fp_block, *r) for r in self.fp_inputs)
+        return self.fp_outputs
 
     @torch.no_grad()
     def collect(
@@ -167,21 +173,54 @@ class CalibrationStream:
 
             return fn
 
+        seen: set[str] = set()  # the targets that have run on the current batch (quantized block)
+        fp_seen: set[str] = set()
+
+        def stop_when_done(name: str, done: set[str]) -> None:
+            done.add(name)  # the rest of the block's forward cannot change what is collected
+            if len(done) == len(linears):
+                raise _Stop
+
         def fp_hook(name: str):
             def fn(_module, args, _out):
                 fp_in[name] = args[0]
+                if self.fp_outputs is not None:  # the FP outputs are kept: only the inputs are needed
+                    stop_when_done(name, fp_seen)
 
             return fn
 
-        handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
+        def counted(name: str):
+            inner = hook(name)
+
+            def fn(module, args, out):
+                inner(module, args, out)
+                stop_when_done(name, seen)
+
+            return fn
+
+        def run(block: nn.Module, record: BlockInput, done: set[str]):
+            done.clear()
+            try:
+                return run_block(block, *record)
+            except _Stop:
+                return None
+
+        def batches():  # one calibration batch at a time: FP block first (it fills fp_in), then `block`
+            for i, record in enumerate(self.inputs):
+                out = None if self.fp_block is None else run(self.fp_block, self.fp_inputs[i], fp_seen)
+                run(block, record, seen)
+                last.clear()
+                yield out
+
+        handles = [m.register_forward_hook(counted(name)) for name, m in linears.items()]
         if self.fp_block is not None:
             handles += [self.fp_block.get_submodule(n).register_forward_hook(fp_hook(n)) for n in linears]
         try:
-            for i, record in enumerate(self.inputs):
-                if self.fp_block is not None:
-                    run_block(self.fp_block, *self.fp_inputs[i])
-                run_block(block, *record)
-                last.clear()
+            if self.fp_block is not None and self.fp_outputs is None:
+                self.fp_outputs = self._keep(batches())  # the FP block runs whole once, its outputs kept
+            else:
+                for _ in batches():
+                    pass
         finally:
             for handle in handles:
                 handle.remove()
@@ -197,5 +236,5 @@ class CalibrationStream:
         """Move both streams past the current block: the quantized one through `block` as it is now."""
         self.inputs = self.inputs.with_hidden(self._keep(run_block(block, *r) for r in self.inputs))
         if self.asymmetric:
-            self.fp_inputs = self.fp_inputs.with_hidden(self.fp_outputs)
-        self.fp_block, self.fp_outputs = None, []
+            self.fp_inputs = self.fp_inputs.with_hidden(self.fp_targets(block))
+        self.fp_block, self.fp_outputs = None, None
