@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from mulfree.ops.bcq import bcq_fit, level_signs
+from mulfree.kernels import cpu_module
+from mulfree.ops.bcq import bcq_fit, bcq_fit_np, level_signs
 from mulfree.ops.powers import EXP_MAX, EXP_MIN, apot_value
 from mulfree.quant.gptq import UniformQuantizer, gptq_solve
 from mulfree.quant.shiftadd import BCQColumnQuantizer, _row_groups
@@ -176,3 +177,23 @@ def test_bcq_fit_equals_reference(bits, rounds, g, m):
     mask = torch.rand(g, m) > 0.2
     for got, want in zip(bcq_fit(w, bits, rounds, 3, mask), _bcq_fit_ref(w, bits, rounds, 3, mask)):
         assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(cpu_module() is None, reason="extension not built")
+@pytest.mark.parametrize("bits,rounds,terms", [(1, 0, 1), (2, 3, 2), (3, 10, 3), (4, 6, 3)])
+def test_native_column_fit_equals_numpy_fit(bits, rounds, terms):
+    """`_cpu.bcq_fit_groups` (the quantizer's Acc.-mode fit) gives `bcq_fit_np`'s codes and APoT terms on
+    groups with padding, zeros and ties, at weight scales from 1e-3 to 1."""
+    mod, rng = cpu_module(), np.random.default_rng(bits)
+    for scale, (g, m) in zip((1e-3, 0.02, 1.0, 0.02), ((1, 1), (5, 128), (12, 16), (3, 77))):
+        w = rng.standard_normal((g, m)) * scale
+        w[:, ::5] = 0.0
+        valid = np.ones((g, m))
+        valid[-1, m // 2 :], w[-1, m // 2 :] = 0.0, 0.0
+        idx, exps, signs = np.zeros((g, m), np.int64), np.zeros((g, bits, terms), np.int8), np.zeros((g, bits, terms), np.int8)
+        mod.bcq_fit_groups(w, valid, bits, rounds, terms, idx, exps, signs)
+        ref_idx, ref_exps, ref_signs = bcq_fit_np(w, valid, bits, rounds, terms)
+        assert np.array_equal(idx, ref_idx)
+        assert np.array_equal(exps, ref_exps.astype(np.int8)) and np.array_equal(signs, ref_signs.astype(np.int8))
+    with pytest.raises(ValueError, match="shapes"):
+        mod.bcq_fit_groups(w, valid, bits, rounds, terms, idx[:, :1].copy(), exps, signs)

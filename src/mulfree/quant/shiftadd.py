@@ -18,6 +18,7 @@ import math
 import numpy as np
 import torch
 
+from mulfree.kernels import backend, cpu_module
 from mulfree.ops.bcq import bcq_assign, bcq_fit, bcq_fit_np, level_signs, pack_planes
 from mulfree.ops.powers import apot_value
 from mulfree.quant.base import QuantMethod
@@ -51,6 +52,7 @@ class BCQColumnQuantizer:
         groups = math.ceil(n / group)
         self._col = np.zeros((groups, group))  # acc mode: one column in row groups, zero-padded
         self._valid = (np.arange(groups * group) < n).astype(np.float64).reshape(groups, group)
+        self._fit_idx = np.zeros((groups, group), dtype=np.int64)  # the C++ fit's level indices
         self._signs = level_signs(bits).numpy()  # [L, q] fp32 ±1 of each level index
         self._group_of_row = np.arange(n) // group
 
@@ -75,11 +77,17 @@ class BCQColumnQuantizer:
         return alpha.repeat_interleave(self.group, 0)[: self.n], codes
 
     def _fit_column(self, x: np.ndarray, orig: int) -> np.ndarray:
-        """Acc mode: fit column `orig` (x fp32 [N]) straight in numpy (`_fit` without the torch
-        round trips, the same values); records codes and scales, returns the dequantized column [N]."""
+        """Acc mode: fit column `orig` (x fp32 [N]) with the C++ fit (`kernels/cpu/bcq_fit.cpp`), or in numpy
+        (`bcq_fit_np`: `_fit` without the torch round trips, the same values) on the reference backend or
+        without the extension; records codes and scales, returns the dequantized column [N]."""
         self._col.reshape(-1)[: self.n] = x
-        idx, exps, signs = bcq_fit_np(self._col, self._valid, self.bits, self.rounds, self.terms)
-        self.exps[orig], self.signs[orig] = torch.from_numpy(exps), torch.from_numpy(signs)
+        mod = cpu_module()
+        if mod is not None and backend() != "reference":
+            idx, exps, signs = self._fit_idx, self.exps[orig].numpy(), self.signs[orig].numpy()
+            mod.bcq_fit_groups(self._col, self._valid, self.bits, self.rounds, self.terms, idx, exps, signs)
+        else:
+            idx, exps, signs = bcq_fit_np(self._col, self._valid, self.bits, self.rounds, self.terms)
+            self.exps[orig], self.signs[orig] = torch.from_numpy(exps), torch.from_numpy(signs)
         sgn = self._signs[idx].reshape(-1, self.bits)[: self.n]  # [N, q] ±1
         self.planes.numpy()[:, :, orig] = sgn.T > 0
         alpha = apot_value(self.exps[orig], self.signs[orig]).numpy()[self._group_of_row]  # [N, q]

@@ -9,4 +9,5 @@ NB_MODULE(_cpu, m) {
   register_shiftadd(m);
   register_shiftadd_llama(m);
   register_hadamard(m);
+  register_bcq_fit(m);
 }
