@@ -74,9 +74,11 @@ def asymmetric_target(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, per
     """W' = argmin ‖X_fp Wᵀ − X_q W'ᵀ‖ = W Cᵀ H⁻¹ with H = X_qᵀX_q, C = X_qᵀX_fp (both per token), written
     W + W (C − H)ᵀ H_d⁻¹ with H dampened as the solver does, so that W' = W where the two streams agree.
     Quantizing W' against H then minimizes the asymmetric objective (up to a constant)."""
-    h = h.double()
-    hd = h + (percdamp * torch.diag(h).mean() + 1e-12) * torch.eye(h.shape[0], dtype=h.dtype)
-    return (w.double() + w.double() @ torch.linalg.solve(hd, cross.double() - h).T).float()
+    h = h.to(torch.float64, copy=True)
+    rhs = cross.double() - h
+    h.diagonal().add_(percdamp * torch.diag(h).mean() + 1e-12)  # H_d, in place: one [K, K] float64 fewer
+    w = w.double()
+    return (w + w @ torch.linalg.solve(h, rhs).T).float()
 
 
 class QuantMethod(Protocol):

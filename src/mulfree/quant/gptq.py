@@ -61,14 +61,13 @@ def gptq_solve(
 
 
 def _solve(w, h, quantizer, perm, blocksize, percdamp):
-    w = w.float().clone()
-    h = h.double().clone()
+    w = w.float()[:, perm]  # permuted copies first, in H's own dtype: one float64 [K, K] copy is made
+    h = h.index_select(0, perm).index_select(1, perm).to(torch.float64)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    w, h = w[:, perm], h[perm][:, perm]
-    h += percdamp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    h.diagonal().add_(percdamp * torch.mean(torch.diag(h)))
+    hinv = _upper_cholesky_of_inverse(h)
     k = w.shape[1]
     qt = np.zeros((k, w.shape[0]), dtype=np.float32)  # [K, N]: dequantized columns as rows
     for i1 in range(0, k, blocksize):
@@ -84,6 +83,18 @@ def _solve(w, h, quantizer, perm, blocksize, percdamp):
             err1[i] = err
         w[:, i2:] -= torch.from_numpy(err1).T.contiguous() @ hinv[i1:i2, i2:]
     return torch.from_numpy(qt).T[:, torch.argsort(perm)]
+
+
+def _upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of H⁻¹ as float32, consuming the float64 `h`: at most two [K, K] float64
+    matrices are alive at once (a 5632-wide H is 254 MB each), which bounds block-by-block quantization."""
+    lower = torch.linalg.cholesky(h)
+    del h
+    inverse = torch.cholesky_inverse(lower)
+    del lower
+    upper = torch.linalg.cholesky(inverse, upper=True)
+    del inverse
+    return upper.float()
 
 
 class UniformQuantizer:
