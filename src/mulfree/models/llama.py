@@ -83,7 +83,7 @@ class LlamaLM(nn.Module):
         if positions is None:
             positions = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         if (self.native is not None and B == 1 and T == 1 and state is not None and not torch.is_grad_enabled()
-                and (key_mask is None or bool(key_mask.all()))):
+                and (key_mask is None or bool(key_mask.all())) and backend() != "reference"):
             return self.native.step(input_ids, state, positions)
         inner = self.hf.model
         h = inner.embed_tokens(input_ids)
