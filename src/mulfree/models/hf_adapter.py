@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mulfree.errors import ConfigError
-from mulfree.models.transformer import KVCache
+from mulfree.models.transformer import KVCache, step_positions
 
 
 class HFCausalLM(nn.Module):
@@ -44,12 +44,9 @@ class HFCausalLM(nn.Module):
         from transformers import DynamicCache
 
         B, T = input_ids.shape
-        past = 0 if state is None else state[0][0].shape[2]
-        device = input_ids.device
-        if positions is None:
-            positions = torch.arange(past, past + T, device=device).expand(B, T)
+        past, positions = step_positions(input_ids, state, positions)
         if key_mask is None:
-            key_mask = torch.ones(B, past + T, dtype=torch.bool, device=device)
+            key_mask = torch.ones(B, past + T, dtype=torch.bool, device=input_ids.device)
         cache = DynamicCache() if state is None else DynamicCache(ddp_cache_data=state)
         out = self.hf(input_ids=input_ids, attention_mask=key_mask.long(), position_ids=positions,
                       past_key_values=cache, use_cache=True)

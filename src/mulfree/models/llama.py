@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mulfree.kernels import backend, cpu_module, use_threads
-from mulfree.models.transformer import KVCache
+from mulfree.models.transformer import KVCache, step_positions
 
 # Config fields this forward does not implement; a model using any of them runs through `HFCausalLM`.
 UNSUPPORTED = ("sliding_window", "attn_logit_softcapping", "final_logit_softcapping")
@@ -73,15 +73,9 @@ class LlamaLM(nn.Module):
         positions: torch.Tensor | None = None,
         key_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVCache]:
-        """input_ids [B, T] -> (logits [B, T, V] fp32, KV cache of (k, v) [B, H_kv, past + T, Dh] per layer).
-
-        positions: int64 [B, T] per-row positions; None: past .. past + T for every row.
-        key_mask: bool [B, past + T], False marks a padding key (left padding); None: every key is real.
-        """
+        """The contract of `HFCausalLM.forward` (logits fp32 and a (k, v) [B, H_kv, past + T, Dh] per layer)."""
         B, T = input_ids.shape
-        past = 0 if state is None else state[0][0].shape[2]
-        if positions is None:
-            positions = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        past, positions = step_positions(input_ids, state, positions)
         if (self.native is not None and B == 1 and T == 1 and state is not None and not torch.is_grad_enabled()
                 and (key_mask is None or bool(key_mask.all())) and backend() != "reference"):
             return self.native.step(input_ids, state, positions)

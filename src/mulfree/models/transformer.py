@@ -17,6 +17,15 @@ from mulfree.nn.norm import RMSNorm
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
 
+def step_positions(input_ids: torch.Tensor, state: KVCache | None, positions: torch.Tensor | None):
+    """(past length of `state`, positions [B, T]): the given ones, else past .. past + T for every row."""
+    past = 0 if state is None else state[0][0].shape[2]
+    if positions is None:
+        B, T = input_ids.shape
+        positions = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+    return past, positions
+
+
 @dataclasses.dataclass
 class TransformerConfig(LMConfig):
     model_type = "transformerpp"
