@@ -53,6 +53,8 @@ class HessianStats:
     ) -> None:
         """Add one batch: `inp` [..., K] the layer's input (`out` unused, as GPTQ's hook signature has
         it); `fp_inp` [..., K] the same layer's input in the FP model on the same calibration batch."""
+        if self.rows < 0:
+            raise RuntimeError("HessianStats: add_batch after hessian() or cross()")
         x = _rows(inp)
         self.h += x.T @ x
         if fp_inp is not None:
@@ -62,12 +64,22 @@ class HessianStats:
         self.rows += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
-        """H = mean over calibration rows of x xᵀ: [K, K] float32."""
-        return self.h / max(self.rows, 1)
+        """H = mean over calibration rows of x xᵀ: [K, K] float32 (the sums become the means in place, once:
+        a 5632-wide H is 127 MB, and linears sharing an input share it)."""
+        self._to_means()
+        return self.h
 
     def cross(self) -> torch.Tensor:
         """C = mean over calibration rows of x x_fpᵀ: [K, K] (zeros when no FP input was added)."""
-        return (self.c if self.c is not None else torch.zeros_like(self.h)) / max(self.rows, 1)
+        self._to_means()
+        return self.c if self.c is not None else torch.zeros_like(self.h)
+
+    def _to_means(self) -> None:
+        if self.rows >= 0:
+            for sums in (self.h, self.c):
+                if sums is not None:
+                    sums.div_(max(self.rows, 1))
+            self.rows = -1  # means now; add_batch refuses further batches
 
 
 def asymmetric_target(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, percdamp: float) -> torch.Tensor:
@@ -75,10 +87,10 @@ def asymmetric_target(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, per
     W + W (C − H)ᵀ H_d⁻¹ with H dampened as the solver does, so that W' = W where the two streams agree.
     Quantizing W' against H then minimizes the asymmetric objective (up to a constant)."""
     h = h.to(torch.float64, copy=True)
-    rhs = cross.double() - h
-    h.diagonal().add_(percdamp * torch.diag(h).mean() + 1e-12)  # H_d, in place: one [K, K] float64 fewer
     w = w.double()
-    return (w + w @ torch.linalg.solve(h, rhs).T).float()
+    rhs = cross.to(torch.float64, copy=True).sub_(h) @ w.T  # (C − H) Wᵀ [K, N]: N columns, not K
+    h.diagonal().add_(percdamp * torch.diag(h).mean() + 1e-12)  # H_d, in place
+    return (w + torch.linalg.solve(h, rhs).T).float()  # W (C − H)ᵀ H_d⁻¹ = (H_d⁻¹ (C − H) Wᵀ)ᵀ
 
 
 class QuantMethod(Protocol):

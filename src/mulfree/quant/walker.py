@@ -131,6 +131,7 @@ def quantize_block(
     done = {}
     for si, stage in enumerate(stages):
         if si > 0:  # true sequential: statistics through the stages already quantized
+            stats = hess = None  # the previous stage's [K, K] sums are freed before the next are made
             stats, _ = stream.collect(block, {name: linears[name] for name in stage}, method)
             hess = {name: s.hessian() for name, s in stats.items()}
         for name in stage:
