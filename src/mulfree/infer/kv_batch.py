@@ -31,6 +31,9 @@ def decode_kv_batch(
     Example:
         >>> logits, caches = decode_kv_batch(model, [next_a, next_b], [cache_a, cache_b])
     """
+    if len(caches) == 1:  # one sequence: its own cache as it is (no padded copy; a native step can append in place)
+        logits, new = model(torch.tensor([tokens], device=caches[0][0][0].device), caches[0])
+        return logits[:, -1], [new]
     lengths = [cache[0][0].shape[2] for cache in caches]
     longest = max(lengths)
     device = caches[0][0][0].device
