@@ -236,6 +236,20 @@ class PerplexityConfig:
             raise ConfigError(f"--stride must be in (0, window], got {self.stride}", "use e.g. half the window")
 
 
+@dataclass
+class TokenizeConfig:
+    """How `mulfree tokenize` shards a corpus; validated on construction (one-line ConfigError)."""
+
+    shard_tokens: int = _opt(1 << 26, "tokens per shard file (a shard closes at the next document or piece end)",
+                             min=1, max=2**40)
+    vocab_size: int = _opt(4096, "BPE vocabulary trained on the first 8 MiB when no --tokenizer is given",
+                           min=257, max=2**20)
+    progress: bool = _opt(True, "no progress bar")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
 MAX_DIGITS = 100  # longest operand of `mulfree arith` (train, test lengths, padding width)
 MAX_TEST_PROBLEMS = 100_000  # test problems per operand length
 

@@ -19,7 +19,7 @@ MODEL_HELP = ("a model dir (`mulfree train`, `pack` or `quantize`, or a Hugging 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from mulfree.models import registry
-    from mulfree.settings import GenerationConfig, PerplexityConfig, TrainConfig
+    from mulfree.settings import GenerationConfig, PerplexityConfig, TokenizeConfig, TrainConfig
 
     p = sub.add_parser("train", help="train an MMfree or Transformer++ LM on text",
                        description="Train a language model (tokenizer trained on the data and saved with it).")
@@ -29,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="model family (default mmfree)")
     p.add_argument("--data", nargs="+", metavar="PATH", help="text files or folders of *.txt "
                    "(default: the bundled Shakespeare corpus)")
+    p.add_argument("--shards", metavar="DIR", help="train on the token shards of `mulfree tokenize` (streamed "
+                   "from disk; their tokenizer; no validation split) instead of --data")
     p.add_argument("--out", required=True, help="output directory (model, tokenizer, checkpoints, metrics.jsonl)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly (same data; "
                    "only --steps may change)")
@@ -36,6 +38,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "until the new run is complete)")
     add_flags(p, TrainConfig)
     p.set_defaults(func=cmd_train)
+
+    t = sub.add_parser("tokenize", help="tokenize a corpus into memory-mapped token shards for training",
+                       description="Tokenize text files, JSON Lines (\"text\" field) and `datasets` dirs into "
+                       "flat token shards (`mulfree train --shards`); resumes an interrupted run of the same command.")
+    t.add_argument("--data", nargs="+", metavar="PATH", required=True,
+                   help="text / .jsonl files, folders of them, or `datasets.save_to_disk` dirs")
+    t.add_argument("--out", required=True, help="output directory of the shards")
+    t.add_argument("--tokenizer", metavar="DIR", help="a dir with tokenizer.json (e.g. a trained model); default: "
+                   "train a BPE of --vocab-size on the data")
+    t.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    add_flags(t, TokenizeConfig)
+    t.set_defaults(func=cmd_tokenize)
 
     g = sub.add_parser("generate", help="generate text from a trained model (streamed)",
                        description="Continue a prompt; greedy at temperature 0, sampling otherwise.")
@@ -117,15 +131,37 @@ def _resumed_run(args, out: Path):
                           "leave it out: a resumed run keeps its settings (only --steps may change)")
     saved.update(steps=given["steps"], device=given["device"], progress=args.progress is not False)
     extra = state.get("extra", {})
-    saved_data = extra.get("data")
-    if args.data is None:
-        args.data = saved_data
-    elif saved_data is not None and [str(Path(p).resolve()) for p in args.data] != saved_data:
-        raise DataError(f"--data differs from the data of the run in '{out}'", "leave --data out to reuse it")
-    files = _data_files(args.data)
-    if isinstance(extra.get("data_files"), dict):
-        _check_same_data(out, extra["data_files"], files)
+    if extra.get("shards") is not None or args.shards is not None:
+        _check_same_shards(args, out, extra)
+        files = None
+    else:
+        saved_data = extra.get("data")
+        if args.data is None:
+            args.data = saved_data
+        elif saved_data is not None and [str(Path(p).resolve()) for p in args.data] != saved_data:
+            raise DataError(f"--data differs from the data of the run in '{out}'", "leave --data out to reuse it")
+        files = _data_files(args.data)
+        if isinstance(extra.get("data_files"), dict):
+            _check_same_data(out, extra["data_files"], files)
     return family.config_cls.from_dict(model_dict), TrainConfig.from_dict(saved), load_tokenizer(out), files
+
+
+def _check_same_shards(args, out: Path, extra: dict) -> None:
+    """A resumed --shards run reads the same shard dir, unchanged (its index digest); sets args.shards."""
+    from mulfree.integrity import digest_file
+
+    saved = extra.get("shards")
+    if saved is None or args.data is not None:
+        raise DataError(f"the run in '{out}' was not trained on --shards" if saved is None else
+                        f"the run in '{out}' was trained on --shards", "resume with the data the run started with")
+    if args.shards is None:
+        args.shards = saved
+    elif str(Path(args.shards).resolve()) != saved:
+        raise DataError(f"--shards differs from the shards of the run in '{out}'", "leave --shards out to reuse them")
+    index = Path(saved) / "index.json"
+    if not index.is_file() or digest_file(index) != extra.get("shard_index"):
+        raise DataError(f"the shards in '{saved}' changed since the run in '{out}' started",
+                        "resume with the shards the run started with, or start a new run")
 
 
 def _new_run(args):
@@ -155,12 +191,16 @@ def cmd_train(args) -> int:
 
     out = Path(args.out)
     check_run_dir(out, args.resume, args.overwrite)  # before the corpus and tokenizer work
+    if args.shards is not None and args.data is not None:
+        raise ConfigError("pass --data or --shards, not both", "tokenized shards carry their own text")
     if args.resume:
         model_config, train_cfg, tokenizer, files = _resumed_run(args, out)
     else:
         (model_config, train_cfg), tokenizer = _new_run(args), None
-        files = _data_files(args.data)
+        files = _data_files(args.data) if args.shards is None else None
     check_device(train_cfg.device)
+    if args.shards is not None:
+        return _train_on_shards(args, out, model_config, train_cfg, tokenizer)
     corpus = load_corpus(args.data)
     if tokenizer is None:
         tokenizer = train_tokenizer(corpus.train_text, model_config.vocab_size)
@@ -180,6 +220,57 @@ def cmd_train(args) -> int:
     result = train(model, train_ids, val_ids, train_cfg, out, resume=args.resume, tokenizer=tokenizer,
                    overwrite=args.overwrite, extra={"data": data, "data_files": files})
     if main_process:
+        print(dumps_strict({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+    return 0
+
+
+def cmd_tokenize(args) -> int:
+    from mulfree.data.shards import PIECE_BYTES, sources, tokenize_corpus, units
+    from mulfree.data.text import load_tokenizer, train_tokenizer
+    from mulfree.settings import TokenizeConfig
+
+    cfg = from_args(TokenizeConfig, args)
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    else:  # a BPE trained on the first 8 MiB of the sources
+        sample, size = [], 0
+        for unit in units(sources(args.data)):
+            sample.append(unit.text)
+            size += unit.size
+            if size >= 8 * PIECE_BYTES:
+                break
+        tokenizer = train_tokenizer("".join(sample), cfg.vocab_size)
+    index = tokenize_corpus(args.data, tokenizer, args.out, cfg.shard_tokens, args.overwrite, cfg.progress)
+    print(dumps_strict({"tokens": index["tokens"], "shards": len(index["shards"]), "dtype": index["dtype"],
+                        "vocab_size": index["vocab_size"], "out": args.out}))
+    return 0
+
+
+def _train_on_shards(args, out: Path, model_config, train_cfg, tokenizer) -> int:
+    """`mulfree train --shards DIR`: windows streamed from the memory-mapped shards (`data.shards`)."""
+    import torch
+
+    from mulfree.data.shards import ShardWindows, read_index
+    from mulfree.data.text import load_tokenizer
+    from mulfree.integrity import digest_file
+    from mulfree.models import registry
+    from mulfree.train import train
+
+    shards = Path(args.shards).resolve()
+    index = read_index(shards)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(shards)
+        model_config = type(model_config).from_dict({**model_config.to_dict(), "vocab_size": index["vocab_size"]})
+    batch_fn = ShardWindows(shards, train_cfg.batch_size, train_cfg.seq_len)
+    torch.manual_seed(train_cfg.seed)
+    model = registry.get(model_config.model_type).model_cls(model_config)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{model_config.model_type}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"{index['tokens']} tokens in {len(index['shards'])} shards", file=sys.stderr)
+    result = train(model, None, None, train_cfg, out, resume=args.resume, tokenizer=tokenizer,
+                   overwrite=args.overwrite, batch_fn=batch_fn,
+                   extra={"shards": str(shards), "shard_index": digest_file(shards / "index.json")})
+    if os.environ.get("RANK", "0") == "0":
         print(dumps_strict({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
     return 0
 
