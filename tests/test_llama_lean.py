@@ -120,3 +120,22 @@ def test_native_decode_forks_and_foreign_states():
         theirs, _ = other(ids[:, 8:9], s0)
         torch.testing.assert_close(theirs, first, rtol=0, atol=0)
         assert s0[0][0].shape[2] == 8
+
+
+@pytest.mark.skipif("scalar" not in available_backends(), reason="extension not built")
+def test_native_decoder_rejects_shapes_that_do_not_fit():
+    from mulfree.kernels import cpu_module
+
+    hf = _lut_llama(16, True)
+    blocks = [[getattr(getattr(layer, part), name).kernel_weights().handle() for part, name in PROJECTIONS]
+              for layer in hf.model.layers]
+    norms = [[layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()]
+             for layer in hf.model.layers]
+    make = cpu_module().ShiftAddLlama
+    make(blocks, norms, 32, 4, 2, 8, 1e-6, 8**-0.5)  # the model's own shape
+    for shape, message in (((32, 3, 2, 8), "kv_heads must divide"), ((32, 4, 4, 8), "output width"),
+                           ((40, 4, 2, 8), "width")):
+        with pytest.raises(ValueError, match=message):
+            make(blocks, norms, *shape, 1e-6, 0.1)
+    with pytest.raises(ValueError, match="7 projections"):
+        make([b[:6] for b in blocks], norms, 32, 4, 2, 8, 1e-6, 0.1)

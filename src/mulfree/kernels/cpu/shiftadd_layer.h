@@ -22,7 +22,7 @@ using Arr = nb::ndarray<T, nb::c_contig, nb::device::cpu>;
 class LutLayer {
  public:
   LutLayer(Arr<const uint8_t> keys, Arr<const int8_t> exps, Arr<const int8_t> signs, Arr<const float> escale,
-             int64_t n, int64_t group)
+           int64_t n, int64_t group)
       : keys_(keys), exps_(exps), signs_(signs), escale_(escale), n_(n), group_(group) {
     if (keys.ndim() != 5 || exps.ndim() != 4 || signs.ndim() != 4 || escale.ndim() != 4)
       throw std::invalid_argument("ShiftAddWeights: keys [NQ, C, q, 16, 4], exps/signs/escale [NG, C, q, T]");
@@ -49,7 +49,8 @@ class LutLayer {
   }
 
   // The layer's output inverse y'' -> U^-1 y'' and bias, applied by `forward`.
-  void set_output(std::optional<Arr<const bool>> negative, int64_t block, int shift, std::optional<Arr<const float>> bias) {
+  void set_output(std::optional<Arr<const bool>> negative, int64_t block, int shift,
+                  std::optional<Arr<const float>> bias) {
     if (negative) {
       check_hadamard(n_, block, (int64_t)negative->shape(0));
       out_ = Transform{*negative, block, shift, true};

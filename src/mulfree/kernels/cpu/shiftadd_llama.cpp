@@ -50,7 +50,8 @@ class LutLlama {
       : D_(hidden), H_(heads), Hkv_(kv_heads), Dh_(head_dim), eps_((float)eps), scale_((float)scale) {
     if (blocks.size() != norms.size() || blocks.empty())
       throw std::invalid_argument("LutLlama: one entry of projections and norms per block");
-    if (H_ % Hkv_ || Dh_ % 2) throw std::invalid_argument("LutLlama: heads % kv_heads and head_dim % 2 must be 0");
+    if (Hkv_ < 1 || H_ % Hkv_ || Dh_ < 2 || Dh_ % 2)
+      throw std::invalid_argument("LutLlama: kv_heads must divide heads and head_dim must be even");
     const int64_t widths[kProjections] = {H_ * Dh_, Hkv_ * Dh_, Hkv_ * Dh_, D_, -1, -1, D_};
     for (size_t b = 0; b < blocks.size(); ++b) {
       if (blocks[b].size() != kProjections || norms[b].size() != 2)
@@ -62,12 +63,18 @@ class LutLlama {
         layers_.push_back(layer);
         held_.push_back(blocks[b][p]);
       }
+      const LutLayer *const *P = &layers_[b * kProjections];
+      if (b == 0) I_ = P[4]->n();
+      const int64_t inputs[kProjections] = {D_, D_, D_, H_ * Dh_, D_, D_, I_};
+      if (P[4]->n() != I_ || P[5]->n() != I_)
+        throw std::invalid_argument("LutLlama: gate and up widths must be the same in every block");
+      for (int p = 0; p < kProjections; ++p)
+        if (!P[p]->accepts(inputs[p]))
+          throw std::invalid_argument("LutLlama: a projection's input width does not match the model shape");
       for (const auto &w : norms[b])
         if (w.ndim() != 1 || (int64_t)w.shape(0) != D_) throw std::invalid_argument("LutLlama: norm weight != [D]");
       norms_.push_back({norms[b][0], norms[b][1]});
     }
-    I_ = layers_[4]->n();
-    if (layers_[5]->n() != I_) throw std::invalid_argument("LutLlama: gate and up widths differ");
   }
 
   // One token through every block, in place on x [D]; cos/sin [Dh] of its position; keys[b] / values[b]:
