@@ -45,6 +45,10 @@ class _QuantLinear(nn.Module):
             self._dense = self.dequantize()
         return self._dense
 
+    def drop_dense(self) -> None:
+        """Free the cached dense weight (the quantizer does, between the calibration passes that use it)."""
+        self._dense = None
+
     def _load_from_state_dict(self, *args, **kwargs):
         self._dense = None
         super()._load_from_state_dict(*args, **kwargs)

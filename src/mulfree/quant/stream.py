@@ -231,6 +231,11 @@ class CalibrationStream:
             stages.append(missing)
         return stats, stages
 
+    def drop_fp_block(self) -> None:
+        """Free the FP copy of the current block once no collect will run it (its outputs are kept)."""
+        if self.fp_block is not None and self.fp_outputs is not None:
+            self.fp_block = None
+
     @torch.no_grad()
     def advance(self, block: nn.Module) -> None:
         """Move both streams past the current block: the quantized one through `block` as it is now."""

@@ -134,6 +134,10 @@ def quantize_block(
             stats = hess = None  # the previous stage's [K, K] sums are freed before the next are made
             stats, _ = stream.collect(block, {name: linears[name] for name in stage}, method)
             hess = {name: s.hessian() for name, s in stats.items()}
+        if stream is not None and si == len(stages) - 1:
+            stream.drop_fp_block()  # no collect follows: the FP copy's weights are not needed any more
+        for layer in done.values():
+            layer.drop_dense()  # the collect's dense copies: rebuilt when the next one runs
         for name in stage:
             mod = linears[name]
             w = linear_weight(mod).float()
@@ -146,6 +150,8 @@ def quantize_block(
         if opts.tune_epochs:
             _tune_block(block, stream.inputs, targets, opts.tune_epochs, opts.tune_lr)
         stream.advance(block)
+        for layer in done.values():
+            layer.drop_dense()
     return done
 
 
