@@ -74,6 +74,10 @@ class HessianStats:
         self._to_means()
         return self.c if self.c is not None else torch.zeros_like(self.h)
 
+    def drop_cross(self) -> None:
+        """Free C once every asymmetric target that needs it is made."""
+        self.c = None
+
     def _to_means(self) -> None:
         if self.rows >= 0:
             for sums in (self.h, self.c):

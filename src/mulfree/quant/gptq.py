@@ -61,13 +61,9 @@ def gptq_solve(
 
 
 def _solve(w, h, quantizer, perm, blocksize, percdamp):
-    w = w.float()[:, perm]  # permuted copies first, in H's own dtype: one float64 [K, K] copy is made
-    h = h.index_select(0, perm).index_select(1, perm).to(torch.float64)
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
+    hinv, dead = _inverse_factor(h, perm, percdamp)
+    w = w.float()[:, perm]
     w[:, dead] = 0
-    h.diagonal().add_(percdamp * torch.mean(torch.diag(h)))
-    hinv = _upper_cholesky_of_inverse(h)
     k = w.shape[1]
     qt = np.zeros((k, w.shape[0]), dtype=np.float32)  # [K, N]: dequantized columns as rows
     for i1 in range(0, k, blocksize):
@@ -85,16 +81,22 @@ def _solve(w, h, quantizer, perm, blocksize, percdamp):
     return torch.from_numpy(qt).T[:, torch.argsort(perm)]
 
 
-def _upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of H⁻¹ as float32, consuming the float64 `h`: at most two [K, K] float64
-    matrices are alive at once (a 5632-wide H is 254 MB each), which bounds block-by-block quantization."""
+def _inverse_factor(h: torch.Tensor, perm: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(upper Cholesky factor of the dampened, permuted H⁻¹ as float32, the permuted dead-column mask).
+
+    H is permuted before it is widened and each float64 step is freed as the next is made, so at most two
+    [K, K] float64 matrices are alive (a 5632-wide H is 254 MB each) and none once the column loop runs."""
+    h = h.index_select(0, perm).index_select(1, perm).to(torch.float64)
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    h.diagonal().add_(percdamp * torch.mean(torch.diag(h)))
     lower = torch.linalg.cholesky(h)
     del h
     inverse = torch.cholesky_inverse(lower)
     del lower
     upper = torch.linalg.cholesky(inverse, upper=True)
     del inverse
-    return upper.float()
+    return upper.float(), dead
 
 
 class UniformQuantizer:

@@ -138,13 +138,16 @@ def quantize_block(
             stream.drop_fp_block()  # no collect follows: the FP copy's weights are not needed any more
         for layer in done.values():
             layer.drop_dense()  # the collect's dense copies: rebuilt when the next one runs
+        weights = {name: linear_weight(linears[name]).float() for name in stage}
+        if stream is not None and stream.asymmetric:
+            weights = {name: asymmetric_target(w, hess[name], stats[name].cross(), method.percdamp)
+                       for name, w in weights.items()}
+            for s in stats.values():
+                s.drop_cross()  # used up: the solve below needs H only
         for name in stage:
             mod = linears[name]
-            w = linear_weight(mod).float()
-            if stream is not None and stream.asymmetric:
-                w = asymmetric_target(w, hess[name], stats[name].cross(), method.percdamp)
             bias = None if mod.bias is None else mod.bias.detach().float()
-            done[name] = method.quantize(w, hess[name], bias, bits=bits.get(name))
+            done[name] = method.quantize(weights.pop(name), hess[name], bias, bits=bits.get(name))
             _set_module(block, name, done[name])
     if stream is not None:
         if opts.tune_epochs:
