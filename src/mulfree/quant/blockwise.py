@@ -14,6 +14,7 @@ The dir is built beside `out` and renamed into place (`atomic.atomic_dir`): an i
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import json
 from collections.abc import Iterator
@@ -132,6 +133,15 @@ def _drop_outside_blocks(model: nn.Module, prefix: str) -> None:
             model.get_submodule(owner)._parameters[leaf] = nn.Parameter(param.to("meta"), requires_grad=False)
 
 
+def _return_freed_heap() -> None:
+    """Hand the heap pages freed with a block back to the OS (glibc keeps them otherwise, and the next
+    block's allocations land around them: the peak would creep up block by block); a no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @torch.no_grad()
 def quantize_blockwise(
     src: str | Path, out: str | Path, method: QuantMethod, calib: torch.Tensor | None = None,
@@ -188,6 +198,7 @@ def quantize_blockwise(
             writer.write({at + k: t for k, t in block.state_dict().items()})
             blocks[bi] = nn.Identity()  # drop the block (and its cached dense weights)
             del block
+            _return_freed_heap()
         writer.write(_outside_tensors(model, weights, prefix))  # embeddings, final norm, head: as read
         names = writer.finish()
         (tmp / "config.json").write_text(json.dumps(quant_config(config, method, metas, extra or {}), indent=2))
