@@ -180,16 +180,22 @@ def tokenize_corpus(paths: list[str], tokenizer, out: str | Path, shard_tokens: 
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenize", disable=not progress)
     buffer: list[np.ndarray] = []
     count = 0
-    for unit in units(files):
-        bar.update(unit.size)
-        if (unit.source, unit.number) < skip:
-            continue
-        ids = tokenizer.encode(unit.text).ids + ([eot] if unit.ends_document else [])
-        buffer.append(np.asarray(ids, dtype=dtype))
-        count += len(ids)
-        if count >= shard_tokens:
-            _write_shard(work, shards, buffer, count, expect, (unit.source, unit.number + 1))
-            buffer, count = [], 0
+    def pending() -> Iterator[Unit]:  # the units after the last shard an interrupted run completed
+        for u in units(files):
+            if (u.source, u.number) < skip:
+                bar.update(u.size)
+            else:
+                yield u
+
+    for batch in _batches(pending()):
+        for unit, encoding in zip(batch, tokenizer.encode_batch([u.text for u in batch])):  # all cores
+            bar.update(unit.size)
+            ids = encoding.ids + ([eot] if unit.ends_document else [])
+            buffer.append(np.asarray(ids, dtype=dtype))
+            count += len(ids)
+            if count >= shard_tokens:
+                _write_shard(work, shards, buffer, count, expect, (unit.source, unit.number + 1))
+                buffer, count = [], 0
     if count:
         _write_shard(work, shards, buffer, count, expect, (len(files), 0))
     bar.close()
@@ -203,6 +209,20 @@ def tokenize_corpus(paths: list[str], tokenizer, out: str | Path, shard_tokens: 
     replace_dir(work, out, overwrite, "token shard")
     (out / PROGRESS).unlink()
     return index
+
+
+def _batches(items: Iterator[Unit], max_bytes: int = 8 * PIECE_BYTES) -> Iterator[list[Unit]]:
+    """Units in lists of about `max_bytes` of text, for `encode_batch` (the same ids as one `encode` each)."""
+    batch: list[Unit] = []
+    size = 0
+    for item in items:
+        batch.append(item)
+        size += item.size
+        if size >= max_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def _resume_state(work: Path, expect: dict, overwrite: bool) -> dict:
