@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mulfree.kernels import backend, cpu_module, use_threads
+from mulfree.models.hf_adapter import HFCausalLM
 from mulfree.models.transformer import KVCache, step_positions
 
 # Config fields this forward does not implement; a model using any of them runs through `HFCausalLM`.
@@ -44,22 +45,15 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
-class LlamaLM(nn.Module):
-    """A transformers `LlamaForCausalLM` behind our model interface, with a lean forward (module docstring).
-
-    Example:
-        >>> model, tok = load_hf_causal_lm("smollm2")
-        >>> logits, cache = LlamaLM(model)(torch.tensor([[1, 2, 3]]))
-    """
+class LlamaLM(HFCausalLM):
+    """`HFCausalLM` for a transformers `LlamaForCausalLM`, with our lean forward (module docstring)."""
 
     def __init__(self, model: nn.Module):
-        super().__init__()
         if not supports(model):
             raise ValueError(f"LlamaLM runs LlamaForCausalLM models, not {type(model).__name__}")
         from mulfree.quant.qlinear import ShiftAddLinear
 
-        self.hf = model
-        self.config = model.config
+        super().__init__(model)
         c = model.config
         self.heads, self.kv_heads = c.num_attention_heads, c.num_key_value_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
