@@ -52,6 +52,8 @@ class BCQColumnQuantizer:
         groups = math.ceil(n / group)
         self._col = np.zeros((groups, group))  # acc mode: one column in row groups, zero-padded
         self._valid = (np.arange(groups * group) < n).astype(np.float64).reshape(groups, group)
+        mod = cpu_module()  # the C++ column fit, chosen once per layer (None: numpy, as on the reference backend)
+        self._native_fit = mod.bcq_fit_groups if mod is not None and backend() != "reference" else None
         self._fit_idx = np.zeros((groups, group), dtype=np.int64)  # the C++ fit's level indices
         self._signs = level_signs(bits).numpy()  # [L, q] fp32 ±1 of each level index
         self._group_of_row = np.arange(n) // group
@@ -81,10 +83,9 @@ class BCQColumnQuantizer:
         (`bcq_fit_np`: `_fit` without the torch round trips, the same values) on the reference backend or
         without the extension; records codes and scales, returns the dequantized column [N]."""
         self._col.reshape(-1)[: self.n] = x
-        mod = cpu_module()
-        if mod is not None and backend() != "reference":
+        if self._native_fit is not None:
             idx, exps, signs = self._fit_idx, self.exps[orig].numpy(), self.signs[orig].numpy()
-            mod.bcq_fit_groups(self._col, self._valid, self.bits, self.rounds, self.terms, idx, exps, signs)
+            self._native_fit(self._col, self._valid, self.bits, self.rounds, self.terms, idx, exps, signs)
         else:
             idx, exps, signs = bcq_fit_np(self._col, self._valid, self.bits, self.rounds, self.terms)
             self.exps[orig], self.signs[orig] = torch.from_numpy(exps), torch.from_numpy(signs)
