@@ -182,12 +182,9 @@ def _new_run(args):
 
 
 def cmd_train(args) -> int:
-    import torch
-
     from mulfree.data.text import encode, load_corpus, train_tokenizer
-    from mulfree.models import registry
     from mulfree.settings import check_device
-    from mulfree.train import check_run_dir, train
+    from mulfree.train import check_run_dir
 
     out = Path(args.out)
     check_run_dir(out, args.resume, args.overwrite)  # before the corpus and tokenizer work
@@ -209,16 +206,28 @@ def cmd_train(args) -> int:
     train_ids, val_ids = encode(tokenizer, corpus.train_text), encode(tokenizer, corpus.val_text)
     if val_ids.numel() <= train_cfg.seq_len:
         val_ids = None
+    data = None if args.data is None else [str(Path(p).resolve()) for p in args.data]
+    return _build_and_train(args, out, model_config, train_cfg, tokenizer,
+                            f"{train_ids.numel()} train tokens, validation: {', '.join(corpus.val_docs)}",
+                            train_ids=train_ids, val_ids=val_ids, extra={"data": data, "data_files": files})
+
+
+def _build_and_train(args, out: Path, model_config, train_cfg, tokenizer, data_line: str, train_ids=None,
+                     val_ids=None, **train_kwargs) -> int:
+    """Build the model from `model_config` (seeded), report its size and `data_line`, train, print the result."""
+    import torch
+
+    from mulfree.models import registry
+    from mulfree.train import train
+
     torch.manual_seed(train_cfg.seed)
     model = registry.get(model_config.model_type).model_cls(model_config)
-    n_params = sum(p.numel() for p in model.parameters())
     main_process = os.environ.get("RANK", "0") == "0"
     if main_process:
-        print(f"{model_config.model_type}: {n_params / 1e6:.2f}M parameters, "
-              f"{train_ids.numel()} train tokens, validation: {', '.join(corpus.val_docs)}", file=sys.stderr)
-    data = None if args.data is None else [str(Path(p).resolve()) for p in args.data]
+        print(f"{model_config.model_type}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"{data_line}", file=sys.stderr)
     result = train(model, train_ids, val_ids, train_cfg, out, resume=args.resume, tokenizer=tokenizer,
-                   overwrite=args.overwrite, extra={"data": data, "data_files": files})
+                   overwrite=args.overwrite, **train_kwargs)
     if main_process:
         print(dumps_strict({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
     return 0
@@ -248,31 +257,19 @@ def cmd_tokenize(args) -> int:
 
 def _train_on_shards(args, out: Path, model_config, train_cfg, tokenizer) -> int:
     """`mulfree train --shards DIR`: windows streamed from the memory-mapped shards (`data.shards`)."""
-    import torch
-
-    from mulfree.data.shards import ShardWindows, read_index
+    from mulfree.data.shards import ShardWindows
     from mulfree.data.text import load_tokenizer
     from mulfree.integrity import digest_file
-    from mulfree.models import registry
-    from mulfree.train import train
 
     shards = Path(args.shards).resolve()
-    index = read_index(shards)
+    batch_fn = ShardWindows(shards, train_cfg.batch_size, train_cfg.seq_len)  # reads and checks the index once
+    index = batch_fn.index
     if tokenizer is None:
         tokenizer = load_tokenizer(shards)
         model_config = type(model_config).from_dict({**model_config.to_dict(), "vocab_size": index["vocab_size"]})
-    batch_fn = ShardWindows(shards, train_cfg.batch_size, train_cfg.seq_len)
-    torch.manual_seed(train_cfg.seed)
-    model = registry.get(model_config.model_type).model_cls(model_config)
-    if os.environ.get("RANK", "0") == "0":
-        print(f"{model_config.model_type}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-              f"{index['tokens']} tokens in {len(index['shards'])} shards", file=sys.stderr)
-    result = train(model, None, None, train_cfg, out, resume=args.resume, tokenizer=tokenizer,
-                   overwrite=args.overwrite, batch_fn=batch_fn,
-                   extra={"shards": str(shards), "shard_index": digest_file(shards / "index.json")})
-    if os.environ.get("RANK", "0") == "0":
-        print(dumps_strict({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
-    return 0
+    return _build_and_train(args, out, model_config, train_cfg, tokenizer,
+                            f"{index['tokens']} tokens in {len(index['shards'])} shards", batch_fn=batch_fn,
+                            extra={"shards": str(shards), "shard_index": digest_file(shards / "index.json")})
 
 
 # ---------------------------------------------------------------- generate / eval

@@ -259,7 +259,7 @@ class ShardWindows:
 
     def __init__(self, directory: str | Path, batch_size: int, seq_len: int):
         directory = Path(directory)
-        index = read_index(directory)
+        self.index = index = read_index(directory)
         dtype = np.dtype(index["dtype"])
         self.shards = [np.memmap(directory / s["file"], dtype=dtype, mode="r") for s in index["shards"]]
         self.batch_size, self.seq_len = batch_size, seq_len
