@@ -176,7 +176,7 @@ def tokenize_corpus(paths: list[str], tokenizer, out: str | Path, shard_tokens: 
     state = _resume_state(work, expect, overwrite)
     shards: list[dict] = state["shards"]
     skip = tuple(state["next"])
-    total = sum(_size(p) for p in files)
+    total = sum(f["bytes"] for f in expect["sources"])
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenize", disable=not progress)
     buffer: list[np.ndarray] = []
     count = 0
