@@ -114,7 +114,7 @@ def forward(x: torch.Tensor, w: LutWeights, backend: str | None = None, threads:
 
         rht, rht_out, bias = w.layer or (None, None, None)
         x = x if rht is None else hadamard.apply_input(rht, x, name)
-        y = lut_gemv(x[0], w, name).unsqueeze(0) if x.shape[0] == 1 else lut_gemm(x, w, name)
+        y = lut_gemm(x, w, name)  # row t equals lut_gemv(x[t])
         y = y if rht_out is None else hadamard.invert_output(rht_out, y, name)
         return y if bias is None else y + bias
     y = torch.empty(x.shape[0], w.n, dtype=torch.float32)
