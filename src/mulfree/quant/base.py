@@ -89,12 +89,15 @@ class HessianStats:
 def asymmetric_target(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, percdamp: float) -> torch.Tensor:
     """W' = argmin ‖X_fp Wᵀ − X_q W'ᵀ‖ = W Cᵀ H⁻¹ with H = X_qᵀX_q, C = X_qᵀX_fp (both per token), written
     W + W (C − H)ᵀ H_d⁻¹ with H dampened as the solver does, so that W' = W where the two streams agree.
-    Quantizing W' against H then minimizes the asymmetric objective (up to a constant)."""
-    h = h.to(torch.float64, copy=True)
-    w = w.double()
-    rhs = cross.to(torch.float64, copy=True).sub_(h) @ w.T  # (C − H) Wᵀ [K, N]: N columns, not K
-    h.diagonal().add_(percdamp * torch.diag(h).mean() + 1e-12)  # H_d, in place
-    return (w + torch.linalg.solve(h, rhs).T).float()  # W (C − H)ᵀ H_d⁻¹ = (H_d⁻¹ (C − H) Wᵀ)ᵀ
+    Quantizing W' against H then minimizes the asymmetric objective (up to a constant). fp32 like the
+    GPTQ solve (Frantar et al. factor H in fp32 too): at most two [K, K] matrices are alive at once."""
+    h, w = h.float(), w.float()
+    rhs = torch.sub(cross.float(), h) @ w.T  # (C − H) Wᵀ [K, N]: N columns, not K
+    h_d = h.clone()
+    h_d.diagonal().add_(percdamp * torch.diag(h).mean() + 1e-12)  # H_d, as the solver dampens it
+    lower = torch.linalg.cholesky(h_d)
+    del h_d
+    return w + torch.cholesky_solve(rhs, lower).T  # W (C − H)ᵀ H_d⁻¹ = (H_d⁻¹ (C − H) Wᵀ)ᵀ
 
 
 class QuantMethod(Protocol):

@@ -6,7 +6,8 @@ again to be written last. Peak memory is one block plus the calibration activati
 `spill.SPILL_BYTES` on disk), not the model.
 
 The result is the quantized dir of `walker.save_quantized` with the weights sharded one block per file
-(`shards.ShardWriter`; the embeddings, norms and head in the last shard), the same tensors bit for bit.
+(`shards.ShardWriter`; then the embeddings, final norm and head one tensor per shard, so that only one of them
+is in memory at a time), the same tensors bit for bit.
 The dir is built beside `out` and renamed into place (`atomic.atomic_dir`): an interrupted run leaves
 `out` as it was. Not for `distill_epochs` (end-to-end distillation needs every block at once).
 """
@@ -174,7 +175,7 @@ def quantize_blockwise(
     per_block = 4 * sum(t.numel() for t in blocks[0].state_dict(keep_vars=True).values())
     outside = 4 * sum(t.numel() for k, t in model.state_dict(keep_vars=True).items() if not k.startswith(prefix + "."))
     schema.check_memory(outside + 3 * per_block, str(src), "block-by-block quantization")
-    _outside_names(model, weights, prefix)  # fail before any work when one is missing
+    outside_names = _outside_names(model, weights, prefix)  # fail before any work when one is missing
     metas: dict[str, dict] = {}
     with atomic_dir(out, overwrite, "quantized model") as tmp:
         stream = None
@@ -183,7 +184,7 @@ def quantize_blockwise(
             stream = CalibrationStream(model, blocks[0], calib, opts.batch_size, opts.asymmetric,
                                        spill=Spill(tmp, spill_bytes))
             _drop_outside_blocks(model, prefix)
-        writer = ShardWriter(tmp, len(blocks) + 1)
+        writer = ShardWriter(tmp, len(blocks) + len(outside_names))
         for bi in tqdm(range(len(blocks)), desc=f"{method.name} blocks", disable=not opts.progress):
             block = blocks[bi]
             at = f"{prefix}.{bi}."
@@ -199,7 +200,9 @@ def quantize_blockwise(
             blocks[bi] = nn.Identity()  # drop the block (and its cached dense weights)
             del block
             _return_freed_heap()
-        writer.write(_outside_tensors(model, weights, prefix))  # embeddings, final norm, head: as read
+        for name in outside_names:  # embeddings, final norm, head: as read
+            writer.write(weights.load([name], torch.float32))
+            _return_freed_heap()
         names = writer.finish()
         (tmp / "config.json").write_text(json.dumps(quant_config(config, method, metas, extra or {}), indent=2))
         if tokenizer is not None:

@@ -84,9 +84,9 @@ def _solve(w, h, quantizer, perm, blocksize, percdamp):
 def _inverse_factor(h: torch.Tensor, perm: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(upper Cholesky factor of the dampened, permuted H⁻¹ as float32, the permuted dead-column mask).
 
-    H is permuted before it is widened and each float64 step is freed as the next is made, so at most two
-    [K, K] float64 matrices are alive (a 5632-wide H is 254 MB each) and none once the column loop runs."""
-    h = h.index_select(0, perm).index_select(1, perm).to(torch.float64)
+    fp32 as in the GPTQ reference, and each step is freed as the next is made, so at most two [K, K] fp32
+    matrices are alive (127 MB each for a 5632-wide H) and one once the column loop runs."""
+    h = h.index_select(0, perm).index_select(1, perm).float()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     h.diagonal().add_(percdamp * torch.mean(torch.diag(h)))
@@ -96,7 +96,7 @@ def _inverse_factor(h: torch.Tensor, perm: torch.Tensor, percdamp: float) -> tup
     del lower
     upper = torch.linalg.cholesky(inverse, upper=True)
     del inverse
-    return upper.float(), dead
+    return upper, dead
 
 
 class UniformQuantizer:
