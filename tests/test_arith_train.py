@@ -25,18 +25,21 @@ TINY = {"hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64}
 
 
 def test_batches_learn_only_the_answer():
-    ids, n_prompt = encode_line(TOK, "12+345=753")
-    x, y = collate([(ids, n_prompt), encode_line(TOK, "1+2=3")], TOK.pad_id)
+    ids, flags = encode_line(TOK, "12+345=753", "reversed")
+    n_prompt = len("12+345=") + 1  # bos + prompt
+    assert flags == [False] * (n_prompt - 1) + [True] * 4
+    x, y = collate([(ids, flags), encode_line(TOK, "1+2=3")], TOK.pad_id)
     assert x.shape == y.shape == (2, len(ids) - 1)
     assert TOK.decode([t for t in y[0].tolist() if t != -100]) == "753"
     assert y[0, n_prompt - 2].item() == -100 and y[0, -1].item() == TOK.eos_id
     assert (y[1] != -100).sum().item() == 2  # "3" and eos
+    assert torch.equal(collate([(ids, n_prompt)], TOK.pad_id)[1], y[:1])  # (ids, prompt length) items too
     fn = make_batch_fn(ArithTask("add", "reversed", 3), TOK, 8)
     a, b = fn(4, torch.Generator().manual_seed(9)), fn(4, torch.Generator().manual_seed(9))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-@pytest.mark.parametrize("kind", ["transformer", "mmfree"])
+@pytest.mark.parametrize("kind", ["transformer", "mmfree", "bitnet"])
 def test_stateful_greedy_equals_full_recompute(kind):
     model = build_model(kind, TOK.vocab_size, seed=3, **TINY).eval()
     prompts = ["7+8=", "12+345=", "99+1=", "3  4+ 5="]
@@ -55,7 +58,7 @@ def test_stateful_greedy_equals_full_recompute(kind):
 
 
 def test_arith_preset_is_about_one_million_parameters():
-    for kind in ("transformer", "mmfree"):
+    for kind in ("transformer", "bitnet", "mmfree"):
         model = build_model(kind, TOK.vocab_size)
         assert 0.9e6 < sum(p.numel() for p in model.parameters()) < 1.2e6
     assert model_config("transformer", TOK.vocab_size).num_attention_heads == 4

@@ -1,7 +1,11 @@
-"""Train and evaluate small LMs on arithmetic: answer-only batches for `mulfree.train.train`, batched
-greedy decoding through the model's state (KV cache or recurrent state), exact-match and per-digit
-accuracy per operand length, and the lengths × formats heatmap.
+"""Train and evaluate small LMs on arithmetic: batches whose loss covers only what the model must produce
+(`output_mask`: the answer, or in `interleaved` only the output digits between the given operand digits) for
+`mulfree.train.train`, batched greedy decoding through the model's state (KV cache or recurrent state; given
+answer characters are fed, not generated), exact-match and per-digit accuracy per operand length, and the
+lengths × formats heatmap.
 
+Models (`ARITH_MODELS`): the registry's families plus `bitnet`, the Transformer++ with every projection and
+the head a ternary BitLinear (`TransformerConfig.bitlinear`; its config.json says model_type transformerpp).
 A trained directory holds the model (`mulfree.models.io`), `chartok.json` and `arith.json` (the task).
 """
 
@@ -20,15 +24,18 @@ import torch
 from torch import nn
 
 from mulfree.data.arithmetic import (
+    GIVEN_IN_ANSWER,
     ArithTask,
     digit_accuracy,
+    format_chars,
     held_out_problems,
     make_test_set,
+    output_mask,
     parse_answer,
     split_line,
 )
-from mulfree.data.chartok import CharTokenizer
-from mulfree.errors import CheckpointError, MulfreeError
+from mulfree.data.chartok import ARITH_CHARS, CharTokenizer
+from mulfree.errors import CheckpointError, ConfigError, MulfreeError
 from mulfree.models import registry
 from mulfree.settings import ArithConfig, ArithEvalConfig
 
@@ -41,13 +48,32 @@ RESULTS_FILE = "arith_eval.json"
 # the family has attention heads.
 ARITH_SIZE = {"hidden_size": 128, "num_hidden_layers": 4, "intermediate_size": 512, "max_position_embeddings": 512}
 ARITH_HEADS = 4
+# `mulfree arith --model` name -> (model family, config overrides)
+ARITH_MODELS: dict[str, tuple[str, dict]] = {
+    **{name: (name, {}) for name in registry.NAMES},
+    "bitnet": ("transformerpp", {"bitlinear": True}),
+}
+
+
+def arith_model(kind: str) -> tuple[str, dict]:
+    """(model family, config overrides) of an arith model name (old family aliases accepted)."""
+    name = registry.canonical(kind)
+    if name not in ARITH_MODELS:
+        raise ConfigError(f"unknown arithmetic model {kind!r}", f"use one of {', '.join(ARITH_MODELS)}")
+    return ARITH_MODELS[name]
+
+
+def tokenizer_for(fmt: str) -> CharTokenizer:
+    """The character tokenizer of a format: the arithmetic characters plus the format's own (index hints)."""
+    return CharTokenizer(ARITH_CHARS + format_chars(fmt))
 
 
 def model_config(kind: str, vocab_size: int, preset: str = "arith", **overrides):
-    """Config of the model family `kind` (see `mulfree.models.registry`): the `arith` size or any
-    model preset / config .json, with our vocab."""
-    cls = registry.get(kind).config_cls
-    fields = {"vocab_size": vocab_size, **overrides}
+    """Config of the arith model `kind` (a registry family or `bitnet`): the `arith` size or any model
+    preset / config .json of its family, with our vocab."""
+    family, extra = arith_model(kind)
+    cls = registry.get(family).config_cls
+    fields = {"vocab_size": vocab_size, **extra, **overrides}
     if preset == "arith":
         has_heads = any(f.name == "num_attention_heads" for f in dataclasses.fields(cls))
         heads = {"num_attention_heads": ARITH_HEADS} if has_heads else {}
@@ -57,37 +83,41 @@ def model_config(kind: str, vocab_size: int, preset: str = "arith", **overrides)
 
 def build_model(kind: str, vocab_size: int, preset: str = "arith", seed: int = 0, **overrides) -> nn.Module:
     """A freshly initialised model (deterministic for a given seed)."""
-    family = registry.get(kind)
-    cfg = model_config(family.name, vocab_size, preset, **overrides)
+    cfg = model_config(kind, vocab_size, preset, **overrides)
     torch.manual_seed(seed)
-    return family.model_cls(cfg)
+    return registry.get(arith_model(kind)[0]).model_cls(cfg)
 
 
-def encode_line(tok: CharTokenizer, line: str) -> tuple[list[int], int]:
-    """Ids of bos + line + eos, and the number of prompt ids (bos + text through the first '=')."""
-    prompt, _ = split_line(line)
-    return tok.encode(line, bos=True, eos=True), len(prompt) + 1
+def encode_line(tok: CharTokenizer, line: str, fmt: str = "plain") -> tuple[list[int], list[bool]]:
+    """Ids of bos + line + eos, and one flag per target (ids[1:]): True where the model produces it
+    (`output_mask`; for every format but `interleaved`: the answer and eos)."""
+    return tok.encode(line, bos=True, eos=True), output_mask(line, fmt)
 
 
-def collate(encoded: Sequence[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, T] and y [B, T] = x shifted by one, with -100 on prompt and padding positions."""
+def collate(
+    encoded: Sequence[tuple[list[int], Sequence[bool] | int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, T] and y [B, T] = x shifted by one, with -100 wherever the target is given (prompt, given answer
+    characters) or padding. Each item is (ids, flags per target) or (ids, number of prompt ids)."""
     T = max(len(ids) for ids, _ in encoded) - 1
     x = torch.full((len(encoded), T), pad_id, dtype=torch.long)
     y = torch.full((len(encoded), T), -100, dtype=torch.long)
-    for i, (ids, n_prompt) in enumerate(encoded):
+    for i, (ids, produced) in enumerate(encoded):
         seq = torch.tensor(ids)
+        if isinstance(produced, int):
+            produced = [j >= produced - 1 for j in range(len(ids) - 1)]
         x[i, : len(ids) - 1] = seq[:-1]
-        y[i, n_prompt - 1 : len(ids) - 1] = seq[n_prompt:]
+        y[i, : len(ids) - 1] = torch.where(torch.tensor(produced, dtype=torch.bool), seq[1:], -100)
     return x, y
 
 
 def make_batch_fn(task: ArithTask, tok: CharTokenizer, batch_size: int):
-    """`(step, generator) -> (x, y)`: fresh balanced problems each step, loss on the answer only."""
+    """`(step, generator) -> (x, y)`: fresh balanced problems each step, loss on what the model produces."""
 
     def batch_fn(step: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=generator)))
         lines = [task.line(*task.sample(rng), rng=rng) for _ in range(batch_size)]
-        return collate([encode_line(tok, line) for line in lines], tok.pad_id)
+        return collate([encode_line(tok, line, task.fmt) for line in lines], tok.pad_id)
 
     return batch_fn
 
@@ -126,6 +156,39 @@ def greedy_complete(
     return out
 
 
+@torch.no_grad()
+def forced_complete(
+    model: nn.Module, tok: CharTokenizer, lines: Sequence[str], fmt: str, batch_size: int = 256
+) -> list[str]:
+    """Answers of whole `lines` in which the model writes only the characters `output_mask` marks as
+    produced, greedily, while the given ones (prompt, interleaved operand digits) are fed from the line:
+    the model's own earlier outputs (not the true ones) stay in its state. Each run of given characters
+    goes in one forward call with the state; lines of the same shape share a batch."""
+    was_training = model.training
+    model.eval()
+    out: list[str] = [""] * len(lines)
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    encoded = [tok.encode(line, bos=True) for line in lines]
+    for i, line in enumerate(lines):
+        flags = output_mask(line, fmt)[:-1]  # the end is never produced where characters are given
+        groups[(len(split_line(line)[0]) + 1, tuple(flags))].append(i)
+    for (n_prompt, flags), idx in groups.items():
+        spots = [t + 1 for t, produced in enumerate(flags) if produced]  # ids positions the model writes
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start : start + batch_size]
+            ids = torch.tensor([encoded[i] for i in chunk])
+            if spots:
+                logits, state = model(ids[:, : spots[0]])
+                for k, t in enumerate(spots):
+                    ids[:, t] = logits[:, -1].argmax(-1)
+                    if k + 1 < len(spots):
+                        logits, state = model(ids[:, t : spots[k + 1]], state)
+            for row, i in enumerate(chunk):
+                out[i] = tok.decode(ids[row, n_prompt:])
+    model.train(was_training)
+    return out
+
+
 @dataclass
 class LengthResult:
     """Accuracy on the problems of one operand length."""
@@ -144,9 +207,11 @@ def evaluate_task(
     results = []
     for n, problems in sorted(test_set.items()):
         lines = [task.line(a, b, rng=random.Random(k)) for k, (a, b) in enumerate(problems)]
-        prompts = [split_line(line)[0] for line in lines]
-        budget = 2 * max(len(line) for line in lines) + 4
-        completions = greedy_complete(model, tok, prompts, budget)
+        if task.fmt in GIVEN_IN_ANSWER:
+            completions = forced_complete(model, tok, lines, task.fmt)
+        else:
+            prompts = [split_line(line)[0] for line in lines]
+            completions = greedy_complete(model, tok, prompts, 2 * max(len(line) for line in lines) + 4)
         exact = per_digit = 0.0
         malformed = 0
         for (a, b), text in zip(problems, completions):
@@ -245,18 +310,21 @@ def train_arith(
     test_per_length: int = 200,
     test_seed: int = 1234,
     overwrite: bool = False,
+    cpu_budget_s: float | None = None,
 ) -> tuple[nn.Module, list[LengthResult], dict]:
-    """Train a fresh `kind` model on `task` (test problems of lengths 1..digits held out), save it and
-    evaluate on lengths `eval_lengths` (default 1..digits+3); returns (model, results, train metrics).
+    """Train a fresh `kind` model (`ARITH_MODELS`) on `task` (test problems of lengths 1..digits held out),
+    save it and evaluate on lengths `eval_lengths` (default 1..digits+3); returns (model, results, train
+    metrics). `cpu_budget_s` stops training once the process has used that much CPU time (see `train`).
 
     The whole directory is built beside `out_dir` and renamed into place when complete; an `out_dir` that
     is not empty is replaced only with `overwrite` (and kept until then)."""
     from mulfree.atomic import atomic_dir, prepare_output
     from mulfree.train import train
 
-    kind = registry.get(kind).name
+    kind = registry.canonical(kind)
+    arith_model(kind)
     out_dir = prepare_output(out_dir, "arithmetic run", overwrite)
-    tok = CharTokenizer()
+    tok = tokenizer_for(task.fmt)
     lengths = list(eval_lengths or range(1, task.digits + 4))
     test_set = make_test_set(task.op, lengths, test_per_length, seed=test_seed)
     task = ArithTask(task.op, task.fmt, task.digits, task.width,
@@ -264,7 +332,8 @@ def train_arith(
     model = build_model(kind, tok.vocab_size, preset, seed=train_cfg.seed)
     batch_fn = make_batch_fn(task, tok, train_cfg.batch_size)
     with atomic_dir(out_dir, overwrite, kind="arithmetic run") as tmp:
-        metrics = train(model, None, None, train_cfg, tmp, batch_fn=batch_fn, val_batch_fn=batch_fn)
+        metrics = train(model, None, None, train_cfg, tmp, batch_fn=batch_fn, val_batch_fn=batch_fn,
+                        cpu_budget_s=cpu_budget_s)
         tok.save(tmp)
         save_task(tmp, task, kind, test_seed, test_per_length)
         results = evaluate_task(model, tok, task, test_set)

@@ -189,6 +189,7 @@ def train(
     val_batch_fn: BatchFn | None = None,
     overwrite: bool = False,
     extra: dict | None = None,
+    cpu_budget_s: float | None = None,
 ) -> dict:
     """Train `model` in place and save it to `out_dir` with `mulfree.models.io.save_model`.
 
@@ -201,8 +202,11 @@ def train(
             token stream must be the one the run started with.
         overwrite: replace what `out_dir` holds; the old contents stay until the new run is complete.
         extra: JSON-able facts stored in every checkpoint (e.g. the data paths, for the CLI's resume).
+        cpu_budget_s: stop after the step at which this process's CPU time (time.process_time, all its
+            threads) since the loop began reaches this many seconds; the model is saved as at the end.
+            Single-process runs only (DDP ranks would not agree on the step).
     Returns:
-        final metrics: step, loss, val_loss, val_ppl (when validated), tokens, wall_s.
+        final metrics: step, loss, val_loss, val_ppl (when validated), tokens, wall_s, cpu_s.
     Raises:
         ConfigError: on a non-finite loss or gradient (the last checkpoint stays), or settings the
             machine cannot run (no CUDA, a step beyond the available memory).
@@ -277,7 +281,7 @@ def train(
 
     last_saved = start if resume else None
     final: dict = {"step": start}
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     tokens_seen = 0
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",
                disable=not (cfg.progress and is_main), dynamic_ncols=True)
@@ -324,8 +328,11 @@ def train(
             if is_main and ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps):
                 save_checkpoint(run_dir, done, model, opt, cfg, extra)
                 last_saved = done
+            if cpu_budget_s is not None and time.process_time() - cpu_start >= cpu_budget_s:
+                break
         bar.close()
-        final.update(tokens=tokens_seen, wall_s=time.perf_counter() - t_start)
+        final.update(tokens=tokens_seen, wall_s=time.perf_counter() - t_start,
+                     cpu_s=time.process_time() - cpu_start)
         if is_main:
             from mulfree.models.io import save_model
 

@@ -39,12 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = group.add_parser("train", help="train a small model on one arithmetic task and evaluate it",
                          description="Train on operands of 1..--digits digits (fresh balanced problems each "
                                      "step; the test problems are held out), then report accuracy on "
-                                     "1..--digits+3 digits.")
+                                     "1..--digits+3 digits. Formats: docs/arithmetic.md.")
     t.add_argument("--task", choices=list(OPS), default="add", help="operation (default: add)")
     t.add_argument("--format", choices=FORMATS, default="reversed", help="data format (default: reversed)")
     add_flags(t, ArithConfig, only=("digits", "width"))
-    t.add_argument("--model", type=registry.canonical, choices=registry.NAMES, default="transformerpp",
-                   help="model family")
+    t.add_argument("--model", type=registry.canonical, choices=(*registry.NAMES, "bitnet"), default="transformerpp",
+                   help="model family; bitnet: Transformer++ with ternary BitLinear projections and head "
+                        "(ternary models want ~3x the LR, e.g. --lr 3e-3)")
     t.add_argument("--preset", default="arith", help="arith (~1M params, d=128, 4 layers) or a model preset/config .json")
     t.add_argument("--out", required=True, help="output directory")
     add_flags(t, TrainConfig, only=("steps", "batch_size", "lr", "warmup", "seed"),

@@ -15,8 +15,24 @@ Formats (`FORMATS`; see docs/arithmetic.md for the papers they come from), for 2
                      recursive: each step shows the remaining operand digits LSD first, the carry in
                      and the partial result; multiplication peels one digit of b per step:
                      12*34=12*4=48:48;12*3=360:408;>408
+    interleaved      +=910 326 280 001           digit-free prompt (the operation), then one group per place,
+                                                 least significant first: a_k b_k c_k (operands zero-padded
+                                                 to the answer width, so the last group of an addition is
+                                                 0 0 carry). a_k, b_k are given, c_k is the model's output:
+                                                 a left-to-right recurrence needs only what streamed past
+    index-hint       c2b3a9+c8b2a1=a0b6c0d1      each digit tagged with the letter of its place (units a,
+                                                 tens b, ...; Zhou et al. 2023's index hints), answer LSD
+                                                 first; with an rng the letters start at a random offset
+                                                 (cyclic over a-z) so that every letter is seen in training
+    scratchpad-digits 239+821=932+128:0601       reversed, aligned operand copies, then the sum LSD first;
+                     239*821=932;1:9320;2:08740=91050;8:002191=912691
+                     multiplication: a reversed, then per digit b_j of b (LSD first) `b_j:P_j` with P_j the
+                     shifted partial product a*b_j*10^j LSD first at width len(a)+1+j, and from the second
+                     step on `=S_j`, the running sum at the same width; the answer is the last field
 
 Every line is `prompt + answer`; the prompt ends at the first '='. Answers are always computed.
+`output_mask` says which characters a model produces: the whole answer (and the end of line) in every
+format but `interleaved`, whose operand digits and spaces are given and only the c_k are produced.
 """
 
 from __future__ import annotations
@@ -28,10 +44,18 @@ from dataclasses import dataclass
 
 from mulfree.errors import ConfigError
 
-FORMATS = ("plain", "reversed", "padded", "padded-reversed", "spaced", "random-space", "scratchpad")
+FORMATS = ("plain", "reversed", "padded", "padded-reversed", "spaced", "random-space", "scratchpad",
+           "interleaved", "index-hint", "scratchpad-digits")  # append only: saved runs name their format
 OPS = {"add": "+", "mul": "*"}
 MAX_RANDOM_SPACES = 3
+HINT_LETTERS = "abcdefghijklmnopqrstuvwxyz"  # index-hint place tags, cyclic beyond 26 places
+GIVEN_IN_ANSWER = ("interleaved",)  # formats whose answer holds given characters besides the model's output
 _DIGITS = re.compile(r"[0-9]+")
+_HINTED = re.compile(r"(?:[a-z][0-9])+")
+_SCRATCH_DIGITS = {  # the whole line (prompt optional, so a completion parses too); the answer is the last field
+    "add": re.compile(r"(?:[0-9]+\+[0-9]+=)?[0-9]+\+[0-9]+:[0-9]+"),
+    "mul": re.compile(r"(?:[0-9]+\*[0-9]+=)?[0-9]+(?:;[0-9]:[0-9]+)(?:;[0-9]:[0-9]+=[0-9]+)*"),
+}
 
 
 def check_format(fmt: str) -> str:
@@ -53,6 +77,11 @@ def check_digits(n: int) -> int:
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ConfigError(f"operand length must be an integer >= 1, got {n!r}", "pass --digits 1 or more")
     return n
+
+
+def format_chars(fmt: str) -> str:
+    """Characters a format needs beyond `mulfree.data.chartok.ARITH_CHARS` (the index-hint letters)."""
+    return HINT_LETTERS if check_format(fmt) == "index-hint" else ""
 
 
 def compute(a: int, b: int, op: str) -> int:
@@ -84,6 +113,35 @@ def _scratchpad(a: int, b: int, op: str) -> str:
     return "".join(steps) + f">{a + b}"
 
 
+def _interleaved(a: int, b: int, op: str, width: int | None) -> str:
+    n = answer_width(max(width or 0, len(str(a)), len(str(b))), op)
+    da, db, dc = (f"{v:0{n}d}"[::-1] for v in (a, b, compute(a, b, op)))
+    return f"{OPS[op]}=" + " ".join(x + y + z for x, y, z in zip(da, db, dc))
+
+
+def _hinted(number: int, offset: int, lsd_first: bool = False) -> str:
+    """Digits of `number`, each after the letter of its place (units = HINT_LETTERS[offset], tens next, ...)."""
+    places = list(enumerate(reversed(str(number))))
+    if not lsd_first:
+        places.reverse()
+    return "".join(HINT_LETTERS[(offset + k) % len(HINT_LETTERS)] + d for k, d in places)
+
+
+def _scratchpad_digits(a: int, b: int, op: str) -> str:
+    ra = str(a)[::-1]
+    if op == "add":
+        w = max(len(str(a)), len(str(b)))
+        return f"{ra.ljust(w, '0')}+{str(b)[::-1].ljust(w, '0')}:{str(a + b).zfill(w + 1)[::-1]}"
+    steps, acc = [ra], 0
+    for j, d in enumerate(reversed(str(b))):
+        part = a * int(d) * 10**j
+        acc += part
+        width = len(ra) + 1 + j
+        step = f"{d}:{str(part).zfill(width)[::-1]}"
+        steps.append(step if j == 0 else f"{step}={str(acc).zfill(width)[::-1]}")
+    return ";".join(steps)
+
+
 def format_problem(
     a: int, b: int, op: str, fmt: str, rng: random.Random | None = None, width: int | None = None
 ) -> str:
@@ -93,10 +151,10 @@ def format_problem(
         a, b: non-negative operands.
         op: `add` or `mul`.
         fmt: one of FORMATS.
-        rng: randomness for `random-space`; None uses a generator seeded by (a, b), so the line is
-            reproducible.
-        width: padding width for the padded formats; defaults to the longer operand and never
-            truncates (an operand longer than width widens the line).
+        rng: randomness for `random-space` (None: a generator seeded by (a, b), so the line is
+            reproducible) and for `index-hint`'s first letter (None: `a` at the units).
+        width: padding width for the padded formats and `interleaved`; defaults to the longer operand
+            and never truncates (an operand longer than width widens the line).
     Example: format_problem(239, 821, "add", "reversed") == "239+821=0601"
     """
     check_op(op)
@@ -120,6 +178,13 @@ def format_problem(
         for ch in chars[1:]:
             out += " " * rng.randint(0, MAX_RANDOM_SPACES) + ch
         return out + str(c)
+    if fmt == "interleaved":
+        return _interleaved(a, b, op, width)
+    if fmt == "index-hint":
+        offset = rng.randrange(len(HINT_LETTERS)) if rng is not None else 0
+        return f"{_hinted(a, offset)}{sym}{_hinted(b, offset)}=" + _hinted(c, offset, lsd_first=True)
+    if fmt == "scratchpad-digits":
+        return f"{a}{sym}{b}=" + _scratchpad_digits(a, b, op)
     return f"{a}{sym}{b}=" + _scratchpad(a, b, op)
 
 
@@ -129,6 +194,22 @@ def split_line(line: str) -> tuple[str, str]:
     if i < 0:
         raise ConfigError(f"not an arithmetic line: {line!r}", "a line holds a prompt ending in '='")
     return line[: i + 1], line[i + 1 :]
+
+
+def output_mask(line: str, fmt: str) -> list[bool]:
+    """One flag per character of `line` and a last one for the end of the line (eos): True where a
+    model produces the character (it bears the loss and is generated at evaluation), False where it
+    is given (the prompt; in `interleaved` also the operand digits and spaces of the answer, and the
+    end, whose place the given operands fix).
+
+    Example: output_mask("+=910 001", "interleaved") is True only at the 0 after `91` and the 1 after `00`.
+    """
+    prompt, answer = split_line(line)
+    if check_format(fmt) == "interleaved":
+        produced = [j % 4 == 2 for j in range(len(answer))] + [False]
+    else:
+        produced = [True] * (len(answer) + 1)
+    return [False] * len(prompt) + produced
 
 
 def parse_answer(text: str, fmt: str) -> int | None:
@@ -142,6 +223,8 @@ def parse_answer(text: str, fmt: str) -> int | None:
     if not isinstance(text, str):
         return None
     body = text.split("\n", 1)[0]
+    if fmt in ("interleaved", "index-hint", "scratchpad-digits"):
+        return _parse_digit_format(body.strip(), fmt)
     if fmt == "scratchpad":
         if ">" not in body:
             return None
@@ -156,6 +239,22 @@ def parse_answer(text: str, fmt: str) -> int | None:
     if fmt in ("reversed", "padded-reversed"):
         body = body[::-1]
     return int(body)
+
+
+def _parse_digit_format(body: str, fmt: str) -> int | None:
+    """The answer of an `interleaved`, `index-hint` or `scratchpad-digits` line or completion."""
+    if fmt == "interleaved":
+        body = body.split("=", 1)[1] if "=" in body else body
+        groups = body.split(" ")
+        if not all(len(g) == 3 and _DIGITS.fullmatch(g) for g in groups):
+            return None
+        return int("".join(g[2] for g in reversed(groups)))
+    if fmt == "index-hint":
+        body = body.split("=", 1)[1] if "=" in body else body
+        return int(body[1::2][::-1]) if _HINTED.fullmatch(body) else None
+    if not any(pattern.fullmatch(body) for pattern in _SCRATCH_DIGITS.values()):
+        return None
+    return int(re.split(r"[=:]", body)[-1][::-1])
 
 
 def digit_accuracy(pred: int | None, target: int) -> float:

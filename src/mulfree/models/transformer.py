@@ -1,5 +1,10 @@
 """Transformer++ baseline (Llama style: RoPE, SwiGLU, RMSNorm, no bias), sized like the MMfree presets:
-the same widths, depths and GLU rule give equal parameter counts (4d² mixer + 3dI channel mixer per layer)."""
+the same widths, depths and GLU rule give equal parameter counts (4d² mixer + 3dI channel mixer per layer).
+
+`bitlinear=True` makes it a BitNet-style ternary Transformer: every projection (q, k, v, o, the GLU's gate,
+up and down) and the LM head become `mulfree.nn.bitlinear.BitLinear` (own input RMSNorm, int8 activations,
+ternary weights), as the MMfree model's are; the embedding stays in floating point. Attention itself
+(QKᵀ, softmax, AV) still multiplies, so this is the "ternary projections" control, not a MatMul-free model."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from torch import nn
 
 from mulfree.models.config import LMConfig
 from mulfree.nn.attention import RotaryAttention
+from mulfree.nn.bitlinear import BitLinear
 from mulfree.nn.norm import RMSNorm
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
@@ -31,18 +37,24 @@ class TransformerConfig(LMConfig):
     model_type = "transformerpp"
     num_attention_heads: int = 32
     rope_theta: float = 10000.0
+    bitlinear: bool = False  # BitNet-style: every projection and the head a ternary BitLinear (see the module doc)
 
     @classmethod
     def preset_extras(cls, hidden_size: int) -> dict[str, Any]:
         return {"num_attention_heads": max(1, hidden_size // 64)}
 
 
+def projection(in_features: int, out_features: int, bitlinear: bool = False) -> nn.Module:
+    """A bias-free projection: nn.Linear, or the ternary BitLinear for the BitNet-style variant."""
+    return BitLinear(in_features, out_features) if bitlinear else nn.Linear(in_features, out_features, bias=False)
+
+
 class SwiGLU(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    def __init__(self, hidden_size: int, intermediate_size: int, bitlinear: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = projection(hidden_size, intermediate_size, bitlinear)
+        self.up_proj = projection(hidden_size, intermediate_size, bitlinear)
+        self.down_proj = projection(intermediate_size, hidden_size, bitlinear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -53,8 +65,11 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attn = RotaryAttention(config.hidden_size, config.num_attention_heads, config.rope_theta)
+        if config.bitlinear:  # swap the attention's four projections; the attention math is unchanged
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                setattr(self.attn, name, BitLinear(config.hidden_size, config.hidden_size))
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.bitlinear)
 
     def forward(self, x, cache, positions=None, key_mask=None):
         mixed, cache = self.attn(self.attn_norm(x), cache, positions, key_mask)
@@ -75,7 +90,7 @@ class TransformerForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = TransformerModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = projection(config.hidden_size, config.vocab_size, config.bitlinear)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
