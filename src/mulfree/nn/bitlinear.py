@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mulfree.nn import fused
 from mulfree.nn.norm import RMSNorm
 from mulfree.ops.ternary import activation_quant, weight_quant
 
@@ -56,6 +57,8 @@ class BitLinear(nn.Module):
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.active(x):
+            return fused.bitlinear(x, self.norm.weight, self.weight, self.norm.eps)
         return bitlinear(self.norm(x), self.weight)
 
     def extra_repr(self) -> str:

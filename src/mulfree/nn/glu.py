@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mulfree.nn import fused
 from mulfree.nn.bitlinear import BitLinear
 
 
@@ -24,5 +25,8 @@ class TernaryGLU(nn.Module):
         self.down_proj = BitLinear(intermediate_size, hidden_size, eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x).chunk(2, dim=-1)  # first half is the gate
+        gate_up = self.gate_proj(x)
+        if fused.active(gate_up):
+            return self.down_proj(fused.glu(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)  # first half is the gate
         return self.down_proj(F.silu(gate) * up)

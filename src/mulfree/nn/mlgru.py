@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mulfree.nn import fused
 from mulfree.nn.bitlinear import BitLinear
 from mulfree.nn.norm import RMSNorm
 from mulfree.ops.scan import linear_recurrence, linear_recurrence_step
@@ -62,6 +63,10 @@ class MLGRU(nn.Module):
 
         Padded positions get i = 0 (and f = 1 with mask_mode "skip"); left-padded batches decode correctly either way.
         """
+        if self.output_gate == "official" and fused.active(x):
+            o, h = fused.mlgru(self.i_proj(x), self.f_proj(x), self.g_proj(x), lower_bound, self.g_norm.weight,
+                               self.g_norm.eps, state, mask, self.mask_mode == "skip")
+            return self.o_proj(o), h[:, -1].clone()
         f = torch.sigmoid(self.f_proj(x)).float()
         if lower_bound is not None:
             f = lower_bound + (1 - lower_bound) * f

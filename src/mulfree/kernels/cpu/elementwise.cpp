@@ -8,38 +8,8 @@
 
 namespace ternary {
 
-#define MF_UNPAREN(...) __VA_ARGS__
-#define MF_ISA_VARIANTS(NAME, PARAMS, ARGS)                                                            \
-  static MF_VEC void NAME##_scalar PARAMS { NAME##_impl ARGS; }                                               \
-  static MF_VEC __attribute__((target("avx2,fma"))) void NAME##_avx2 PARAMS { NAME##_impl ARGS; }           \
-  static MF_VEC __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void NAME##_avx512 PARAMS { \
-    NAME##_impl ARGS;                                                                                  \
-  }                                                                                                    \
-  void NAME(Isa isa, MF_UNPAREN PARAMS) {                                                              \
-    if (isa == Isa::Avx512)                                                                            \
-      NAME##_avx512 ARGS;                                                                              \
-    else if (avx2_class(isa))                                                                          \
-      NAME##_avx2 ARGS;                                                                                \
-    else                                                                                               \
-      NAME##_scalar ARGS;                                                                              \
-  }
-
 // ---------------------------------------------------------------------------------------------
-// Float steps. The RMS uses a double sum of squares so that the rounded float factor is the
-// same as the torch reference's (ops/fused.py) whatever the summation order. It runs in 32 lanes (every
-// ISA the same lanes and order), which the variants below vectorize: 4 zmm or 8 ymm of doubles.
-MF_INLINE float rms_factor(const float *x, int64_t K, double eps) {
-  constexpr int kLanes = 32;
-  double s[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= K; k += kLanes)
-    for (int l = 0; l < kLanes; ++l) s[l] = __builtin_fma((double)x[k + l], (double)x[k + l], s[l]);
-  for (; k < K; ++k) s[0] = __builtin_fma((double)x[k], (double)x[k], s[0]);
-  for (int w = kLanes / 2; w > 0; w /= 2)
-    for (int l = 0; l < w; ++l) s[l] += s[l + w];
-  return (float)(1.0 / std::sqrt(s[0] / (double)K + eps));
-}
-
+// Float steps (rms_factor: elementwise.h).
 MF_INLINE void rmsnorm_row_impl(const float *x, const float *w, int64_t K, double eps, float *out) {
   const float r = rms_factor(x, K, eps);
   for (int64_t k = 0; k < K; ++k) out[k] = x[k] * r * w[k];
@@ -47,8 +17,9 @@ MF_INLINE void rmsnorm_row_impl(const float *x, const float *w, int64_t K, doubl
 MF_ISA_VARIANTS(rmsnorm_row, (const float *x, const float *w, int64_t K, double eps, float *out), (x, w, K, eps, out))
 
 // Scalar tails of quant_row_*: amax over [k0, K) and q / sum over [k0, K).
+// A NaN anywhere makes the max NaN (so the scale is NaN and the output shows it, as torch's amax does).
 static inline float absmax_tail(const float *x, int64_t k0, int64_t K, float m) {
-  for (int64_t k = k0; k < K; ++k) m = std::max(m, std::fabs(x[k]));
+  for (int64_t k = k0; k < K; ++k) m = x[k] != x[k] ? x[k] : std::max(m, std::fabs(x[k]));
   return m;
 }
 static inline int32_t quant_tail(const float *x, int64_t k0, int64_t K, float inv, int8_t *q) {
@@ -61,12 +32,13 @@ static inline int32_t quant_tail(const float *x, int64_t k0, int64_t K, float in
   return s;
 }
 
-// q = round_half_even(xhat * 127 / max(|xhat|max, 1e-5)), clamped to int8; returns sum q. Max is
-// exact in any order and each element is rounded alone, so every ISA gives identical bytes.
+// q = round_half_even(xhat * inv), inv = 127 * (1 / max(|xhat|max, 1e-5)) as torch evaluates `127.0 / t`
+// (a reciprocal, then the product), clamped to int8; returns sum q. Max is exact in any order and each element
+// is rounded alone, so every ISA gives identical bytes, and the bytes and scales of the torch references.
 using QuantFn = int32_t (*)(const float *x, int64_t K, float *inv_out, int8_t *q);
 
 static int32_t quant_row_scalar(const float *x, int64_t K, float *inv_out, int8_t *q) {
-  const float inv = 127.0f / std::max(absmax_tail(x, 0, K, 0.f), 1e-5f);
+  const float inv = 127.0f * (1.0f / std::max(absmax_tail(x, 0, K, 0.f), 1e-5f));
   *inv_out = inv;
   return quant_tail(x, 0, K, inv, q);
 }
@@ -74,14 +46,19 @@ static int32_t quant_row_scalar(const float *x, int64_t K, float *inv_out, int8_
 static __attribute__((target("avx2,fma"))) int32_t quant_row_avx2(const float *x, int64_t K, float *inv_out,
                                                                    int8_t *q) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 m = _mm256_setzero_ps();
+  __m256 m = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
   int64_t k = 0;
-  for (; k + 8 <= K; k += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+  for (; k + 8 <= K; k += 8) {
+    const __m256 v = _mm256_loadu_ps(x + k);
+    m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v));
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
   alignas(32) float mv[8];
   _mm256_store_ps(mv, m);
   float amax = absmax_tail(x, k, K, 0.f);
   for (float v : mv) amax = std::max(amax, v);
-  const float inv = 127.0f / std::max(amax, 1e-5f);
+  if (_mm256_movemask_ps(nan)) amax = std::numeric_limits<float>::quiet_NaN();
+  const float inv = 127.0f * (1.0f / std::max(amax, 1e-5f));
   *inv_out = inv;
   const __m256 vinv = _mm256_set1_ps(inv), lo = _mm256_set1_ps(-128.f), hi = _mm256_set1_ps(127.f);
   __m256i acc = _mm256_setzero_si256();
@@ -104,10 +81,16 @@ static __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) int32_t q
                                                                                                float *inv_out,
                                                                                                int8_t *q) {
   __m512 m = _mm512_setzero_ps();
+  __mmask16 nan = 0;
   int64_t k = 0;
-  for (; k + 16 <= K; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
-  const float amax = std::max(absmax_tail(x, k, K, 0.f), _mm512_reduce_max_ps(m));
-  const float inv = 127.0f / std::max(amax, 1e-5f);
+  for (; k + 16 <= K; k += 16) {
+    const __m512 v = _mm512_loadu_ps(x + k);
+    m = _mm512_max_ps(m, _mm512_abs_ps(v));
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
+  float amax = absmax_tail(x, k, K, 0.f);
+  amax = nan || amax != amax ? std::numeric_limits<float>::quiet_NaN() : std::max(amax, _mm512_reduce_max_ps(m));
+  const float inv = 127.0f * (1.0f / std::max(amax, 1e-5f));
   *inv_out = inv;
   const __m512 vinv = _mm512_set1_ps(inv), lo = _mm512_set1_ps(-128.f), hi = _mm512_set1_ps(127.f);
   __m512i acc = _mm512_setzero_si512();

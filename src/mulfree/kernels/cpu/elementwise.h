@@ -56,6 +56,38 @@ MF_INLINE void glu_pairs_impl(const float *g, const float *u, int64_t n, float *
   for (int64_t k = 0; k < n; ++k) out[k] = siluf(g[k]) * u[k];
 }
 
+// One function per ISA tier from NAME_impl (scalar, AVX2 + FMA, AVX-512), and NAME(isa, ...) choosing one.
+#define MF_UNPAREN(...) __VA_ARGS__
+#define MF_ISA_VARIANTS(NAME, PARAMS, ARGS)                                                            \
+  static MF_VEC void NAME##_scalar PARAMS { NAME##_impl ARGS; }                                               \
+  static MF_VEC __attribute__((target("avx2,fma"))) void NAME##_avx2 PARAMS { NAME##_impl ARGS; }           \
+  static MF_VEC __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void NAME##_avx512 PARAMS { \
+    NAME##_impl ARGS;                                                                                  \
+  }                                                                                                    \
+  void NAME(Isa isa, MF_UNPAREN PARAMS) {                                                              \
+    if (isa == Isa::Avx512)                                                                            \
+      NAME##_avx512 ARGS;                                                                              \
+    else if (avx2_class(isa))                                                                          \
+      NAME##_avx2 ARGS;                                                                                \
+    else                                                                                               \
+      NAME##_scalar ARGS;                                                                              \
+  }
+
+// The RMS factor rsqrt(mean(x²) + eps) of one row: a double sum of squares, so that the rounded float factor is
+// the same as the torch reference's (ops/fused.py) whatever the summation order. It runs in 32 lanes (every
+// ISA the same lanes and order), which the ISA variants vectorize: 4 zmm or 8 ymm of doubles.
+MF_INLINE float rms_factor(const float *x, int64_t K, double eps) {
+  constexpr int kLanes = 32;
+  double s[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes)
+    for (int l = 0; l < kLanes; ++l) s[l] = __builtin_fma((double)x[k + l], (double)x[k + l], s[l]);
+  for (; k < K; ++k) s[0] = __builtin_fma((double)x[k], (double)x[k], s[0]);
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) s[l] += s[l + w];
+  return (float)(1.0 / std::sqrt(s[0] / (double)K + eps));
+}
+
 // The steps, each dispatched to the variant of `isa` (AVX-VNNI runs the AVX2 one).
 // out = x * rms_factor(x) * w over one row of K.
 void rmsnorm_row(Isa isa, const float *x, const float *w, int64_t K, double eps, float *out);

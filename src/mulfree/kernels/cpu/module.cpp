@@ -10,4 +10,5 @@ NB_MODULE(_cpu, m) {
   register_shiftadd_llama(m);
   register_hadamard(m);
   register_bcq_fit(m);
+  register_train_ops(m);
 }

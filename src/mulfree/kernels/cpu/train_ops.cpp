@@ -1,0 +1,395 @@
+// The fused element-wise parts of MMfree training (nn/fused.py), forward and backward: RMSNorm (with the
+// BitLinear's per-token int8 quantization), the MLGRU over whole sequences and the GLU. Backward passes
+// recompute what the forward produced from the few tensors autograd keeps. References: ops/fused_train.py.
+// Rows (or channel blocks of the scan) are spread over the shared pool; weight gradients are summed per fixed
+// chunk of rows and the chunks reduced in order, so every result is the same for any thread count.
+#include "elementwise.h"
+#include "mulfree_cpu.h"
+#include "pool.h"
+
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <stdexcept>
+
+using namespace ternary;
+
+namespace {
+
+template <class T, class... Extra>
+using Arr = nb::ndarray<T, nb::c_contig, nb::device::cpu, Extra...>;
+using F2 = Arr<const float, nb::ndim<2>>;
+using F3 = Arr<const float, nb::ndim<3>>;
+using Out2 = Arr<float, nb::ndim<2>>;
+using Out3 = Arr<float, nb::ndim<3>>;
+using F1 = Arr<const float, nb::ndim<1>>;
+using Out1 = Arr<float, nb::ndim<1>>;
+
+constexpr int64_t kRows = 16;   // rows per chunk (and per weight-gradient partial sum)
+constexpr int64_t kChans = 64;  // channels per scan work item
+
+MF_INLINE float dsiluf(float x) {
+  const float s = sigmoidf(x);
+  return s * (1.0f + x * (1.0f - s));
+}
+
+// dx = r (g - y mean(g y)) with y = x r, g = dy w (RMSNorm backward); dw_acc += dy y.
+MF_INLINE void rmsnorm_bwd_row_impl(const float *x, const float *w, const float *dy, int64_t K, double eps, float *dx,
+                                    float *dw_acc) {
+  const float r = rms_factor(x, K, eps);
+  float dot = 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    const float y = x[k] * r;
+    dot += dy[k] * w[k] * y;
+    dw_acc[k] += dy[k] * y;
+  }
+  const float m = dot / (float)K;
+  for (int64_t k = 0; k < K; ++k) dx[k] = r * (dy[k] * w[k] - x[k] * r * m);
+}
+MF_ISA_VARIANTS(rmsnorm_bwd_row,
+                (const float *x, const float *w, const float *dy, int64_t K, double eps, float *dx, float *dw_acc),
+                (x, w, dy, K, eps, dx, dw_acc))
+
+// The MLGRU's sequence scan over channels [k0, k1) of one sequence (rows ld apart): f, i from the gates,
+// h_t = f h_{t-1} + i written to h. keep[t] == 0 zeroes i (and with skip sets f = 1).
+MF_INLINE void mlgru_scan_impl(const float *fi, const float *ff, const float *lb, const uint8_t *keep, bool skip,
+                               const float *h0, int64_t k0, int64_t k1, int64_t T, int64_t ld, float *h) {
+  for (int64_t k = k0; k < k1; ++k) {
+    float s = h0 ? h0[k] : 0.f;
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t o = t * ld + k;
+      float f = sigmoidf(ff[o]);
+      if (lb) f = lb[k] + (1.0f - lb[k]) * f;
+      float i = siluf(fi[o]) * (1.0f - f);
+      if (keep && !keep[t]) {
+        i = 0.f;
+        if (skip) f = 1.f;
+      }
+      s = f * s + i;
+      h[o] = s;
+    }
+  }
+}
+MF_ISA_VARIANTS(mlgru_scan,
+                (const float *fi, const float *ff, const float *lb, const uint8_t *keep, bool skip, const float *h0,
+                 int64_t k0, int64_t k1, int64_t T, int64_t ld, float *h),
+                (fi, ff, lb, keep, skip, h0, k0, k1, T, ld, h))
+
+// o = rmsnorm(fg) gw silu(h) for one token.
+MF_INLINE void mlgru_gate_row_impl(const float *fg, const float *gw, const float *h, int64_t D, double eps, float *o) {
+  const float r = rms_factor(fg, D, eps);
+  for (int64_t k = 0; k < D; ++k) o[k] = fg[k] * r * gw[k] * siluf(h[k]);
+}
+MF_ISA_VARIANTS(mlgru_gate_row, (const float *fg, const float *gw, const float *h, int64_t D, double eps, float *o),
+                (fg, gw, h, D, eps, o))
+
+// Backward of the output gate for one token: dfg, dgw_acc += do n silu(h), and dh (into dh) = do n gw silu'(h).
+MF_INLINE void mlgru_gate_bwd_row_impl(const float *fg, const float *gw, const float *h, const float *dout, int64_t D,
+                                       double eps, float *dfg, float *dgw_acc, float *dh) {
+  const float r = rms_factor(fg, D, eps);
+  float dot = 0.f;
+  for (int64_t k = 0; k < D; ++k) {
+    const float n = fg[k] * r, s = siluf(h[k]);
+    const float dn = dout[k] * gw[k] * s;
+    dot += dn * n;
+    dgw_acc[k] += dout[k] * n * s;
+    dh[k] = dout[k] * n * gw[k] * dsiluf(h[k]);
+  }
+  const float m = dot / (float)D;
+  for (int64_t k = 0; k < D; ++k) dfg[k] = r * (dout[k] * gw[k] * siluf(h[k]) - fg[k] * r * m);
+}
+MF_ISA_VARIANTS(mlgru_gate_bwd_row,
+                (const float *fg, const float *gw, const float *h, const float *dout, int64_t D, double eps, float *dfg,
+                 float *dgw_acc, float *dh),
+                (fg, gw, h, dout, D, eps, dfg, dgw_acc, dh))
+
+// The adjoint scan over channels [k0, k1) of one sequence, time reversed. dfi holds the direct dL/dh on entry
+// and dL/dfi on return; dff, dlb_acc (+= per channel) and dh0 (when h0) are written.
+MF_INLINE void mlgru_scan_bwd_impl(const float *fi, const float *ff, const float *lb, const uint8_t *keep, bool skip,
+                                   const float *h0, const float *h, int64_t k0, int64_t k1, int64_t T, int64_t ld,
+                                   float *dfi, float *dff, float *dlb_acc, float *dh0) {
+  for (int64_t k = k0; k < k1; ++k) {
+    float acc = 0.f, f_next = 0.f;
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const int64_t o = t * ld + k;
+      acc = dfi[o] + f_next * acc;
+      const float sg = sigmoidf(ff[o]);
+      float f = lb ? lb[k] + (1.0f - lb[k]) * sg : sg;
+      const bool masked = keep && !keep[t];
+      if (masked && skip) f = 1.f;
+      const float prev = t > 0 ? h[o - ld] : (h0 ? h0[k] : 0.f);
+      float df = acc * prev;
+      if (masked) {
+        dfi[o] = 0.f;
+      } else {
+        df -= acc * siluf(fi[o]);
+        dfi[o] = acc * (1.0f - f) * dsiluf(fi[o]);
+      }
+      if (masked && skip) {
+        dff[o] = 0.f;
+      } else {
+        const float dsg = df * sg * (1.0f - sg);
+        dff[o] = lb ? dsg * (1.0f - lb[k]) : dsg;
+        if (lb) dlb_acc[k] += df * (1.0f - sg);
+      }
+      f_next = f;
+    }
+    if (h0) dh0[k] = f_next * acc;
+  }
+}
+MF_ISA_VARIANTS(mlgru_scan_bwd,
+                (const float *fi, const float *ff, const float *lb, const uint8_t *keep, bool skip, const float *h0,
+                 const float *h, int64_t k0, int64_t k1, int64_t T, int64_t ld, float *dfi, float *dff, float *dlb_acc,
+                 float *dh0),
+                (fi, ff, lb, keep, skip, h0, h, k0, k1, T, ld, dfi, dff, dlb_acc, dh0))
+
+// dgate = dz up silu'(gate), dup = dz silu(gate) for one row of gate_up [2I].
+MF_INLINE void glu_bwd_row_impl(const float *gu, const float *dz, int64_t I, float *dgu) {
+  for (int64_t k = 0; k < I; ++k) {
+    const float g = gu[k], u = gu[I + k];
+    dgu[k] = dz[k] * u * dsiluf(g);
+    dgu[I + k] = dz[k] * siluf(g);
+  }
+}
+MF_ISA_VARIANTS(glu_bwd_row, (const float *gu, const float *dz, int64_t I, float *dgu), (gu, dz, I, dgu))
+
+// *sum += sum |w| over n values, in 16 float64 lanes (the same order on every ISA).
+MF_INLINE void abs_sum_impl(const float *w, int64_t n, double *sum) {
+  constexpr int kLanes = 16;
+  double s[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) s[l] += std::fabs((double)w[i + l]);
+  for (; i < n; ++i) s[0] += std::fabs((double)w[i]);
+  for (int l = 0; l < kLanes; ++l) *sum += s[l];
+}
+MF_ISA_VARIANTS(abs_sum, (const float *w, int64_t n, double *sum), (w, n, sum))
+
+// out = clamp(round_half_even(w * inv), -1, 1) over n values.
+MF_INLINE void trits_impl(const float *w, int64_t n, float inv, float *out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = std::min(1.0f, std::max(-1.0f, __builtin_rintf(w[i] * inv)));
+}
+MF_ISA_VARIANTS(trits, (const float *w, int64_t n, float inv, float *out), (w, n, inv, out))
+
+int64_t chunks_of(int64_t rows) { return (rows + kRows - 1) / kRows; }
+
+// fn(r) for every row r, kRows rows per pool chunk.
+template <class F>
+void for_rows(int threads, int64_t rows, F &&fn) {
+  get_pool(threads).run_chunks(chunks_of(rows), [&](int64_t c) {
+    for (int64_t r = c * kRows, e = std::min(rows, r + kRows); r < e; ++r) fn(r, c);
+  });
+}
+
+// out[k] = sum over chunks of part[c][k], in chunk order.
+void reduce_parts(const std::vector<float> &part, int64_t parts, int64_t K, float *out) {
+  for (int64_t k = 0; k < K; ++k) out[k] = 0.f;
+  for (int64_t c = 0; c < parts; ++c)
+    for (int64_t k = 0; k < K; ++k) out[k] += part[(size_t)(c * K + k)];
+}
+
+void need(bool ok, const char *what) {
+  if (!ok) throw std::invalid_argument(what);
+}
+
+struct Seq {  // the [B, T, D] geometry of the MLGRU tensors
+  int64_t B, T, D;
+  template <class A>
+  bool same(const A &a) const {
+    return (int64_t)a.shape(0) == B && (int64_t)a.shape(1) == T && (int64_t)a.shape(2) == D;
+  }
+};
+
+}  // namespace
+
+void register_train_ops(nb::module_ &m) {
+  m.def(
+      "norm_quant",
+      [](F2 x, F1 w, double eps, Out2 out, std::optional<Out1> a_scale, bool dequant, const std::string &backend,
+         int threads) {
+        const Isa isa = parse_isa(backend);
+        const int64_t T = (int64_t)x.shape(0), K = (int64_t)x.shape(1);
+        need((int64_t)w.shape(0) == K && (int64_t)out.shape(0) == T && (int64_t)out.shape(1) == K &&
+                 (!a_scale || (int64_t)a_scale->shape(0) == T),
+             "norm_quant shapes do not match");
+        nb::gil_scoped_release release;
+        get_pool(threads).run_chunks(chunks_of(T), [&](int64_t c) {
+          LineVec<float> tmp((size_t)K);
+          LineVec<int8_t> q((size_t)K);
+          float s;
+          int32_t sumq;
+          for (int64_t t = c * kRows, e = std::min(T, t + kRows); t < e; ++t) {
+            rmsnorm_quant_row(isa, x.data() + t * K, w.data(), K, K, eps, tmp.data(), q.data(), &s, &sumq);
+            const float m = dequant ? s : 1.0f;
+            float *o = out.data() + t * K;
+            for (int64_t k = 0; k < K; ++k) o[k] = (float)q[(size_t)k] * m;
+            if (a_scale) a_scale->data()[t] = s;
+          }
+        });
+      },
+      nb::arg("x"), nb::arg("w"), nb::arg("eps"), nb::arg("out"), nb::arg("a_scale").none(), nb::arg("dequant"),
+      nb::arg("backend"), nb::arg("threads"),
+      "RMSNorm then per-token absmax int8 of x [T, K], written as fp32: the codes q (dequant false) or q * a_scale "
+      "(the quantized activations, recomputed for backward); a_scale [T] when given.");
+
+  m.def(
+      "ternarize",
+      [](F2 w, Out2 out, const std::string &backend, int threads) {
+        const Isa isa = parse_isa(backend);
+        const int64_t N = (int64_t)w.shape(0), K = (int64_t)w.shape(1);
+        need((int64_t)out.shape(0) == N && (int64_t)out.shape(1) == K && N * K > 0, "ternarize shapes do not match");
+        nb::gil_scoped_release release;
+        const int64_t nc = chunks_of(N);
+        std::vector<double> part((size_t)nc, 0.0);
+        Pool &pool = get_pool(threads);
+        pool.run_chunks(nc, [&](int64_t c) {
+          const int64_t r0 = c * kRows, r1 = std::min(N, r0 + kRows);
+          abs_sum(isa, w.data() + r0 * K, (r1 - r0) * K, &part[(size_t)c]);
+        });
+        double sum = 0.0;
+        for (double v : part) sum += v;
+        const float scale = std::max((float)(sum / (double)(N * K)), 1e-5f), inv = 1.0f / scale;
+        pool.run_chunks(nc, [&](int64_t c) {
+          const int64_t r0 = c * kRows, r1 = std::min(N, r0 + kRows);
+          trits(isa, w.data() + r0 * K, (r1 - r0) * K, inv, out.data() + r0 * K);
+        });
+        return scale;
+      },
+      nb::arg("w"), nb::arg("out"), nb::arg("backend"), nb::arg("threads"),
+      "Absmean ternarization of w [N, K]: the trits as fp32 into out; returns the scale max(mean|w|, 1e-5) (the mean "
+      "a float64 sum in fixed chunks, rounded once).");
+
+  m.def(
+      "rmsnorm_fwd",
+      [](F2 x, F1 w, double eps, Out2 out, const std::string &backend, int threads) {
+        const Isa isa = parse_isa(backend);
+        const int64_t T = (int64_t)x.shape(0), K = (int64_t)x.shape(1);
+        need((int64_t)w.shape(0) == K && (int64_t)out.shape(0) == T && (int64_t)out.shape(1) == K,
+             "rmsnorm_fwd shapes do not match");
+        nb::gil_scoped_release release;
+        for_rows(threads, T, [&](int64_t t, int64_t) {
+          rmsnorm_row(isa, x.data() + t * K, w.data(), K, eps, out.data() + t * K);
+        });
+      },
+      nb::arg("x"), nb::arg("w"), nb::arg("eps"), nb::arg("out"), nb::arg("backend"), nb::arg("threads"),
+      "out = x * rms_factor(x) * w over rows of x [T, K].");
+
+  m.def(
+      "rmsnorm_bwd",
+      [](F2 x, F1 w, F2 dy, double eps, Out2 dx, Out1 dw, const std::string &backend, int threads) {
+        const Isa isa = parse_isa(backend);
+        const int64_t T = (int64_t)x.shape(0), K = (int64_t)x.shape(1);
+        need((int64_t)w.shape(0) == K && (int64_t)dy.shape(0) == T && (int64_t)dy.shape(1) == K &&
+                 (int64_t)dx.shape(0) == T && (int64_t)dx.shape(1) == K && (int64_t)dw.shape(0) == K,
+             "rmsnorm_bwd shapes do not match");
+        nb::gil_scoped_release release;
+        std::vector<float> part((size_t)(chunks_of(T) * K), 0.f);
+        for_rows(threads, T, [&](int64_t t, int64_t c) {
+          rmsnorm_bwd_row(isa, x.data() + t * K, w.data(), dy.data() + t * K, K, eps, dx.data() + t * K,
+                          part.data() + c * K);
+        });
+        reduce_parts(part, chunks_of(T), K, dw.data());
+      },
+      nb::arg("x"), nb::arg("w"), nb::arg("dy"), nb::arg("eps"), nb::arg("dx"), nb::arg("dw"), nb::arg("backend"),
+      nb::arg("threads"), "RMSNorm backward from x and dL/d(out): dx [T, K] and dw [K] (the factor recomputed).");
+
+  m.def(
+      "mlgru_fwd",
+      [](F3 fi, F3 ff, F3 fg, std::optional<F1> lb, F1 gw, double eps, std::optional<F2> h0,
+         std::optional<Arr<const uint8_t, nb::ndim<2>>> keep, bool skip, Out3 h, Out3 out, const std::string &backend,
+         int threads) {
+        const Isa isa = parse_isa(backend);
+        const Seq s{(int64_t)fi.shape(0), (int64_t)fi.shape(1), (int64_t)fi.shape(2)};
+        need(s.same(ff) && s.same(fg) && s.same(h) && s.same(out) && (int64_t)gw.shape(0) == s.D &&
+                 (!lb || (int64_t)lb->shape(0) == s.D) &&
+                 (!h0 || ((int64_t)h0->shape(0) == s.B && (int64_t)h0->shape(1) == s.D)) &&
+                 (!keep || ((int64_t)keep->shape(0) == s.B && (int64_t)keep->shape(1) == s.T)),
+             "mlgru_fwd shapes do not match");
+        nb::gil_scoped_release release;
+        const int64_t nk = (s.D + kChans - 1) / kChans, TD = s.T * s.D;
+        get_pool(threads).run_chunks(s.B * nk, [&](int64_t c) {
+          const int64_t b = c / nk, k0 = c % nk * kChans;
+          mlgru_scan(isa, fi.data() + b * TD, ff.data() + b * TD, lb ? lb->data() : nullptr,
+                     keep ? keep->data() + b * s.T : nullptr, skip, h0 ? h0->data() + b * s.D : nullptr, k0,
+                     std::min(s.D, k0 + kChans), s.T, s.D, h.data() + b * TD);
+        });
+        for_rows(threads, s.B * s.T, [&](int64_t r, int64_t) {
+          mlgru_gate_row(isa, fg.data() + r * s.D, gw.data(), h.data() + r * s.D, s.D, eps, out.data() + r * s.D);
+        });
+      },
+      nb::arg("fi"), nb::arg("ff"), nb::arg("fg"), nb::arg("lb").none(), nb::arg("gw"), nb::arg("eps"),
+      nb::arg("h0").none(), nb::arg("keep").none(), nb::arg("skip"), nb::arg("h"), nb::arg("out"), nb::arg("backend"),
+      nb::arg("threads"), "MLGRU over [B, T, D] gates: states h and output rmsnorm(fg) * gw * silu(h).");
+
+  m.def(
+      "mlgru_bwd",
+      [](F3 fi, F3 ff, F3 fg, std::optional<F1> lb, F1 gw, double eps, std::optional<F2> h0,
+         std::optional<Arr<const uint8_t, nb::ndim<2>>> keep, bool skip, F3 h, F3 dout, std::optional<F3> dh, Out3 dfi,
+         Out3 dff, Out3 dfg,
+         Out1 dgw, Out1 dlb, std::optional<Out2> dh0, const std::string &backend, int threads) {
+        const Isa isa = parse_isa(backend);
+        const Seq s{(int64_t)fi.shape(0), (int64_t)fi.shape(1), (int64_t)fi.shape(2)};
+        need(s.same(ff) && s.same(fg) && s.same(h) && s.same(dout) && (!dh || s.same(*dh)) && s.same(dfi) && s.same(dff) && s.same(dfg) &&
+                 (int64_t)gw.shape(0) == s.D && (int64_t)dgw.shape(0) == s.D && (int64_t)dlb.shape(0) == s.D &&
+                 (!lb || (int64_t)lb->shape(0) == s.D) && (bool)h0 == (bool)dh0 &&
+                 (!h0 || ((int64_t)h0->shape(0) == s.B && (int64_t)h0->shape(1) == s.D && (int64_t)dh0->shape(0) == s.B &&
+                          (int64_t)dh0->shape(1) == s.D)) &&
+                 (!keep || ((int64_t)keep->shape(0) == s.B && (int64_t)keep->shape(1) == s.T)),
+             "mlgru_bwd shapes do not match");
+        nb::gil_scoped_release release;
+        const int64_t rows = s.B * s.T, nk = (s.D + kChans - 1) / kChans, TD = s.T * s.D;
+        std::vector<float> gpart((size_t)(chunks_of(rows) * s.D), 0.f), lpart((size_t)(s.B * s.D), 0.f);
+        for_rows(threads, rows, [&](int64_t r, int64_t c) {
+          const int64_t o = r * s.D;
+          mlgru_gate_bwd_row(isa, fg.data() + o, gw.data(), h.data() + o, dout.data() + o, s.D, eps, dfg.data() + o,
+                             gpart.data() + c * s.D, dfi.data() + o);
+          if (dh)
+            for (int64_t k = 0; k < s.D; ++k) dfi.data()[o + k] += dh->data()[o + k];
+        });
+        get_pool(threads).run_chunks(s.B * nk, [&](int64_t c) {
+          const int64_t b = c / nk, k0 = c % nk * kChans;
+          mlgru_scan_bwd(isa, fi.data() + b * TD, ff.data() + b * TD, lb ? lb->data() : nullptr,
+                         keep ? keep->data() + b * s.T : nullptr, skip, h0 ? h0->data() + b * s.D : nullptr,
+                         h.data() + b * TD, k0, std::min(s.D, k0 + kChans), s.T, s.D, dfi.data() + b * TD,
+                         dff.data() + b * TD, lpart.data() + b * s.D, h0 ? dh0->data() + b * s.D : nullptr);
+        });
+        reduce_parts(gpart, chunks_of(rows), s.D, dgw.data());
+        reduce_parts(lpart, s.B, s.D, dlb.data());
+      },
+      nb::arg("fi"), nb::arg("ff"), nb::arg("fg"), nb::arg("lb").none(), nb::arg("gw"), nb::arg("eps"),
+      nb::arg("h0").none(), nb::arg("keep").none(), nb::arg("skip"), nb::arg("h"), nb::arg("dout"), nb::arg("dh").none(),
+      nb::arg("dfi"),
+      nb::arg("dff"), nb::arg("dfg"), nb::arg("dgw"), nb::arg("dlb"), nb::arg("dh0").none(), nb::arg("backend"),
+      nb::arg("threads"), "MLGRU backward (dh: dL/d(states), or None): gate gradients [B, T, D], dgw, dlb [D] and dh0 [B, D] (when h0 is given).");
+
+  m.def(
+      "glu_fwd",
+      [](F2 gate_up, Out2 out, const std::string &backend, int threads) {
+        const Isa isa = parse_isa(backend);
+        const int64_t T = (int64_t)gate_up.shape(0), I = (int64_t)out.shape(1);
+        need((int64_t)gate_up.shape(1) == 2 * I && (int64_t)out.shape(0) == T, "glu_fwd shapes do not match");
+        nb::gil_scoped_release release;
+        for_rows(threads, T, [&](int64_t t, int64_t) { glu_row(isa, gate_up.data() + t * 2 * I, I, out.data() + t * I); });
+      },
+      nb::arg("gate_up"), nb::arg("out"), nb::arg("backend"), nb::arg("threads"), "z = silu(gate) * up over rows.");
+
+  m.def(
+      "glu_bwd",
+      [](F2 gate_up, F2 dz, Out2 dgate_up, const std::string &backend, int threads) {
+        const Isa isa = parse_isa(backend);
+        const int64_t T = (int64_t)gate_up.shape(0), I = (int64_t)dz.shape(1);
+        need((int64_t)gate_up.shape(1) == 2 * I && (int64_t)dz.shape(0) == T && (int64_t)dgate_up.shape(0) == T &&
+                 (int64_t)dgate_up.shape(1) == 2 * I,
+             "glu_bwd shapes do not match");
+        nb::gil_scoped_release release;
+        for_rows(threads, T, [&](int64_t t, int64_t) {
+          glu_bwd_row(isa, gate_up.data() + t * 2 * I, dz.data() + t * I, I, dgate_up.data() + t * 2 * I);
+        });
+      },
+      nb::arg("gate_up"), nb::arg("dz"), nb::arg("dgate_up"), nb::arg("backend"), nb::arg("threads"),
+      "GLU backward: d(gate_up) [T, 2I] from dL/dz.");
+}

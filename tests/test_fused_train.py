@@ -1,0 +1,177 @@
+"""Fused CPU training ops (nn/fused.py, kernels/cpu/train_ops.cpp) against their pure-torch references
+(ops/fused_train.py): integer codes and forward values exactly, gradients within 1e-5 relative, on odd
+shapes, every compiled backend and thread count; and whole models fused vs unfused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mulfree.kernels import available_backends, cpu_module, use_threads
+from mulfree.nn import fused
+from mulfree.ops import fused_train as ref
+
+pytestmark = pytest.mark.skipif(cpu_module() is None, reason="the C++ extension is not built")
+BACKENDS = [b for b in available_backends() if b != "reference"]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
+
+
+def grads_of(fn, inputs, seed_grads):
+    """Gradients of sum(out_j * seed_j) w.r.t. inputs (fresh leaves), and the outputs."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    sum((o * g).sum() for o, g in zip(outs, seed_grads) if g is not None).backward()
+    return outs, [None if t is None or not t.requires_grad else t.grad for t in leaves]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setenv("MULFREE_BACKEND", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (3, 33), (2, 7, 70), (5, 130)])
+def test_rmsnorm_equals_reference(backend, shape):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*shape, generator=g).requires_grad_()
+    w = (torch.rand(shape[-1], generator=g) + 0.5).requires_grad_()
+    seed = [torch.randn(*shape, generator=g)]
+    (y,), (dx, dw) = grads_of(lambda a, b: fused.rms_norm(a, b, 1e-6), [x, w], seed)
+    (y_ref,), (dx_ref, dw_ref) = grads_of(lambda a, b: ref.rmsnorm(a, b, 1e-6), [x, w], seed)
+    assert torch.equal(y, y_ref)
+    assert rel(dx, dx_ref) < 1e-5 and rel(dw, dw_ref) < 1e-5
+
+
+@pytest.mark.parametrize("t,k,n", [(1, 3, 1), (7, 33, 19), (16, 64, 9), (3, 130, 40)])
+def test_bitlinear_codes_exact_and_gradients_close(backend, t, k, n):
+    g = torch.Generator().manual_seed(t * k + n)
+    x = torch.randn(t, k, generator=g).requires_grad_()
+    nw = (torch.rand(k, generator=g) + 0.5).requires_grad_()
+    w = (torch.randn(n, k, generator=g) * 0.05).requires_grad_()
+    q = torch.empty(t, k)
+    a_scale = torch.empty(t)
+    cpu_module().norm_quant(x.detach(), nw.detach(), 1e-6, q, a_scale, False, backend, 2)
+    trits = torch.empty(n, k)
+    w_scale = cpu_module().ternarize(w.detach(), trits, backend, 2)
+    q_ref, s_ref, t_ref, w_scale_ref = ref.bitlinear_codes(x.detach(), nw.detach(), w.detach(), 1e-6)
+    assert torch.equal(q, q_ref.float()) and torch.equal(a_scale, s_ref.squeeze(-1))
+    assert torch.equal(trits, t_ref) and w_scale == w_scale_ref.item()
+    seed = [torch.randn(t, n, generator=g)]
+    (y,), grads = grads_of(lambda *a: fused.bitlinear(*a, 1e-6), [x, nw, w], seed)
+    (_,), grads_ref = grads_of(lambda *a: ref.bitlinear(*a, 1e-6), [x, nw, w], seed)
+    assert torch.equal(y, (q_ref.float() @ t_ref.T) * (s_ref * w_scale_ref))  # the integer product, scaled once
+    for a, b in zip(grads, grads_ref):
+        assert rel(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("lower_bound", [False, True])
+@pytest.mark.parametrize("initial_state", [False, True])
+@pytest.mark.parametrize("mask", [None, "official", "skip"])
+def test_mlgru_equals_reference(backend, lower_bound, initial_state, mask):
+    b, t, d = 2, 13, 70
+    g = torch.Generator().manual_seed(7)
+    fi, ff, fg = (torch.randn(b, t, d, generator=g).requires_grad_() for _ in range(3))
+    lb = torch.rand(d, generator=g).requires_grad_() if lower_bound else None
+    gw = (torch.rand(d, generator=g) + 0.5).requires_grad_()
+    h0 = torch.randn(b, d, generator=g).requires_grad_() if initial_state else None
+    keep = torch.rand(b, t, generator=g) > 0.3 if mask else None
+    skip = mask == "skip"
+    seeds = [torch.randn(b, t, d, generator=g), torch.randn(b, t, d, generator=g)]  # through the output and states
+    inputs = [fi, ff, fg, lb, gw, h0]
+    (out, h), grads = grads_of(lambda *a: fused.mlgru(*a[:4], a[4], 1e-6, a[5], keep, skip), inputs, seeds)
+    (out_ref, h_ref), grads_ref = grads_of(lambda *a: ref.mlgru(*a[:4], a[4], 1e-6, a[5], keep, skip), inputs, seeds)
+    assert rel(out, out_ref) < 1e-6 and rel(h, h_ref) < 1e-6
+    for a, r in zip(grads, grads_ref):
+        assert (a is None) == (r is None)
+        if a is not None:
+            assert rel(a, r) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (5, 9, 42), (3, 258)])
+def test_glu_equals_reference(backend, shape):
+    g = torch.Generator().manual_seed(3)
+    gu = torch.randn(*shape, generator=g).requires_grad_()
+    seed = [torch.randn(*shape[:-1], shape[-1] // 2, generator=g)]
+    (z,), (dg,) = grads_of(fused.glu, [gu], seed)
+    (z_ref,), (dg_ref,) = grads_of(ref.glu, [gu], seed)
+    assert rel(z, z_ref) < 1e-6 and rel(dg, dg_ref) < 1e-5
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    g = torch.Generator().manual_seed(5)
+    fi, ff, fg = (torch.randn(3, 40, 130, generator=g).requires_grad_() for _ in range(3))
+    gw = torch.rand(130, generator=g).requires_grad_()
+    seed = [torch.randn(3, 40, 130, generator=g), None]
+    runs = []
+    for threads in (1, 2, 3):
+        with use_threads(threads):
+            runs.append(grads_of(lambda *a: fused.mlgru(*a, 1e-6), [fi, ff, fg, None, gw], seed)[1])
+    for other in runs[1:]:
+        assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+def _saved_bytes(model, x) -> int:
+    """Bytes of distinct tensors autograd keeps for backward of one forward pass."""
+    seen: dict[tuple[int, int], int] = {}
+
+    def pack(t):
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        seen[key] = max(seen.get(key, 0), t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)[0].sum()
+    return sum(seen.values())
+
+
+def test_fused_model_equals_the_unfused_one_with_the_same_rms_factor(monkeypatch):
+    """With the unfused layers computing the fused ops' RMS factors and weight scales (float64 sums), the two
+    paths quantize to the same codes, so whole-model loss and every gradient agree closely."""
+    import mulfree.nn.bitlinear
+    import mulfree.nn.norm
+    from mulfree.models.mmfree import MMFreeConfig, MMFreeForCausalLM
+
+    monkeypatch.setattr(mulfree.nn.norm, "rms_norm", lambda x, w, eps: ref.rmsnorm(x.float(), w.float(), eps))
+    def weight_quant(w):
+        trits, scale = ref.ternarize(w)
+        return trits.to(torch.int8), scale
+
+    monkeypatch.setattr(mulfree.nn.bitlinear, "weight_quant", weight_quant)
+    torch.manual_seed(0)
+    model = MMFreeForCausalLM(MMFreeConfig.from_preset("tiny"))
+    x = torch.randint(0, model.config.vocab_size, (2, 24))
+    losses, grads = {}, {}
+    for on in (True, False):
+        before = fused.set_fused(on)
+        try:
+            model.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x)[0].flatten(0, 1), x.flatten())
+            loss.backward()
+        finally:
+            fused.set_fused(before)
+        losses[on] = loss.item()
+        grads[on] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert abs(losses[True] - losses[False]) < 1e-5
+    assert grads[True].keys() == grads[False].keys()
+    for name, g in grads[False].items():
+        assert rel(grads[True][name], g) < 1e-4, name
+
+
+def test_fused_model_keeps_under_half_the_activations_for_backward():
+    """Per token, what autograd keeps (the slope between two sequence lengths, weights cancel out)."""
+    from mulfree.models.mmfree import MMFreeConfig, MMFreeForCausalLM
+
+    model = MMFreeForCausalLM(MMFreeConfig.from_preset("tiny"))
+    short, long = (torch.randint(0, model.config.vocab_size, (2, n)) for n in (16, 48))
+    per_token = {}
+    for on in (True, False):
+        before = fused.set_fused(on)
+        try:
+            per_token[on] = (_saved_bytes(model, long) - _saved_bytes(model, short)) / (2 * 32)
+        finally:
+            fused.set_fused(before)
+    assert per_token[True] < 0.5 * per_token[False]
