@@ -83,7 +83,7 @@ def _apot_round_ref(alpha, terms):
 def _solve_ref(w, h, quantizer, perm, blocksize, percdamp=0.01):
     """`gptq._solve` before the rewrite: the torch column loop on [N, B] lazy blocks."""
     w = w.float().clone()
-    h = h.double().clone()
+    h = h.float().clone()  # fp32, as the solver factors H (GPTQ reference)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
@@ -164,8 +164,10 @@ def test_shiftadd_acc_column_loop_equals_torch_reference(n, k, seed, bits, group
     q = gptq_solve(w, h, new, new.order(torch.diag(h)), blocksize)
     q_ref = _solve_ref(w, h, ref, ref.order(torch.diag(h)), blocksize)
     assert torch.equal(q, q_ref)
-    for name in ("planes", "exps", "signs"):
-        assert torch.equal(getattr(new, name), getattr(ref, name)), name
+    assert torch.equal(new.planes, ref.planes)
+    # the scales: equal values (an APoT value can have two greedy spellings, as 2^b + 2^(b-1) = 2^(b+1) - 2^(b-1),
+    # and the native fit's float64 α may land on the other one than the torch loop's)
+    assert torch.equal(apot_value(new.exps, new.signs), apot_value(ref.exps, ref.signs))
 
 
 @pytest.mark.parametrize("bits,rounds", [(1, 0), (2, 1), (3, 10), (4, 5)])

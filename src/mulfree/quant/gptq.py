@@ -96,7 +96,7 @@ def _inverse_factor(h: torch.Tensor, perm: torch.Tensor, percdamp: float) -> tup
     del lower
     upper = torch.linalg.cholesky(inverse, upper=True)
     del inverse
-    return upper, dead
+    return upper.contiguous(), dead  # (cholesky returns the upper factor as a transposed view)
 
 
 class UniformQuantizer:
