@@ -4,6 +4,11 @@ run may start or resume in. Every damaged file is reported as one CheckpointErro
 
 A run dir holds `train_config.json`, `tokenizer.json`, `metrics.jsonl`, `checkpoint.json`, one `ckpt-<step>/`
 and, once finished, the model (`config.json`, `model.safetensors`).
+
+For a model sharded with FSDP2 (`torch.distributed.fsdp.fully_shard`), saving and loading are collective:
+every rank calls them; the full (unsharded) weights and optimizer state are gathered to rank 0's CPU memory,
+which writes the same files a single process would, and on load rank 0 reads them and the shards are
+broadcast from it. So a run may resume sharded, with DDP or in one process from any of these checkpoints.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 
 from mulfree.atomic import atomic_dir, atomic_write_text, dumps_strict, is_temp_name, prepare_output
 from mulfree.data.text import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
-from mulfree.errors import CheckpointError, ConfigError
+from mulfree.errors import CheckpointError, ConfigError, MulfreeError
 from mulfree.integrity import MANIFEST, verify, write_manifest
 from mulfree.models.schema import read_json
 from mulfree.settings import TrainConfig
@@ -39,15 +44,62 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     return tensors, sd["param_groups"]
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True for a model whose root was sharded with FSDP2's `fully_shard` (its parameters are DTensors)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _param_names(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    """The name of each optimizer parameter, in the order of the checkpoint's integer indices."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for g in opt.param_groups for p in g["params"]]
+
+
+def gather_full_state(model: torch.nn.Module, opt: torch.optim.Optimizer | None = None):
+    """(model tensors, optimizer tensors `<index>.<name>`, param_groups) of a sharded model, unsharded into
+    rank 0's CPU memory; the other ranks get empty ones. Collective: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = {k: v.contiguous() for k, v in get_model_state_dict(model, options=options).items()}
+    if opt is None:
+        return weights, {}, []
+    full = get_optimizer_state_dict(model, opt, options=options)
+    if not full:  # not rank 0
+        return weights, {}, []
+    index = {name: i for i, name in enumerate(_param_names(model, opt))}
+    tensors = {f"{index[name]}.{k}": v.detach().contiguous() for name, st in full["state"].items()
+               for k, v in st.items()}
+    groups = [{**g, "params": [index[name] for name in g["params"]]} for g in full["param_groups"]]
+    return weights, tensors, groups
+
+
 def save_checkpoint(out_dir: Path, step: int, model, opt, cfg: TrainConfig, extra: dict | None = None) -> Path:
     """Write `ckpt-<step>/` (model, optimizer, state, checksums) via a temp dir + rename, point to it
-    atomically, then remove older checkpoints."""
+    atomically, then remove older checkpoints. For a sharded model every rank calls it (the state is
+    gathered collectively) and rank 0 alone writes."""
     from safetensors.torch import save_file, save_model
 
     final = Path(out_dir) / f"ckpt-{step}"
+    if is_sharded(model):
+        import torch.distributed as dist
+
+        weights, tensors, groups = gather_full_state(model, opt)
+        if dist.get_rank() != 0:
+            return final
+    else:
+        weights, (tensors, groups) = None, _optimizer_tensors(opt)
     with atomic_dir(final, overwrite=True, kind="checkpoint") as tmp:  # a ckpt-<step> left by a killed run is ours
-        save_model(model, str(tmp / "model.safetensors"))
-        tensors, groups = _optimizer_tensors(opt)
+        if weights is None:
+            save_model(model, str(tmp / "model.safetensors"))
+        else:  # what save_model writes for a model without shared tensors (ours have none)
+            save_file(weights, str(tmp / "model.safetensors"))
         tensors["torch_rng"] = torch.get_rng_state()
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         state = {"step": step, "param_groups": groups, "train_config": cfg.to_dict()}
@@ -157,28 +209,37 @@ def checkpoint_state(out_dir: Path) -> dict:
     return _check_state(read_json(path, hint=_FIX), path, int(_CKPT.match(ckpt.name)[1]))
 
 
-def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups: list, path: Path) -> None:
-    """Load the per-parameter AdamW tensors and RNG state of `optimizer.safetensors`, each checked."""
+def _checked_optimizer_state(tensors: dict, shapes: list[torch.Size], path: Path) -> tuple[torch.Tensor, dict]:
+    """(RNG state, per-parameter AdamW tensors by index) of `optimizer.safetensors`, each checked against the
+    shapes of the optimizer's parameters."""
     rng = tensors.pop("torch_rng", None)
     if rng is None or rng.dtype != torch.uint8 or rng.dim() != 1:
         raise CheckpointError(f"{path} has no valid torch_rng tensor", _FIX)
-    params = [p for g in opt.param_groups for p in g["params"]]
     per_param: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         index, _, name = key.partition(".")
-        if not index.isdigit() or int(index) >= len(params) or name not in ("step", "exp_avg", "exp_avg_sq"):
-            raise CheckpointError(f"{path}: unexpected tensor {key!r} for a model with {len(params)} parameters",
+        if not index.isdigit() or int(index) >= len(shapes) or name not in ("step", "exp_avg", "exp_avg_sq"):
+            raise CheckpointError(f"{path}: unexpected tensor {key!r} for a model with {len(shapes)} parameters",
                                   _FIX)
         per_param.setdefault(int(index), {})[name] = value
-    device = params[0].device if params else torch.device("cpu")
     for i, st in per_param.items():
         if set(st) != {"step", "exp_avg", "exp_avg_sq"}:
             raise CheckpointError(f"{path}: parameter {i} lacks {sorted({'step', 'exp_avg', 'exp_avg_sq'} - set(st))}",
                                   _FIX)
         for name in ("exp_avg", "exp_avg_sq"):
-            if st[name].shape != params[i].shape:
+            if st[name].shape != shapes[i]:
                 raise CheckpointError(f"{path}: {i}.{name} has shape {tuple(st[name].shape)}, the model's "
-                                      f"parameter {tuple(params[i].shape)}", "resume with the model of this run")
+                                      f"parameter {tuple(shapes[i])}", "resume with the model of this run")
+    return rng, per_param
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups: list, path: Path) -> None:
+    """Load the per-parameter AdamW tensors and RNG state of `optimizer.safetensors`, each checked."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    rng, per_param = _checked_optimizer_state(tensors, [p.shape for p in params], path)
+    device = params[0].device if params else torch.device("cpu")
+    for st in per_param.values():
+        for name in ("exp_avg", "exp_avg_sq"):
             st[name] = st[name].to(device)
     try:
         torch.set_rng_state(rng)
@@ -187,25 +248,101 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups: list, 
         raise CheckpointError(f"{path} does not fit this model's optimizer ({exc})", _FIX) from None
 
 
-def load_checkpoint(out_dir: Path, model, opt) -> tuple[int, dict]:
-    """Restore model, optimizer and RNG from the latest checkpoint in `out_dir` after verifying its
-    checksums; returns (step, state)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, load_model
-
+def _read_checkpoint(out_dir: Path) -> tuple[Path, dict]:
+    """The latest checkpoint dir of `out_dir` and its state, after verifying the checksums of all its files."""
     state = checkpoint_state(out_dir)
     ckpt = _checkpoint_dir(Path(out_dir))
     verify(ckpt, CKPT_FILES)
     for name in CKPT_FILES:
         if not (ckpt / name).is_file():
             raise CheckpointError(f"{ckpt / name} is missing", _FIX)
+    return ckpt, state
+
+
+def _corrupt(ckpt: Path, exc: Exception) -> CheckpointError:
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return CheckpointError(f"checkpoint {ckpt} is corrupt or for another model ({first})", _FIX)
+
+
+def load_checkpoint(out_dir: Path, model, opt) -> tuple[int, dict]:
+    """Restore model, optimizer and RNG from the latest checkpoint in `out_dir` after verifying its
+    checksums; returns (step, state). Collective for a sharded model (see `load_sharded_checkpoint`)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, load_model
+
+    if is_sharded(model):
+        return load_sharded_checkpoint(out_dir, model, opt)
+    ckpt, state = _read_checkpoint(out_dir)
     try:
         load_model(model, str(ckpt / "model.safetensors"), strict=True, device=str(next(model.parameters()).device))
         tensors = load_file(str(ckpt / "optimizer.safetensors"))
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"checkpoint {ckpt} is corrupt or for another model ({first})", _FIX) from None
+        raise _corrupt(ckpt, exc) from None
     _restore_optimizer(opt, tensors, state["param_groups"], ckpt / "optimizer.safetensors")
+    return int(state["step"]), state
+
+
+def _read_full_state(out_dir: Path, model, opt) -> tuple[dict, dict, dict, torch.Tensor]:
+    """(state, model tensors, optimizer state dict keyed by parameter name, RNG state) of the latest checkpoint,
+    checked against the (sharded) model's names and global shapes before any collective starts."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    ckpt, state = _read_checkpoint(out_dir)
+    try:
+        weights = load_file(str(ckpt / "model.safetensors"))
+        tensors = load_file(str(ckpt / "optimizer.safetensors"))
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise _corrupt(ckpt, exc) from None
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    wrong = sorted(set(expected) ^ set(weights)) or [k for k in expected if weights[k].shape != expected[k]]
+    if wrong:
+        raise _corrupt(ckpt, ValueError(f"tensor {wrong[0]!r} is missing, unexpected or of another shape"))
+    names = _param_names(model, opt)
+    path = ckpt / "optimizer.safetensors"
+    rng, per_param = _checked_optimizer_state(tensors, [expected[n] for n in names], path)
+    try:
+        groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise CheckpointError(f"{path} does not fit this model's optimizer ({exc!r})", _FIX) from None
+    if len(groups) != len(opt.param_groups) or sum(len(g["params"]) for g in groups) != len(names):
+        raise CheckpointError(f"{path} does not fit this model's optimizer (other parameter groups)", _FIX)
+    optim = {"state": {names[i]: st for i, st in per_param.items()}, "param_groups": groups}
+    return state, weights, optim, rng
+
+
+def load_sharded_checkpoint(out_dir: Path, model, opt) -> tuple[int, dict]:
+    """`load_checkpoint` for an FSDP2-sharded model; collective (every rank calls it). Rank 0 reads and checks
+    the files; its verdict, the state and the RNG state reach every rank before the tensors are broadcast
+    and sharded (`torch.distributed.checkpoint.state_dict`, `broadcast_from_rank0`)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    weights: dict = {}
+    optim: dict = {}
+    message: dict = {}
+    if dist.get_rank() == 0:
+        try:
+            state, weights, optim, rng = _read_full_state(out_dir, model, opt)
+            message = {"state": state, "rng": rng}
+        except Exception as exc:  # noqa: BLE001 - every rank must hear of it, or the others wait in the broadcast
+            error = exc
+            message = {"error": (exc.what, exc.hint) if isinstance(exc, MulfreeError) else
+                       (f"rank 0 could not read the checkpoint in '{out_dir}' ({exc!r})", _FIX)}
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    message = box[0]
+    if "error" in message:
+        raise error if dist.get_rank() == 0 else CheckpointError(*message["error"])
+    state = message["state"]
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, opt, optim, options=options)
+    torch.set_rng_state(message["rng"])
     return int(state["step"]), state
 
 

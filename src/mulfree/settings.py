@@ -153,6 +153,9 @@ class TrainConfig:
     save_every: int = _opt(200, "checkpoint every N steps (0: only at the end)", min=0)
     log_every: int = _opt(1, "write a metrics record every N steps", min=1)
     bf16: bool = _opt(False, "bfloat16 autocast")
+    fsdp: bool = _opt(False, "shard parameters, gradients and optimizer state over the torchrun processes (FSDP2) "
+                      "instead of DDP; a no-op in a single process")
+    fused: bool = _opt(True, "unfused torch ops instead of the fused CPU kernels (to compare memory and speed)")
     seed: int = _opt(0, "seed for init, data order and sampling")
     device: str = _opt("cpu", "cpu or cuda")
     progress: bool = _opt(True, "no progress bar")

@@ -1,9 +1,10 @@
 """Training loop for our causal LMs: AdamW, warmup + cosine LR, clipping, accumulation, optional bf16
 autocast, periodic validation, atomic safetensors checkpoints and exact `resume`; single process or
-torchrun DDP (gloo on CPU, nccl on GPU).
+torchrun DDP or FSDP2 (`--fsdp`; gloo on CPU, nccl on GPU).
 
-Batches are a pure function of (seed, step, rank, micro-step), so a resumed run sees exactly the data
-an uninterrupted run would, and together with the restored optimizer state gives identical losses.
+Batches are a pure function of (seed, step, global micro-step rank * grad_accum + micro), so a resumed run
+sees exactly the data an uninterrupted run would, and together with the restored optimizer state gives
+identical losses; W processes with A micro-steps see the batches of one process with W * A micro-steps.
 Checkpoints and the rules of which directory a run may use live in `mulfree.checkpoint`.
 """
 
@@ -17,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from mulfree.checkpoint import (  # noqa: F401  (checkpoint_state, CHECKPOINT_PO
     check_run_dir,
     checkpoint_state,
     clear_unstarted_run,
+    gather_full_state,
     is_unstarted_run,
     load_checkpoint,
     remove_other_checkpoints,
@@ -44,6 +47,7 @@ from mulfree.errors import ConfigError, DataError
 from mulfree.evaluate import model_logits
 from mulfree.integrity import digest_bytes
 from mulfree.models.schema import available_memory
+from mulfree.nn.fused import set_fused
 from mulfree.settings import TrainConfig, check_device
 
 BatchFn = Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
@@ -104,14 +108,14 @@ def _available_bytes(device: torch.device) -> int | None:
     return available_memory()
 
 
-def check_memory(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> None:
-    """Refuse (one line) a step whose rough size (weights + AdamW state + logits and activations of one
-    micro-batch) exceeds the memory available, before anything is allocated."""
+def check_memory(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, shards: int = 1) -> None:
+    """Refuse (one line) a step whose rough size (weights + AdamW state, split over `shards` FSDP ranks, +
+    logits and activations of one micro-batch) exceeds the memory available, before anything is allocated."""
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", 0) or 0
     width = (getattr(config, "hidden_size", 0) or 0) * (getattr(config, "num_hidden_layers", 1) or 1)
     tokens = cfg.batch_size * cfg.seq_len
-    need = 16 * sum(p.numel() for p in model.parameters()) + tokens * (12 * vocab + 48 * width)
+    need = 16 * sum(p.numel() for p in model.parameters()) // shards + tokens * (12 * vocab + 48 * width)
     available = _available_bytes(device)
     if available is not None and need > available:
         raise ConfigError(f"a training step needs about {need / 2**30:.1f} GiB (--batch-size {cfg.batch_size} x "
@@ -128,8 +132,47 @@ def _dist_setup(device: str) -> tuple[int, int]:
     if world <= 1:
         return 0, 1
     if not dist.is_initialized():
+        if device.startswith("cuda"):  # one GPU per process, before NCCL picks one
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+def _shard(model: torch.nn.Module, device: torch.device, world: int) -> None:
+    """FSDP2: `fully_shard` each decoder block (`model.model.layers`), then the root (embeddings, final
+    norm, head), over all `world` ranks; the parameters become DTensor shards."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    for block in getattr(getattr(model, "model", None), "layers", []):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+@contextlib.contextmanager
+def _micro_step(train_model: torch.nn.Module, sync: bool, sharded: bool):
+    """The context of one micro-step's forward and backward: gradients are reduced over the ranks only when `sync`."""
+    if not sharded:
+        with contextlib.nullcontext() if sync else train_model.no_sync():
+            yield
+        return
+    train_model.set_requires_gradient_sync(sync)  # off: unsharded gradients accumulate locally
+    with warnings.catch_warnings():
+        # Our models may return views (the fused kernels' logits, recurrent state slices); FSDP2 warns of
+        # in-place ops on them, and the loss makes none.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        yield
+
+
+class _GatheredModel:
+    """What `save_model` reads of a model (`config`, `state_dict()`), holding a sharded model's full weights."""
+
+    def __init__(self, config, weights: dict[str, torch.Tensor]):
+        self.config, self._weights = config, weights
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._weights
 
 
 def _window_sampler(ids: torch.Tensor, cfg: TrainConfig) -> BatchFn:
@@ -197,7 +240,7 @@ def train(
         train_ids: 1-D token stream sampled in random windows (unused when `batch_fn` is given).
         val_ids: 1-D token stream for validation loss (or None; `val_batch_fn` is an alternative).
         batch_fn: `(step, generator) -> (x [B, T], y [B, T])` supplying custom micro-batches; y may
-            hold -100 (ignored). The generator is seeded from (seed, step, rank, micro-step).
+            hold -100 (ignored). The generator is seeded from (seed, step, 0, rank * grad_accum + micro).
         resume: continue the run saved in `out_dir` exactly (same data order, optimizer, RNG); the
             token stream must be the one the run started with.
         overwrite: replace what `out_dir` holds; the old contents stay until the new run is complete.
@@ -216,13 +259,15 @@ def train(
         raise DataError("no training data", "pass train_ids or batch_fn")
     check_device(cfg.device)
     check_run_dir(out_dir, resume, overwrite)
+    set_fused(cfg.fused)
     rank, world = _dist_setup(cfg.device)
     if world > 1:
         check_run_dir(out_dir, resume, overwrite)
         dist.barrier()  # every rank checked the dir before rank 0 writes into it
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cfg.device == "cuda" and world > 1
                           else cfg.device)
-    check_memory(model, cfg, device)
+    sharded = cfg.fsdp and world > 1  # --fsdp in one process: plain training
+    check_memory(model, cfg, device, world if sharded else 1)
     is_main = rank == 0
     run_dir = _prepare_run(out_dir, resume, overwrite, is_main)
     data_digest = _token_digest(train_ids) if batch_fn is None else None
@@ -240,11 +285,13 @@ def train(
 
     model.to(device)
     model.train()
+    if sharded:
+        _shard(model, device, world)  # before the optimizer, which must hold the shards
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     start = 0
     metrics_path = run_dir / METRICS_FILE
     if resume:
-        start, state = load_checkpoint(run_dir, model, opt)
+        start, state = load_checkpoint(run_dir, model, opt)  # collective when sharded
         saved_digest = state.get("extra", {}).get("train_tokens")
         if data_digest and saved_digest and saved_digest != data_digest:
             raise DataError(f"the training data differs from the data the run in '{out_dir}' started with",
@@ -265,6 +312,7 @@ def train(
     train_model = model
     if world > 1:
         dist.barrier()
+    if world > 1 and not sharded:
         from torch.nn.parallel import DistributedDataParallel
 
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -293,10 +341,11 @@ def train(
             opt.zero_grad(set_to_none=True)
             loss_sum, step_tokens = 0.0, 0
             for micro in range(cfg.grad_accum):
-                x, y = batch_fn(step, _generator(cfg.seed, step, rank, micro))
+                # Keyed on the global micro-step: rank 0 (and a single process) keeps the keys (step, 0, micro).
+                x, y = batch_fn(step, _generator(cfg.seed, step, 0, rank * cfg.grad_accum + micro))
                 x, y = x.to(device), y.to(device)
                 sync = world == 1 or micro == cfg.grad_accum - 1
-                with contextlib.nullcontext() if sync else train_model.no_sync():
+                with _micro_step(train_model, sync, sharded):
                     loss = lm_loss(train_model, x, y, cfg.bf16)
                     (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item()
@@ -308,7 +357,7 @@ def train(
                 loss_value, step_tokens = buf[0].item() / world, int(buf[1].item())
             if not math.isfinite(loss_value):
                 raise stop("loss", loss_value, step + 1)
-            # max_norm = inf measures the norm without clipping.
+            # max_norm = inf measures the norm without clipping; on DTensor shards the norm is the global one.
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf))
             if not math.isfinite(grad_norm):
                 raise stop("gradient norm", grad_norm, step + 1)
@@ -325,18 +374,19 @@ def train(
                 val_loss = evaluate_loss(model, val_batches, cfg.bf16)
                 final.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
                 log({"step": done, "val_loss": val_loss, "val_ppl": final["val_ppl"]})
-            if is_main and ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps):
-                save_checkpoint(run_dir, done, model, opt, cfg, extra)
+            if (is_main or sharded) and ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps):
+                save_checkpoint(run_dir, done, model, opt, cfg, extra)  # sharded: every rank gathers, rank 0 writes
                 last_saved = done
             if cpu_budget_s is not None and time.process_time() - cpu_start >= cpu_budget_s:
                 break
         bar.close()
         final.update(tokens=tokens_seen, wall_s=time.perf_counter() - t_start,
                      cpu_s=time.process_time() - cpu_start)
+        weights = gather_full_state(model)[0] if sharded else None  # collective
         if is_main:
             from mulfree.models.io import save_model
 
-            save_model(model, run_dir, tokenizer)
+            save_model(model if weights is None else _GatheredModel(model.config, weights), run_dir, tokenizer)
             if run_dir != out_dir:
                 replace_dir(run_dir, out_dir, overwrite=True, kind="training run")
     finally:
