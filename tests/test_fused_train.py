@@ -71,47 +71,77 @@ def test_bitlinear_codes_exact_and_gradients_close(backend, t, k, n):
 @pytest.mark.parametrize("lower_bound", [False, True])
 @pytest.mark.parametrize("initial_state", [False, True])
 @pytest.mark.parametrize("mask", [None, "official", "skip"])
-def test_mlgru_equals_reference(backend, lower_bound, initial_state, mask):
+def test_mlgru_scan_equals_reference(backend, lower_bound, initial_state, mask):
     b, t, d = 2, 13, 70
     g = torch.Generator().manual_seed(7)
-    fi, ff, fg = (torch.randn(b, t, d, generator=g).requires_grad_() for _ in range(3))
+    fi, ff = (torch.randn(b, t, d, generator=g).requires_grad_() for _ in range(2))
     lb = torch.rand(d, generator=g).requires_grad_() if lower_bound else None
-    gw = (torch.rand(d, generator=g) + 0.5).requires_grad_()
     h0 = torch.randn(b, d, generator=g).requires_grad_() if initial_state else None
     keep = torch.rand(b, t, generator=g) > 0.3 if mask else None
-    skip = mask == "skip"
-    seeds = [torch.randn(b, t, d, generator=g), torch.randn(b, t, d, generator=g)]  # through the output and states
-    inputs = [fi, ff, fg, lb, gw, h0]
-    (out, h), grads = grads_of(lambda *a: fused.mlgru(*a[:4], a[4], 1e-6, a[5], keep, skip), inputs, seeds)
-    (out_ref, h_ref), grads_ref = grads_of(lambda *a: ref.mlgru(*a[:4], a[4], 1e-6, a[5], keep, skip), inputs, seeds)
-    assert rel(out, out_ref) < 1e-6 and rel(h, h_ref) < 1e-6
+    seed = [torch.randn(b, t, d, generator=g)]
+    (h,), grads = grads_of(lambda *a: fused.mlgru_scan(*a, keep, mask == "skip"), [fi, ff, lb, h0], seed)
+    (h_ref,), grads_ref = grads_of(lambda *a: ref.scan(*a, keep, mask == "skip"), [fi, ff, lb, h0], seed)
+    assert rel(h, h_ref) < 1e-6
     for a, r in zip(grads, grads_ref):
         assert (a is None) == (r is None)
         if a is not None:
             assert rel(a, r) < 1e-5
 
 
-@pytest.mark.parametrize("shape", [(1, 2), (5, 9, 42), (3, 258)])
-def test_glu_equals_reference(backend, shape):
-    g = torch.Generator().manual_seed(3)
-    gu = torch.randn(*shape, generator=g).requires_grad_()
-    seed = [torch.randn(*shape[:-1], shape[-1] // 2, generator=g)]
-    (z,), (dg,) = grads_of(fused.glu, [gu], seed)
-    (z_ref,), (dg_ref,) = grads_of(ref.glu, [gu], seed)
-    assert rel(z, z_ref) < 1e-6 and rel(dg, dg_ref) < 1e-5
+PROLOGUES = {  # kind -> (reference, input width for output width k)
+    "norm": (lambda x, w, h: ref.rmsnorm(x, w, 1e-5), lambda k: k),
+    "glu": (lambda x, w, h: ref.glu(x), lambda k: 2 * k),
+    "gate": (lambda x, w, h: ref.gate(x, w, 1e-5, h), lambda k: k),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PROLOGUES))
+@pytest.mark.parametrize("t,k,n", [(1, 3, 2), (9, 70, 33)])
+def test_bitlinear_prologues_equal_reference(backend, kind, t, k, n):
+    """The block norm, the GLU and the MLGRU output gate before a BitLinear, recomputed in its backward."""
+    reference, width = PROLOGUES[kind]
+    g = torch.Generator().manual_seed(11 * t + k)
+    x = torch.randn(2, t, width(k), generator=g).requires_grad_()
+    pw = (torch.rand(width(k), generator=g) + 0.5).requires_grad_() if kind != "glu" else None
+    h = torch.randn(2, t, k, generator=g).requires_grad_() if kind == "gate" else None
+    nw = (torch.rand(k, generator=g) + 0.5).requires_grad_()
+    w = (torch.randn(n, k, generator=g) * 0.05).requires_grad_()
+    seed = [torch.randn(2, t, n, generator=g)]
+
+    def ours(x, pw, h, nw, w):
+        return fused.bitlinear(x, nw, w, 1e-6, fused.Prologue(kind, pw, 1e-5, h))
+
+    def theirs(x, pw, h, nw, w):
+        return ref.bitlinear(reference(x, pw, h), nw, w, 1e-6)
+
+    (y,), grads = grads_of(ours, [x, pw, h, nw, w], seed)
+    (y_ref,), grads_ref = grads_of(theirs, [x, pw, h, nw, w], seed)
+    assert rel(y, y_ref) < 1e-6
+    for a, r in zip(grads, grads_ref):
+        assert (a is None) == (r is None)
+        if a is not None:
+            assert rel(a, r) < 1e-5
 
 
 def test_results_do_not_depend_on_the_thread_count():
     g = torch.Generator().manual_seed(5)
-    fi, ff, fg = (torch.randn(3, 40, 130, generator=g).requires_grad_() for _ in range(3))
-    gw = torch.rand(130, generator=g).requires_grad_()
-    seed = [torch.randn(3, 40, 130, generator=g), None]
+    x = torch.randn(3, 40, 130, generator=g).requires_grad_()
+    fi, ff = (torch.randn(3, 40, 130, generator=g).requires_grad_() for _ in range(2))
+    gw, nw = (torch.rand(130, generator=g).requires_grad_() for _ in range(2))
+    w = torch.randn(70, 130, generator=g).requires_grad_()
+
+    def step(x, fi, ff, gw, nw, w):
+        h = fused.mlgru_scan(fi, ff)
+        return fused.bitlinear(x, nw, w, 1e-6, fused.Prologue("gate", gw, 1e-6, h))
+
+    seed = [torch.randn(3, 40, 70, generator=g)]
     runs = []
     for threads in (1, 2, 3):
         with use_threads(threads):
-            runs.append(grads_of(lambda *a: fused.mlgru(*a, 1e-6), [fi, ff, fg, None, gw], seed)[1])
-    for other in runs[1:]:
-        assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(runs[0], other))
+            runs.append(grads_of(step, [x, fi, ff, gw, nw, w], seed))
+    for outs, grads in runs[1:]:
+        assert torch.equal(outs[0], runs[0][0][0])
+        assert all(torch.equal(a, b) for a, b in zip(grads, runs[0][1]))
 
 
 def _saved_bytes(model, x) -> int:
@@ -161,8 +191,9 @@ def test_fused_model_equals_the_unfused_one_with_the_same_rms_factor(monkeypatch
         assert rel(grads[True][name], g) < 1e-4, name
 
 
-def test_fused_model_keeps_under_half_the_activations_for_backward():
-    """Per token, what autograd keeps (the slope between two sequence lengths, weights cancel out)."""
+def test_fused_model_keeps_a_third_of_the_activations_for_backward():
+    """Per token, what autograd keeps (the slope between two sequence lengths, weights cancel out): 12.5 floats
+    per layer and width (x, the mid-block residual, three gates, the states, gate_up) against 40 unfused."""
     from mulfree.models.mmfree import MMFreeConfig, MMFreeForCausalLM
 
     model = MMFreeForCausalLM(MMFreeConfig.from_preset("tiny"))
@@ -174,4 +205,4 @@ def test_fused_model_keeps_under_half_the_activations_for_backward():
             per_token[on] = (_saved_bytes(model, long) - _saved_bytes(model, short)) / (2 * 32)
         finally:
             fused.set_fused(before)
-    assert per_token[True] < 0.5 * per_token[False]
+    assert per_token[True] < 0.35 * per_token[False]

@@ -83,9 +83,9 @@ class MMFreeBlock(nn.Module):
         state: torch.Tensor | None,
         mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        mixed, state = self.attn(self.attn_norm(x), lower_bound, state, mask)
+        mixed, state = self.attn(x, lower_bound, state, mask, pre_norm=self.attn_norm)
         x = x + mixed
-        x = x + self.mlp(self.mlp_norm(x))
+        x = x + self.mlp(x, pre_norm=self.mlp_norm)
         return x, state
 
 

@@ -11,10 +11,11 @@ estimator: dx = dy · W̃, dW = dyᵀ · x̃, with only the int8 activations and
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mulfree.nn import fused
-from mulfree.nn.norm import RMSNorm
+from mulfree.nn.norm import RMSNorm, rms_norm
 from mulfree.ops.ternary import activation_quant, weight_quant
 
 
@@ -47,6 +48,16 @@ def bitlinear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _BitLinearFunction.apply(x, weight)
 
 
+def _apply(p: fused.Prologue, x: torch.Tensor) -> torch.Tensor:
+    """A prologue in plain torch ops (the unfused path)."""
+    if p.kind == "norm":
+        return rms_norm(x, p.weight, p.eps)
+    if p.kind == "glu":
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return (rms_norm(x, p.weight, p.eps).float() * F.silu(p.h)).to(x.dtype)  # "gate"
+
+
 class BitLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, eps: float = 1e-6):
         super().__init__()
@@ -56,9 +67,12 @@ class BitLinear(nn.Module):
         self.norm = RMSNorm(in_features, eps)
         nn.init.normal_(self.weight, std=0.02)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prologue: fused.Prologue | None = None) -> torch.Tensor:
+        """y = BitLinear(prologue(x)); the fused path keeps x (and the prologue's inputs) for backward."""
         if fused.active(x):
-            return fused.bitlinear(x, self.norm.weight, self.weight, self.norm.eps)
+            return fused.bitlinear(x, self.norm.weight, self.weight, self.norm.eps, prologue)
+        if prologue is not None:
+            x = _apply(prologue, x)
         return bitlinear(self.norm(x), self.weight)
 
     def extra_repr(self) -> str:

@@ -1,7 +1,7 @@
-"""Fused training ops on the CPU: RMSNorm, BitLinear, the MLGRU and the GLU as autograd functions whose
-element-wise work runs in C++ (kernels/cpu/train_ops.cpp) and that keep only their inputs for backward,
-recomputing normalized and quantized activations there (the paper's fused BitLinear; references in
-ops/fused_train.py).
+"""Fused training ops on the CPU: RMSNorm, BitLinear (with the block norm, the GLU or the MLGRU output gate before
+it as a prologue) and the MLGRU state scan as autograd functions whose element-wise work runs in C++
+(kernels/cpu/train_ops.cpp) and that keep only their inputs for backward, recomputing normalized, gated and
+quantized activations there (the paper's fused BitLinear; references in ops/fused_train.py).
 
 The layers in nn/ take these paths when training on fp32 CPU tensors with the compiled kernels in use
 (`MULFREE_BACKEND=reference` or `set_fused(False)` keeps the unfused torch ops, e.g. to compare memory).
@@ -10,6 +10,8 @@ are the engine's.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -77,100 +79,133 @@ def _ternarize(weight: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 
 class _BitLinear(torch.autograd.Function):
+    """BitLinear of prologue(x); saves x (and the prologue's inputs), never the prologue's output."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, norm_w: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, x, norm_w, weight, eps, kind, pre_w, pre_eps, h):
         cpu, name, threads = _run()
         x2 = _rows(x)
-        q, a_scale = torch.empty_like(x2), torch.empty(x2.shape[0])
-        cpu.norm_quant(x2, norm_w.detach().contiguous(), eps, q, a_scale, False, name, threads)
+        h2 = None if h is None else _rows(h)
+        inp = _prologue(kind, x2, pre_w, pre_eps, h2)
+        q, a_scale = torch.empty_like(inp), torch.empty(inp.shape[0])
+        cpu.norm_quant(inp, norm_w.detach().contiguous(), eps, q, a_scale, False, name, threads)
+        del inp
         trits, w_scale = _ternarize(weight)
         y = torch.matmul(q, trits.t())
         del q, trits
         y.mul_(a_scale[:, None] * w_scale)
-        ctx.save_for_backward(x2, norm_w, weight)
-        ctx.eps = eps
+        ctx.save_for_backward(x2, norm_w, weight, pre_w, h2)
+        ctx.eps, ctx.kind, ctx.pre_eps = eps, kind, pre_eps
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x2, norm_w, weight = ctx.saved_tensors
+        x2, norm_w, weight, pre_w, h2 = ctx.saved_tensors
         cpu, name, threads = _run()
         dy2 = _rows(dy)
         nw = norm_w.detach().contiguous()
+        inp = _prologue(ctx.kind, x2, pre_w, ctx.pre_eps, h2)
         dw = None
         if ctx.needs_input_grad[2]:
-            xq = torch.empty_like(x2)
-            cpu.norm_quant(x2, nw, ctx.eps, xq, None, True, name, threads)
+            xq = torch.empty_like(inp)
+            cpu.norm_quant(inp, nw, ctx.eps, xq, None, True, name, threads)
             dw = torch.matmul(dy2.t(), xq)
             del xq
         trits, w_scale = _ternarize(weight)
         dxhat = torch.matmul(dy2, trits).mul_(w_scale)
         del trits
-        dx, dnw = torch.empty_like(x2), torch.empty_like(nw)
-        cpu.rmsnorm_bwd(x2, nw, dxhat, ctx.eps, dx, dnw, name, threads)
-        return dx.view(*dy.shape[:-1], x2.shape[1]), dnw, dw, None
+        dinp, dnw = torch.empty_like(inp), torch.empty_like(nw)
+        cpu.rmsnorm_bwd(inp, nw, dxhat, ctx.eps, dinp, dnw, name, threads)
+        del inp, dxhat
+        dx, dpre, dh = _prologue_bwd(ctx.kind, x2, pre_w, ctx.pre_eps, h2, dinp)
+        shape = (*dy.shape[:-1], x2.shape[1])
+        return (dx.view(shape), dnw, dw, None, None, dpre, None,
+                None if dh is None else dh.view(*dy.shape[:-1], h2.shape[1]))
 
 
-def bitlinear(x: torch.Tensor, norm_w: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """BitLinear on the raw input x [..., K]: RMSNorm, int8 activations, ternary weight [N, K], one matmul."""
-    return _BitLinear.apply(x, norm_w, weight, eps)
+def _prologue(kind: str | None, x2: torch.Tensor, pre_w: torch.Tensor | None, pre_eps: float,
+              h2: torch.Tensor | None) -> torch.Tensor:
+    """The BitLinear's input from its saved inputs: x, rmsnorm(x) · pre_w, glu(x) or the MLGRU output gate."""
+    if kind is None:
+        return x2
+    cpu, name, threads = _run()
+    if kind == "glu":
+        out = torch.empty(x2.shape[0], x2.shape[1] // 2)
+        cpu.glu_fwd(x2, out, name, threads)
+        return out
+    out = torch.empty_like(x2)
+    if kind == "norm":
+        cpu.rmsnorm_fwd(x2, pre_w.detach().contiguous(), pre_eps, out, name, threads)
+    else:
+        cpu.mlgru_gate(x2, pre_w.detach().contiguous(), h2, pre_eps, out, name, threads)
+    return out
 
 
-class _MLGRU(torch.autograd.Function):
+def _prologue_bwd(kind, x2, pre_w, pre_eps, h2, dinp):
+    """(dL/dx, dL/dpre_w, dL/dh) of `_prologue` given dL/d(its output)."""
+    if kind is None:
+        return dinp, None, None
+    cpu, name, threads = _run()
+    dx = torch.empty_like(x2)
+    if kind == "glu":
+        cpu.glu_bwd(x2, dinp, dx, name, threads)
+        return dx, None, None
+    dpre = torch.empty_like(pre_w)
+    if kind == "norm":
+        cpu.rmsnorm_bwd(x2, pre_w.detach().contiguous(), dinp, pre_eps, dx, dpre, name, threads)
+        return dx, dpre, None
+    dh = torch.empty_like(h2)
+    cpu.mlgru_gate_bwd(x2, pre_w.detach().contiguous(), h2, dinp, pre_eps, dx, dpre, dh, name, threads)
+    return dx, dpre, dh
+
+
+@dataclass(frozen=True)
+class Prologue:
+    """What a BitLinear applies to its input first: "norm" an RMSNorm (`weight`, `eps`), "glu" silu(gate) · up of
+    x = [gate, up], "gate" the MLGRU output rmsnorm(x) · weight · silu(h). The fused path recomputes it in
+    backward, so only its inputs are kept."""
+
+    kind: str
+    weight: torch.Tensor | None = None
+    eps: float = 0.0
+    h: torch.Tensor | None = None
+
+
+def bitlinear(x: torch.Tensor, norm_w: torch.Tensor, weight: torch.Tensor, eps: float,
+              prologue: Prologue | None = None) -> torch.Tensor:
+    """BitLinear on prologue(x) [..., K]: RMSNorm, int8 activations, ternary weight [N, K], one matmul."""
+    if prologue is None:
+        return _BitLinear.apply(x, norm_w, weight, eps, None, None, 0.0, None)
+    return _BitLinear.apply(x, norm_w, weight, eps, prologue.kind, prologue.weight, prologue.eps, prologue.h)
+
+
+class _Scan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fi, ff, fg, lb, gw, eps, h0, keep, skip):
+    def forward(ctx, fi, ff, lb, h0, keep, skip):
         cpu, name, threads = _run()
-        fi, ff, fg = fi.contiguous(), ff.contiguous(), fg.contiguous()
-        h, out = torch.empty_like(fi), torch.empty_like(fi)
+        fi, ff = fi.contiguous(), ff.contiguous()
+        h = torch.empty_like(fi)
         lb_ = None if lb is None else lb.detach().contiguous()
         h0_ = None if h0 is None else h0.detach().contiguous()
         keep_ = None if keep is None else keep.to(torch.uint8).contiguous()
-        cpu.mlgru_fwd(fi, ff, fg, lb_, gw.detach().contiguous(), eps, h0_, keep_, skip, h, out, name, threads)
-        ctx.save_for_backward(fi, ff, fg, lb_, gw, h0_, keep_, h)
-        ctx.eps, ctx.skip = eps, skip
-        ctx.set_materialize_grads(False)
-        return out, h
+        cpu.mlgru_scan(fi, ff, lb_, h0_, keep_, skip, h, name, threads)
+        ctx.save_for_backward(fi, ff, lb_, h0_, keep_, h)
+        ctx.skip = skip
+        return h
 
     @staticmethod
-    def backward(ctx, dout, dh):
-        fi, ff, fg, lb, gw, h0, keep, h = ctx.saved_tensors
+    def backward(ctx, dh):
+        fi, ff, lb, h0, keep, h = ctx.saved_tensors
         cpu, name, threads = _run()
-        dout = torch.zeros_like(fi) if dout is None else dout.contiguous()
-        dfi, dff, dfg = torch.empty_like(fi), torch.empty_like(fi), torch.empty_like(fi)
-        dgw, dlb = torch.empty_like(gw), torch.empty(fi.shape[-1])
+        dfi, dff = dh.contiguous().clone(), torch.empty_like(ff)
+        dlb = torch.empty(fi.shape[-1])
         dh0 = None if h0 is None else torch.empty_like(h0)
-        cpu.mlgru_bwd(fi, ff, fg, lb, gw.detach().contiguous(), ctx.eps, h0, keep, ctx.skip, h, dout,
-                      None if dh is None else dh.contiguous(), dfi, dff, dfg, dgw, dlb, dh0, name, threads)
-        return dfi, dff, dfg, (dlb if lb is not None else None), dgw, None, dh0, None, None
+        cpu.mlgru_scan_bwd(fi, ff, lb, h0, keep, ctx.skip, h, dfi, dff, dlb, dh0, name, threads)
+        return dfi, dff, (dlb if lb is not None else None), dh0, None, None
 
 
-def mlgru(fi: torch.Tensor, ff: torch.Tensor, fg: torch.Tensor, lb: torch.Tensor | None, gw: torch.Tensor,
-          eps: float, h0: torch.Tensor | None = None, keep: torch.Tensor | None = None,
-          skip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The MLGRU after its projections, gates [B, T, D] -> (rmsnorm(fg) · gw · silu(h), states h [B, T, D]);
-    keeps the gates and the states for backward."""
-    return _MLGRU.apply(fi, ff, fg, lb, gw, eps, h0, keep, skip)
-
-
-class _GLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
-        cpu, name, threads = _run()
-        g2 = _rows(gate_up)
-        out = torch.empty(g2.shape[0], g2.shape[1] // 2)
-        cpu.glu_fwd(g2, out, name, threads)
-        ctx.save_for_backward(g2)
-        return out.view(*gate_up.shape[:-1], out.shape[1])
-
-    @staticmethod
-    def backward(ctx, dz: torch.Tensor):
-        (g2,) = ctx.saved_tensors
-        cpu, name, threads = _run()
-        dg = torch.empty_like(g2)
-        cpu.glu_bwd(g2, _rows(dz), dg, name, threads)
-        return dg.view(*dz.shape[:-1], g2.shape[1])
-
-
-def glu(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) · up of gate_up [..., 2I], keeping only gate_up for backward."""
-    return _GLU.apply(gate_up)
+def mlgru_scan(fi: torch.Tensor, ff: torch.Tensor, lb: torch.Tensor | None = None, h0: torch.Tensor | None = None,
+               keep: torch.Tensor | None = None, skip: bool = False) -> torch.Tensor:
+    """The MLGRU's states h [B, T, D] from its input and forget projections (nn/mlgru.py's recurrence, `keep`
+    False at padding); keeps fi, ff and h for backward."""
+    return _Scan.apply(fi, ff, lb, h0, keep, skip)

@@ -10,6 +10,7 @@ from torch import nn
 
 from mulfree.nn import fused
 from mulfree.nn.bitlinear import BitLinear
+from mulfree.nn.norm import RMSNorm
 
 
 def glu_intermediate_size(hidden_size: int, hidden_ratio: int = 4) -> int:
@@ -24,9 +25,13 @@ class TernaryGLU(nn.Module):
         self.gate_proj = BitLinear(hidden_size, 2 * intermediate_size, eps)
         self.down_proj = BitLinear(intermediate_size, hidden_size, eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_proj(x)
-        if fused.active(gate_up):
-            return self.down_proj(fused.glu(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)  # first half is the gate
+    def forward(self, x: torch.Tensor, pre_norm: RMSNorm | None = None) -> torch.Tensor:
+        """`pre_norm` (the block's norm) is applied to x first: on the fused path inside gate_proj, and the GLU
+        inside down_proj, so that backward keeps x and gate_up only."""
+        if fused.active(x):
+            pre = None if pre_norm is None else fused.Prologue("norm", pre_norm.weight, pre_norm.eps)
+            return self.down_proj(self.gate_proj(x, pre), fused.Prologue("glu"))
+        if pre_norm is not None:
+            x = pre_norm(x)
+        gate, up = self.gate_proj(x).chunk(2, dim=-1)  # first half is the gate
         return self.down_proj(F.silu(gate) * up)

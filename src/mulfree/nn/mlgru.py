@@ -58,15 +58,22 @@ class MLGRU(nn.Module):
         lower_bound: torch.Tensor | None = None,
         state: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        pre_norm: RMSNorm | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, D], lower_bound [D], state [B, D], mask [B, T] (False = padding) -> (out [B, T, D], state [B, D]).
 
         Padded positions get i = 0 (and f = 1 with mask_mode "skip"); left-padded batches decode correctly either way.
+        `pre_norm` (the block's norm) is applied to x first: inside each projection on the fused path, so that
+        backward keeps x, not its normalized copy.
         """
         if self.output_gate == "official" and fused.active(x):
-            o, h = fused.mlgru(self.i_proj(x), self.f_proj(x), self.g_proj(x), lower_bound, self.g_norm.weight,
-                               self.g_norm.eps, state, mask, self.mask_mode == "skip")
-            return self.o_proj(o), h[:, -1].clone()
+            pre = None if pre_norm is None else fused.Prologue("norm", pre_norm.weight, pre_norm.eps)
+            fi, ff, fg = (proj(x, pre) for proj in (self.i_proj, self.f_proj, self.g_proj))
+            h = fused.mlgru_scan(fi, ff, lower_bound, state, mask, self.mask_mode == "skip")
+            out = self.o_proj(fg, fused.Prologue("gate", self.g_norm.weight, self.g_norm.eps, h))
+            return out, h[:, -1].clone()
+        if pre_norm is not None:
+            x = pre_norm(x)
         f = torch.sigmoid(self.f_proj(x)).float()
         if lower_bound is not None:
             f = lower_bound + (1 - lower_bound) * f

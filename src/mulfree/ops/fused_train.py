@@ -38,10 +38,9 @@ def bitlinear(x: torch.Tensor, norm_w: torch.Tensor, weight: torch.Tensor, eps: 
     return F.linear(fake_activation_quant(rmsnorm(x, norm_w, eps)), weight + (t * scale - weight).detach())
 
 
-def mlgru(fi: torch.Tensor, ff: torch.Tensor, fg: torch.Tensor, lb: torch.Tensor | None, gw: torch.Tensor,
-          eps: float, h0: torch.Tensor | None = None, keep: torch.Tensor | None = None,
-          skip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """MLGRU from its three gate projections [B, T, D]: (rmsnorm(fg) · gw · silu(h) [B, T, D], states h)."""
+def scan(fi: torch.Tensor, ff: torch.Tensor, lb: torch.Tensor | None = None, h0: torch.Tensor | None = None,
+         keep: torch.Tensor | None = None, skip: bool = False) -> torch.Tensor:
+    """The MLGRU's states [B, T, D] from its input and forget projections (keep False: padding)."""
     f = torch.sigmoid(ff)
     if lb is not None:
         f = lb + (1 - lb) * f
@@ -51,8 +50,12 @@ def mlgru(fi: torch.Tensor, ff: torch.Tensor, fg: torch.Tensor, lb: torch.Tensor
         i = torch.where(k, i, torch.zeros_like(i))
         if skip:
             f = torch.where(k, f, torch.ones_like(f))
-    h, _ = linear_recurrence_naive(f, i, h0)
-    return rmsnorm(fg, gw, eps) * F.silu(h), h
+    return linear_recurrence_naive(f, i, h0)[0]
+
+
+def gate(fg: torch.Tensor, gw: torch.Tensor, eps: float, h: torch.Tensor) -> torch.Tensor:
+    """The MLGRU's output before o_proj: rmsnorm(fg) · gw · silu(h)."""
+    return rmsnorm(fg, gw, eps) * F.silu(h)
 
 
 def glu(gate_up: torch.Tensor) -> torch.Tensor:

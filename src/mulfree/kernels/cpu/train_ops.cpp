@@ -1,5 +1,5 @@
 // The fused element-wise parts of MMfree training (nn/fused.py), forward and backward: RMSNorm (with the
-// BitLinear's per-token int8 quantization), the MLGRU over whole sequences and the GLU. Backward passes
+// BitLinear's per-token int8 quantization), ternarization, the MLGRU's state scan and output gate, and the GLU. Backward passes
 // recompute what the forward produced from the few tensors autograd keeps. References: ops/fused_train.py.
 // Rows (or channel blocks of the scan) are spread over the shared pool; weight gradients are summed per fixed
 // chunk of rows and the chunks reduced in order, so every result is the same for any thread count.
@@ -298,17 +298,15 @@ void register_train_ops(nb::module_ &m) {
       nb::arg("threads"), "RMSNorm backward from x and dL/d(out): dx [T, K] and dw [K] (the factor recomputed).");
 
   m.def(
-      "mlgru_fwd",
-      [](F3 fi, F3 ff, F3 fg, std::optional<F1> lb, F1 gw, double eps, std::optional<F2> h0,
-         std::optional<Arr<const uint8_t, nb::ndim<2>>> keep, bool skip, Out3 h, Out3 out, const std::string &backend,
-         int threads) {
+      "mlgru_scan",
+      [](F3 fi, F3 ff, std::optional<F1> lb, std::optional<F2> h0, std::optional<Arr<const uint8_t, nb::ndim<2>>> keep,
+         bool skip, Out3 h, const std::string &backend, int threads) {
         const Isa isa = parse_isa(backend);
         const Seq s{(int64_t)fi.shape(0), (int64_t)fi.shape(1), (int64_t)fi.shape(2)};
-        need(s.same(ff) && s.same(fg) && s.same(h) && s.same(out) && (int64_t)gw.shape(0) == s.D &&
-                 (!lb || (int64_t)lb->shape(0) == s.D) &&
+        need(s.same(ff) && s.same(h) && (!lb || (int64_t)lb->shape(0) == s.D) &&
                  (!h0 || ((int64_t)h0->shape(0) == s.B && (int64_t)h0->shape(1) == s.D)) &&
                  (!keep || ((int64_t)keep->shape(0) == s.B && (int64_t)keep->shape(1) == s.T)),
-             "mlgru_fwd shapes do not match");
+             "mlgru_scan shapes do not match");
         nb::gil_scoped_release release;
         const int64_t nk = (s.D + kChans - 1) / kChans, TD = s.T * s.D;
         get_pool(threads).run_chunks(s.B * nk, [&](int64_t c) {
@@ -317,54 +315,78 @@ void register_train_ops(nb::module_ &m) {
                      keep ? keep->data() + b * s.T : nullptr, skip, h0 ? h0->data() + b * s.D : nullptr, k0,
                      std::min(s.D, k0 + kChans), s.T, s.D, h.data() + b * TD);
         });
-        for_rows(threads, s.B * s.T, [&](int64_t r, int64_t) {
-          mlgru_gate_row(isa, fg.data() + r * s.D, gw.data(), h.data() + r * s.D, s.D, eps, out.data() + r * s.D);
-        });
       },
-      nb::arg("fi"), nb::arg("ff"), nb::arg("fg"), nb::arg("lb").none(), nb::arg("gw"), nb::arg("eps"),
-      nb::arg("h0").none(), nb::arg("keep").none(), nb::arg("skip"), nb::arg("h"), nb::arg("out"), nb::arg("backend"),
-      nb::arg("threads"), "MLGRU over [B, T, D] gates: states h and output rmsnorm(fg) * gw * silu(h).");
+      nb::arg("fi"), nb::arg("ff"), nb::arg("lb").none(), nb::arg("h0").none(), nb::arg("keep").none(), nb::arg("skip"),
+      nb::arg("h"), nb::arg("backend"), nb::arg("threads"),
+      "The MLGRU's state scan over [B, T, D] gates: f = sigmoid(ff) (lifted by lb), i = silu(fi) (1 - f), "
+      "h_t = f h_{t-1} + i into h.");
 
   m.def(
-      "mlgru_bwd",
-      [](F3 fi, F3 ff, F3 fg, std::optional<F1> lb, F1 gw, double eps, std::optional<F2> h0,
-         std::optional<Arr<const uint8_t, nb::ndim<2>>> keep, bool skip, F3 h, F3 dout, std::optional<F3> dh, Out3 dfi,
-         Out3 dff, Out3 dfg,
-         Out1 dgw, Out1 dlb, std::optional<Out2> dh0, const std::string &backend, int threads) {
+      "mlgru_scan_bwd",
+      [](F3 fi, F3 ff, std::optional<F1> lb, std::optional<F2> h0, std::optional<Arr<const uint8_t, nb::ndim<2>>> keep,
+         bool skip, F3 h, Out3 dh, Out3 dff, Out1 dlb, std::optional<Out2> dh0, const std::string &backend, int threads) {
         const Isa isa = parse_isa(backend);
         const Seq s{(int64_t)fi.shape(0), (int64_t)fi.shape(1), (int64_t)fi.shape(2)};
-        need(s.same(ff) && s.same(fg) && s.same(h) && s.same(dout) && (!dh || s.same(*dh)) && s.same(dfi) && s.same(dff) && s.same(dfg) &&
-                 (int64_t)gw.shape(0) == s.D && (int64_t)dgw.shape(0) == s.D && (int64_t)dlb.shape(0) == s.D &&
+        need(s.same(ff) && s.same(h) && s.same(dh) && s.same(dff) && (int64_t)dlb.shape(0) == s.D &&
                  (!lb || (int64_t)lb->shape(0) == s.D) && (bool)h0 == (bool)dh0 &&
                  (!h0 || ((int64_t)h0->shape(0) == s.B && (int64_t)h0->shape(1) == s.D && (int64_t)dh0->shape(0) == s.B &&
                           (int64_t)dh0->shape(1) == s.D)) &&
                  (!keep || ((int64_t)keep->shape(0) == s.B && (int64_t)keep->shape(1) == s.T)),
-             "mlgru_bwd shapes do not match");
+             "mlgru_scan_bwd shapes do not match");
         nb::gil_scoped_release release;
-        const int64_t rows = s.B * s.T, nk = (s.D + kChans - 1) / kChans, TD = s.T * s.D;
-        std::vector<float> gpart((size_t)(chunks_of(rows) * s.D), 0.f), lpart((size_t)(s.B * s.D), 0.f);
-        for_rows(threads, rows, [&](int64_t r, int64_t c) {
-          const int64_t o = r * s.D;
-          mlgru_gate_bwd_row(isa, fg.data() + o, gw.data(), h.data() + o, dout.data() + o, s.D, eps, dfg.data() + o,
-                             gpart.data() + c * s.D, dfi.data() + o);
-          if (dh)
-            for (int64_t k = 0; k < s.D; ++k) dfi.data()[o + k] += dh->data()[o + k];
-        });
+        const int64_t nk = (s.D + kChans - 1) / kChans, TD = s.T * s.D;
+        std::vector<float> lpart((size_t)(s.B * s.D), 0.f);
         get_pool(threads).run_chunks(s.B * nk, [&](int64_t c) {
           const int64_t b = c / nk, k0 = c % nk * kChans;
           mlgru_scan_bwd(isa, fi.data() + b * TD, ff.data() + b * TD, lb ? lb->data() : nullptr,
                          keep ? keep->data() + b * s.T : nullptr, skip, h0 ? h0->data() + b * s.D : nullptr,
-                         h.data() + b * TD, k0, std::min(s.D, k0 + kChans), s.T, s.D, dfi.data() + b * TD,
+                         h.data() + b * TD, k0, std::min(s.D, k0 + kChans), s.T, s.D, dh.data() + b * TD,
                          dff.data() + b * TD, lpart.data() + b * s.D, h0 ? dh0->data() + b * s.D : nullptr);
         });
-        reduce_parts(gpart, chunks_of(rows), s.D, dgw.data());
         reduce_parts(lpart, s.B, s.D, dlb.data());
       },
-      nb::arg("fi"), nb::arg("ff"), nb::arg("fg"), nb::arg("lb").none(), nb::arg("gw"), nb::arg("eps"),
-      nb::arg("h0").none(), nb::arg("keep").none(), nb::arg("skip"), nb::arg("h"), nb::arg("dout"), nb::arg("dh").none(),
-      nb::arg("dfi"),
-      nb::arg("dff"), nb::arg("dfg"), nb::arg("dgw"), nb::arg("dlb"), nb::arg("dh0").none(), nb::arg("backend"),
-      nb::arg("threads"), "MLGRU backward (dh: dL/d(states), or None): gate gradients [B, T, D], dgw, dlb [D] and dh0 [B, D] (when h0 is given).");
+      nb::arg("fi"), nb::arg("ff"), nb::arg("lb").none(), nb::arg("h0").none(), nb::arg("keep").none(), nb::arg("skip"),
+      nb::arg("h"), nb::arg("dh"), nb::arg("dff"), nb::arg("dlb"), nb::arg("dh0").none(), nb::arg("backend"),
+      nb::arg("threads"),
+      "The scan's backward: dh holds dL/dh on entry and dL/dfi on return; dff, dlb [D] and dh0 (when h0) written.");
+
+  m.def(
+      "mlgru_gate",
+      [](F2 fg, F1 gw, F2 h, double eps, Out2 out, const std::string &backend, int threads) {
+        const Isa isa = parse_isa(backend);
+        const int64_t T = (int64_t)fg.shape(0), D = (int64_t)fg.shape(1);
+        need((int64_t)gw.shape(0) == D && (int64_t)h.shape(0) == T && (int64_t)h.shape(1) == D &&
+                 (int64_t)out.shape(0) == T && (int64_t)out.shape(1) == D,
+             "mlgru_gate shapes do not match");
+        nb::gil_scoped_release release;
+        for_rows(threads, T, [&](int64_t r, int64_t) {
+          mlgru_gate_row(isa, fg.data() + r * D, gw.data(), h.data() + r * D, D, eps, out.data() + r * D);
+        });
+      },
+      nb::arg("fg"), nb::arg("gw"), nb::arg("h"), nb::arg("eps"), nb::arg("out"), nb::arg("backend"), nb::arg("threads"),
+      "The MLGRU's output gate over rows: rmsnorm(fg) * gw * silu(h).");
+
+  m.def(
+      "mlgru_gate_bwd",
+      [](F2 fg, F1 gw, F2 h, F2 dout, double eps, Out2 dfg, Out1 dgw, Out2 dh, const std::string &backend, int threads) {
+        const Isa isa = parse_isa(backend);
+        const int64_t T = (int64_t)fg.shape(0), D = (int64_t)fg.shape(1);
+        for (const auto *a : {&h, &dout})
+          need((int64_t)a->shape(0) == T && (int64_t)a->shape(1) == D, "mlgru_gate_bwd shapes do not match");
+        need((int64_t)gw.shape(0) == D && (int64_t)dgw.shape(0) == D && (int64_t)dfg.shape(0) == T &&
+                 (int64_t)dfg.shape(1) == D && (int64_t)dh.shape(0) == T && (int64_t)dh.shape(1) == D,
+             "mlgru_gate_bwd shapes do not match");
+        nb::gil_scoped_release release;
+        std::vector<float> part((size_t)(chunks_of(T) * D), 0.f);
+        for_rows(threads, T, [&](int64_t r, int64_t c) {
+          const int64_t o = r * D;
+          mlgru_gate_bwd_row(isa, fg.data() + o, gw.data(), h.data() + o, dout.data() + o, D, eps, dfg.data() + o,
+                             part.data() + c * D, dh.data() + o);
+        });
+        reduce_parts(part, chunks_of(T), D, dgw.data());
+      },
+      nb::arg("fg"), nb::arg("gw"), nb::arg("h"), nb::arg("dout"), nb::arg("eps"), nb::arg("dfg"), nb::arg("dgw"),
+      nb::arg("dh"), nb::arg("backend"), nb::arg("threads"), "The output gate's backward: dfg, dgw [D] and dh.");
 
   m.def(
       "glu_fwd",
