@@ -158,6 +158,8 @@ class TrainConfig:
     fused: bool = _opt(True, "unfused torch ops instead of the fused CPU kernels (to compare memory and speed)")
     seed: int = _opt(0, "seed for init, data order and sampling")
     device: str = _opt("cpu", "cpu or cuda")
+    threads: int = _opt(0, "torch CPU threads (0: re-chosen every 50 steps by measured step time, up to torch's "
+                        "default, so a busy core does not stall training)", min=0, max=4096)
     progress: bool = _opt(True, "no progress bar")
 
     def __post_init__(self) -> None:

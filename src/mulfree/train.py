@@ -49,6 +49,7 @@ from mulfree.integrity import digest_bytes
 from mulfree.models.schema import available_memory
 from mulfree.nn.fused import set_fused
 from mulfree.settings import TrainConfig, check_device
+from mulfree.threads import ThreadTuner
 
 BatchFn = Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
@@ -331,10 +332,18 @@ def train(
     final: dict = {"step": start}
     t_start, cpu_start = time.perf_counter(), time.process_time()
     tokens_seen = 0
+    torch_threads = torch.get_num_threads()
+    tuner = None
+    if device.type == "cpu" and cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    elif device.type == "cpu":
+        tuner = ThreadTuner(torch_threads)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",
                disable=not (cfg.progress and is_main), dynamic_ncols=True)
     try:
         for step in bar:
+            if tuner is not None:
+                tuner.before(step)
             t0 = time.perf_counter()
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
@@ -364,6 +373,8 @@ def train(
             opt.step()
             done = step + 1
             dt = time.perf_counter() - t0
+            if tuner is not None:
+                tuner.after(step, dt)
             tokens_seen += step_tokens
             final.update(step=done, loss=loss_value)
             if done % cfg.log_every == 0 or done == cfg.steps:
@@ -390,6 +401,7 @@ def train(
             if run_dir != out_dir:
                 replace_dir(run_dir, out_dir, overwrite=True, kind="training run")
     finally:
+        torch.set_num_threads(torch_threads)
         if is_main and run_dir != out_dir and run_dir.exists():
             shutil.rmtree(run_dir, ignore_errors=True)  # a replacing run that did not finish: the old stays
     if world > 1:

@@ -112,7 +112,8 @@ def _check_same_data(out: Path, saved: dict, current: dict[str, str]) -> None:
 
 def _resumed_run(args, out: Path):
     """(model config, train config, tokenizer, data fingerprint) of the run saved in `out`; only
-    --steps (and --device, --no-progress) may differ from the saved settings."""
+    --steps (and how the run executes: --device, --threads, --fsdp, --no-progress) may differ from the saved
+    settings."""
     from mulfree.data.text import load_tokenizer
     from mulfree.models import registry
     from mulfree.train import TrainConfig, checkpoint_state
@@ -124,12 +125,13 @@ def _resumed_run(args, out: Path):
         raise CheckpointError(f"checkpoint in '{out}' has no model config", "start a new run")
     saved = TrainConfig.from_dict(dict(state["train_config"])).to_dict()
     given = from_args(TrainConfig, args, base=saved).to_dict()
-    changed = [k for k in saved if k not in ("steps", "device", "progress") and given[k] != saved[k]]
+    free = ("steps", "device", "threads", "fsdp", "progress")
+    changed = [k for k in saved if k not in free and given[k] != saved[k]]
     if changed:
         name = changed[0]
         raise ConfigError(f"--{name.replace('_', '-')} {given[name]} differs from the resumed run's {saved[name]}",
                           "leave it out: a resumed run keeps its settings (only --steps may change)")
-    saved.update(steps=given["steps"], device=given["device"], progress=args.progress is not False)
+    saved.update({k: given[k] for k in free if k != "progress"}, progress=args.progress is not False)
     extra = state.get("extra", {})
     if extra.get("shards") is not None or args.shards is not None:
         _check_same_shards(args, out, extra)
