@@ -250,3 +250,11 @@ def test_cuda_without_cuda_and_a_step_beyond_memory_are_refused(tmp_path, monkey
     with pytest.raises(ConfigError, match="GiB is available"):
         train(_mmfree(), _ids(), None, _cfg(), tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+def test_compiled_training_gives_the_eager_losses(tmp_path):
+    """--compile: torch.compile around the fused ops (they stay opaque calls) trains to the eager losses."""
+    ids = _ids()
+    eager = train(_mmfree(), ids, None, _cfg(steps=2, save_every=0), tmp_path / "eager")
+    compiled = train(_mmfree(), ids, None, _cfg(steps=2, save_every=0, compile=True), tmp_path / "compiled")
+    assert abs(compiled["loss"] - eager["loss"]) < 1e-4

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from mulfree.errors import MulfreeError
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     from mulfree import offline
 
     offline.setup()
+    # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning, so that on a machine whose cores
+    # are busy they do not take the cores from the threads doing the work (docs/mmfree.md, threads under load).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

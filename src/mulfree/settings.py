@@ -155,6 +155,8 @@ class TrainConfig:
     bf16: bool = _opt(False, "bfloat16 autocast")
     fsdp: bool = _opt(False, "shard parameters, gradients and optimizer state over the torchrun processes (FSDP2) "
                       "instead of DDP; a no-op in a single process")
+    compile: bool = _opt(False, "torch.compile the training forward (on a GPU it fuses the element-wise ops around "
+                         "the Triton kernels; the first steps are slow while it compiles)")
     fused: bool = _opt(True, "unfused torch ops instead of the fused CPU kernels (to compare memory and speed)")
     seed: int = _opt(0, "seed for init, data order and sampling")
     device: str = _opt("cpu", "cpu or cuda")

@@ -317,6 +317,8 @@ def train(
         from torch.nn.parallel import DistributedDataParallel
 
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
 
     def log(record: dict) -> None:
         if is_main:

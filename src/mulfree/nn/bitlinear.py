@@ -73,6 +73,8 @@ class BitLinear(nn.Module):
             return fused.bitlinear(x, self.norm.weight, self.weight, self.norm.eps, prologue)
         if prologue is not None:
             x = _apply(prologue, x)
+        if fused.triton_active(x):
+            return fused.triton_bitlinear(x, self.norm.weight, self.weight, self.norm.eps)
         return bitlinear(self.norm(x), self.weight)
 
     def extra_repr(self) -> str:

@@ -12,6 +12,7 @@ are the engine's.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -35,6 +36,36 @@ def active(x: torch.Tensor) -> bool:
     return (_enabled and torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu") and cpu_module() is not None
             and resolve_backend(None) != "reference")
+
+
+def _on_gpu(x: torch.Tensor) -> bool:
+    return x.is_cuda
+
+
+@lru_cache(maxsize=1)
+def _triton() -> bool:
+    from mulfree.kernels import triton
+
+    return triton.available()
+
+
+def triton_active(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels (kernels/triton/) run for x: while training on a CUDA tensor, triton installed."""
+    return _enabled and torch.is_grad_enabled() and _on_gpu(x) and _triton()
+
+
+def triton_bitlinear(x: torch.Tensor, norm_w: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The Triton fused BitLinear (norm + int8 + ternary + matmul; backward recomputes the codes)."""
+    from mulfree.kernels.triton import fused_bitlinear
+
+    return fused_bitlinear(x, norm_w, weight, eps)
+
+
+def triton_recurrence(f: torch.Tensor, i: torch.Tensor, h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """h_t = f_t h_{t-1} + i_t by the Triton fused-recurrent kernel: (states, last state)."""
+    from mulfree.kernels.triton import fused_recurrent
+
+    return fused_recurrent(f, i, h0)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

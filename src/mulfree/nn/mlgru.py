@@ -86,6 +86,8 @@ class MLGRU(nn.Module):
         if x.shape[1] == 1 and state is not None:
             h_last = linear_recurrence_step(f[:, 0], i[:, 0], state)
             h = h_last.unsqueeze(1)
+        elif fused.triton_active(f):
+            h, h_last = fused.triton_recurrence(f, i, state)
         else:
             h, h_last = linear_recurrence(f, i, state)
         g = self.g_proj(x)
