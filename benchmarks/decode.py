@@ -4,6 +4,7 @@ shape, beside the machine's streaming read bandwidth measured in the same run.
     python benchmarks/decode.py                     # 370m and 1.3b shapes (a few minutes)
     python benchmarks/decode.py --shapes tiny --tokens 8 --prefill 32   # smoke run
     python benchmarks/decode.py --shapes 1.3b --batch 1 8 32   # batched decode only: aggregate tok/s per B
+    python benchmarks/decode.py --shapes 1.3b --formats t2 t1 --rounds 3   # packed formats side by side
 
 Weights are random (speed does not depend on values). Prints a table, the ratios, effective GB/s,
 % of the bandwidth roofline, and one JSON line.
@@ -39,7 +40,8 @@ from mulfree.infer.packed_layout import layout
 from mulfree.kernels import backend as best_backend
 from mulfree.kernels import cpu_module
 from mulfree.kernels.ternary import amx_available, set_amx
-from mulfree.ops.pack import packed_shape
+from mulfree.ops.pack import packed_format
+from mulfree.ops.pack_t1 import encode_codes
 
 SHAPES = {  # name: (vocab, hidden, layers, intermediate), reference/matmulfree.md §1.2
     "tiny": (4096, 256, 4, 768),
@@ -53,7 +55,11 @@ TORCH_LIMITS = {
     "avxvnni": ("at AVX2 + AVX-VNNI", {"ONEDNN_MAX_CPU_ISA": "AVX2_VNNI", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
                                        "ATEN_CPU_CAPABILITY": "avx2"}),
 }
-VALID_BYTES = torch.tensor([b for b in range(256) if all((b >> (2 * s)) & 3 != 3 for s in range(4))], dtype=torch.uint8)
+VALID_BYTES = {  # the bytes each packer writes (random trits are random bytes among these)
+    "mulfree-t2": torch.tensor([b for b in range(256) if all((b >> (2 * s)) & 3 != 3 for s in range(4))],
+                               dtype=torch.uint8),
+    "mulfree-t1": encode_codes(torch.cartesian_prod(*[torch.arange(3)] * 5)),
+}
 
 
 def cpu_model() -> str:
@@ -68,8 +74,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def random_packed_model(vocab: int, d: int, layers: int, inter: int, threads: int, seed: int) -> PackedModel:
-    """A PackedModel with random trits (every byte a valid code quadruple), unit norms, random lower bounds."""
+def random_packed_model(vocab: int, d: int, layers: int, inter: int, threads: int, seed: int,
+                        fmt: str = "t2") -> PackedModel:
+    """A PackedModel in format `fmt` with random trits (every byte one the packer writes), unit norms, random lower
+    bounds."""
+    f = packed_format(fmt)
+    valid = VALID_BYTES[f.name]
     g = torch.Generator().manual_seed(seed)
     cfg = {"model_type": "mmfree", "vocab_size": vocab, "hidden_size": d, "num_hidden_layers": layers,
            "intermediate_size": inter, "rms_norm_eps": 1e-6, "use_lower_bound": True}
@@ -78,9 +88,9 @@ def random_packed_model(vocab: int, d: int, layers: int, inter: int, threads: in
     t["model.embeddings.weight"] = torch.randn(vocab, d, generator=g).to(torch.bfloat16)
     t["model.lb"] = torch.rand(layers, d, generator=g)
     for name, (n, k) in linears.items():
-        t[name + ".packed"] = VALID_BYTES[torch.randint(0, len(VALID_BYTES), packed_shape(n, k), generator=g)]
+        t[name + ".packed"] = valid[torch.randint(0, len(valid), f.packed_shape(n, k), generator=g)]
         t[name + ".scale"] = torch.tensor([0.02])
-    return PackedModel(cfg, t, backend=best_backend(), threads=threads)
+    return PackedModel(cfg, t, backend=best_backend(), threads=threads, fmt=f.name)
 
 
 def read_bandwidth(nbytes: int, threads: int, reps: int) -> float:
@@ -229,6 +239,75 @@ def bench_batched(name: str, args: argparse.Namespace) -> dict:
     return res
 
 
+def decode_window(pm: PackedModel, steps: int) -> float:
+    """tok/s of `steps` greedy decode steps of one sequence (batch 1), after two untimed ones."""
+    tok = [1]
+    for _ in range(2):
+        pm.forward(tok)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tok[0] = int(pm.forward(tok).argmax())
+    return steps / (time.perf_counter() - t0)
+
+
+def bench_formats(name: str, args: argparse.Namespace) -> dict:
+    """Decode (batch 1) and prefill tok/s of shape `name` in each packed format at 1 and 2 threads, timed in turn
+    round after round (the host is shared): per-round values, their ranges, and the load average around each
+    round."""
+    vocab, d, layers, inter = SHAPES[name]
+    torch.set_num_threads(1)  # torch's argmax workers would spin against the engine's pool on 2 cores
+    models = {}
+    for f in args.formats:
+        pm = random_packed_model(vocab, d, layers, inter, threads=2, seed=args.seed, fmt=f)
+        models[f, 2] = pm
+        models[f, 1] = PackedModel(pm.config, pm.tensors, backend=pm.backend, threads=1, fmt=pm.format.name)
+    ids = torch.randint(0, vocab, (args.prefill,))
+    res: dict = {"shape": name, "steps": args.tokens, "prefill_tokens": args.prefill, "rounds": []}
+    for (f, threads), pm in models.items():
+        res[f"{f}_packed_mb"] = sum(v.numel() for k, v in pm.tensors.items() if k.endswith(".packed")) / 1e6
+        pm.reset()
+        pm.forward(ids[:8])  # first touch of every page before any timing
+    keys = [f"{f}_{threads}t" for f, threads in models]
+    for r in range(args.rounds):
+        row: dict = {"load_before": os.getloadavg()[0]}
+        for (f, threads), pm in models.items():
+            pm.reset()
+            t0 = time.perf_counter()
+            pm.forward(ids)
+            row[f"{f}_{threads}t_prefill"] = args.prefill / (time.perf_counter() - t0)
+            row[f"{f}_{threads}t_decode"] = max(decode_window(pm, args.tokens) for _ in range(2))
+        row["load_after"] = os.getloadavg()[0]
+        res["rounds"].append(row)
+        print(f"[{name}] round {r + 1} (load {row['load_before']:.2f} -> {row['load_after']:.2f}): " + ", ".join(
+            f"{k} decode {row[k + '_decode']:.1f} / prefill {row[k + '_prefill']:.1f}" for k in keys))
+    for k in keys:
+        for phase in ("decode", "prefill"):
+            vals = [row[f"{k}_{phase}"] for row in res["rounds"]]
+            res[f"{k}_{phase}_range"] = [min(vals), max(vals)]
+    base = args.formats[0]
+    for f in args.formats[1:]:
+        for threads in (1, 2):
+            for phase in ("decode", "prefill"):
+                ratios = [row[f"{f}_{threads}t_{phase}"] / row[f"{base}_{threads}t_{phase}"] for row in res["rounds"]]
+                res[f"{f}_{threads}t_{phase}_x_{base}_range"] = [min(ratios), max(ratios)]
+    print(f"\n[{name}] batch 1, {args.tokens}-step decode windows (best of 2 per round), {args.prefill}-token "
+          f"prefill, {args.rounds} rounds, tok/s (min-max over rounds):")
+    for k in keys:
+        f = k.rsplit("_", 1)[0]
+        lo, hi = res[f"{k}_decode_range"]
+        plo, phi = res[f"{k}_prefill_range"]
+        print(f"  {k:<6} {res[f'{f}_packed_mb']:5.0f} MB packed  decode {lo:6.1f}-{hi:6.1f}  prefill {plo:6.1f}-{phi:6.1f}")
+    for f in args.formats[1:]:
+        for threads in (1, 2):
+            d_lo, d_hi = res[f"{f}_{threads}t_decode_x_{base}_range"]
+            p_lo, p_hi = res[f"{f}_{threads}t_prefill_x_{base}_range"]
+            print(f"  {f} / {base}, {threads} thread(s), per round: decode {d_lo:.2f}-{d_hi:.2f}x, prefill "
+                  f"{p_lo:.2f}-{p_hi:.2f}x")
+    loads = [row[k] for row in res["rounds"] for k in ("load_before", "load_after")]
+    print(f"  load average (1 min) during the rounds: {min(loads):.2f}-{max(loads):.2f}")
+    return res
+
+
 def torch_baseline(name: str, dtype: torch.dtype, args: argparse.Namespace) -> tuple[float, float]:
     """(decode, prefill) tok/s of the dense torch model of shape `name` in `dtype`, 2 threads."""
     vocab, d, layers, inter = SHAPES[name]
@@ -309,7 +388,10 @@ def main() -> None:
     p.add_argument("--bw-mb", type=int, default=1024, help="buffer for the bandwidth measurement (MB)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, nargs="+", help="only time batched decode at these batch sizes")
-    p.add_argument("--rounds", type=int, default=5, help="--batch: rounds over the batch sizes (best of each kept)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="--batch: rounds over the batch sizes (best of each kept); --formats: rounds over the formats")
+    p.add_argument("--formats", nargs="+", choices=["t2", "t1"],
+                   help="only time the packed engine in these formats, side by side (decode batch 1 and prefill)")
     p.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)  # the child of torch_limited
     args = p.parse_args()
     if args.torch_only:
@@ -319,6 +401,12 @@ def main() -> None:
     if cpu_module() is None:
         raise SystemExit("error: the compiled extension is missing; reinstall mulfree")
     torch.manual_seed(args.seed)
+    if args.formats:
+        print(f"host: {cpu_model()}, {os.cpu_count()} CPUs, kernel backend {best_backend()}")
+        results = [bench_formats(name, args) for name in args.shapes]
+        print(json.dumps({"benchmark": "decode_formats", "host": cpu_model(), "backend": best_backend(),
+                          "formats": args.formats, "results": results}))
+        return
     if args.batch:
         print(f"host: {cpu_model()}, {os.cpu_count()} CPUs, kernel backend {best_backend()}")
         results = [bench_batched(name, args) for name in args.shapes]

@@ -1,11 +1,12 @@
-"""Packed-weight CPU runtime for MMfree models: 2-bit ternary weights, recurrent state, prefill,
+"""Packed-weight CPU runtime for MMfree models: 2-bit or 1.6-bit ternary weights, recurrent state, prefill,
 decode and sampling. The whole forward runs in the compiled `Engine` (one native call per step,
 GIL released); with backend "reference" or no extension it runs the same math in pure torch.
 
 A packed model dir (written by `mulfree pack`) holds `config.json` (the model config plus
-`format: "mulfree-t2"`, `format_version` and a CRC-32 of the weights), `model.safetensors`, the
+`format` ("mulfree-t2" or "mulfree-t1"), `format_version` and a CRC-32 of the weights), `model.safetensors`, the
 tokenizer and `checksums.json` (xxh3 of the other files, `mulfree.integrity`; dirs packed before it have
-the CRC-32 only). Format of the weights: `mulfree.ops.pack` and docs/packed.md.
+the CRC-32 only). Formats of the weights: `mulfree.ops.pack` (T2R4, 2 bits), `mulfree.ops.pack_t1` (T1R4, 1.6 bits)
+and docs/packed.md; both give the same integer results, so a model runs the same in either.
 
 Two norm eps, as the official model: `rms_norm_eps` for attn_norm, g_norm, mlp_norm and model.norm;
 `bitlinear_norm_eps(config)` (the config's `bitlinear_eps`, else `rms_norm_eps`) for every BitLinear's
@@ -32,6 +33,7 @@ from mulfree.infer.packed_layout import (
     PackedReferenceNorm,
     linear_shapes,
     pack_state_dict,
+    repack,
     skeleton,
     validate_tensors,
 )
@@ -40,10 +42,7 @@ from mulfree.kernels.ternary import resolve_backend
 from mulfree.models.mmfree import MMFreeForCausalLM, bitlinear_norm_eps
 from mulfree.nn.bitlinear import BitLinear
 from mulfree.nn.norm import RMSNorm
-from mulfree.ops.pack import (
-    FORMAT,
-    FORMAT_VERSION,
-)
+from mulfree.ops.pack import FORMAT, FORMATS, packed_format
 
 CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_NAME = "config.json", "model.safetensors", "tokenizer.json"
 PREFILL_CHUNK = 512  # tokens per native prefill call (bounds scratch memory: ~25 MB at the 1.3b shape)
@@ -63,7 +62,8 @@ def pick_engine(config: dict[str, Any], requested: str, source: str) -> str:
 
 
 class PackedModel:
-    """An MMfree model on packed 2-bit weights, with its recurrent state.
+    """An MMfree model on packed ternary weights (format mulfree-t2: 2 bits per weight, or mulfree-t1: 1.6), with
+    its recurrent state.
 
     Example:
         pm = PackedModel.load("out/packed")
@@ -71,8 +71,10 @@ class PackedModel:
     """
 
     def __init__(self, config: dict[str, Any], tensors: dict[str, torch.Tensor], tokenizer: Any = None,
-                 backend: str | None = None, threads: int = 0):
-        validate_tensors(config, tensors, "packed model")
+                 backend: str | None = None, threads: int = 0, fmt: str | None = None):
+        """`tensors` in format `fmt` (None: the config's `format`, else mulfree-t2)."""
+        self.format = packed_format(fmt or config.get("format", FORMAT))
+        validate_tensors(config, tensors, "packed model", self.format.name)
         self.config = config
         self.tokenizer = tokenizer
         self.tensors = tensors
@@ -89,8 +91,11 @@ class PackedModel:
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def load(cls, model_dir: str | Path, backend: str | None = None, threads: int = 0) -> PackedModel:
-        """Load a packed dir (`mulfree pack`), or pack an ordinary MMfree model dir in memory.
+    def load(cls, model_dir: str | Path, backend: str | None = None, threads: int = 0,
+             fmt: str | None = None) -> PackedModel:
+        """Load a packed dir (`mulfree pack`), or pack an ordinary MMfree model dir in memory. `fmt` (a name of
+        `mulfree.ops.pack.packed_format`) is the format to run: None keeps a packed dir's own and packs a model dir
+        as mulfree-t2; a packed dir of the other format is repacked in memory (the same trits and scales).
 
         Checked before anything is allocated: the config (types, ranges, the memory the model needs), the
         tokenizer against the vocabulary, then the checksums (`checksums.json`; the CRC-32 of dirs packed
@@ -105,14 +110,17 @@ class PackedModel:
         weights = model_dir / WEIGHTS_NAME
         if not weights.is_file():
             raise CheckpointError(f"{weights} is missing", "pass a complete model dir")
+        target = packed_format(fmt) if fmt is not None else None
         packed = "format" in cfg
         if packed:
-            fmt, version = cfg["format"], cfg.get("format_version")
-            if isinstance(fmt, str) and fmt != FORMAT:
-                raise CheckpointError(f"{source}: unknown format {schema.show(fmt)}", f"expected {FORMAT!r}")
-            if isinstance(version, int) and not isinstance(version, bool) and version != FORMAT_VERSION:
-                raise CheckpointError(f"{source}: format_version {version} is not supported (this mulfree reads "
-                                      f"{FORMAT_VERSION})", "re-pack the model with this mulfree version")
+            name, version = cfg["format"], cfg.get("format_version")
+            if isinstance(name, str) and name not in FORMATS:
+                raise CheckpointError(f"{source}: unknown format {schema.show(name)}",
+                                      f"expected one of {', '.join(repr(f) for f in FORMATS)}")
+            want = FORMATS[name].version if isinstance(name, str) else version  # a bad type: validate_packed_config
+            if isinstance(version, int) and not isinstance(version, bool) and version != want:
+                raise CheckpointError(f"{source}: format_version {version} of {name} is not supported (this mulfree "
+                                      f"reads {want})", "re-pack the model with this mulfree version")
             schema.validate_packed_config(cfg, source)
         else:
             if cfg.get("model_type") != "mmfree":
@@ -128,7 +136,9 @@ class PackedModel:
             schema.check_tokenizer(tokenizer, cfg["vocab_size"], str(model_dir / TOKENIZER_NAME))
         integrity.verify(model_dir, [CONFIG_NAME, WEIGHTS_NAME] + [TOKENIZER_NAME] * (tokenizer is not None))
         if not packed:
-            return cls(cfg, pack_state_dict(cfg, read_weights(weights, verify=False)), tokenizer, backend, threads)
+            name = (target or packed_format(FORMAT)).name
+            return cls(cfg, pack_state_dict(cfg, read_weights(weights, verify=False), name), tokenizer, backend,
+                       threads, fmt=name)
         data = weights.read_bytes()
         if zlib.crc32(data) != cfg["crc32"]:
             raise CheckpointError(f"{weights} is corrupt or truncated (CRC-32 mismatch)",
@@ -140,14 +150,18 @@ class PackedModel:
             tensors = load(data)
         except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:  # a bad header
             raise CheckpointError(f"cannot read {weights} ({schema.first_line(exc)})", "re-run `mulfree pack`") from None
-        return cls(cfg, tensors, tokenizer, backend, threads)
+        validate_tensors(cfg, tensors, str(weights), cfg["format"])  # in the dir's own format, before any repacking
+        if target is not None and target.name != cfg["format"]:
+            tensors = repack(cfg, tensors, cfg["format"], target.name)
+        return cls(cfg, tensors, tokenizer, backend, threads, fmt=(target.name if target else cfg["format"]))
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, tokenizer: Any = None, backend: str | None = None,
-                   threads: int = 0) -> PackedModel:
-        """Pack an in-memory `MMFreeForCausalLM`."""
+                   threads: int = 0, fmt: str = FORMAT) -> PackedModel:
+        """Pack an in-memory `MMFreeForCausalLM` in format `fmt`."""
         cfg = model.config.to_dict()
-        return cls(cfg, pack_state_dict(cfg, model.state_dict()), tokenizer, backend, threads)
+        name = packed_format(fmt).name
+        return cls(cfg, pack_state_dict(cfg, model.state_dict(), name), tokenizer, backend, threads, fmt=name)
 
     def save(self, out_dir: str | Path) -> None:
         """Write the packed dir: model.safetensors, tokenizer, config.json (format, version, CRC-32), and last
@@ -158,20 +172,22 @@ class PackedModel:
         from mulfree.integrity import write_manifest
 
         out = Path(out_dir)
-        data = save(self.tensors, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        f = self.format
+        data = save(self.tensors, metadata={"format": f.name, "format_version": str(f.version)})
         atomic_write(out / WEIGHTS_NAME, lambda tmp: tmp.write_bytes(data))
         names = [WEIGHTS_NAME, CONFIG_NAME]
         if self.tokenizer is not None:
             atomic_write(out / TOKENIZER_NAME, lambda tmp: self.tokenizer.save(str(tmp)))
             names.append(TOKENIZER_NAME)
-        cfg = {**self.config, "format": FORMAT, "format_version": FORMAT_VERSION, "crc32": zlib.crc32(data)}
+        cfg = {**self.config, "format": f.name, "format_version": f.version, "crc32": zlib.crc32(data)}
         atomic_write_text(out / CONFIG_NAME, json.dumps(cfg, indent=2) + "\n")
         write_manifest(out, names)
 
     def _packed_linear(self, mod, name: str):
         n, k = self._linears[name]
         t = self.tensors
-        return mod.PackedLinear(t[name + ".packed"], n, k, float(t[name + ".scale"][0]), t[name + ".norm.weight"])
+        return mod.PackedLinear(t[name + ".packed"], n, k, float(t[name + ".scale"][0]), t[name + ".norm.weight"],
+                                format=self.format.short)
 
     def _build_engine(self):
         mod = cpu_module()
@@ -200,7 +216,7 @@ class PackedModel:
             if isinstance(m, BitLinear):
                 n, k = self._linears[name]
                 new = PackedReferenceLinear(t[name + ".packed"], n, k, t[name + ".scale"], t[name + ".norm.weight"],
-                                            self.bitlinear_eps)
+                                            self.bitlinear_eps, self.format.name)
             elif isinstance(m, RMSNorm) and name.rpartition(".")[0] not in self._linears:
                 new = PackedReferenceNorm(m.weight.shape[0], self.eps)
                 new.weight = nn.Parameter(t[name + ".weight"], requires_grad=False)

@@ -16,13 +16,7 @@ from mulfree.models.mmfree import MMFreeConfig, MMFreeForCausalLM
 from mulfree.nn.bitlinear import BitLinear
 from mulfree.nn.norm import RMSNorm
 from mulfree.ops import fused
-from mulfree.ops.pack import (
-    pack_ternary,
-    packed_shape,
-    padded_k,
-    ternarize,
-    unpack_ternary,
-)
+from mulfree.ops.pack import FORMAT, packed_format, ternarize
 
 # The one table of a block's weights: module of MMFreeBlock (model.layers.N.<module>) -> field of the engine's
 # `Layer`. Packing, validation, the engine and the reference walk all follow it and the torch model's own module
@@ -83,8 +77,10 @@ def linear_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, int]]:
     return layout(cfg)[0]
 
 
-def pack_state_dict(cfg: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Turn an MMfree state dict (official key names) into packed tensors: trits + original scale per linear."""
+def pack_state_dict(cfg: dict[str, Any], state: dict[str, torch.Tensor], fmt: str = FORMAT) -> dict[str, torch.Tensor]:
+    """Turn an MMfree state dict (official key names) into packed tensors: trits + original scale per linear, the
+    trits in packed format `fmt` (`mulfree.ops.pack.packed_format`)."""
+    pack = packed_format(fmt).pack
     if cfg.get("output_gate", "official") != "official":
         raise CheckpointError(f"output_gate {cfg['output_gate']!r} is not supported by the packed engine",
                               "pack a model trained with the official output gate")
@@ -96,7 +92,7 @@ def pack_state_dict(cfg: dict[str, Any], state: dict[str, torch.Tensor]) -> dict
             raise CheckpointError(f"{name}.weight has shape {tuple(w.shape)}, the config expects {(n, k)}",
                                   "check that config.json belongs to these weights")
         t, scale = ternarize(w)
-        out[name + ".packed"] = pack_ternary(t)
+        out[name + ".packed"] = pack(t)
         out[name + ".scale"] = torch.tensor([scale], dtype=torch.float32)
     if cfg.get("use_lower_bound", True):
         p = state["model.lower_bounds"].float().softmax(dim=0)
@@ -111,34 +107,54 @@ def pack_state_dict(cfg: dict[str, Any], state: dict[str, torch.Tensor]) -> dict
     return out
 
 
-def validate_tensors(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], source: str) -> None:
+def validate_tensors(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], source: str, fmt: str = FORMAT) -> None:
+    """CheckpointError unless `tensors` holds every tensor of `cfg`'s packed model with its shape, the packed
+    weights as uint8 in the shapes of format `fmt`."""
+    f = packed_format(fmt)
     linears, expect = layout(cfg)
-    expect.update({name + ".packed": packed_shape(n, k) for name, (n, k) in linears.items()})
+    expect.update({name + ".packed": f.packed_shape(n, k) for name, (n, k) in linears.items()})
     missing = sorted(set(expect) - set(tensors))
     if missing:
         raise CheckpointError(f"{source} lacks {len(missing)} tensors (e.g. {missing[0]})",
                               "re-pack the model with `mulfree pack`")
     for name, shape in expect.items():
         if tuple(tensors[name].shape) != tuple(shape):
-            raise CheckpointError(f"{source}: {name} has shape {tuple(tensors[name].shape)}, the config expects "
-                                  f"{tuple(shape)}", "check that config.json belongs to these weights")
+            what = f" of format {f.name}" if name.endswith(".packed") else ""
+            raise CheckpointError(f"{source}: {name} has shape {tuple(tensors[name].shape)}, the config{what} "
+                                  f"expects {tuple(shape)}", "check that config.json belongs to these weights")
+    for name in linears:
+        if tensors[name + ".packed"].dtype != torch.uint8:
+            raise CheckpointError(f"{source}: {name}.packed is {tensors[name + '.packed'].dtype}, not uint8",
+                                  "re-pack the model with `mulfree pack`")
+
+
+def repack(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], src: str, dst: str) -> dict[str, torch.Tensor]:
+    """The packed tensors of format `src` in format `dst`: the same trits and scales (lossless either way)."""
+    a, b = packed_format(src), packed_format(dst)
+    if a.name == b.name:
+        return tensors
+    out = dict(tensors)
+    for name, (n, k) in linear_shapes(cfg).items():
+        out[name + ".packed"] = b.pack(a.unpack(tensors[name + ".packed"], (n, k)))
+    return out
 
 
 class PackedReferenceLinear(nn.Module):
-    """A BitLinear on packed weights with the engine's integer math: rmsnorm_quant_ref, then the exact
-    int64 dot with the unpacked trits, then (s_x * s_w). x [..., K] -> [..., N] fp32."""
+    """A BitLinear on packed weights (format `fmt`) with the engine's integer math: rmsnorm_quant_ref, then the
+    exact int64 dot with the unpacked trits, then (s_x * s_w). x [..., K] -> [..., N] fp32."""
 
     def __init__(self, packed: torch.Tensor, n: int, k: int, scale: torch.Tensor, norm_weight: torch.Tensor,
-                 eps: float):
+                 eps: float, fmt: str = FORMAT):
         super().__init__()
-        self.register_buffer("trits", unpack_ternary(packed, (n, padded_k(k))).to(torch.int64))
+        self.register_buffer("trits", packed_format(fmt).unpack(packed, (n, k)).to(torch.int64))
         self.register_buffer("scale", scale)
         self.register_buffer("norm_weight", norm_weight)
         self.eps = eps
+        self.k = k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, a_scale, _ = fused.rmsnorm_quant_ref(x, self.norm_weight, self.eps)
-        return (q.to(torch.int64) @ self.trits.T).float() * (a_scale[..., None] * self.scale)
+        return (q[..., :self.k].to(torch.int64) @ self.trits.T).float() * (a_scale[..., None] * self.scale)
 
 
 class PackedReferenceNorm(RMSNorm):

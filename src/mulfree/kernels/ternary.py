@@ -12,7 +12,7 @@ import torch
 from mulfree.kernels import backend as default_backend
 from mulfree.kernels import cpu_module
 from mulfree.ops import fused
-from mulfree.ops.pack import packed_matmul_ref, padded_k
+from mulfree.ops.pack import FORMAT, packed_format, padded_k
 
 
 def resolve_backend(backend: str | None) -> str:
@@ -24,17 +24,19 @@ def resolve_backend(backend: str | None) -> str:
 
 
 def ternary_matmul(packed: torch.Tensor, n: int, q: torch.Tensor, backend: str | None = None,
-                   threads: int = 0) -> torch.Tensor:
-    """Exact out[t, n] = sum_k trit[n, k] * q[t, k], int32 [T, n]; q int8 [T, K] (zero-padded to Kpad here)."""
+                   threads: int = 0, fmt: str = FORMAT) -> torch.Tensor:
+    """Exact out[t, n] = sum_k trit[n, k] * q[t, k], int32 [T, n]; q int8 [T, K] (zero-padded to Kpad here);
+    `packed` in format `fmt` (`mulfree.ops.pack.packed_format`: mulfree-t2 / t2, mulfree-t1 / t1)."""
+    f = packed_format(fmt)
     name = resolve_backend(backend)
     if name == "reference":
-        return packed_matmul_ref(packed, n, q)
+        return f.matmul_ref(packed, n, q)
     k = q.shape[1]
-    qp = torch.zeros(q.shape[0], padded_k(k), dtype=torch.int8)
+    qp = torch.zeros(q.shape[0], f.padded_k(k), dtype=torch.int8)
     qp[:, :k] = q
     sumq = q.to(torch.int32).sum(dim=1, dtype=torch.int32)
-    out = torch.empty(q.shape[0], n, dtype=torch.int32)
-    cpu_module().ternary_matmul(packed.contiguous(), n, qp, sumq, out, name, threads)
+    out = torch.full((q.shape[0], n), -(2**31), dtype=torch.int32)  # poisoned: the kernel must write every value
+    cpu_module().ternary_matmul(packed.contiguous(), n, qp, sumq, out, name, threads, format=f.short, k=k)
     return out
 
 
@@ -53,13 +55,16 @@ def rmsnorm_quant(x: torch.Tensor, w: torch.Tensor, eps: float,
 
 
 def bitlinear_packed(packed: torch.Tensor, n: int, scale: float, norm_w: torch.Tensor, x: torch.Tensor, eps: float,
-                     backend: str | None = None, threads: int = 0) -> torch.Tensor:
-    """BitLinear on packed weights: RMSNorm -> int8 -> ternary matmul -> scales; x [T, K] -> [T, n] fp32."""
+                     backend: str | None = None, threads: int = 0, fmt: str = FORMAT) -> torch.Tensor:
+    """BitLinear on packed weights (format `fmt`): RMSNorm -> int8 -> ternary matmul -> scales; x [T, K] -> [T, n]
+    fp32."""
+    f = packed_format(fmt)
     name = resolve_backend(backend)
     if name == "reference":
-        return fused.bitlinear_packed_ref(packed, n, scale, norm_w, x, eps)
+        return fused.bitlinear_packed_ref(packed, n, scale, norm_w, x, eps, fmt=f.name)
     mod = cpu_module()
-    lin = mod.PackedLinear(packed.contiguous(), n, x.shape[1], float(scale), norm_w.float().contiguous())
+    lin = mod.PackedLinear(packed.contiguous(), n, x.shape[1], float(scale), norm_w.float().contiguous(),
+                           format=f.short)
     out = torch.full((x.shape[0], n), float("nan"))
     mod.bitlinear(lin, x.float().contiguous(), out, eps, name, threads)
     return out

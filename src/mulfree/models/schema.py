@@ -278,8 +278,9 @@ def estimate_model_bytes(cfg: Any) -> int:
 
 
 def estimate_packed_bytes(cfg: Any) -> int:
-    """Memory to load a packed model: fp32 embeddings and norms, 2-bit linears, twice (the file is read whole
-    before its tensors are made), plus one fp32 row of logits per prefill token (512)."""
+    """Memory to load a packed model: fp32 embeddings and norms, 2-bit linears (an upper bound for 1.6-bit ones),
+    twice (the file is read whole before its tensors are made), plus one fp32 row of logits per prefill token
+    (512)."""
     d, layers, vocab, inter = _shape(cfg)
     ternary = layers * (4 * d * d + 3 * d * inter) + vocab * d
     return 2 * (4 * vocab * d + ternary // 4 + 4 * layers * 8 * d) + 4 * 512 * vocab

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from mulfree.ops.pack import padded_k, unpack_ternary
+from mulfree.ops.pack import FORMAT, packed_format, padded_k
 
 
 def rms_factor(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -35,12 +35,13 @@ def rmsnorm_quant_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[tor
 
 
 def bitlinear_packed_ref(packed: torch.Tensor, n: int, scale: float, norm_w: torch.Tensor, x: torch.Tensor,
-                         eps: float) -> torch.Tensor:
-    """Reference BitLinear on packed weights: x [T, K] fp32 -> [T, N] fp32."""
+                         eps: float, fmt: str = FORMAT) -> torch.Tensor:
+    """Reference BitLinear on packed weights (format `fmt`, `mulfree.ops.pack.packed_format`): x [T, K] fp32 ->
+    [T, N] fp32."""
     k = x.shape[-1]
     q, a_scale, _ = rmsnorm_quant_ref(x, norm_w, eps)
-    t = unpack_ternary(packed, (n, padded_k(k)))
-    dot = q.to(torch.int64) @ t.to(torch.int64).T
+    t = packed_format(fmt).unpack(packed, (n, k))
+    dot = q[:, :k].to(torch.int64) @ t.to(torch.int64).T
     return dot.float() * (a_scale[:, None] * torch.tensor(scale, dtype=torch.float32))
 
 

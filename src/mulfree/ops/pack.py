@@ -18,12 +18,19 @@ t[0, 197] = 0 -> codes 0, 1, 2, 1 -> byte = 0 | 1 << 2 | 2 << 4 | 1 << 6 = 0x64 
 The kernels compute sum_k c*q exactly and subtract sum_k q, which gives sum_k t*q; the float
 result is (sum_k t*q) * a_scale * w_scale, with w_scale the per-tensor scale the weight was trained
 with (stored beside the trits: never recomputed from trits, see `ternarize`).
+
+The 1.6-bit format "T1R4" (`mulfree-t1`) lives in `mulfree.ops.pack_t1`; `FORMATS` / `packed_format` bind each
+format's name to its layout functions and matmul reference, so callers and tests take either.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
+from mulfree.ops import pack_t1
 from mulfree.ops.ternary import weight_quant
 
 FORMAT = "mulfree-t2"
@@ -96,3 +103,39 @@ def packed_matmul_ref(packed: torch.Tensor, n: int, q: torch.Tensor) -> torch.Te
     k = q.shape[1]
     t = unpack_ternary(packed, (n, padded_k(k)))[:, :k]
     return (q.to(torch.int64) @ t.to(torch.int64).T).to(torch.int32)
+
+
+@dataclass(frozen=True)
+class PackedFormat:
+    """One packed weight format (ggml's type traits): names, version, bits per weight, the layout functions and
+    the reference of `ternary_matmul` on it."""
+
+    name: str  # as recorded in a packed dir's config.json
+    short: str  # as `mulfree pack --format` and the C++ kernels name it
+    version: int
+    bits_per_weight: float
+    pack: Callable[[torch.Tensor], torch.Tensor]  # trits int8 [N, K] -> uint8 packed_shape(N, K)
+    unpack: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]  # (packed, (N, K)) -> trits int8 [N, K]
+    packed_shape: Callable[[int, int], tuple[int, int]]
+    padded_k: Callable[[int], int]  # the activation row length the kernels read
+    matmul_ref: Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]  # (packed, N, q [T, K]) -> int32 [T, N]
+
+
+FORMATS: dict[str, PackedFormat] = {f.name: f for f in (
+    PackedFormat(FORMAT, "t2", FORMAT_VERSION, 2.0, pack_ternary, unpack_ternary, packed_shape, padded_k,
+                 packed_matmul_ref),
+    PackedFormat(pack_t1.FORMAT, "t1", pack_t1.FORMAT_VERSION, pack_t1.BITS_PER_WEIGHT, pack_t1.pack_t1,
+                 pack_t1.unpack_t1, pack_t1.packed_shape, pack_t1.padded_k, pack_t1.packed_matmul_ref),
+)}
+SHORT_NAMES = {"t2": FORMAT, "t1": pack_t1.FORMAT, "t1.6": pack_t1.FORMAT}
+
+
+def packed_format(name: str) -> PackedFormat:
+    """The format called `name`: its full name (`mulfree-t2`, `mulfree-t1`) or a short one (`t2`, `t1`, `t1.6`).
+
+    Example: packed_format("t1").packed_shape(5, 300) == (2, 256)."""
+    fmt = FORMATS.get(SHORT_NAMES.get(name, name)) if isinstance(name, str) else None
+    if fmt is None:
+        raise ValueError(f"unknown packed format {name!r}; use one of {', '.join(sorted(SHORT_NAMES))} "
+                         f"({', '.join(FORMATS)})")
+    return fmt

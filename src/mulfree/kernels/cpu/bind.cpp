@@ -12,9 +12,15 @@
 using namespace ternary;
 
 void register_ternary(nb::module_ &m) {
-  nb::class_<PackedLinear>(m, "PackedLinear", "A packed T2R4 ternary weight [N, K] with its scale and RMSNorm weight.")
-      .def(nb::init<Arr<const uint8_t, nb::ndim<2>>, int64_t, int64_t, double, Vec>(), nb::arg("packed"), nb::arg("n"),
-           nb::arg("k"), nb::arg("scale"), nb::arg("norm"))
+  nb::class_<PackedLinear>(m, "PackedLinear",
+                           "A packed ternary weight [N, K] (format t2: T2R4, or t1: T1R4) with its scale and RMSNorm weight.")
+      .def(
+          "__init__",
+          [](PackedLinear *self, Arr<const uint8_t, nb::ndim<2>> packed, int64_t n, int64_t k, double scale, Vec norm,
+             const std::string &format) { new (self) PackedLinear(packed, n, k, scale, norm, parse_format(format)); },
+          nb::arg("packed"), nb::arg("n"), nb::arg("k"), nb::arg("scale"), nb::arg("norm"), nb::kw_only(),
+          nb::arg("format") = "t2")
+      .def_prop_ro("format", [](const PackedLinear &p) { return p.fmt == Format::T1R4 ? "t1" : "t2"; })
       .def_ro("n", &PackedLinear::N)
       .def_ro("k", &PackedLinear::K)
       .def_ro("scale", &PackedLinear::scale);
@@ -69,19 +75,31 @@ void register_ternary(nb::module_ &m) {
   m.def(
       "ternary_matmul",
       [](Arr<const uint8_t, nb::ndim<2>> packed, int64_t n, Arr<const int8_t, nb::ndim<2>> q,
-         Arr<const int32_t, nb::ndim<1>> sumq, Arr<int32_t, nb::ndim<2>> out, const std::string &backend, int threads) {
+         Arr<const int32_t, nb::ndim<1>> sumq, Arr<int32_t, nb::ndim<2>> out, const std::string &backend, int threads,
+         const std::string &format, int64_t k) {
         const Isa isa = parse_isa(backend);
+        const Format fmt = parse_format(format);
         const int64_t Kpad = (int64_t)q.shape(1), T = (int64_t)q.shape(0);
-        if (Kpad % kBlock || (int64_t)packed.shape(1) != Kpad || (int64_t)packed.shape(0) != t2r4::row_groups(n))
+        if (n < 1 || Kpad < 1 || padded_k(fmt, Kpad) != Kpad || (int64_t)packed.shape(1) != group_bytes(fmt, Kpad) ||
+            (int64_t)packed.shape(0) != t2r4::row_groups(n))
           throw std::invalid_argument("packed / activation shapes do not match");
         if ((int64_t)sumq.shape(0) != T || (int64_t)out.shape(0) != T || (int64_t)out.shape(1) != n)
           throw std::invalid_argument("sumq / out shapes do not match");
-        const LinearJob j{packed.data(), n, Kpad, 1.0f, q.data(), sumq.data(), nullptr, T, nullptr, out.data(), n};
+        if (k < 0 || k > Kpad || (k && padded_k(fmt, k) != Kpad))
+          throw std::invalid_argument("k does not match the activations' padded length");
         nb::gil_scoped_release release;
+        LineVec<int32_t> wsum;
+        if (fmt == Format::T1R4) wsum = t1_row_sums(packed.data(), n, Kpad);
+        LinearJob j{packed.data(), n, Kpad, 1.0f, q.data(), sumq.data(), nullptr, T, nullptr, out.data(), n};
+        j.fmt = fmt;
+        j.wsum = wsum.data();
+        j.K = k;
         run_linears(isa, threads, &j, 1);
       },
       nb::arg("packed"), nb::arg("n"), nb::arg("q"), nb::arg("sumq"), nb::arg("out"), nb::arg("backend"),
-      nb::arg("threads"), "Exact out[t, n] = sum_k trit[n, k] * q[t, k] on packed T2R4 weights.");
+      nb::arg("threads"), nb::kw_only(), nb::arg("format") = "t2", nb::arg("k") = 0,
+      "Exact out[t, n] = sum_k trit[n, k] * q[t, k] on packed weights (format t2: T2R4, q [T, Kpad] with Kpad a "
+      "multiple of 256; t1: T1R4, Kpad a multiple of 160), q zero past k (0: Kpad).");
 
   m.def(
       "bitlinear",

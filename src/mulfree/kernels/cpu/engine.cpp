@@ -10,11 +10,13 @@
 
 namespace ternary {
 
-PackedLinear::PackedLinear(Arr<const uint8_t, nb::ndim<2>> p, int64_t n, int64_t k, double s, Vec w)
-    : packed(p), N(n), K(k), scale(s), norm(w) {
-  if ((int64_t)p.shape(0) != t2r4::row_groups(N) || (int64_t)p.shape(1) != kpad())
+PackedLinear::PackedLinear(Arr<const uint8_t, nb::ndim<2>> p, int64_t n, int64_t k, double s, Vec w, Format f)
+    : packed(p), N(n), K(k), scale(s), norm(w), fmt(f) {
+  if (n < 1 || k < 1) throw std::invalid_argument("packed weight needs N, K >= 1");
+  if ((int64_t)p.shape(0) != t2r4::row_groups(N) || (int64_t)p.shape(1) != group_bytes(fmt, kpad()))
     throw std::invalid_argument("packed weight shape does not match (N, K)");
   if ((int64_t)w.shape(0) != K) throw std::invalid_argument("norm weight length does not match K");
+  if (fmt == Format::T1R4) wsum = std::make_shared<const LineVec<int32_t>>(t1_row_sums(p.data(), N, kpad()));
 }
 
 void QBuf::reserve(int64_t T, const PackedLinear &p) {
@@ -33,7 +35,11 @@ void QBuf::fill(Isa isa, const float *x, int64_t T, int64_t ldx, const PackedLin
   });
 }
 LinearJob QBuf::job(const PackedLinear &p, int64_t T, float *Y, int64_t ldy) const {
-  return LinearJob{p.packed.data(), p.N, p.kpad(), (float)p.scale, q.data(), sq.data(), sa.data(), T, Y, nullptr, ldy};
+  LinearJob j{p.packed.data(), p.N, p.kpad(), (float)p.scale, q.data(), sq.data(), sa.data(), T, Y, nullptr, ldy};
+  j.fmt = p.fmt;
+  j.wsum = p.wsum ? p.wsum->data() : nullptr;
+  j.K = p.K;
+  return j;
 }
 
 Engine::Engine(int64_t vocab, int64_t d, int64_t inter, double eps, double bitlinear_eps, const std::string &backend,
@@ -53,9 +59,15 @@ void Engine::set_embedding_bf16(Arr<const uint16_t, nb::ndim<2>> e) {
   emb_bf16_ = e;
   emb_is_bf16_ = true;
 }
+void Engine::check_format(const PackedLinear &p) {
+  if (fmt_ && *fmt_ != p.fmt) throw std::invalid_argument("every linear of an engine must have the same packed format");
+  fmt_ = p.fmt;
+}
+
 void Engine::set_head(Vec norm, const PackedLinear &head) {
   if ((int64_t)norm.shape(0) != d_ || head.K != d_ || head.N != V_)
     throw std::invalid_argument("lm_head shapes do not match the config");
+  check_format(head);
   norm_ = norm;
   head_.assign(1, head);
 }
@@ -70,6 +82,8 @@ void Engine::add_layer(const Layer &ly) {
   need(ly.o_proj, d_, d_, "o_proj");
   need(ly.gate_proj, 2 * I_, d_, "gate_proj");
   need(ly.down_proj, d_, I_, "down_proj");
+  for (const PackedLinear *p : {&ly.i_proj, &ly.f_proj, &ly.g_proj, &ly.o_proj, &ly.gate_proj, &ly.down_proj})
+    check_format(*p);
   for (const Vec *v : {&ly.attn_norm, &ly.g_norm, &ly.mlp_norm})
     if ((int64_t)v->shape(0) != d_) throw std::invalid_argument("norm length does not match hidden_size");
   if (ly.lower_bound && (int64_t)ly.lower_bound->shape(0) != d_)
@@ -201,7 +215,7 @@ void Engine::layer_forward(const Layer &ly, int64_t l, int64_t T, const std::vec
     for (const Segment &g : segs)
       mlgru_state(isa_, fi + g.start * d, ff + g.start * d, lb, k0, k1, g.state + l * d, g.len, d, 0);
   };
-  if (uses_panels(isa_, T)) {
+  if (panels(T)) {
     run_linears(isa_, threads_, ifg, 3);
     for_ranges(threads_, d, state_update);
   } else {
@@ -222,15 +236,16 @@ void Engine::layer_forward(const Layer &ly, int64_t l, int64_t T, const std::vec
   });
   // In panel GEMMs the GLU is applied to each panel's outputs ([T, I] written, never [T, 2I]); otherwise,
   // where the up rows start on a row group, to each chunk's gate and up rows.
-  const bool fused_glu = uses_panels(isa_, T) && I % kPanelRows == 0;
+  const bool fused_glu = panels(T) && I % kPanelRows == 0;
   LinearJob gj = qi.job(ly.gate_proj, T, big, fused_glu ? I : 2 * I);
   if (fused_glu) {
     gj.glu = I;
     run_linears(isa_, threads_, &gj, 1);
-  } else if (!uses_panels(isa_, T) && I % kRows == 0) {
+  } else if (!panels(T) && I % kRows == 0) {
     LinearJob halves[2] = {gj, gj};
     halves[0].N = halves[1].N = I;
-    halves[1].W += I / kRows * gj.Kpad;
+    halves[1].W += I / kRows * gj.group_bytes();
+    if (gj.wsum) halves[1].wsum += I;
     halves[1].Y += I;
     run_aligned_linears(isa_, threads_, halves, 2, [&](int64_t n0, int64_t n1) {
       for (int64_t t = 0; t < T; ++t) {

@@ -6,6 +6,7 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/vector.h>
 
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -17,15 +18,19 @@ template <class T, class... Extra>
 using Arr = nb::ndarray<T, nb::c_contig, nb::device::cpu, Extra...>;
 using Vec = Arr<const float, nb::ndim<1>>;
 
-// A packed T2R4 weight [N, K] (formats/t2r4.h) with its trained scale and the RMSNorm weight of its input.
+// A packed weight [N, K], T2R4 (formats/t2r4.h) or T1R4 (formats/t1.h), with its trained scale and the RMSNorm
+// weight of its input. T1R4 weights carry their rows' trit sums (computed from the bytes when built), which the
+// AVX2 tiles need.
 struct PackedLinear {
   Arr<const uint8_t, nb::ndim<2>> packed;
   int64_t N, K;
   double scale;
   Vec norm;
+  Format fmt;
+  std::shared_ptr<const LineVec<int32_t>> wsum;  // T1R4: [row groups * 4]
 
-  PackedLinear(Arr<const uint8_t, nb::ndim<2>> p, int64_t n, int64_t k, double s, Vec w);
-  int64_t kpad() const { return t2r4::padded_k(K); }
+  PackedLinear(Arr<const uint8_t, nb::ndim<2>> p, int64_t n, int64_t k, double s, Vec w, Format f = Format::T2R4);
+  int64_t kpad() const { return padded_k(fmt, K); }
 };
 
 // One MMfree block (nn/mlgru.py, nn/glu.py; the module names of models/mmfree.py's MMFreeBlock):
@@ -108,6 +113,9 @@ class Engine {
   double eps_, beps_;  // rms_norm_eps; the BitLinear input norms' eps
   Isa isa_;
   int threads_;
+  std::optional<Format> fmt_;  // of every linear: set by the first one added
+  void check_format(const PackedLinear &p);
+  bool panels(int64_t T) const { return uses_panels(isa_, fmt_.value_or(Format::T2R4), T); }
   bool emb_is_bf16_ = false;
   Arr<const float, nb::ndim<2>> emb_f32_;
   Arr<const uint16_t, nb::ndim<2>> emb_bf16_;

@@ -35,7 +35,7 @@ std::atomic<bool> &amx_switch() {
   return on;
 }
 
-bool uses_panels(Isa isa, int64_t T) {
+bool uses_panels(Isa isa, Format, int64_t T) {
   const PanelTier *tier = panel_tier(isa);
   return tier && T >= tier->min_tokens;
 }

@@ -4,6 +4,7 @@
 
 #include <array>
 #include <climits>
+#include <stdexcept>
 
 namespace ternary {
 namespace {
@@ -38,9 +39,50 @@ const TileTable kTiles = [] {
   return table;
 }();
 
+// The T1R4 tiles: scalar, else AVX2 (the decode is the work, so the VNNI tiers have no tiles of their own).
+using TileTableT1 = std::array<std::array<TileT1, kMaxTile>, 4>;
+const TileTableT1 kTilesT1 = [] {
+  TileTableT1 table{};
+  for (int i = 0; i < (int)table.size(); ++i) {
+    const TileSetT1 &set = (Isa)i == Isa::Scalar ? kGemvT1Scalar : kGemvT1Avx2;
+    for (int nt = 1; nt <= kMaxTile; ++nt) {
+      const int n = std::min(nt, set.count);
+      table[(size_t)i][(size_t)nt - 1] = TileT1{set.tiles[n - 1], n};
+    }
+  }
+  return table;
+}();
+
 }  // namespace
 
 const Tile &gemv_tile(Isa isa, int nt) { return kTiles[(size_t)isa][(size_t)nt - 1]; }
+const TileT1 &gemv_tile_t1(Isa isa, int nt) { return kTilesT1[(size_t)isa][(size_t)nt - 1]; }
+
+Format parse_format(const std::string &name) {
+  if (name == "t2") return Format::T2R4;
+  if (name == "t1") return Format::T1R4;
+  throw std::invalid_argument("unknown packed format '" + name + "' (expected t2 or t1)");
+}
+
+LineVec<int32_t> t1_row_sums(const uint8_t *W, int64_t N, int64_t Kpad) {
+  static const auto lut = [] {
+    std::array<int8_t, 256> t{};
+    for (int b = 0; b < 256; ++b) t[(size_t)b] = (int8_t)t1::trit_sum((uint8_t)b);
+    return t;
+  }();
+  const int64_t G = t1::row_groups(N);
+  LineVec<int32_t> sums((size_t)(G * t1::kRows), 0);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t b = 0; b < Kpad / t1::kBlock; ++b) {
+      const t1::Block &blk = reinterpret_cast<const t1::Block *>(W + g * t1::group_bytes(Kpad))[b];
+      for (int r = 0; r < t1::kRows; ++r) {
+        int32_t s = 0;
+        for (uint8_t byte : blk.rows[r]) s += lut[byte];
+        sums[(size_t)(g * t1::kRows + r)] += s;
+      }
+    }
+  return sums;
+}
 
 std::vector<std::pair<int, int64_t>> row_group_chunks(const LinearJob *jobs, int njobs, int64_t step) {
   std::vector<std::pair<int, int64_t>> chunks;
@@ -59,14 +101,22 @@ void linear_rows(Isa isa, const LinearJob &j, int64_t g0, int64_t g1) {
     const int64_t ge = std::min(g1, gs + kSpan), width = (ge - gs) * kRows;
     stage.resize((size_t)(T * width));
     int32_t *st = stage.data();
+    const uint8_t *W = j.W + gs * j.group_bytes();
     for (int64_t t0 = 0; t0 < T;) {
-      const Tile &tile = gemv_tile(isa, (int)std::min<int64_t>(kMaxTile, T - t0));
-      tile.fn(j.W + gs * j.Kpad, j.Kpad, ge - gs, j.Q + t0 * j.Kpad, j.Kpad, st + t0 * width, width);
-      t0 += tile.tokens;
+      const int nt = (int)std::min<int64_t>(kMaxTile, T - t0);
+      if (j.fmt == Format::T1R4) {
+        const TileT1 &tile = gemv_tile_t1(isa, nt);
+        tile.fn(W, j.Kpad, ge - gs, j.Q + t0 * j.Kpad, j.Kpad, j.wsum + gs * kRows, st + t0 * width, width);
+        t0 += tile.tokens;
+      } else {
+        const Tile &tile = gemv_tile(isa, nt);
+        tile.fn(W, j.Kpad, ge - gs, j.Q + t0 * j.Kpad, j.Kpad, st + t0 * width, width);
+        t0 += tile.tokens;
+      }
     }
     const int64_t n0 = gs * kRows, n1 = std::min(j.N, ge * kRows);
     for (int64_t t = 0; t < T; ++t) {
-      const int32_t sq = j.sumq[t];
+      const int32_t sq = j.fmt == Format::T1R4 ? 0 : j.sumq[t];  // T1R4 tiles give sum trit * q already
       const int32_t *src = st + t * width - n0;
       if (j.Yi) {
         int32_t *yi = j.Yi + t * j.ldy;
@@ -86,7 +136,9 @@ void run_linears(Isa isa, int threads, const LinearJob *jobs, int njobs) {
     work += jobs[i].N * jobs[i].Kpad * jobs[i].T;
     min_t = std::min(min_t, jobs[i].T);
   }
-  if (uses_panels(isa, min_t)) return run_linears_panels(isa, threads, jobs, njobs);
+  if (uses_panels(isa, jobs[0].fmt, min_t))
+    return jobs[0].fmt == Format::T1R4 ? run_linears_t1_panels(isa, threads, jobs, njobs)
+                                       : run_linears_panels(isa, threads, jobs, njobs);
   if (work < (int64_t(1) << 20)) {  // too small to pay for a hand-off to other threads
     for (int i = 0; i < njobs; ++i) linear_rows(isa, jobs[i], 0, jobs[i].groups());
     return;

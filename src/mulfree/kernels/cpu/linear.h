@@ -2,9 +2,10 @@
 // the drivers that run a step's linears over the thread pool, as GEMV tiles (gemv.h, gemv_<isa>.cpp) or as
 // panel GEMMs for prefill (gemm.h, gemm_<isa>.cpp).
 //
-// Every path computes the exact integer dot sum_k c[n, k] * q[t, k] (c = trit + 1, formats/t2r4.h), then
-// y = (dot - sum_k q[t, k]) * a_scale[t] * w_scale.
+// Every path computes the exact integer dot sum_k trit[n, k] * q[t, k] (T2R4 kernels as sum_k c * q - sum_k q with
+// c = trit + 1, formats/t2r4.h; T1R4 kernels directly, formats/t1.h), then y = dot * a_scale[t] * w_scale.
 #pragma once
+#include "formats/t1.h"
 #include "formats/t2r4.h"
 #include "mulfree_cpu.h"
 #include "pool.h"
@@ -13,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -26,6 +28,14 @@ using t2r4::kBlock;
 using t2r4::kRows;
 
 constexpr int64_t kPanelRows = 32;  // output rows per panel of the panel GEMMs: 2 row tiles = 8 row groups
+
+// The packed weight formats (both interleave rows by 4, so row groups are the unit of work of every driver).
+enum class Format { T2R4 = 0, T1R4 = 1 };
+// The Format of a name ("t2" or "t1"); std::invalid_argument otherwise.
+Format parse_format(const std::string &name);
+// Kpad of a K-long row and the bytes of one row group (4 rows x Kpad weights) in format f.
+inline int64_t padded_k(Format f, int64_t K) { return f == Format::T1R4 ? t1::padded_k(K) : t2r4::padded_k(K); }
+inline int64_t group_bytes(Format f, int64_t Kpad) { return f == Format::T1R4 ? t1::group_bytes(Kpad) : Kpad; }
 
 // A BitLinear application on quantized activations: Y[t, n] = (dot - sumq[t]) * a_scale[t] * w_scale.
 struct LinearJob {
@@ -42,7 +52,11 @@ struct LinearJob {
   // glu = I > 0 (panel GEMMs only, I % kPanelRows == 0): rows [0, I) are gates, [I, 2I) ups, and the output
   // is Y[t, n] = silu(gate_n) * up_n for n < I, as glu_row would compute it from the [T, 2I] result.
   int64_t glu = 0;
+  Format fmt = Format::T2R4;
+  const int32_t *wsum = nullptr;  // T1R4: sum_k trit[n, k] per row (rows of every group, padding rows 0)
+  int64_t K = 0;                  // the rows' real length (0: Kpad); T1R4 prefill converts only that far
   int64_t groups() const { return t2r4::row_groups(N); }
+  int64_t group_bytes() const { return ternary::group_bytes(fmt, Kpad); }
   int64_t out_groups() const { return glu ? glu / kRows : groups(); }  // row groups that own outputs
 };
 
@@ -72,20 +86,26 @@ constexpr int64_t kChunk = 16;
 // the head of the next item this thread claims (or of the next job in the same item) would be read cold.
 // Items are claimed dynamically; Pool::likely_next names the likely next one.
 inline void prefetch_head(const LinearJob &j, int64_t g0) {
-  for (int64_t b = 0; b < kPrefetchBlocks; ++b) prefetch_block(j.W + g0 * j.Kpad + b * kBlock);
+  for (int64_t b = 0; b < kPrefetchBlocks; ++b) prefetch_block(j.W + g0 * j.group_bytes() + b * kBlock);
 }
+
+// sum_k trit[n, k] of every row (padding rows too: [row_groups(N) * 4]) of T1R4 weights [row groups, Kpad * 4 / 5].
+LineVec<int32_t> t1_row_sums(const uint8_t *W, int64_t N, int64_t Kpad);
 
 // The work items of one parallel region over several linears: (job, first row group), every `step`
 // row groups of every job.
 std::vector<std::pair<int, int64_t>> row_group_chunks(const LinearJob *jobs, int njobs, int64_t step);
 // Rows of row groups [g0, g1) of j for all its tokens, by the GEMV tiles of `isa` (calling thread only).
 void linear_rows(Isa isa, const LinearJob &j, int64_t g0, int64_t g1);
-// Whether a batch of T tokens runs as panel GEMMs on `isa` (gemm.cpp: the thresholds per tier).
-bool uses_panels(Isa isa, int64_t T);
-// Runs several independent linears in one parallel region (GEMV tiles split by row groups, or panel GEMMs).
+// Whether a batch of T tokens of format `fmt` runs as panel GEMMs on `isa` (gemm.cpp: the thresholds per tier, the
+// same for both formats: T1R4 weights are converted to T2R4 for them).
+bool uses_panels(Isa isa, Format fmt, int64_t T);
+// Runs several independent linears in one parallel region (GEMV tiles split by row groups, or panel GEMMs); the
+// jobs of one call share a format.
 void run_linears(Isa isa, int threads, const LinearJob *jobs, int njobs);
-// All linears of one call as panel GEMMs (gemm.cpp).
+// All linears of one call as panel GEMMs (gemm.cpp); T1R4 linears converted to T2R4 first (gemm_t1.cpp).
 void run_linears_panels(Isa isa, int threads, const LinearJob *jobs, int njobs);
+void run_linears_t1_panels(Isa isa, int threads, const LinearJob *jobs, int njobs);
 
 // Runs linears of equal N in one parallel region whose chunks own the same rows of every job, then
 // calls epi(n0, n1) on those rows in the same chunk: an elementwise step over the outputs (the MLGRU state
