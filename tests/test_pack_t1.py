@@ -183,6 +183,11 @@ def test_t1_model_equals_t2_model(model, backend, intermediate):
     chunks = [[1, 2, 3], [7]]
     assert torch.equal(t1.step(chunks, states), t2.step(chunks, states2))
     assert torch.equal(torch.stack(states), torch.stack(states2))
+    batch = torch.stack([t1.new_state() for _ in range(33)])  # 33 sequences: one panel step
+    batch2 = batch.clone()
+    tokens = torch.arange(33) * 7 % 300
+    assert torch.equal(t1.decode_batch(tokens, batch), t2.decode_batch(tokens, batch2))
+    assert torch.equal(batch, batch2)
     assert t1.generate(ids[:5], 8) == t2.generate(ids[:5], 8)
 
 

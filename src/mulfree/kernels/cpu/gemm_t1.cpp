@@ -83,9 +83,10 @@ void run_linears_t1_panels(Isa isa, int threads, const LinearJob *jobs, int njob
     // Columns past K hold zero activations, so the T2R4 rows end at K rounded up to 256 (shorter or longer than
     // the T1R4 rows' K rounded up to 160): codes past Kpad2 are dropped, and those past Kpad1 are padding.
     const int64_t G = j.groups(), Kpad2 = t2r4::padded_k(j.K ? j.K : j.Kpad), T = j.T;
-    w2[(size_t)i].assign((size_t)(G * Kpad2), 0);
+    w2[(size_t)i].resize((size_t)(G * Kpad2));
     uint8_t *W2 = w2[(size_t)i].data();
     for_ranges(threads, G, [&](int64_t g0, int64_t g1) {
+      std::memset(W2 + g0 * Kpad2, 0, (size_t)((g1 - g0) * Kpad2));  // the codes are or-ed in
       if (isa == Isa::Scalar)
         convert_scalar(j.W, j.Kpad, W2, Kpad2, g0, g1);
       else
