@@ -56,11 +56,11 @@ class HessianStats:
         if self.rows < 0:
             raise RuntimeError("HessianStats: add_batch after hessian() or cross()")
         x = _rows(inp)
-        self.h += x.T @ x
+        self.h.addmm_(x.T, x)  # in place: no [K, K] temporary
         if fp_inp is not None:
             if self.c is None:
                 self.c = torch.zeros_like(self.h)
-            self.c += x.T @ _rows(fp_inp)
+            self.c.addmm_(x.T, _rows(fp_inp))
         self.rows += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
@@ -89,15 +89,25 @@ class HessianStats:
 def asymmetric_target(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, percdamp: float) -> torch.Tensor:
     """W' = argmin ‖X_fp Wᵀ − X_q W'ᵀ‖ = W Cᵀ H⁻¹ with H = X_qᵀX_q, C = X_qᵀX_fp (both per token), written
     W + W (C − H)ᵀ H_d⁻¹ with H dampened as the solver does, so that W' = W where the two streams agree.
-    Quantizing W' against H then minimizes the asymmetric objective (up to a constant). fp32 like the
-    GPTQ solve (Frantar et al. factor H in fp32 too): at most two [K, K] matrices are alive at once."""
-    h, w = h.float(), w.float()
-    rhs = torch.sub(cross.float(), h) @ w.T  # (C − H) Wᵀ [K, N]: N columns, not K
+    Quantizing W' against H then minimizes the asymmetric objective (up to a constant)."""
+    return asymmetric_solve(w, h, asymmetric_rhs(w, h, cross), percdamp)
+
+
+def asymmetric_rhs(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+    """(C − H) Wᵀ [K, N] of `asymmetric_target`, without a [K, K] temporary (C can be freed after it)."""
+    wt = w.float().T
+    return (cross.float() @ wt).sub_(h.float() @ wt)
+
+
+def asymmetric_solve(w: torch.Tensor, h: torch.Tensor, rhs: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """W + (H_d⁻¹ rhs)ᵀ by a Cholesky solve in fp32, like the GPTQ solve (Frantar et al. factor H in fp32 too):
+    besides H, two [K, K] matrices are alive at once."""
+    h = h.float()
     h_d = h.clone()
     h_d.diagonal().add_(percdamp * torch.diag(h).mean() + 1e-12)  # H_d, as the solver dampens it
     lower = torch.linalg.cholesky(h_d)
     del h_d
-    return w + torch.cholesky_solve(rhs, lower).T  # W (C − H)ᵀ H_d⁻¹ = (H_d⁻¹ (C − H) Wᵀ)ᵀ
+    return w.float() + torch.cholesky_solve(rhs, lower).T
 
 
 class QuantMethod(Protocol):

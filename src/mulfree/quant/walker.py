@@ -20,7 +20,14 @@ from mulfree import integrity
 from mulfree.atomic import atomic_dir
 from mulfree.errors import CheckpointError, ConfigError, DataError
 from mulfree.models.schema import first_line, read_json
-from mulfree.quant.base import QuantMethod, asymmetric_target, is_linear, linear_weight
+from mulfree.quant.base import (
+    QuantMethod,
+    asymmetric_rhs,
+    asymmetric_solve,
+    asymmetric_target,
+    is_linear,
+    linear_weight,
+)
 from mulfree.quant.config import WalkOptions
 from mulfree.quant.distill import distill, head_inputs, training_only
 from mulfree.quant.qlinear import build_qlinear, describe
@@ -140,10 +147,11 @@ def quantize_block(
             layer.drop_dense()  # the collect's dense copies: rebuilt when the next one runs
         weights = {name: linear_weight(linears[name]).float() for name in stage}
         if stream is not None and stream.asymmetric:
-            weights = {name: asymmetric_target(w, hess[name], stats[name].cross(), method.percdamp)
-                       for name, w in weights.items()}
+            rhs = {name: asymmetric_rhs(w, hess[name], stats[name].cross()) for name, w in weights.items()}
             for s in stats.values():
-                s.drop_cross()  # used up: the solve below needs H only
+                s.drop_cross()  # used up (freed before the [K, K] factorizations): the solves need H only
+            weights = {name: asymmetric_solve(w, hess[name], rhs.pop(name), method.percdamp)
+                       for name, w in weights.items()}
         for name in stage:
             mod = linears[name]
             bias = None if mod.bias is None else mod.bias.detach().float()
