@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "curves and prints a sample.")
     d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     add_flags(d, TrainConfig, only=("steps", "batch_size", "seq_len", "seed"),
-              defaults={"steps": 300, "batch_size": 16, "seq_len": 128, "seed": 0})
+              defaults={"steps": 220, "batch_size": 16, "seq_len": 128, "seed": 0})
     add_flags(d, DemoConfig)
     d.set_defaults(func=cmd_demo)
 

@@ -6,7 +6,8 @@ quantized activations there (the paper's fused BitLinear; references in ops/fuse
 The layers in nn/ take these paths when training on fp32 CPU tensors with the compiled kernels in use
 (`MULFREE_BACKEND=reference` or `set_fused(False)` keeps the unfused torch ops, e.g. to compare memory).
 Their RMS factors are a float64 sum rounded once to fp32, as in the packed engine, so a model's int8 codes
-are the engine's.
+are the engine's. Training on CUDA tensors, BitLinear and the MLGRU recurrence run the Triton kernels of
+kernels/triton/ instead (`triton_active`).
 """
 
 from __future__ import annotations
