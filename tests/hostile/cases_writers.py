@@ -173,6 +173,9 @@ def _arith_json(meta):
 
 _NUMERIC_TRAIN = [  # (id, flags, expected error)
     ("lr-inf", ("--lr", "inf"), "--lr must be a finite number"),
+    ("threads-negative", ("--threads", "-1"), "--threads must be >= 0"),
+    ("threads-huge", ("--threads", "1000000"), "--threads must be <= 4096"),
+    ("threads-text", ("--threads", "all"), "invalid int value"),
     ("lr-nan", ("--lr", "nan"), "--lr must be a finite number"),
     ("lr-overflow", ("--lr", "1e400"), "--lr must be a finite number"),
     ("lr-negative", ("--lr", "-1"), "--lr must be > 0"),
