@@ -1,5 +1,9 @@
 import os
 
+# Triton reads this when it is imported, and torch.compile (tests/test_train.py) imports it before the Triton
+# tests run: the kernels run in the interpreter on the CPU only if it is set before anything imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 
