@@ -134,6 +134,20 @@ def _drop_outside_blocks(model: nn.Module, prefix: str) -> None:
             model.get_submodule(owner)._parameters[leaf] = nn.Parameter(param.to("meta"), requires_grad=False)
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def _map_large_buffers() -> None:
+    """Have glibc mmap every buffer of 1 MiB or more (for the rest of the process), so that freeing one gives
+    its memory back. Its default threshold grows to 32 MiB as big buffers are freed, and the blocks'
+    [K, K] statistics and weights then land on the heap, which creeps up block by block (1.1B Llama, GPTQ:
+    1.37 GiB at 2 blocks, 1.62 at 6, 1.81 at 22; 1.25 at 6 with this); a no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
 def _return_freed_heap() -> None:
     """Hand the heap pages freed with a block back to the OS (glibc keeps them otherwise, and the next
     block's allocations land around them: the peak would creep up block by block); a no-op elsewhere."""
@@ -169,6 +183,7 @@ def quantize_blockwise(
     from mulfree.models.pretrained import verify_manifest
 
     verify_manifest(src)
+    _map_large_buffers()
     weights = SafetensorsDir(src)
     model = skeleton(config)
     prefix, blocks = decoder_blocks(model)
