@@ -88,7 +88,8 @@ def main() -> None:
     for _ in range(args.rounds):
         for name in args.runs:
             cmd = [sys.executable, __file__, *sys.argv[1:], "--worker", name]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}  # as `mulfree train` runs (cli.py)
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
             rows[name].append(json.loads(out.strip().splitlines()[-1]))
             load.append(os.getloadavg()[0])
     keys = (("params", "parameters"), ("tokens_per_s", "tokens/s"), ("s_per_step", "s/step"),
