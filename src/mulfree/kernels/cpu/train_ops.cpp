@@ -98,9 +98,10 @@ MF_INLINE void mlgru_gate_bwd_row_impl(const float *fg, const float *gw, const f
     dot += dn * n;
     dgw_acc[k] += dout[k] * n * s;
     dh[k] = dout[k] * n * gw[k] * dsiluf(h[k]);
+    dfg[k] = dn;  // finished below, once the mean is known
   }
   const float m = dot / (float)D;
-  for (int64_t k = 0; k < D; ++k) dfg[k] = r * (dout[k] * gw[k] * siluf(h[k]) - fg[k] * r * m);
+  for (int64_t k = 0; k < D; ++k) dfg[k] = r * (dfg[k] - fg[k] * r * m);
 }
 MF_ISA_VARIANTS(mlgru_gate_bwd_row,
                 (const float *fg, const float *gw, const float *h, const float *dout, int64_t D, double eps, float *dfg,
