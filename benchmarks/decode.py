@@ -5,6 +5,7 @@ shape, beside the machine's streaming read bandwidth measured in the same run.
     python benchmarks/decode.py --shapes tiny --tokens 8 --prefill 32   # smoke run
     python benchmarks/decode.py --shapes 1.3b --batch 1 8 32   # batched decode only: aggregate tok/s per B
     python benchmarks/decode.py --shapes 1.3b --formats t2 t1 --rounds 3   # packed formats side by side
+    python benchmarks/decode.py --shapes 1.3b --contention --rounds 3      # 1 vs 2 threads, idle and one core busy
 
 Weights are random (speed does not depend on values). Prints a table, the ratios, effective GB/s,
 % of the bandwidth roofline, and one JSON line.
@@ -250,6 +251,57 @@ def decode_window(pm: PackedModel, steps: int) -> float:
     return steps / (time.perf_counter() - t0)
 
 
+SPIN = "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"
+
+
+def bench_contention(name: str, args: argparse.Namespace) -> dict:
+    """Decode (batch 1) and prefill tok/s of shape `name` at 1 and 2 threads, with the machine as it is and while
+    another process (a pure-Python spin loop, a second user's job) keeps one core busy, round after round: the
+    per-round values, the 2-thread / 1-thread ratios in each condition and the load averages."""
+    vocab, d, layers, inter = SHAPES[name]
+    torch.set_num_threads(1)
+    pm2 = random_packed_model(vocab, d, layers, inter, threads=2, seed=args.seed)
+    models = {1: PackedModel(pm2.config, pm2.tensors, backend=pm2.backend, threads=1), 2: pm2}
+    ids = torch.randint(0, vocab, (args.prefill,))
+    for pm in models.values():
+        pm.reset()
+        pm.forward(ids[:8])
+    res: dict = {"shape": name, "steps": args.tokens, "prefill_tokens": args.prefill, "rounds": []}
+    for r in range(args.rounds):
+        for cond in ("idle", "busy"):
+            spinner = subprocess.Popen([sys.executable, "-c", SPIN.format(seconds=600)]) if cond == "busy" else None
+            try:
+                time.sleep(0.5 if spinner else 0.0)
+                row: dict = {"condition": cond, "load_before": os.getloadavg()[0]}
+                for threads, pm in models.items():
+                    pm.reset()
+                    t0 = time.perf_counter()
+                    pm.forward(ids)
+                    row[f"{threads}t_prefill"] = args.prefill / (time.perf_counter() - t0)
+                    row[f"{threads}t_decode"] = max(decode_window(pm, args.tokens) for _ in range(2))
+                row["load_after"] = os.getloadavg()[0]
+            finally:
+                if spinner:
+                    spinner.kill()
+                    spinner.wait()
+            for phase in ("decode", "prefill"):
+                row[f"{phase}_2t_x_1t"] = row[f"2t_{phase}"] / row[f"1t_{phase}"]
+            res["rounds"].append(row)
+            print(f"[{name}] round {r + 1} {cond:<4} (load {row['load_before']:.2f} -> {row['load_after']:.2f}): "
+                  + ", ".join(f"{t}T decode {row[f'{t}t_decode']:.1f} / prefill {row[f'{t}t_prefill']:.1f}"
+                              for t in models)
+                  + f"; 2T/1T decode {row['decode_2t_x_1t']:.2f}x, prefill {row['prefill_2t_x_1t']:.2f}x")
+    for cond in ("idle", "busy"):
+        rows = [row for row in res["rounds"] if row["condition"] == cond]
+        for key in ("1t_decode", "2t_decode", "1t_prefill", "2t_prefill", "decode_2t_x_1t", "prefill_2t_x_1t"):
+            vals = [row[key] for row in rows]
+            res[f"{cond}_{key}_range"] = [min(vals), max(vals)]
+        print(f"  {cond}: " + ", ".join(f"{key} {res[f'{cond}_{key}_range'][0]:.2f}-{res[f'{cond}_{key}_range'][1]:.2f}"
+                                          for key in ("1t_decode", "2t_decode", "decode_2t_x_1t", "1t_prefill",
+                                                      "2t_prefill", "prefill_2t_x_1t")))
+    return res
+
+
 def bench_formats(name: str, args: argparse.Namespace) -> dict:
     """Decode (batch 1) and prefill tok/s of shape `name` in each packed format at 1 and 2 threads, timed in turn
     round after round (the host is shared): per-round values, their ranges, and the load average around each
@@ -392,6 +444,8 @@ def main() -> None:
                    help="--batch: rounds over the batch sizes (best of each kept); --formats: rounds over the formats")
     p.add_argument("--formats", nargs="+", choices=["t2", "t1"],
                    help="only time the packed engine in these formats, side by side (decode batch 1 and prefill)")
+    p.add_argument("--contention", action="store_true",
+                   help="only time 1 and 2 threads, idle and with another process keeping one core busy")
     p.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)  # the child of torch_limited
     args = p.parse_args()
     if args.torch_only:
@@ -401,6 +455,12 @@ def main() -> None:
     if cpu_module() is None:
         raise SystemExit("error: the compiled extension is missing; reinstall mulfree")
     torch.manual_seed(args.seed)
+    if args.contention:
+        print(f"host: {cpu_model()}, {os.cpu_count()} CPUs, kernel backend {best_backend()}")
+        results = [bench_contention(name, args) for name in args.shapes]
+        print(json.dumps({"benchmark": "decode_contention", "host": cpu_model(), "backend": best_backend(),
+                          "results": results}))
+        return
     if args.formats:
         print(f"host: {cpu_model()}, {os.cpu_count()} CPUs, kernel backend {best_backend()}")
         results = [bench_formats(name, args) for name in args.shapes]

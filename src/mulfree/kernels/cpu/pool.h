@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
@@ -18,6 +19,13 @@
 // about the same half of every region: the rows and channels one region writes are mostly read by
 // the same core in the next (faster prefill, docs/packed.md). Idle workers spin briefly on a generation
 // counter, then sleep on a condition variable.
+//
+// A worker the OS deschedules while it holds a chunk (another process wants its core) stalls the region
+// until it runs again, milliseconds later; at dozens of regions per decoded token that made two threads
+// slower than one. So the caller times its wait for the others: a wait far longer than its own chunks took
+// is a stall, after which the caller runs regions alone for a while (10 ms, doubling while stalls recur
+// soon after two threads resume, up to 2 s; back to 10 ms after a calm second). While waiting it yields
+// its core, in case the stalled worker is queued on it.
 class Pool {
  public:
   explicit Pool(int n) : n_(std::max(1, n)) {
@@ -33,7 +41,7 @@ class Pool {
   template <class F>
   void run_chunks(int64_t nchunks, F &&fn) {
     if (nchunks <= 0) return;
-    if (n_ == 1 || nchunks == 1) {
+    if (n_ == 1 || nchunks == 1 || Clock::now() < solo_until_) {
       for (int64_t c = 0; c < nchunks; ++c) fn(c);
       return;
     }
@@ -42,6 +50,9 @@ class Pool {
   }
 
  private:
+  using Clock = std::chrono::steady_clock;
+  static constexpr std::chrono::microseconds kStallFloor{200}, kMinSolo{10000}, kMaxSolo{2000000}, kCalm{1000000};
+
   // One parallel region: fn(base + c) for c in [0, n), n <= kMax.
   template <class F>
   void run_region(int64_t base, int64_t n, F &fn) {
@@ -56,8 +67,21 @@ class Pool {
       gen_.store(g, std::memory_order_release);
     }
     if (sleepers_.load(std::memory_order_acquire) > 0) cv_.notify_all();
-    work(g, false);
-    while (done_.load(std::memory_order_acquire) != n) _mm_pause();
+    const Clock::time_point t0 = Clock::now();
+    const int64_t mine = work(g, false);
+    if (done_.load(std::memory_order_acquire) == n) return;
+    const Clock::time_point t1 = Clock::now();
+    for (int spins = 0; done_.load(std::memory_order_acquire) != n; ++spins) {
+      if (spins < 2000)
+        _mm_pause();
+      else
+        std::this_thread::yield();
+    }
+    const Clock::time_point t2 = Clock::now();
+    if (t2 - t1 > std::max<Clock::duration>(kStallFloor, 8 * (t1 - t0) / std::max<int64_t>(1, mine))) {
+      solo_ = t2 - solo_until_ < kCalm ? std::min<Clock::duration>(2 * solo_, kMaxSolo) : Clock::duration(kMinSolo);
+      solo_until_ = t2 + solo_;
+    }
   }
 
   // state_: region (low 16 bits) << 48 | next chunk from the front << 24 | one past the next from the back.
@@ -68,18 +92,20 @@ class Pool {
   }
 
   // Claims and runs chunks of region g, from the front or the back, until none is left (or a newer region
-  // was posted).
-  void work(uint64_t g, bool from_back) {
+  // was posted); returns how many it ran.
+  int64_t work(uint64_t g, bool from_back) {
     claim_step() = from_back ? -1 : 1;
+    int64_t ran = 0;
     for (;;) {
       uint64_t v = state_.load(std::memory_order_acquire);
       const uint64_t front = v >> 24 & 0xffffff, back = v & 0xffffff;
-      if ((v >> 48) != (g & 0xffff) || front >= back) return;
+      if ((v >> 48) != (g & 0xffff) || front >= back) return ran;
       const uint64_t next = from_back ? pack(g, front, back - 1) : pack(g, front + 1, back);
       if (!state_.compare_exchange_weak(v, next, std::memory_order_acq_rel)) continue;
       // The region cannot end (nor fn_/ctx_ change) while this chunk is outstanding.
       fn_(ctx_, base_ + (int64_t)(from_back ? back - 1 : front));
       done_.fetch_add(1, std::memory_order_release);
+      ++ran;
     }
   }
 
@@ -110,6 +136,8 @@ class Pool {
   void *ctx_ = nullptr;
   int64_t base_ = 0;
   uint64_t posted_ = 0;                  // regions posted (caller side only)
+  Clock::time_point solo_until_{};       // regions run on the caller alone until then (caller side only)
+  Clock::duration solo_{kMinSolo};       // the last solo period
   std::atomic<uint64_t> state_{0};       // see pack()
   std::atomic<uint64_t> gen_{0};
   std::atomic<int64_t> done_{0};
