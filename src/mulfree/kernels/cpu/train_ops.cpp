@@ -54,23 +54,34 @@ MF_ISA_VARIANTS(rmsnorm_bwd_row,
                 (const float *x, const float *w, const float *dy, int64_t K, double eps, float *dx, float *dw_acc),
                 (x, w, dy, K, eps, dx, dw_acc))
 
-// The MLGRU's sequence scan over channels [k0, k1) of one sequence (rows ld apart): f, i from the gates,
-// h_t = f h_{t-1} + i written to h. keep[t] == 0 zeroes i (and with skip sets f = 1).
+// The MLGRU's sequence scan over channels [k0, k1) (at most kChans) of one sequence (rows ld apart): f, i from
+// the gates, h_t = f h_{t-1} + i written to h. keep[t] == 0 zeroes i (and with skip sets f = 1). Time runs in the
+// outer loop and the channels in the inner one, so the inner loop is contiguous and vectorizes; each channel's
+// arithmetic is the same as one channel at a time.
 MF_INLINE void mlgru_scan_impl(const float *fi, const float *ff, const float *lb, const uint8_t *keep, bool skip,
                                const float *h0, int64_t k0, int64_t k1, int64_t T, int64_t ld, float *h) {
-  for (int64_t k = k0; k < k1; ++k) {
-    float s = h0 ? h0[k] : 0.f;
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t o = t * ld + k;
-      float f = sigmoidf(ff[o]);
-      if (lb) f = lb[k] + (1.0f - lb[k]) * f;
-      float i = siluf(fi[o]) * (1.0f - f);
-      if (keep && !keep[t]) {
-        i = 0.f;
-        if (skip) f = 1.f;
+  float st[kChans], zero[kChans];
+  const int64_t n = k1 - k0;
+  for (int64_t e = 0; e < n; ++e) {
+    st[e] = h0 ? h0[k0 + e] : 0.f;
+    zero[e] = 0.f;
+  }
+  const float *l = lb ? lb + k0 : zero;  // lb = 0 leaves f as it is, bit for bit
+  for (int64_t t = 0; t < T; ++t) {
+    const float *a = fi + t * ld + k0, *g = ff + t * ld + k0;
+    float *out = h + t * ld + k0;
+    if (!keep || keep[t]) {
+      for (int64_t e = 0; e < n; ++e) {
+        const float f = l[e] + (1.0f - l[e]) * sigmoidf(g[e]);
+        st[e] = f * st[e] + siluf(a[e]) * (1.0f - f);
+        out[e] = st[e];
       }
-      s = f * s + i;
-      h[o] = s;
+    } else {  // a masked step: i = 0, and with skip f = 1
+      for (int64_t e = 0; e < n; ++e) {
+        const float f = skip ? 1.f : l[e] + (1.0f - l[e]) * sigmoidf(g[e]);
+        st[e] = f * st[e] + 0.f;
+        out[e] = st[e];
+      }
     }
   }
 }
@@ -108,38 +119,47 @@ MF_ISA_VARIANTS(mlgru_gate_bwd_row,
                  float *dgw_acc, float *dh),
                 (fg, gw, h, dout, D, eps, dfg, dgw_acc, dh))
 
-// The adjoint scan over channels [k0, k1) of one sequence, time reversed. dfi holds the direct dL/dh on entry
-// and dL/dfi on return; dff, dlb_acc (+= per channel) and dh0 (when h0) are written.
+// The adjoint scan over channels [k0, k1) (at most kChans) of one sequence, time reversed (time outer, channels
+// inner, as the forward). dfi holds the direct dL/dh on entry and dL/dfi on return; dff, dlb_acc (+= per channel)
+// and dh0 (when h0) are written.
 MF_INLINE void mlgru_scan_bwd_impl(const float *fi, const float *ff, const float *lb, const uint8_t *keep, bool skip,
                                    const float *h0, const float *h, int64_t k0, int64_t k1, int64_t T, int64_t ld,
                                    float *dfi, float *dff, float *dlb_acc, float *dh0) {
-  for (int64_t k = k0; k < k1; ++k) {
-    float acc = 0.f, f_next = 0.f;
-    for (int64_t t = T - 1; t >= 0; --t) {
-      const int64_t o = t * ld + k;
-      acc = dfi[o] + f_next * acc;
-      const float sg = sigmoidf(ff[o]);
-      float f = lb ? lb[k] + (1.0f - lb[k]) * sg : sg;
-      const bool masked = keep && !keep[t];
-      if (masked && skip) f = 1.f;
-      const float prev = t > 0 ? h[o - ld] : (h0 ? h0[k] : 0.f);
-      float df = acc * prev;
-      if (masked) {
-        dfi[o] = 0.f;
-      } else {
-        df -= acc * siluf(fi[o]);
-        dfi[o] = acc * (1.0f - f) * dsiluf(fi[o]);
-      }
-      if (masked && skip) {
-        dff[o] = 0.f;
-      } else {
+  // The lb gradient sums in a local row (gcc does not vectorize a += through the caller's pointer), added once.
+  float acc[kChans], f_next[kChans], zero[kChans], dl[kChans];
+  const int64_t n = k1 - k0;
+  for (int64_t e = 0; e < n; ++e) acc[e] = f_next[e] = zero[e] = dl[e] = 0.f;
+  const float *l = lb ? lb + k0 : zero;  // lb = 0 leaves f and dff as they are, bit for bit
+  for (int64_t t = T - 1; t >= 0; --t) {
+    const int64_t o = t * ld + k0;
+    const float *a = fi + o, *g = ff + o;
+    const float *prev = t > 0 ? h + o - ld : (h0 ? h0 + k0 : zero);
+    float *di = dfi + o, *dg = dff + o;
+    if (!keep || keep[t]) {
+      for (int64_t e = 0; e < n; ++e) {
+        acc[e] = di[e] + f_next[e] * acc[e];
+        const float sg = sigmoidf(g[e]), f = l[e] + (1.0f - l[e]) * sg;
+        const float df = acc[e] * prev[e] - acc[e] * siluf(a[e]);
+        di[e] = acc[e] * (1.0f - f) * dsiluf(a[e]);
         const float dsg = df * sg * (1.0f - sg);
-        dff[o] = lb ? dsg * (1.0f - lb[k]) : dsg;
-        if (lb) dlb_acc[k] += df * (1.0f - sg);
+        dg[e] = dsg * (1.0f - l[e]);
+        dl[e] += df * (1.0f - sg);
+        f_next[e] = f;
       }
-      f_next = f;
+    } else {  // a masked step: i = 0, and with skip f = 1 (no gradient to ff or lb)
+      for (int64_t e = 0; e < n; ++e) {
+        acc[e] = di[e] + f_next[e] * acc[e];
+        const float sg = sigmoidf(g[e]), df = acc[e] * prev[e];
+        di[e] = 0.f;
+        dg[e] = skip ? 0.f : df * sg * (1.0f - sg) * (1.0f - l[e]);
+        if (!skip) dl[e] += df * (1.0f - sg);
+        f_next[e] = skip ? 1.f : l[e] + (1.0f - l[e]) * sg;
+      }
     }
-    if (h0) dh0[k] = f_next * acc;
+  }
+  for (int64_t e = 0; e < n; ++e) {
+    if (lb) dlb_acc[k0 + e] += dl[e];
+    if (h0) dh0[k0 + e] = f_next[e] * acc[e];
   }
 }
 MF_ISA_VARIANTS(mlgru_scan_bwd,
