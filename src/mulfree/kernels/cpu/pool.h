@@ -18,7 +18,9 @@
 // The caller claims from the front and the workers from the back, so with two threads each keeps
 // about the same half of every region: the rows and channels one region writes are mostly read by
 // the same core in the next (faster prefill, docs/packed.md). Idle workers spin briefly on a generation
-// counter, then sleep on a condition variable.
+// counter (about 0.5 ms: the engine posts regions back to back), then sleep on a condition variable; a region
+// posted with linger = false (the training ops, which alternate with torch's own threads) lets them sleep
+// almost at once instead of spinning on a core torch's threads want.
 //
 // A worker the OS deschedules while it holds a chunk (another process wants its core) stalls the region
 // until it runs again, milliseconds later; at dozens of regions per decoded token that made two threads
@@ -39,18 +41,20 @@ class Pool {
 
   // Calls fn(c) for every c in [0, nchunks) across the threads; returns when all are done.
   template <class F>
-  void run_chunks(int64_t nchunks, F &&fn) {
+  void run_chunks(int64_t nchunks, F &&fn, bool linger = true) {
     if (nchunks <= 0) return;
     if (n_ == 1 || nchunks == 1 || Clock::now() < solo_until_) {
       for (int64_t c = 0; c < nchunks; ++c) fn(c);
       return;
     }
     constexpr int64_t kMax = (int64_t(1) << 24) - 1;  // the 24-bit chunk fields of state_
+    spins_.store(linger ? kLingerSpins : kBriefSpins, std::memory_order_relaxed);
     for (int64_t base = 0; base < nchunks; base += kMax) run_region(base, std::min(kMax, nchunks - base), fn);
   }
 
  private:
   using Clock = std::chrono::steady_clock;
+  static constexpr int kLingerSpins = 20000, kBriefSpins = 200;  // _mm_pause rounds before a worker sleeps
   static constexpr std::chrono::microseconds kStallFloor{200}, kMinSolo{10000}, kMaxSolo{2000000}, kCalm{1000000};
 
   // One parallel region: fn(base + c) for c in [0, n), n <= kMax.
@@ -115,7 +119,7 @@ class Pool {
       uint64_t g;
       int spins = 0;
       while ((g = gen_.load(std::memory_order_acquire)) == seen) {
-        if (++spins < 20000) {
+        if (++spins < spins_.load(std::memory_order_relaxed)) {
           _mm_pause();
           continue;
         }
@@ -142,6 +146,7 @@ class Pool {
   std::atomic<uint64_t> gen_{0};
   std::atomic<int64_t> done_{0};
   std::atomic<int> sleepers_{0};
+  std::atomic<int> spins_{kLingerSpins};  // the last region's linger
   std::mutex mu_;
   std::condition_variable cv_;
 };

@@ -190,18 +190,29 @@ MF_INLINE void abs_sum_impl(const float *w, int64_t n, double *sum) {
 }
 MF_ISA_VARIANTS(abs_sum, (const float *w, int64_t n, double *sum), (w, n, sum))
 
-// out = clamp(round_half_even(w * inv), -1, 1) over n values.
+// out = clamp(round_half_even(w * inv), -1, 1) over n values, as std::min(1, std::max(-1, v)) would give it (NaN -> -1),
+// spelled out: std::min / std::max do not carry MF_VEC's optimize attribute, so gcc called them per element.
 MF_INLINE void trits_impl(const float *w, int64_t n, float inv, float *out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = std::min(1.0f, std::max(-1.0f, __builtin_rintf(w[i] * inv)));
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = __builtin_rintf(w[i] * inv), lo = -1.0f < v ? v : -1.0f;
+    out[i] = lo < 1.0f ? lo : 1.0f;
+  }
 }
 MF_ISA_VARIANTS(trits, (const float *w, int64_t n, float inv, float *out), (w, n, inv, out))
 
 int64_t chunks_of(int64_t rows) { return (rows + kRows - 1) / kRows; }
 
+// A region of a training op: torch's own threads run between our calls, so the pool's workers sleep soon after
+// instead of spinning on the cores those threads want.
+template <class F>
+void run_train(int threads, int64_t nchunks, F &&fn) {
+  get_pool(threads).run_chunks(nchunks, fn, false);
+}
+
 // fn(r) for every row r, kRows rows per pool chunk.
 template <class F>
 void for_rows(int threads, int64_t rows, F &&fn) {
-  get_pool(threads).run_chunks(chunks_of(rows), [&](int64_t c) {
+  run_train(threads, chunks_of(rows), [&](int64_t c) {
     for (int64_t r = c * kRows, e = std::min(rows, r + kRows); r < e; ++r) fn(r, c);
   });
 }
@@ -238,7 +249,7 @@ void register_train_ops(nb::module_ &m) {
                  (!a_scale || (int64_t)a_scale->shape(0) == T),
              "norm_quant shapes do not match");
         nb::gil_scoped_release release;
-        get_pool(threads).run_chunks(chunks_of(T), [&](int64_t c) {
+        run_train(threads, chunks_of(T), [&](int64_t c) {
           LineVec<float> tmp((size_t)K);
           LineVec<int8_t> q((size_t)K);
           float s;
@@ -266,15 +277,14 @@ void register_train_ops(nb::module_ &m) {
         nb::gil_scoped_release release;
         const int64_t nc = chunks_of(N);
         std::vector<double> part((size_t)nc, 0.0);
-        Pool &pool = get_pool(threads);
-        pool.run_chunks(nc, [&](int64_t c) {
+        run_train(threads, nc, [&](int64_t c) {
           const int64_t r0 = c * kRows, r1 = std::min(N, r0 + kRows);
           abs_sum(isa, w.data() + r0 * K, (r1 - r0) * K, &part[(size_t)c]);
         });
         double sum = 0.0;
         for (double v : part) sum += v;
         const float scale = std::max((float)(sum / (double)(N * K)), 1e-5f), inv = 1.0f / scale;
-        pool.run_chunks(nc, [&](int64_t c) {
+        run_train(threads, nc, [&](int64_t c) {
           const int64_t r0 = c * kRows, r1 = std::min(N, r0 + kRows);
           trits(isa, w.data() + r0 * K, (r1 - r0) * K, inv, out.data() + r0 * K);
         });
@@ -330,7 +340,7 @@ void register_train_ops(nb::module_ &m) {
              "mlgru_scan shapes do not match");
         nb::gil_scoped_release release;
         const int64_t nk = (s.D + kChans - 1) / kChans, TD = s.T * s.D;
-        get_pool(threads).run_chunks(s.B * nk, [&](int64_t c) {
+        run_train(threads, s.B * nk, [&](int64_t c) {
           const int64_t b = c / nk, k0 = c % nk * kChans;
           mlgru_scan(isa, fi.data() + b * TD, ff.data() + b * TD, lb ? lb->data() : nullptr,
                      keep ? keep->data() + b * s.T : nullptr, skip, h0 ? h0->data() + b * s.D : nullptr, k0,
@@ -357,7 +367,7 @@ void register_train_ops(nb::module_ &m) {
         nb::gil_scoped_release release;
         const int64_t nk = (s.D + kChans - 1) / kChans, TD = s.T * s.D;
         std::vector<float> lpart((size_t)(s.B * s.D), 0.f);
-        get_pool(threads).run_chunks(s.B * nk, [&](int64_t c) {
+        run_train(threads, s.B * nk, [&](int64_t c) {
           const int64_t b = c / nk, k0 = c % nk * kChans;
           mlgru_scan_bwd(isa, fi.data() + b * TD, ff.data() + b * TD, lb ? lb->data() : nullptr,
                          keep ? keep->data() + b * s.T : nullptr, skip, h0 ? h0->data() + b * s.D : nullptr,
