@@ -251,6 +251,15 @@ def decode_window(pm: PackedModel, steps: int) -> float:
     return steps / (time.perf_counter() - t0)
 
 
+def prefill_then_decode(pm: PackedModel, ids: torch.Tensor, steps: int) -> tuple[float, float]:
+    """(prefill tok/s of `ids` from a fresh state, then the better of two `steps`-step decode windows)."""
+    pm.reset()
+    t0 = time.perf_counter()
+    pm.forward(ids)
+    prefill = len(ids) / (time.perf_counter() - t0)
+    return prefill, max(decode_window(pm, steps) for _ in range(2))
+
+
 SPIN = "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"
 
 
@@ -274,11 +283,7 @@ def bench_contention(name: str, args: argparse.Namespace) -> dict:
                 time.sleep(0.5 if spinner else 0.0)
                 row: dict = {"condition": cond, "load_before": os.getloadavg()[0]}
                 for threads, pm in models.items():
-                    pm.reset()
-                    t0 = time.perf_counter()
-                    pm.forward(ids)
-                    row[f"{threads}t_prefill"] = args.prefill / (time.perf_counter() - t0)
-                    row[f"{threads}t_decode"] = max(decode_window(pm, args.tokens) for _ in range(2))
+                    row[f"{threads}t_prefill"], row[f"{threads}t_decode"] = prefill_then_decode(pm, ids, args.tokens)
                 row["load_after"] = os.getloadavg()[0]
             finally:
                 if spinner:
@@ -323,11 +328,7 @@ def bench_formats(name: str, args: argparse.Namespace) -> dict:
     for r in range(args.rounds):
         row: dict = {"load_before": os.getloadavg()[0]}
         for (f, threads), pm in models.items():
-            pm.reset()
-            t0 = time.perf_counter()
-            pm.forward(ids)
-            row[f"{f}_{threads}t_prefill"] = args.prefill / (time.perf_counter() - t0)
-            row[f"{f}_{threads}t_decode"] = max(decode_window(pm, args.tokens) for _ in range(2))
+            row[f"{f}_{threads}t_prefill"], row[f"{f}_{threads}t_decode"] = prefill_then_decode(pm, ids, args.tokens)
         row["load_after"] = os.getloadavg()[0]
         res["rounds"].append(row)
         print(f"[{name}] round {r + 1} (load {row['load_before']:.2f} -> {row['load_after']:.2f}): " + ", ".join(
