@@ -456,24 +456,15 @@ def main() -> None:
     if cpu_module() is None:
         raise SystemExit("error: the compiled extension is missing; reinstall mulfree")
     torch.manual_seed(args.seed)
-    if args.contention:
-        print(f"host: {cpu_model()}, {os.cpu_count()} CPUs, kernel backend {best_backend()}")
-        results = [bench_contention(name, args) for name in args.shapes]
-        print(json.dumps({"benchmark": "decode_contention", "host": cpu_model(), "backend": best_backend(),
-                          "results": results}))
-        return
-    if args.formats:
-        print(f"host: {cpu_model()}, {os.cpu_count()} CPUs, kernel backend {best_backend()}")
-        results = [bench_formats(name, args) for name in args.shapes]
-        print(json.dumps({"benchmark": "decode_formats", "host": cpu_model(), "backend": best_backend(),
-                          "formats": args.formats, "results": results}))
-        return
-    if args.batch:
-        print(f"host: {cpu_model()}, {os.cpu_count()} CPUs, kernel backend {best_backend()}")
-        results = [bench_batched(name, args) for name in args.shapes]
-        print(json.dumps({"benchmark": "decode_batch", "host": cpu_model(), "backend": best_backend(),
-                          "results": results}))
-        return
+    # The single-purpose modes: (flag, benchmark name, function of one shape).
+    for flag, bench, fn in (("contention", "decode_contention", bench_contention),
+                            ("formats", "decode_formats", bench_formats), ("batch", "decode_batch", bench_batched)):
+        if getattr(args, flag):
+            print(f"host: {cpu_model()}, {os.cpu_count()} CPUs, kernel backend {best_backend()}")
+            results = [fn(name, args) for name in args.shapes]
+            print(json.dumps({"benchmark": bench, "host": cpu_model(), "backend": best_backend(),
+                              "formats": args.formats or ["t2"], "results": results}))
+            return
     feats = cpu_module().cpu_features()
     bw1 = read_bandwidth(args.bw_mb << 20, threads=1, reps=6)
     bw2 = read_bandwidth(args.bw_mb << 20, threads=2, reps=6)
