@@ -40,11 +40,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from decode import SHAPES, random_packed_model
-from llamacpp_peer import NICE, host_info, run_llama_bench, run_ours
+from decode import SHAPES
+from llamacpp_peer import NICE, add_bench_args, host_info, packed_models, run_llama_bench, run_ours
 
 from mulfree.atomic import atomic_write
-from mulfree.infer.engine import PackedModel
 from mulfree.kernels import backend as best_backend
 from mulfree.kernels import cpu_module
 
@@ -234,12 +233,7 @@ def main() -> None:
     p.add_argument("--shape", default="1.3b", choices=[s for s in SHAPES if SHAPES[s][0] == 32000],
                    help="a shape with the vocabulary's 32000 tokens")
     p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
-    p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    p.add_argument("--prompt", type=int, default=128, help="prefill tokens (llama-bench -p)")
-    p.add_argument("--gen", type=int, default=64, help="decode tokens (llama-bench -n)")
-    p.add_argument("--reps", type=int, default=3, help="repetitions per test (llama-bench -r; ours: mean of reps)")
-    p.add_argument("--rounds", type=int, default=1, help="back-to-back repeats of the whole comparison")
-    p.add_argument("--seed", type=int, default=0)
+    add_bench_args(p, rounds=1)
     args = p.parse_args()
     if cpu_module() is None:
         raise SystemExit("error: the compiled extension is missing; reinstall mulfree")
@@ -253,11 +247,7 @@ def main() -> None:
     host = host_info()
     print(f"host: {host['cpu']}, {host['isa']}, {host['cpus']} CPUs; mulfree kernel backend {best_backend()}")
     ggufs, heads = prepare_models(args.source, args.build_dir, args.models, args.shape, args.formats, args.seed)
-    vocab, d, layers, inter = SHAPES[args.shape]
-    pm = random_packed_model(vocab, d, layers, inter, threads=max(args.threads), seed=args.seed)
-    ours_models = {t: pm if t == max(args.threads) else PackedModel(pm.config, pm.tensors, backend=pm.backend,
-                                                                     threads=t) for t in args.threads}
-    ours_mib = sum(v.numel() * v.element_size() for v in pm.tensors.values()) / 2**20
+    ours_models, ours_mib = packed_models(args.shape, args.threads, args.seed)
     rounds = []
     for i in range(args.rounds):
         bn = {f: run_llama_bench(args.build_dir, ggufs[f], args.threads, args.prompt, args.gen, args.reps)

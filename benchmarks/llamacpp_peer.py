@@ -212,6 +212,25 @@ def print_round(i: int, rnd: dict, formats: list[str], threads: list[int], promp
                                                                         for k, _ in cols))
 
 
+def packed_models(shape: str, threads: list[int], seed: int) -> tuple[dict[int, PackedModel], float]:
+    """Our random packed model of `shape`, one PackedModel per thread count sharing its tensors, and its MiB."""
+    vocab, d, layers, inter = SHAPES[shape]
+    pm = random_packed_model(vocab, d, layers, inter, threads=max(threads), seed=seed)
+    models = {t: pm if t == max(threads) else PackedModel(pm.config, pm.tensors, backend=pm.backend, threads=t)
+              for t in threads}
+    return models, sum(v.numel() * v.element_size() for v in pm.tensors.values()) / 2**20
+
+
+def add_bench_args(p: argparse.ArgumentParser, rounds: int) -> None:
+    """The llama-bench side's flags, shared by the peer benchmarks."""
+    p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--prompt", type=int, default=128, help="prefill tokens (llama-bench -p)")
+    p.add_argument("--gen", type=int, default=64, help="decode tokens (llama-bench -n)")
+    p.add_argument("--reps", type=int, default=3, help="repetitions per test (llama-bench -r; ours: mean of reps)")
+    p.add_argument("--rounds", type=int, default=rounds, help="back-to-back repeats of the whole comparison")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group()
@@ -223,12 +242,7 @@ def main() -> None:
     p.add_argument("--sdist", type=Path, help="a local llama-cpp-python sdist to build from instead of pip download")
     p.add_argument("--shape", default="1.3b", choices=sorted(SHAPES))
     p.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
-    p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    p.add_argument("--prompt", type=int, default=128, help="prefill tokens (llama-bench -p)")
-    p.add_argument("--gen", type=int, default=64, help="decode tokens (llama-bench -n)")
-    p.add_argument("--reps", type=int, default=3, help="repetitions per test (llama-bench -r)")
-    p.add_argument("--rounds", type=int, default=2, help="back-to-back repeats of the whole comparison")
-    p.add_argument("--seed", type=int, default=0)
+    add_bench_args(p, rounds=2)
     args = p.parse_args()
     if cpu_module() is None:
         raise SystemExit("error: the compiled extension is missing; reinstall mulfree")
@@ -244,11 +258,7 @@ def main() -> None:
     host = host_info()
     print(f"host: {host['cpu']}, {host['isa']}, {host['cpus']} CPUs; mulfree kernel backend {best_backend()}")
     ggufs = prepare_models(build, args.cache, args.shape, args.formats, args.seed)
-    vocab, d, layers, inter = SHAPES[args.shape]
-    pm = random_packed_model(vocab, d, layers, inter, threads=max(args.threads), seed=args.seed)
-    ours_models = {t: pm if t == max(args.threads) else PackedModel(pm.config, pm.tensors, backend=pm.backend,
-                                                                     threads=t) for t in args.threads}
-    ours_mib = sum(v.numel() * v.element_size() for v in pm.tensors.values()) / 2**20
+    ours_models, ours_mib = packed_models(args.shape, args.threads, args.seed)
     rounds = []
     for i in range(args.rounds):
         lc = {f: run_llama_bench(build, ggufs[f], args.threads, args.prompt, args.gen, args.reps)
