@@ -270,9 +270,11 @@ def main() -> None:
         rounds.append({"llama_cpp": lc, "ours": ours, "ratios": ratios})
         print_round(i, rounds[-1], args.formats, args.threads, args.prompt, args.gen)
     commit = vendored_commit(args.cache) if args.llama_cpp is None else None
+    if not commit and rounds:
+        commit = rounds[0]["llama_cpp"][args.formats[0]]["build_commit"]
     print(json.dumps({"benchmark": "llamacpp_peer", "host": host, "backend": best_backend(), "shape": args.shape,
                       "llama_cpp": {"source": f"llama-cpp-python {LCPP_PYPI_VERSION} sdist" if commit else str(build),
-                                    "commit": commit or rounds[0]["llama_cpp"][args.formats[0]]["build_commit"]},
+                                    "commit": commit or "unknown"},
                       "prompt": args.prompt, "gen": args.gen, "reps": args.reps, "rounds": rounds}))
 
 
