@@ -52,7 +52,8 @@ __attribute__((noinline)) void panel_chunk(const int8_t *B, const uint8_t *U, in
       for (auto &row : c)
         for (auto &x : row) x = _mm256_setzero_si256();
       for (int ks = kb; ks < kb + 4; ++ks)
-        for (int kq = 0; kq < 16; ++kq) quad(u + ks * 64 + kq * 4, u + ldq + ks * 64 + kq * 4, B + (ks * 32 + kq) * 64, c);
+        for (int kq = 0; kq < 16; ++kq)
+          quad(u + ks * 64 + kq * 4, u + ldq + ks * 64 + kq * 4, B + (ks * 32 + kq) * 64, c);
       for (int t = 0; t < 2; ++t)
         for (int r = 0; r < 4; ++r) {
           int32_t *out = C + (t0 + t) * 32 + 8 * r;

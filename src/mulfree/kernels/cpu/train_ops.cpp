@@ -190,7 +190,7 @@ MF_INLINE void abs_sum_impl(const float *w, int64_t n, double *sum) {
 }
 MF_ISA_VARIANTS(abs_sum, (const float *w, int64_t n, double *sum), (w, n, sum))
 
-// out = clamp(round_half_even(w * inv), -1, 1) over n values, as std::min(1, std::max(-1, v)) would give it (NaN -> -1),
+// out = clamp(round_half_even(w * inv), -1, 1) over n values, as std::min(1, std::max(-1, v)) gives it (NaN -> -1),
 // spelled out: std::min / std::max do not carry MF_VEC's optimize attribute, so gcc called them per element.
 MF_INLINE void trits_impl(const float *w, int64_t n, float inv, float *out) {
   for (int64_t i = 0; i < n; ++i) {
