@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 
 import pytest
 import torch
@@ -224,6 +225,28 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again(tmp_path):
         train(_mmfree(), _ids(), None, _cfg(steps=1), run, resume=True)
     train(_mmfree(), _ids(), None, _cfg(steps=1), run)
     assert not (run / ".tokenizer.json.ab12cd34.tmp").exists()
+
+
+def test_stop_event_ends_side_by_side_runs_like_ctrl_c(tmp_path):
+    """Runs side by side (the demo) stop each other: a set stop event ends a run after its current step with
+    KeyboardInterrupt, and the checkpoints already written stay (the run can resume)."""
+    stop = threading.Event()
+    losses = []
+
+    def run(out):
+        try:
+            train(_mmfree(), _ids(), None, _cfg(steps=6, save_every=1, grad_accum=1), out, stop_event=stop)
+        except KeyboardInterrupt:
+            losses.append(_losses(out / "metrics.jsonl"))
+
+    worker = threading.Thread(target=run, args=(tmp_path / "a",))
+    stop.set()
+    worker.start()
+    worker.join()
+    assert losses == [[(1, losses[0][0][1], None)]]  # exactly one step ran
+    assert not (tmp_path / "a" / "model.safetensors").exists()
+    train(_mmfree(), _ids(), None, _cfg(steps=6, save_every=1, grad_accum=1), tmp_path / "a", resume=True)
+    assert [r[0] for r in _losses(tmp_path / "a" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.parametrize("kw, message", [

@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -234,6 +235,7 @@ def train(
     overwrite: bool = False,
     extra: dict | None = None,
     cpu_budget_s: float | None = None,
+    stop_event: threading.Event | None = None,
 ) -> dict:
     """Train `model` in place and save it to `out_dir` with `mulfree.models.io.save_model`.
 
@@ -249,6 +251,8 @@ def train(
         cpu_budget_s: stop after the step at which this process's CPU time (time.process_time, all its
             threads) since the loop began reaches this many seconds; the model is saved as at the end.
             Single-process runs only (DDP ranks would not agree on the step).
+        stop_event: set by another thread (runs side by side), it ends the run after the current step with
+            KeyboardInterrupt, as Ctrl-C would end it.
     Returns:
         final metrics: step, loss, val_loss, val_ppl (when validated), tokens, wall_s, cpu_s.
     Raises:
@@ -392,6 +396,8 @@ def train(
                 last_saved = done
             if cpu_budget_s is not None and time.process_time() - cpu_start >= cpu_budget_s:
                 break
+            if stop_event is not None and stop_event.is_set():
+                raise KeyboardInterrupt
         bar.close()
         final.update(tokens=tokens_seen, wall_s=time.perf_counter() - t_start,
                      cpu_s=time.process_time() - cpu_start)

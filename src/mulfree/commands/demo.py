@@ -104,10 +104,41 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _train_side_by_side(jobs: list, train_ids, val_ids, tmp: Path, tokenizer) -> list[dict]:
+    """Train each (family, model, cfg) of `jobs` into tmp / family.name, all at once in threads; a failure or
+    Ctrl-C in one place ends every run after its current step and is raised here."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from mulfree.train import train
+
+    stop = threading.Event()
+
+    def run_one(job) -> dict:
+        family, model, cfg = job
+        t0 = time.perf_counter()
+        res = train(model, train_ids, val_ids, cfg, tmp / family.name, tokenizer=tokenizer, stop_event=stop)
+        return {"params": sum(p.numel() for p in model.parameters()), "tokens": res["tokens"],
+                "train_loss": res["loss"], "wall_s": time.perf_counter() - t0}
+
+    threads = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+            futures = [pool.submit(run_one, job) for job in jobs]
+            try:
+                return [f.result() for f in futures]
+            except BaseException:
+                stop.set()
+                raise
+    finally:
+        torch.set_num_threads(threads)  # each run set one thread for itself
+
+
 def _run_demo(demo: DemoConfig, run, tmp: Path, out: Path) -> dict:
     """Train both models into `tmp` (renamed to `out` afterwards), print the comparison and a sample."""
-    import time
-
     import torch
 
     from mulfree.atomic import atomic_write_json
@@ -115,7 +146,6 @@ def _run_demo(demo: DemoConfig, run, tmp: Path, out: Path) -> dict:
     from mulfree.evaluate import perplexity
     from mulfree.generation import generate
     from mulfree.models import registry
-    from mulfree.train import train
 
     corpus = load_corpus()
     tokenizer = train_tokenizer(corpus.train_text, demo.vocab_size)
@@ -123,8 +153,8 @@ def _run_demo(demo: DemoConfig, run, tmp: Path, out: Path) -> dict:
     eval_ids = val_ids[: demo.eval_tokens]
     print(f"corpus: {len(corpus.train_docs)} training texts ({train_ids.numel()} tokens), validation "
           f"{', '.join(corpus.val_docs)} ({val_ids.numel()} tokens); BPE vocab {tokenizer.get_vocab_size()}")
-    results, runs, models = [], {}, []
     families = (registry.get("mmfree"), registry.get("transformerpp"))
+    jobs = []  # (family, model, cfg), the models built in order from the seed
     for family, lr in zip(families, (demo.mmfree_lr, demo.transformer_lr)):
         cfg_cls = family.config_cls
         config = cfg_cls.from_preset("tiny", hidden_size=demo.hidden_size, num_hidden_layers=demo.layers,
@@ -132,17 +162,18 @@ def _run_demo(demo: DemoConfig, run, tmp: Path, out: Path) -> dict:
                                      **cfg_cls.preset_extras(demo.hidden_size))
         torch.manual_seed(run.seed)
         model = family.model_cls(config)
-        cfg = dataclasses.replace(run, lr=lr, min_lr=lr / 10)
+        # One torch thread each, the two runs side by side: two independent runs use two cores better than one
+        # run's parallel regions do, and keep using the half core a busy machine leaves.
+        cfg = dataclasses.replace(run, lr=lr, min_lr=lr / 10, threads=1)
         print(f"training {config.model_type} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
               f"lr {lr:g}, {cfg.steps} steps x {cfg.batch_size} x {cfg.seq_len} tokens)")
-        t0 = time.perf_counter()
-        res = train(model, train_ids, val_ids, cfg, tmp / family.name, tokenizer=tokenizer)
-        wall = time.perf_counter() - t0
-        ppl = perplexity(model, eval_ids, window=cfg.seq_len, progress=False)
-        results.append({"params": sum(p.numel() for p in model.parameters()), "tokens": res["tokens"],
-                        "val_ppl": ppl, "train_loss": res["loss"], "wall_s": wall})
-        runs[config.model_type] = tmp / family.name
-        models.append(model)
+        jobs.append((family, model, cfg))
+
+    results = _train_side_by_side(jobs, train_ids, val_ids, tmp, tokenizer)
+    for (family, model, cfg), r in zip(jobs, results):
+        r["val_ppl"] = perplexity(model, eval_ids, window=cfg.seq_len, progress=False)
+    runs = {model.config.model_type: tmp / family.name for family, model, _ in jobs}
+    models = [model for _, model, _ in jobs]
     _plot_losses(runs, tmp / "loss_curves.png")
     mm, tf = results
     mm_name, tf_name = (f.label for f in families)
