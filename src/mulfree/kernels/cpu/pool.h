@@ -24,10 +24,10 @@
 //
 // A worker the OS deschedules while it holds a chunk (another process wants its core) stalls the region
 // until it runs again, milliseconds later; at dozens of regions per decoded token that made two threads
-// slower than one. So the caller times its wait for the others: a wait far longer than its own chunks took
-// is a stall, after which the caller runs regions alone for a while (10 ms, doubling while stalls recur
-// soon after two threads resume, up to 2 s; back to 10 ms after a calm second). While waiting it yields
-// its core, in case the stalled worker is queued on it.
+// slower than one. So the caller times its wait for the others: a wait over 1 ms and far longer than its own
+// chunks took is a stall, after which the caller runs regions alone for 40 ms (longer periods lost the second
+// core for too long when the competition is bursty, e.g. a server's own HTTP threads; docs/packed.md). While
+// waiting it yields its core, in case the stalled worker is queued on it.
 class Pool {
  public:
   explicit Pool(int n) : n_(std::max(1, n)) {
@@ -55,7 +55,7 @@ class Pool {
  private:
   using Clock = std::chrono::steady_clock;
   static constexpr int kLingerSpins = 20000, kBriefSpins = 200;  // _mm_pause rounds before a worker sleeps
-  static constexpr std::chrono::microseconds kStallFloor{200}, kMinSolo{10000}, kMaxSolo{2000000}, kCalm{1000000};
+  static constexpr std::chrono::microseconds kStallFloor{1000}, kSolo{40000};
 
   // One parallel region: fn(base + c) for c in [0, n), n <= kMax.
   template <class F>
@@ -82,10 +82,8 @@ class Pool {
         std::this_thread::yield();
     }
     const Clock::time_point t2 = Clock::now();
-    if (t2 - t1 > std::max<Clock::duration>(kStallFloor, 8 * (t1 - t0) / std::max<int64_t>(1, mine))) {
-      solo_ = t2 - solo_until_ < kCalm ? std::min<Clock::duration>(2 * solo_, kMaxSolo) : Clock::duration(kMinSolo);
-      solo_until_ = t2 + solo_;
-    }
+    if (t2 - t1 > std::max<Clock::duration>(kStallFloor, 8 * (t1 - t0) / std::max<int64_t>(1, mine)))
+      solo_until_ = t2 + kSolo;
   }
 
   // state_: region (low 16 bits) << 48 | next chunk from the front << 24 | one past the next from the back.
@@ -141,7 +139,6 @@ class Pool {
   int64_t base_ = 0;
   uint64_t posted_ = 0;                  // regions posted (caller side only)
   Clock::time_point solo_until_{};       // regions run on the caller alone until then (caller side only)
-  Clock::duration solo_{kMinSolo};       // the last solo period
   std::atomic<uint64_t> state_{0};       // see pack()
   std::atomic<uint64_t> gen_{0};
   std::atomic<int64_t> done_{0};
