@@ -21,6 +21,7 @@ sets, not their cores or memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import hashlib
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from demo_load import one_core_busy
 
 from mulfree.infer.engine import PackedModel
 from mulfree.infer.packed_layout import layout
@@ -260,9 +262,6 @@ def prefill_then_decode(pm: PackedModel, ids: torch.Tensor, steps: int) -> tuple
     return prefill, max(decode_window(pm, steps) for _ in range(2))
 
 
-SPIN = "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"
-
-
 def bench_contention(name: str, args: argparse.Namespace) -> dict:
     """Decode (batch 1) and prefill tok/s of shape `name` at 1 and 2 threads, with the machine as it is and while
     another process (a pure-Python spin loop, a second user's job) keeps one core busy, round after round: the
@@ -278,17 +277,11 @@ def bench_contention(name: str, args: argparse.Namespace) -> dict:
     res: dict = {"shape": name, "steps": args.tokens, "prefill_tokens": args.prefill, "rounds": []}
     for r in range(args.rounds):
         for cond in ("idle", "busy"):
-            spinner = subprocess.Popen([sys.executable, "-c", SPIN.format(seconds=600)]) if cond == "busy" else None
-            try:
-                time.sleep(0.5 if spinner else 0.0)
+            with one_core_busy(600, settle=0.5) if cond == "busy" else contextlib.nullcontext():
                 row: dict = {"condition": cond, "load_before": os.getloadavg()[0]}
                 for threads, pm in models.items():
                     row[f"{threads}t_prefill"], row[f"{threads}t_decode"] = prefill_then_decode(pm, ids, args.tokens)
                 row["load_after"] = os.getloadavg()[0]
-            finally:
-                if spinner:
-                    spinner.kill()
-                    spinner.wait()
             for phase in ("decode", "prefill"):
                 row[f"{phase}_2t_x_1t"] = row[f"2t_{phase}"] / row[f"1t_{phase}"]
             res["rounds"].append(row)

@@ -11,6 +11,7 @@ printed. `--steps` shortens both demos alike (the issue's target is the full dem
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -20,6 +21,19 @@ import time
 from pathlib import Path
 
 SPIN = "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"
+
+
+@contextlib.contextmanager
+def one_core_busy(seconds: float, settle: float):
+    """A pure-Python spin loop in a child process for the `with` block (at most `seconds`), after `settle`
+    seconds for the scheduler to place it."""
+    spinner = subprocess.Popen([sys.executable, "-c", SPIN.format(seconds=seconds)])
+    try:
+        time.sleep(settle)
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def run_demo(steps: int | None, env: dict) -> tuple[float, dict]:
@@ -45,14 +59,9 @@ def main() -> None:
     for _ in range(args.rounds):
         load_idle = os.getloadavg()[0]
         idle, summary = run_demo(args.steps, env)
-        spinner = subprocess.Popen([sys.executable, "-c", SPIN.format(seconds=3 * idle + 600)])
-        try:
-            time.sleep(2)
+        with one_core_busy(3 * idle + 600, settle=2):
             load_busy = os.getloadavg()[0]
             busy, _ = run_demo(args.steps, env)
-        finally:
-            spinner.kill()
-            spinner.wait()
         rows.append({"idle_s": idle, "busy_s": busy, "ratio": busy / idle, "load_idle": load_idle,
                      "load_busy": load_busy, "demo": summary})
     print(f"mulfree demo{f' --steps {args.steps}' if args.steps else ''}: {os.cpu_count()} CPUs")

@@ -137,24 +137,26 @@ def _drop_outside_blocks(model: nn.Module, prefix: str) -> None:
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
+def _glibc(name: str, *args: int) -> None:
+    """Call glibc's allocator tuning function `name`; a no-op where there is no glibc."""
+    try:
+        getattr(ctypes.CDLL("libc.so.6"), name)(*args)
+    except (OSError, AttributeError):
+        pass
+
+
 def _map_large_buffers() -> None:
     """Have glibc mmap every buffer of 1 MiB or more (for the rest of the process), so that freeing one gives
     its memory back. Its default threshold grows to 32 MiB as big buffers are freed, and the blocks'
     [K, K] statistics and weights then land on the heap, which creeps up block by block (1.1B Llama, GPTQ:
     1.37 GiB at 2 blocks, 1.62 at 6, 1.81 at 22; 1.25 at 6 with this); a no-op elsewhere."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20)
-    except (OSError, AttributeError):
-        pass
+    _glibc("mallopt", M_MMAP_THRESHOLD, 1 << 20)
 
 
 def _return_freed_heap() -> None:
     """Hand the heap pages freed with a block back to the OS (glibc keeps them otherwise, and the next
     block's allocations land around them: the peak would creep up block by block); a no-op elsewhere."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    _glibc("malloc_trim", 0)
 
 
 @torch.no_grad()
