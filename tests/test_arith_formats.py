@@ -36,7 +36,7 @@ from mulfree.models.transformer import TransformerConfig
 from mulfree.settings import TrainConfig
 from mulfree.train import lm_loss
 
-NEW = ("interleaved", "index-hint", "scratchpad-digits")
+NEW = ("interleaved", "index-hint", "scratchpad-digits", "columns")
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64}
 
 
@@ -51,6 +51,9 @@ def test_templates():
     assert format_problem(5, 821, "add", "scratchpad-digits") == "5+821=500+128:6280"
     assert format_problem(239, 821, "mul", "scratchpad-digits") == "239*821=932;1:9320;2:08740=91050;8:002191=912691"
     assert format_problem(239, 7, "mul", "scratchpad-digits") == "239*7=932;7:3761"
+    assert format_problem(12, 34, "mul", "columns") == "*=000,2480800 000,2360600,1440010 100,1330400 000"
+    assert format_problem(239, 821, "add", "columns") == "+=00,910101 10,325060 00,280101 10"
+    assert format_problem(5, 821, "add", "columns") == "+=00,516060 00,022020 00,088080 00"
 
 
 @pytest.mark.parametrize("fmt", NEW)
@@ -66,7 +69,7 @@ def test_round_trip_1_to_8_digits(fmt, op):
         assert parse_answer(line, fmt) == parse_answer(answer, fmt) == expected, line
         assert parse_answer(answer + "\n99", fmt) == expected
         assert tok.decode(tok.encode(line, eos=True)) == line
-        if fmt == "interleaved":
+        if fmt in ("interleaved", "columns"):
             assert not any(ch.isdigit() for ch in prompt)  # nothing digit-revealing before the stream
 
 
@@ -78,6 +81,8 @@ def test_round_trip_1_to_8_digits(fmt, op):
     ("", "scratchpad-digits"), ("239+821=932+128", "scratchpad-digits"), ("239+821=932", "scratchpad-digits"),
     ("932+128:06a1", "scratchpad-digits"), ("239*821=932;1:9320;2:08740", "scratchpad-digits"),
     ("932;12:9320", "scratchpad-digits"), ("932;1:9320;", "scratchpad-digits"), ("932+128=0601", "scratchpad-digits"),
+    ("", "columns"), ("*=", "columns"), ("*=000,248080", "columns"), ("*=000,2480800  000", "columns"),
+    ("*=000,2480800,", "columns"), ("*=0,2480800", "columns"), ("*=000,24808a0", "columns"), ("000;2480800", "columns"),
 ])
 def test_malformed_parses_to_none(text, fmt):
     assert parse_answer(text, fmt) is None
@@ -98,6 +103,23 @@ def test_interleaved_loss_mask_covers_exactly_the_output_digits():
             x, y = collate([encode_line(tok, line, "interleaved")], tok.pad_id)
             assert tok.decode([t for t in y[0].tolist() if t != -100]) == produced
             assert all(x[0, j + 1] != tok.eos_id for j in range(x.shape[1] - 1))
+    for op in ("add", "mul"):  # columns: everything but the operand pairs, the separators and the end
+        for _ in range(100):
+            a, b = rng.randrange(10 ** rng.randint(1, 8)), rng.randrange(10 ** rng.randint(1, 8))
+            line = format_problem(a, b, op, "columns")
+            mask = output_mask(line, "columns")
+            assert len(mask) == len(line) + 1 and not mask[-1]
+            given = "".join(ch for ch, m in zip(line, mask) if not m and ch.isdigit())
+            ra, rb = str(a)[::-1], str(b)[::-1]
+            if op == "add":
+                n = max(len(ra), len(rb))
+                pairs = [(k, k) for k in range(n)]
+                ra, rb = ra.ljust(n, "0"), rb.ljust(n, "0")
+            else:
+                pairs = [(i, n - i) for n in range(len(ra) + len(rb)) for i in range(len(ra)) if 0 <= n - i < len(rb)]
+            assert given == "".join(ra[i] + rb[j] for i, j in pairs)  # the operand digits in the algorithm's order
+            w, groups = (2, max(len(ra), len(rb)) + 1) if op == "add" else (3, len(ra) + len(rb))
+            assert sum(mask) == groups * w + len(pairs) * (2 + w)  # carry in; each pair's result and total
     # the other formats still learn the whole answer and the end of line
     assert output_mask("12+34=46", "reversed") == [False] * 6 + [True] * 3
 

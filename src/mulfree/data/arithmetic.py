@@ -29,10 +29,19 @@ Formats (`FORMATS`; see docs/arithmetic.md for the papers they come from), for 2
                      multiplication: a reversed, then per digit b_j of b (LSD first) `b_j:P_j` with P_j the
                      shifted partial product a*b_j*10^j LSD first at width len(a)+1+j, and from the second
                      step on `=S_j`, the running sum at the same width; the answer is the last field
+    columns          *=000,9190900 000,9218020,3130120 ...   (239*821; the long-multiplication columns)
+                     digit-free prompt, then one group per place n of the result, least significant first:
+                     the carry in (the last group's total // 10) as a w-digit accumulator, then for every
+                     digit pair that lands in the place (a_i b_j with i + j = n; addition: a_n b_n) `,` a_i
+                     b_j given, their product (sum) as 2 digits and the running total as w digits, all
+                     LSD first (w = 3 for multiplication up to 11-digit operands, 2 for addition). The
+                     result's digit n is the units digit of the group's last total: every produced digit
+                     is a one-digit product or a one-digit add with carry of characters a fixed distance back
 
 Every line is `prompt + answer`; the prompt ends at the first '='. Answers are always computed.
 `output_mask` says which characters a model produces: the whole answer (and the end of line) in every
-format but `interleaved`, whose operand digits and spaces are given and only the c_k are produced.
+format but `interleaved` and `columns`, whose operand digits, separators and end are given: `interleaved`
+produces only the c_k, `columns` the carries, products and totals.
 """
 
 from __future__ import annotations
@@ -45,11 +54,11 @@ from dataclasses import dataclass
 from mulfree.errors import ConfigError
 
 FORMATS = ("plain", "reversed", "padded", "padded-reversed", "spaced", "random-space", "scratchpad",
-           "interleaved", "index-hint", "scratchpad-digits")  # append only: saved runs name their format
+           "interleaved", "index-hint", "scratchpad-digits", "columns")  # append only: saved runs name their format
 OPS = {"add": "+", "mul": "*"}
 MAX_RANDOM_SPACES = 3
 HINT_LETTERS = "abcdefghijklmnopqrstuvwxyz"  # index-hint place tags, cyclic beyond 26 places
-GIVEN_IN_ANSWER = ("interleaved",)  # formats whose answer holds given characters besides the model's output
+GIVEN_IN_ANSWER = ("interleaved", "columns")  # formats whose answer holds given characters besides the model's output
 _DIGITS = re.compile(r"[0-9]+")
 _HINTED = re.compile(r"(?:[a-z][0-9])+")
 _SCRATCH_DIGITS = {  # the whole line (prompt optional, so a completion parses too); the answer is the last field
@@ -142,6 +151,39 @@ def _scratchpad_digits(a: int, b: int, op: str) -> str:
     return ";".join(steps)
 
 
+def _reversed(value: int, width: int) -> str:
+    return str(value).zfill(width)[::-1]
+
+
+def column_width(op: str, la: int, lb: int) -> int:
+    """Digits of a `columns` accumulator: the largest column total (carry in plus the place's pair
+    results, below 90 * min(la, lb) for multiplication, 19 for addition) fits."""
+    return 2 if op == "add" else max(3, len(str(90 * min(la, lb))))
+
+
+def _columns(a: int, b: int, op: str) -> str:
+    ra, rb = str(a)[::-1], str(b)[::-1]
+    if op == "add":
+        n = max(len(ra), len(rb))
+        ra, rb = ra.ljust(n, "0"), rb.ljust(n, "0")
+        places = [[(k, k)] for k in range(n)] + [[]]
+    else:
+        places = [[(i, n - i) for i in range(len(ra)) if 0 <= n - i < len(rb)] for n in range(len(ra) + len(rb))]
+    w = column_width(op, len(ra), len(rb))
+    groups, carry = [], 0
+    for pairs in places:
+        total = carry
+        group = _reversed(total, w)
+        for i, j in pairs:
+            x, y = int(ra[i]), int(rb[j])
+            part = x + y if op == "add" else x * y
+            total += part
+            group += f",{x}{y}{_reversed(part, 2)}{_reversed(total, w)}"
+        groups.append(group)
+        carry = total // 10
+    return " ".join(groups)
+
+
 def format_problem(
     a: int, b: int, op: str, fmt: str, rng: random.Random | None = None, width: int | None = None
 ) -> str:
@@ -185,6 +227,8 @@ def format_problem(
         return f"{_hinted(a, offset)}{sym}{_hinted(b, offset)}=" + _hinted(c, offset, lsd_first=True)
     if fmt == "scratchpad-digits":
         return f"{a}{sym}{b}=" + _scratchpad_digits(a, b, op)
+    if fmt == "columns":
+        return f"{sym}=" + _columns(a, b, op)
     return f"{a}{sym}{b}=" + _scratchpad(a, b, op)
 
 
@@ -207,6 +251,9 @@ def output_mask(line: str, fmt: str) -> list[bool]:
     prompt, answer = split_line(line)
     if check_format(fmt) == "interleaved":
         produced = [j % 4 == 2 for j in range(len(answer))] + [False]
+    elif fmt == "columns":
+        given = {j + k for j, ch in enumerate(answer) if ch == "," for k in (0, 1, 2)}
+        produced = [ch.isdigit() and j not in given for j, ch in enumerate(answer)] + [False]
     else:
         produced = [True] * (len(answer) + 1)
     return [False] * len(prompt) + produced
@@ -223,7 +270,7 @@ def parse_answer(text: str, fmt: str) -> int | None:
     if not isinstance(text, str):
         return None
     body = text.split("\n", 1)[0]
-    if fmt in ("interleaved", "index-hint", "scratchpad-digits"):
+    if fmt in ("interleaved", "index-hint", "scratchpad-digits", "columns"):
         return _parse_digit_format(body.strip(), fmt)
     if fmt == "scratchpad":
         if ">" not in body:
@@ -242,7 +289,7 @@ def parse_answer(text: str, fmt: str) -> int | None:
 
 
 def _parse_digit_format(body: str, fmt: str) -> int | None:
-    """The answer of an `interleaved`, `index-hint` or `scratchpad-digits` line or completion."""
+    """The answer of an `interleaved`, `index-hint`, `scratchpad-digits` or `columns` line or completion."""
     if fmt == "interleaved":
         body = body.split("=", 1)[1] if "=" in body else body
         groups = body.split(" ")
@@ -252,9 +299,23 @@ def _parse_digit_format(body: str, fmt: str) -> int | None:
     if fmt == "index-hint":
         body = body.split("=", 1)[1] if "=" in body else body
         return int(body[1::2][::-1]) if _HINTED.fullmatch(body) else None
+    if fmt == "columns":
+        return _parse_columns(body.split("=", 1)[1] if "=" in body else body)
     if not any(pattern.fullmatch(body) for pattern in _SCRATCH_DIGITS.values()):
         return None
     return int(re.split(r"[=:]", body)[-1][::-1])
+
+
+def _parse_columns(body: str) -> int | None:
+    """The result of a `columns` answer: the units digit of each group's last total, read MSD first."""
+    units = []
+    for group in body.split(" "):
+        fields = group.split(",")
+        w = len(fields[0])
+        if w < 2 or not all(_DIGITS.fullmatch(f) for f in fields) or any(len(f) != 4 + w for f in fields[1:]):
+            return None
+        units.append(fields[-1][-w])
+    return int("".join(reversed(units)))
 
 
 def digit_accuracy(pred: int | None, target: int) -> float:
