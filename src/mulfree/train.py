@@ -344,7 +344,7 @@ def train(
         torch.set_num_threads(cfg.threads)
     elif device.type == "cpu":
         tuner = ThreadTuner(torch_threads)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {Path(out_dir).name}",
                disable=not (cfg.progress and is_main), dynamic_ncols=True)
     try:
         for step in bar:
