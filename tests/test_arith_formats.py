@@ -124,14 +124,16 @@ def test_interleaved_loss_mask_covers_exactly_the_output_digits():
     assert output_mask("12+34=46", "reversed") == [False] * 6 + [True] * 3
 
 
-@pytest.mark.parametrize("kind", ["mmfree", "transformerpp", "bitnet"])
-def test_forced_decoding_equals_step_by_step_recompute(kind):
-    tok = tokenizer_for("interleaved")
+@pytest.mark.parametrize("kind, fmt, op", [("mmfree", "interleaved", "add"), ("transformerpp", "interleaved", "add"),
+                                           ("bitnet", "interleaved", "add"), ("mmfree", "columns", "mul"),
+                                           ("transformerpp", "columns", "mul")])
+def test_forced_decoding_equals_step_by_step_recompute(kind, fmt, op):
+    tok = tokenizer_for(fmt)
     model = build_model(kind, tok.vocab_size, seed=5, **TINY).eval()
-    lines = [format_problem(a, b, "add", "interleaved") for a, b in [(12, 34), (99, 1), (7, 8), (123, 4567), (5, 60)]]
-    got = forced_complete(model, tok, lines, "interleaved", batch_size=2)
+    lines = [format_problem(a, b, op, fmt) for a, b in [(12, 34), (99, 1), (7, 8), (123, 4567), (5, 60)]]
+    got = forced_complete(model, tok, lines, fmt, batch_size=2)
     for line, text in zip(lines, got):
-        ids, flags = tok.encode(line, bos=True), output_mask(line, "interleaved")
+        ids, flags = tok.encode(line, bos=True), output_mask(line, fmt)
         with torch.no_grad():
             for t, produced in enumerate(flags[:-1], start=1):
                 if produced:
