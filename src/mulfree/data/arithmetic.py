@@ -29,9 +29,9 @@ Formats (`FORMATS`; see docs/arithmetic.md for the papers they come from), for 2
                      multiplication: a reversed, then per digit b_j of b (LSD first) `b_j:P_j` with P_j the
                      shifted partial product a*b_j*10^j LSD first at width len(a)+1+j, and from the second
                      step on `=S_j`, the running sum at the same width; the answer is the last field
-    columns          *=000,9190900 000,9218020,3130120 ...   (239*821; the long-multiplication columns)
+    columns          *=000,9190900 000,9281810,3130120 ...   (239*821; the long-multiplication columns)
                      digit-free prompt, then one group per place n of the result, least significant first:
-                     the carry in (the last group's total // 10) as a w-digit accumulator, then for every
+                     the carry in (the previous group's total // 10) as a w-digit accumulator, then for every
                      digit pair that lands in the place (a_i b_j with i + j = n; addition: a_n b_n) `,` a_i
                      b_j given, their product (sum) as 2 digits and the running total as w digits, all
                      LSD first (w = 3 for multiplication up to 11-digit operands, 2 for addition). The
@@ -155,7 +155,7 @@ def _reversed(value: int, width: int) -> str:
     return str(value).zfill(width)[::-1]
 
 
-def column_width(op: str, la: int, lb: int) -> int:
+def _column_width(op: str, la: int, lb: int) -> int:
     """Digits of a `columns` accumulator: the largest column total (carry in plus the place's pair
     results, below 90 * min(la, lb) for multiplication, 19 for addition) fits."""
     return 2 if op == "add" else max(3, len(str(90 * min(la, lb))))
@@ -169,7 +169,7 @@ def _columns(a: int, b: int, op: str) -> str:
         places = [[(k, k)] for k in range(n)] + [[]]
     else:
         places = [[(i, n - i) for i in range(len(ra)) if 0 <= n - i < len(rb)] for n in range(len(ra) + len(rb))]
-    w = column_width(op, len(ra), len(rb))
+    w = _column_width(op, len(ra), len(rb))
     groups, carry = [], 0
     for pairs in places:
         total = carry
