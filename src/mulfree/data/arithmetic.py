@@ -122,9 +122,14 @@ def _scratchpad(a: int, b: int, op: str) -> str:
     return "".join(steps) + f">{a + b}"
 
 
+def _reversed(value: int, width: int) -> str:
+    """The digits of a non-negative `value`, zero-padded to `width`, least significant first."""
+    return str(value).zfill(width)[::-1]
+
+
 def _interleaved(a: int, b: int, op: str, width: int | None) -> str:
     n = answer_width(max(width or 0, len(str(a)), len(str(b))), op)
-    da, db, dc = (f"{v:0{n}d}"[::-1] for v in (a, b, compute(a, b, op)))
+    da, db, dc = (_reversed(v, n) for v in (a, b, compute(a, b, op)))
     return f"{OPS[op]}=" + " ".join(x + y + z for x, y, z in zip(da, db, dc))
 
 
@@ -140,19 +145,15 @@ def _scratchpad_digits(a: int, b: int, op: str) -> str:
     ra = str(a)[::-1]
     if op == "add":
         w = max(len(str(a)), len(str(b)))
-        return f"{ra.ljust(w, '0')}+{str(b)[::-1].ljust(w, '0')}:{str(a + b).zfill(w + 1)[::-1]}"
+        return f"{ra.ljust(w, '0')}+{str(b)[::-1].ljust(w, '0')}:{_reversed(a + b, w + 1)}"
     steps, acc = [ra], 0
     for j, d in enumerate(reversed(str(b))):
         part = a * int(d) * 10**j
         acc += part
         width = len(ra) + 1 + j
-        step = f"{d}:{str(part).zfill(width)[::-1]}"
-        steps.append(step if j == 0 else f"{step}={str(acc).zfill(width)[::-1]}")
+        step = f"{d}:{_reversed(part, width)}"
+        steps.append(step if j == 0 else f"{step}={_reversed(acc, width)}")
     return ";".join(steps)
-
-
-def _reversed(value: int, width: int) -> str:
-    return str(value).zfill(width)[::-1]
 
 
 def _column_width(op: str, la: int, lb: int) -> int:
