@@ -124,6 +124,12 @@ class QuantMethod(Protocol):
     percdamp: float = 0.01  # H dampening (fraction of mean diag) of the solve and the asymmetric target
 
     @property
+    def needs_block_stats(self) -> bool:
+        """Whether `assign_bits` reads every linear's H before the first is quantized (the walk then collects them
+        all from the unquantized block first)."""
+        return False
+
+    @property
     def needs_hessian(self) -> bool:
         """Former name of `needs_stats`."""
         return self.needs_stats

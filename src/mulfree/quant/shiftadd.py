@@ -142,6 +142,10 @@ class ShiftAdd(QuantMethod):
         self.blocksize, self.percdamp, self.mixed_bits = blocksize, percdamp, mixed_bits
         self.incoherence = Incoherence(incoherence, seed)
 
+    @property
+    def needs_block_stats(self) -> bool:
+        return self.mixed_bits is not None  # sensitivities of every linear of the block
+
     def assign_bits(self, layers: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> dict[str, int]:
         """Bits per layer of one block: `bits` everywhere, or with `mixed_bits` = avg (e.g. 2.2)
         the most sensitive layers get bits+1 under that size-weighted average."""

@@ -111,7 +111,7 @@ class CalibrationStream:
         self, model: nn.Module, first_block: nn.Module, calib: torch.Tensor, batch_size: int, asymmetric: bool,
         spill: Spill | None = None,
     ):
-        self._keep = spill.keep if spill is not None else list
+        self.keep = spill.keep if spill is not None else list  # (tensors) -> a sequence of them, maybe on disk
         rest: list[tuple[tuple | None, dict]] = []
 
         def hidden():
@@ -119,7 +119,7 @@ class CalibrationStream:
                 rest.append((record.args, record.kwargs))
                 yield record.hidden
 
-        self.inputs = Records(self._keep(hidden()), rest)
+        self.inputs = Records(self.keep(hidden()), rest)
         self.asymmetric = asymmetric
         self.fp_inputs = self.inputs if asymmetric else Records([], [])
         self.fp_block: nn.Module | None = None
@@ -138,9 +138,9 @@ class CalibrationStream:
         """The FP block's outputs that block tuning fits to: on the FP stream when asymmetric, else
         `block` (not yet quantized) on the quantized stream."""
         if not self.asymmetric:
-            return self._keep(run_block(block, *r) for r in self.inputs)
+            return self.keep(run_block(block, *r) for r in self.inputs)
         if self.fp_outputs is None:
-            self.fp_outputs = self._keep(run_block(self.fp_block, *r) for r in self.fp_inputs)
+            self.fp_outputs = self.keep(run_block(self.fp_block, *r) for r in self.fp_inputs)
         return self.fp_outputs
 
     @torch.no_grad()
@@ -217,7 +217,7 @@ class CalibrationStream:
             handles += [self.fp_block.get_submodule(n).register_forward_hook(fp_hook(n)) for n in linears]
         try:
             if self.fp_block is not None and self.fp_outputs is None:
-                self.fp_outputs = self._keep(batches())  # the FP block runs whole once, its outputs kept
+                self.fp_outputs = self.keep(batches())  # the FP block runs whole once, its outputs kept
             else:
                 for _ in batches():
                     pass
@@ -239,7 +239,12 @@ class CalibrationStream:
     @torch.no_grad()
     def advance(self, block: nn.Module) -> None:
         """Move both streams past the current block: the quantized one through `block` as it is now."""
-        self.inputs = self.inputs.with_hidden(self._keep(run_block(block, *r) for r in self.inputs))
+        self.advance_to(self.keep(run_block(block, *r) for r in self.inputs), block)
+
+    def advance_to(self, outputs: Sequence[torch.Tensor], block: nn.Module) -> None:
+        """Move both streams past the current block, the quantized one to `outputs` (`block`'s, computed by the
+        caller)."""
+        self.inputs = self.inputs.with_hidden(outputs)
         if self.asymmetric:
             self.fp_inputs = self.fp_inputs.with_hidden(self.fp_targets(block))
         self.fp_block, self.fp_outputs = None, None

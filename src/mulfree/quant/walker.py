@@ -1,6 +1,7 @@
 """One layer walker for every PTQ method (`base.QuantMethod`): a `CalibrationStream` captures the
-calibration inputs at the first decoder block; per block, hooks fill each linear's `HessianStats`,
-the method quantizes the block's linears, and the stream moves on through the quantized block.
+calibration inputs at the first decoder block; per block, hooks fill each linear's `HessianStats`
+(for Llama blocks `quant.staged` computes the same statistics in one pass per stream), the method
+quantizes the block's linears, and the stream moves on through the quantized block.
 Also saves a quantized HF model dir and loads it back (`load_quantized`); `quant.blockwise` drives the same
 per-block step (`quantize_block`) one block in memory at a time and writes the dir sharded.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ from mulfree import integrity
 from mulfree.atomic import atomic_dir
 from mulfree.errors import CheckpointError, ConfigError, DataError
 from mulfree.models.schema import first_line, read_json
+from mulfree.quant import staged
 from mulfree.quant.base import (
     QuantMethod,
     asymmetric_rhs,
@@ -122,27 +125,25 @@ def quantize_block(
     block: nn.Module, method: QuantMethod, stream: CalibrationStream | None, opts: WalkOptions
 ) -> dict[str, nn.Module]:
     """Replace every linear of `block` by the method's quantized layer, in call order; then tune the
-    block and advance the stream through it. Returns {name in block: quantized layer}."""
+    block and advance the stream through it. Returns {name in block: quantized layer}.
+
+    The statistics come stage by stage from `_stages`: for Llama blocks walked true-sequentially from
+    `staged.StagedWalk` (one pass per stream), otherwise from the stream's traced collects."""
     linears = {name: mod for name, mod in block.named_modules() if name and is_linear(mod)}
-    hess = {name: None for name in linears}
-    stages, targets = [list(linears)], []
+    targets, walk = [], None
     if stream is not None:
         stream.enter(block)
         if opts.tune_epochs:
             targets = stream.fp_targets(block)
-        stats, found = stream.collect(block, linears, method)
+        if opts.true_sequential and not method.needs_block_stats and staged.supports(block, linears):
+            walk = staged.StagedWalk(block, stream, method)
+    stages = walk.stages() if walk is not None else _traced_stages(block, linears, method, stream, opts)
+    bits, done = None, {}
+    for stage, stats in stages:
         hess = {name: s.hessian() for name, s in stats.items()}
-        if opts.true_sequential:
-            stages = found
-    bits = method.assign_bits({name: (linear_weight(mod).float(), hess[name]) for name, mod in linears.items()})
-    done = {}
-    for si, stage in enumerate(stages):
-        if si > 0:  # true sequential: statistics through the stages already quantized
-            stats = hess = None  # the previous stage's [K, K] sums are freed before the next are made
-            stats, _ = stream.collect(block, {name: linears[name] for name in stage}, method)
-            hess = {name: s.hessian() for name, s in stats.items()}
-        if stream is not None and si == len(stages) - 1:
-            stream.drop_fp_block()  # no collect follows: the FP copy's weights are not needed any more
+        if bits is None:  # the first stage's statistics cover every linear when the method needs them
+            bits = method.assign_bits({name: (linear_weight(mod).float(), hess.get(name))
+                                       for name, mod in linears.items()})
         for layer in done.values():
             layer.drop_dense()  # the collect's dense copies: rebuilt when the next one runs
         weights = {name: linear_weight(linears[name]).float() for name in stage}
@@ -155,15 +156,40 @@ def quantize_block(
         for name in stage:
             mod = linears[name]
             bias = None if mod.bias is None else mod.bias.detach().float()
-            done[name] = method.quantize(weights.pop(name), hess[name], bias, bits=bits.get(name))
+            done[name] = method.quantize(weights.pop(name), hess.get(name), bias, bits=bits.get(name))
             _set_module(block, name, done[name])
+        stats = hess = None  # the stage's [K, K] sums are freed before the next are made
     if stream is not None:
         if opts.tune_epochs:
             _tune_block(block, stream.inputs, targets, opts.tune_epochs, opts.tune_lr)
-        stream.advance(block)
+        if walk is not None and not opts.tune_epochs:
+            stream.advance_to(walk.outputs, block)
+        else:
+            stream.advance(block)
         for layer in done.values():
             layer.drop_dense()
     return done
+
+
+def _traced_stages(
+    block: nn.Module, linears: dict[str, nn.Module], method: QuantMethod, stream: CalibrationStream | None,
+    opts: WalkOptions,
+) -> Iterator[tuple[list[str], dict]]:
+    """(linear names, {name: stats}) per stage, for any architecture: the first collect runs the whole block and
+    covers every linear; with `true_sequential` each later stage collects again through the stages the caller
+    has quantized meanwhile. Without a stream, one stage of every linear and no statistics."""
+    if stream is None:
+        yield list(linears), {}
+        return
+    stats, found = stream.collect(block, linears, method)
+    stages = found if opts.true_sequential else [list(linears)]
+    for si, stage in enumerate(stages):
+        if si > 0:
+            stats = None  # the previous stage's [K, K] sums are freed before the next are made
+            stats, _ = stream.collect(block, {name: linears[name] for name in stage}, method)
+        if si == len(stages) - 1:
+            stream.drop_fp_block()  # no collect follows: the FP copy's weights are not needed any more
+        yield stage, stats
 
 
 def _tune_block(block: nn.Module, records: list, targets: list, epochs: int, lr: float) -> None:
