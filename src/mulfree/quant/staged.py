@@ -68,23 +68,24 @@ class StagedWalk:
 
     def _fp_inputs(self) -> dict[str, Sequence[torch.Tensor]]:
         """{first linear of each stage: its inputs on the FP stream} from one whole run of the FP block, whose
-        outputs the stream keeps (they are the FP stream's next inputs)."""
+        outputs the stream keeps (they are the FP stream's next inputs). The inputs are held in memory during the
+        run, then kept as the stream keeps its own (on disk past its spill threshold)."""
         stream, leaders = self.stream, [stage[0] for stage in STAGES]
         fp_block = stream.fp_block
         current: dict[str, torch.Tensor] = {}
 
-        def record(name: str):
+        def remember(name: str):
             def fn(_module, args):
                 current[name] = args[0]
 
             return fn
 
-        handles = [fp_block.get_submodule(n).register_forward_pre_hook(record(n)) for n in leaders]
+        handles = [fp_block.get_submodule(n).register_forward_pre_hook(remember(n)) for n in leaders]
         kept: dict[str, list[torch.Tensor]] = {n: [] for n in leaders}
 
         def outputs():
-            for record_ in stream.fp_inputs:
-                out = run_block(fp_block, *record_)
+            for r in stream.fp_inputs:
+                out = run_block(fp_block, *r)
                 for n in leaders:
                     kept[n].append(current.pop(n))
                 yield out

@@ -127,8 +127,8 @@ def quantize_block(
     """Replace every linear of `block` by the method's quantized layer, in call order; then tune the
     block and advance the stream through it. Returns {name in block: quantized layer}.
 
-    The statistics come stage by stage from `_stages`: for Llama blocks walked true-sequentially from
-    `staged.StagedWalk` (one pass per stream), otherwise from the stream's traced collects."""
+    The statistics come stage by stage: for Llama blocks walked true-sequentially from `staged.StagedWalk`
+    (one pass per stream), otherwise from `_traced_stages` (the stream's collects, any architecture)."""
     linears = {name: mod for name, mod in block.named_modules() if name and is_linear(mod)}
     targets, walk = [], None
     if stream is not None:
