@@ -70,6 +70,13 @@ def test_bad_data_raises(tmp_path, kind):
         load_text([str(path)])
 
 
+def test_data_path_that_is_neither_file_nor_dir_is_named_as_such():
+    with pytest.raises(DataError, match="'/dev/null' is not a regular file or a directory"):
+        load_corpus(["/dev/null"])
+    with pytest.raises(DataError, match="does not exist; check the data paths given"):
+        load_corpus(["/nonexistent/corpus.txt"])
+
+
 def test_tokenizer_roundtrip_and_save(tmp_path):
     tok = train_tokenizer(TEXT + "Ünïcödé ✓", vocab_size=300)
     assert tok.get_vocab_size() <= 300 and tok.token_to_id(EOS_TOKEN) == 0

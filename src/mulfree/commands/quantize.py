@@ -92,6 +92,11 @@ def run_quantize(args: argparse.Namespace) -> int:
         raise ConfigError("--out is the same dir as --model", "write the quantized model to a new dir")
     prepare_output(cfg.out, "quantized model", cfg.overwrite)  # before any work
     torch.manual_seed(cfg.seed)
+    text = None
+    if method.needs_stats:  # read (and check) the calibration text before the model
+        from mulfree.data.text import load_corpus
+
+        text = load_corpus(cfg.calib_data).train_text
     src = Path(cfg.model)
     blockwise = src.is_dir() and not walk.distill_epochs
     if blockwise:
@@ -104,9 +109,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         config = model.config
         decoder_blocks(model)
     calib, extra = None, {}
-    if method.needs_stats:
-        from mulfree.data.text import load_corpus
-
+    if text is not None:
         # fp32 block inputs and outputs of every window, for the FP and the quantized stream (blockwise: a
         # scratch file beyond quant.spill.SPILL_BYTES, so only the whole-model walk must hold them)
         if not blockwise:
@@ -114,7 +117,6 @@ def run_quantize(args: argparse.Namespace) -> int:
 
             check_memory(4 * 4 * cfg.calib_samples * cfg.calib_seqlen * config.hidden_size,
                          "--calib-samples x --calib-seqlen", "the calibration activations")
-        text = load_corpus(cfg.calib_data).train_text
         calib = calibration_ids(tokenizer, text, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
         extra["calibration"] = {"samples": cfg.calib_samples, "seqlen": cfg.calib_seqlen, "seed": cfg.seed,
                                 "data": cfg.calib_data or "bundled", "true_sequential": walk.true_sequential,

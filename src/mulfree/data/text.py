@@ -56,8 +56,10 @@ def expand_paths(paths: list[str]) -> list[Path]:
             files.extend(found)
         elif p.is_file():
             files.append(p)
+        elif p.exists():
+            raise DataError(f"data path '{p}' is not a regular file or a directory", "pass text files or a folder of *.txt")
         else:
-            raise DataError(f"data path '{p}' does not exist", "check the path passed to --data")
+            raise DataError(f"data path '{p}' does not exist", "check the data paths given")
     return files
 
 
