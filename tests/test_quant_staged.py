@@ -23,9 +23,12 @@ METHODS = {
 }
 
 
-def _llama(layers: int = 2):
+FAMILIES = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}
+
+
+def _llama(layers: int = 2, family: str = "llama"):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
+    config = FAMILIES[family](
         vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=64)
     return transformers.AutoModelForCausalLM.from_config(config).eval()
@@ -35,12 +38,12 @@ def _calib() -> torch.Tensor:
     return torch.randint(0, 300, (5, 12), generator=torch.Generator().manual_seed(1))
 
 
-def _quantized(monkeypatch, traced: bool, method, **options) -> dict[str, torch.Tensor]:
-    """The tiny Llama's tensors after the staged walk, or after the traced one (`staged.supports` patched off)."""
+def _quantized(monkeypatch, traced: bool, method, family: str = "llama", **options) -> dict[str, torch.Tensor]:
+    """The tiny model's tensors after the staged walk, or after the traced one (`staged.supports` patched off)."""
     with monkeypatch.context() as m:
         if traced:
             m.setattr(staged, "supports", lambda *a: False)
-        model = _llama()
+        model = _llama(family=family)
         quantize_model(model, method, _calib(), WalkOptions(progress=False, batch_size=2, **options))
     return model.state_dict()
 
@@ -52,6 +55,18 @@ def test_staged_walk_equals_traced_walk_bit_for_bit(monkeypatch, name, asymmetri
     slow = _quantized(monkeypatch, True, METHODS[name](), asymmetric=asymmetric)
     assert fast.keys() == slow.keys()
     for key in fast:  # block 1's tensors equal only if the streams entering it were equal too
+        assert torch.equal(fast[key], slow[key]), key
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_staged_walk_equals_traced_walk_for_llama_family_blocks(monkeypatch, family):
+    model = _llama(family=family)
+    block = decoder_blocks(model)[1][0]
+    linears = {name: m for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert staged.supports(block, linears)
+    fast = _quantized(monkeypatch, False, METHODS["shiftadd-acc"](), family=family)
+    slow = _quantized(monkeypatch, True, METHODS["shiftadd-acc"](), family=family)
+    for key in fast:
         assert torch.equal(fast[key], slow[key]), key
 
 

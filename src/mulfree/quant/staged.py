@@ -1,8 +1,9 @@
-"""The true-sequential statistics of a Llama decoder block in one pass per stream.
+"""The true-sequential statistics of a Llama-family decoder block (Llama, Mistral, Qwen2) in one pass per
+stream.
 
 The generic walk (`CalibrationStream.collect`) reruns the block from its input for every stage, because hooks
 can stop a forward but not resume one: q/k/v, o, gate/up and down cost about 4 block forwards on the
-quantized stream and 3 on the FP one, then `advance` runs the quantized block once more. A Llama block's
+quantized stream and 3 on the FP one, then `advance` runs the quantized block once more. A Llama-family block's
 stages are known, so here each stage starts from what the previous one left: the o_proj input (attention
 over the quantized q/k/v), the residual after o_proj, the MLP product. The FP block runs once, keeping its
 linears' inputs. Every tensor is computed with the block's own modules and the same operations as
@@ -27,15 +28,22 @@ STAGES = (
     ("mlp.gate_proj", "mlp.up_proj"),
     ("mlp.down_proj",),
 )
-BLOCK_TYPES = ("LlamaDecoderLayer",)  # whose forward is residual + self_attn(norm(x)), then residual + mlp(norm(h))
+# Decoder blocks whose forward is h = x + self_attn(input_layernorm(x)), then h + mlp(post_attention_layernorm(h)),
+# with the MLP down(act(gate(a)) * up(a)): transformers' Llama and the families that copy its block and MLP.
+BLOCK_TYPES = {
+    "LlamaDecoderLayer": "LlamaMLP",
+    "MistralDecoderLayer": "MistralMLP",
+    "Qwen2DecoderLayer": "Qwen2MLP",
+}
 
 
 def supports(block: nn.Module, linears: dict[str, nn.Module]) -> bool:
-    """Whether `block` is a Llama decoder block with exactly the staged linears and the standard MLP."""
+    """Whether `block` is a Llama-family decoder block with exactly the staged linears and the standard MLP."""
+    mlp = BLOCK_TYPES.get(type(block).__name__)
     return (
-        type(block).__name__ in BLOCK_TYPES
+        mlp is not None
         and sorted(linears) == sorted(name for stage in STAGES for name in stage)
-        and type(block.mlp).__name__ == "LlamaMLP"
+        and type(getattr(block, "mlp", None)).__name__ == mlp
     )
 
 

@@ -1,6 +1,6 @@
 """One layer walker for every PTQ method (`base.QuantMethod`): a `CalibrationStream` captures the
 calibration inputs at the first decoder block; per block, hooks fill each linear's `HessianStats`
-(for Llama blocks `quant.staged` computes the same statistics in one pass per stream), the method
+(for Llama-family blocks `quant.staged` computes the same statistics in one pass per stream), the method
 quantizes the block's linears, and the stream moves on through the quantized block.
 Also saves a quantized HF model dir and loads it back (`load_quantized`); `quant.blockwise` drives the same
 per-block step (`quantize_block`) one block in memory at a time and writes the dir sharded.
@@ -127,7 +127,7 @@ def quantize_block(
     """Replace every linear of `block` by the method's quantized layer, in call order; then tune the
     block and advance the stream through it. Returns {name in block: quantized layer}.
 
-    The statistics come stage by stage: for Llama blocks walked true-sequentially from `staged.StagedWalk`
+    The statistics come stage by stage: for Llama-family blocks walked true-sequentially from `staged.StagedWalk`
     (one pass per stream), otherwise from `_traced_stages` (the stream's collects, any architecture)."""
     linears = {name: mod for name, mod in block.named_modules() if name and is_linear(mod)}
     targets, walk = [], None
