@@ -24,7 +24,7 @@ from mulfree.quant.gptq import GPTQ  # noqa: E402
 from mulfree.quant.rtn import RTN  # noqa: E402
 from mulfree.quant.shards import INDEX, SafetensorsDir, ShardWriter, shard_name  # noqa: E402
 from mulfree.quant.shiftadd import ShiftAdd  # noqa: E402
-from mulfree.quant.spill import Spill, TensorFile  # noqa: E402
+from mulfree.quant.spill import Sink, Spill, TensorFile  # noqa: E402
 from mulfree.quant.walker import load_quantized, quantize_model, save_quantized  # noqa: E402
 
 QUIET = WalkOptions(progress=False, batch_size=2)
@@ -104,6 +104,25 @@ def test_tensor_file_round_trip_and_threshold(tmp_path):
         assert a.dtype == b.dtype and torch.equal(a, b)
     assert torch.equal(kept[-1], tensors[-1])
     assert isinstance(Spill(tmp_path, threshold=1 << 20).keep(iter(tensors)), list)
+
+
+def test_sink_moves_to_disk_at_the_threshold_and_keeps_order(tmp_path):
+    tensors = [torch.full((4,), float(i)) for i in range(6)]  # 16 bytes each
+    sink = Sink(Spill(tmp_path, threshold=40))
+    for t in tensors[:2]:
+        sink.append(t)
+    assert isinstance(sink.kept(), list)  # 32 bytes: still in memory
+    sink.append(tensors[2])  # 48 > 40: the three move to one unlinked scratch file
+    kept = sink.kept()
+    assert isinstance(kept, TensorFile) and not os.listdir(tmp_path)
+    assert torch.equal(kept[1], tensors[1])  # a read between appends does not disturb the next write
+    for t in tensors[3:]:
+        sink.append(t)
+    assert len(kept) == 6 and all(torch.equal(a, b) for a, b in zip(kept, tensors))
+    unbounded = Sink(None)
+    for t in tensors:
+        unbounded.append(t)
+    assert isinstance(unbounded.kept(), list) and len(unbounded.kept()) == 6
 
 
 def test_shard_writer_and_reader(tmp_path):

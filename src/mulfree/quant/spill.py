@@ -20,21 +20,26 @@ SPILL_BYTES = 256 << 20  # activations above this total go to a scratch file
 
 
 class TensorFile(Sequence[torch.Tensor]):
-    """The tensors of `tensors`, written to an unlinked scratch file in `directory`; `self[i]` reads
-    tensor i back (a new CPU tensor of the same shape and dtype)."""
+    """The tensors of `tensors` (and any `append`ed later), written to an unlinked scratch file in `directory`;
+    `self[i]` reads tensor i back (a new CPU tensor of the same shape and dtype)."""
 
-    def __init__(self, directory: str | Path, tensors: Iterable[torch.Tensor]):
+    def __init__(self, directory: str | Path, tensors: Iterable[torch.Tensor] = ()):
         fd, path = tempfile.mkstemp(prefix=".activations.", suffix=".tmp", dir=directory)
         os.unlink(path)
         self._file = os.fdopen(fd, "w+b")
         self._entries: list[tuple[int, tuple[int, ...], torch.dtype]] = []
-        offset = 0
+        self._end = 0
         for t in tensors:
-            t = t.detach().contiguous().cpu()
-            self._file.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
-            self._entries.append((offset, tuple(t.shape), t.dtype))
-            offset += t.numel() * t.element_size()
+            self.append(t)
+
+    def append(self, t: torch.Tensor) -> None:
+        """Write `t` after the tensors already held."""
+        t = t.detach().contiguous().cpu()
+        self._file.seek(self._end)
+        self._file.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
         self._file.flush()
+        self._entries.append((self._end, tuple(t.shape), t.dtype))
+        self._end += t.numel() * t.element_size()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -63,20 +68,38 @@ class Spill:
     def keep(self, tensors: Iterable[torch.Tensor]) -> Sequence[torch.Tensor]:
         """Every tensor of `tensors`, in order: a list when their total stays within `threshold`
         bytes, else a `TensorFile` (the tensors already held are written first, then released)."""
-        held: list[torch.Tensor] = []
-        size = 0
-        it = iter(tensors)
-        for t in it:
-            held.append(t)
-            size += t.numel() * t.element_size()
-            if size > self.threshold:
-                return TensorFile(self.directory, _drain(held, it))
-        return held
+        sink = Sink(self)
+        for t in tensors:
+            sink.append(t)
+        return sink.kept()
 
 
-def _drain(held: list[torch.Tensor], rest: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
-    """`held` (emptied while it is read, so each tensor is freed once written), then `rest`."""
+class Sink:
+    """Tensors handed over one at a time and kept as `spill.keep` keeps a stream (all in memory when `spill` is
+    None): for passes that produce several streams at once."""
+
+    def __init__(self, spill: Spill | None):
+        self._spill = spill
+        self._held: list[torch.Tensor] = []
+        self._size = 0
+        self._file: TensorFile | None = None
+
+    def append(self, t: torch.Tensor) -> None:
+        if self._file is not None:
+            self._file.append(t)
+            return
+        self._held.append(t)
+        self._size += t.numel() * t.element_size()
+        if self._spill is not None and self._size > self._spill.threshold:
+            self._file = TensorFile(self._spill.directory, _drain(self._held))
+
+    def kept(self) -> Sequence[torch.Tensor]:
+        """The tensors appended so far: a list, or the scratch file once they outgrew the threshold."""
+        return self._file if self._file is not None else self._held
+
+
+def _drain(held: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """The tensors of `held` in order, each removed from it as it is read (freed once written)."""
     held.reverse()
     while held:
         yield held.pop()
-    yield from rest

@@ -76,8 +76,8 @@ class StagedWalk:
 
     def _fp_inputs(self) -> dict[str, Sequence[torch.Tensor]]:
         """{first linear of each stage: its inputs on the FP stream} from one whole run of the FP block, whose
-        outputs the stream keeps (they are the FP stream's next inputs). The inputs are held in memory during the
-        run, then kept as the stream keeps its own (on disk past its spill threshold)."""
+        outputs the stream keeps (they are the FP stream's next inputs). The inputs are kept as the stream keeps its
+        own, each list moving to disk as it passes the spill threshold."""
         stream, leaders = self.stream, [stage[0] for stage in STAGES]
         fp_block = stream.fp_block
         current: dict[str, torch.Tensor] = {}
@@ -89,7 +89,7 @@ class StagedWalk:
             return fn
 
         handles = [fp_block.get_submodule(n).register_forward_pre_hook(remember(n)) for n in leaders]
-        kept: dict[str, list[torch.Tensor]] = {n: [] for n in leaders}
+        kept = {n: stream.sink() for n in leaders}
 
         def outputs():
             for r in stream.fp_inputs:
@@ -103,7 +103,7 @@ class StagedWalk:
         finally:
             for handle in handles:
                 handle.remove()
-        return {n: stream.keep(iter(kept.pop(n))) for n in leaders}
+        return {n: kept[n].kept() for n in leaders}
 
     def _stats(
         self, names: tuple[str, ...], xs: Iterable[torch.Tensor], fp: Sequence[torch.Tensor] | None

@@ -13,14 +13,14 @@ time; the other block arguments (masks, rotary tables) stay in memory.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from mulfree.quant.base import HessianStats, QuantMethod
-from mulfree.quant.spill import Spill
+from mulfree.quant.spill import Sink, Spill
 
 
 class BlockInput(NamedTuple):
@@ -111,7 +111,7 @@ class CalibrationStream:
         self, model: nn.Module, first_block: nn.Module, calib: torch.Tensor, batch_size: int, asymmetric: bool,
         spill: Spill | None = None,
     ):
-        self.keep = spill.keep if spill is not None else list  # (tensors) -> a sequence of them, maybe on disk
+        self._spill = spill
         rest: list[tuple[tuple | None, dict]] = []
 
         def hidden():
@@ -124,6 +124,14 @@ class CalibrationStream:
         self.fp_inputs = self.inputs if asymmetric else Records([], [])
         self.fp_block: nn.Module | None = None
         self.fp_outputs: Sequence[torch.Tensor] | None = None
+
+    def keep(self, tensors: Iterable[torch.Tensor]) -> Sequence[torch.Tensor]:
+        """Every tensor of `tensors` in order: in memory, or on disk past the spill threshold when there is one."""
+        return self._spill.keep(tensors) if self._spill is not None else list(tensors)
+
+    def sink(self) -> Sink:
+        """An accumulator of tensors kept as `keep` keeps them, for a pass that makes several streams at once."""
+        return Sink(self._spill)
 
     @torch.no_grad()
     def enter(self, block: nn.Module) -> None:
