@@ -17,8 +17,10 @@ from mulfree.quant.walker import load_quantized, quantize_model, save_quantized 
 
 
 @pytest.mark.parametrize("backend", available_backends())
-@pytest.mark.parametrize("shape", [(1, 1), (3, 2), (2, 192), (1, 576), (2, 3, 1536)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 2), (5, 12), (2, 192), (1, 576), (2, 3, 1536), (37, 2048), (300, 576)])
 def test_online_transform_kernel_equals_reference_bit_for_bit(backend, shape):
+    """Blocks of 1 to 2048 (every butterfly level, in-vector and between vectors), one row to enough rows to
+    split over the pool's threads."""
     r = RandomHadamard(shape[-1], seed=5)
     x = torch.randn(*shape) * 10
     x0 = x.clone()
