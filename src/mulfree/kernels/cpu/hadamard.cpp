@@ -117,11 +117,13 @@ void hadamard_inplace(float *x, int64_t rows, int64_t n, const bool *neg, int64_
                       bool signs_first, Isa isa, int threads) {
   const float scale = std::ldexp(1.0f, shift);
   const bool vector = isa != Isa::Scalar && block >= 8;
-  LineVec<float> sign_bits(vector ? n : 0);
+  thread_local LineVec<float> sign_bits;  // reused: a decode step transforms hundreds of single rows
+  sign_bits.resize(vector ? n : 0);
   for (int64_t k = 0; k < (int64_t)sign_bits.size(); ++k) sign_bits[k] = neg[k] ? -0.0f : 0.0f;
+  const float *bits = sign_bits.data();  // the caller's buffer (in a worker, the name means the worker's own)
   auto chunk = [&](int64_t c) {
     for (int64_t r = c * kRowsPerChunk, e = std::min(rows, r + kRowsPerChunk); r < e; ++r)
-      (vector ? row_avx2 : row_scalar)(x + r * n, n, neg, sign_bits.data(), block, scale, signs_first);
+      (vector ? row_avx2 : row_scalar)(x + r * n, n, neg, bits, block, scale, signs_first);
   };
   const int64_t chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
   if (threads <= 1 || rows * n < kParallelFloats) {
