@@ -142,10 +142,10 @@ def _hinted(number: int, offset: int, lsd_first: bool = False) -> str:
 
 
 def _scratchpad_digits(a: int, b: int, op: str) -> str:
-    ra = str(a)[::-1]
     if op == "add":
         w = max(len(str(a)), len(str(b)))
-        return f"{ra.ljust(w, '0')}+{str(b)[::-1].ljust(w, '0')}:{_reversed(a + b, w + 1)}"
+        return f"{_reversed(a, w)}+{_reversed(b, w)}:{_reversed(a + b, w + 1)}"
+    ra = str(a)[::-1]
     steps, acc = [ra], 0
     for j, d in enumerate(reversed(str(b))):
         part = a * int(d) * 10**j
@@ -166,7 +166,7 @@ def _columns(a: int, b: int, op: str) -> str:
     ra, rb = str(a)[::-1], str(b)[::-1]
     if op == "add":
         n = max(len(ra), len(rb))
-        ra, rb = ra.ljust(n, "0"), rb.ljust(n, "0")
+        ra, rb = _reversed(a, n), _reversed(b, n)
         places = [[(k, k)] for k in range(n)] + [[]]
     else:
         places = [[(i, n - i) for i in range(len(ra)) if 0 <= n - i < len(rb)] for n in range(len(ra) + len(rb))]
