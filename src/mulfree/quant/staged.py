@@ -67,12 +67,12 @@ def _input_of(block: nn.Module, name: str, record: BlockInput) -> torch.Tensor:
 
 class StagedWalk:
     """Per block: `stages()` yields (linear names, {name: stats}) stage by stage; the caller quantizes a stage's
-    linears into the block before asking for the next. After the last, `outputs` holds the quantized stream's
-    block outputs and the stream's FP outputs are set (asymmetric)."""
+    linears into the block before asking for the next. After the last, `outputs()` gives the quantized stream's
+    block outputs, and the stream's FP outputs are set (asymmetric)."""
 
     def __init__(self, block: nn.Module, stream: CalibrationStream, method: QuantMethod):
         self.block, self.stream, self.method = block, stream, method
-        self.outputs: Sequence[torch.Tensor] | None = None
+        self._tail: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None
 
     def _fp_inputs(self) -> dict[str, Sequence[torch.Tensor]]:
         """{first linear of each stage: its inputs on the FP stream} from one whole run of the FP block, whose
@@ -122,7 +122,7 @@ class StagedWalk:
         keep, records = stream.keep, stream.inputs
         qkv, o, gate_up, down = STAGES
 
-        xs = keep(_input_of(block, qkv[0], r) for r in records)  # input norm only
+        xs = (_input_of(block, qkv[0], r) for r in records)  # input norm only: read once, not kept
         yield list(qkv), self._stats(qkv, xs, fp.get(qkv[0]))
         xs = keep(_input_of(block, o[0], r) for r in records)  # attention over the quantized q/k/v
         yield list(o), self._stats(o, xs, fp.get(o[0]))
@@ -133,4 +133,12 @@ class StagedWalk:
         mlp = block.mlp
         xs = keep(mlp.act_fn(mlp.gate_proj(a)) * mlp.up_proj(a) for a in (norm(h) for h in resid))
         yield list(down), self._stats(down, xs, fp.get(down[0]))
-        self.outputs = keep(h + mlp.down_proj(x) for h, x in zip(resid, xs, strict=True))
+        self._tail = resid, xs
+
+    @torch.no_grad()
+    def outputs(self) -> Sequence[torch.Tensor]:
+        """The quantized stream's block outputs, from the residual and MLP product the last stage left (after
+        `stages()` is exhausted; a walk that tunes the block runs it again instead)."""
+        resid, xs = self._tail
+        down_proj = self.block.mlp.down_proj
+        return self.stream.keep(h + down_proj(x) for h, x in zip(resid, xs, strict=True))

@@ -163,7 +163,7 @@ def quantize_block(
         if opts.tune_epochs:
             _tune_block(block, stream.inputs, targets, opts.tune_epochs, opts.tune_lr)
         if walk is not None and not opts.tune_epochs:
-            stream.advance_to(walk.outputs, block)
+            stream.advance_to(walk.outputs(), block)
         else:
             stream.advance(block)
         for layer in done.values():
