@@ -1,7 +1,8 @@
-"""The staged true-sequential walk of Llama blocks (`quant.staged`) against the traced walk it replaces for them
-(`CalibrationStream.collect` per stage, forced with `staged.supports` patched off): bit-identical quantized
-tensors and stream, for GPTQ and both ShiftAdd modes, asymmetric or not, activations in memory or on disk;
-one pass per stream; the traced walk still serves mixed bits and other architectures."""
+"""The staged true-sequential walk (`quant.staged`) against the traced walk it replaces for the blocks it knows
+(`CalibrationStream.collect` per stage, forced with `staged.layout_of` patched off): bit-identical quantized
+tensors and stream, for GPTQ and both ShiftAdd modes, asymmetric or not, activations in memory or on disk, on
+Llama, Mistral, Qwen2, OPT (pre- and post-norm) and GPT-2; one pass per stream; the traced walk still serves
+mixed bits and blocks it does not know."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from mulfree.quant import blockwise, staged
+from mulfree.quant.base import is_linear
 from mulfree.quant.config import WalkOptions
 from mulfree.quant.gptq import GPTQ
 from mulfree.quant.shiftadd import ShiftAdd
@@ -23,15 +25,32 @@ METHODS = {
 }
 
 
-FAMILIES = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}
-
-
-def _llama(layers: int = 2, family: str = "llama"):
-    torch.manual_seed(0)
-    config = FAMILIES[family](
+def _llama_like(cls):
+    return lambda layers: cls(
         vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=64)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def _opt(pre_norm: bool):
+    return lambda layers: transformers.OPTConfig(
+        vocab_size=300, hidden_size=32, ffn_dim=48, num_hidden_layers=layers, num_attention_heads=4,
+        word_embed_proj_dim=32, max_position_embeddings=64, do_layer_norm_before=pre_norm)
+
+
+FAMILIES = {
+    "llama": _llama_like(transformers.LlamaConfig),
+    "mistral": _llama_like(transformers.MistralConfig),
+    "qwen2": _llama_like(transformers.Qwen2Config),
+    "opt": _opt(True),
+    "opt-post-norm": _opt(False),  # OPT-350m's layout
+    "gpt2": lambda layers: transformers.GPT2Config(vocab_size=300, n_embd=32, n_layer=layers, n_head=4,
+                                                   n_positions=64, bos_token_id=0, eos_token_id=0),
+}
+
+
+def _model(layers: int = 2, family: str = "llama"):
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(FAMILIES[family](layers)).eval()
 
 
 def _calib() -> torch.Tensor:
@@ -39,11 +58,11 @@ def _calib() -> torch.Tensor:
 
 
 def _quantized(monkeypatch, traced: bool, method, family: str = "llama", **options) -> dict[str, torch.Tensor]:
-    """The tiny model's tensors after the staged walk, or after the traced one (`staged.supports` patched off)."""
+    """The tiny model's tensors after the staged walk, or after the traced one (`staged.layout_of` patched off)."""
     with monkeypatch.context() as m:
         if traced:
-            m.setattr(staged, "supports", lambda *a: False)
-        model = _llama(family=family)
+            m.setattr(staged, "layout_of", lambda *a: None)
+        model = _model(family=family)
         quantize_model(model, method, _calib(), WalkOptions(progress=False, batch_size=2, **options))
     return model.state_dict()
 
@@ -58,14 +77,19 @@ def test_staged_walk_equals_traced_walk_bit_for_bit(monkeypatch, name, asymmetri
         assert torch.equal(fast[key], slow[key]), key
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2"])
-def test_staged_walk_equals_traced_walk_for_llama_family_blocks(monkeypatch, family):
-    model = _llama(family=family)
+def _linears(block: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    return {name: m for name, m in block.named_modules() if name and is_linear(m)}
+
+
+@pytest.mark.parametrize("name", ["gptq", "shiftadd-acc"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "opt", "opt-post-norm", "gpt2"])
+def test_staged_walk_equals_traced_walk_for_other_known_blocks(monkeypatch, family, name):
+    model = _model(family=family)
     block = decoder_blocks(model)[1][0]
-    linears = {name: m for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert staged.supports(block, linears)
-    fast = _quantized(monkeypatch, False, METHODS["shiftadd-acc"](), family=family)
-    slow = _quantized(monkeypatch, True, METHODS["shiftadd-acc"](), family=family)
+    assert staged.layout_of(block, _linears(block)) is not None
+    fast = _quantized(monkeypatch, False, METHODS[name](), family=family)
+    slow = _quantized(monkeypatch, True, METHODS[name](), family=family)
+    assert fast.keys() == slow.keys()
     for key in fast:
         assert torch.equal(fast[key], slow[key]), key
 
@@ -74,8 +98,8 @@ def test_staged_walk_with_tuning_and_spilled_activations_equals_traced(monkeypat
     def run(traced: bool, out):
         with monkeypatch.context() as m:
             if traced:
-                m.setattr(staged, "supports", lambda *a: False)
-            _llama(3).save_pretrained(tmp_path / "src")
+                m.setattr(staged, "layout_of", lambda *a: None)
+            _model(3).save_pretrained(tmp_path / "src")
             blockwise.quantize_blockwise(tmp_path / "src", out, GPTQ(3, 16), _calib(),
                                          WalkOptions(progress=False, batch_size=2, tune_epochs=1), spill_bytes=0)
         from safetensors.torch import load_file
@@ -91,7 +115,7 @@ def test_staged_walk_with_tuning_and_spilled_activations_equals_traced(monkeypat
 def test_staged_walk_runs_each_stream_once():
     """Per batch the MLP norm runs once in the FP block's single pass and twice on the quantized stream (the
     gate/up statistics, then the MLP product); the traced walk ran it 4 + 3 times."""
-    model = _llama()
+    model = _model()
     block = decoder_blocks(model)[1][0]
     calls = []
     block.post_attention_layernorm.register_forward_hook(lambda *_: calls.append(1))  # the FP copy inherits it
@@ -102,17 +126,21 @@ def test_staged_walk_runs_each_stream_once():
     assert len(o_calls) == 1 * 3  # the FP pass only: the quantized stream's attention stops at o_proj
 
 
-def test_mixed_bits_and_other_architectures_take_the_traced_walk(monkeypatch):
+def test_mixed_bits_sequential_off_and_unknown_blocks_take_the_traced_walk(monkeypatch):
     used = []
     real = staged.StagedWalk
     monkeypatch.setattr(staged, "StagedWalk", lambda *a: used.append(1) or real(*a))
-    quantize_model(_llama(), ShiftAdd(2, 8, "acc", 1, 2, mixed_bits=2.5), _calib(), progress=False)
-    torch.manual_seed(0)
-    opt = transformers.AutoModelForCausalLM.from_config(transformers.OPTConfig(
-        vocab_size=300, hidden_size=32, ffn_dim=48, num_hidden_layers=1, num_attention_heads=4,
-        word_embed_proj_dim=32, max_position_embeddings=64)).eval()
-    quantize_model(opt, GPTQ(3, 16), _calib(), progress=False)
-    quantize_model(_llama(), GPTQ(3, 16), _calib(), progress=False, true_sequential=False)
+    quantize_model(_model(), ShiftAdd(2, 8, "acc", 1, 2, mixed_bits=2.5), _calib(), progress=False)
+    quantize_model(_model(), GPTQ(3, 16), _calib(), progress=False, true_sequential=False)
     assert used == []
-    quantize_model(_llama(), GPTQ(3, 16), _calib(), progress=False)
+    quantize_model(_model(family="gpt2"), GPTQ(3, 16), _calib(), progress=False)
     assert used == [1, 1]
+
+    block = decoder_blocks(_model())[1][0]
+    assert staged.layout_of(block, _linears(block)) is staged.LLAMA
+    block.mlp = torch.nn.Sequential(*block.mlp.children())  # an MLP whose forward the layout cannot assume
+    assert staged.layout_of(block, _linears(block)) is None
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=300, n_embd=32, n_layer=1, n_head=4, n_positions=64, add_cross_attention=True))
+    block = decoder_blocks(gpt2)[1][0]  # cross-attention linears: not the staged four
+    assert staged.layout_of(block, _linears(block)) is None

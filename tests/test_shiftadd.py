@@ -378,13 +378,13 @@ def test_quantized_dir_checksums_and_schema(tmp_path):
 
 
 def test_collect_stops_each_pass_after_the_linears_it_asks_for(monkeypatch):
-    """True-sequential + asymmetric traced walk (the one for blocks that are not Llama's): per batch the block's
-    MLP norm runs in the first collect, the gate/up and down stages and the advance (4), not in the o_proj stage;
-    its FP copy (which inherits the hook) runs whole once, in the collect that keeps its outputs, then in the
-    gate/up and down stages only (3). Running every pass whole, as before, made it 5 + 5."""
+    """True-sequential + asymmetric traced walk (the one for block types `quant.staged` does not know): per batch
+    the block's MLP norm runs in the first collect, the gate/up and down stages and the advance (4), not in the
+    o_proj stage; its FP copy (which inherits the hook) runs whole once, in the collect that keeps its outputs,
+    then in the gate/up and down stages only (3). Running every pass whole, as before, made it 5 + 5."""
     from mulfree.quant import staged
 
-    monkeypatch.setattr(staged, "supports", lambda *a: False)
+    monkeypatch.setattr(staged, "layout_of", lambda *a: None)
     model, calib = _tiny("llama"), torch.randint(0, 300, (4, 16))
     block = decoder_blocks(model)[1][0]
     calls = []

@@ -1,6 +1,6 @@
 """One layer walker for every PTQ method (`base.QuantMethod`): a `CalibrationStream` captures the
 calibration inputs at the first decoder block; per block, hooks fill each linear's `HessianStats`
-(for Llama-family blocks `quant.staged` computes the same statistics in one pass per stream), the method
+(`quant.staged` computes the same statistics in one pass per stream for the block types it knows), the method
 quantizes the block's linears, and the stream moves on through the quantized block.
 Also saves a quantized HF model dir and loads it back (`load_quantized`); `quant.blockwise` drives the same
 per-block step (`quantize_block`) one block in memory at a time and writes the dir sharded.
@@ -127,16 +127,18 @@ def quantize_block(
     """Replace every linear of `block` by the method's quantized layer, in call order; then tune the
     block and advance the stream through it. Returns {name in block: quantized layer}.
 
-    The statistics come stage by stage: for Llama-family blocks walked true-sequentially from `staged.StagedWalk`
-    (one pass per stream), otherwise from `_traced_stages` (the stream's collects, any architecture)."""
+    The statistics come stage by stage: for the block types `staged` knows (Llama family, OPT, GPT-2) walked
+    true-sequentially from `staged.StagedWalk` (one pass per stream), otherwise from `_traced_stages` (the
+    stream's collects, any architecture)."""
     linears = {name: mod for name, mod in block.named_modules() if name and is_linear(mod)}
     targets, walk = [], None
     if stream is not None:
         stream.enter(block)
         if opts.tune_epochs:
             targets = stream.fp_targets(block)
-        if opts.true_sequential and not method.needs_block_stats and staged.supports(block, linears):
-            walk = staged.StagedWalk(block, stream, method)
+        layout = staged.layout_of(block, linears)
+        if opts.true_sequential and not method.needs_block_stats and layout is not None:
+            walk = staged.StagedWalk(block, layout, stream, method)
     stages = walk.stages() if walk is not None else _traced_stages(block, linears, method, stream, opts)
     bits, done = None, {}
     for stage, stats in stages:
