@@ -168,7 +168,9 @@ BAD = [
     ({"prompt": [10**9]}, 400), ({"prompt": "x", "n": 0}, 400), ({"prompt": "x", "logprobs": 9}, 400),
     ({"prompt": "x", "echo": True}, 400), ({"prompt": "x", "presence_penalty": 1}, 400),
     ({"prompt": "x", "max_tokens": 10**6}, 400), ({"prompt": ["x"] * 20, "n": 4}, 400),
-    ({"prompt": "x", "n": 16}, 429), ({"prompt": "x", "response_format": {"type": "json_object"}}, 400), ({"prompt": "x", "model": "other"}, 404),
+    ({"prompt": "x", "n": 16}, 429), ({"prompt": "x", "response_format": {"type": "json_object"}}, 400),
+    ({"prompt": "x", "model": "other"}, 404), ({"prompt": "ab\ud800"}, 400), ({"prompt": ["x", "\udc00"]}, 400),
+    ({"prompt": "x", "stream": "yes"}, 400), ({"prompt": [True]}, 400), ({"prompt": [1.5]}, 400),
 ]
 
 
@@ -181,7 +183,10 @@ def test_bad_input_is_a_4xx_json_error_and_the_server_keeps_serving(served):
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["message"]
     for raw, status in [(b"{oops", 400), (b'{"model": "tiny", "prompt": "\xff\xfe"}', 400), (b"[1]", 400),
-                        (b'{"model": "tiny", "messages": []}', 400), (b"x" * (65 * 1024), 413)]:
+                        (b'{"model": "tiny", "messages": []}', 400), (b"x" * (65 * 1024), 413),
+                        (b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}', 400),
+                        (b'{"model": "tiny", "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", 400),
+                        (b'{"model": "tiny", "prompt": ' + b"[" * 30000 + b"]" * 30000 + b"}", 400)]:
         path = "/v1/chat/completions" if b"messages" in raw else "/v1/completions"
         r = post(run, path, raw)
         assert r.status_code == status and "error" in r.json(), raw[:40]
@@ -197,6 +202,25 @@ def test_bad_input_is_a_4xx_json_error_and_the_server_keeps_serving(served):
     assert 'status="400"' in metrics
     out = client.completions.create(model="tiny", prompt="To be", max_tokens=3, temperature=0)
     assert out.usage.completion_tokens == 3
+
+
+def test_error_messages_name_the_real_problem(served):
+    """A union field's error is the broken constraint, or what the field takes, never "should be a valid string"
+    for a list; surrogates and unreadable numbers are named."""
+    run = served[0]
+    cases = [({"prompt": [-1]}, "prompt.0: Input should be greater than or equal to 0"),
+             ({"prompt": [1.5]}, "prompt: should be a string, a list of strings, a list of token ids"),
+             ({"prompt": "x", "stop": ["a"] * 5}, "stop: List should have at most 4 items"),
+             ({"prompt": "ab\ud800"}, "the prompt is not valid Unicode (a lone surrogate, U+D800, at character 2)")]
+    for body, message in cases:
+        assert post(run, "/v1/completions", json.dumps({"model": "tiny", **body})).json()["error"]["message"].startswith(
+            message)
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}
+    err = post(run, "/v1/chat/completions", json.dumps(chat)).json()["error"]
+    assert (err["message"], err["param"]) == ("messages.0.content.0.type: Input should be 'text'",
+                                              "messages.0.content.0.type")
+    raw = b'{"model": "tiny", "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}"
+    assert "number too long" in post(run, "/v1/completions", raw).json()["error"]["message"]
 
 
 def test_idle_and_half_sent_connections_are_closed_and_health_stays_fast(served):

@@ -13,14 +13,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 TokenIds = list[Annotated[StrictInt, Field(ge=0)]]
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class _Common(BaseModel):
@@ -34,7 +43,7 @@ class _Common(BaseModel):
     top_p: Annotated[Finite, Field(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[StrictInt, Field(ge=0)] | None = None
     n: Annotated[StrictInt, Field(ge=1, le=16)] = 1
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: StrictStr | Annotated[list[StrictStr], Field(max_length=4)] | None = None
     seed: StrictInt | None = None  # any integer: see `seed64`
@@ -63,7 +72,7 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds]
-    echo: bool = False
+    echo: StrictBool = False
     logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
     suffix: StrictStr | None = None
     best_of: StrictInt | None = None
@@ -110,7 +119,7 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Common):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
-    logprobs: bool = False
+    logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     tools: list[Any] | None = None
 
@@ -121,6 +130,34 @@ class ChatRequest(_Common):
         if self.tools:
             raise ValueError("tools are not supported")
         return self
+
+
+# What each union-typed field takes, for a value that fits none of its alternatives (pydantic then reports one
+# type error per alternative, the first of which, "should be a valid string", would mislead).
+ACCEPTS = {
+    "prompt": "a string, a list of strings, a list of token ids (integers >= 0) or a list of such lists",
+    "stop": "a string or a list of at most 4 strings",
+    "content": 'a string, a list of text parts ({"type": "text", "text": ...}) or null',
+}
+
+
+def describe_error(exc: ValidationError) -> tuple[str, str | None]:
+    """(message, param) for a request that fails validation. Where a union field's value fits one alternative's
+    type but breaks its constraint (a negative token id, a fifth stop string) that error is the one reported;
+    where it fits none, what the field takes. The alternatives' tags are left out of the param."""
+    errors = exc.errors()
+    err = next((e for e in errors if not e["type"].endswith("_type")), errors[0])
+    loc, union = [], None
+    for i, part in enumerate(err["loc"]):
+        if i > 0 and err["loc"][i - 1] in ACCEPTS and isinstance(part, str):
+            union = err["loc"][i - 1]  # the alternative's tag ("str", "list[str]", ...)
+            continue
+        loc.append(str(part))
+    param = ".".join(loc) or None
+    if union is not None and err["type"].endswith("_type") and loc[-1] == union:
+        return f"{param}: should be {ACCEPTS[union]}", param
+    msg = str(err["ctx"]["error"]) if err["type"] == "value_error" and "ctx" in err else err["msg"]  # no "Value error, "
+    return (f"{param}: {msg}" if param else msg), param
 
 
 def chat_prompt(messages: list[ChatMessage]) -> str:

@@ -34,6 +34,7 @@ from mulfree.infer.protocol import (
     chat_logprobs,
     chat_prompt,
     completion_logprobs,
+    describe_error,
     logprob_count,
     seed64,
 )
@@ -78,6 +79,10 @@ async def read_json(request: Request, limit: int, timeout_s: float) -> Any:
         raise ApiError(400, f"body is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise ApiError(400, f"body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except ValueError:  # Python's limit on integer digits (4300): a number no field could take anyway
+        raise ApiError(400, "body has a number too long to read (over 4300 digits)") from None
+    except RecursionError:
+        raise ApiError(400, "body is nested too deeply to read") from None
 
 
 class Server:
@@ -110,6 +115,12 @@ class Server:
     async def encode(self, prompts: list[str | list[int]]) -> list[list[int]]:
         """Token ids of each prompt (tokenized off the event loop), within the prompt-token limit."""
         texts = [p for p in prompts if isinstance(p, str)]
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # JSON can escape lone UTF-16 surrogates ("\\ud800"); no tokenizer takes them
+                raise ApiError(400, f"the prompt is not valid Unicode (a lone surrogate, U+{ord(text[exc.start]):04X}, "
+                               f"at character {exc.start})", param="prompt") from None
         encoded = iter(await run_in_threadpool(lambda: [e.ids for e in self.tok.encode_batch(texts)]) if texts else [])
         out = []
         for p in prompts:
@@ -148,9 +159,8 @@ async def complete(srv: Server, request: Request, chat: bool) -> Response:
         body = (ChatRequest if chat else CompletionRequest).model_validate(raw)
         prompts = [srv.chat_template(body.messages)] if chat else body.prompts()  # type: ignore[union-attr]
     except ValidationError as exc:
-        err = exc.errors()[0]
-        param = ".".join(str(x) for x in err["loc"]) or None
-        raise ApiError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param) from None
+        message, param = describe_error(exc)
+        raise ApiError(400, message, param=param) from None
     except ValueError as exc:
         raise ApiError(400, str(exc)) from None
     if len(prompts) * body.n > MAX_CHOICES:
