@@ -38,6 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     # are busy they do not take the cores from the threads doing the work (docs/mmfree.md, threads under load).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
+    for arg in sys.argv[1:] if argv is None else argv:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError as exc:  # bytes that are not UTF-8 reach argv as lone surrogates
+            shown = os.fsencode(arg).decode("utf-8", "backslashreplace")
+            sys.stderr.write(f"error: argument '{shown}' is not valid UTF-8 (character {exc.start}); mulfree takes "
+                             "UTF-8 text and paths (the tokenizer and weight readers need them)\n")
+            return 2
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

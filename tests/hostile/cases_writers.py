@@ -251,6 +251,8 @@ _FLAGS = [  # (id, command, flags, expected error): refused before any model, co
     ("generate-seed-huge", "generate", ("--seed", BIG), "--seed must be <="),
     ("generate-seed-negative", "generate", ("--seed", "-3"), "--seed must be >= 0"),
     ("generate-max-new-huge", "generate", ("--max-new-tokens", "1000000000000"), "--max-new-tokens must be <="),
+    ("generate-prompt-not-utf8", "generate", ("--prompt", "ab\udcffcd"), "argument 'ab\\xffcd' is not valid UTF-8"),
+    ("eval-model-path-not-utf8", "eval", ("--model", "/no/such/m\udcff"), "argument '/no/such/m\\xff' is not valid"),
     ("eval-window-huge", "eval", ("--window", "1000000000"), "--window must be <="),
     ("eval-window-nan", "eval", ("--window", "nan"), "invalid int value"),
     ("eval-stride-zero", "eval", ("--stride", "0"), "--stride must be positive"),

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -35,12 +36,18 @@ Besides these cases:
   next resume removed, none left at the end; 179 s. `--seed 0`: 50 kills over 3 runs, the same outcome.
   `tests/test_crash_resume.py` runs 2 kills in the suite.
 - **HTTP clients** (`tests/test_serve_api.py`, the official `openai` client and raw sockets against a real
-  server on 127.0.0.1): NaN / inf sampling values, huge seeds, wrong types, malformed JSON, invalid UTF-8, a
-  body over the limit (announced or streamed), an unknown model, `stop: 5`, a full queue, disconnects
-  mid-stream and before the answer (the slot is freed within one step), a request that fails inside the loop
-  and a loop that dies (503 on `/health`): each answers a 4xx JSON error or cancels cleanly, and the server
-  keeps serving. `tests/test_serve_idle.py` runs `mulfree serve` itself under 2,000 idle and 300 half-sent
-  connections (`/health` answers a fresh connection within 1 s, a completion succeeds, every one is closed a
+  server on 127.0.0.1): NaN / inf sampling values, huge seeds, wrong types (a string for a boolean, booleans or
+  floats as token ids), malformed JSON, invalid UTF-8, lone UTF-16 surrogates escaped in JSON (`"\\ud800"`, in a
+  prompt or a chat message: the tokenizer raised a TypeError, a 500, until this was found), a 5,000-digit number
+  and 30,000 levels of nesting under the size limit (Python's JSON reader raised, a 500), a body over the limit
+  (announced or streamed), an unknown model, `stop: 5`, a full queue, disconnects mid-stream and before the
+  answer (the slot is freed within one step), a request that fails inside the loop and a loop that dies (503
+  on `/health`): each answers a 4xx JSON error or cancels cleanly, and the server keeps serving. Errors on
+  union-typed fields (`prompt`, `stop`, chat `content`) name the broken constraint (`prompt.0: Input should be
+  greater than or equal to 0`) or what the field takes, not the first alternative's type error (`prompt.str:
+  Input should be a valid string` for a list of token ids).
+  `tests/test_serve_idle.py` runs `mulfree serve` itself under 2,000 idle and 300 half-sent connections
+  (`/health` answers a fresh connection within 1 s, a completion succeeds, every one is closed a
   `--header-timeout` later), a half head sent after a first response (closed), a body that never arrives
   (408 JSON, closed) and a client that leaves mid-body (no traceback in the log).
 - **Loader fidelity**: `tests/test_official_fidelity.py` converts a tiny official-format `hgrn_bit` checkpoint
@@ -69,7 +76,8 @@ def main(out: str) -> int:
                 line = line.replace(str(path), "{" + name + "}")
             result = ("ok: " if problem is None else "WRONG: ") + line
             command = "mulfree " + " ".join(case.argv)
-            rows.append(f"| {case.id} | {case.what} | `{command}` | {result.replace('|', '/')} |")
+            row = f"| {case.id} | {case.what} | `{command}` | {result.replace('|', '/')} |"
+            rows.append(os.fsencode(row).decode("utf-8", "backslashreplace"))  # argv bytes that are not UTF-8: \xff
     summary = f"\n{len(cases)} cases, {len(cases) - bad} as expected.\n"
     Path(out).write_text(HEADER + "\n".join(rows) + "\n" + summary)
     print(summary.strip())
