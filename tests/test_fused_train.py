@@ -68,6 +68,22 @@ def test_bitlinear_codes_exact_and_gradients_close(backend, t, k, n):
         assert rel(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("t,k,n", [(1, 5, 3), (33, 300, 17), (300, 1100, 70)])
+def test_forward_product_on_the_packed_kernels_equals_the_fp32_matmul(backend, monkeypatch, t, k, n):
+    """The training forward's codes x trits product runs on the packed int8 kernels (not fp32 matmul) except on the
+    scalar backend, and gives the fp32 matmul's floats bit for bit, extreme codes included (GEMV tiles and panels)."""
+    g = torch.Generator().manual_seed(t + k + n)
+    q = torch.randint(-127, 128, (t, k), generator=g).float()
+    q[0, :] = 127.0
+    w = torch.randn(n, k, generator=g) * 0.05
+    trits = torch.empty(n, k)
+    w_scale = cpu_module().ternarize(w, trits, backend, 2)
+    if backend != "scalar":
+        monkeypatch.setattr(torch, "matmul", None)  # the packed path must not fall back to it
+    y, scale = fused._codes_times_trits(q, w)
+    assert scale == w_scale and torch.equal(y, q @ trits.T)
+
+
 @pytest.mark.parametrize("lower_bound", [False, True])
 @pytest.mark.parametrize("initial_state", [False, True])
 @pytest.mark.parametrize("mask", [None, "official", "skip"])

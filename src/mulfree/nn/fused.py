@@ -19,6 +19,7 @@ import torch
 
 from mulfree.kernels import cpu_module, kernel_threads
 from mulfree.kernels.ternary import resolve_backend
+from mulfree.ops.pack import pack_ternary, padded_k
 
 _enabled = True
 
@@ -110,6 +111,30 @@ def _ternarize(weight: torch.Tensor) -> tuple[torch.Tensor, float]:
     return trits, cpu.ternarize(weight.detach().contiguous(), trits, name, threads)
 
 
+# Below this K every sum of K products of int8 codes (|q| <= 127) and trits is an integer under 2^24, which fp32
+# holds exactly: the packed int8 kernel's int32 sums and the fp32 matmul then give the same floats.
+_EXACT_K = (1 << 24) // 127
+
+
+def _codes_times_trits(q: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(q @ ternarize(weight)ᵀ, the weight scale) for the integer codes q [T, K] (fp32): on the packed ternary
+    kernels (the weight packed to 2 bits, the codes to int8; `vpmaddubsw` / `vpdpbusd` / AMX instead of fp32 FMAs)
+    where the result is exact, else the fp32 matmul. Equal either way, bit for bit."""
+    cpu, name, threads = _run()
+    trits, w_scale = _ternarize(weight)
+    n, k = trits.shape
+    if name == "scalar" or k >= _EXACT_K:
+        return torch.matmul(q, trits.t()), w_scale
+    packed = pack_ternary(trits.to(torch.int8))
+    del trits
+    kpad = padded_k(k)
+    codes = (q if kpad == k else torch.nn.functional.pad(q, (0, kpad - k))).to(torch.int8)
+    y = torch.empty(q.shape[0], n)
+    ints = y.view(torch.int32)  # the kernel's int32 sums, converted to fp32 in place
+    cpu.ternary_matmul(packed, n, codes, q.sum(1).to(torch.int32), ints, name, threads, format="t2", k=k)
+    return y.copy_(ints), w_scale
+
+
 class _BitLinear(torch.autograd.Function):
     """BitLinear of prologue(x); saves x (and the prologue's inputs), never the prologue's output."""
 
@@ -122,9 +147,8 @@ class _BitLinear(torch.autograd.Function):
         q, a_scale = torch.empty_like(inp), torch.empty(inp.shape[0])
         cpu.norm_quant(inp, norm_w.detach().contiguous(), eps, q, a_scale, False, name, threads)
         del inp
-        trits, w_scale = _ternarize(weight)
-        y = torch.matmul(q, trits.t())
-        del q, trits
+        y, w_scale = _codes_times_trits(q, weight)
+        del q
         y.mul_(a_scale[:, None] * w_scale)
         ctx.save_for_backward(x2, norm_w, weight, pre_w, h2)
         ctx.eps, ctx.kind, ctx.pre_eps = eps, kind, pre_eps
