@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from mulfree.nn import fused
 from mulfree.nn.bitlinear import BitLinear
 from mulfree.nn.glu import glu_intermediate_size
 from mulfree.nn.mlgru import MLGRU
@@ -41,15 +42,25 @@ class _RecordMatmul(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_bitlinear_matmul_sees_only_int8_and_ternary_values():
+def test_bitlinear_matmul_sees_only_int8_and_ternary_values(monkeypatch):
     layer = BitLinear(45, 29)
     x = torch.randn(2, 7, 45)
-    with _RecordMatmul() as rec:
+    with torch.no_grad(), _RecordMatmul() as rec:  # inference: the unfused ops, one torch matmul
         y = layer(x)
     assert len(rec.operands) == 1
     acts, weights = rec.operands[0]
     assert torch.equal(acts, acts.round()) and acts.min() >= -128 and acts.max() <= 127
     assert set(weights.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    # Training (the fused path, whichever kernel runs the product): int8 codes times trits again.
+    seen = []
+    codes_times_trits, ternarize = fused._codes_times_trits, fused._ternarize
+    monkeypatch.setattr(fused, "_codes_times_trits", lambda q, w: seen.append(q.clone()) or codes_times_trits(q, w))
+    monkeypatch.setattr(fused, "_ternarize", lambda w: seen.append(ternarize(w)[0]) or ternarize(w))
+    if fused.active(x):
+        torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-6)
+        codes, trits = seen
+        assert torch.equal(codes, codes.round()) and codes.min() >= -128 and codes.max() <= 127
+        assert set(trits.unique().tolist()) <= {-1.0, 0.0, 1.0}
     # And the scaled result is the fake-quantized linear of the official reference.
     xn = layer.norm(x)
     q, s_x = activation_quant(xn)

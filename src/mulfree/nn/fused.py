@@ -119,11 +119,12 @@ _EXACT_K = (1 << 24) // 127
 def _codes_times_trits(q: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, float]:
     """(q @ ternarize(weight)ᵀ, the weight scale) for the integer codes q [T, K] (fp32): on the packed ternary
     kernels (the weight packed to 2 bits, the codes to int8; `vpmaddubsw` / `vpdpbusd` / AMX instead of fp32 FMAs)
-    where the result is exact, else the fp32 matmul. Equal either way, bit for bit."""
+    where the result is exact, else the fp32 matmul (also under torch.compile, whose tracing rejects the in-place
+    int32 -> fp32 view). Equal either way, bit for bit."""
     cpu, name, threads = _run()
     trits, w_scale = _ternarize(weight)
     n, k = trits.shape
-    if name == "scalar" or k >= _EXACT_K:
+    if name == "scalar" or k >= _EXACT_K or torch.compiler.is_compiling():
         return torch.matmul(q, trits.t()), w_scale
     packed = pack_ternary(trits.to(torch.int8))
     del trits
@@ -135,21 +136,48 @@ def _codes_times_trits(q: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Ten
     return y.copy_(ints), w_scale
 
 
+def _bitlinear_fwd(x2, norm_w, weight, eps, kind, pre_w, pre_eps, h2) -> torch.Tensor:
+    """BitLinear of prologue(x2) [T, K] -> [T, N]: norm + int8 codes, times the ternary weight, scaled once."""
+    cpu, name, threads = _run()
+    inp = _prologue(kind, x2, pre_w, pre_eps, h2)
+    q, a_scale = torch.empty_like(inp), torch.empty(inp.shape[0])
+    cpu.norm_quant(inp, norm_w.detach().contiguous(), eps, q, a_scale, False, name, threads)
+    del inp
+    y, w_scale = _codes_times_trits(q, weight)
+    del q
+    return y.mul_(a_scale[:, None] * w_scale)
+
+
+def _bitlinear_bwd(dy2, x2, norm_w, weight, eps, kind, pre_w, pre_eps, h2, need_dw: bool):
+    """(dx, d norm_w, d weight, d pre_w, dh) of `_bitlinear_fwd` given dL/dy, recomputing the prologue and codes:
+    straight-through gradients (dW = dyᵀ·x̃ with the scaled codes, dx̂ = dy·W̃)."""
+    cpu, name, threads = _run()
+    nw = norm_w.detach().contiguous()
+    inp = _prologue(kind, x2, pre_w, pre_eps, h2)
+    dw = None
+    if need_dw:
+        xq = torch.empty_like(inp)
+        cpu.norm_quant(inp, nw, eps, xq, None, True, name, threads)
+        dw = torch.matmul(dy2.t(), xq)
+        del xq
+    trits, w_scale = _ternarize(weight)
+    dxhat = torch.matmul(dy2, trits).mul_(w_scale)
+    del trits
+    dinp, dnw = torch.empty_like(inp), torch.empty_like(nw)
+    cpu.rmsnorm_bwd(inp, nw, dxhat, eps, dinp, dnw, name, threads)
+    del inp, dxhat
+    dx, dpre, dh = _prologue_bwd(kind, x2, pre_w, pre_eps, h2, dinp)
+    return dx, dnw, dw, dpre, dh
+
+
 class _BitLinear(torch.autograd.Function):
     """BitLinear of prologue(x); saves x (and the prologue's inputs), never the prologue's output."""
 
     @staticmethod
     def forward(ctx, x, norm_w, weight, eps, kind, pre_w, pre_eps, h):
-        cpu, name, threads = _run()
         x2 = _rows(x)
         h2 = None if h is None else _rows(h)
-        inp = _prologue(kind, x2, pre_w, pre_eps, h2)
-        q, a_scale = torch.empty_like(inp), torch.empty(inp.shape[0])
-        cpu.norm_quant(inp, norm_w.detach().contiguous(), eps, q, a_scale, False, name, threads)
-        del inp
-        y, w_scale = _codes_times_trits(q, weight)
-        del q
-        y.mul_(a_scale[:, None] * w_scale)
+        y = _bitlinear_fwd(x2, norm_w, weight, eps, kind, pre_w, pre_eps, h2)
         ctx.save_for_backward(x2, norm_w, weight, pre_w, h2)
         ctx.eps, ctx.kind, ctx.pre_eps = eps, kind, pre_eps
         return y.view(*x.shape[:-1], weight.shape[0])
@@ -157,26 +185,46 @@ class _BitLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x2, norm_w, weight, pre_w, h2 = ctx.saved_tensors
-        cpu, name, threads = _run()
-        dy2 = _rows(dy)
-        nw = norm_w.detach().contiguous()
-        inp = _prologue(ctx.kind, x2, pre_w, ctx.pre_eps, h2)
-        dw = None
-        if ctx.needs_input_grad[2]:
-            xq = torch.empty_like(inp)
-            cpu.norm_quant(inp, nw, ctx.eps, xq, None, True, name, threads)
-            dw = torch.matmul(dy2.t(), xq)
-            del xq
-        trits, w_scale = _ternarize(weight)
-        dxhat = torch.matmul(dy2, trits).mul_(w_scale)
-        del trits
-        dinp, dnw = torch.empty_like(inp), torch.empty_like(nw)
-        cpu.rmsnorm_bwd(inp, nw, dxhat, ctx.eps, dinp, dnw, name, threads)
-        del inp, dxhat
-        dx, dpre, dh = _prologue_bwd(ctx.kind, x2, pre_w, ctx.pre_eps, h2, dinp)
+        dx, dnw, dw, dpre, dh = _bitlinear_bwd(_rows(dy), x2, norm_w, weight, ctx.eps, ctx.kind, pre_w, ctx.pre_eps,
+                                               h2, ctx.needs_input_grad[2])
         shape = (*dy.shape[:-1], x2.shape[1])
         return (dx.view(shape), dnw, dw, None, None, dpre, None,
                 None if dh is None else dh.view(*dy.shape[:-1], h2.shape[1]))
+
+
+class _GLU(torch.autograd.Function):
+    """The ternary GLU down(glu(gate_up(pre_norm(x)))) as one node that keeps only x: gate_up [T, 2I], the
+    largest activation of a block (6 floats per token and width at the official I = 8d/3), is recomputed in
+    backward (one more gate_up product) instead of kept for the GLU and down_proj."""
+
+    @staticmethod
+    def forward(ctx, x, pre_w, pre_eps, gate_nw, gate_w, down_nw, down_w, eps):
+        x2 = _rows(x)
+        kind = None if pre_w is None else "norm"
+        gate_up = _bitlinear_fwd(x2, gate_nw, gate_w, eps, kind, pre_w, pre_eps, None)
+        y = _bitlinear_fwd(gate_up, down_nw, down_w, eps, "glu", None, 0.0, None)
+        ctx.save_for_backward(x2, pre_w, gate_nw, gate_w, down_nw, down_w)
+        ctx.pre_eps, ctx.eps = pre_eps, eps
+        return y.view(*x.shape[:-1], down_w.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x2, pre_w, gate_nw, gate_w, down_nw, down_w = ctx.saved_tensors
+        kind, need = (None if pre_w is None else "norm"), ctx.needs_input_grad
+        gate_up = _bitlinear_fwd(x2, gate_nw, gate_w, ctx.eps, kind, pre_w, ctx.pre_eps, None)
+        dgate_up, d_down_nw, d_down_w, _, _ = _bitlinear_bwd(_rows(dy), gate_up, down_nw, down_w, ctx.eps, "glu",
+                                                             None, 0.0, None, need[6])
+        del gate_up
+        dx, d_gate_nw, d_gate_w, dpre, _ = _bitlinear_bwd(dgate_up, x2, gate_nw, gate_w, ctx.eps, kind, pre_w,
+                                                          ctx.pre_eps, None, need[4])
+        return dx.view(dy.shape[:-1] + (x2.shape[1],)), dpre, None, d_gate_nw, d_gate_w, d_down_nw, d_down_w, None
+
+
+def glu(x: torch.Tensor, pre_norm_w: torch.Tensor | None, pre_eps: float, gate_nw: torch.Tensor,
+        gate_w: torch.Tensor, down_nw: torch.Tensor, down_w: torch.Tensor, eps: float) -> torch.Tensor:
+    """The ternary GLU of nn/glu.py on the fused path (the block's RMSNorm first when `pre_norm_w` is given),
+    keeping only x for backward."""
+    return _GLU.apply(x, pre_norm_w, pre_eps, gate_nw, gate_w, down_nw, down_w, eps)
 
 
 def _prologue(kind: str | None, x2: torch.Tensor, pre_w: torch.Tensor | None, pre_eps: float,

@@ -26,11 +26,12 @@ class TernaryGLU(nn.Module):
         self.down_proj = BitLinear(intermediate_size, hidden_size, eps)
 
     def forward(self, x: torch.Tensor, pre_norm: RMSNorm | None = None) -> torch.Tensor:
-        """`pre_norm` (the block's norm) is applied to x first: on the fused path inside gate_proj, and the GLU
-        inside down_proj, so that backward keeps x and gate_up only."""
+        """`pre_norm` (the block's norm) is applied to x first: on the fused path the whole GLU is one autograd
+        node that keeps x only (`fused.glu`; gate_up is recomputed in backward)."""
         if fused.active(x):
-            pre = None if pre_norm is None else fused.Prologue("norm", pre_norm.weight, pre_norm.eps)
-            return self.down_proj(self.gate_proj(x, pre), fused.Prologue("glu"))
+            gate, down = self.gate_proj, self.down_proj
+            return fused.glu(x, None if pre_norm is None else pre_norm.weight, 0.0 if pre_norm is None else pre_norm.eps,
+                             gate.norm.weight, gate.weight, down.norm.weight, down.weight, gate.norm.eps)
         if pre_norm is not None:
             x = pre_norm(x)
         gate, up = self.gate_proj(x).chunk(2, dim=-1)  # first half is the gate
