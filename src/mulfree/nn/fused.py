@@ -1,7 +1,8 @@
-"""Fused training ops on the CPU: RMSNorm, BitLinear (with the block norm, the GLU or the MLGRU output gate before
-it as a prologue) and the MLGRU state scan as autograd functions whose element-wise work runs in C++
-(kernels/cpu/train_ops.cpp) and that keep only their inputs for backward, recomputing normalized, gated and
-quantized activations there (the paper's fused BitLinear; references in ops/fused_train.py).
+"""Fused training ops on the CPU: RMSNorm, BitLinear (with the block norm or the MLGRU output gate before it as a
+prologue), the whole ternary GLU and the MLGRU state scan as autograd functions whose element-wise work runs in
+C++ (kernels/cpu/train_ops.cpp) and that keep only their inputs for backward, recomputing normalized, gated and
+quantized activations there (the paper's fused BitLinear; references in ops/fused_train.py), and the GLU's
+gate_up too. The forward codes x trits products run on the packed ternary kernels (exact, so bit-identical).
 
 The layers in nn/ take these paths when training on fp32 CPU tensors with the compiled kernels in use
 (`MULFREE_BACKEND=reference` or `set_fused(False)` keeps the unfused torch ops, e.g. to compare memory).
@@ -198,33 +199,36 @@ class _GLU(torch.autograd.Function):
     backward (one more gate_up product) instead of kept for the GLU and down_proj."""
 
     @staticmethod
-    def forward(ctx, x, pre_w, pre_eps, gate_nw, gate_w, down_nw, down_w, eps):
+    def forward(ctx, x, pre_w, pre_eps, gate_nw, gate_w, gate_eps, down_nw, down_w, down_eps):
         x2 = _rows(x)
         kind = None if pre_w is None else "norm"
-        gate_up = _bitlinear_fwd(x2, gate_nw, gate_w, eps, kind, pre_w, pre_eps, None)
-        y = _bitlinear_fwd(gate_up, down_nw, down_w, eps, "glu", None, 0.0, None)
+        gate_up = _bitlinear_fwd(x2, gate_nw, gate_w, gate_eps, kind, pre_w, pre_eps, None)
+        y = _bitlinear_fwd(gate_up, down_nw, down_w, down_eps, "glu", None, 0.0, None)
         ctx.save_for_backward(x2, pre_w, gate_nw, gate_w, down_nw, down_w)
-        ctx.pre_eps, ctx.eps = pre_eps, eps
+        ctx.eps = pre_eps, gate_eps, down_eps
         return y.view(*x.shape[:-1], down_w.shape[0])
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x2, pre_w, gate_nw, gate_w, down_nw, down_w = ctx.saved_tensors
-        kind, need = (None if pre_w is None else "norm"), ctx.needs_input_grad
-        gate_up = _bitlinear_fwd(x2, gate_nw, gate_w, ctx.eps, kind, pre_w, ctx.pre_eps, None)
-        dgate_up, d_down_nw, d_down_w, _, _ = _bitlinear_bwd(_rows(dy), gate_up, down_nw, down_w, ctx.eps, "glu",
-                                                             None, 0.0, None, need[6])
+        (pre_eps, gate_eps, down_eps), need = ctx.eps, ctx.needs_input_grad
+        kind = None if pre_w is None else "norm"
+        gate_up = _bitlinear_fwd(x2, gate_nw, gate_w, gate_eps, kind, pre_w, pre_eps, None)
+        dgate_up, d_down_nw, d_down_w, _, _ = _bitlinear_bwd(_rows(dy), gate_up, down_nw, down_w, down_eps, "glu",
+                                                             None, 0.0, None, need[7])
         del gate_up
-        dx, d_gate_nw, d_gate_w, dpre, _ = _bitlinear_bwd(dgate_up, x2, gate_nw, gate_w, ctx.eps, kind, pre_w,
-                                                          ctx.pre_eps, None, need[4])
-        return dx.view(dy.shape[:-1] + (x2.shape[1],)), dpre, None, d_gate_nw, d_gate_w, d_down_nw, d_down_w, None
+        dx, d_gate_nw, d_gate_w, dpre, _ = _bitlinear_bwd(dgate_up, x2, gate_nw, gate_w, gate_eps, kind, pre_w,
+                                                          pre_eps, None, need[4])
+        return (dx.view(dy.shape[:-1] + (x2.shape[1],)), dpre, None, d_gate_nw, d_gate_w, None, d_down_nw, d_down_w,
+                None)
 
 
 def glu(x: torch.Tensor, pre_norm_w: torch.Tensor | None, pre_eps: float, gate_nw: torch.Tensor,
-        gate_w: torch.Tensor, down_nw: torch.Tensor, down_w: torch.Tensor, eps: float) -> torch.Tensor:
-    """The ternary GLU of nn/glu.py on the fused path (the block's RMSNorm first when `pre_norm_w` is given),
-    keeping only x for backward."""
-    return _GLU.apply(x, pre_norm_w, pre_eps, gate_nw, gate_w, down_nw, down_w, eps)
+        gate_w: torch.Tensor, gate_eps: float, down_nw: torch.Tensor, down_w: torch.Tensor,
+        down_eps: float) -> torch.Tensor:
+    """The ternary GLU of nn/glu.py on the fused path (the block's RMSNorm first when `pre_norm_w` is given; each
+    BitLinear with its own norm weight and eps), keeping only x for backward."""
+    return _GLU.apply(x, pre_norm_w, pre_eps, gate_nw, gate_w, gate_eps, down_nw, down_w, down_eps)
 
 
 def _prologue(kind: str | None, x2: torch.Tensor, pre_w: torch.Tensor | None, pre_eps: float,

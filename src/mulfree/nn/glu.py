@@ -30,8 +30,9 @@ class TernaryGLU(nn.Module):
         node that keeps x only (`fused.glu`; gate_up is recomputed in backward)."""
         if fused.active(x):
             gate, down = self.gate_proj, self.down_proj
-            return fused.glu(x, None if pre_norm is None else pre_norm.weight, 0.0 if pre_norm is None else pre_norm.eps,
-                             gate.norm.weight, gate.weight, down.norm.weight, down.weight, gate.norm.eps)
+            pre_w, pre_eps = (None, 0.0) if pre_norm is None else (pre_norm.weight, pre_norm.eps)
+            return fused.glu(x, pre_w, pre_eps, gate.norm.weight, gate.weight, gate.norm.eps, down.norm.weight,
+                             down.weight, down.norm.eps)
         if pre_norm is not None:
             x = pre_norm(x)
         gate, up = self.gate_proj(x).chunk(2, dim=-1)  # first half is the gate
