@@ -166,6 +166,10 @@ def test_glu_node_equals_its_two_bitlinears_bit_for_bit(backend, pre_norm, t, d,
     assert torch.equal(y, y_ref)
     for a, b in zip(grads, grads_ref):
         assert (a is None and b is None) or torch.equal(a, b)
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        one_node(*inputs)
+    assert (2 * t, d) in shapes and not any(s[-1] == 2 * i and s[0] == 2 * t for s in shapes)  # x, never gate_up
 
 
 def test_results_do_not_depend_on_the_thread_count():
