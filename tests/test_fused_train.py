@@ -68,6 +68,20 @@ def test_bitlinear_codes_exact_and_gradients_close(backend, t, k, n):
         assert rel(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("n,k", [(1, 1), (3, 255), (17, 256), (33, 300), (64, 1100)])
+def test_ternarize_packs_as_pack_ternary_does(backend, n, k):
+    """`ternarize(..., packed=)` writes pack_ternary's bytes of the trits it computes (rows past N and k past K
+    as trit 0), with the same scale, on odd shapes and every backend."""
+    from mulfree.ops.pack import pack_ternary, packed_shape
+
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n * k)) * 0.05
+    trits = torch.empty(n, k)
+    scale = cpu_module().ternarize(w, trits, backend, 2)
+    packed = torch.full(packed_shape(n, k), 0xAB, dtype=torch.uint8)  # poisoned: every byte must be written
+    assert cpu_module().ternarize(w, None, backend, 2, packed=packed) == scale
+    assert torch.equal(packed, pack_ternary(trits.to(torch.int8)))
+
+
 @pytest.mark.parametrize("t,k,n", [(1, 5, 3), (33, 300, 17), (300, 1100, 70)])
 def test_forward_product_on_the_packed_kernels_equals_the_fp32_matmul(backend, monkeypatch, t, k, n):
     """The training forward's codes x trits product runs on the packed int8 kernels (not fp32 matmul) except on the

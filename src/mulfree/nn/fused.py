@@ -20,7 +20,7 @@ import torch
 
 from mulfree.kernels import cpu_module, kernel_threads
 from mulfree.kernels.ternary import resolve_backend
-from mulfree.ops.pack import pack_ternary, padded_k
+from mulfree.ops.pack import padded_k
 
 _enabled = True
 
@@ -123,13 +123,13 @@ def _codes_times_trits(q: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Ten
     where the result is exact, else the fp32 matmul (also under torch.compile, whose tracing rejects the in-place
     int32 -> fp32 view). Equal either way, bit for bit."""
     cpu, name, threads = _run()
-    trits, w_scale = _ternarize(weight)
-    n, k = trits.shape
+    n, k = weight.shape
     if name == "scalar" or k >= _EXACT_K or torch.compiler.is_compiling():
+        trits, w_scale = _ternarize(weight)
         return torch.matmul(q, trits.t()), w_scale
-    packed = pack_ternary(trits.to(torch.int8))
-    del trits
     kpad = padded_k(k)
+    packed = torch.empty((n + 3) // 4, kpad, dtype=torch.uint8)  # ternarized straight into pack_ternary's layout
+    w_scale = cpu.ternarize(weight.detach().contiguous(), None, name, threads, packed=packed)
     codes = (q if kpad == k else torch.nn.functional.pad(q, (0, kpad - k))).to(torch.int8)
     y = torch.empty(q.shape[0], n)
     ints = y.view(torch.int32)  # the kernel's int32 sums, converted to fp32 in place

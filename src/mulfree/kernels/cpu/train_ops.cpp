@@ -29,7 +29,8 @@ using Out3 = Arr<float, nb::ndim<3>>;
 using F1 = Arr<const float, nb::ndim<1>>;
 using Out1 = Arr<float, nb::ndim<1>>;
 
-constexpr int64_t kRows = 16;   // rows per chunk (and per weight-gradient partial sum)
+constexpr int64_t kRows = 16;   // rows per chunk (and per weight-gradient partial sum); a multiple of 4
+static_assert(kRows % 4 == 0, "ternarize packs whole T2R4 row groups per chunk");
 constexpr int64_t kChans = 64;  // channels per scan work item
 
 MF_INLINE float dsiluf(float x) {
@@ -192,13 +193,44 @@ MF_ISA_VARIANTS(abs_sum, (const float *w, int64_t n, double *sum), (w, n, sum))
 
 // out = clamp(round_half_even(w * inv), -1, 1) over n values, as std::min(1, std::max(-1, v)) gives it (NaN -> -1),
 // spelled out: std::min / std::max do not carry MF_VEC's optimize attribute, so gcc called them per element.
+MF_INLINE float trit_of(float w, float inv) {
+  const float v = __builtin_rintf(w * inv), lo = -1.0f < v ? v : -1.0f;
+  return lo < 1.0f ? lo : 1.0f;
+}
 MF_INLINE void trits_impl(const float *w, int64_t n, float inv, float *out) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = __builtin_rintf(w[i] * inv), lo = -1.0f < v ? v : -1.0f;
-    out[i] = lo < 1.0f ? lo : 1.0f;
-  }
+  for (int64_t i = 0; i < n; ++i) out[i] = trit_of(w[i], inv);
 }
 MF_ISA_VARIANTS(trits, (const float *w, int64_t n, float inv, float *out), (w, n, inv, out))
+
+// The T2R4 bytes of row group g (rows 4g..4g+3 of w [N, K]) into dst [Kpad], as ops/pack.py::pack_ternary lays
+// them out: in each 256-wide k block, row r's byte j holds the codes trit + 1 of k = j, 64 + j, 128 + j, 192 + j
+// in bits 0-1, 2-3, 4-5, 6-7; rows past N and k past K hold code 1 (trit 0).
+MF_INLINE void pack_group_impl(const float *w, int64_t N, int64_t K, int64_t Kpad, float inv, int64_t g,
+                               uint8_t *dst) {
+  for (int64_t b = 0; b < Kpad; b += 256)
+    for (int64_t r = 0; r < 4; ++r) {
+      const int64_t row = 4 * g + r;
+      const float *src = w + row * K + b;
+      uint8_t *out = dst + b + 64 * r;
+      if (row < N && b + 256 <= K) {
+        for (int64_t j = 0; j < 64; ++j)
+          out[j] = (uint8_t)((int)(trit_of(src[j], inv) + 1.0f) | (int)(trit_of(src[64 + j], inv) + 1.0f) << 2 |
+                             (int)(trit_of(src[128 + j], inv) + 1.0f) << 4 |
+                             (int)(trit_of(src[192 + j], inv) + 1.0f) << 6);
+        continue;
+      }
+      for (int64_t j = 0; j < 64; ++j) {
+        int byte = 0;
+        for (int64_t q = 0; q < 4; ++q) {
+          const int64_t k = b + 64 * q + j;
+          byte |= (row < N && k < K ? (int)(trit_of(src[64 * q + j], inv) + 1.0f) : 1) << (2 * q);
+        }
+        out[j] = (uint8_t)byte;
+      }
+    }
+}
+MF_ISA_VARIANTS(pack_group, (const float *w, int64_t N, int64_t K, int64_t Kpad, float inv, int64_t g, uint8_t *dst),
+                (w, N, K, Kpad, inv, g, dst))
 
 int64_t chunks_of(int64_t rows) { return (rows + kRows - 1) / kRows; }
 
@@ -270,10 +302,15 @@ void register_train_ops(nb::module_ &m) {
 
   m.def(
       "ternarize",
-      [](F2 w, Out2 out, const std::string &backend, int threads) {
+      [](F2 w, std::optional<Out2> out, const std::string &backend, int threads,
+         std::optional<Arr<uint8_t, nb::ndim<2>>> packed) {
         const Isa isa = parse_isa(backend);
         const int64_t N = (int64_t)w.shape(0), K = (int64_t)w.shape(1);
-        need((int64_t)out.shape(0) == N && (int64_t)out.shape(1) == K && N * K > 0, "ternarize shapes do not match");
+        need(N * K > 0 && (out || packed), "ternarize needs a weight and an output");
+        need(!out || ((int64_t)out->shape(0) == N && (int64_t)out->shape(1) == K), "ternarize shapes do not match");
+        const int64_t Kpad = (K + 255) / 256 * 256;
+        need(!packed || ((int64_t)packed->shape(0) == (N + 3) / 4 && (int64_t)packed->shape(1) == Kpad),
+             "packed must be [ceil(N / 4), K rounded up to 256] bytes");
         nb::gil_scoped_release release;
         const int64_t nc = chunks_of(N);
         std::vector<double> part((size_t)nc, 0.0);
@@ -286,13 +323,17 @@ void register_train_ops(nb::module_ &m) {
         const float scale = std::max((float)(sum / (double)(N * K)), 1e-5f), inv = 1.0f / scale;
         run_train(threads, nc, [&](int64_t c) {
           const int64_t r0 = c * kRows, r1 = std::min(N, r0 + kRows);
-          trits(isa, w.data() + r0 * K, (r1 - r0) * K, inv, out.data() + r0 * K);
+          if (out) trits(isa, w.data() + r0 * K, (r1 - r0) * K, inv, out->data() + r0 * K);
+          for (int64_t g = r0 / 4; packed && g < (r1 + 3) / 4; ++g)  // kRows is a multiple of 4
+            pack_group(isa, w.data(), N, K, Kpad, inv, g, packed->data() + g * Kpad);
         });
         return scale;
       },
-      nb::arg("w"), nb::arg("out"), nb::arg("backend"), nb::arg("threads"),
-      "Absmean ternarization of w [N, K]: the trits as fp32 into out; returns the scale max(mean|w|, 1e-5) (the mean "
-      "a float64 sum in fixed chunks, rounded once).");
+      nb::arg("w"), nb::arg("out").none(), nb::arg("backend"), nb::arg("threads"), nb::kw_only(),
+      nb::arg("packed").none() = nb::none(),
+      "Absmean ternarization of w [N, K]: the trits as fp32 into out and / or packed to T2R4 bytes into packed "
+      "(pack_ternary's layout, for the packed kernels); returns the scale max(mean|w|, 1e-5) (the mean a float64 "
+      "sum in fixed chunks, rounded once).");
 
   m.def(
       "rmsnorm_fwd",
