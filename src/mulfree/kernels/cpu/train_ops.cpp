@@ -210,7 +210,7 @@ MF_INLINE void pack_group_impl(const float *w, int64_t N, int64_t K, int64_t Kpa
   for (int64_t b = 0; b < Kpad; b += 256)
     for (int64_t r = 0; r < 4; ++r) {
       const int64_t row = 4 * g + r;
-      const float *src = w + row * K + b;
+      const float *src = row < N ? w + row * K + b : w;  // rows past N read nothing
       uint8_t *out = dst + b + 64 * r;
       if (row < N && b + 256 <= K) {
         for (int64_t j = 0; j < 64; ++j)
