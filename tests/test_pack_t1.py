@@ -131,6 +131,26 @@ def test_ternary_matmul_t1_panels_exact(backend, threads, shape):
 
 @needs_ext
 @pytest.mark.parametrize("backend", COMPILED)
+def test_ternary_matmul_t1_long_rows_at_the_extremes(backend):
+    # rows of 1700 blocks, every trit +1 or -1 against activations of -128 / 127: the largest sums a lane can hold,
+    # past the 1638 blocks where an AVX-512 tile's int32 lanes would overflow without its folds; exact against int64
+    k = 1700 * 160 + 7
+    w = torch.ones(4, k, dtype=torch.int8)
+    w[1] = -1
+    w[2, ::2] = -1
+    w[3] = _trits(1, k, 3)
+    q = torch.full((4, k), -128, dtype=torch.int8)
+    q[1] = 127
+    q[2, 1::3] = 127
+    q[3] = torch.randint(-128, 128, (k,), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
+    expect = (q.long() @ w.long().T).int()
+    p = pack_t1(w)
+    for t_ in (1, 2, 4):
+        assert torch.equal(K.ternary_matmul(p, 4, q[:t_], backend=backend, threads=1, fmt="t1"), expect[:t_])
+
+
+@needs_ext
+@pytest.mark.parametrize("backend", COMPILED)
 def test_ternary_matmul_t1_any_bytes(backend):
     # bytes the packer never writes (and all 256 values) decode the same in the kernels and the reference
     g = torch.Generator().manual_seed(5)

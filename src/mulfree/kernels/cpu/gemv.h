@@ -1,5 +1,6 @@
 // GEMV tiles of the packed ternary kernels, one file per format and instruction-set tier (T2R4: gemv_scalar.cpp,
-// gemv_avx2.cpp, gemv_avxvnni.cpp, gemv_avx512.cpp; T1R4: gemv_t1_scalar.cpp, gemv_t1_avx2.cpp), and the dispatch
+// gemv_avx2.cpp, gemv_avxvnni.cpp, gemv_avx512.cpp; T1R4: gemv_t1_scalar.cpp, gemv_t1_avx2.cpp,
+// gemv_t1_avxvnni.cpp, gemv_t1_avx512.cpp), and the dispatch
 // tables over them (linear.cpp).
 //
 // A tile multiplies row groups (4 rows x Kpad weights each) by NT tokens of int8 activations:
@@ -37,7 +38,7 @@ struct Tile {
 // one; a tier this build lacks falls back to the next lower one.
 const Tile &gemv_tile(Isa isa, int nt);
 
-// T1R4 tiles (gemv_t1_scalar.cpp, gemv_t1_avx2.cpp; formats/t1.h): the same span of row groups (4 rows x Kpad
+// T1R4 tiles (gemv_t1_<isa>.cpp; formats/t1.h): the same span of row groups (4 rows x Kpad
 // weights, t1::group_bytes(Kpad) bytes each) and tokens, but out[t * ldo + g * 4 + r] is the exact signed
 // sum_k trit * X[t * ldx + k]; wsum[g * 4 + r] = sum_k trit of that row (the AVX2 tiles need it).
 using TileT1Fn = void (*)(const uint8_t *W, int64_t Kpad, int64_t ngroups, const int8_t *X, int64_t ldx,
@@ -47,7 +48,11 @@ struct TileSetT1 {
   TileT1Fn tiles[kMaxTile];
 };
 extern const TileSetT1 kGemvT1Scalar;  // 1-4 tokens: the oracle
-extern const TileSetT1 kGemvT1Avx2;    // 1-2 tokens; AVX-VNNI and AVX-512 hosts run these too
+extern const TileSetT1 kGemvT1Avx2;    // 1-2 tokens
+#if MF_HAVE_AVXVNNI
+extern const TileSetT1 kGemvT1AvxVnni;  // 1-2 tokens
+#endif
+extern const TileSetT1 kGemvT1Avx512;  // 1-4 tokens
 struct TileT1 {
   TileT1Fn fn;
   int tokens;
@@ -55,7 +60,7 @@ struct TileT1 {
 const TileT1 &gemv_tile_t1(Isa isa, int nt);
 
 // Sums the 8 int32 lanes of each of a0..a3 into out[0..3]: [r0, r1, r2, r3] in one 128-bit lane.
-__attribute__((target("avx2,fma"), always_inline)) inline void store_row_sums_avx2(__m256i a0, __m256i a1, __m256i a2,
+__attribute__((target("avx2"), always_inline)) inline void store_row_sums_avx2(__m256i a0, __m256i a1, __m256i a2,
                                                                                   __m256i a3, int32_t *out) {
   const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
   _mm_storeu_si128((__m128i *)out, _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));

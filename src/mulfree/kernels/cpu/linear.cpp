@@ -39,12 +39,27 @@ const TileTable kTiles = [] {
   return table;
 }();
 
-// The T1R4 tiles: scalar, else AVX2 (the decode is the work, so the VNNI tiers have no tiles of their own).
+// The T1R4 tiles of each tier: the VNNI tiers read formats/t1.h's digit step as a linear map (two vpdpbusd per
+// digit, no digit formed); AVX2 decodes the digits with compares.
+const TileSetT1 &tile_set_t1(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512: return kGemvT1Avx512;
+#if MF_HAVE_AVXVNNI
+    case Isa::AvxVnni: return kGemvT1AvxVnni;
+#else
+    case Isa::AvxVnni:
+#endif
+    case Isa::Avx2: return kGemvT1Avx2;
+    case Isa::Scalar: break;
+  }
+  return kGemvT1Scalar;
+}
+
 using TileTableT1 = std::array<std::array<TileT1, kMaxTile>, 4>;
 const TileTableT1 kTilesT1 = [] {
   TileTableT1 table{};
   for (int i = 0; i < (int)table.size(); ++i) {
-    const TileSetT1 &set = (Isa)i == Isa::Scalar ? kGemvT1Scalar : kGemvT1Avx2;
+    const TileSetT1 &set = tile_set_t1((Isa)i);
     for (int nt = 1; nt <= kMaxTile; ++nt) {
       const int n = std::min(nt, set.count);
       table[(size_t)i][(size_t)nt - 1] = TileT1{set.tiles[n - 1], n};
