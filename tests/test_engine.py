@@ -159,6 +159,23 @@ def test_panel_prefill_equals_decode_steps(backend):
     assert (full - ref[0]).abs().max() <= 1e-3 * ref.abs().max()
 
 
+@pytest.mark.parametrize("backend", [b for b in available_backends() if b != "reference"])
+def test_long_prompt_windows_equal_decode_steps(backend):
+    # 600 tokens run as three 200-token windows on one state: every logit as one token at a time gives it
+    m = _mmfree(96)
+    ids = torch.randint(0, 300, (600,), generator=torch.Generator().manual_seed(6))
+    pm = PackedModel.from_model(m, backend=backend)
+    full = pm.forward(ids, all_logits=True)
+    pm.reset()
+    assert torch.equal(pm.forward(ids), full[-1:])
+    pm.reset()
+    steps = torch.cat([pm.forward([int(i)]) for i in ids])
+    torch.testing.assert_close(steps, full, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        ref, _ = m(ids[None])
+    assert (full - ref[0]).abs().max() <= 1e-3 * ref.abs().max()
+
+
 @pytest.mark.parametrize("backend", available_backends())
 @pytest.mark.parametrize("intermediate", [1152, 1150])  # up rows on a row-group boundary (fused GLU) or not
 def test_threaded_elementwise_steps_match_one_thread_and_torch(backend, intermediate):

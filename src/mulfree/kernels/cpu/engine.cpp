@@ -107,10 +107,17 @@ void Engine::forward(Arr<const int64_t, nb::ndim<1>> ids, Arr<float, nb::ndim<2>
   const int64_t R = all_logits ? T : 1;
   if ((int64_t)logits.shape(0) != R || (int64_t)logits.shape(1) != V_)
     throw std::invalid_argument("logits buffer has the wrong shape");
-  std::vector<int64_t> rows((size_t)R);
-  for (int64_t r = 0; r < R; ++r) rows[(size_t)r] = T - R + r;
+  // Long prompts run in even windows of at most kPrefillWindow tokens, one after the other on the same state: the
+  // same result (every step is per token, or the recurrence in token order), with the per-token buffers of a
+  // window in cache and the scratch bounded by the window, not the prompt.
+  const int64_t nwin = (T + kPrefillWindow - 1) / kPrefillWindow, W = (T + nwin - 1) / nwin;
   nb::gil_scoped_release release;
-  run(ids.data(), T, {Segment{0, T, state.data()}}, rows, logits.data());
+  for (int64_t w0 = 0; w0 < T; w0 += W) {
+    const int64_t n = std::min(W, T - w0);
+    std::vector<int64_t> rows;
+    for (int64_t t = std::max(w0, T - R); t < w0 + n; ++t) rows.push_back(t - w0);
+    run(ids.data() + w0, n, {Segment{0, n, state.data()}}, rows, logits.data() + (all_logits ? w0 : 0) * V_);
+  }
 }
 
 void Engine::forward_batch(Arr<const int64_t, nb::ndim<1>> ids, Arr<float, nb::ndim<3>> states,
@@ -171,6 +178,7 @@ void Engine::run(const int64_t *idp, int64_t T, const std::vector<Segment> &segs
   float *h = h_.data(), *a = a_.data(), *fi = fi_.data();
   for (int64_t t = 0; t < T; ++t) embed(idp[t], h + t * d);
   for (int64_t l = 0; l < L; ++l) layer_forward(layers_[(size_t)l], l, T, segs);
+  if (R == 0) return;  // a prompt window before the last: no logits
   for (int64_t r = 0; r < R; ++r) {
     const int64_t t = rows[(size_t)r];
     if (L > 0) add_row(h + t * d, fi + t * d);
