@@ -39,10 +39,13 @@ def test_ternary_matmul_exact(backend, threads, shape):
     assert torch.equal(packed_matmul_ref(pack_ternary(w), n, q), expect)
 
 
+# (24, 40, 1300): one 32-token block over three k chunks, its C tiles kept in registers between the chunks
+AMX_SHAPES = [(16, 1, 1), (17, 33, 300), (24, 40, 1300), (37, 70, 513), (64, 130, 1000), (70, 40, 2100)]
+
+
 @pytest.mark.skipif(not K.amx_available(), reason="no AMX-INT8 on this CPU / OS")
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("shape", [(16, 1, 1), (17, 33, 300), (37, 70, 513), (64, 130, 1000), (70, 40, 2100)],
-                         ids=_ids([(16, 1, 1), (17, 33, 300), (37, 70, 513), (64, 130, 1000), (70, 40, 2100)]))
+@pytest.mark.parametrize("shape", AMX_SHAPES, ids=_ids(AMX_SHAPES))
 def test_amx_gemm_exact(threads, shape):
     t_, n, k = shape  # >= 16 tokens: the AMX path; partial token / row tiles and several k chunks
     g = torch.Generator().manual_seed(n * 1000 + k)

@@ -57,9 +57,13 @@ void prepare_amx(int threads, const LinearJob *jobs, int njobs, const int8_t **o
 
 // C block [2 token tiles][2 row tiles][16][16] += one 32-token block of A x one panel of B over k steps
 // [ks0, ks1) (C zeroed first when ks0 == 0). The npf lines pf[] are prefetched into L2, spread over the k steps.
+// `resident`: the C tiles stay in tmm0-3 from one chunk to the next (one block only) and are stored after the
+// last k step `nks`, instead of a store and a reload per chunk.
 __attribute__((target(MF_AMX))) void amx_block(const int8_t *A, const int8_t *B, int64_t ks0, int64_t ks1,
-                                               int32_t *C, const uint8_t *const *pf, int64_t npf) {
-  if (ks0 == 0) {
+                                               int64_t nks, bool resident, int32_t *C, const uint8_t *const *pf,
+                                               int64_t npf) {
+  if (resident && ks0 > 0) {
+  } else if (ks0 == 0) {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
@@ -89,6 +93,7 @@ __attribute__((target(MF_AMX))) void amx_block(const int8_t *A, const int8_t *B,
     _tile_dpbsud(3, 5, 7);
     for (int64_t l = (ks - ks0) * per; l < std::min(npf, (ks - ks0 + 1) * per); ++l) prefetch_line_l2(pf[l]);
   }
+  if (resident && ks1 < nks) return;
   _tile_stored(0, C, 64);
   _tile_stored(1, C + 256, 64);
   _tile_stored(2, C + 512, 64);
@@ -100,8 +105,8 @@ __attribute__((target(MF_AMX))) void amx_block(const int8_t *A, const int8_t *B,
 void multiply_amx(const PanelTier &, const PanelChunk &c) {
   const int64_t nblk = round_up(c.j.T, kAmxTokens) / kAmxTokens, nl = c.nlines;
   for (int64_t tb = 0; tb < nblk; ++tb)
-    amx_block(c.acts + tb * kAmxTokens * c.j.Kpad, c.panel, c.ks0, c.ks1, c.C + tb * 4 * 256, c.lines + nl * tb / nblk,
-              nl * (tb + 1) / nblk - nl * tb / nblk);
+    amx_block(c.acts + tb * kAmxTokens * c.j.Kpad, c.panel, c.ks0, c.ks1, c.j.Kpad / 64, nblk == 1,
+              c.C + tb * 4 * 256, c.lines + nl * tb / nblk, nl * (tb + 1) / nblk - nl * tb / nblk);
 }
 
 // Eight 16 x 64-byte tiles. A static object: with a local one gcc 12 dropped the row / column stores
