@@ -72,6 +72,8 @@ def main() -> None:
                     help="Hessians of all linears from the FP block instead of stage by stage")
     ap.add_argument("--asymmetric", action=argparse.BooleanOptionalAction, default=True,
                     help="asymmetric calibration: fit each layer to the FP model's output (default on)")
+    ap.add_argument("--calib-precision", choices=("fp32", "bf16"), default="fp32",
+                    help="matmuls of the calibration forwards and Hessian sums (WalkOptions.calib_precision)")
     args = ap.parse_args()
     offline.setup()
 
@@ -86,7 +88,7 @@ def main() -> None:
              "apot_terms": args.apot_terms, "incoherence": args.incoherence,
              "true_sequential": args.true_sequential, "tune_epochs": args.tune_epochs, "tune_lr": args.tune_lr,
              "distill_epochs": args.distill_epochs, "distill_lr": args.distill_lr,
-             "percdamp": args.percdamp, "asymmetric": args.asymmetric}
+             "percdamp": args.percdamp, "asymmetric": args.asymmetric, "calib_precision": args.calib_precision}
 
     def report(row: dict) -> None:
         line = json.dumps({**setup, **row})
@@ -96,7 +98,8 @@ def main() -> None:
 
     walk = WalkOptions(true_sequential=args.true_sequential, asymmetric=args.asymmetric,
                        tune_epochs=args.tune_epochs, tune_lr=args.tune_lr,
-                       distill_epochs=args.distill_epochs, distill_lr=args.distill_lr)
+                       distill_epochs=args.distill_epochs, distill_lr=args.distill_lr,
+                       calib_precision=args.calib_precision)
     fp = perplexity(model, ids, args.window, progress=False)
     if not args.skip_fp:
         report({"method": "fp32", "bits": 32, "ppl": round(fp, 3)})

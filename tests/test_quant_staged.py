@@ -144,3 +144,33 @@ def test_mixed_bits_sequential_off_and_unknown_blocks_take_the_traced_walk(monke
         vocab_size=300, n_embd=32, n_layer=1, n_head=4, n_positions=64, add_cross_attention=True))
     block = decoder_blocks(gpt2)[1][0]  # cross-attention linears: not the staged four
     assert staged.layout_of(block, _linears(block)) is None
+
+
+@pytest.mark.parametrize("staged_walk", [True, False])
+def test_bf16_calibration_covers_the_sums_not_the_solves(monkeypatch, staged_walk):
+    # WalkOptions(calib_precision="bf16"): every Hessian sum runs under oneDNN's bf16 fp32-matmul mode, every
+    # solve (the asymmetric target) in the caller's mode, which is back afterwards
+    from mulfree.quant import base, walker
+
+    seen = {"sums": set(), "solves": set()}
+    mode = lambda: torch.backends.mkldnn.matmul.fp32_precision  # noqa: E731
+    add_batch, solve = base.HessianStats.add_batch, walker.asymmetric_solve
+
+    def spy_add(self, *a, **k):
+        seen["sums"].add(mode())
+        return add_batch(self, *a, **k)
+
+    def spy_solve(*a, **k):
+        seen["solves"].add(mode())
+        return solve(*a, **k)
+
+    monkeypatch.setattr(base.HessianStats, "add_batch", spy_add)
+    monkeypatch.setattr(walker, "asymmetric_solve", spy_solve)
+    if not staged_walk:
+        monkeypatch.setattr(staged, "layout_of", lambda *a: None)
+    model = _model()
+    before = mode()
+    assert before != "bf16"
+    quantize_model(model, METHODS["gptq"](), _calib(), WalkOptions(progress=False, calib_precision="bf16"))
+    assert seen == {"sums": {"bf16"}, "solves": {before}}
+    assert mode() == before

@@ -37,6 +37,8 @@ _FLAGS = [  # (id, what, argv, expected error): refused before any model is read
      "--distill-epochs"),
     ("quantize-rounds-huge", "--rounds 10^9", _quantize("shiftadd", "--rounds", "1000000000"), "--rounds"),
     ("quantize-mixed-nan", "--mixed-bits nan", _quantize("shiftadd", "--mixed-bits", "nan"), "--mixed-bits"),
+    ("quantize-calib-precision", "--calib-precision fp8 (not fp32 or bf16)",
+     _quantize("gptq", "--calib-precision", "fp8"), "--calib-precision"),
     ("quantize-out-same", "quantize --out the model dir itself (with --overwrite)",
      _quantize("rtn", "--overwrite", out="{model}", model="{model}"), "same dir"),
     ("quantize-bits-zero", "--bits 0", ("quantize", "rtn", "--model", "x", "--bits", "0", "--out", "{tmp}/o"),

@@ -8,6 +8,7 @@ per-block step (`quantize_block`) one block in memory at a time and writes the d
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import Iterator
@@ -141,7 +142,12 @@ def quantize_block(
             walk = staged.StagedWalk(block, layout, stream, method)
     stages = walk.stages() if walk is not None else _traced_stages(block, linears, method, stream, opts)
     bits, done = None, {}
-    for stage, stats in stages:
+    while True:
+        with calibration_precision(opts.calib_precision):  # the forwards and sums only, not the solves
+            item = next(stages, None)
+        if item is None:
+            break
+        stage, stats = item
         hess = {name: s.hessian() for name, s in stats.items()}
         if bits is None:  # the first stage's statistics cover every linear when the method needs them
             bits = method.assign_bits({name: (linear_weight(mod).float(), hess.get(name))
@@ -164,13 +170,28 @@ def quantize_block(
     if stream is not None:
         if opts.tune_epochs:
             _tune_block(block, stream.inputs, targets, opts.tune_epochs, opts.tune_lr)
-        if walk is not None and not opts.tune_epochs:
-            stream.advance_to(walk.outputs(), block)
-        else:
-            stream.advance(block)
+        with calibration_precision(opts.calib_precision):
+            if walk is not None and not opts.tune_epochs:
+                stream.advance_to(walk.outputs(), block)
+            else:
+                stream.advance(block)
         for layer in done.values():
             layer.drop_dense()
     return done
+
+
+@contextlib.contextmanager
+def calibration_precision(precision: str) -> Iterator[None]:
+    """With `precision` "bf16", fp32 matmuls inside run on bf16-rounded inputs with fp32 accumulation (oneDNN);
+    the caller's mode is restored after. "fp32" leaves the mode as the caller set it."""
+    matmul = torch.backends.mkldnn.matmul
+    before = matmul.fp32_precision
+    if precision == "bf16":
+        matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
 
 
 def _traced_stages(
