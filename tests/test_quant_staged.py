@@ -153,8 +153,10 @@ def test_bf16_calibration_covers_the_sums_not_the_solves(monkeypatch, staged_wal
     from mulfree.quant import base, walker
 
     seen = {"sums": set(), "solves": set()}
-    mode = lambda: torch.backends.mkldnn.matmul.fp32_precision  # noqa: E731
     add_batch, solve = base.HessianStats.add_batch, walker.asymmetric_solve
+
+    def mode() -> str:
+        return torch.backends.mkldnn.matmul.fp32_precision
 
     def spy_add(self, *a, **k):
         seen["sums"].add(mode())
