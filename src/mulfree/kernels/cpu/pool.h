@@ -24,10 +24,12 @@
 //
 // A worker the OS deschedules while it holds a chunk (another process wants its core) stalls the region
 // until it runs again, milliseconds later; at dozens of regions per decoded token that made two threads
-// slower than one. So the caller times its wait for the others: a wait over 1 ms and far longer than its own
-// chunks took is a stall, after which the caller runs regions alone for 40 ms (longer periods lost the second
-// core for too long when the competition is bursty, e.g. a server's own HTTP threads; docs/packed.md). While
-// waiting it yields its core, in case the stalled worker is queued on it.
+// slower than one. So the caller times its wait for the others: a wait far longer than its own chunks took and
+// over 1 ms is a stall (over a quarter of its own share, at least 0.2 ms, when that share took 0.4 ms or more: a
+// prefill's regions are few and long, so a wait just under 1 ms cost each of them a good part of its time), after
+// which the caller runs regions alone for 40 ms (longer periods lost the second core for too long when the
+// competition is bursty, e.g. a server's own HTTP threads; docs/packed.md). While waiting it yields its core, in
+// case the stalled worker is queued on it.
 class Pool {
  public:
   explicit Pool(int n) : n_(std::max(1, n)) {
@@ -56,6 +58,7 @@ class Pool {
   using Clock = std::chrono::steady_clock;
   static constexpr int kLingerSpins = 20000, kBriefSpins = 200;  // _mm_pause rounds before a worker sleeps
   static constexpr std::chrono::microseconds kStallFloor{1000}, kSolo{40000};
+  static constexpr std::chrono::microseconds kLongShare{400}, kLongFloor{200};  // long regions: a lower floor
 
   // One parallel region: fn(base + c) for c in [0, n), n <= kMax.
   template <class F>
@@ -82,8 +85,10 @@ class Pool {
         std::this_thread::yield();
     }
     const Clock::time_point t2 = Clock::now();
-    if (t2 - t1 > std::max<Clock::duration>(kStallFloor, 8 * (t1 - t0) / std::max<int64_t>(1, mine)))
-      solo_until_ = t2 + kSolo;
+    const Clock::duration own = t1 - t0;
+    const Clock::duration floor =
+        own < kLongShare ? Clock::duration(kStallFloor) : std::clamp<Clock::duration>(own / 4, kLongFloor, kStallFloor);
+    if (t2 - t1 > std::max<Clock::duration>(floor, 8 * own / std::max<int64_t>(1, mine))) solo_until_ = t2 + kSolo;
   }
 
   // state_: region (low 16 bits) << 48 | next chunk from the front << 24 | one past the next from the back.
