@@ -1,7 +1,6 @@
 // GEMV tiles of the packed ternary kernels, one file per format and instruction-set tier (T2R4: gemv_scalar.cpp,
-// gemv_avx2.cpp, gemv_avxvnni.cpp, gemv_avx512.cpp; T1R4: gemv_t1_scalar.cpp, gemv_t1_avx2.cpp,
-// gemv_t1_avxvnni.cpp, gemv_t1_avx512.cpp), and the dispatch
-// tables over them (linear.cpp).
+// gemv_avx2.cpp, gemv_avxvnni.cpp, gemv_avx512.cpp; T1R4: gemv_t1_scalar.cpp, gemv_t1_avx2.cpp, gemv_t1_avxvnni.cpp,
+// gemv_t1_avx512.cpp), and the dispatch tables over them (linear.cpp).
 //
 // A tile multiplies row groups (4 rows x Kpad weights each) by NT tokens of int8 activations:
 // out[t * ldo + g * 4 + r] = sum_k c[row r of group g, k] * X[t * ldx + k] (codes c = trit + 1 in {0, 1, 2})
@@ -38,8 +37,8 @@ struct Tile {
 // one; a tier this build lacks falls back to the next lower one.
 const Tile &gemv_tile(Isa isa, int nt);
 
-// T1R4 tiles (gemv_t1_<isa>.cpp; formats/t1.h): the same span of row groups (4 rows x Kpad
-// weights, t1::group_bytes(Kpad) bytes each) and tokens, but out[t * ldo + g * 4 + r] is the exact signed
+// T1R4 tiles (gemv_t1_<isa>.cpp; formats/t1.h): the same span of row groups (4 rows x Kpad weights,
+// t1::group_bytes(Kpad) bytes each) and tokens, but out[t * ldo + g * 4 + r] is the exact signed
 // sum_k trit * X[t * ldx + k]; wsum[g * 4 + r] = sum_k trit of that row (the AVX2 tiles need it).
 using TileT1Fn = void (*)(const uint8_t *W, int64_t Kpad, int64_t ngroups, const int8_t *X, int64_t ldx,
                           const int32_t *wsum, int32_t *out, int64_t ldo);
@@ -64,6 +63,17 @@ __attribute__((target("avx2"), always_inline)) inline void store_row_sums_avx2(_
                                                                                   __m256i a3, int32_t *out) {
   const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
   _mm_storeu_si128((__m128i *)out, _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+}
+
+// sum_k x[k] of Kpad int8 activations (Kpad a multiple of 32): byte pairs by vpmaddubsw (|sum| <= 256), then dwords.
+__attribute__((target("avx2"), always_inline)) inline int32_t sum_acts_avx2(const int8_t *x, int64_t Kpad) {
+  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+  __m256i acc = _mm256_setzero_si256();
+  for (int64_t k = 0; k < Kpad; k += 32)
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, ld256(x + k)), ones16));
+  const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+  const __m128i q = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+  return _mm_cvtsi128_si32(_mm_add_epi32(q, _mm_shuffle_epi32(q, 0xb1)));
 }
 
 }  // namespace ternary

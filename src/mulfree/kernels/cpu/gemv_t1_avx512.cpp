@@ -4,8 +4,8 @@
 // vector lined up with its activations q_j, sum c_j q_j = (3 sum m_j q_j - sum m_(j+1) q_j) / 256: two vpdpbusd
 // per digit (the bytes m as the unsigned operand, the int8 activations as they are), and m steps by two byte adds.
 // Each int32 lane of 3 S - T is 256 times the dot of its own four codes, so the shift is exact; vpdpbusd wraps, and
-// the true lane values stay below 2^31 for 1024 blocks, so the accumulators are folded every 1024 blocks. The
-// codes are trit + 1, so sum trit * q = sum c * q - sum q.
+// a lane's true value stays below 2^31 for up to 1638 blocks, so the accumulators are folded every 1024 blocks.
+// The codes are trit + 1, so sum trit * q = sum c * q - sum q.
 #include "gemv.h"
 
 namespace ternary {
@@ -18,16 +18,6 @@ constexpr int kPairs = t1::kRows / 2;                            // one zmm hold
 // The 32 activations of digit j of block b, in both 256-bit halves (one per row of a pair).
 __attribute__((target(MF_AVX512), always_inline)) inline __m512i digit_acts(const int8_t *x) {
   return _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x));
-}
-
-// sum_k q[k] of one token's Kpad activations (Kpad is a multiple of 32).
-__attribute__((target(MF_AVX512), always_inline)) inline int32_t sum_acts(const int8_t *x, int64_t Kpad) {
-  const __m256i ones = _mm256_set1_epi8(1);
-  __m256i acc = _mm256_setzero_si256();
-  for (int64_t k = 0; k < Kpad; k += 32) acc = _mm256_dpbusd_epi32(acc, ones, ld256(x + k));
-  const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-  const __m128i q = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
-  return _mm_cvtsi128_si32(_mm_add_epi32(q, _mm_shuffle_epi32(q, 0xb1)));
 }
 
 // Rows of one row group against NT tokens: out[n * ldo + r] = sum_k trit[r, k] * X[n * ldx + k].
@@ -97,7 +87,7 @@ template <int NT>
 __attribute__((target(MF_AVX512))) void tile_t1_avx512(const uint8_t *W, int64_t Kpad, int64_t ngroups, const int8_t *X,
                                                          int64_t ldx, const int32_t *, int32_t *out, int64_t ldo) {
   int32_t sumq[NT];
-  for (int n = 0; n < NT; ++n) sumq[n] = sum_acts(X + n * ldx, Kpad);
+  for (int n = 0; n < NT; ++n) sumq[n] = sum_acts_avx2(X + n * ldx, Kpad);
   const int64_t gb = t1::group_bytes(Kpad);
   for (int64_t g = 0; g < ngroups; ++g)
     group_t1_avx512<NT>(W + g * gb, Kpad, X, ldx, sumq, out + g * t1::kRows, ldo);

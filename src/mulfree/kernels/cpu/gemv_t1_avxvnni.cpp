@@ -11,16 +11,6 @@ namespace {
 constexpr int64_t kT1PrefetchBytes = kPrefetchBlocks * kBlock;  // 4 KiB ahead along the rows, as the other tiles
 constexpr int64_t kFoldBlocks = 1024;                            // as the AVX-512 tier: exact below 1638 blocks
 
-__attribute__((target("avx2,fma,avxvnni"), always_inline)) inline int32_t sum_acts_vnni(const int8_t *x,
-                                                                                       int64_t Kpad) {
-  const __m256i ones = _mm256_set1_epi8(1);
-  __m256i acc = _mm256_setzero_si256();
-  for (int64_t k = 0; k < Kpad; k += 32) acc = _mm256_dpbusd_avx_epi32(acc, ones, ld256(x + k));
-  const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-  const __m128i q = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
-  return _mm_cvtsi128_si32(_mm_add_epi32(q, _mm_shuffle_epi32(q, 0xb1)));
-}
-
 // Rows r0, r0 + 1 of one row group against NT tokens: dot[i][n] = 8 lanes of sum_k c * q of row r0 + i.
 template <int NT>
 __attribute__((target("avx2,fma,avxvnni"), always_inline)) inline void pair_t1_avxvnni(const uint8_t *W, int64_t Kpad,
@@ -74,7 +64,7 @@ __attribute__((target("avx2,fma,avxvnni"))) void tile_t1_avxvnni(const uint8_t *
                                                                  const int8_t *X, int64_t ldx, const int32_t *,
                                                                  int32_t *out, int64_t ldo) {
   int32_t sumq[NT];
-  for (int n = 0; n < NT; ++n) sumq[n] = sum_acts_vnni(X + n * ldx, Kpad);
+  for (int n = 0; n < NT; ++n) sumq[n] = sum_acts_avx2(X + n * ldx, Kpad);
   const int64_t gb = t1::group_bytes(Kpad);
   for (int64_t g = 0; g < ngroups; ++g) {
     __m256i lo[2][NT], hi[2][NT];
