@@ -415,6 +415,49 @@ __attribute__((target("avx2,fma"))) void quad_narrow_avx2(const Job &j, int64_t 
   }
 }
 
+// Narrow row groups on AVX-512: tiles 2H and 2H + 1 of a quad (32 rows, as an AVX2 half), 16 lanes each. The
+// 16-entry half tables are single vpermps operands (no blend), and alpha is added to each row's lookup sum as in
+// scale_rows_avx2, the same operations per lane in the same order: bit-identical to it and to the oracle.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 scale_rows_avx512(const Job &j, __m512 v,
+                                                                                     int64_t s0) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __mmask16 normal = _mm512_test_epi32_mask(bits, _mm512_set1_epi32(0x7f800000));
+  __m512 out = _mm512_setzero_ps();
+  for (int64_t t = 0; t < j.T; ++t) {
+    if (j.signs[s0 + t] == 0) continue;
+    out = _mm512_add_ps(out, _mm512_castsi512_ps(_mm512_add_epi32(bits, _mm512_set1_epi32(j.delta[s0 + t]))));
+  }
+  return _mm512_maskz_mov_ps(normal, out);
+}
+
+template <int B>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 lookup_rows_avx512(__m512i k, __m512 lo,
+                                                                                      __m512 hi) {
+  const __m512i kl = B == 0 ? k : _mm512_srli_epi32(k, 8 * B);
+  return _mm512_add_ps(_mm512_permutexvar_ps(kl, lo), _mm512_permutexvar_ps(_mm512_srli_epi32(k, 8 * B + 4), hi));
+}
+
+template <int H>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void quad_narrow_avx512(const Job &j, int64_t Q, const int64_t *G) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  for (int64_t c = 0; c < j.C; ++c) {
+    const float *tb = j.tables + c * 64;
+    const __m512 lo = _mm512_loadu_ps(tb), hi = _mm512_loadu_ps(tb + 16);
+    for (int64_t i = 0; i < j.q; ++i) {
+      const __m512i k = _mm512_loadu_si512(j.key_block(Q, c, i));
+      acc0 = _mm512_add_ps(acc0, scale_rows_avx512(j, lookup_rows_avx512<2 * H>(k, lo, hi), j.term(c, G[2 * H], i)));
+      acc1 = _mm512_add_ps(acc1,
+                           scale_rows_avx512(j, lookup_rows_avx512<2 * H + 1>(k, lo, hi), j.term(c, G[2 * H + 1], i)));
+    }
+  }
+  const __m512 acc[2] = {acc0, acc1};
+  for (int a = 0; a < 2; ++a) {
+    const int64_t r0 = Q * kQuadRows + (2 * H + a) * kLanes, rows = std::min<int64_t>(kLanes, j.N - r0);
+    if (rows <= 0) break;
+    _mm512_mask_storeu_ps(j.y + r0, (__mmask16)((1u << rows) - 1), acc[a]);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 
 // Row groups of the tiles of quad Q (rows beyond N count as the last row's group); false when a
@@ -460,7 +503,8 @@ int64_t work_items(const Job &j) {
   return j.group < kQuadRows ? 2 * NQ : (NQ + 1) / 2;
 }
 
-// Work item u: with narrow row groups half u % 2 of quad u / 2; else quads [2u, 2u + 2), where a pair
+// Work item u: with narrow row groups half u % 2 of quad u / 2 (AVX2: lanes 8h.. of its 4 tiles; AVX-512: tiles
+// 2h, 2h + 1; the scalar fallback takes the AVX2 rows); else quads [2u, 2u + 2), where a pair
 // lying in one row group (128 rows) shares one set of scaled tables and everything else runs quad by quad.
 void run_item(const Job &j, Isa isa, int64_t u) {
   const int64_t NQ = (j.N + kQuadRows - 1) / kQuadRows;
@@ -468,8 +512,9 @@ void run_item(const Job &j, Isa isa, int64_t u) {
     const int64_t Q = u / 2;
     const int h = (int)(u % 2);
     int64_t G[kQuad];
-    if (isa != Isa::Scalar && tile_groups(j, Q, G))
-      return quad_narrow_avx2(j, Q, G, h);  // also on AVX-512 hosts: no zmm version of the narrow path yet
+    if (isa == Isa::Avx512 && tile_groups(j, Q, G))
+      return h ? quad_narrow_avx512<1>(j, Q, G) : quad_narrow_avx512<0>(j, Q, G);
+    if (isa != Isa::Scalar && tile_groups(j, Q, G)) return quad_narrow_avx2(j, Q, G, h);
     for (int b = 0; b < kQuad; ++b)
       for (int l = 0; l < 8; ++l) {
         const int64_t n = Q * kQuadRows + b * kLanes + 8 * h + l;
