@@ -1,6 +1,7 @@
 // Kernel family 'shiftadd': ShiftAddLLM lookup-table products for Latency-mode BCQ weights
 // (reference: mulfree.ops.bcq.bcq_lut_gemv; storage format in ops/bcq.py). One-token kernels live
-// in shiftadd.cpp, the T-token driver in shiftadd_gemm.cpp, the Python class in shiftadd_bind.cpp.
+// in shiftadd.cpp (narrow row groups: shiftadd_narrow.cpp), the T-token driver in shiftadd_gemm.cpp, the Python
+// class in shiftadd_bind.cpp.
 //
 // Kernel weight layout ("quads"), built once by kernels/shiftadd.py `prepare`:
 //   keys uint8 [ceil(N/64), C, q, 16, 4]: byte b of lane l of quad Q = key of row 64Q + 16b + l,
@@ -13,6 +14,8 @@
 // sums, then their negation) and, on AVX2, kMaskWords exponent-add masks per chunk.
 #pragma once
 #include "mulfree_cpu.h"
+
+#include <immintrin.h>
 
 #include <cstdint>
 
@@ -48,6 +51,17 @@ void build_lut(Isa isa, const float *x, int64_t K, int64_t C, float *tables, uin
 // for row groups narrower than a quad.
 int64_t work_items(const Job &j);
 void run_item(const Job &j, Isa isa, int64_t u);
+
+// Half h of quad Q whose 16-row tiles each lie in one narrow row group G[b] (shiftadd_narrow.cpp; AVX2-class or
+// AVX-512 isa): AVX2 lanes 8h.. of the 4 tiles, AVX-512 tiles 2h and 2h + 1.
+void narrow_half(const Job &j, Isa isa, int64_t Q, const int64_t *G, int h);
+
+// A 16-entry lookup on AVX2: entries idx & 7 of t0 (sel bit 31 clear) or of t1 (set).
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 lookup16_avx2(__m256i idx, __m256i sel, __m256 t0,
+                                                                            __m256 t1) {
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t0, idx), _mm256_permutevar8x32_ps(t1, idx),
+                          _mm256_castsi256_ps(sel));  // sel bit 31 = index bit 3
+}
 
 // Y [T, N] = X [T, K] W^T: per token the same tables and run_item calls as one GEMV (bit-identical
 // rows), with tokens tiled so that each quad pair's keys are read once per tile. `w` carries the
