@@ -329,8 +329,11 @@ def test_cli_quantize_and_errors(tmp_path, capsys):
     assert model.config.mulfree_quant["calibration"]["asymmetric"]  # the walker default, recorded
     assert model.config.mulfree_quant["calibration"]["distill_epochs"] == 1
     rc = cli_main(["quantize", "gptq", "--model", str(src), "--bits", "3", "--calib-data", str(tmp_path / "calib.txt"),
-                   "--calib-samples", "2", "--calib-seqlen", "16", "--no-asymmetric", "--out", str(tmp_path / "g")])
-    assert rc == 0 and not load_quantized(tmp_path / "g")[0].config.mulfree_quant["calibration"]["asymmetric"]
+                   "--calib-samples", "2", "--calib-seqlen", "16", "--no-asymmetric", "--calib-precision", "bf16",
+                   "--out", str(tmp_path / "g")])
+    calibration = load_quantized(tmp_path / "g")[0].config.mulfree_quant["calibration"]
+    assert rc == 0 and not calibration["asymmetric"] and calibration["precision"] == "bf16"
+    assert model.config.mulfree_quant["calibration"]["precision"] == "fp32"  # the default, recorded
     assert cli_main(["quantize", "gptq", "--model", str(src), "--bits", "9", "--out", str(out)]) == 2
     assert "error: --bits 9 is out of range" in capsys.readouterr().err
     assert cli_main(["quantize", "gptq", "--model", str(src), "--bits", "3", "--tune-epochs", "-1", "--out", str(out)]) == 2

@@ -121,7 +121,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         extra["calibration"] = {"samples": cfg.calib_samples, "seqlen": cfg.calib_seqlen, "seed": cfg.seed,
                                 "data": cfg.calib_data or "bundled", "true_sequential": walk.true_sequential,
                                 "tune_epochs": walk.tune_epochs, "tune_lr": walk.tune_lr,
-                                "asymmetric": walk.asymmetric,
+                                "asymmetric": walk.asymmetric, "precision": walk.calib_precision,
                                 "distill_epochs": walk.distill_epochs, "distill_lr": walk.distill_lr}
     if blockwise:
         out = Path(cfg.out)

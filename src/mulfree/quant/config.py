@@ -31,8 +31,8 @@ class WalkOptions:
     distill_lr: float = field(default=1e-4, metadata={"help": "learning rate of --distill-epochs"})
     calib_precision: Literal["fp32", "bf16"] = field(default="fp32", metadata={"help": (
         "bf16: the calibration forwards and the Hessian sums multiply bf16-rounded inputs with fp32 accumulation "
-        "(PyTorch's oneDNN fp32_precision 'bf16'), several times faster on AMX / AVX512-BF16 CPUs; the solves stay "
-        "fp32, and the quantized weights differ slightly from fp32 calibration")})
+        "(PyTorch's oneDNN fp32_precision 'bf16'), several times faster on AMX / AVX512-BF16 CPUs; the solves keep "
+        "the caller's precision, and the quantized weights differ slightly from fp32 calibration")})
     batch_size: int = 4  # calibration windows per forward pass
     progress: bool = True  # a progress bar over the blocks
 

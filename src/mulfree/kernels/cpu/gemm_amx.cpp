@@ -62,13 +62,12 @@ void prepare_amx(int threads, const LinearJob *jobs, int njobs, const int8_t **o
 __attribute__((target(MF_AMX))) void amx_block(const int8_t *A, const int8_t *B, int64_t ks0, int64_t ks1,
                                                int64_t nks, bool resident, int32_t *C, const uint8_t *const *pf,
                                                int64_t npf) {
-  if (resident && ks0 > 0) {
-  } else if (ks0 == 0) {
+  if (ks0 == 0) {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
-  } else {
+  } else if (!resident) {
     _tile_loadd(0, C, 64);
     _tile_loadd(1, C + 256, 64);
     _tile_loadd(2, C + 512, 64);
