@@ -39,9 +39,10 @@ const Tile &gemv_tile(Isa isa, int nt);
 
 // T1R4 tiles (gemv_t1_<isa>.cpp; formats/t1.h): the same span of row groups (4 rows x Kpad weights,
 // t1::group_bytes(Kpad) bytes each) and tokens, but out[t * ldo + g * 4 + r] is the exact signed
-// sum_k trit * X[t * ldx + k]; wsum[g * 4 + r] = sum_k trit of that row (the AVX2 tiles need it).
+// sum_k trit * X[t * ldx + k]; sumq[t] = sum_k X[t * ldx + k] (the job's, padding zero: the VNNI tiles need it),
+// wsum[g * 4 + r] = sum_k trit of that row (the AVX2 tiles need it).
 using TileT1Fn = void (*)(const uint8_t *W, int64_t Kpad, int64_t ngroups, const int8_t *X, int64_t ldx,
-                          const int32_t *wsum, int32_t *out, int64_t ldo);
+                          const int32_t *sumq, const int32_t *wsum, int32_t *out, int64_t ldo);
 struct TileSetT1 {
   int count;
   TileT1Fn tiles[kMaxTile];
@@ -65,15 +66,5 @@ __attribute__((target("avx2"), always_inline)) inline void store_row_sums_avx2(_
   _mm_storeu_si128((__m128i *)out, _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
 }
 
-// sum_k x[k] of Kpad int8 activations (Kpad a multiple of 32): byte pairs by vpmaddubsw (|sum| <= 256), then dwords.
-__attribute__((target("avx2"), always_inline)) inline int32_t sum_acts_avx2(const int8_t *x, int64_t Kpad) {
-  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
-  __m256i acc = _mm256_setzero_si256();
-  for (int64_t k = 0; k < Kpad; k += 32)
-    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, ld256(x + k)), ones16));
-  const __m128i h = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-  const __m128i q = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
-  return _mm_cvtsi128_si32(_mm_add_epi32(q, _mm_shuffle_epi32(q, 0xb1)));
-}
 
 }  // namespace ternary

@@ -57,7 +57,8 @@ __attribute__((target("avx2,fma"), always_inline)) inline void group_t1_avx2(con
 
 template <int NT>
 __attribute__((target("avx2,fma"))) void tile_t1_avx2(const uint8_t *W, int64_t Kpad, int64_t ngroups, const int8_t *X,
-                                                        int64_t ldx, const int32_t *wsum, int32_t *out, int64_t ldo) {
+                                                        int64_t ldx, const int32_t *, const int32_t *wsum, int32_t *out,
+                                                        int64_t ldo) {
   // The activations as unsigned q + 128, once per tile call (Kpad bytes per token against 64 rows of weights).
   thread_local LineVec<uint8_t> biased;
   biased.resize((size_t)(NT * Kpad));

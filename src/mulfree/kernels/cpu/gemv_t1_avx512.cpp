@@ -84,10 +84,9 @@ __attribute__((target(MF_AVX512), always_inline)) inline void group_t1_avx512(co
 }
 
 template <int NT>
-__attribute__((target(MF_AVX512))) void tile_t1_avx512(const uint8_t *W, int64_t Kpad, int64_t ngroups, const int8_t *X,
-                                                         int64_t ldx, const int32_t *, int32_t *out, int64_t ldo) {
-  int32_t sumq[NT];
-  for (int n = 0; n < NT; ++n) sumq[n] = sum_acts_avx2(X + n * ldx, Kpad);
+__attribute__((target(MF_AVX512))) void tile_t1_avx512(const uint8_t *W, int64_t Kpad, int64_t ngroups,
+                                                         const int8_t *X, int64_t ldx, const int32_t *sumq,
+                                                         const int32_t *, int32_t *out, int64_t ldo) {
   const int64_t gb = t1::group_bytes(Kpad);
   for (int64_t g = 0; g < ngroups; ++g)
     group_t1_avx512<NT>(W + g * gb, Kpad, X, ldx, sumq, out + g * t1::kRows, ldo);

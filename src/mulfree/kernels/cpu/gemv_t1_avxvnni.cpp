@@ -61,10 +61,8 @@ __attribute__((target("avx2,fma,avxvnni"), always_inline)) inline void pair_t1_a
 
 template <int NT>
 __attribute__((target("avx2,fma,avxvnni"))) void tile_t1_avxvnni(const uint8_t *W, int64_t Kpad, int64_t ngroups,
-                                                                 const int8_t *X, int64_t ldx, const int32_t *,
-                                                                 int32_t *out, int64_t ldo) {
-  int32_t sumq[NT];
-  for (int n = 0; n < NT; ++n) sumq[n] = sum_acts_avx2(X + n * ldx, Kpad);
+                                                                 const int8_t *X, int64_t ldx, const int32_t *sumq,
+                                                                 const int32_t *, int32_t *out, int64_t ldo) {
   const int64_t gb = t1::group_bytes(Kpad);
   for (int64_t g = 0; g < ngroups; ++g) {
     __m256i lo[2][NT], hi[2][NT];

@@ -25,7 +25,7 @@ void group_t1_scalar(const uint8_t *W, int64_t Kpad, const int8_t *X, int64_t ld
 
 template <int NT>
 void tile_t1_scalar(const uint8_t *W, int64_t Kpad, int64_t ngroups, const int8_t *X, int64_t ldx, const int32_t *,
-                    int32_t *out, int64_t ldo) {
+                    const int32_t *, int32_t *out, int64_t ldo) {
   for (int64_t g = 0; g < ngroups; ++g)
     group_t1_scalar<NT>(W + g * t1::group_bytes(Kpad), Kpad, X, ldx, out + g * t1::kRows, ldo);
 }

@@ -121,7 +121,8 @@ void linear_rows(Isa isa, const LinearJob &j, int64_t g0, int64_t g1) {
       const int nt = (int)std::min<int64_t>(kMaxTile, T - t0);
       if (j.fmt == Format::T1R4) {
         const TileT1 &tile = gemv_tile_t1(isa, nt);
-        tile.fn(W, j.Kpad, ge - gs, j.Q + t0 * j.Kpad, j.Kpad, j.wsum + gs * kRows, st + t0 * width, width);
+        tile.fn(W, j.Kpad, ge - gs, j.Q + t0 * j.Kpad, j.Kpad, j.sumq + t0, j.wsum + gs * kRows, st + t0 * width,
+                width);
         t0 += tile.tokens;
       } else {
         const Tile &tile = gemv_tile(isa, nt);
