@@ -178,10 +178,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void scale_avx512(co
 template <int B>
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 lookup_avx512(__m512i k, __m512 lo, __m512 hi,
                                                                                   __m512 acc) {
-  const __m512i kl = B == 0 ? k : _mm512_srli_epi32(k, 8 * B);
-  const __m512 v = _mm512_add_ps(_mm512_permutexvar_ps(kl, lo),
-                                 _mm512_permutexvar_ps(_mm512_srli_epi32(k, 8 * B + 4), hi));
-  return _mm512_add_ps(acc, v);
+  return _mm512_add_ps(acc, lookup_pair_avx512<B>(k, lo, hi));
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void store_quad_avx512(const Job &j, int64_t Q,
@@ -270,7 +267,6 @@ __attribute__((target("avx2,fma"))) inline void scale_avx2(const Job &j, int64_t
     for (int r = 0; r < 4; ++r) st[r] = _mm256_add_ps(st[r], v[r]);
   }
 }
-
 
 // Tile B, 8 lanes: nibbles at bit 8B (lo) and 8B + 4 (hi) of every 32-bit key lane; the blend
 // selector is the nibble's bit 3 moved to bit 31.

@@ -63,6 +63,16 @@ __attribute__((target("avx2,fma"), always_inline)) inline __m256 lookup16_avx2(_
                           _mm256_castsi256_ps(sel));  // sel bit 31 = index bit 3
 }
 
+// Tile B (0-3) of a 64-byte key block on AVX-512: lo[nibble 2B] + hi[nibble 2B + 1] for its 16 rows (vpermps reads
+// an index's low 4 bits, so each 16-entry half table is one operand).
+template <int B>
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline __m512 lookup_pair_avx512(__m512i k,
+                                                                                                      __m512 lo,
+                                                                                                      __m512 hi) {
+  const __m512i kl = B == 0 ? k : _mm512_srli_epi32(k, 8 * B);
+  return _mm512_add_ps(_mm512_permutexvar_ps(kl, lo), _mm512_permutexvar_ps(_mm512_srli_epi32(k, 8 * B + 4), hi));
+}
+
 // Y [T, N] = X [T, K] W^T: per token the same tables and run_item calls as one GEMV (bit-identical
 // rows), with tokens tiled so that each quad pair's keys are read once per tile. `w` carries the
 // weight fields of Job (tables, nz, y ignored).

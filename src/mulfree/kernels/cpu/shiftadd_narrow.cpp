@@ -76,24 +76,18 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 scale_rows_av
   return _mm512_maskz_mov_ps(normal, out);
 }
 
-template <int B>
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 lookup_rows_avx512(__m512i k, __m512 lo,
-                                                                                      __m512 hi) {
-  const __m512i kl = B == 0 ? k : _mm512_srli_epi32(k, 8 * B);
-  return _mm512_add_ps(_mm512_permutexvar_ps(kl, lo), _mm512_permutexvar_ps(_mm512_srli_epi32(k, 8 * B + 4), hi));
-}
-
 template <int H>
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void quad_narrow_avx512(const Job &j, int64_t Q, const int64_t *G) {
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void quad_narrow_avx512(const Job &j, int64_t Q,
+                                                                             const int64_t *G) {
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   for (int64_t c = 0; c < j.C; ++c) {
     const float *tb = j.tables + c * 64;
     const __m512 lo = _mm512_loadu_ps(tb), hi = _mm512_loadu_ps(tb + 16);
     for (int64_t i = 0; i < j.q; ++i) {
       const __m512i k = _mm512_loadu_si512(j.key_block(Q, c, i));
-      acc0 = _mm512_add_ps(acc0, scale_rows_avx512(j, lookup_rows_avx512<2 * H>(k, lo, hi), j.term(c, G[2 * H], i)));
-      acc1 = _mm512_add_ps(acc1,
-                           scale_rows_avx512(j, lookup_rows_avx512<2 * H + 1>(k, lo, hi), j.term(c, G[2 * H + 1], i)));
+      acc0 = _mm512_add_ps(acc0, scale_rows_avx512(j, lookup_pair_avx512<2 * H>(k, lo, hi), j.term(c, G[2 * H], i)));
+      acc1 = _mm512_add_ps(
+          acc1, scale_rows_avx512(j, lookup_pair_avx512<2 * H + 1>(k, lo, hi), j.term(c, G[2 * H + 1], i)));
     }
   }
   const __m512 acc[2] = {acc0, acc1};
