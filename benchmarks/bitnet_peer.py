@@ -41,7 +41,15 @@ import tempfile
 from pathlib import Path
 
 from decode import SHAPES
-from llamacpp_peer import NICE, add_bench_args, host_info, packed_models, run_llama_bench, run_ours
+from llamacpp_peer import (
+    NICE,
+    OURS_LABELS,
+    add_bench_args,
+    host_info,
+    packed_models,
+    run_llama_bench,
+    run_ours,
+)
 
 from mulfree.atomic import atomic_write
 from mulfree.kernels import backend as best_backend
@@ -210,12 +218,13 @@ def median_round(rounds: list[dict]) -> dict:
             "ratios": {f: med(["ratios", f]) for f in rounds[0]["ratios"]}}
 
 
-def print_round(title: str, rnd: dict, formats: list[str], threads: list[int], prompt: int, gen: int) -> None:
+def print_round(title: str, rnd: dict, formats: list[str], threads: list[int], prompt: int, gen: int,
+                ours: str) -> None:
     cols = [(f"prefill_{t}t", f"pp{prompt} {t}T") for t in threads] + [(f"decode_{t}t", f"tg{gen} {t}T")
                                                                        for t in threads]
     print(f"\n{title} (tok/s)\n{'engine':<30}{'MiB':>8}" + "".join(f"{c[1]:>11}" for c in cols)
           + f"{'load 1/5/15 min':>18}")
-    for label, r in [(FORMATS[f][1], rnd["bitnet"][f]) for f in formats] + [("mulfree packed 2-bit", rnd["ours"])]:
+    for label, r in [(FORMATS[f][1], rnd["bitnet"][f]) for f in formats] + [(ours, rnd["ours"])]:
         print(f"{label:<30}{r['size_mib']:>8.1f}" + "".join(f"{r[k]:>11.1f}" for k, _ in cols)
               + "{:>8.2f}{:>5.2f}{:>5.2f}".format(*r["loadavg"]))
     for f in formats:
@@ -247,7 +256,7 @@ def main() -> None:
     host = host_info()
     print(f"host: {host['cpu']}, {host['isa']}, {host['cpus']} CPUs; mulfree kernel backend {best_backend()}")
     ggufs, heads = prepare_models(args.source, args.build_dir, args.models, args.shape, args.formats, args.seed)
-    ours_models, ours_mib = packed_models(args.shape, args.threads, args.seed)
+    ours_models, ours_mib = packed_models(args.shape, args.threads, args.seed, args.ours_format)
     rounds = []
     for i in range(args.rounds):
         bn = {f: run_llama_bench(args.build_dir, ggufs[f], args.threads, args.prompt, args.gen, args.reps)
@@ -257,12 +266,14 @@ def main() -> None:
         keys = [k for k in ours if k.startswith(("prefill_", "decode_"))]
         ratios = {f: {k: ours[k] / bn[f][k] for k in keys} for f in args.formats}
         rounds.append({"bitnet": bn, "ours": ours, "ratios": ratios})
-        print_round(f"round {i + 1}", rounds[-1], args.formats, args.threads, args.prompt, args.gen)
+        print_round(f"round {i + 1}", rounds[-1], args.formats, args.threads, args.prompt, args.gen,
+                    OURS_LABELS[args.ours_format])
     median = median_round(rounds) if len(rounds) > 1 else None
     if median:
-        print_round(f"median of {len(rounds)} rounds", median, args.formats, args.threads, args.prompt, args.gen)
+        print_round(f"median of {len(rounds)} rounds", median, args.formats, args.threads, args.prompt, args.gen,
+                    OURS_LABELS[args.ours_format])
     print(json.dumps({"benchmark": "bitnet_peer", "host": host, "backend": best_backend(), "shape": args.shape,
-                      "bitnet": {"source": str(args.source or args.build_dir),
+                      "ours_format": args.ours_format, "bitnet": {"source": str(args.source or args.build_dir),
                                  "commit": source_commit(args.source, args.commit), "heads": heads},
                       "prompt": args.prompt, "gen": args.gen, "reps": args.reps, "rounds": rounds,
                       "median": median}))

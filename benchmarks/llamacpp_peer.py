@@ -188,6 +188,9 @@ def run_llama_bench(build: Path, model: Path, threads: list[int], prompt: int, g
     return res
 
 
+OURS_LABELS = {"t2": "mulfree packed 2-bit", "t1": "mulfree packed 1.6-bit"}
+
+
 def run_ours(models: dict[int, PackedModel], prompt: int, gen: int, reps: int) -> dict:
     """Packed-engine decode and prefill tok/s per thread count, each the mean of `reps` timings."""
     res = {}
@@ -198,12 +201,12 @@ def run_ours(models: dict[int, PackedModel], prompt: int, gen: int, reps: int) -
     return res
 
 
-def print_round(i: int, rnd: dict, formats: list[str], threads: list[int], prompt: int, gen: int) -> None:
+def print_round(i: int, rnd: dict, formats: list[str], threads: list[int], prompt: int, gen: int, ours: str) -> None:
     cols = [(f"prefill_{t}t", f"pp{prompt} {t}T") for t in threads] + [(f"decode_{t}t", f"tg{gen} {t}T")
                                                                        for t in threads]
     head = f"{'engine':<30}{'MiB':>8}" + "".join(f"{c[1]:>11}" for c in cols) + f"{'load':>7}"
     print(f"\nround {i + 1} (tok/s)\n{head}")
-    rows = [(FORMATS[f][2], rnd["llama_cpp"][f]) for f in formats] + [("mulfree packed 2-bit", rnd["ours"])]
+    rows = [(FORMATS[f][2], rnd["llama_cpp"][f]) for f in formats] + [(ours, rnd["ours"])]
     for label, r in rows:
         print(f"{label:<30}{r['size_mib']:>8.1f}" + "".join(f"{r[k]:>11.1f}" for k, _ in cols)
               + f"{r['load_1min']:>7.1f}")
@@ -212,12 +215,13 @@ def print_round(i: int, rnd: dict, formats: list[str], threads: list[int], promp
                                                                         for k, _ in cols))
 
 
-def packed_models(shape: str, threads: list[int], seed: int) -> tuple[dict[int, PackedModel], float]:
-    """Our random packed model of `shape`, one PackedModel per thread count sharing its tensors, and its MiB."""
+def packed_models(shape: str, threads: list[int], seed: int, fmt: str = "t2") -> tuple[dict[int, PackedModel], float]:
+    """Our random packed model of `shape` in format `fmt`, one PackedModel per thread count sharing its tensors,
+    and its MiB."""
     vocab, d, layers, inter = SHAPES[shape]
-    pm = random_packed_model(vocab, d, layers, inter, threads=max(threads), seed=seed)
-    models = {t: pm if t == max(threads) else PackedModel(pm.config, pm.tensors, backend=pm.backend, threads=t)
-              for t in threads}
+    pm = random_packed_model(vocab, d, layers, inter, threads=max(threads), seed=seed, fmt=fmt)
+    models = {t: pm if t == max(threads) else PackedModel(pm.config, pm.tensors, backend=pm.backend, threads=t,
+                                                          fmt=pm.format.name) for t in threads}
     return models, sum(v.numel() * v.element_size() for v in pm.tensors.values()) / 2**20
 
 
@@ -229,6 +233,8 @@ def add_bench_args(p: argparse.ArgumentParser, rounds: int) -> None:
     p.add_argument("--reps", type=int, default=3, help="repetitions per test (llama-bench -r; ours: mean of reps)")
     p.add_argument("--rounds", type=int, default=rounds, help="back-to-back repeats of the whole comparison")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ours-format", default="t2", choices=list(OURS_LABELS),
+                   help="our packed format: t2 (2 bits per weight) or t1 (1.6)")
 
 
 def main() -> None:
@@ -258,7 +264,7 @@ def main() -> None:
     host = host_info()
     print(f"host: {host['cpu']}, {host['isa']}, {host['cpus']} CPUs; mulfree kernel backend {best_backend()}")
     ggufs = prepare_models(build, args.cache, args.shape, args.formats, args.seed)
-    ours_models, ours_mib = packed_models(args.shape, args.threads, args.seed)
+    ours_models, ours_mib = packed_models(args.shape, args.threads, args.seed, args.ours_format)
     rounds = []
     for i in range(args.rounds):
         lc = {f: run_llama_bench(build, ggufs[f], args.threads, args.prompt, args.gen, args.reps)
@@ -268,12 +274,12 @@ def main() -> None:
         keys = [k for k in ours if k != "size_mib"]
         ratios = {f: {k: ours[k] / lc[f][k] for k in keys} for f in args.formats}
         rounds.append({"llama_cpp": lc, "ours": ours, "ratios": ratios})
-        print_round(i, rounds[-1], args.formats, args.threads, args.prompt, args.gen)
+        print_round(i, rounds[-1], args.formats, args.threads, args.prompt, args.gen, OURS_LABELS[args.ours_format])
     commit = vendored_commit(args.cache) if args.llama_cpp is None else None
     if not commit and rounds:
         commit = rounds[0]["llama_cpp"][args.formats[0]]["build_commit"]
     print(json.dumps({"benchmark": "llamacpp_peer", "host": host, "backend": best_backend(), "shape": args.shape,
-                      "llama_cpp": {"source": f"llama-cpp-python {LCPP_PYPI_VERSION} sdist" if commit else str(build),
+                      "ours_format": args.ours_format, "llama_cpp": {"source": f"llama-cpp-python {LCPP_PYPI_VERSION} sdist" if commit else str(build),
                                     "commit": commit or "unknown"},
                       "prompt": args.prompt, "gen": args.gen, "reps": args.reps, "rounds": rounds}))
 

@@ -120,10 +120,12 @@ def test_rounding_flips_are_rare(model):
 
 
 @pytest.mark.skipif(not amx_available(), reason="no AMX-INT8 on this CPU / OS")
-@pytest.mark.parametrize("intermediate", [100, 96])  # 96 = 3 AMX panels: the GLU is fused into the GEMM
+# 96 = 3 AMX panels: the GLU is fused into the GEMM; hidden 600: k chunks of 8 and 4 steps, so the tile loop of the
+# gate's short last chunk has fewer slots than its next chunk (the up panel's first) has row tiles to unpack
+@pytest.mark.parametrize(("hidden", "intermediate"), [(72, 100), (72, 96), (600, 96)])
 @pytest.mark.parametrize("n_tokens", [21, 40])  # one and two 32-token blocks, the last one partial
-def test_amx_prefill_equals_vnni_prefill(intermediate, n_tokens):
-    m = _mmfree(intermediate)
+def test_amx_prefill_equals_vnni_prefill(hidden, intermediate, n_tokens):
+    m = random_mmfree(hidden, intermediate)
     ids = torch.randint(0, 300, (n_tokens,), generator=torch.Generator().manual_seed(SEQ_SEED))
     pm = PackedModel.from_model(m, backend="avx512")
     prev = set_amx(True)
