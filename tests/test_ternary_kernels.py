@@ -40,14 +40,14 @@ def test_ternary_matmul_exact(backend, threads, shape):
 
 
 # (24, 40, 1300): one 32-token block over three k chunks, its C tiles kept in registers between the chunks
-AMX_SHAPES = [(16, 1, 1), (17, 33, 300), (24, 40, 1300), (37, 70, 513), (64, 130, 1000), (70, 40, 2100)]
+AMX_SHAPES = [(8, 1, 1), (13, 33, 300), (17, 33, 300), (24, 40, 1300), (37, 70, 513), (64, 130, 1000), (70, 40, 2100)]
 
 
 @pytest.mark.skipif(not K.amx_available(), reason="no AMX-INT8 on this CPU / OS")
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shape", AMX_SHAPES, ids=_ids(AMX_SHAPES))
 def test_amx_gemm_exact(threads, shape):
-    t_, n, k = shape  # >= 16 tokens: the AMX path; partial token / row tiles and several k chunks
+    t_, n, k = shape  # >= 8 tokens: the AMX path; partial token / row tiles and several k chunks
     g = torch.Generator().manual_seed(n * 1000 + k)
     w = _trits(n, k, g)
     q = torch.randint(-128, 128, (t_, k), generator=g, dtype=torch.int8)
@@ -64,7 +64,7 @@ def test_amx_gemm_exact(threads, shape):
     assert torch.equal(vnni, expect)
 
 
-PANEL_SHAPES = [(48, 33, 300), (61, 70, 513), (97, 130, 2100)]  # >= 48 tokens: VNNI panels; partial blocks
+PANEL_SHAPES = [(12, 33, 300), (29, 70, 513), (97, 130, 2100)]  # >= 12 tokens: VNNI panels; partial blocks
 
 
 @pytest.mark.skipif("avx512" not in COMPILED, reason="no AVX-512 VNNI on this CPU")

@@ -102,7 +102,7 @@ def amx_available() -> bool:
 
 
 def set_amx(enabled: bool) -> bool:
-    """Route ternary GEMMs of >= 16 tokens on the avx512 backend through AMX tiles (default where available,
+    """Route ternary GEMMs of >= 8 tokens on the avx512 backend through AMX tiles (default where available,
     `MULFREE_AMX=0` turns it off); returns the previous setting."""
     if not amx_available():
         if enabled:

@@ -177,6 +177,6 @@ void register_ternary(nb::module_ &m) {
         return amx_switch().exchange(on);
       },
       nb::arg("on"),
-      "Use AMX tiles for ternary GEMMs of >= 16 tokens on the avx512 backend (default: on where the CPU and OS allow, "
+      "Use AMX tiles for ternary GEMMs of >= 8 tokens on the avx512 backend (default: on where the CPU and OS allow, "
       "unless MULFREE_AMX=0); returns the previous setting.");
 }

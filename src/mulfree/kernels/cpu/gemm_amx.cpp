@@ -9,8 +9,8 @@
 namespace ternary {
 namespace {
 
-// Below 16 tokens an A tile is partly empty and the 4-row VNNI GEMV tiles win.
-constexpr int64_t kAmxPanelMinTokens = 16;
+// From 8 tokens the partly empty A tiles still beat the 4-row VNNI GEMV tiles; below, the tiles win (docs/packed.md).
+constexpr int64_t kAmxPanelMinTokens = 8;
 
 struct alignas(64) TileConfig {
   uint8_t palette_id = 1, start_row = 0, reserved[14] = {};

@@ -8,8 +8,8 @@
 namespace ternary {
 namespace {
 
-// VNNI panels: the panel's unpack pays off from about 48 tokens; below, the 4-row GEMV tiles win (docs/packed.md).
-constexpr int64_t kVnniPanelMinTokens = 48;
+// VNNI panels: the panel's unpack pays off from about 12 tokens; below, the 4-row GEMV tiles win (docs/packed.md).
+constexpr int64_t kVnniPanelMinTokens = 12;
 constexpr int kVnniTokens = 12;  // tokens per VNNI block: 2 x 12 accumulators + 2 codes + 1 quad
 
 // Transposes a 16 x 16 matrix of dwords held as 16 rows.
