@@ -4,6 +4,7 @@ shape, beside the machine's streaming read bandwidth measured in the same run.
     python benchmarks/decode.py                     # 370m and 1.3b shapes (a few minutes)
     python benchmarks/decode.py --shapes tiny --tokens 8 --prefill 32   # smoke run
     python benchmarks/decode.py --shapes 1.3b --batch 1 8 32   # batched decode only: aggregate tok/s per B
+    python benchmarks/decode.py --shapes 1.3b --batch 8 32 --formats t1   # the same in the 1.6-bit format
     python benchmarks/decode.py --shapes 1.3b --formats t2 t1 --rounds 3   # packed formats side by side
     python benchmarks/decode.py --shapes 1.3b --contention --rounds 3      # 1 vs 2 threads, idle and one core busy
 
@@ -219,7 +220,8 @@ def bench_batched(name: str, args: argparse.Namespace) -> dict:
     batch sizes and the prefill are timed in turn, round after round, best of each kept (the host is shared)."""
     vocab, d, layers, inter = SHAPES[name]
     torch.set_num_threads(1)  # torch's argmax workers would spin against the engine's pool on 2 cores
-    pm = random_packed_model(vocab, d, layers, inter, threads=2, seed=args.seed)
+    fmt = (args.formats or ["t2"])[0]
+    pm = random_packed_model(vocab, d, layers, inter, threads=2, seed=args.seed, fmt=fmt)
     ids = torch.randint(0, vocab, (args.prefill,))
     timers = {f"batch_{b}": batched_window(pm, b, args.tokens) for b in args.batch}
 
@@ -233,7 +235,7 @@ def bench_batched(name: str, args: argparse.Namespace) -> dict:
     for _ in range(args.rounds):
         for key, timer in timers.items():
             res[key] = max(res.get(key, 0.0), timer())
-    print(f"\n[{name}] 2T: {args.prefill}-token prefill {res['prefill']:.1f} tok/s")
+    print(f"\n[{name}] {fmt}, 2T: {args.prefill}-token prefill {res['prefill']:.1f} tok/s")
     base = res.get("batch_1")
     for b in args.batch:
         r = res[f"batch_{b}"]
@@ -437,11 +439,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5,
                    help="--batch: rounds over the batch sizes (best of each kept); --formats: rounds over the formats")
     p.add_argument("--formats", nargs="+", choices=["t2", "t1"],
-                   help="only time the packed engine in these formats, side by side (decode batch 1 and prefill)")
+                   help="only time the packed engine in these formats, side by side (decode batch 1 and prefill); "
+                        "with --batch, the one format of the batched model")
     p.add_argument("--contention", action="store_true",
                    help="only time 1 and 2 threads, idle and with another process keeping one core busy")
     p.add_argument("--torch-only", action="store_true", help=argparse.SUPPRESS)  # the child of torch_limited
     args = p.parse_args()
+    if args.batch and args.formats and len(args.formats) > 1:
+        p.error("--batch takes one --formats value")
     if args.torch_only:
         torch.manual_seed(args.seed)
         print(json.dumps(torch_rows(args.shapes[0], args)))
@@ -451,7 +456,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     # The single-purpose modes: (flag, benchmark name, function of one shape).
     for flag, bench, fn in (("contention", "decode_contention", bench_contention),
-                            ("formats", "decode_formats", bench_formats), ("batch", "decode_batch", bench_batched)):
+                            ("batch", "decode_batch", bench_batched), ("formats", "decode_formats", bench_formats)):
         if getattr(args, flag):
             print(f"host: {cpu_model()}, {os.cpu_count()} CPUs, kernel backend {best_backend()}")
             results = [fn(name, args) for name in args.shapes]

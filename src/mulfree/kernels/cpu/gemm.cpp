@@ -8,6 +8,10 @@
 namespace ternary {
 namespace {
 
+// T1R4 weights run as panels only from this many tokens: every call converts them to T2R4 first (gemm_t1.cpp),
+// which costs about two decode steps, so their GEMV tiles win for longer (docs/packed.md).
+constexpr int64_t kT1PanelMinTokens = 32;
+
 // The panel tier of `isa`: AMX when it is on (set_amx, and a build with AMX), else the ISA's own tier, else the
 // next lower one this build has; none for scalar.
 const PanelTier *panel_tier(Isa isa) {
@@ -35,9 +39,9 @@ std::atomic<bool> &amx_switch() {
   return on;
 }
 
-bool uses_panels(Isa isa, Format, int64_t T) {
+bool uses_panels(Isa isa, Format fmt, int64_t T) {
   const PanelTier *tier = panel_tier(isa);
-  return tier && T >= tier->min_tokens;
+  return tier && T >= std::max(tier->min_tokens, fmt == Format::T1R4 ? kT1PanelMinTokens : int64_t{0});
 }
 
 void prepare_none(int, const LinearJob *jobs, int njobs, const int8_t **acts) {

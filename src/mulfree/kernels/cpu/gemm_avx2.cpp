@@ -7,8 +7,8 @@
 namespace ternary {
 namespace {
 
-// AVX2 panels overtake the 2-token GEMV tiles from about 32 tokens (docs/packed.md).
-constexpr int64_t kAvx2PanelMinTokens = 32;
+// AVX2 panels overtake the GEMV tiles from about 8 tokens of a batch (docs/packed.md).
+constexpr int64_t kAvx2PanelMinTokens = 8;
 
 // Transposes an 8 x 8 matrix of dwords held as 8 rows (column j ends in r[j]).
 __attribute__((target("avx2"), always_inline)) inline void transpose8x8_epi32(__m256i r[8]) {

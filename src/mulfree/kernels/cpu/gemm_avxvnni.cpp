@@ -8,9 +8,8 @@
 namespace ternary {
 namespace {
 
-// AVX-VNNI panels overtake its GEMV tiles (which need no widening, unlike AVX2's) from about 64 tokens
-// (docs/packed.md).
-constexpr int64_t kAvxVnniPanelMinTokens = 64;
+// AVX-VNNI panels overtake its GEMV tiles from about 8 tokens of a batch (docs/packed.md).
+constexpr int64_t kAvxVnniPanelMinTokens = 8;
 
 // The 256-bit form of the VNNI block (gemm_avx512.cpp), one 16-row tile (2 ymm of 8 rows x 4 codes) at a time.
 template <int NT>

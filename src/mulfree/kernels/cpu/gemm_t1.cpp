@@ -1,6 +1,6 @@
 // Prefill on T1R4 weights: each linear of the call is converted to T2R4 once (formats/t1.h -> formats/t2r4.h, the
 // same codes) and runs as the T2R4 panel GEMMs (gemm.cpp). The conversion costs about two tokens' GEMVs, against the
-// T GEMV tiles' decodes it replaces (batches of at least a panel tier's min_tokens, 16-64 tokens, come here).
+// T GEMV tiles' decodes it replaces (batches of at least 32 tokens come here: kT1PanelMinTokens, gemm.cpp).
 #include "gemm.h"
 
 #include <cstring>

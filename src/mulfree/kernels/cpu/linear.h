@@ -97,8 +97,8 @@ LineVec<int32_t> t1_row_sums(const uint8_t *W, int64_t N, int64_t Kpad);
 std::vector<std::pair<int, int64_t>> row_group_chunks(const LinearJob *jobs, int njobs, int64_t step);
 // Rows of row groups [g0, g1) of j for all its tokens, by the GEMV tiles of `isa` (calling thread only).
 void linear_rows(Isa isa, const LinearJob &j, int64_t g0, int64_t g1);
-// Whether a batch of T tokens of format `fmt` runs as panel GEMMs on `isa` (gemm.cpp: the thresholds per tier, the
-// same for both formats: T1R4 weights are converted to T2R4 for them).
+// Whether a batch of T tokens of format `fmt` runs as panel GEMMs on `isa` (gemm.cpp: the thresholds per tier, and
+// one more for T1R4, whose weights are converted to T2R4 for them).
 bool uses_panels(Isa isa, Format fmt, int64_t T);
 // Runs several independent linears in one parallel region (GEMV tiles split by row groups, or panel GEMMs); the
 // jobs of one call share a format.
