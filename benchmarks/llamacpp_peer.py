@@ -279,7 +279,8 @@ def main() -> None:
     if not commit and rounds:
         commit = rounds[0]["llama_cpp"][args.formats[0]]["build_commit"]
     print(json.dumps({"benchmark": "llamacpp_peer", "host": host, "backend": best_backend(), "shape": args.shape,
-                      "ours_format": args.ours_format, "llama_cpp": {"source": f"llama-cpp-python {LCPP_PYPI_VERSION} sdist" if commit else str(build),
+                      "ours_format": args.ours_format,
+                      "llama_cpp": {"source": f"llama-cpp-python {LCPP_PYPI_VERSION} sdist" if commit else str(build),
                                     "commit": commit or "unknown"},
                       "prompt": args.prompt, "gen": args.gen, "reps": args.reps, "rounds": rounds}))
 
