@@ -120,8 +120,8 @@ def test_rounding_flips_are_rare(model):
 
 
 @pytest.mark.skipif(not amx_available(), reason="no AMX-INT8 on this CPU / OS")
-# 96 = 3 AMX panels: the GLU is fused into the GEMM; hidden 600: k chunks of 8 and 4 steps, so the tile loop of the
-# gate's short last chunk has fewer slots than its next chunk (the up panel's first) has row tiles to unpack
+# 96 = 3 AMX panels: the GLU is fused into the GEMM; hidden 600: k chunks of 8 and 4 steps, the gate panel's short
+# last chunk (its C tiles kept in registers) followed by the up panel's full first one
 @pytest.mark.parametrize(("hidden", "intermediate"), [(72, 100), (72, 96), (600, 96)])
 @pytest.mark.parametrize("n_tokens", [21, 40])  # one and two 32-token blocks, the last one partial
 def test_amx_prefill_equals_vnni_prefill(hidden, intermediate, n_tokens):

@@ -57,17 +57,19 @@ void convert_groups(Isa isa, const uint8_t *W1, int64_t Kpad1, uint8_t *W2, int6
   thread_local LineVec<uint8_t> codes;
   codes.resize((size_t)std::max(Kpad1, Kpad2));
   std::memset(codes.data() + Kpad1, 1, (size_t)std::max<int64_t>(0, Kpad2 - Kpad1));
-  for (int64_t g = g0; g < g1; ++g)
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint8_t *src = W1 + g * t1::group_bytes(Kpad1);
+    uint8_t *dst = W2 + g * Kpad2;
     for (int r = 0; r < kRows; ++r) {
-      const uint8_t *src = W1 + g * t1::group_bytes(Kpad1);
       if (isa == Isa::Scalar) {
         decode_row_scalar(src, Kpad1, r, codes.data());
-        pack_row_scalar(codes.data(), Kpad2, r, W2 + g * Kpad2);
+        pack_row_scalar(codes.data(), Kpad2, r, dst);
       } else {
         decode_row_avx2(src, Kpad1, r, codes.data());
-        pack_row_avx2(codes.data(), Kpad2, r, W2 + g * Kpad2);
+        pack_row_avx2(codes.data(), Kpad2, r, dst);
       }
     }
+  }
 }
 
 }  // namespace

@@ -66,5 +66,4 @@ __attribute__((target("avx2"), always_inline)) inline void store_row_sums_avx2(_
   _mm_storeu_si128((__m128i *)out, _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
 }
 
-
 }  // namespace ternary
