@@ -1,6 +1,6 @@
-"""The numpy column loops of the GPTQ solver and the ShiftAdd Accuracy-mode fit against the torch
-loops they replaced (kept below as references, copied from the implementation before the rewrite):
-equal codes, scales and dequantized weights, bit for bit, on small awkward layers."""
+"""The numpy and C++ column loops of the GPTQ solver and the ShiftAdd Accuracy-mode fit against the torch
+loops they replaced (kept below as references, copied from the implementation before the rewrite), and
+against each other: equal codes, scales and dequantized weights, bit for bit, on small awkward layers."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from mulfree.kernels import cpu_module
 from mulfree.ops.bcq import bcq_fit, bcq_fit_np, level_signs
 from mulfree.ops.powers import EXP_MAX, EXP_MIN, apot_value
+from mulfree.quant.base import HessianStats
 from mulfree.quant.gptq import UniformQuantizer, gptq_solve
 from mulfree.quant.shiftadd import BCQColumnQuantizer, _row_groups
 
@@ -81,7 +82,17 @@ def _apot_round_ref(alpha, terms):
 
 
 def _solve_ref(w, h, quantizer, perm, blocksize, percdamp=0.01):
-    """`gptq._solve` before the rewrite: the torch column loop on [N, B] lazy blocks."""
+    """`gptq._solve` before the rewrite: the torch column loop on [N, B] lazy blocks, on one torch thread as the
+    solver runs (the lazy-block update's matmul rounds differently with more threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _solve_ref_loop(w, h, quantizer, perm, blocksize, percdamp)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _solve_ref_loop(w, h, quantizer, perm, blocksize, percdamp):
     w = w.float().clone()
     h = h.float().clone()  # fp32, as the solver factors H (GPTQ reference)
     dead = torch.diag(h) == 0
@@ -199,3 +210,59 @@ def test_native_column_fit_equals_numpy_fit(bits, rounds, terms):
         assert np.array_equal(exps, ref_exps.astype(np.int8)) and np.array_equal(signs, ref_signs.astype(np.int8))
     with pytest.raises(ValueError, match="shapes"):
         mod.bcq_fit_groups(w, valid, bits, rounds, terms, idx[:, :1].copy(), exps, signs)
+
+
+@pytest.mark.skipif(cpu_module() is None, reason="extension not built")
+@pytest.mark.parametrize("kind", ["gptq", "shiftadd-acc"])
+@pytest.mark.parametrize("n,k,seed,blocksize", [(7, 13, 3, 5), (200, 96, 4, 128), (129, 40, 5, 16)])
+def test_native_column_loop_equals_numpy_loop(kind, n, k, seed, blocksize, monkeypatch):
+    """The C++ lazy-block loop (`gptq_columns.cpp`) gives the numpy column loop's dequantized weight, codes and
+    scales bit for bit, and is what the solver runs off the reference backend."""
+    w, h = _layer(n, k, seed)
+
+    def make():
+        return UniformQuantizer(w, 3, 8) if kind == "gptq" else BCQColumnQuantizer(n, k, 3, min(64, n), "acc", 10, 3)
+
+    def solve():
+        block = np.zeros((1, n), np.float32)
+        native = make().quantize_block(block, np.ones((1, 1), np.float32), 0, block.copy(), block.copy())
+        qz = make()
+        q = gptq_solve(w, h, qz, qz.order(torch.diag(h)), blocksize)
+        return native, q, [qz.codes] if kind == "gptq" else [qz.planes, qz.exps, qz.signs]
+
+    native, q, state = solve()
+    monkeypatch.setenv("MULFREE_BACKEND", "reference")
+    python, q_ref, state_ref = solve()
+    assert native and not python
+    assert torch.equal(q, q_ref) and all(torch.equal(a, b) for a, b in zip(state, state_ref, strict=True))
+
+
+@pytest.mark.skipif(cpu_module() is None, reason="extension not built")
+def test_native_column_loop_rejects_bad_arguments():
+    mod = cpu_module()
+    w, hinv = np.zeros((4, 6), np.float32), np.eye(4, dtype=np.float32)
+    q, err, orig = np.zeros_like(w), np.zeros_like(w), np.arange(4, dtype=np.int64)
+    scale, zero, codes = np.ones((1, 6), np.float32), np.zeros((1, 6), np.float32), np.zeros((6, 4), np.uint8)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        mod.gptq_columns_uniform(w, np.eye(3, dtype=np.float32), q, err, orig, scale, zero, 4, 7, codes)
+    with pytest.raises(ValueError, match="out of range"):
+        mod.gptq_columns_uniform(w, hinv, q, err, orig + 1, scale, zero, 4, 7, codes)
+    planes, exps = np.zeros((3, 6, 4), np.uint8), np.zeros((4, 1, 3, 3), np.int8)
+    with pytest.raises(ValueError, match="out of range"):
+        mod.gptq_columns_bcq(w, hinv, q, err, orig - 1, 3, 10, 3, 6, planes, exps, exps.copy())
+    with pytest.raises(ValueError, match="shapes do not match"):
+        mod.gptq_columns_bcq(w, hinv, q, err, orig, 2, 10, 3, 6, planes, exps, exps.copy())
+
+
+@pytest.mark.parametrize("k", [1, 7, 256, 300, 576, 1100])
+def test_hessian_upper_strips_equal_full_product(k):
+    """`HessianStats` sums only H's upper triangle, in row strips, and mirrors it: exactly symmetric, and equal to
+    the float64 xᵀx within float32 rounding."""
+    g = torch.Generator().manual_seed(k)
+    stats, xs = HessianStats(k), [torch.randn(2, 40, k, generator=g) for _ in range(3)]
+    for x in xs:
+        stats.add_batch(x)
+    rows = torch.cat([x.reshape(-1, k) for x in xs]).double()
+    h = stats.hessian()
+    assert torch.equal(h, h.T)
+    torch.testing.assert_close(h.double(), rows.T @ rows / rows.shape[0], rtol=1e-5, atol=1e-5)

@@ -1,6 +1,6 @@
 """Dispatch for the online side of randomized Hadamard incoherence (`RandomHadamard.apply_input` and
-`invert_output`): the C++ kernel (`kernels/cpu/hadamard.cpp`, one pass of sign flips, butterflies and a
-power-of-two scale) for float32 CPU tensors outside autograd, else the torch reference in
+`invert_output`): the C++ kernel (`kernels/cpu/hadamard.cpp`, one pass of copy, sign flips, butterflies and a
+power-of-two scale per row) for float32 CPU tensors outside autograd, else the torch reference in
 `mulfree.ops.hadamard`; both compute the same operations in the same order and agree bit for bit (the
 kernel's AVX2 loops too: each output is the same single add or subtract). Rows split over `kernel_threads()`."""
 
@@ -33,8 +33,9 @@ def _check(r: RandomHadamard, x: torch.Tensor) -> None:
 
 
 def _run(r: RandomHadamard, x: torch.Tensor, shift: int, signs_first: bool, backend: str) -> torch.Tensor:
-    y = x.reshape(-1, r.dim).clone(memory_format=torch.contiguous_format)
-    cpu_module().hadamard_(y, r.negative, r.block, shift, signs_first, backend, kernel_threads())
+    rows = x.reshape(-1, r.dim).contiguous()
+    y = torch.empty_like(rows)
+    cpu_module().hadamard(rows, y, r.negative, r.block, shift, signs_first, backend, kernel_threads())
     return y.view(x.shape)
 
 

@@ -43,8 +43,10 @@ class HessianStats:
         h = stats.hessian()  # [K, K]
     """
 
+    STRIP = 256  # H's upper triangle is summed in row strips of about this many rows (see `_add_upper`)
+
     def __init__(self, columns: int):
-        self.h = torch.zeros(columns, columns)
+        self.h = torch.zeros(columns, columns)  # while summing, only the upper triangle is current
         self.c: torch.Tensor | None = None
         self.rows = 0
 
@@ -56,7 +58,7 @@ class HessianStats:
         if self.rows < 0:
             raise RuntimeError("HessianStats: add_batch after hessian() or cross()")
         x = _rows(inp)
-        self.h.addmm_(x.T, x)  # in place: no [K, K] temporary
+        self._add_upper(x)
         if fp_inp is not None:
             if self.c is None:
                 self.c = torch.zeros_like(self.h)
@@ -78,8 +80,22 @@ class HessianStats:
         """Free C once every asymmetric target that needs it is made."""
         self.c = None
 
+    def _add_upper(self, x: torch.Tensor) -> None:
+        """Add the upper triangle of xᵀx in place, strip by strip (each strip's rows against the columns from its
+        first row on): H is symmetric, so s strips do (s + 1) / 2s of the full product's work, at about the full
+        product's speed per FLOP (docs/shiftadd.md, Limits)."""
+        for r0, r1 in self._strips():
+            self.h[r0:r1, r0:].addmm_(x[:, r0:r1].T, x[:, r0:])
+
+    def _strips(self) -> list[tuple[int, int]]:
+        k = self.h.shape[0]
+        width = -(-k // -(-k // self.STRIP))
+        return [(r0, min(k, r0 + width)) for r0 in range(0, k, width)]
+
     def _to_means(self) -> None:
         if self.rows >= 0:
+            for r0, r1 in self._strips():  # the lower triangle from the upper: exactly symmetric
+                self.h[r1:, r0:r1] = self.h[r0:r1, r1:].T
             for sums in (self.h, self.c):
                 if sums is not None:
                     sums.div_(max(self.rows, 1))

@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from mulfree.kernels import backend, cpu_module
 from mulfree.ops.hadamard import RandomHadamard
 from mulfree.quant.base import QuantMethod
 
@@ -29,6 +30,18 @@ class ColumnQuantizer(Protocol):
         is the column, contiguous; absolute permuted position `col`); later rows of `block` are up to
         date and may be used to fit shared scales. Returns the dequantized column fp32 [N] and records
         the codes for original column `perm[col]`."""
+
+    def quantize_block(self, block: np.ndarray, hinv: np.ndarray, start: int, q: np.ndarray, err: np.ndarray) -> bool:
+        """Run the solver's column loop over a whole lazy block natively (`kernels/cpu/gptq_columns.cpp`): `block`
+        [B, N] the columns start..start+B-1 of the order as rows, updated as the loop updates them, `hinv` [B, B]
+        their rows of the inverse factor; fills q (dequantized) and err (scaled errors) [B, N] and records the
+        codes. False when there is no native loop (the solver then calls `quantize_column` per column)."""
+
+
+def native_loop(name: str):
+    """The C++ column loop `name` of the extension, or None on the reference backend or without the extension."""
+    mod = cpu_module()
+    return getattr(mod, name) if mod is not None and backend() != "reference" else None
 
 
 def act_order(diag_h: torch.Tensor) -> torch.Tensor:
@@ -71,6 +84,9 @@ def _solve(w, h, quantizer, perm, blocksize, percdamp):
         w1 = w[:, i1:i2].T.contiguous().numpy()  # [B, N]
         err1 = np.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2].numpy()
+        if quantizer.quantize_block(w1, np.ascontiguousarray(hinv1), i1, qt[i1:i2], err1):
+            w[:, i2:] -= torch.from_numpy(err1).T.contiguous() @ hinv[i1:i2, i2:]
+            continue
         for i in range(i2 - i1):
             qcol = quantizer.quantize_column(w1, i, i1 + i)
             qt[i1 + i] = qcol
@@ -126,6 +142,7 @@ class UniformQuantizer:
         self.perm = torch.arange(k)
         self._scale_t = self.scale.T.contiguous().numpy()  # [G, N]: one group's scales contiguous
         self._zero_t = self.zero.T.contiguous().numpy()
+        self._native = native_loop("gptq_columns_uniform")
 
     def order(self, diag_h: torch.Tensor) -> torch.Tensor:
         self.perm = act_order(diag_h)
@@ -138,6 +155,14 @@ class UniformQuantizer:
         code = np.clip(np.rint(block[i] / s) + z, 0, 2**self.bits - 1)
         self.codes.numpy()[:, orig] = code
         return (code - z) * s
+
+    def quantize_block(self, block: np.ndarray, hinv: np.ndarray, start: int, q: np.ndarray, err: np.ndarray) -> bool:
+        if self._native is None:
+            return False
+        orig = self.perm[start : start + block.shape[0]].numpy()
+        self._native(block, hinv, q, err, orig, self._scale_t, self._zero_t, self.group, 2**self.bits - 1,
+                     self.codes.numpy())
+        return True
 
     def quantize_all(self, w: torch.Tensor) -> torch.Tensor:
         """Round every column to nearest at once (RTN); returns the dequantized weight."""

@@ -18,11 +18,10 @@ import math
 import numpy as np
 import torch
 
-from mulfree.kernels import backend, cpu_module
 from mulfree.ops.bcq import bcq_assign, bcq_fit, bcq_fit_np, level_signs, pack_planes
 from mulfree.ops.powers import apot_value
 from mulfree.quant.base import QuantMethod
-from mulfree.quant.gptq import Incoherence, act_order, gptq_solve
+from mulfree.quant.gptq import Incoherence, act_order, gptq_solve, native_loop
 from mulfree.quant.qlinear import ShiftAddLinear
 
 MODES = {"acc": 1, "lat": 8}
@@ -52,8 +51,8 @@ class BCQColumnQuantizer:
         groups = math.ceil(n / group)
         self._col = np.zeros((groups, group))  # acc mode: one column in row groups, zero-padded
         self._valid = (np.arange(groups * group) < n).astype(np.float64).reshape(groups, group)
-        mod = cpu_module()  # the C++ column fit, chosen once per layer (None: numpy, as on the reference backend)
-        self._native_fit = mod.bcq_fit_groups if mod is not None and backend() != "reference" else None
+        self._native_fit = native_loop("bcq_fit_groups")  # the C++ column fit (None: numpy, as the reference)
+        self._native_block = native_loop("gptq_columns_bcq") if self.col_group == 1 else None
         self._fit_idx = np.zeros((groups, group), dtype=np.int64)  # the C++ fit's level indices
         self._signs = level_signs(bits).numpy()  # [L, q] fp32 ±1 of each level index
         self._group_of_row = np.arange(n) // group
@@ -93,6 +92,15 @@ class BCQColumnQuantizer:
         self.planes.numpy()[:, :, orig] = sgn.T > 0
         alpha = apot_value(self.exps[orig], self.signs[orig]).numpy()[self._group_of_row]  # [N, q]
         return (sgn * alpha).sum(-1)
+
+    def quantize_block(self, block: np.ndarray, hinv: np.ndarray, start: int, q: np.ndarray, err: np.ndarray) -> bool:
+        """Acc mode: the whole lazy block in C++ (`_fit_column`'s fit and values); Lat mode has no native loop."""
+        if self._native_block is None:
+            return False
+        orig = self.perm[start : start + block.shape[0]].numpy()
+        self._native_block(block, hinv, q, err, orig, self.bits, self.rounds, self.terms, self.group,
+                           self.planes.numpy().view(np.uint8), self.exps.numpy(), self.signs.numpy())
+        return True
 
     def quantize_column(self, block: np.ndarray, i: int, col: int) -> np.ndarray:
         orig = int(self.perm[col])

@@ -15,6 +15,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "bcq_fit.h"
 #include "mulfree_cpu.h"
 
 namespace {
@@ -70,9 +71,9 @@ void solve(double *A, double *b, int n) {
   }
 }
 
-// One group of m weights w (zero where invalid, v = 0.0): level index per weight into idx, and the APoT
-// terms of the best iterate's sorted |alpha| into exps / signs [q][terms].
-void fit_group(const double *w, const double *v, int m, int q, int rounds, int terms, int64_t *idx, int8_t *exps,
+}  // namespace
+
+void bcq_fit_group(const double *w, const double *v, int m, int q, int rounds, int terms, int64_t *idx, int8_t *exps,
                int8_t *signs) {
   const int L = 1 << q;
   std::vector<double> r(w, w + m), counts(L), sums(L), levels(L);
@@ -157,6 +158,8 @@ void fit_group(const double *w, const double *v, int m, int q, int rounds, int t
   }
 }
 
+namespace {
+
 void bcq_fit_groups(Arr<const double> w, Arr<const double> valid, int bits, int rounds, int terms, Arr<int64_t> idx,
                     Arr<int8_t> exps, Arr<int8_t> signs) {
   if (w.ndim() != 2 || valid.ndim() != 2 || idx.ndim() != 2 || exps.ndim() != 3 || signs.ndim() != 3)
@@ -171,7 +174,7 @@ void bcq_fit_groups(Arr<const double> w, Arr<const double> valid, int bits, int 
     throw std::invalid_argument("bcq_fit: shapes do not match");
   nb::gil_scoped_release release;
   for (int64_t g = 0; g < G; ++g)
-    fit_group(w.data() + g * m, valid.data() + g * m, (int)m, bits, rounds, terms, idx.data() + g * m,
+    bcq_fit_group(w.data() + g * m, valid.data() + g * m, (int)m, bits, rounds, terms, idx.data() + g * m,
               exps.data() + g * bits * terms, signs.data() + g * bits * terms);
 }
 

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -21,6 +22,7 @@
 namespace {
 
 using F32Rows = nb::ndarray<float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using ConstRows = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
 using Mask = nb::ndarray<const bool, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
 constexpr int64_t kRowsPerChunk = 16;            // rows a pool chunk transforms
@@ -95,13 +97,15 @@ __attribute__((target("avx2"))) void row_avx2(float *v, int64_t n, const bool *,
   }
 }
 
-void hadamard_rows(F32Rows x, Mask negative, int64_t block, int shift, bool signs_first, const std::string &backend,
-                   int threads) {
+void hadamard_bound(ConstRows x, F32Rows y, Mask negative, int64_t block, int shift, bool signs_first,
+                    const std::string &backend, int threads) {
   const int64_t rows = (int64_t)x.shape(0), n = (int64_t)x.shape(1);
   check_hadamard(n, block, (int64_t)negative.shape(0));
+  if ((int64_t)y.shape(0) != rows || (int64_t)y.shape(1) != n)
+    throw std::invalid_argument("hadamard: x and y shapes differ");
   const Isa isa = parse_isa(backend);
   nb::gil_scoped_release release;
-  hadamard_inplace(x.data(), rows, n, negative.data(), block, shift, signs_first, isa, threads);
+  hadamard_rows(x.data(), y.data(), rows, n, negative.data(), block, shift, signs_first, isa, threads);
 }
 
 }  // namespace
@@ -112,9 +116,10 @@ void check_hadamard(int64_t n, int64_t block, int64_t mask_len) {
   if (mask_len != n) throw std::invalid_argument("sign mask length must equal the row width");
 }
 
-// The power of two is one exact product (what torch.ldexp computes).
-void hadamard_inplace(float *x, int64_t rows, int64_t n, const bool *neg, int64_t block, int shift,
-                      bool signs_first, Isa isa, int threads) {
+// The power of two is one exact product (what torch.ldexp computes). Each row is copied to y just before it is
+// transformed there (still in L1), not in a separate pass over the whole array.
+void hadamard_rows(const float *x, float *y, int64_t rows, int64_t n, const bool *neg, int64_t block, int shift,
+                   bool signs_first, Isa isa, int threads) {
   const float scale = std::ldexp(1.0f, shift);
   const bool vector = isa != Isa::Scalar && block >= 8;
   thread_local LineVec<float> sign_bits;  // reused: a decode step transforms hundreds of single rows
@@ -122,8 +127,10 @@ void hadamard_inplace(float *x, int64_t rows, int64_t n, const bool *neg, int64_
   for (int64_t k = 0; k < (int64_t)sign_bits.size(); ++k) sign_bits[k] = neg[k] ? -0.0f : 0.0f;
   const float *bits = sign_bits.data();  // the caller's buffer (in a worker, the name means the worker's own)
   auto chunk = [&](int64_t c) {
-    for (int64_t r = c * kRowsPerChunk, e = std::min(rows, r + kRowsPerChunk); r < e; ++r)
-      (vector ? row_avx2 : row_scalar)(x + r * n, n, neg, bits, block, scale, signs_first);
+    for (int64_t r = c * kRowsPerChunk, e = std::min(rows, r + kRowsPerChunk); r < e; ++r) {
+      if (x != y) std::memcpy(y + r * n, x + r * n, n * sizeof(float));
+      (vector ? row_avx2 : row_scalar)(y + r * n, n, neg, bits, block, scale, signs_first);
+    }
   };
   const int64_t chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
   if (threads <= 1 || rows * n < kParallelFloats) {
@@ -134,9 +141,9 @@ void hadamard_inplace(float *x, int64_t rows, int64_t n, const bool *neg, int64_
 }
 
 void register_hadamard(nb::module_ &m) {
-  m.def("hadamard_", &hadamard_rows, nb::arg("x"), nb::arg("negative"), nb::arg("block"), nb::arg("shift"),
-        nb::arg("signs_first"), nb::arg("backend"), nb::arg("threads") = 1,
-        "In place on float32 x [rows, n]: sign flips where `negative`, the block Walsh-Hadamard butterflies "
+  m.def("hadamard", &hadamard_bound, nb::arg("x"), nb::arg("y"), nb::arg("negative"), nb::arg("block"),
+        nb::arg("shift"), nb::arg("signs_first"), nb::arg("backend"), nb::arg("threads") = 1,
+        "Float32 x [rows, n] transformed into y (the same shape; y may be x itself): sign flips where `negative`, the block Walsh-Hadamard butterflies "
         "(adds and subtracts, ops/hadamard.py::fwht's order) and one power-of-two scale 2^shift; signs before "
         "the butterflies when signs_first (an input transform T x), after them otherwise (an output inverse). "
         "`backend` 'scalar' runs the plain loops, any other the AVX2 ones (equal bit for bit); rows split over "

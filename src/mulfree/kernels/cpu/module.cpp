@@ -10,5 +10,6 @@ NB_MODULE(_cpu, m) {
   register_shiftadd_llama(m);
   register_hadamard(m);
   register_bcq_fit(m);
+  register_gptq_columns(m);
   register_train_ops(m);
 }

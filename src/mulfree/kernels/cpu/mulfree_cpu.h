@@ -17,6 +17,7 @@ void register_shiftadd(nb::module_ &m); // shiftadd_bind.cpp: BCQ lookup-table G
 void register_shiftadd_llama(nb::module_ &m);  // shiftadd_llama.cpp: Llama decode step on ShiftAdd layers
 void register_hadamard(nb::module_ &m); // hadamard.cpp: block Walsh-Hadamard transform (incoherence)
 void register_bcq_fit(nb::module_ &m);  // bcq_fit.cpp: Accuracy-mode BCQ column fit (quantizer)
+void register_gptq_columns(nb::module_ &m);  // gptq_columns.cpp: GPTQ's column loop over a lazy block
 void register_train_ops(nb::module_ &m);  // train_ops.cpp: fused element-wise forward/backward of MMfree training
 
 // AMX and AVX-VNNI intrinsics need gcc >= 11 or clang >= 12; an older compiler builds everything but those

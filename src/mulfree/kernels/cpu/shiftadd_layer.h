@@ -77,12 +77,12 @@ class LutLayer {
   void run(Isa isa, const float *x, int64_t T, int64_t K, float *y, int threads) const {
     thread_local std::vector<float> rotated;
     if (in_.on) {
-      rotated.assign(x, x + T * K);
-      hadamard_inplace(rotated.data(), T, K, in_.negative.data(), in_.block, in_.shift, true, isa, threads);
+      rotated.resize(T * K);
+      hadamard_rows(x, rotated.data(), T, K, in_.negative.data(), in_.block, in_.shift, true, isa, threads);
       x = rotated.data();
     }
     product(isa, x, T, K, y, threads);
-    if (out_.on) hadamard_inplace(y, T, n_, out_.negative.data(), out_.block, out_.shift, false, isa, threads);
+    if (out_.on) hadamard_rows(y, y, T, n_, out_.negative.data(), out_.block, out_.shift, false, isa, threads);
     if (has_bias_)
       for (int64_t t = 0; t < T; ++t)
         for (int64_t n = 0; n < n_; ++n) y[t * n_ + n] += bias_.data()[n];
