@@ -7,8 +7,9 @@ GEMV for one token, the GEMM for any batch) and never build a dense weight. Accu
 (col_group 1: one α per column, so a key's 8 columns do not share a scale and the LUT cannot be
 scaled as a whole), uniform layers and grad-enabled forwards use the dense weight rebuilt once from
 the stored codes. A layer quantized with incoherence processing
-(`ops/hadamard.py`) stores W'' = U W T⁻¹ in the rotated basis: it applies T (`rht`) to its input
-first and U⁻¹ (`rht_out`) to its output before the bias.
+(`ops/hadamard.py`) stores W'' = U W T⁻¹ in the rotated basis: the LUT kernels apply T (`rht`) to
+the input first and U⁻¹ (`rht_out`) to the output before the bias; the dense weight has both folded
+in (U⁻¹ W̃'' T: one matmul per batch, no online transforms).
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mulfree.kernels import hadamard as hadamard_kernel
 from mulfree.kernels import kernel_threads
 from mulfree.ops.bcq import bcq_dequantize
-from mulfree.ops.hadamard import RandomHadamard
+from mulfree.ops.hadamard import RandomHadamard, fwht
 
 
 class _QuantLinear(nn.Module):
@@ -41,8 +41,17 @@ class _QuantLinear(nn.Module):
         raise NotImplementedError
 
     def weight_dense(self) -> torch.Tensor:
+        """The dense fp32 weight of the whole layer in the original basis, U⁻¹ W̃ T with incoherence processing (so
+        a batched forward is one matmul, without the two online transforms), made once and cached."""
         if self._dense is None:
-            self._dense = self.dequantize()
+            w = self.dequantize()
+            if self.rht is not None:  # rows w -> w T = 2^s (w H) D
+                r = self.rht
+                w = torch.ldexp(torch.where(r.negative, -fwht(w, r.block), fwht(w, r.block)),
+                                torch.tensor(float(r.shift_in)))
+            if self.rht_out is not None:  # columns m -> U⁻¹ m
+                w = self.rht_out.invert_output(w.T).T.contiguous()
+            self._dense = w
         return self._dense
 
     def drop_dense(self) -> None:
@@ -53,19 +62,8 @@ class _QuantLinear(nn.Module):
         self._dense = None
         super()._load_from_state_dict(*args, **kwargs)
 
-    def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
-        """x as the stored weight expects it: T x with incoherence processing, else x."""
-        return x if self.rht is None else hadamard_kernel.apply_input(self.rht, x)
-
-    def finish_output(self, y: torch.Tensor) -> torch.Tensor:
-        """U⁻¹ y'' (with output-side incoherence) plus the bias."""
-        if self.rht_out is not None:
-            y = hadamard_kernel.invert_output(self.rht_out, y)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.rotate_input(x)
-        return self.finish_output(F.linear(x, self.weight_dense().to(x.dtype)))
+        return F.linear(x, self.weight_dense().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
 class UniformLinear(_QuantLinear):
