@@ -79,7 +79,7 @@ void columns_uniform(Arr<float> w, Arr<const float> hinv, Arr<float> q, Arr<floa
     const float *s = scale_t.data() + (c / group) * b.N, *z = zero_t.data() + (c / group) * b.N;
     for (int64_t r = 0; r < b.N; ++r) {
       const float v = std::min(std::max(std::nearbyint(col[r] / s[r]) + z[r], 0.0f), top);
-      code[r * K + c] = (uint8_t)v;
+      code[r * K + c] = v == v ? (uint8_t)v : 0;  // NaN (a non-finite H): 0, as numpy's cast gives, not UB
       out[r] = (v - z[r]) * s[r];
     }
   });
