@@ -2,10 +2,9 @@
 // quant/gptq.py `_solve` with the quantizers' `quantize_column`). Per column: quantize it (the uniform grid of
 // `UniformQuantizer`, or the Accuracy-mode BCQ fit of `BCQColumnQuantizer`), record its codes, and spread its
 // error over the block's later columns with the block's rows of the inverse Hessian factor. Python pays a dozen
-// numpy calls per column there; this runs the whole block in one call, without the GIL (so independent layers
-// can be solved on separate threads). Every value is computed with the reference's float32 operations in the
-// same order (a multiply, then a subtract: the baseline x86-64 build has no FMA to contract them), so the
-// results are bit-identical (tests/test_quant_speed.py).
+// numpy calls per column there; this runs the whole block in one call, with the GIL released. Every value is
+// computed with the reference's float32 operations in the same order (a multiply, then a subtract: the baseline
+// x86-64 build has no FMA to contract them), so the results are bit-identical (tests/test_quant_speed.py).
 #include <nanobind/ndarray.h>
 
 #include <algorithm>
