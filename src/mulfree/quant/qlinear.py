@@ -46,9 +46,8 @@ class _QuantLinear(nn.Module):
         if self._dense is None:
             w = self.dequantize()
             if self.rht is not None:  # rows w -> w T = 2^s (w H) D
-                r = self.rht
-                w = torch.ldexp(torch.where(r.negative, -fwht(w, r.block), fwht(w, r.block)),
-                                torch.tensor(float(r.shift_in)))
+                r, wh = self.rht, fwht(w, self.rht.block)
+                w = torch.ldexp(torch.where(r.negative, -wh, wh), torch.tensor(float(r.shift_in)))
             if self.rht_out is not None:  # columns m -> U⁻¹ m
                 w = self.rht_out.invert_output(w.T).T.contiguous()
             self._dense = w
