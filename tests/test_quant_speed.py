@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mulfree.kernels import cpu_module
+from mulfree.kernels import backend, cpu_module, kernel_threads, use_threads
 from mulfree.ops.bcq import bcq_fit, bcq_fit_np, level_signs
 from mulfree.ops.powers import EXP_MAX, EXP_MIN, apot_value
 from mulfree.quant.base import HessianStats
@@ -84,12 +84,8 @@ def _apot_round_ref(alpha, terms):
 def _solve_ref(w, h, quantizer, perm, blocksize, percdamp=0.01):
     """`gptq._solve` before the rewrite: the torch column loop on [N, B] lazy blocks, on one torch thread as the
     solver runs (the lazy-block update's matmul rounds differently with more threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with use_threads(kernel_threads(), torch_ops=1):
         return _solve_ref_loop(w, h, quantizer, perm, blocksize, percdamp)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _solve_ref_loop(w, h, quantizer, perm, blocksize, percdamp):
@@ -212,7 +208,8 @@ def test_native_column_fit_equals_numpy_fit(bits, rounds, terms):
         mod.bcq_fit_groups(w, valid, bits, rounds, terms, idx[:, :1].copy(), exps, signs)
 
 
-@pytest.mark.skipif(cpu_module() is None, reason="extension not built")
+@pytest.mark.skipif(cpu_module() is None or backend() == "reference",
+                    reason="extension not built, or MULFREE_BACKEND=reference forces the numpy loop")
 @pytest.mark.parametrize("kind", ["gptq", "shiftadd-acc"])
 @pytest.mark.parametrize("n,k,seed,blocksize", [(7, 13, 3, 5), (200, 96, 4, 128), (129, 40, 5, 16)])
 def test_native_column_loop_equals_numpy_loop(kind, n, k, seed, blocksize, monkeypatch):
@@ -247,6 +244,9 @@ def test_native_column_loop_rejects_bad_arguments():
         mod.gptq_columns_uniform(w, np.eye(3, dtype=np.float32), q, err, orig, scale, zero, 4, 7, codes)
     with pytest.raises(ValueError, match="out of range"):
         mod.gptq_columns_uniform(w, hinv, q, err, orig + 1, scale, zero, 4, 7, codes)
+    for group, maxq in ((0, 7), (4, 0), (4, 256)):  # a zero group would divide by zero; codes are uint8
+        with pytest.raises(ValueError, match="group >= 1 and maxq"):
+            mod.gptq_columns_uniform(w, hinv, q, err, orig, scale, zero, group, maxq, codes)
     planes, exps = np.zeros((3, 6, 4), np.uint8), np.zeros((4, 1, 3, 3), np.int8)
     with pytest.raises(ValueError, match="out of range"):
         mod.gptq_columns_bcq(w, hinv, q, err, orig - 1, 3, 10, 3, 6, planes, exps, exps.copy())

@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from mulfree.kernels import backend, cpu_module
+from mulfree.kernels import backend, cpu_module, kernel_threads, use_threads
 from mulfree.ops.hadamard import RandomHadamard
 from mulfree.quant.base import QuantMethod
 
@@ -61,16 +61,13 @@ def gptq_solve(
     """Quantize W [N, K] column by column in order `perm`, compensating errors with H [K, K].
 
     Returns the dequantized weight [N, K] in the original column order. The column loop is
-    thousands of tiny ops, so it runs in numpy on a transposed copy of each lazy block (a column is
-    a contiguous row; numpy's per-call cost is a fraction of torch's) and on one torch thread (the
-    block update, a matmul, stays in torch); every value equals the plain torch loop's.
+    thousands of tiny ops, so it runs on a transposed copy of each lazy block (a column is a
+    contiguous row): in C++ where the quantizer has a native loop (`quantize_block`), else in numpy
+    (whose per-call cost is a fraction of torch's); all on one torch thread (the block update, a
+    matmul, stays in torch); every value equals the plain torch loop's.
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with use_threads(kernel_threads(), torch_ops=1):
         return _solve(w, h, quantizer, perm, blocksize, percdamp)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _solve(w, h, quantizer, perm, blocksize, percdamp):

@@ -66,6 +66,8 @@ void columns_uniform(Arr<float> w, Arr<const float> hinv, Arr<float> q, Arr<floa
   if (scale_t.ndim() != 2 || zero_t.ndim() != 2 || codes.ndim() != 2 || (int64_t)scale_t.shape(1) != b.N ||
       scale_t.shape(0) != zero_t.shape(0) || scale_t.shape(1) != zero_t.shape(1) || (int64_t)codes.shape(0) != b.N)
     throw std::invalid_argument("gptq_columns_uniform: scale_t, zero_t [G, N]; codes [N, K]");
+  if (group < 1 || maxq < 1 || maxq > 255)
+    throw std::invalid_argument("gptq_columns_uniform: group >= 1 and maxq in 1..255 (uint8 codes)");
   const int64_t K = codes.shape(1), G = scale_t.shape(0);
   for (int64_t i = 0; i < b.B; ++i)
     if (b.orig[i] < 0 || b.orig[i] >= K || b.orig[i] / group >= G)

@@ -145,7 +145,8 @@ void register_hadamard(nb::module_ &m) {
         nb::arg("shift"), nb::arg("signs_first"), nb::arg("backend"), nb::arg("threads") = 1,
         "Float32 x [rows, n] transformed into y (the same shape; y may be x itself): sign flips where "
         "`negative`, the block Walsh-Hadamard butterflies (adds and subtracts, ops/hadamard.py::fwht's order) "
-        "and one power-of-two scale 2^shift; signs before the butterflies when signs_first (an input transform T x), after them otherwise (an output inverse). "
+        "and one power-of-two scale 2^shift; signs before the butterflies when signs_first (an input transform "
+        "T x), after them otherwise (an output inverse). "
         "`backend` 'scalar' runs the plain loops, any other the AVX2 ones (equal bit for bit); rows split over "
         "`threads` when there are enough of them.");
 }
