@@ -216,18 +216,23 @@ void Engine::layer_forward(const Layer &ly, int64_t l, int64_t T, const std::vec
     qg.row(isa_, a + t * d, t, ly.g_proj, beps_, tmp);
   });
   const LinearJob ifg[3] = {qi.job(ly.i_proj, T, fi, d), qf.job(ly.f_proj, T, ff, d), qg.job(ly.g_proj, T, fg, d)};
-  // The recurrence is independent per channel (run on each chunk's channels as their i/f/g rows are done, or
-  // split over the pool after a panel GEMM), the output norm per token.
+  // The recurrence is independent per channel: run on each chunk's channels as their i/f/g rows are done, or after
+  // a panel GEMM over the pool by (sequence, channel range) items (state_items); the output norm per token.
   const float *lb = ly.lower_bound ? ly.lower_bound->data() : nullptr;
-  auto state_update = [&](int64_t k0, int64_t k1) {
-    for (const Segment &g : segs)
-      mlgru_state(isa_, fi + g.start * d, ff + g.start * d, lb, k0, k1, g.state + l * d, g.len, d, 0);
+  auto state_update = [&](const Segment &g, int64_t k0, int64_t k1) {
+    mlgru_state(isa_, fi + g.start * d, ff + g.start * d, lb, k0, k1, g.state + l * d, g.len, d, 0);
   };
   if (panels(T)) {
     run_linears(isa_, threads_, ifg, 3);
-    for_ranges(threads_, d, state_update);
+    const std::vector<StateItem> items = state_items(segs, T);
+    get_pool(threads_).run_chunks((int64_t)items.size(), [&](int64_t c) {
+      const StateItem &it = items[(size_t)c];
+      state_update(segs[(size_t)it.seg], it.k0, it.k1);
+    });
   } else {
-    run_aligned_linears(isa_, threads_, ifg, 3, state_update);
+    run_aligned_linears(isa_, threads_, ifg, 3, [&](int64_t k0, int64_t k1) {
+      for (const Segment &g : segs) state_update(g, k0, k1);
+    });
   }
   qi.reserve(T, ly.o_proj);
   per_token(T, [&](int64_t t, float *tmp) {
@@ -270,6 +275,16 @@ void Engine::layer_forward(const Layer &ly, int64_t l, int64_t T, const std::vec
   qi.fill(isa_, big, T, fused_glu ? I : 2 * I, ly.down_proj, beps_, threads_);
   const LinearJob dj = qi.job(ly.down_proj, T, fi, d);
   run_linears(isa_, threads_, &dj, 1);
+}
+
+std::vector<Engine::StateItem> Engine::state_items(const std::vector<Segment> &segs, int64_t T) const {
+  std::vector<StateItem> items;
+  for (int64_t s = 0; s < (int64_t)segs.size(); ++s) {
+    const int64_t pieces = std::max<int64_t>(1, std::min<int64_t>((16 * segs[(size_t)s].len + T - 1) / T, d_ / 16));
+    for (int64_t p = 0; p < pieces; ++p)  // piece edges on 16 channels (whole vectors)
+      items.push_back({s, d_ * p / pieces / 16 * 16, p + 1 == pieces ? d_ : d_ * (p + 1) / pieces / 16 * 16});
+  }
+  return items;
 }
 
 void Engine::check_emb(size_t v, size_t d) {

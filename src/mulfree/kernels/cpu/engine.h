@@ -109,6 +109,13 @@ class Engine {
   void per_token(int64_t T, F &&fn);
   void add_row(float *h, const float *x) const;  // h += x over one row of width d
   void embed(int64_t id, float *out) const;
+  // The MLGRU state update of a panel step as pool items (segment, channels [k0, k1)), about 16 tokens' worth of
+  // channels each: a long segment splits over channels, a one-token one (batched decode) is one item with its
+  // whole state row, which the hardware prefetcher streams (channel ranges of 32 rows were latency-bound).
+  struct StateItem {
+    int64_t seg, k0, k1;
+  };
+  std::vector<StateItem> state_items(const std::vector<Segment> &segs, int64_t T) const;
   // One block over T tokens: h [T, d] += its two residual branches (the last down projection is left in fi_
   // and added by the next step that reads h); each segment's layer-l state row updated in place.
   void layer_forward(const Layer &ly, int64_t l, int64_t T, const std::vector<Segment> &segs);
