@@ -39,7 +39,7 @@ def worker(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     model = model_cls(config).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)  # as `mulfree train` steps
     x = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

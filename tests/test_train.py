@@ -62,6 +62,35 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
         assert torch.equal(pa, pb), name
 
 
+def test_checkpoint_of_an_unfused_optimizer_resumes_fused(tmp_path):
+    """Checkpoints of earlier releases hold `fused: None` in their groups; the resumed optimizer keeps its own
+    (fused) implementation and the saved moments, and steps as the unfused one would, to float rounding."""
+    from mulfree.checkpoint import load_checkpoint, save_checkpoint
+
+    def stepped(fused):
+        model = _mmfree()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused)
+        for _ in range(2):
+            model(_ids(64).view(4, 16))[0].sum().backward()
+            opt.step()
+        return model, opt
+
+    model, opt = stepped(None)
+    save_checkpoint(tmp_path, 2, model, opt, _cfg())
+    fresh = _mmfree()
+    fused = torch.optim.AdamW(fresh.parameters(), lr=1e-3, fused=True)
+    assert load_checkpoint(tmp_path, fresh, fused)[0] == 2
+    assert all(g["fused"] is True for g in fused.param_groups)
+    for p, q in zip(opt.param_groups[0]["params"], fused.param_groups[0]["params"]):
+        assert torch.equal(opt.state[p]["exp_avg_sq"], fused.state[q]["exp_avg_sq"])
+    for o in (opt, fused):
+        for p in o.param_groups[0]["params"]:
+            p.grad = torch.ones_like(p)
+        o.step()
+    for p, q in zip(opt.param_groups[0]["params"], fused.param_groups[0]["params"]):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
 def test_loss_decreases_and_saved_model_reproduces_logits(tmp_path):
     ids = torch.arange(4000) % 7  # a periodic stream is easy to learn
     model = _mmfree()

@@ -233,6 +233,9 @@ def _checked_optimizer_state(tensors: dict, shapes: list[torch.Size], path: Path
     return rng, per_param
 
 
+_IMPL_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+
+
 def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups: list, path: Path) -> None:
     """Load the per-parameter AdamW tensors and RNG state of `optimizer.safetensors`, each checked."""
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -241,6 +244,8 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups: list, 
     for st in per_param.values():
         for name in ("exp_avg", "exp_avg_sq"):
             st[name] = st[name].to(device)
+    # How the optimizer runs (fused, foreach, ...) is this process's choice, not the checkpoint's.
+    groups = [{**g, **{k: live[k] for k in _IMPL_FLAGS if k in live}} for g, live in zip(groups, opt.param_groups)]
     try:
         torch.set_rng_state(rng)
         opt.load_state_dict({"state": per_param, "param_groups": groups})

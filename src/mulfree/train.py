@@ -292,7 +292,9 @@ def train(
     model.train()
     if sharded:
         _shard(model, device, world)  # before the optimizer, which must hold the shards
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    # fused: one vectorized pass over each parameter (CPU and GPU) instead of six element-wise ops per tensor
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            fused=True)
     start = 0
     metrics_path = run_dir / METRICS_FILE
     if resume:
