@@ -270,3 +270,15 @@ def test_fused_model_keeps_a_sixth_of_the_activations_for_backward():
         finally:
             fused.set_fused(before)
     assert per_token[True] < 0.2 * per_token[False]
+
+
+def test_gate_backward_refuses_overlapping_outputs():
+    """The output gate's backward kernel assumes its output rows overlap nothing (restrict): the binding says so."""
+    t, k = 4, 33
+    fg, h, dout, dfg, dh = (torch.randn(t, k) for _ in range(5))
+    gw, dgw = torch.rand(k), torch.empty(k)
+    cpu = cpu_module()
+    cpu.mlgru_gate_bwd(fg, gw, h, dout, 1e-6, dfg, dgw, dh, BACKENDS[0], 1)
+    for outs in ((dfg, dgw, dout), (dfg, dgw, dfg), (h, dgw, dh), (dfg, dfg[0], dh)):
+        with pytest.raises(ValueError, match="must not overlap other arrays"):
+            cpu.mlgru_gate_bwd(fg, gw, h, dout, 1e-6, *outs, BACKENDS[0], 1)

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <optional>
 #include <stdexcept>
+#include <utility>
 
 using namespace ternary;
 
@@ -38,16 +39,30 @@ MF_INLINE float dsiluf(float x) {
   return s * (1.0f + x * (1.0f - s));
 }
 
+// The sum of term(k) over k in [0, n) in 16 fixed lanes, then a fixed tree: a float reduction in source order
+// does not vectorize, and fixed lanes give every ISA variant the same order (as rms_factor).
+template <class F>
+MF_INLINE float lane_sum(int64_t n, F &&term) {
+  constexpr int kLanes = 16;
+  float s[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes)
+    for (int l = 0; l < kLanes; ++l) s[l] += term(k + l);
+  for (; k < n; ++k) s[0] += term(k);
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) s[l] += s[l + w];
+  return s[0];
+}
+
 // dx = r (g - y mean(g y)) with y = x r, g = dy w (RMSNorm backward); dw_acc += dy y.
 MF_INLINE void rmsnorm_bwd_row_impl(const float *x, const float *w, const float *dy, int64_t K, double eps, float *dx,
                                     float *dw_acc) {
   const float r = rms_factor(x, K, eps);
-  float dot = 0.f;
-  for (int64_t k = 0; k < K; ++k) {
+  const float dot = lane_sum(K, [&](int64_t k) {
     const float y = x[k] * r;
-    dot += dy[k] * w[k] * y;
     dw_acc[k] += dy[k] * y;
-  }
+    return dy[k] * w[k] * y;
+  });
   const float m = dot / (float)K;
   for (int64_t k = 0; k < K; ++k) dx[k] = r * (dy[k] * w[k] - x[k] * r * m);
 }
@@ -100,19 +115,18 @@ MF_ISA_VARIANTS(mlgru_gate_row, (const float *fg, const float *gw, const float *
                 (fg, gw, h, D, eps, o))
 
 // Backward of the output gate for one token: dfg, dgw_acc += do n silu(h), and dh (into dh) = do n gw silu'(h).
-MF_INLINE void mlgru_gate_bwd_row_impl(const float *fg, const float *gw, const float *h, const float *dout, int64_t D,
-                                       double eps, float *dfg, float *dgw_acc, float *dh) {
+// The rows never overlap (the binding checks): restrict spares gcc the alias checks that kept the loop scalar.
+MF_INLINE void mlgru_gate_bwd_row_impl(const float *__restrict fg, const float *__restrict gw,
+                                       const float *__restrict h, const float *__restrict dout, int64_t D, double eps,
+                                       float *__restrict dfg, float *__restrict dgw_acc, float *__restrict dh) {
   const float r = rms_factor(fg, D, eps);
-  float dot = 0.f;
-  for (int64_t k = 0; k < D; ++k) {
+  for (int64_t k = 0; k < D; ++k) {  // the element-wise part first (a float sum in it keeps the loop scalar)
     const float n = fg[k] * r, s = siluf(h[k]);
-    const float dn = dout[k] * gw[k] * s;
-    dot += dn * n;
     dgw_acc[k] += dout[k] * n * s;
     dh[k] = dout[k] * n * gw[k] * dsiluf(h[k]);
-    dfg[k] = dn;  // finished below, once the mean is known
+    dfg[k] = dout[k] * gw[k] * s;  // dn, finished below once the mean of dn n is known
   }
-  const float m = dot / (float)D;
+  const float m = lane_sum(D, [&](int64_t k) { return dfg[k] * (fg[k] * r); }) / (float)D;
   for (int64_t k = 0; k < D; ++k) dfg[k] = r * (dfg[k] - fg[k] * r * m);
 }
 MF_ISA_VARIANTS(mlgru_gate_bwd_row,
@@ -448,6 +462,15 @@ void register_train_ops(nb::module_ &m) {
         need((int64_t)gw.shape(0) == D && (int64_t)dgw.shape(0) == D && (int64_t)dfg.shape(0) == T &&
                  (int64_t)dfg.shape(1) == D && (int64_t)dh.shape(0) == T && (int64_t)dh.shape(1) == D,
              "mlgru_gate_bwd shapes do not match");
+        const auto span = [](const auto &a) {
+          return std::pair<const float *, const float *>{a.data(), a.data() + a.size()};
+        };
+        const std::pair<const float *, const float *> all[7] = {span(dfg), span(dgw), span(dh), span(fg),
+                                                                 span(gw),  span(h),   span(dout)};
+        for (int o = 0; o < 3; ++o)  // each output against every other array
+          for (int i = 0; i < 7; ++i)
+            need(i == o || all[o].second <= all[i].first || all[i].second <= all[o].first,
+                 "mlgru_gate_bwd outputs must not overlap other arrays");
         nb::gil_scoped_release release;
         std::vector<float> part((size_t)(chunks_of(T) * D), 0.f);
         for_rows(threads, T, [&](int64_t r, int64_t c) {
