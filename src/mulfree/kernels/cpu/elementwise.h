@@ -88,6 +88,21 @@ MF_INLINE float rms_factor(const float *x, int64_t K, double eps) {
   return (float)(1.0 / std::sqrt(s[0] / (double)K + eps));
 }
 
+// The sum of term(k) over k in [0, n) in 16 fixed lanes, then a fixed tree: a float reduction in source order
+// does not vectorize, and fixed lanes give every ISA variant the same order (as rms_factor above).
+template <class F>
+MF_INLINE float lane_sum(int64_t n, F &&term) {
+  constexpr int kLanes = 16;
+  float s[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes)
+    for (int l = 0; l < kLanes; ++l) s[l] += term(k + l);
+  for (; k < n; ++k) s[0] += term(k);
+  for (int w = kLanes / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) s[l] += s[l + w];
+  return s[0];
+}
+
 // The steps, each dispatched to the variant of `isa` (AVX-VNNI runs the AVX2 one).
 // out = x * rms_factor(x) * w over one row of K.
 void rmsnorm_row(Isa isa, const float *x, const float *w, int64_t K, double eps, float *out);

@@ -39,21 +39,6 @@ MF_INLINE float dsiluf(float x) {
   return s * (1.0f + x * (1.0f - s));
 }
 
-// The sum of term(k) over k in [0, n) in 16 fixed lanes, then a fixed tree: a float reduction in source order
-// does not vectorize, and fixed lanes give every ISA variant the same order (as rms_factor).
-template <class F>
-MF_INLINE float lane_sum(int64_t n, F &&term) {
-  constexpr int kLanes = 16;
-  float s[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= n; k += kLanes)
-    for (int l = 0; l < kLanes; ++l) s[l] += term(k + l);
-  for (; k < n; ++k) s[0] += term(k);
-  for (int w = kLanes / 2; w > 0; w /= 2)
-    for (int l = 0; l < w; ++l) s[l] += s[l + w];
-  return s[0];
-}
-
 // dx = r (g - y mean(g y)) with y = x r, g = dy w (RMSNorm backward); dw_acc += dy y.
 MF_INLINE void rmsnorm_bwd_row_impl(const float *x, const float *w, const float *dy, int64_t K, double eps, float *dx,
                                     float *dw_acc) {
