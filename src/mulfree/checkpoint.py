@@ -236,6 +236,12 @@ def _checked_optimizer_state(tensors: dict, shapes: list[torch.Size], path: Path
 _IMPL_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 
 
+def _with_live_impl(groups: list[dict], opt: torch.optim.Optimizer) -> list[dict]:
+    """The saved groups with this process's implementation flags: how the optimizer runs (fused, foreach, ...)
+    is the resuming process's choice, not the checkpoint's (runs saved before `train` fused AdamW resume fused)."""
+    return [{**g, **{k: live[k] for k in _IMPL_FLAGS if k in live}} for g, live in zip(groups, opt.param_groups)]
+
+
 def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups: list, path: Path) -> None:
     """Load the per-parameter AdamW tensors and RNG state of `optimizer.safetensors`, each checked."""
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -244,8 +250,7 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, groups: list, 
     for st in per_param.values():
         for name in ("exp_avg", "exp_avg_sq"):
             st[name] = st[name].to(device)
-    # How the optimizer runs (fused, foreach, ...) is this process's choice, not the checkpoint's.
-    groups = [{**g, **{k: live[k] for k in _IMPL_FLAGS if k in live}} for g, live in zip(groups, opt.param_groups)]
+    groups = _with_live_impl(groups, opt)
     try:
         torch.set_rng_state(rng)
         opt.load_state_dict({"state": per_param, "param_groups": groups})
@@ -312,7 +317,7 @@ def _read_full_state(out_dir: Path, model, opt) -> tuple[dict, dict, dict, torch
         raise CheckpointError(f"{path} does not fit this model's optimizer ({exc!r})", _FIX) from None
     if len(groups) != len(opt.param_groups) or sum(len(g["params"]) for g in groups) != len(names):
         raise CheckpointError(f"{path} does not fit this model's optimizer (other parameter groups)", _FIX)
-    optim = {"state": {names[i]: st for i, st in per_param.items()}, "param_groups": groups}
+    optim = {"state": {names[i]: st for i, st in per_param.items()}, "param_groups": _with_live_impl(groups, opt)}
     return state, weights, optim, rng
 
 
