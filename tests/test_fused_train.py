@@ -82,20 +82,37 @@ def test_ternarize_packs_as_pack_ternary_does(backend, n, k):
     assert torch.equal(packed, pack_ternary(trits.to(torch.int8)))
 
 
-@pytest.mark.parametrize("t,k,n", [(1, 5, 3), (33, 300, 17), (300, 1100, 70)])
+@pytest.mark.parametrize("t,k,n", [(1, 5, 3), (7, 64, 9), (33, 300, 17), (300, 1100, 70)])
 def test_forward_product_on_the_packed_kernels_equals_the_fp32_matmul(backend, monkeypatch, t, k, n):
     """The training forward's codes x trits product runs on the packed int8 kernels (not fp32 matmul) except on the
-    scalar backend, and gives the fp32 matmul's floats bit for bit, extreme codes included (GEMV tiles and panels)."""
+    scalar backend, the scales applied as it writes, and gives the fp32 matmul's floats scaled in the BitLinear's
+    order bit for bit, extreme codes and scales included (GEMV tiles and panels)."""
     g = torch.Generator().manual_seed(t + k + n)
     q = torch.randint(-127, 128, (t, k), generator=g).float()
     q[0, :] = 127.0
+    a_scale = torch.rand(t, generator=g) * 0.05
+    a_scale[-1] = 3.0e38  # scaled sums overflow to inf as in torch
     w = torch.randn(n, k, generator=g) * 0.05
     trits = torch.empty(n, k)
     w_scale = cpu_module().ternarize(w, trits, backend, 2)
+    expected = (q @ trits.T).mul_(a_scale[:, None] * w_scale)
     if backend != "scalar":
         monkeypatch.setattr(torch, "matmul", None)  # the packed path must not fall back to it
-    y, scale = fused._codes_times_trits(q, w)
-    assert scale == w_scale and torch.equal(y, q @ trits.T)
+    assert torch.equal(fused._scaled_product(q, a_scale, w), expected)
+
+
+def test_scaled_product_binding_refuses_mismatched_shapes():
+    cpu = cpu_module()
+    packed, q = torch.zeros(3, 256, dtype=torch.uint8), torch.zeros(5, 256, dtype=torch.int8)
+    sumq, a_scale, out = torch.zeros(5, dtype=torch.int32), torch.ones(5), torch.empty(5, 9)
+    cpu.ternary_matmul_scaled(packed, 9, q, sumq, a_scale, 1.0, out, BACKENDS[0], 1)
+    for args, message in [((packed, 9, q, sumq, torch.ones(4), 1.0, out), "a_scale / out shapes"),
+                          ((packed, 13, q, sumq, a_scale, 1.0, out), "packed / activation shapes"),
+                          ((packed, 9, q[:, :200], sumq, a_scale, 1.0, out), "packed / activation shapes")]:
+        with pytest.raises(ValueError, match=message):
+            cpu.ternary_matmul_scaled(*args, BACKENDS[0], 1)
+    with pytest.raises(ValueError, match="k does not match"):
+        cpu.ternary_matmul_scaled(packed, 9, q, sumq, a_scale, 1.0, out, BACKENDS[0], 1, k=300)
 
 
 @pytest.mark.parametrize("lower_bound", [False, True])

@@ -54,8 +54,8 @@ def test_bitlinear_matmul_sees_only_int8_and_ternary_values(monkeypatch):
     # Training (the fused path): int8 codes again, times the trits on the packed kernels (2-bit codes, ternary by
     # construction; tests/test_fused_train.py checks that product against the fp32 matmul of the trits).
     seen = []
-    codes_times_trits = fused._codes_times_trits
-    monkeypatch.setattr(fused, "_codes_times_trits", lambda q, w: seen.append(q.clone()) or codes_times_trits(q, w))
+    scaled_product = fused._scaled_product
+    monkeypatch.setattr(fused, "_scaled_product", lambda q, s, w: seen.append(q.clone()) or scaled_product(q, s, w))
     if fused.active(x):
         torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-6)
         (codes,) = seen

@@ -117,24 +117,24 @@ def _ternarize(weight: torch.Tensor) -> tuple[torch.Tensor, float]:
 _EXACT_K = (1 << 24) // 127
 
 
-def _codes_times_trits(q: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """(q @ ternarize(weight)ᵀ, the weight scale) for the integer codes q [T, K] (fp32): on the packed ternary
-    kernels (the weight packed to 2 bits, the codes to int8; `vpmaddubsw` / `vpdpbusd` / AMX instead of fp32 FMAs)
-    where the result is exact, else the fp32 matmul (also under torch.compile, whose tracing rejects the in-place
-    int32 -> fp32 view). Equal either way, bit for bit."""
+def _scaled_product(q: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(q @ ternarize(weight)ᵀ) · (a_scale · w_scale) for the integer codes q [T, K] (fp32) and their scales [T]:
+    on the packed ternary kernels (the weight packed to 2 bits, the codes to int8; `vpmaddubsw` / `vpdpbusd` / AMX
+    instead of fp32 FMAs, the scales applied as the kernel writes its outputs) where the integer sums are exact,
+    else the fp32 matmul (also under torch.compile, whose tracing cannot call the extension). Equal either way, bit
+    for bit: the sums are the same integers, then one fp32 product with the fp32 product of the scales."""
     cpu, name, threads = _run()
     n, k = weight.shape
     if name == "scalar" or k >= _EXACT_K or torch.compiler.is_compiling():
         trits, w_scale = _ternarize(weight)
-        return torch.matmul(q, trits.t()), w_scale
+        return torch.matmul(q, trits.t()).mul_(a_scale[:, None] * w_scale)
     kpad = padded_k(k)
     packed = torch.empty((n + 3) // 4, kpad, dtype=torch.uint8)  # ternarized straight into pack_ternary's layout
     w_scale = cpu.ternarize(weight.detach().contiguous(), None, name, threads, packed=packed)
     codes = (q if kpad == k else torch.nn.functional.pad(q, (0, kpad - k))).to(torch.int8)
     y = torch.empty(q.shape[0], n)
-    ints = y.view(torch.int32)  # the kernel's int32 sums, converted to fp32 in place
-    cpu.ternary_matmul(packed, n, codes, q.sum(1).to(torch.int32), ints, name, threads, format="t2", k=k)
-    return y.copy_(ints), w_scale
+    cpu.ternary_matmul_scaled(packed, n, codes, q.sum(1).to(torch.int32), a_scale, w_scale, y, name, threads, k=k)
+    return y
 
 
 def _bitlinear_fwd(x2, norm_w, weight, eps, kind, pre_w, pre_eps, h2) -> torch.Tensor:
@@ -144,9 +144,7 @@ def _bitlinear_fwd(x2, norm_w, weight, eps, kind, pre_w, pre_eps, h2) -> torch.T
     q, a_scale = torch.empty_like(inp), torch.empty(inp.shape[0])
     cpu.norm_quant(inp, norm_w.detach().contiguous(), eps, q, a_scale, False, name, threads)
     del inp
-    y, w_scale = _codes_times_trits(q, weight)
-    del q
-    return y.mul_(a_scale[:, None] * w_scale)
+    return _scaled_product(q, a_scale, weight)
 
 
 def _bitlinear_bwd(dy2, x2, norm_w, weight, eps, kind, pre_w, pre_eps, h2, need_dw: bool):

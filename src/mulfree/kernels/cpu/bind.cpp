@@ -102,6 +102,32 @@ void register_ternary(nb::module_ &m) {
       "multiple of 256; t1: T1R4, Kpad a multiple of 160), q zero past k (0: Kpad).");
 
   m.def(
+      "ternary_matmul_scaled",
+      [](Arr<const uint8_t, nb::ndim<2>> packed, int64_t n, Arr<const int8_t, nb::ndim<2>> q,
+         Arr<const int32_t, nb::ndim<1>> sumq, Arr<const float, nb::ndim<1>> a_scale, double w_scale,
+         Arr<float, nb::ndim<2>> out, const std::string &backend, int threads, int64_t k) {
+        const Isa isa = parse_isa(backend);
+        const int64_t Kpad = (int64_t)q.shape(1), T = (int64_t)q.shape(0);
+        if (n < 1 || Kpad < 1 || padded_k(Format::T2R4, Kpad) != Kpad ||
+            (int64_t)packed.shape(1) != group_bytes(Format::T2R4, Kpad) || (int64_t)packed.shape(0) != t2r4::row_groups(n))
+          throw std::invalid_argument("packed / activation shapes do not match");
+        if ((int64_t)sumq.shape(0) != T || (int64_t)a_scale.shape(0) != T || (int64_t)out.shape(0) != T ||
+            (int64_t)out.shape(1) != n)
+          throw std::invalid_argument("sumq / a_scale / out shapes do not match");
+        if (k < 0 || k > Kpad || (k && padded_k(Format::T2R4, k) != Kpad))
+          throw std::invalid_argument("k does not match the activations' padded length");
+        nb::gil_scoped_release release;
+        LinearJob j{packed.data(), n, Kpad, (float)w_scale, q.data(), sumq.data(), a_scale.data(), T, out.data(),
+                    nullptr, n};
+        j.K = k;
+        run_linears(isa, threads, &j, 1);
+      },
+      nb::arg("packed"), nb::arg("n"), nb::arg("q"), nb::arg("sumq"), nb::arg("a_scale"), nb::arg("w_scale"),
+      nb::arg("out"), nb::arg("backend"), nb::arg("threads"), nb::kw_only(), nb::arg("k") = 0,
+      "out[t, n] = (sum_k trit[n, k] * q[t, k]) * (a_scale[t] * w_scale) on T2R4 weights, the scales' product in "
+      "fp32 and then one product (the BitLinear's order); q [T, Kpad] zero past k.");
+
+  m.def(
       "bitlinear",
       [](const PackedLinear &p, Arr<const float, nb::ndim<2>> x, Arr<float, nb::ndim<2>> out, double eps,
          const std::string &backend, int threads) {
