@@ -11,6 +11,20 @@
 
 using namespace ternary;
 
+namespace {
+
+// The packed weight [row groups, group bytes] of n rows against activations of padded length Kpad (zero past k,
+// 0: none), in format fmt.
+void check_product(const Arr<const uint8_t, nb::ndim<2>> &packed, int64_t n, int64_t Kpad, Format fmt, int64_t k) {
+  if (n < 1 || Kpad < 1 || padded_k(fmt, Kpad) != Kpad || (int64_t)packed.shape(1) != group_bytes(fmt, Kpad) ||
+      (int64_t)packed.shape(0) != t2r4::row_groups(n))
+    throw std::invalid_argument("packed / activation shapes do not match");
+  if (k < 0 || k > Kpad || (k && padded_k(fmt, k) != Kpad))
+    throw std::invalid_argument("k does not match the activations' padded length");
+}
+
+}  // namespace
+
 void register_ternary(nb::module_ &m) {
   nb::class_<PackedLinear>(m, "PackedLinear",
                            "A packed ternary weight [N, K] (format t2: T2R4, or t1: T1R4) with its scale and RMSNorm weight.")
@@ -80,13 +94,9 @@ void register_ternary(nb::module_ &m) {
         const Isa isa = parse_isa(backend);
         const Format fmt = parse_format(format);
         const int64_t Kpad = (int64_t)q.shape(1), T = (int64_t)q.shape(0);
-        if (n < 1 || Kpad < 1 || padded_k(fmt, Kpad) != Kpad || (int64_t)packed.shape(1) != group_bytes(fmt, Kpad) ||
-            (int64_t)packed.shape(0) != t2r4::row_groups(n))
-          throw std::invalid_argument("packed / activation shapes do not match");
+        check_product(packed, n, Kpad, fmt, k);
         if ((int64_t)sumq.shape(0) != T || (int64_t)out.shape(0) != T || (int64_t)out.shape(1) != n)
           throw std::invalid_argument("sumq / out shapes do not match");
-        if (k < 0 || k > Kpad || (k && padded_k(fmt, k) != Kpad))
-          throw std::invalid_argument("k does not match the activations' padded length");
         nb::gil_scoped_release release;
         LineVec<int32_t> wsum;
         if (fmt == Format::T1R4) wsum = t1_row_sums(packed.data(), n, Kpad);
@@ -108,14 +118,10 @@ void register_ternary(nb::module_ &m) {
          Arr<float, nb::ndim<2>> out, const std::string &backend, int threads, int64_t k) {
         const Isa isa = parse_isa(backend);
         const int64_t Kpad = (int64_t)q.shape(1), T = (int64_t)q.shape(0);
-        if (n < 1 || Kpad < 1 || padded_k(Format::T2R4, Kpad) != Kpad ||
-            (int64_t)packed.shape(1) != group_bytes(Format::T2R4, Kpad) || (int64_t)packed.shape(0) != t2r4::row_groups(n))
-          throw std::invalid_argument("packed / activation shapes do not match");
+        check_product(packed, n, Kpad, Format::T2R4, k);
         if ((int64_t)sumq.shape(0) != T || (int64_t)a_scale.shape(0) != T || (int64_t)out.shape(0) != T ||
             (int64_t)out.shape(1) != n)
           throw std::invalid_argument("sumq / a_scale / out shapes do not match");
-        if (k < 0 || k > Kpad || (k && padded_k(Format::T2R4, k) != Kpad))
-          throw std::invalid_argument("k does not match the activations' padded length");
         nb::gil_scoped_release release;
         LinearJob j{packed.data(), n, Kpad, (float)w_scale, q.data(), sumq.data(), a_scale.data(), T, out.data(),
                     nullptr, n};
