@@ -72,9 +72,16 @@ class RandomHadamard:
 
     def invert_output(self, y: torch.Tensor) -> torch.Tensor:
         """y = U⁻¹ y'' along the last dim: y'' H_b D · 2^(-log2 b - s) (butterflies, sign flips, one shift)."""
+        return self._butterflies_then_signs(y, self.shift_w)
+
+    def fold_input(self, w: torch.Tensor) -> torch.Tensor:
+        """W T for W [N, dim]: a weight that takes x itself where W takes T x (rows · H_b D · 2^s)."""
+        return self._butterflies_then_signs(w, self.shift_in)
+
+    def _butterflies_then_signs(self, y: torch.Tensor, shift: int) -> torch.Tensor:
         y = fwht(y, self.block)
         y = torch.where(self.negative, -y, y)
-        return torch.ldexp(y, torch.tensor(float(self.shift_w), dtype=y.dtype))
+        return torch.ldexp(y, torch.tensor(float(shift), dtype=y.dtype))
 
     def rotate_hessian(self, h: torch.Tensor) -> torch.Tensor:
         """H' = T H Tᵀ for H = E[x xᵀ] [dim, dim], in float64."""

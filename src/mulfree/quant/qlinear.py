@@ -22,7 +22,7 @@ from torch import nn
 
 from mulfree.kernels import kernel_threads
 from mulfree.ops.bcq import bcq_dequantize
-from mulfree.ops.hadamard import RandomHadamard, fwht
+from mulfree.ops.hadamard import RandomHadamard
 
 
 class _QuantLinear(nn.Module):
@@ -45,9 +45,8 @@ class _QuantLinear(nn.Module):
         a batched forward is one matmul, without the two online transforms), made once and cached."""
         if self._dense is None:
             w = self.dequantize()
-            if self.rht is not None:  # rows w -> w T = 2^s (w H) D
-                r, wh = self.rht, fwht(w, self.rht.block)
-                w = torch.ldexp(torch.where(r.negative, -wh, wh), torch.tensor(float(r.shift_in)))
+            if self.rht is not None:  # rows w -> w T
+                w = self.rht.fold_input(w)
             if self.rht_out is not None:  # columns m -> U⁻¹ m
                 w = self.rht_out.invert_output(w.T).T.contiguous()
             self._dense = w
