@@ -177,7 +177,8 @@ void Engine::run(const int64_t *idp, int64_t T, const std::vector<Segment> &segs
   big_.resize(std::max(big_.size(), (size_t)(T * 2 * I_)));
   float *h = h_.data(), *a = a_.data(), *fi = fi_.data();
   for (int64_t t = 0; t < T; ++t) embed(idp[t], h + t * d);
-  for (int64_t l = 0; l < L; ++l) layer_forward(layers_[(size_t)l], l, T, segs);
+  const std::vector<StateItem> items = panels(T) ? state_items(segs, T) : std::vector<StateItem>{};
+  for (int64_t l = 0; l < L; ++l) layer_forward(layers_[(size_t)l], l, T, segs, items);
   if (R == 0) return;  // a prompt window before the last: no logits
   for (int64_t r = 0; r < R; ++r) {
     const int64_t t = rows[(size_t)r];
@@ -201,7 +202,8 @@ void Engine::per_token(int64_t T, F &&fn) {
 // The per-token steps between two linears run as one region over the tokens (each token's rows stay in L1 from
 // one step to the next). Each layer's down projection (in fi) is added to h by the next step that reads h: the
 // next layer's first region, or the final norm (for the rows the head reads).
-void Engine::layer_forward(const Layer &ly, int64_t l, int64_t T, const std::vector<Segment> &segs) {
+void Engine::layer_forward(const Layer &ly, int64_t l, int64_t T, const std::vector<Segment> &segs,
+                           const std::vector<StateItem> &items) {
   const int64_t d = d_, I = I_;
   float *h = h_.data(), *a = a_.data(), *fi = fi_.data(), *ff = ff_.data(), *fg = fg_.data(), *big = big_.data();
   QBuf &qi = qi_, &qf = qf_, &qg = qg_;
@@ -217,14 +219,13 @@ void Engine::layer_forward(const Layer &ly, int64_t l, int64_t T, const std::vec
   });
   const LinearJob ifg[3] = {qi.job(ly.i_proj, T, fi, d), qf.job(ly.f_proj, T, ff, d), qg.job(ly.g_proj, T, fg, d)};
   // The recurrence is independent per channel: run on each chunk's channels as their i/f/g rows are done, or after
-  // a panel GEMM over the pool by (sequence, channel range) items (state_items); the output norm per token.
+  // a panel GEMM over the pool by the step's (sequence, channel range) items; the output norm per token.
   const float *lb = ly.lower_bound ? ly.lower_bound->data() : nullptr;
   auto state_update = [&](const Segment &g, int64_t k0, int64_t k1) {
     mlgru_state(isa_, fi + g.start * d, ff + g.start * d, lb, k0, k1, g.state + l * d, g.len, d, 0);
   };
   if (panels(T)) {
     run_linears(isa_, threads_, ifg, 3);
-    const std::vector<StateItem> items = state_items(segs, T);
     get_pool(threads_).run_chunks((int64_t)items.size(), [&](int64_t c) {
       const StateItem &it = items[(size_t)c];
       state_update(segs[(size_t)it.seg], it.k0, it.k1);

@@ -117,8 +117,10 @@ class Engine {
   };
   std::vector<StateItem> state_items(const std::vector<Segment> &segs, int64_t T) const;
   // One block over T tokens: h [T, d] += its two residual branches (the last down projection is left in fi_
-  // and added by the next step that reads h); each segment's layer-l state row updated in place.
-  void layer_forward(const Layer &ly, int64_t l, int64_t T, const std::vector<Segment> &segs);
+  // and added by the next step that reads h); each segment's layer-l state row updated in place (after panel
+  // GEMMs, by `items`: state_items(segs, T), made once per step).
+  void layer_forward(const Layer &ly, int64_t l, int64_t T, const std::vector<Segment> &segs,
+                     const std::vector<StateItem> &items);
 
   int64_t V_, d_, I_;
   double eps_, beps_;  // rms_norm_eps; the BitLinear input norms' eps
