@@ -1,18 +1,20 @@
 // Panel GEMMs for prefill: one backend per tier (gemm_avx2.cpp, gemm_avxvnni.cpp, gemm_avx512.cpp, gemm_amx.cpp)
 // behind one driver (gemm.cpp).
 //
-// The weights of 32 output rows are unpacked once per k chunk into a panel of codes c = trit + 1 in the VNNI
-// layout (16 k-quads x [16 rows x 4 bytes] per 64 k and 16 rows), which then serves every token of the batch:
-// - AMX-INT8 (Sapphire Rapids and later): tdpbsud multiplies a signed A tile (16 tokens x 64 bytes of int8
-//   activations) by the unsigned B tile (64 k x 16 output rows) into a 16 x 16 int32 C tile. Per k step a
-//   2 x 2 block of C tiles (tmm0-3) takes two A tiles (tmm4-5, 32 tokens) and two B tiles (tmm6-7, 32 rows).
+// The weights of 32 output rows are unpacked once per k chunk into a panel of codes c = trit + 1, which then
+// serves every token of the batch; the SIMD tiers' panels are in the VNNI layout (16 k-quads x [16 rows x
+// 4 bytes] per 64 k and 16 rows):
+// - AMX-INT8 (Sapphire Rapids and later): its panel is 16 rows x 64 k per tile (a T2R4 row block shifted and
+//   masked, gemm_amx.cpp); tdpbssd multiplies it by a tile of activations in the VNNI layout (64 k x 16 tokens)
+//   into a 16 x 16 int32 C tile of rows x tokens. Per k step a 2 x 2 block of C tiles (tmm0-3) takes two code
+//   tiles (tmm4-5, 32 rows) and two activation tiles (tmm6-7, 32 tokens); finishing transposes the C tiles.
 // - AVX-512 VNNI (no AMX, or AMX off): per k-quad, the two 16-row zmm of the panel against a broadcast
 //   activation quad of each of up to 12 tokens: 24 zmm accumulators, no horizontal sums, no transposes.
 // - 256-bit (avx2, avxvnni): the same, one 16-row tile at a time, 4 tokens.
 // All give C[t][n] = sum_k c[n, k] q[t, k] in the same C-tile layout, so C - sum_k q[t, k] is the exact dot,
 // already in the [T, N] order of the outputs, and one finishing step per register width serves them.
 //
-// The panel from T2R4: dword kq of a 64-byte row block holds k-quad kq in all four bit pairs s (k = 64s + 4kq
+// The VNNI panel from T2R4: dword kq of a 64-byte row block holds k-quad kq in all four bit pairs s (k = 64s + 4kq
 // .. +3), so one 16 x 16 dword transpose of a row tile's block serves four k steps:
 // panel(s) row kq = (transposed row kq) >> 2s & 0x03030303.
 #pragma once
@@ -23,7 +25,7 @@
 
 namespace ternary {
 
-constexpr int64_t kAmxTokens = 32;       // tokens per C block: 2 A tiles (also the C layout's block)
+constexpr int64_t kAmxTokens = 32;       // tokens per C block: 2 activation tiles (also the C layout's block)
 constexpr int64_t kTileBytes = 1024;     // one 16 x 64-byte tile
 constexpr int64_t kPanelChunkSteps = 8;  // k steps (64 k each) per chunk: a 16 KiB panel slice, 2 row blocks
 // Tokens per 256-bit block (avx2, avxvnni): 2 x 4 accumulators + 2 codes + 4 quads of the 16 ymm registers
@@ -72,7 +74,7 @@ __attribute__((target(MF_AVX512), always_inline)) inline void transpose16x16_epi
 // k steps [ks0, ks1) (set, not added, when ks0 == 0), while `lines` are prefetched into L2.
 struct PanelChunk {
   const LinearJob &j;
-  const int8_t *acts;   // the job's activations as PanelTier::prepare left them (AMX: A tiles)
+  const int8_t *acts;   // the job's activations as PanelTier::prepare left them (AMX: tiles in the VNNI layout)
   const int8_t *panel;  // the unpacked panel slice of the chunk
   int64_t ks0, ks1;
   int32_t *C;           // [ceil(T / 32) blocks][2 token tiles][2 row tiles][16][16]
@@ -88,12 +90,13 @@ using PanelBlockFn = void (*)(const int8_t *Q, int64_t ldq, int64_t t0, const in
 // chunk unpack and multiply, then finish (or finish_glu) per 32-token block, then end.
 struct PanelTier {
   int64_t min_tokens;  // batches of at least this many tokens run as panels (see uses_panels)
-  // Activations of every job in the layout multiply reads (acts[i] for job i; AMX packs A tiles).
+  // Activations of every job in the layout multiply reads (acts[i] for job i; AMX packs activation tiles).
   void (*prepare)(int threads, const LinearJob *jobs, int njobs, const int8_t **acts);
   void (*begin)();  // AMX: load the tile configuration
   void (*end)();    // AMX: release the tiles
-  // The panel slice of row groups g0 .. g0+7 (rows past G get code 1 = weight 0) for row blocks [b0, b1):
-  // B[(((ks - ks0) * 2 + i) * 16 + kq) * 64 + 4 nn + e] = code of row 16 i + nn at k = 64 ks + 4 kq + e.
+  // The panel slice of row groups g0 .. g0+7 (rows past G get code 1 = weight 0) for row blocks [b0, b1), in
+  // the VNNI layout B[(((ks - ks0) * 2 + i) * 16 + kq) * 64 + 4 nn + e] = code of row 16 i + nn at
+  // k = 64 ks + 4 kq + e (AMX: the layout of its own first operand).
   void (*unpack)(const uint8_t *W, int64_t G, int64_t Kpad, int64_t g0, int64_t b0, int64_t b1, int8_t *B);
   void (*multiply)(const PanelTier &tier, const PanelChunk &chunk);
   // One C block (tokens t0.., rows n0..) as LinearJob outputs: (c - sum q) * (s_x * s_w), the scales product in

@@ -11,7 +11,8 @@
 namespace ternary {
 namespace {
 
-// From 8 tokens the partly empty A tiles still beat the 4-row VNNI GEMV tiles; below, the tiles win (docs/packed.md).
+// From 8 tokens the partly empty activation tiles still beat the 4-row VNNI GEMV tiles; below, the tiles win
+// (docs/packed.md).
 constexpr int64_t kAmxPanelMinTokens = 8;
 
 struct alignas(64) TileConfig {
