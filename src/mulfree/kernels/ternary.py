@@ -101,6 +101,11 @@ def amx_available() -> bool:
     return mod is not None and mod.cpu_features()["amx_int8"]
 
 
+def amx_enabled() -> bool:
+    """Whether AMX is available and on (`set_amx`, `MULFREE_AMX`)."""
+    return amx_available() and cpu_module().amx_enabled()
+
+
 def set_amx(enabled: bool) -> bool:
     """Route ternary GEMMs of >= 8 tokens on the avx512 backend through AMX tiles (default where available,
     `MULFREE_AMX=0` turns it off); returns the previous setting."""

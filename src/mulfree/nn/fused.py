@@ -19,7 +19,7 @@ from functools import lru_cache
 import torch
 
 from mulfree.kernels import cpu_module, kernel_threads
-from mulfree.kernels.ternary import resolve_backend
+from mulfree.kernels.ternary import amx_enabled, resolve_backend
 from mulfree.ops.pack import padded_k
 
 _enabled = True
@@ -147,20 +147,39 @@ def _bitlinear_fwd(x2, norm_w, weight, eps, kind, pre_w, pre_eps, h2) -> torch.T
     return _scaled_product(q, a_scale, weight)
 
 
+def _amx_grads(name: str) -> bool:
+    """Whether the backward products run on AMX-BF16 (`_cpu.ternary_grad_input` / `ternary_grad_weight`: fp32
+    accuracy, dy split into three exact bf16 parts): the avx512 backend with AMX on, on a CPU with AMX-BF16."""
+    return (name == "avx512" and not torch.compiler.is_compiling() and amx_enabled()
+            and cpu_module().cpu_features()["amx_bf16"])
+
+
 def _bitlinear_bwd(dy2, x2, norm_w, weight, eps, kind, pre_w, pre_eps, h2, need_dw: bool):
     """(dx, d norm_w, d weight, d pre_w, dh) of `_bitlinear_fwd` given dL/dy, recomputing the prologue and codes:
-    straight-through gradients (dW = dyᵀ·x̃ with the scaled codes, dx̂ = dy·W̃)."""
+    straight-through gradients (dW = dyᵀ·x̃ with the scaled codes, dx̂ = dy·W̃). Both products are fp32 GEMMs, or
+    on AMX-BF16 the same sums in another order (`_amx_grads`)."""
     cpu, name, threads = _run()
     nw = norm_w.detach().contiguous()
     inp = _prologue(kind, x2, pre_w, pre_eps, h2)
-    dw = None
-    if need_dw:
+    amx, dw = _amx_grads(name), None
+    if need_dw and amx:
+        q, a_scale = torch.empty_like(inp), torch.empty(inp.shape[0])
+        cpu.norm_quant(inp, nw, eps, q, a_scale, False, name, threads)
+        dw = torch.empty(dy2.shape[1], inp.shape[1])
+        cpu.ternary_grad_weight(dy2, a_scale, q, dw, threads)
+        del q
+    elif need_dw:
         xq = torch.empty_like(inp)
         cpu.norm_quant(inp, nw, eps, xq, None, True, name, threads)
         dw = torch.matmul(dy2.t(), xq)
         del xq
     trits, w_scale = _ternarize(weight)
-    dxhat = torch.matmul(dy2, trits).mul_(w_scale)
+    if amx:
+        dxhat = torch.empty(dy2.shape[0], trits.shape[1])
+        cpu.ternary_grad_input(dy2, trits, dxhat, threads)
+        dxhat.mul_(w_scale)
+    else:
+        dxhat = torch.matmul(dy2, trits).mul_(w_scale)
     del trits
     dinp, dnw = torch.empty_like(inp), torch.empty_like(nw)
     cpu.rmsnorm_bwd(inp, nw, dxhat, eps, dinp, dnw, name, threads)

@@ -211,4 +211,6 @@ void register_ternary(nb::module_ &m) {
       nb::arg("on"),
       "Use AMX tiles for ternary GEMMs of >= 8 tokens on the avx512 backend (default: on where the CPU and OS allow, "
       "unless MULFREE_AMX=0); returns the previous setting.");
+  m.def("amx_enabled", [] { return amx_switch().load(); },
+        "Whether set_amx (or MULFREE_AMX) has AMX on: the ternary panels, and the training products on AMX-BF16.");
 }

@@ -43,6 +43,12 @@ const CpuFeatures &cpu_features() {
     r.avx512vnni = __builtin_cpu_supports("avx512vnni");
 #endif
     r.amx_int8 = MF_HAVE_AMX && r.avx512vnni && amx_int8_usable();
+#if defined(__x86_64__) && defined(__linux__)
+    // AMX-BF16: cpuid leaf 7 edx bit 22; AVX512-BF16: leaf 7 subleaf 1 eax bit 5.
+    unsigned a0, b0, c0, d0, a1, b1, c1, d1;
+    r.amx_bf16 = r.amx_int8 && __get_cpuid_count(7, 0, &a0, &b0, &c0, &d0) && ((d0 >> 22) & 1) &&
+                 __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1) && ((a1 >> 5) & 1);
+#endif
     return r;
   }();
   return f;
@@ -74,7 +80,8 @@ void register_cpuinfo(nb::module_ &m) {
                                        {"avxvnni", f.avx2 && f.fma && f.avxvnni},
                                        {"avx512", f.avx512f && f.avx512bw && f.avx512vl},
                                        {"avx512vnni", f.avx512f && f.avx512bw && f.avx512vl && f.avx512vnni},
-                                       {"amx_int8", f.amx_int8}};
+                                       {"amx_int8", f.amx_int8},
+                                       {"amx_bf16", f.amx_bf16}};
   }, "Which SIMD instruction sets this CPU (and OS) supports: {'avx2', 'avxvnni', 'avx512', 'avx512vnni', "
-         "'amx_int8'}.");
+         "'amx_int8', 'amx_bf16'}.");
 }

@@ -12,4 +12,5 @@ NB_MODULE(_cpu, m) {
   register_bcq_fit(m);
   register_gptq_columns(m);
   register_train_ops(m);
+  register_grad_amx(m);
 }

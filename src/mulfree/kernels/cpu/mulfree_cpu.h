@@ -19,6 +19,7 @@ void register_hadamard(nb::module_ &m); // hadamard.cpp: block Walsh-Hadamard tr
 void register_bcq_fit(nb::module_ &m);  // bcq_fit.cpp: Accuracy-mode BCQ column fit (quantizer)
 void register_gptq_columns(nb::module_ &m);  // gptq_columns.cpp: GPTQ's column loop over a lazy block
 void register_train_ops(nb::module_ &m);  // train_ops.cpp: fused element-wise forward/backward of MMfree training
+void register_grad_amx(nb::module_ &m);   // grad_amx.cpp: a ternary BitLinear's backward products on AMX-BF16
 
 // AMX and AVX-VNNI intrinsics need gcc >= 11 or clang >= 12; an older compiler builds everything but those
 // paths. (-DMF_HAVE_AMX=0 / -DMF_HAVE_AVXVNNI=0 build without them on purpose.)
@@ -39,6 +40,7 @@ void register_train_ops(nb::module_ &m);  // train_ops.cpp: fused element-wise f
 struct CpuFeatures {
   bool avx2, fma, avxvnni, avx512f, avx512bw, avx512vl, avx512vnni;
   bool amx_int8;  // AMX-TILE + AMX-INT8, the OS granted this process the tile state, and MF_HAVE_AMX
+  bool amx_bf16;  // the same with AMX-BF16 and AVX512-BF16 (Sapphire Rapids and later)
 };
 const CpuFeatures &cpu_features();
 
