@@ -224,44 +224,6 @@ def test_results_do_not_depend_on_the_thread_count():
         assert all(torch.equal(a, b) for a, b in zip(grads, runs[0][1]))
 
 
-def test_backward_reuses_the_forwards_weight_codes_with_the_same_result(monkeypatch):
-    """The weight codes and scale a forward remembers give its backward (the GLU's gate_up recompute, the trits)
-    the gradients that ternarizing again gives, bit for bit; a forgotten entry is only recomputed."""
-    g = torch.Generator().manual_seed(11)
-    x = torch.randn(2, 9, 70, generator=g)
-    pre_w, gate_nw, down_nw = (torch.rand(n, generator=g) + 0.5 for n in (70, 70, 33))
-    gate_w, down_w = torch.randn(66, 70, generator=g) * 0.05, torch.randn(70, 33, generator=g) * 0.05
-    inputs = [t.requires_grad_() for t in (x, pre_w, gate_nw, gate_w, down_nw, down_w)]
-
-    def glu(x, pre_w, gate_nw, gate_w, down_nw, down_w):
-        return fused.glu(x, pre_w, 1e-5, gate_nw, gate_w, 1e-6, down_nw, down_w, 1e-6)
-
-    seed = [torch.randn(2, 9, 70, generator=g)]
-    remembered = grads_of(glu, inputs, seed)
-    monkeypatch.setattr(fused, "_cached_codes", lambda w: None)
-    fresh = grads_of(glu, inputs, seed)
-    assert torch.equal(remembered[0][0], fresh[0][0])
-    assert all(torch.equal(a, b) for a, b in zip(remembered[1], fresh[1]))
-
-
-def test_remembered_codes_follow_their_weight():
-    """An entry is used only while its weight is unchanged (an in-place update bumps its version) and goes when the
-    weight does."""
-    w = (torch.randn(40, 24) * 0.05).requires_grad_()
-    x = torch.randn(5, 24)
-    fused.bitlinear(x, torch.ones(24), w, 1e-6)
-    assert fused._cached_codes(w) is not None
-    with torch.no_grad():
-        w.mul_(2)
-    assert fused._cached_codes(w) is None
-    key = id(w)
-    del w
-    import gc
-
-    gc.collect()
-    assert key not in fused._codes
-
-
 def _saved_bytes(model, x) -> int:
     """Bytes of distinct tensors autograd keeps for backward of one forward pass."""
     seen: dict[tuple[int, int], int] = {}

@@ -13,7 +13,6 @@ kernels/triton/ instead (`triton_active`).
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -106,49 +105,11 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return _RMSNorm.apply(x, w, eps)
 
 
-# Each weight's T2R4 codes and scale from its last forward, for its backward (the GLU's gate_up recompute, the trits)
-# while the weight is unchanged: by the weight object (id, with a weak reference whose callback drops the entry when
-# the weight dies), checked by its version counter and storage as autograd checks the tensors it saved. A forward
-# always ternarizes anew.
-_codes: dict[int, tuple] = {}
-
-
-def _stamp(weight: torch.Tensor) -> tuple[int, int]:
-    return weight._version, weight.data_ptr()
-
-
-def _remember(weight: torch.Tensor, packed: torch.Tensor, w_scale: float) -> None:
-    key = id(weight)
-    _codes[key] = (weakref.ref(weight, lambda _: _codes.pop(key, None)), _stamp(weight), packed, w_scale)
-
-
-def _cached_codes(weight: torch.Tensor) -> tuple[torch.Tensor, float] | None:
-    """The last forward's (packed codes, scale) of `weight`, if it has not changed since."""
-    hit = _codes.get(id(weight))
-    return hit[2:] if hit is not None and hit[0]() is weight and hit[1] == _stamp(weight) else None
-
-
 def _ternarize(weight: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """(trits fp32 [N, K], scale) of the latent weight (the reference: ops.fused_train.ternarize); the scale of its
-    last forward when the weight is unchanged (the same float64 mean, not summed again)."""
+    """(trits fp32 [N, K], scale) of the latent weight (the reference: ops.fused_train.ternarize)."""
     cpu, name, threads = _run()
     trits = torch.empty(weight.shape)
-    hit = None if torch.compiler.is_compiling() else _cached_codes(weight)
-    return trits, cpu.ternarize(weight.detach().contiguous(), trits, name, threads,
-                                scale=None if hit is None else hit[1])
-
-
-def _packed_codes(weight: torch.Tensor, reuse: bool) -> tuple[torch.Tensor, float]:
-    """(T2R4 bytes, scale) of the ternarized weight, remembered for its backward; `reuse` takes the last forward's
-    while the weight is unchanged."""
-    if reuse and (hit := _cached_codes(weight)) is not None:
-        return hit
-    cpu, name, threads = _run()
-    n, k = weight.shape
-    packed = torch.empty((n + 3) // 4, padded_k(k), dtype=torch.uint8)  # ternarized straight into pack_ternary's layout
-    w_scale = cpu.ternarize(weight.detach().contiguous(), None, name, threads, packed=packed)
-    _remember(weight, packed, w_scale)
-    return packed, w_scale
+    return trits, cpu.ternarize(weight.detach().contiguous(), trits, name, threads)
 
 
 # Below this K every sum of K products of int8 codes (|q| <= 127) and trits is an integer under 2^24, which fp32
@@ -156,7 +117,7 @@ def _packed_codes(weight: torch.Tensor, reuse: bool) -> tuple[torch.Tensor, floa
 _EXACT_K = (1 << 24) // 127
 
 
-def _scaled_product(q: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, reuse: bool = False) -> torch.Tensor:
+def _scaled_product(q: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """(q @ ternarize(weight)ᵀ) · (a_scale · w_scale) for the integer codes q [T, K] (fp32) and their scales [T]:
     on the packed ternary kernels (the weight packed to 2 bits, the codes to int8; `vpmaddubsw` / `vpdpbusd` / AMX
     instead of fp32 FMAs, the scales applied as the kernel writes its outputs) where the integer sums are exact,
@@ -168,22 +129,22 @@ def _scaled_product(q: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor
         trits, w_scale = _ternarize(weight)
         return torch.matmul(q, trits.t()).mul_(a_scale[:, None] * w_scale)
     kpad = padded_k(k)
-    packed, w_scale = _packed_codes(weight, reuse)
+    packed = torch.empty((n + 3) // 4, kpad, dtype=torch.uint8)  # ternarized straight into pack_ternary's layout
+    w_scale = cpu.ternarize(weight.detach().contiguous(), None, name, threads, packed=packed)
     codes = (q if kpad == k else torch.nn.functional.pad(q, (0, kpad - k))).to(torch.int8)
     y = torch.empty(q.shape[0], n)
     cpu.ternary_matmul_scaled(packed, n, codes, q.sum(1).to(torch.int32), a_scale, w_scale, y, name, threads, k=k)
     return y
 
 
-def _bitlinear_fwd(x2, norm_w, weight, eps, kind, pre_w, pre_eps, h2, reuse: bool = False) -> torch.Tensor:
-    """BitLinear of prologue(x2) [T, K] -> [T, N]: norm + int8 codes, times the ternary weight, scaled once
-    (`reuse`: a recompute in backward, which takes the forward's weight codes)."""
+def _bitlinear_fwd(x2, norm_w, weight, eps, kind, pre_w, pre_eps, h2) -> torch.Tensor:
+    """BitLinear of prologue(x2) [T, K] -> [T, N]: norm + int8 codes, times the ternary weight, scaled once."""
     cpu, name, threads = _run()
     inp = _prologue(kind, x2, pre_w, pre_eps, h2)
     q, a_scale = torch.empty_like(inp), torch.empty(inp.shape[0])
     cpu.norm_quant(inp, norm_w.detach().contiguous(), eps, q, a_scale, False, name, threads)
     del inp
-    return _scaled_product(q, a_scale, weight, reuse)
+    return _scaled_product(q, a_scale, weight)
 
 
 def _amx_grads(name: str) -> bool:
@@ -269,7 +230,7 @@ class _GLU(torch.autograd.Function):
         x2, pre_w, gate_nw, gate_w, down_nw, down_w = ctx.saved_tensors
         (pre_eps, gate_eps, down_eps), need = ctx.eps, ctx.needs_input_grad
         kind = None if pre_w is None else "norm"
-        gate_up = _bitlinear_fwd(x2, gate_nw, gate_w, gate_eps, kind, pre_w, pre_eps, None, reuse=True)
+        gate_up = _bitlinear_fwd(x2, gate_nw, gate_w, gate_eps, kind, pre_w, pre_eps, None)
         dgate_up, d_down_nw, d_down_w, _, _ = _bitlinear_bwd(_rows(dy), gate_up, down_nw, down_w, down_eps, "glu",
                                                              None, 0.0, None, need[7])
         del gate_up

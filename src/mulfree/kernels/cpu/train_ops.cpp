@@ -302,7 +302,7 @@ void register_train_ops(nb::module_ &m) {
   m.def(
       "ternarize",
       [](F2 w, std::optional<Out2> out, const std::string &backend, int threads,
-         std::optional<Arr<uint8_t, nb::ndim<2>>> packed, std::optional<double> given) {
+         std::optional<Arr<uint8_t, nb::ndim<2>>> packed) {
         const Isa isa = parse_isa(backend);
         const int64_t N = (int64_t)w.shape(0), K = (int64_t)w.shape(1);
         need(N * K > 0 && (out || packed), "ternarize needs a weight and an output");
@@ -310,21 +310,16 @@ void register_train_ops(nb::module_ &m) {
         const int64_t Kpad = (K + 255) / 256 * 256;
         need(!packed || ((int64_t)packed->shape(0) == (N + 3) / 4 && (int64_t)packed->shape(1) == Kpad),
              "packed must be [ceil(N / 4), K rounded up to 256] bytes");
-        need(!given || (std::isfinite(*given) && *given >= 1e-5), "scale must be a finite value >= 1e-5");
         nb::gil_scoped_release release;
         const int64_t nc = chunks_of(N);
-        float scale = given ? (float)*given : 0.f;
-        if (!given) {
-          std::vector<double> part((size_t)nc, 0.0);
-          run_train(threads, nc, [&](int64_t c) {
-            const int64_t r0 = c * kRows, r1 = std::min(N, r0 + kRows);
-            abs_sum(isa, w.data() + r0 * K, (r1 - r0) * K, &part[(size_t)c]);
-          });
-          double sum = 0.0;
-          for (double v : part) sum += v;
-          scale = std::max((float)(sum / (double)(N * K)), 1e-5f);
-        }
-        const float inv = 1.0f / scale;
+        std::vector<double> part((size_t)nc, 0.0);
+        run_train(threads, nc, [&](int64_t c) {
+          const int64_t r0 = c * kRows, r1 = std::min(N, r0 + kRows);
+          abs_sum(isa, w.data() + r0 * K, (r1 - r0) * K, &part[(size_t)c]);
+        });
+        double sum = 0.0;
+        for (double v : part) sum += v;
+        const float scale = std::max((float)(sum / (double)(N * K)), 1e-5f), inv = 1.0f / scale;
         run_train(threads, nc, [&](int64_t c) {
           const int64_t r0 = c * kRows, r1 = std::min(N, r0 + kRows);
           if (out) trits(isa, w.data() + r0 * K, (r1 - r0) * K, inv, out->data() + r0 * K);
@@ -334,10 +329,10 @@ void register_train_ops(nb::module_ &m) {
         return scale;
       },
       nb::arg("w"), nb::arg("out").none(), nb::arg("backend"), nb::arg("threads"), nb::kw_only(),
-      nb::arg("packed").none() = nb::none(), nb::arg("scale").none() = nb::none(),
+      nb::arg("packed").none() = nb::none(),
       "Absmean ternarization of w [N, K]: the trits as fp32 into out and / or packed to T2R4 bytes into packed "
       "(pack_ternary's layout, for the packed kernels); returns the scale max(mean|w|, 1e-5) (the mean a float64 "
-      "sum in fixed chunks, rounded once), or uses `scale` when given (one this call returned for the same w).");
+      "sum in fixed chunks, rounded once).");
 
   m.def(
       "rmsnorm_fwd",
