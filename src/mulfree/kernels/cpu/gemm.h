@@ -114,6 +114,8 @@ extern const PanelTier kPanelAvxVnni;
 #endif
 #if MF_HAVE_AMX
 extern const PanelTier kPanelAmx;
+// Configures this thread's eight tiles as 16 rows x 64 bytes each (every AMX kernel of the package uses that shape).
+void amx_tiles_16x64();
 #endif
 
 // The pieces tiers share: the SIMD tiers' multiply (prefetch the chunk's lines, then `blocks` over the tokens)

@@ -158,9 +158,13 @@ void multiply_amx(const PanelTier &, const PanelChunk &c) {
               c.C + tb * 4 * 256, c.lines + nl * tb / nblk, nl * (tb + 1) / nblk - nl * tb / nblk);
 }
 
-// Eight 16 x 64-byte tiles. A static object: with a local one gcc 12 dropped the row / column stores
-// before ldtilecfg (it does not see the instruction read them), leaving the tiles unconfigured.
-__attribute__((target(MF_AMX))) void amx_begin() {
+__attribute__((target(MF_AMX))) void amx_end() { _tile_release(); }
+
+}  // namespace
+
+// A static object: with a local one gcc 12 dropped the row / column stores before ldtilecfg (it does not see the
+// instruction read them), leaving the tiles unconfigured.
+__attribute__((target(MF_AMX))) void amx_tiles_16x64() {
   static const TileConfig cfg = [] {
     TileConfig c;
     for (int i = 0; i < 8; ++i) {
@@ -171,14 +175,11 @@ __attribute__((target(MF_AMX))) void amx_begin() {
   }();
   _tile_loadconfig(&cfg);
 }
-__attribute__((target(MF_AMX))) void amx_end() { _tile_release(); }
-
-}  // namespace
 
 // The C blocks are finished as the AVX-512 tier's once transposed.
 extern const PanelTier kPanelAmx = {
-    kAmxPanelMinTokens, prepare_amx,    amx_begin, amx_end, amx_unpack, multiply_amx,
-    amx_finish,         amx_finish_glu, nullptr,   0};  // no blocks: multiply_amx runs the tile loop
+    kAmxPanelMinTokens, prepare_amx,    amx_tiles_16x64, amx_end, amx_unpack, multiply_amx,
+    amx_finish,         amx_finish_glu, nullptr,         0};  // no blocks: multiply_amx runs the tile loop
 
 }  // namespace ternary
 #endif  // MF_HAVE_AMX

@@ -20,25 +20,6 @@ using namespace ternary;
 
 constexpr int64_t kTile = 512;  // bf16 elements of one tile (16 x 64 bytes)
 
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Eight 16 x 64-byte tiles (a static object, as gemm_amx.cpp's: gcc 12 drops the stores of a local one).
-__attribute__((target(MF_AMX_BF16))) void tiles_begin() {
-  static const TileConfig cfg = [] {
-    TileConfig c;
-    for (int i = 0; i < 8; ++i) {
-      c.rows[i] = 16;
-      c.colsb[i] = 64;
-    }
-    return c;
-  }();
-  _tile_loadconfig(&cfg);
-}
-
 // The operands' geometry: M rows x N columns of output, R the reduction; counts of 16-wide tiles and 32-deep steps.
 struct Shape {
   int64_t M, N, R;
@@ -161,7 +142,7 @@ __attribute__((target(MF_AMX_BF16))) void multiply_block(const uint16_t *A, int 
                                                           int b_parts, const Shape &sh, float *out, int64_t ldo,
                                                           bool transposed, int64_t i, int64_t j) {
   const int64_t mt = sh.mt(), nt = sh.nt(), rs = sh.rs();
-  tiles_begin();
+  amx_tiles_16x64();
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
