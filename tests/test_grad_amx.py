@@ -77,6 +77,14 @@ def test_non_finite_gradients_stay_non_finite_where_fp32_would():
 
 
 @needs_amx
+@pytest.mark.parametrize("t,n,k", [(0, 5, 3), (4, 0, 3), (4, 5, 0)])
+def test_empty_axes_give_empty_or_zero_products(t, n, k):
+    dy, trits, q, a_scale = operands(t, n, k)
+    assert torch.equal(grad_input(dy, trits), torch.zeros(t, k))
+    assert torch.equal(grad_weight(dy, a_scale, q), torch.zeros(n, k))
+
+
+@needs_amx
 def test_mismatched_shapes_are_refused():
     dy, trits, q, a_scale = operands(8, 16, 24)
     with pytest.raises(ValueError, match="do not match"):

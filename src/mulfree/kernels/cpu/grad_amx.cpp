@@ -205,7 +205,9 @@ void grow(LineVec<uint16_t> &v, int64_t n) {
 // The split operand is packed and multiplied a slice at a time, each slice's three parts about kSliceBytes (so
 // they stay in L2 while the other operand's panels pass, and the scratch stays small).
 constexpr int64_t kSliceBytes = int64_t(2) << 20;
-int64_t slice_of(int64_t depth) { return std::max<int64_t>(32, kSliceBytes / (3 * 2 * depth) / 32 * 32); }
+int64_t slice_of(int64_t depth) {
+  return std::max<int64_t>(32, kSliceBytes / (3 * 2 * std::max<int64_t>(depth, 32)) / 32 * 32);
+}
 
 // out [T, K] = dy [T, N] @ trits [N, K]: dy's rows a slice at a time.
 void grad_input(int threads, const float *dy, const float *trits, int64_t T, int64_t N, int64_t K, float *out) {
