@@ -147,11 +147,15 @@ def _bitlinear_fwd(x2, norm_w, weight, eps, kind, pre_w, pre_eps, h2) -> torch.T
     return _scaled_product(q, a_scale, weight)
 
 
+@lru_cache(maxsize=1)
+def _has_amx_bf16() -> bool:
+    return cpu_module().cpu_features()["amx_bf16"]
+
+
 def _amx_grads(name: str) -> bool:
     """Whether the backward products run on AMX-BF16 (`_cpu.ternary_grad_input` / `ternary_grad_weight`: fp32
     accuracy, dy split into three exact bf16 parts): the avx512 backend with AMX on, on a CPU with AMX-BF16."""
-    return (name == "avx512" and not torch.compiler.is_compiling() and amx_enabled()
-            and cpu_module().cpu_features()["amx_bf16"])
+    return name == "avx512" and not torch.compiler.is_compiling() and _has_amx_bf16() and amx_enabled()
 
 
 def _bitlinear_bwd(dy2, x2, norm_w, weight, eps, kind, pre_w, pre_eps, h2, need_dw: bool):

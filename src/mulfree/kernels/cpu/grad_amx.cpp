@@ -41,16 +41,17 @@ inline __mmask16 lanes(int64_t n) { return (__mmask16)((1u << n) - 1); }
 __attribute__((target(MF_AMX_BF16), always_inline)) inline __m512i join(__m256i lo, __m256i hi) {
   return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
 }
-// x = part[0] + part[1] + part[2] exactly (each the bf16 rounding of what the earlier parts leave).
-__attribute__((target(MF_AMX_BF16), always_inline)) inline void split3(__m512 x, __m256i part[3]) {
-  for (int p = 0; p < 3; ++p) {
+// x as nparts bf16 parts, each the rounding of what the earlier ones leave: with 3, part[0] + part[1] + part[2] = x
+// exactly; with 1, x rounded (exact for the trits and int8 codes).
+__attribute__((target(MF_AMX_BF16), always_inline)) inline void split(__m512 x, int nparts, __m256i part[3]) {
+  for (int p = 0; p < nparts; ++p) {
     part[p] = bf16(x);
     x = _mm512_sub_ps(x, widen(part[p]));
   }
 }
 
 // First-operand tiles from src [M, R] (row stride ld): parts tiles of row tile i and step s at
-// A + ((p * mt + i) * rs + s) * kTile, row m % 16 holding src[m, 32 s ..]. nparts 3 splits, 1 rounds (exact inputs).
+// A + ((p * mt + i) * rs + s) * kTile, row m % 16 holding src[m, 32 s ..]. nparts as in split.
 __attribute__((target(MF_AMX_BF16))) void pack_rows_tile(const float *src, int64_t ld, const Shape &sh, int nparts,
                                                           uint16_t *A, int64_t i) {
   const int64_t mt = sh.mt(), rs = sh.rs();
@@ -61,10 +62,7 @@ __attribute__((target(MF_AMX_BF16))) void pack_rows_tile(const float *src, int64
       for (int h = 0; h < 2; ++h) {
         const int64_t r0 = 32 * s + 16 * h, n = m < sh.M ? std::clamp<int64_t>(sh.R - r0, 0, 16) : 0;
         const __m512 x = _mm512_maskz_loadu_ps(lanes(n), src + m * ld + r0);
-        if (nparts == 3)
-          split3(x, part[h]);
-        else
-          part[h][0] = bf16(x);
+        split(x, nparts, part[h]);
       }
       for (int p = 0; p < nparts; ++p)
         _mm512_store_si512(A + ((p * mt + i) * rs + s) * kTile + mm * 32,
@@ -117,10 +115,7 @@ __attribute__((target(MF_AMX_BF16))) void pack_pairs_tile(const float *src, int6
         const int64_t r = 32 * s + 2 * q + e;
         __m512 x = r < sh.R ? _mm512_maskz_loadu_ps(lanes(n), src + r * ld + c0) : _mm512_setzero_ps();
         if (scale && r < sh.R) x = _mm512_mul_ps(x, _mm512_set1_ps(scale[r]));
-        if (nparts == 3)
-          split3(x, part[e]);
-        else
-          part[e][0] = bf16(x);
+        split(x, nparts, part[e]);
       }
       for (int p = 0; p < nparts; ++p) {
         const __m256i lo = _mm256_unpacklo_epi16(part[0][p], part[1][p]);  // pairs 0-3 | 8-11
@@ -189,8 +184,8 @@ __attribute__((target(MF_AMX_BF16))) void multiply_block(const uint16_t *A, int 
 void multiply(int threads, const uint16_t *A, int a_parts, const uint16_t *B, int b_parts, const Shape &sh,
               float *out, int64_t ldo, bool transposed) {
   const int64_t nbm = sh.mt() / 2, nbn = sh.nt() / 2;
+  const bool rows_first = a_parts >= b_parts;
   get_pool(threads).run_chunks(nbm * nbn, [&](int64_t c) {
-    const bool rows_first = a_parts >= b_parts;
     const int64_t i = rows_first ? c / nbn : c % nbm, j = rows_first ? c % nbn : c / nbm;
     multiply_block(A, a_parts, B, b_parts, sh, out, ldo, transposed, 2 * i, 2 * j);
   }, false);
