@@ -1,6 +1,6 @@
 """The ternary BitLinear's backward products on AMX-BF16 (`_cpu.ternary_grad_input` / `ternary_grad_weight`, the
-fp32 operand split into three exact bf16 parts): against float64 products on odd shapes and shapes that span
-several slices, independent of the thread count; and their one-line refusals."""
+fp32 operand split into three exact bf16 parts): against float64 products on odd shapes, shapes whose pool items
+split the other operand's panels among them and shapes of many items, independent of the thread count; and their one-line refusals."""
 
 import pytest
 import torch
@@ -37,7 +37,8 @@ def grad_weight(dy, a_scale, q, threads=2):
     return out
 
 
-# Odd sizes on every axis, and (200, 3072, 40) / (3000, 200, 24): several slices of the split operand.
+# Odd sizes on every axis; (37, 50, 70): too few 32-wide panels of the split operand for 2 threads, so the pool
+# items split the other operand's panels among them; (200, 3072, 40) / (3000, 200, 24): a long reduction, many items.
 SHAPES = [(1, 1, 1), (3, 5, 7), (37, 50, 70), (33, 1, 17), (100, 512, 129), (200, 3072, 40), (3000, 200, 24)]
 
 

@@ -116,6 +116,8 @@ extern const PanelTier kPanelAvxVnni;
 extern const PanelTier kPanelAmx;
 // Configures this thread's eight tiles as 16 rows x 64 bytes each (every AMX kernel of the package uses that shape).
 void amx_tiles_16x64();
+// Releases this thread's tiles (they hold state the OS saves at every switch while configured).
+void amx_end();
 #endif
 
 // The pieces tiers share: the SIMD tiers' multiply (prefetch the chunk's lines, then `blocks` over the tokens)

@@ -158,9 +158,9 @@ void multiply_amx(const PanelTier &, const PanelChunk &c) {
               c.C + tb * 4 * 256, c.lines + nl * tb / nblk, nl * (tb + 1) / nblk - nl * tb / nblk);
 }
 
-__attribute__((target(MF_AMX))) void amx_end() { _tile_release(); }
-
 }  // namespace
+
+__attribute__((target(MF_AMX))) void amx_end() { _tile_release(); }
 
 // A static object: with a local one gcc 12 dropped the row / column stores before ldtilecfg (it does not see the
 // instruction read them), leaving the tiles unconfigured.

@@ -2,12 +2,12 @@
 //   dx = dy @ trits               [T, N] x [N, K]
 //   dW = (dy * a[:, None])^T @ q  [N, T] x [T, K]   (computed as its transpose q^T @ (dy * a), then stored transposed)
 // One operand of each is exact in bf16 (trits in {-1, 0, 1}; int8 codes), and an fp32 value splits exactly into
-// three bf16 parts hi + mid + lo (8 significand bits each), so three tdpbf16ps passes with fp32 accumulation give
-// the fp32 product up to the order of its sums. Both operands are packed once per call into tiles:
+// three bf16 parts hi + mid + lo (8 significand bits each, by truncation), so three tdpbf16ps passes with fp32
+// accumulation give the fp32 product up to the order of its sums. Both operands are packed once per call into tiles:
 // - first operand (rows x 32 of the reduction): tile [16 rows][32 bf16];
 // - second operand (the reduction in pairs x columns): tile [16 pairs][16 columns x 2 bf16] (VNNI layout).
-// Rows, columns and the reduction are zero-padded to whole 32 x 32 blocks; the split operand is packed a slice at a
-// time. Against MKL's fp32 GEMMs on a Sapphire Rapids host: docs/mmfree.md.
+// Rows, columns and the reduction are zero-padded to whole 32 x 32 blocks; the split operand is packed 32 rows or
+// columns at a time, by the pool item that multiplies them. Against MKL's fp32 GEMMs on a Sapphire Rapids host: docs/mmfree.md.
 #include "gemm.h"
 
 #include <nanobind/ndarray.h>
@@ -19,6 +19,8 @@ using namespace ternary;
 #define MF_AMX_BF16 MF_AVX512 ",avx512bf16,amx-tile,amx-bf16"
 
 constexpr int64_t kTile = 512;  // bf16 elements of one tile (16 x 64 bytes)
+constexpr int64_t kAhead = 2;   // steps between a prefetch and its tile load
+constexpr int64_t kRowsAhead = 64;  // rows between a prefetch and its load when a panel of a row-major array is packed
 
 // The operands' geometry: M rows x N columns of output, R the reduction; counts of 16-wide tiles and 32-deep steps.
 struct Shape {
@@ -28,26 +30,27 @@ struct Shape {
   int64_t rs() const { return (R + 31) / 32; }
 };
 
-// bf16 bits of 16 floats, round to nearest even (NaN stays NaN).
-__attribute__((target(MF_AMX_BF16), always_inline)) inline __m256i bf16(__m512 x) {
-  return (__m256i)_mm512_cvtneps_pbh(x);
-}
-__attribute__((target(MF_AMX_BF16), always_inline)) inline __m512 widen(__m256i h) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 // The first n of 16 lanes.
 inline __mmask16 lanes(int64_t n) { return (__mmask16)((1u << n) - 1); }
-// One 512-bit row from two halves.
-__attribute__((target(MF_AMX_BF16), always_inline)) inline __m512i join(__m256i lo, __m256i hi) {
-  return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-}
-// x as nparts bf16 parts, each the rounding of what the earlier ones leave: with 3, part[0] + part[1] + part[2] = x
-// exactly; with 1, x rounded (exact for the trits and int8 codes).
-__attribute__((target(MF_AMX_BF16), always_inline)) inline void split(__m512 x, int nparts, __m256i part[3]) {
+// x as nparts parts, each an fp32 value whose low 16 bits are zero (its bf16 is its high half): the truncation of
+// what the earlier parts leave. With 3, part[0] + part[1] + part[2] = x exactly (24 significand bits in three runs of
+// 8); with 1, x truncated (exact for the trits and int8 codes). Truncation never rounds up to inf and needs no
+// conversion, so packing is a mask and a subtraction per part.
+__attribute__((target(MF_AMX_BF16), always_inline)) inline void split(__m512 x, int nparts, __m512 part[3]) {
+  const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u);
   for (int p = 0; p < nparts; ++p) {
-    part[p] = bf16(x);
-    x = _mm512_sub_ps(x, widen(part[p]));
+    part[p] = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), high));
+    x = _mm512_sub_ps(x, part[p]);
   }
+}
+// The high halves of 32 split parts, lo's 16 then hi's: their bf16 values in order (exact: the low halves are zero).
+__attribute__((target(MF_AMX_BF16), always_inline)) inline __m512i halves(__m512 lo, __m512 hi) {
+  return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+// Lane c holding the bf16 of even[c] in its low half and of odd[c] in its high half (the VNNI pair layout).
+__attribute__((target(MF_AMX_BF16), always_inline)) inline __m512i pairs(__m512 even, __m512 odd) {
+  return _mm512_mask_blend_epi16(0xAAAAAAAAu, _mm512_srli_epi32(_mm512_castps_si512(even), 16),
+                                 _mm512_castps_si512(odd));
 }
 
 // First-operand tiles from src [M, R] (row stride ld): parts tiles of row tile i and step s at
@@ -58,20 +61,15 @@ __attribute__((target(MF_AMX_BF16))) void pack_rows_tile(const float *src, int64
   for (int64_t mm = 0; mm < 16; ++mm) {
     const int64_t m = 16 * i + mm;
     for (int64_t s = 0; s < rs; ++s) {
-      __m256i part[2][3];
+      __m512 part[2][3];
       for (int h = 0; h < 2; ++h) {
         const int64_t r0 = 32 * s + 16 * h, n = m < sh.M ? std::clamp<int64_t>(sh.R - r0, 0, 16) : 0;
-        const __m512 x = _mm512_maskz_loadu_ps(lanes(n), src + m * ld + r0);
-        split(x, nparts, part[h]);
+        split(_mm512_maskz_loadu_ps(lanes(n), src + m * ld + r0), nparts, part[h]);
       }
       for (int p = 0; p < nparts; ++p)
-        _mm512_store_si512(A + ((p * mt + i) * rs + s) * kTile + mm * 32,
-                           join(part[0][p], part[1][p]));
+        _mm512_store_si512(A + ((p * mt + i) * rs + s) * kTile + mm * 32, halves(part[0][p], part[1][p]));
     }
   }
-}
-void pack_rows(int threads, const float *src, int64_t ld, const Shape &sh, int nparts, uint16_t *A) {
-  get_pool(threads).run_chunks(sh.mt(), [&](int64_t i) { pack_rows_tile(src, ld, sh, nparts, A, i); }, false);
 }
 
 // First-operand tiles of src^T for src [R, M] (row stride ld), one part (exact inputs): row m of a tile holds
@@ -81,20 +79,18 @@ __attribute__((target(MF_AMX_BF16))) void pack_cols_tile(const float *src, int64
   const int64_t rs = sh.rs();
   const int64_t m0 = 16 * i, n = std::clamp<int64_t>(sh.M - m0, 0, 16);
   for (int64_t s = 0; s < rs; ++s) {
-    __m256i half[2][16];
+    __m512i r[2][16];
     for (int h = 0; h < 2; ++h) {
-      __m512i r[16];
       for (int64_t rr = 0; rr < 16; ++rr) {
         const int64_t k = 32 * s + 16 * h + rr;
-        r[rr] = k < sh.R ? _mm512_castps_si512(_mm512_maskz_loadu_ps(lanes(n), src + k * ld + m0))
-                         : _mm512_setzero_si512();
+        r[h][rr] = k < sh.R ? _mm512_castps_si512(_mm512_maskz_loadu_ps(lanes(n), src + k * ld + m0))
+                            : _mm512_setzero_si512();
       }
-      transpose16x16_epi32(r);
-      for (int mm = 0; mm < 16; ++mm) half[h][mm] = bf16(_mm512_castsi512_ps(r[mm]));
+      transpose16x16_epi32(r[h]);
     }
     for (int mm = 0; mm < 16; ++mm)
       _mm512_store_si512(A + (i * rs + s) * kTile + mm * 32,
-                         join(half[0][mm], half[1][mm]));
+                         halves(_mm512_castsi512_ps(r[0][mm]), _mm512_castsi512_ps(r[1][mm])));
   }
 }
 void pack_cols(int threads, const float *src, int64_t ld, const Shape &sh, uint16_t *A) {
@@ -103,32 +99,30 @@ void pack_cols(int threads, const float *src, int64_t ld, const Shape &sh, uint1
 
 // Second-operand tiles from src [R, N] (row stride ld), each row r scaled by scale[r] when given: tile of column
 // tile j and step s at B + ((p * nt + j) * rs + s) * kTile, row q holding the pairs (src[32 s + 2 q, c],
-// src[32 s + 2 q + 1, c]) of its 16 columns.
-__attribute__((target(MF_AMX_BF16))) void pack_pairs_tile(const float *src, int64_t ld, const float *scale,
-                                                           const Shape &sh, int nparts, uint16_t *B, int64_t j) {
+// src[32 s + 2 q + 1, c]) of its 16 columns. One pass over the rows packs the two tiles of a 32-column panel.
+__attribute__((target(MF_AMX_BF16))) void pack_pairs_panel(const float *src, int64_t ld, const float *scale,
+                                                            const Shape &sh, int nparts, uint16_t *B, int64_t panel) {
   const int64_t nt = sh.nt(), rs = sh.rs();
-  const int64_t c0 = 16 * j, n = std::clamp<int64_t>(sh.N - c0, 0, 16);
   for (int64_t s = 0; s < rs; ++s)
-    for (int64_t q = 0; q < 16; ++q) {
-      __m256i part[2][3];
-      for (int e = 0; e < 2; ++e) {
-        const int64_t r = 32 * s + 2 * q + e;
-        __m512 x = r < sh.R ? _mm512_maskz_loadu_ps(lanes(n), src + r * ld + c0) : _mm512_setzero_ps();
-        if (scale && r < sh.R) x = _mm512_mul_ps(x, _mm512_set1_ps(scale[r]));
-        split(x, nparts, part[e]);
+    for (int64_t q = 0; q < 16; ++q)
+      for (int64_t j = 2 * panel; j < 2 * panel + 2; ++j) {
+        const int64_t c0 = 16 * j, n = std::clamp<int64_t>(sh.N - c0, 0, 16);
+        __m512 part[2][3];
+        for (int e = 0; e < 2; ++e) {
+          const int64_t r = 32 * s + 2 * q + e;
+          if (r + kRowsAhead < sh.R) _mm_prefetch((const char *)(src + (r + kRowsAhead) * ld + c0), _MM_HINT_T0);
+          __m512 x = r < sh.R ? _mm512_maskz_loadu_ps(lanes(n), src + r * ld + c0) : _mm512_setzero_ps();
+          if (scale && r < sh.R) x = _mm512_mul_ps(x, _mm512_set1_ps(scale[r]));
+          split(x, nparts, part[e]);
+        }
+        for (int p = 0; p < nparts; ++p)
+          _mm512_store_si512(B + ((p * nt + j) * rs + s) * kTile + q * 32, pairs(part[0][p], part[1][p]));
       }
-      for (int p = 0; p < nparts; ++p) {
-        const __m256i lo = _mm256_unpacklo_epi16(part[0][p], part[1][p]);  // pairs 0-3 | 8-11
-        const __m256i hi = _mm256_unpackhi_epi16(part[0][p], part[1][p]);  // pairs 4-7 | 12-15
-        const __m512i row = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_permute2x128_si256(lo, hi, 0x20)),
-                                               _mm256_permute2x128_si256(lo, hi, 0x31), 1);
-        _mm512_store_si512(B + ((p * nt + j) * rs + s) * kTile + q * 32, row);
-      }
-    }
 }
 void pack_pairs(int threads, const float *src, int64_t ld, const float *scale, const Shape &sh, int nparts,
                 uint16_t *B) {
-  get_pool(threads).run_chunks(sh.nt(), [&](int64_t j) { pack_pairs_tile(src, ld, scale, sh, nparts, B, j); }, false);
+  get_pool(threads).run_chunks(sh.nt() / 2, [&](int64_t p) { pack_pairs_panel(src, ld, scale, sh, nparts, B, p); },
+                               false);
 }
 
 // out = A x B over every 32 x 32 block, the parts of the split operand (A or B, `parts` of them) summed in the
@@ -137,12 +131,18 @@ __attribute__((target(MF_AMX_BF16))) void multiply_block(const uint16_t *A, int 
                                                           int b_parts, const Shape &sh, float *out, int64_t ldo,
                                                           bool transposed, int64_t i, int64_t j) {
   const int64_t mt = sh.mt(), nt = sh.nt(), rs = sh.rs();
-  amx_tiles_16x64();
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
-  for (int64_t s = 0; s < rs; ++s)
+  for (int64_t s = 0; s < rs; ++s) {
+    if (s + kAhead < rs) {  // the one-part operand's next tiles: it streams from L3, the split one sits in L2
+      const uint16_t *next = a_parts == 1 ? A + (i * rs + s + kAhead) * kTile : B + (j * rs + s + kAhead) * kTile;
+      for (int l = 0; l < 16; ++l) {
+        _mm_prefetch((const char *)(next + 32 * l), _MM_HINT_T0);
+        _mm_prefetch((const char *)(next + rs * kTile + 32 * l), _MM_HINT_T0);
+      }
+    }
     for (int p = 0; p < std::max(a_parts, b_parts); ++p) {
       if (p < a_parts) {
         _tile_loadd(4, A + ((p * mt + i) * rs + s) * kTile, 64);
@@ -157,12 +157,12 @@ __attribute__((target(MF_AMX_BF16))) void multiply_block(const uint16_t *A, int 
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
     }
+  }
   alignas(64) float C[4][256];
   _tile_stored(0, C[0], 64);
   _tile_stored(1, C[1], 64);
   _tile_stored(2, C[2], 64);
   _tile_stored(3, C[3], 64);
-  _tile_release();
   for (int t = 0; t < 4; ++t) {  // tile t: rows 16 (i + t / 2) .., columns 16 (j + t % 2) ..
     const int64_t m0 = 16 * (i + t / 2), n0 = 16 * (j + t % 2);
     const int64_t rows = std::clamp<int64_t>(sh.M - m0, 0, 16), cols = std::clamp<int64_t>(sh.N - n0, 0, 16);
@@ -179,60 +179,70 @@ __attribute__((target(MF_AMX_BF16))) void multiply_block(const uint16_t *A, int 
   }
 }
 
-// Consecutive blocks share the panel of the operand with more parts (3 bf16 parts of an fp32 operand), which
-// then stays in L2 while the other operand's panels stream past.
-void multiply(int threads, const uint16_t *A, int a_parts, const uint16_t *B, int b_parts, const Shape &sh,
-              float *out, int64_t ldo, bool transposed) {
-  const int64_t nbm = sh.mt() / 2, nbn = sh.nt() / 2;
-  const bool rows_first = a_parts >= b_parts;
-  get_pool(threads).run_chunks(nbm * nbn, [&](int64_t c) {
-    const int64_t i = rows_first ? c / nbn : c % nbm, j = rows_first ? c % nbn : c / nbm;
-    multiply_block(A, a_parts, B, b_parts, sh, out, ldo, transposed, 2 * i, 2 * j);
-  }, false);
-}
-
 // Scratch that only grows: the calls of a training step alternate between shapes, and a vector that shrank would
 // zero-fill its pages again when it grows back.
 void grow(LineVec<uint16_t> &v, int64_t n) {
   if ((int64_t)v.size() < n) v.resize((size_t)n);
 }
 
-// The split operand is packed and multiplied a slice at a time, each slice's three parts about kSliceBytes (so
-// they stay in L2 while the other operand's panels pass, and the scratch stays small).
-constexpr int64_t kSliceBytes = int64_t(2) << 20;
-int64_t slice_of(int64_t depth) {
-  return std::max<int64_t>(32, kSliceBytes / (3 * 2 * std::max<int64_t>(depth, 32)) / 32 * 32);
-}
+// Pool items over the 32-wide panels of the split operand, in `groups` ranges of the other operand's panels each
+// (more than one only when the panels alone would leave threads idle; each range packs its panel again).
+struct Items {
+  int64_t panels, others, groups;
+  Items(int64_t panels, int64_t others, int threads)
+      : panels(panels), others(others),
+        groups(std::max<int64_t>(1, std::min(others, (4 * threads + panels - 1) / std::max<int64_t>(panels, 1)))) {}
+  int64_t count() const { return panels * groups; }
+  int64_t panel(int64_t c) const { return c / groups; }
+  int64_t begin(int64_t c) const { return others * (c % groups) / groups; }
+  int64_t end(int64_t c) const { return others * (c % groups + 1) / groups; }
+};
 
-// out [T, K] = dy [T, N] @ trits [N, K]: dy's rows a slice at a time.
+// out [T, K] = dy [T, N] @ trits [N, K]. The trits are packed once for all threads; each pool item packs 32 rows of
+// dy (three parts) into its thread's scratch, which stays in L2 while every trit panel passes it, so the read of dy
+// overlaps the other thread's tile work.
 void grad_input(int threads, const float *dy, const float *trits, int64_t T, int64_t N, int64_t K, float *out) {
   const Shape whole{T, K, N};
-  const int64_t rows = slice_of(32 * whole.rs());
-  thread_local LineVec<uint16_t> a, b;
-  grow(a, 3 * (rows / 16) * whole.rs() * kTile);
+  thread_local LineVec<uint16_t> b;
   grow(b, whole.nt() * whole.rs() * kTile);
   pack_pairs(threads, trits, K, nullptr, whole, 1, b.data());
-  for (int64_t t0 = 0; t0 < T; t0 += rows) {
-    const Shape sh{std::min(rows, T - t0), K, N};
-    pack_rows(threads, dy + t0 * N, N, sh, 3, a.data());
-    multiply(threads, a.data(), 3, b.data(), 1, sh, out + t0 * K, K, false);
-  }
+  const uint16_t *trit_tiles = b.data();  // b names each thread's own scratch inside the items
+  const Items items(whole.mt() / 2, whole.nt() / 2, threads);
+  get_pool(threads).run_chunks(items.count(), [&](int64_t c) {
+    const int64_t t0 = 32 * items.panel(c);
+    const Shape sh{std::min<int64_t>(32, T - t0), K, N};
+    thread_local LineVec<uint16_t> a;
+    grow(a, 3 * 2 * sh.rs() * kTile);
+    pack_rows_tile(dy + t0 * N, N, sh, 3, a.data(), 0);
+    pack_rows_tile(dy + t0 * N, N, sh, 3, a.data(), 1);
+    amx_tiles_16x64();
+    for (int64_t j = items.begin(c); j < items.end(c); ++j)
+      multiply_block(a.data(), 3, trit_tiles, 1, sh, out + t0 * K, K, false, 0, 2 * j);
+    amx_end();
+  }, false);
 }
 
-// out [N, K] = (dy * a)^T @ q as its transpose q^T [K, T] @ (dy * a) [T, N]: dy's columns a slice at a time.
+// out [N, K] = (dy * a)^T @ q as its transpose q^T [K, T] @ (dy * a) [T, N]. q^T is packed once for all threads;
+// each pool item packs 32 columns of dy * a (three parts) into its thread's scratch, as in grad_input.
 void grad_weight(int threads, const float *dy, const float *a_scale, const float *q, int64_t T, int64_t N, int64_t K,
                  float *out) {
   const Shape whole{K, N, T};
-  const int64_t cols = slice_of(32 * whole.rs());
-  thread_local LineVec<uint16_t> a, b;
+  thread_local LineVec<uint16_t> a;
   grow(a, whole.mt() * whole.rs() * kTile);
-  grow(b, 3 * (cols / 16) * whole.rs() * kTile);
   pack_cols(threads, q, K, whole, a.data());
-  for (int64_t n0 = 0; n0 < N; n0 += cols) {
-    const Shape sh{K, std::min(cols, N - n0), T};
-    pack_pairs(threads, dy + n0, N, a_scale, sh, 3, b.data());
-    multiply(threads, a.data(), 1, b.data(), 3, sh, out + n0 * K, K, true);
-  }
+  const uint16_t *code_tiles = a.data();
+  const Items items(whole.nt() / 2, whole.mt() / 2, threads);
+  get_pool(threads).run_chunks(items.count(), [&](int64_t c) {
+    const int64_t n0 = 32 * items.panel(c);
+    const Shape sh{K, std::min<int64_t>(32, N - n0), T};
+    thread_local LineVec<uint16_t> b;
+    grow(b, 3 * 2 * sh.rs() * kTile);
+    pack_pairs_panel(dy + n0, N, a_scale, sh, 3, b.data(), 0);
+    amx_tiles_16x64();
+    for (int64_t i = items.begin(c); i < items.end(c); ++i)
+      multiply_block(code_tiles, 1, b.data(), 3, sh, out + n0 * K, K, true, 2 * i, 0);
+    amx_end();
+  }, false);
 }
 #endif  // MF_HAVE_AMX
 
