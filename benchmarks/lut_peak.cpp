@@ -7,6 +7,7 @@
 //   tables side by side, a row's two indices in adjacent bytes), then vpmaddubsw against ones adds each row's
 //   two lookups into int16 (low and high bytes apart: 2 vpmaddubsw, 2 vpaddw), widened every 32 steps. The
 //   tables are built outside the timed loop (a real kernel builds them per token), so this is an upper bound.
+//   The four tables of a token pair and triple pair stay in registers across kBlocks index vectors (128 rows).
 // - vnni: the panel GEMM's own inner loop (gemm_avx512.cpp): per k-quad two 16-row panel vectors against the
 //   broadcast activation quads of 12 tokens, 24 vpdpbusd.
 //
@@ -38,7 +39,7 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 
 // lut: idx[p][rb][64] holds row 32 rb + r's index for triple 2p in byte 2r and for triple 2p + 1 in byte 2r + 1
 // (+ 64, which selects vpermi2b's second table); lo / hi [t][triple][64]: the token's table bytes. C [t][kLutRows]
-// = the dots. Per token pair and triple pair the four tables stay in registers for the kBlocks index vectors.
+// = the dots.
 __attribute__((noinline)) void lut_block(const uint8_t *idx, const uint8_t *lo, const uint8_t *hi, int32_t *C) {
   const __m512i ones = _mm512_set1_epi8(1);
   for (int t0 = 0; t0 < kTokens; t0 += 2)
@@ -120,7 +121,8 @@ int main() {
     for (int r = 0; r < kLutRows; ++r)
       for (int e = 0; e < 2; ++e) {
         const int8_t *tr = &w[r * kK + 3 * (2 * p + e)];
-        idx[(p * kBlocks + r / 32) * 64 + 2 * (r % 32) + e] = (uint8_t)((tr[0] + 1) + 3 * (tr[1] + 1) + 9 * (tr[2] + 1) + 64 * e);
+        const int combo = (tr[0] + 1) + 3 * (tr[1] + 1) + 9 * (tr[2] + 1);
+        idx[(p * kBlocks + r / 32) * 64 + 2 * (r % 32) + e] = (uint8_t)(combo + 64 * e);
       }
   for (int t = 0; t < kTokens; ++t)
     for (int j = 0; j < 2 * kPairs; ++j)

@@ -7,7 +7,8 @@
 // - first operand (rows x 32 of the reduction): tile [16 rows][32 bf16];
 // - second operand (the reduction in pairs x columns): tile [16 pairs][16 columns x 2 bf16] (VNNI layout).
 // Rows, columns and the reduction are zero-padded to whole 32 x 32 blocks; the split operand is packed 32 rows or
-// columns at a time, by the pool item that multiplies them. Against MKL's fp32 GEMMs on a Sapphire Rapids host: docs/mmfree.md.
+// columns at a time, by the pool item that multiplies them. Against MKL's fp32 GEMMs on a Sapphire Rapids host:
+// docs/mmfree.md.
 #include "gemm.h"
 
 #include <nanobind/ndarray.h>
@@ -125,8 +126,9 @@ void pack_pairs(int threads, const float *src, int64_t ld, const float *scale, c
                                false);
 }
 
-// out = A x B over every 32 x 32 block, the parts of the split operand (A or B, `parts` of them) summed in the
-// C tiles; out[m, n] at out + m * ldo + n, or out + n * ldo + m when `transposed`.
+// One 32 x 32 block of out = A x B (row tiles i, i + 1; column tiles j, j + 1), the parts of the split operand (A or
+// B, `parts` of them) summed in the C tiles, which the caller has configured; out[m, n] at out + m * ldo + n, or
+// out + n * ldo + m when `transposed`.
 __attribute__((target(MF_AMX_BF16))) void multiply_block(const uint16_t *A, int a_parts, const uint16_t *B,
                                                           int b_parts, const Shape &sh, float *out, int64_t ldo,
                                                           bool transposed, int64_t i, int64_t j) {
