@@ -9,7 +9,8 @@
 //   tables are built outside the timed loop (a real kernel builds them per token), so this is an upper bound.
 //   The four tables of a token pair and triple pair stay in registers across kBlocks index vectors (128 rows).
 // - vnni: the panel GEMM's own inner loop (gemm_avx512.cpp): per k-quad two 16-row panel vectors against the
-//   broadcast activation quads of 12 tokens, 24 vpdpbusd.
+//   broadcast activation quads of 12 tokens, 24 vpdpbusd. gcc moves some accumulators through the stack here, so
+//   this is a lower bound of the tier's loop (its whole 128-token prefill runs faster per core: docs/packed.md).
 //
 //   g++ -O3 -mavx512f -mavx512bw -mavx512vbmi -mavx512vnni -o /tmp/lut_peak benchmarks/lut_peak.cpp && /tmp/lut_peak
 //
@@ -76,15 +77,18 @@ __attribute__((noinline)) void lut_block(const uint8_t *idx, const uint8_t *lo, 
 // vnni: panel[kq][2][16 rows x 4 codes] (codes c = trit + 1, unsigned), q [t][kK] int8; C [t][32] = sum c q.
 __attribute__((noinline)) void vnni_block(const uint8_t *panel, const int8_t *q, int32_t *C) {
   __m512i acc[kTokens][2];
-  for (auto &a : acc) a[0] = a[1] = _mm512_setzero_si512();
+#pragma GCC unroll 12
+  for (int t = 0; t < kTokens; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_si512();
   for (int kq = 0; kq < kK / 4; ++kq) {
     const __m512i p0 = _mm512_load_si512(panel + kq * 128), p1 = _mm512_load_si512(panel + kq * 128 + 64);
+#pragma GCC unroll 12
     for (int t = 0; t < kTokens; ++t) {
       const __m512i a = _mm512_set1_epi32(*(const int32_t *)(q + t * kK + 4 * kq));
       acc[t][0] = _mm512_dpbusd_epi32(acc[t][0], p0, a);
       acc[t][1] = _mm512_dpbusd_epi32(acc[t][1], p1, a);
     }
   }
+#pragma GCC unroll 12
   for (int t = 0; t < kTokens; ++t) {
     _mm512_storeu_si512(C + t * kRows, acc[t][0]);
     _mm512_storeu_si512(C + t * kRows + 16, acc[t][1]);
