@@ -38,8 +38,10 @@ def grad_weight(dy, a_scale, q, threads=2):
 
 
 # Odd sizes on every axis; (37, 50, 70): too few 32-wide panels of the split operand for 2 threads, so the pool
-# items split the other operand's panels among them; (200, 3072, 40) / (3000, 200, 24): a long reduction, many items.
-SHAPES = [(1, 1, 1), (3, 5, 7), (37, 50, 70), (33, 1, 17), (100, 512, 129), (200, 3072, 40), (3000, 200, 24)]
+# items split the other operand's panels among them; (200, 3072, 40) / (3000, 200, 24): a long reduction, many items;
+# (33, 4200, 40) / (4200, 40, 33): dx's / dW's reduction in two chunks (over 128 steps of 32).
+SHAPES = [(1, 1, 1), (3, 5, 7), (37, 50, 70), (33, 1, 17), (100, 512, 129), (200, 3072, 40), (3000, 200, 24),
+          (33, 4200, 40), (4200, 40, 33)]
 
 
 @needs_amx

@@ -7,8 +7,8 @@
 // - first operand (rows x 32 of the reduction): tile [16 rows][32 bf16];
 // - second operand (the reduction in pairs x columns): tile [16 pairs][16 columns x 2 bf16] (VNNI layout).
 // Rows, columns and the reduction are zero-padded to whole 32 x 32 blocks; the split operand is packed 32 rows or
-// columns at a time, by the pool item that multiplies them. Against MKL's fp32 GEMMs on a Sapphire Rapids host:
-// docs/mmfree.md.
+// columns and up to 128 reduction steps at a time, by the pool item that multiplies them, whose C blocks wait in
+// its scratch between those chunks. Against MKL's fp32 GEMMs on a Sapphire Rapids host: docs/mmfree.md.
 #include "gemm.h"
 
 #include <nanobind/ndarray.h>
@@ -126,33 +126,44 @@ void pack_pairs(int threads, const float *src, int64_t ld, const float *scale, c
                                false);
 }
 
-// One 32 x 32 block of out = A x B (row tiles i, i + 1; column tiles j, j + 1), the parts of the split operand (A or
-// B, `parts` of them) summed in the C tiles, which the caller has configured; out[m, n] at out + m * ldo + n, or
-// out + n * ldo + m when `transposed`.
-__attribute__((target(MF_AMX_BF16))) void multiply_block(const uint16_t *A, int a_parts, const uint16_t *B,
-                                                          int b_parts, const Shape &sh, float *out, int64_t ldo,
-                                                          bool transposed, int64_t i, int64_t j) {
-  const int64_t mt = sh.mt(), nt = sh.nt(), rs = sh.rs();
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  for (int64_t s = 0; s < rs; ++s) {
-    if (s + kAhead < rs) {  // the one-part operand's next tiles: it streams from L3, the split one sits in L2
-      const uint16_t *next = a_parts == 1 ? A + (i * rs + s + kAhead) * kTile : B + (j * rs + s + kAhead) * kTile;
-      for (int l = 0; l < 16; ++l) {
-        _mm_prefetch((const char *)(next + 32 * l), _MM_HINT_T0);
-        _mm_prefetch((const char *)(next + rs * kTile + 32 * l), _MM_HINT_T0);
+// Where one operand's tiles are: part p of tile row / column t at step s at `tiles + p * part + (t * rs + s) * kTile`.
+struct Tiles {
+  const uint16_t *tiles;
+  int parts;
+  int64_t part, rs;
+  const uint16_t *at(int p, int64_t t, int64_t s) const { return tiles + p * part + (t * rs + s) * kTile; }
+};
+
+// One 32 x 32 block (row tiles i, i + 1 of A; column tiles j, j + 1 of B) over `steps` reduction steps, added to
+// the four C tiles in acc (set when `first`), the parts of the split operand summed; the caller has configured
+// the tiles.
+__attribute__((target(MF_AMX_BF16))) void multiply_block(const Tiles &A, const Tiles &B, int64_t steps, int64_t i,
+                                                          int64_t j, bool first, float *acc) {
+  if (first) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  } else {
+    _tile_loadd(0, acc, 64);
+    _tile_loadd(1, acc + 256, 64);
+    _tile_loadd(2, acc + 512, 64);
+    _tile_loadd(3, acc + 768, 64);
+  }
+  const Tiles &shared = A.parts == 1 ? A : B;  // the one-part operand streams from L3, the split one sits in L2
+  const int64_t st = A.parts == 1 ? i : j;
+  for (int64_t s = 0; s < steps; ++s) {
+    if (s + kAhead < steps)
+      for (int64_t t = st; t < st + 2; ++t)
+        for (int l = 0; l < 16; ++l) _mm_prefetch((const char *)(shared.at(0, t, s + kAhead) + 32 * l), _MM_HINT_T0);
+    for (int p = 0; p < std::max(A.parts, B.parts); ++p) {
+      if (p < A.parts) {
+        _tile_loadd(4, A.at(p, i, s), 64);
+        _tile_loadd(5, A.at(p, i + 1, s), 64);
       }
-    }
-    for (int p = 0; p < std::max(a_parts, b_parts); ++p) {
-      if (p < a_parts) {
-        _tile_loadd(4, A + ((p * mt + i) * rs + s) * kTile, 64);
-        _tile_loadd(5, A + ((p * mt + i + 1) * rs + s) * kTile, 64);
-      }
-      if (p < b_parts) {
-        _tile_loadd(6, B + ((p * nt + j) * rs + s) * kTile, 64);
-        _tile_loadd(7, B + ((p * nt + j + 1) * rs + s) * kTile, 64);
+      if (p < B.parts) {
+        _tile_loadd(6, B.at(p, j, s), 64);
+        _tile_loadd(7, B.at(p, j + 1, s), 64);
       }
       _tile_dpbf16ps(0, 4, 6);
       _tile_dpbf16ps(1, 4, 7);
@@ -160,20 +171,26 @@ __attribute__((target(MF_AMX_BF16))) void multiply_block(const uint16_t *A, int 
       _tile_dpbf16ps(3, 5, 7);
     }
   }
-  alignas(64) float C[4][256];
-  _tile_stored(0, C[0], 64);
-  _tile_stored(1, C[1], 64);
-  _tile_stored(2, C[2], 64);
-  _tile_stored(3, C[3], 64);
+  _tile_stored(0, acc, 64);
+  _tile_stored(1, acc + 256, 64);
+  _tile_stored(2, acc + 512, 64);
+  _tile_stored(3, acc + 768, 64);
+}
+
+// The block of acc (row tiles i, i + 1; column tiles j, j + 1) into out [M, N]: out[m, n] at out + m * ldo + n, or
+// out + n * ldo + m when `transposed`; rows and columns past M and N dropped.
+__attribute__((target(MF_AMX_BF16))) void store_block(const float *acc, int64_t M, int64_t N, float *out, int64_t ldo,
+                                                       bool transposed, int64_t i, int64_t j) {
   for (int t = 0; t < 4; ++t) {  // tile t: rows 16 (i + t / 2) .., columns 16 (j + t % 2) ..
+    const float *C = acc + 256 * t;
     const int64_t m0 = 16 * (i + t / 2), n0 = 16 * (j + t % 2);
-    const int64_t rows = std::clamp<int64_t>(sh.M - m0, 0, 16), cols = std::clamp<int64_t>(sh.N - n0, 0, 16);
+    const int64_t rows = std::clamp<int64_t>(M - m0, 0, 16), cols = std::clamp<int64_t>(N - n0, 0, 16);
     if (!transposed) {
       for (int64_t r = 0; r < rows; ++r)
-        _mm512_mask_storeu_ps(out + (m0 + r) * ldo + n0, lanes(cols), _mm512_load_ps(C[t] + 16 * r));
+        _mm512_mask_storeu_ps(out + (m0 + r) * ldo + n0, lanes(cols), _mm512_load_ps(C + 16 * r));
     } else {
       __m512i v[16];
-      for (int r = 0; r < 16; ++r) v[r] = _mm512_load_si512(C[t] + 16 * r);
+      for (int r = 0; r < 16; ++r) v[r] = _mm512_load_si512(C + 16 * r);
       transpose16x16_epi32(v);
       for (int64_t r = 0; r < cols; ++r)
         _mm512_mask_storeu_ps(out + (n0 + r) * ldo + m0, lanes(rows), _mm512_castsi512_ps(v[r]));
@@ -183,7 +200,8 @@ __attribute__((target(MF_AMX_BF16))) void multiply_block(const uint16_t *A, int 
 
 // Scratch that only grows: the calls of a training step alternate between shapes, and a vector that shrank would
 // zero-fill its pages again when it grows back.
-void grow(LineVec<uint16_t> &v, int64_t n) {
+template <class T>
+void grow(LineVec<T> &v, int64_t n) {
   if ((int64_t)v.size() < n) v.resize((size_t)n);
 }
 
@@ -200,9 +218,13 @@ struct Items {
   int64_t end(int64_t c) const { return others * (c % groups + 1) / groups; }
 };
 
+// Reduction steps of the split operand's panel packed at a time: its 3 parts x 2 tiles x steps stay within ~768 KiB
+// of L2 beside the other operand's stream and the item's accumulators.
+constexpr int64_t kChunkSteps = 128;
+
 // out [T, K] = dy [T, N] @ trits [N, K]. The trits are packed once for all threads; each pool item packs 32 rows of
-// dy (three parts) into its thread's scratch, which stays in L2 while every trit panel passes it, so the read of dy
-// overlaps the other thread's tile work.
+// dy (three parts) into its thread's scratch, a reduction chunk at a time, and multiplies the chunk by every trit
+// panel of its range while it sits in L2, so the read of dy overlaps the other thread's tile work.
 void grad_input(int threads, const float *dy, const float *trits, int64_t T, int64_t N, int64_t K, float *out) {
   const Shape whole{T, K, N};
   thread_local LineVec<uint16_t> b;
@@ -211,21 +233,29 @@ void grad_input(int threads, const float *dy, const float *trits, int64_t T, int
   const uint16_t *trit_tiles = b.data();  // b names each thread's own scratch inside the items
   const Items items(whole.mt() / 2, whole.nt() / 2, threads);
   get_pool(threads).run_chunks(items.count(), [&](int64_t c) {
-    const int64_t t0 = 32 * items.panel(c);
-    const Shape sh{std::min<int64_t>(32, T - t0), K, N};
+    const int64_t t0 = 32 * items.panel(c), rows = std::min<int64_t>(32, T - t0), j0 = items.begin(c);
     thread_local LineVec<uint16_t> a;
-    grow(a, 3 * 2 * sh.rs() * kTile);
-    pack_rows_tile(dy + t0 * N, N, sh, 3, a.data(), 0);
-    pack_rows_tile(dy + t0 * N, N, sh, 3, a.data(), 1);
+    thread_local LineVec<float> acc;
+    grow(a, 3 * 2 * std::min(kChunkSteps, whole.rs()) * kTile);
+    grow(acc, (items.end(c) - j0) * 1024);
     amx_tiles_16x64();
-    for (int64_t j = items.begin(c); j < items.end(c); ++j)
-      multiply_block(a.data(), 3, trit_tiles, 1, sh, out + t0 * K, K, false, 0, 2 * j);
+    for (int64_t s0 = 0; s0 == 0 || s0 < whole.rs(); s0 += kChunkSteps) {  // once for an empty reduction: zeros
+      const Shape sh{rows, K, std::min(32 * kChunkSteps, N - 32 * s0)};
+      for (int64_t i = 0; i < 2; ++i) pack_rows_tile(dy + t0 * N + 32 * s0, N, sh, 3, a.data(), i);
+      const Tiles A{a.data(), 3, 2 * sh.rs() * kTile, sh.rs()}, B{trit_tiles + s0 * kTile, 1, 0, whole.rs()};
+      const bool last = s0 + kChunkSteps >= whole.rs();
+      for (int64_t j = j0; j < items.end(c); ++j) {
+        float *C = acc.data() + (j - j0) * 1024;
+        multiply_block(A, B, sh.rs(), 0, 2 * j, s0 == 0, C);
+        if (last) store_block(C, rows, K, out + t0 * K, K, false, 0, 2 * j);
+      }
+    }
     amx_end();
   }, false);
 }
 
 // out [N, K] = (dy * a)^T @ q as its transpose q^T [K, T] @ (dy * a) [T, N]. q^T is packed once for all threads;
-// each pool item packs 32 columns of dy * a (three parts) into its thread's scratch, as in grad_input.
+// each pool item packs 32 columns of dy * a (three parts), a chunk of tokens at a time, as in grad_input.
 void grad_weight(int threads, const float *dy, const float *a_scale, const float *q, int64_t T, int64_t N, int64_t K,
                  float *out) {
   const Shape whole{K, N, T};
@@ -235,14 +265,24 @@ void grad_weight(int threads, const float *dy, const float *a_scale, const float
   const uint16_t *code_tiles = a.data();
   const Items items(whole.nt() / 2, whole.mt() / 2, threads);
   get_pool(threads).run_chunks(items.count(), [&](int64_t c) {
-    const int64_t n0 = 32 * items.panel(c);
-    const Shape sh{K, std::min<int64_t>(32, N - n0), T};
+    const int64_t n0 = 32 * items.panel(c), cols = std::min<int64_t>(32, N - n0), i0 = items.begin(c);
     thread_local LineVec<uint16_t> b;
-    grow(b, 3 * 2 * sh.rs() * kTile);
-    pack_pairs_panel(dy + n0, N, a_scale, sh, 3, b.data(), 0);
+    thread_local LineVec<float> acc;
+    grow(b, 3 * 2 * std::min(kChunkSteps, whole.rs()) * kTile);
+    grow(acc, (items.end(c) - i0) * 1024);
     amx_tiles_16x64();
-    for (int64_t i = items.begin(c); i < items.end(c); ++i)
-      multiply_block(code_tiles, 1, b.data(), 3, sh, out + n0 * K, K, true, 2 * i, 0);
+    for (int64_t s0 = 0; s0 == 0 || s0 < whole.rs(); s0 += kChunkSteps) {
+      const int64_t r0 = 32 * s0;
+      const Shape sh{K, cols, std::min(32 * kChunkSteps, T - r0)};
+      pack_pairs_panel(dy + r0 * N + n0, N, a_scale + r0, sh, 3, b.data(), 0);
+      const Tiles A{code_tiles + s0 * kTile, 1, 0, whole.rs()}, B{b.data(), 3, 2 * sh.rs() * kTile, sh.rs()};
+      const bool last = s0 + kChunkSteps >= whole.rs();
+      for (int64_t i = i0; i < items.end(c); ++i) {
+        float *C = acc.data() + (i - i0) * 1024;
+        multiply_block(A, B, sh.rs(), 2 * i, 0, s0 == 0, C);
+        if (last) store_block(C, K, cols, out + n0 * K, K, true, 2 * i, 0);
+      }
+    }
     amx_end();
   }, false);
 }
