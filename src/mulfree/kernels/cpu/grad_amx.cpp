@@ -222,6 +222,20 @@ struct Items {
 // of L2 beside the other operand's stream and the item's accumulators.
 constexpr int64_t kChunkSteps = 128;
 
+// Runs the pool items: item c calls chunk(c, s0, last, acc) for each reduction chunk from step s0 (once for an
+// empty reduction, which then zeroes its C blocks), with the tiles configured and acc holding the 4 KiB C block
+// of each panel in its range.
+template <class Chunk>
+void run_items(int threads, const Items &items, int64_t rs, Chunk &&chunk) {
+  get_pool(threads).run_chunks(items.count(), [&](int64_t c) {
+    thread_local LineVec<float> acc;
+    grow(acc, (items.end(c) - items.begin(c)) * 1024);
+    amx_tiles_16x64();
+    for (int64_t s0 = 0; s0 == 0 || s0 < rs; s0 += kChunkSteps) chunk(c, s0, s0 + kChunkSteps >= rs, acc.data());
+    amx_end();
+  }, false);
+}
+
 // out [T, K] = dy [T, N] @ trits [N, K]. The trits are packed once for all threads; each pool item packs 32 rows of
 // dy (three parts) into its thread's scratch, a reduction chunk at a time, and multiplies the chunk by every trit
 // panel of its range while it sits in L2, so the read of dy overlaps the other thread's tile work.
@@ -230,28 +244,20 @@ void grad_input(int threads, const float *dy, const float *trits, int64_t T, int
   thread_local LineVec<uint16_t> b;
   grow(b, whole.nt() * whole.rs() * kTile);
   pack_pairs(threads, trits, K, nullptr, whole, 1, b.data());
-  const uint16_t *trit_tiles = b.data();  // b names each thread's own scratch inside the items
+  const Tiles trit_tiles{b.data(), 1, 0, whole.rs()};  // b names each thread's own scratch inside the items
   const Items items(whole.mt() / 2, whole.nt() / 2, threads);
-  get_pool(threads).run_chunks(items.count(), [&](int64_t c) {
-    const int64_t t0 = 32 * items.panel(c), rows = std::min<int64_t>(32, T - t0), j0 = items.begin(c);
+  run_items(threads, items, whole.rs(), [&](int64_t c, int64_t s0, bool last, float *acc) {
+    const int64_t t0 = 32 * items.panel(c), rows = std::min<int64_t>(32, T - t0);
+    const Shape sh{rows, K, std::min(32 * kChunkSteps, N - 32 * s0)};
     thread_local LineVec<uint16_t> a;
-    thread_local LineVec<float> acc;
-    grow(a, 3 * 2 * std::min(kChunkSteps, whole.rs()) * kTile);
-    grow(acc, (items.end(c) - j0) * 1024);
-    amx_tiles_16x64();
-    for (int64_t s0 = 0; s0 == 0 || s0 < whole.rs(); s0 += kChunkSteps) {  // once for an empty reduction: zeros
-      const Shape sh{rows, K, std::min(32 * kChunkSteps, N - 32 * s0)};
-      for (int64_t i = 0; i < 2; ++i) pack_rows_tile(dy + t0 * N + 32 * s0, N, sh, 3, a.data(), i);
-      const Tiles A{a.data(), 3, 2 * sh.rs() * kTile, sh.rs()}, B{trit_tiles + s0 * kTile, 1, 0, whole.rs()};
-      const bool last = s0 + kChunkSteps >= whole.rs();
-      for (int64_t j = j0; j < items.end(c); ++j) {
-        float *C = acc.data() + (j - j0) * 1024;
-        multiply_block(A, B, sh.rs(), 0, 2 * j, s0 == 0, C);
-        if (last) store_block(C, rows, K, out + t0 * K, K, false, 0, 2 * j);
-      }
+    grow(a, 3 * 2 * sh.rs() * kTile);
+    for (int64_t i = 0; i < 2; ++i) pack_rows_tile(dy + t0 * N + 32 * s0, N, sh, 3, a.data(), i);
+    const Tiles A{a.data(), 3, 2 * sh.rs() * kTile, sh.rs()}, B{trit_tiles.at(0, 0, s0), 1, 0, whole.rs()};
+    for (int64_t j = items.begin(c); j < items.end(c); ++j, acc += 1024) {
+      multiply_block(A, B, sh.rs(), 0, 2 * j, s0 == 0, acc);
+      if (last) store_block(acc, rows, K, out + t0 * K, K, false, 0, 2 * j);
     }
-    amx_end();
-  }, false);
+  });
 }
 
 // out [N, K] = (dy * a)^T @ q as its transpose q^T [K, T] @ (dy * a) [T, N]. q^T is packed once for all threads;
@@ -262,29 +268,20 @@ void grad_weight(int threads, const float *dy, const float *a_scale, const float
   thread_local LineVec<uint16_t> a;
   grow(a, whole.mt() * whole.rs() * kTile);
   pack_cols(threads, q, K, whole, a.data());
-  const uint16_t *code_tiles = a.data();
+  const Tiles code_tiles{a.data(), 1, 0, whole.rs()};
   const Items items(whole.nt() / 2, whole.mt() / 2, threads);
-  get_pool(threads).run_chunks(items.count(), [&](int64_t c) {
-    const int64_t n0 = 32 * items.panel(c), cols = std::min<int64_t>(32, N - n0), i0 = items.begin(c);
+  run_items(threads, items, whole.rs(), [&](int64_t c, int64_t s0, bool last, float *acc) {
+    const int64_t n0 = 32 * items.panel(c), cols = std::min<int64_t>(32, N - n0), r0 = 32 * s0;
+    const Shape sh{K, cols, std::min(32 * kChunkSteps, T - r0)};
     thread_local LineVec<uint16_t> b;
-    thread_local LineVec<float> acc;
-    grow(b, 3 * 2 * std::min(kChunkSteps, whole.rs()) * kTile);
-    grow(acc, (items.end(c) - i0) * 1024);
-    amx_tiles_16x64();
-    for (int64_t s0 = 0; s0 == 0 || s0 < whole.rs(); s0 += kChunkSteps) {
-      const int64_t r0 = 32 * s0;
-      const Shape sh{K, cols, std::min(32 * kChunkSteps, T - r0)};
-      pack_pairs_panel(dy + r0 * N + n0, N, a_scale + r0, sh, 3, b.data(), 0);
-      const Tiles A{code_tiles + s0 * kTile, 1, 0, whole.rs()}, B{b.data(), 3, 2 * sh.rs() * kTile, sh.rs()};
-      const bool last = s0 + kChunkSteps >= whole.rs();
-      for (int64_t i = i0; i < items.end(c); ++i) {
-        float *C = acc.data() + (i - i0) * 1024;
-        multiply_block(A, B, sh.rs(), 2 * i, 0, s0 == 0, C);
-        if (last) store_block(C, K, cols, out + n0 * K, K, true, 2 * i, 0);
-      }
+    grow(b, 3 * 2 * sh.rs() * kTile);
+    pack_pairs_panel(dy + r0 * N + n0, N, a_scale + r0, sh, 3, b.data(), 0);
+    const Tiles A{code_tiles.at(0, 0, s0), 1, 0, whole.rs()}, B{b.data(), 3, 2 * sh.rs() * kTile, sh.rs()};
+    for (int64_t i = items.begin(c); i < items.end(c); ++i, acc += 1024) {
+      multiply_block(A, B, sh.rs(), 2 * i, 0, s0 == 0, acc);
+      if (last) store_block(acc, K, cols, out + n0 * K, K, true, 2 * i, 0);
     }
-    amx_end();
-  }, false);
+  });
 }
 #endif  // MF_HAVE_AMX
 
