@@ -29,7 +29,9 @@
 // prefill's regions are few and long, so a wait just under 1 ms cost each of them a good part of its time), after
 // which the caller runs regions alone for 40 ms (longer periods lost the second core for too long when the
 // competition is bursty, e.g. a server's own HTTP threads; docs/packed.md). While waiting it yields its core, in
-// case the stalled worker is queued on it.
+// case the stalled worker is queued on it. For a second after a stall the workers also yield their core between
+// chunks every 0.3 ms of running, so the scheduler's turn for the other process comes while they hold no chunk
+// instead of in the middle of one (a busy core's 2-thread decode and prefill then beat one thread).
 class Pool {
  public:
   explicit Pool(int n) : n_(std::max(1, n)) {
@@ -59,6 +61,9 @@ class Pool {
   static constexpr int kLingerSpins = 20000, kBriefSpins = 200;  // _mm_pause rounds before a worker sleeps
   static constexpr std::chrono::microseconds kStallFloor{1000}, kSolo{40000};
   static constexpr std::chrono::microseconds kLongShare{400}, kLongFloor{200};  // long regions: a lower floor
+  // After a stall: how long workers yield, the running time between their yields, and the gap between two checks
+  // that means a worker was off its core meanwhile (its running time starts again).
+  static constexpr std::chrono::microseconds kContended{1000000}, kRunBudget{300}, kGap{100};
 
   // One parallel region: fn(base + c) for c in [0, n), n <= kMax.
   template <class F>
@@ -88,7 +93,10 @@ class Pool {
     const Clock::duration own = t1 - t0;
     const Clock::duration floor =
         own < kLongShare ? Clock::duration(kStallFloor) : std::clamp<Clock::duration>(own / 4, kLongFloor, kStallFloor);
-    if (t2 - t1 > std::max<Clock::duration>(floor, 8 * own / std::max<int64_t>(1, mine))) solo_until_ = t2 + kSolo;
+    if (t2 - t1 > std::max<Clock::duration>(floor, 8 * own / std::max<int64_t>(1, mine))) {
+      solo_until_ = t2 + kSolo;
+      contended_until_.store((t2 + kContended).time_since_epoch().count(), std::memory_order_relaxed);
+    }
   }
 
   // state_: region (low 16 bits) << 48 | next chunk from the front << 24 | one past the next from the back.
@@ -104,6 +112,7 @@ class Pool {
     claim_step() = from_back ? -1 : 1;
     int64_t ran = 0;
     for (;;) {
+      if (from_back) yield_if_due();
       uint64_t v = state_.load(std::memory_order_acquire);
       const uint64_t front = v >> 24 & 0xffffff, back = v & 0xffffff;
       if ((v >> 48) != (g & 0xffff) || front >= back) return ran;
@@ -113,6 +122,20 @@ class Pool {
       fn_(ctx_, base_ + (int64_t)(from_back ? back - 1 : front));
       done_.fetch_add(1, std::memory_order_release);
       ++ran;
+    }
+  }
+
+  // Called by a worker before each claim: while contended, yields once it has run kRunBudget since it last got its
+  // core.
+  void yield_if_due() {
+    thread_local Clock::time_point since{}, last{};
+    const Clock::time_point now = Clock::now();
+    if (now.time_since_epoch().count() >= contended_until_.load(std::memory_order_relaxed)) return;
+    if (now - last > kGap) since = now;
+    last = now;
+    if (now - since > kRunBudget) {
+      std::this_thread::yield();
+      since = last = Clock::now();
     }
   }
 
@@ -144,6 +167,7 @@ class Pool {
   int64_t base_ = 0;
   uint64_t posted_ = 0;                  // regions posted (caller side only)
   Clock::time_point solo_until_{};       // regions run on the caller alone until then (caller side only)
+  std::atomic<int64_t> contended_until_{0};  // workers yield between chunks until then (steady_clock ticks)
   std::atomic<uint64_t> state_{0};       // see pack()
   std::atomic<uint64_t> gen_{0};
   std::atomic<int64_t> done_{0};
