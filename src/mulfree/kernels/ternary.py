@@ -102,8 +102,10 @@ def amx_available() -> bool:
 
 
 def amx_enabled() -> bool:
-    """Whether AMX is available and on (`set_amx`, `MULFREE_AMX`)."""
-    return amx_available() and cpu_module().amx_enabled()
+    """Whether AMX is available and on (`set_amx`, `MULFREE_AMX`): the extension's switch, which it only turns on
+    where AMX-INT8 is usable (read on every fused backward, so it skips `cpu_features()`)."""
+    mod = cpu_module()
+    return mod is not None and mod.amx_enabled()
 
 
 def set_amx(enabled: bool) -> bool:
