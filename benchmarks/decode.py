@@ -46,6 +46,7 @@ from mulfree.kernels import cpu_module
 from mulfree.kernels.ternary import amx_available, set_amx
 from mulfree.ops.pack import packed_format
 from mulfree.ops.pack_t1 import encode_codes
+from mulfree.ops.sampling import greedy
 
 SHAPES = {  # name: (vocab, hidden, layers, intermediate), reference/matmulfree.md §1.2
     "tiny": (4096, 256, 4, 768),
@@ -171,7 +172,7 @@ def time_packed(pm: PackedModel, tokens: int, prefill: int) -> tuple[float, floa
 
     def window() -> None:
         for _ in range(tokens):
-            tok[0] = int(pm.forward(tok).argmax())
+            tok[0] = int(greedy(pm.forward(tok)))
 
     return best_rate(tokens, window), pre
 
@@ -193,7 +194,7 @@ def time_dense(model: DenseMMfree, vocab: int, d: int, layers: int, tokens: int,
 
     def window() -> None:
         for _ in range(tokens):
-            tok[0] = model(tok[0], state).argmax(-1)
+            tok[0] = greedy(model(tok[0], state))
 
     return best_rate(tokens, window), pre
 
@@ -209,7 +210,7 @@ def batched_window(pm: PackedModel, batch: int, steps: int) -> Callable[[], floa
     def window() -> float:
         t0 = time.perf_counter()
         for _ in range(steps):
-            tok[0] = pm.decode_batch(tok[0], states).argmax(-1)
+            tok[0] = greedy(pm.decode_batch(tok[0], states))
         return batch * steps / (time.perf_counter() - t0)
 
     return window
@@ -251,7 +252,7 @@ def decode_window(pm: PackedModel, steps: int) -> float:
         pm.forward(tok)
     t0 = time.perf_counter()
     for _ in range(steps):
-        tok[0] = int(pm.forward(tok).argmax())
+        tok[0] = int(greedy(pm.forward(tok)))
     return steps / (time.perf_counter() - t0)
 
 

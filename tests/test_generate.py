@@ -9,7 +9,7 @@ from mulfree.errors import MulfreeError
 from mulfree.generation import TextStreamer, generate
 from mulfree.models.mmfree import MMFreeConfig, MMFreeForCausalLM
 from mulfree.models.transformer import TransformerConfig, TransformerForCausalLM
-from mulfree.ops.sampling import filter_logits, sample_next, sample_row
+from mulfree.ops.sampling import filter_logits, greedy, sample_next, sample_row
 
 V = 50
 
@@ -118,6 +118,18 @@ def test_sample_row_is_seeded_and_greedy_at_zero():
     pick = [sample_row(logits, 1.0, None, 0.9, torch.Generator().manual_seed(7)) for _ in range(2)]
     assert pick[0] == pick[1]
     assert sample_row(logits, 0.0) == int(logits.argmax())
+
+
+def test_greedy_is_argmax_on_ties_and_non_finite_rows():
+    logits = torch.randn(6, 300)
+    logits[0, [7, 200]] = 50.0  # a tie: the first
+    logits[1, 9] = float("nan")  # NaN wins, as in argmax
+    logits[2] = float("-inf")
+    logits[3, [3, 4]] = float("inf")
+    logits[4, 299] = 1e30
+    for x in (logits, logits.bfloat16(), logits[0]):
+        assert torch.equal(greedy(x), x.argmax(-1))
+    assert greedy(logits).tolist()[:5] == [7, 9, 0, 3, 299]
 
 
 def test_text_streamer_holds_back_partial_utf8():

@@ -27,6 +27,7 @@ import torch
 from mulfree.infer.kv_batch import decode_kv_batch
 from mulfree.models import registry
 from mulfree.ops.sampling import check_sampling, sample_row
+from mulfree.ops.sampling import greedy as greedy_pick
 
 _DONE = object()
 
@@ -311,10 +312,10 @@ class ContinuousBatcher:
             return
         rows = self._run(work)
         self.steps += 1
-        # a sequence samples when it was decoding or its prompt's last chunk went in; greedy picks in one argmax
+        # a sequence samples when it was decoding or its prompt's last chunk went in; greedy picks in one reduction
         ready = [i for i, ((seq, _), row) in enumerate(zip(work, rows)) if row is not None and seq.decoding]
         greedy = [i for i in ready if work[i][0].req.params.temperature == 0]
-        picks = dict(zip(greedy, torch.stack([rows[i] for i in greedy]).argmax(-1).tolist())) if greedy else {}
+        picks = dict(zip(greedy, greedy_pick(torch.stack([rows[i] for i in greedy])).tolist())) if greedy else {}
         finished = set()
         for i in ready:
             seq = work[i][0]
