@@ -26,8 +26,7 @@ import torch
 
 from mulfree.infer.kv_batch import decode_kv_batch
 from mulfree.models import registry
-from mulfree.ops.sampling import check_sampling, sample_row
-from mulfree.ops.sampling import greedy as greedy_pick
+from mulfree.ops.sampling import check_sampling, greedy, sample_row
 
 _DONE = object()
 
@@ -314,8 +313,8 @@ class ContinuousBatcher:
         self.steps += 1
         # a sequence samples when it was decoding or its prompt's last chunk went in; greedy picks in one reduction
         ready = [i for i, ((seq, _), row) in enumerate(zip(work, rows)) if row is not None and seq.decoding]
-        greedy = [i for i in ready if work[i][0].req.params.temperature == 0]
-        picks = dict(zip(greedy, greedy_pick(torch.stack([rows[i] for i in greedy])).tolist())) if greedy else {}
+        argmax_rows = [i for i in ready if work[i][0].req.params.temperature == 0]
+        picks = dict(zip(argmax_rows, greedy(torch.stack([rows[i] for i in argmax_rows])).tolist())) if argmax_rows else {}
         finished = set()
         for i in ready:
             seq = work[i][0]
