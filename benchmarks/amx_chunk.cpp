@@ -8,7 +8,9 @@
 //   source, so without the stream);
 // - + both: the kernel's own order (the unpack reads the lines the previous chunk prefetched);
 // - interleaved: the next chunk's unpack spread over this chunk's k steps into a second slice (4-step chunks, 8
-//   lines a step), with and without the stream.
+//   lines a step), with and without the stream;
+// - four panels: 4-step chunks run for four panels in turn (each panel's C tiles stored and reloaded around its k
+//   steps), so a k range's activation tiles come from L2 once for four panels; with and without the stream.
 // Every mode runs the same tile instructions on the same data; only what surrounds them changes. Linux only
 // (it asks the kernel for the tile state); exits with a message on a CPU without AMX-INT8.
 //
