@@ -173,8 +173,8 @@ void Engine::run(const int64_t *idp, int64_t T, const std::vector<Segment> &segs
   const int64_t L = num_layers(), d = d_, R = (int64_t)rows.size();
   // Scratch lives in the engine and only grows: fresh pages for every call cost page faults.
   std::lock_guard<std::mutex> lock(busy_);
-  for (auto *v : {&h_, &a_, &fi_, &ff_, &fg_}) v->resize(std::max(v->size(), (size_t)(T * d)));
-  big_.resize(std::max(big_.size(), (size_t)(T * 2 * I_)));
+  for (auto *v : {&h_, &a_, &fi_, &ff_, &fg_}) grow(*v, T * d);
+  grow(big_, T * 2 * I_);
   float *h = h_.data(), *a = a_.data(), *fi = fi_.data();
   for (int64_t t = 0; t < T; ++t) embed(idp[t], h + t * d);
   const std::vector<StateItem> items = panels(T) ? state_items(segs, T) : std::vector<StateItem>{};
@@ -194,7 +194,7 @@ template <class F>
 void Engine::per_token(int64_t T, F &&fn) {
   for_ranges(threads_, T, [&](int64_t t0, int64_t t1) {
     thread_local LineVec<float> tmp;
-    tmp.resize(std::max(tmp.size(), (size_t)(2 * std::max(I_, d_))));
+    grow(tmp, 2 * std::max(I_, d_));
     for (int64_t t = t0; t < t1; ++t) fn(t, tmp.data());
   });
 }

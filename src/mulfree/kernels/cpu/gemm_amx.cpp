@@ -47,12 +47,12 @@ void prepare_amx(int threads, const LinearJob *jobs, int njobs, const int8_t **o
   // (A reference to the caller's buffers, so the pool's workers see them, not their own thread_local ones.)
   thread_local std::vector<LineVec<int8_t>> caller_acts;
   std::vector<LineVec<int8_t>> &acts = caller_acts;
-  if (acts.size() < (size_t)njobs) acts.resize((size_t)njobs);
+  grow(acts, njobs);
   std::vector<std::pair<int, int64_t>> blocks;  // (job, token block)
   for (int i = 0; i < njobs; ++i) {
     const LinearJob &j = jobs[i];
     const int64_t nblk = round_up(j.T, kAmxTokens) / kAmxTokens;
-    acts[(size_t)i].resize(std::max(acts[(size_t)i].size(), (size_t)(nblk * kAmxTokens * j.Kpad)));
+    grow(acts[(size_t)i], nblk * kAmxTokens * j.Kpad);
     for (int64_t tb = 0; tb < nblk; ++tb) blocks.emplace_back(i, tb);
     out[i] = acts[(size_t)i].data();
   }

@@ -198,13 +198,6 @@ __attribute__((target(MF_AMX_BF16))) void store_block(const float *acc, int64_t 
   }
 }
 
-// Scratch that only grows: the calls of a training step alternate between shapes, and a vector that shrank would
-// zero-fill its pages again when it grows back.
-template <class T>
-void grow(LineVec<T> &v, int64_t n) {
-  if ((int64_t)v.size() < n) v.resize((size_t)n);
-}
-
 // Pool items over the 32-wide panels of the split operand, in `groups` ranges of the other operand's panels each
 // (more than one only when the panels alone would leave threads idle; each range packs its panel again).
 struct Items {

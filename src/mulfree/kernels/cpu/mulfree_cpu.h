@@ -4,6 +4,7 @@
 #include <nanobind/nanobind.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <new>
 #include <string>
 #include <vector>
@@ -69,3 +70,10 @@ struct LineAllocator {
 };
 template <class T>
 using LineVec = std::vector<T, LineAllocator<T>>;
+
+// Resizes scratch that only grows to at least n elements: calls alternate between shapes, and a vector that shrank
+// would fault in and zero-fill its pages again when it grows back.
+template <class V>
+void grow(V &v, int64_t n) {
+  if ((int64_t)v.size() < n) v.resize((size_t)n);
+}
