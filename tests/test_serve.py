@@ -2,6 +2,7 @@
 `serve` checks its flags before loading (the HTTP API: test_serve_api.py)."""
 
 import socket
+import time
 
 import pytest
 import torch
@@ -41,6 +42,19 @@ def test_batched_decoding_equals_one_at_a_time(family):
     assert all(r.finish_reason == "length" for r in reqs)
     assert batcher.max_live > 1  # requests really shared decode steps (KV caches padded for Transformer++)
     assert batcher.steps < sum(lengths)
+
+
+def test_live_count_returns_to_zero_when_requests_finish():
+    batcher = ContinuousBatcher(TorchStepModel(_mmfree()), max_batch=4)
+    try:
+        reqs = [batcher.submit([1, 2, 3], SamplingParams(max_new_tokens=n)) for n in (2, 5)]
+        assert [len(r.result()) for r in reqs] == [2, 5]
+        deadline = time.monotonic() + 5
+        while batcher.live and time.monotonic() < deadline:  # the loop drops them right after their last token
+            time.sleep(0.01)
+        assert batcher.live == 0
+    finally:
+        batcher.close()
 
 
 def test_seeded_sampling_is_reproducible():

@@ -304,8 +304,7 @@ class ContinuousBatcher:
             self._admit(req)
         now = time.monotonic()
         self._seqs = [s for s in self._seqs if not self._gone(s.req, now)]
-        self.live = sum(s.decoding for s in self._seqs)
-        self.max_live = max(self.max_live, self.live)
+        self._count_live()
         work = self._plan()
         if not work:
             return
@@ -330,6 +329,11 @@ class ContinuousBatcher:
                 finished.add(id(seq))
         gone = finished | {id(seq) for (seq, _), row in zip(work, rows) if row is None}  # failed in `_run`
         self._seqs = [s for s in self._seqs if id(s) not in gone]
+        self._count_live()  # the loop may now wait for a request: the gauge must not keep the finished ones
+
+    def _count_live(self) -> None:
+        self.live = sum(s.decoding for s in self._seqs)
+        self.max_live = max(self.max_live, self.live)
 
     def _loop(self) -> None:
         try:
