@@ -19,7 +19,7 @@ from mulfree.data.text import train_tokenizer
 from mulfree.generation import context_limit, generate
 from mulfree.infer.batching import ContinuousBatcher, TorchStepModel
 from mulfree.infer.server import Server, build_app
-from mulfree.infer.transport import header_timeout_protocol
+from mulfree.infer.transport import guarded_protocol
 from mulfree.models.io import load_model, save_model
 from mulfree.models.mmfree import MMFreeConfig, MMFreeForCausalLM
 
@@ -73,7 +73,7 @@ def served(tmp_path_factory):
     batcher = ContinuousBatcher(TorchStepModel(model), max_batch=4, eos_token_id=None, max_queue=8)
     srv = Server(batcher, tok, "tiny", context_limit=context_limit(model), max_prompt_tokens=64,
                  max_body_bytes=64 * 1024, request_timeout_s=20)
-    run = Running(srv, http=header_timeout_protocol(1.0))
+    run = Running(srv, http=guarded_protocol(1.0))
     client = openai.OpenAI(base_url=run.url + "/v1", api_key="x", timeout=20, max_retries=0)
     yield run, client, model, tok
     run.stop()
@@ -221,6 +221,35 @@ def test_error_messages_name_the_real_problem(served):
                                               "messages.0.content.0.type")
     raw = b'{"model": "tiny", "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}"
     assert "number too long" in post(run, "/v1/completions", raw).json()["error"]["message"]
+
+
+def raw_exchange(port: int, data: bytes) -> bytes:
+    """What the server answers to `data` sent on a fresh connection, until it closes it."""
+    out = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(data)
+        try:
+            while chunk := sock.recv(65536):
+                out += chunk
+        except ConnectionResetError:  # it closed with our unread bytes pending: what it sent before is in `out`
+            pass
+    return out
+
+
+def test_http_framing_errors_are_json_and_echoes_are_bounded(served):
+    run, client, _, _ = served
+    head = b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    for broken in [head + b"content-length: -5\r\n\r\n{}", head + b"content-length: 2\r\ncontent-length: 3\r\n\r\n{}",
+                   head + b"transfer-encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n", b"\x00\xff" * 50 + b"\r\n\r\n",
+                   b"GET /health HTTP/1.1\r\nhost: x\r\nx-a: " + b"a" * 200_000 + b"\r\n\r\n"]:
+        status, _, body = raw_exchange(run.port, broken).partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in status, broken[:60]
+        assert json.loads(body)["error"]["code"] == "bad_http_request"
+    long_path = "/" + "a" * 60_000
+    for r in (httpx.get(run.url + long_path, timeout=5),
+              post(run, "/v1/completions", json.dumps({"model": "m" * 30_000, "prompt": "x"}))):
+        assert r.status_code == 404 and len(r.json()["error"]["message"]) < 300
+    assert client.completions.create(model="tiny", prompt="To be", max_tokens=2, temperature=0).usage.total_tokens
 
 
 def test_idle_and_half_sent_connections_are_closed_and_health_stays_fast(served):

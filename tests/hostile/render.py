@@ -46,6 +46,13 @@ Besides these cases:
   union-typed fields (`prompt`, `stop`, chat `content`) name the broken constraint (`prompt.0: Input should be
   greater than or equal to 0`) or what the field takes, not the first alternative's type error (`prompt.str:
   Input should be a valid string` for a list of token ids).
+  Requests h11 cannot parse (a negative, doubled or non-numeric Content-Length, a malformed chunk, a 200 KB
+  header, bytes that are not HTTP) answer a JSON 400 (`bad_http_request`; uvicorn's own answer was plain text);
+  a 60 KB path or model name is cut to 100 characters where an error repeats it (it was sent back whole), and
+  `/health`'s live count returns to 0 once requests finish (it kept the last ones while the loop waited).
+  Also tried by hand and already answered (400): `n` 0 or 10^9, `max_tokens` −5 or 1e30, `logprobs` 1000,
+  `top_logprobs` without `logprobs`, empty prompts and lists, 1,000 stop strings, `logit_bias`, `echo`,
+  `best_of`, `suffix`, tools, image parts, a list as the model, bodies that are arrays, strings or `null`.
   `tests/test_serve_idle.py` runs `mulfree serve` itself under 2,000 idle and 300 half-sent connections
   (`/health` answers a fresh connection within 1 s, a completion succeeds, every one is closed a
   `--header-timeout` later), a half head sent after a first response (closed), a body that never arrives

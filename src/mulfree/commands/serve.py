@@ -116,7 +116,7 @@ def _run(args: argparse.Namespace) -> int:
     from mulfree.infer.batching import ContinuousBatcher
     from mulfree.infer.protocol import load_chat_template
     from mulfree.infer.server import Server, build_app
-    from mulfree.infer.transport import header_timeout_protocol, raise_fd_limit
+    from mulfree.infer.transport import guarded_protocol, raise_fd_limit
 
     cfg = from_args(ServeConfig, args)
     try:
@@ -139,7 +139,7 @@ def _run(args: argparse.Namespace) -> int:
     uvicorn.run(build_app(srv), host=cfg.host, port=cfg.port, log_level="info", timeout_keep_alive=cfg.keep_alive,
                 limit_concurrency=min(cfg.limit_concurrency, files - 64) if files > 128 else cfg.limit_concurrency,
                 timeout_graceful_shutdown=cfg.shutdown_timeout,
-                h11_max_incomplete_event_size=64 * 1024, http=header_timeout_protocol(cfg.header_timeout))
+                h11_max_incomplete_event_size=64 * 1024, http=guarded_protocol(cfg.header_timeout))
     return 0
 
 

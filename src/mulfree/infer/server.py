@@ -51,6 +51,11 @@ class ApiError(Exception):
         self.status, self.kind, self.param, self.code = status, kind, param, code
 
 
+def shown(value: str, limit: int = 100) -> str:
+    """A client's value as an error message repeats it, cut to `limit` characters (a 100 KB path is not sent back)."""
+    return value if len(value) <= limit else value[:limit] + "..."
+
+
 def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
                    code: str | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
@@ -110,7 +115,7 @@ class Server:
 
     def check_model(self, body: Any) -> None:
         if isinstance(body, dict) and isinstance(body.get("model"), str) and body["model"] != self.model_name:
-            raise ApiError(404, f"The model '{body['model']}' does not exist", param="model", code="model_not_found")
+            raise ApiError(404, f"The model '{shown(body['model'])}' does not exist", param="model", code="model_not_found")
 
     async def encode(self, prompts: list[str | list[int]]) -> list[list[int]]:
         """Token ids of each prompt (tokenized off the event loop), within the prompt-token limit."""
@@ -335,7 +340,7 @@ def build_app(srv: Server) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}",
+        return error_response(exc.status_code, f"{exc.detail}: {shown(request.method)} {shown(request.url.path)}",
                               code="not_found" if exc.status_code == 404 else None)
 
     @app.exception_handler(Exception)
@@ -351,7 +356,7 @@ def build_app(srv: Server) -> FastAPI:
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict:
         if model_id != srv.model_name:
-            raise ApiError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+            raise ApiError(404, f"The model '{shown(model_id)}' does not exist", param="model", code="model_not_found")
         return card.model_dump()
 
     @app.post("/v1/completions")

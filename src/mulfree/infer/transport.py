@@ -1,19 +1,34 @@
 """Connection-level protection uvicorn lacks: a header timeout (a connection that has not sent a complete
 request head within `seconds` of opening, or of its last response, is closed: idle and slowloris
-connections; uvicorn's own keep-alive timer stops as soon as any byte arrives), and a file-descriptor limit
-raised to its hard bound so thousands of idle sockets do not starve `accept`."""
+connections; uvicorn's own keep-alive timer stops as soon as any byte arrives), HTTP framing errors answered
+in the API's JSON error shape (uvicorn answers them in plain text), and a file-descriptor limit raised to its
+hard bound so thousands of idle sockets do not starve `accept`."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 
 
-def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
+def guarded_protocol(seconds: float) -> type[asyncio.Protocol]:
     """uvicorn's h11 protocol, closing connections that send no complete request head within `seconds` of
-    opening or of their last response (a new head starts a new request cycle; none means the client stalled)."""
+    opening or of their last response (a new head starts a new request cycle; none means the client stalled),
+    and answering requests h11 cannot parse (a bad Content-Length, a malformed chunk, an oversized head) with a
+    JSON 400 before it closes them."""
+    import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class HeaderTimeoutH11(H11Protocol):
+    class GuardedH11(H11Protocol):
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps({"error": {"message": msg, "type": "invalid_request_error", "param": None,
+                                         "code": "bad_http_request"}}).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                          h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm_head_deadline()
@@ -30,7 +45,7 @@ def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
             if self.cycle is cycle and not self.transport.is_closing() and (cycle is None or cycle.response_complete):
                 self.transport.close()  # no request head since the deadline was armed
 
-    return HeaderTimeoutH11
+    return GuardedH11
 
 
 def raise_fd_limit() -> int:
