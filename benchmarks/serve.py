@@ -15,7 +15,8 @@ Per level: aggregate decode tok/s (completion tokens of all requests / wall time
 headline), the same with prompt tokens counted (+prompt: all the tokens the engine ran), time to first token
 p50/p99 and inter-token latency p50/p99 (gaps between streamed chunks of one request).
 Baselines in this process, before the server starts: one stream of `PackedModel.generate` (tok/s) and the
-engine's own 128-token prefill rate. Then the same server on `--engine torch` (the torch MMfree model) over a
+engine's own 128-token prefill rate, best of --rounds each. The one-stream level sends as many requests in turn
+(at least --rounds) and its best request's rate is set against the best direct run. Then the same server on `--engine torch` (the torch MMfree model) over a
 random unpacked dir of the same shape, at --torch-clients streams (one request each; 0 skips it).
 The client runs on the same host as the server, so at high concurrency it competes for the same cores.
 Prints a table, the ratios, the 1-minute load average and one JSON line.
@@ -167,6 +168,7 @@ async def run_level(base_url: str, model: str, clients: int, per_client: int, ma
             "processed_tok_s": (tokens + prompt) / wall,
             "chunks": sum(len(r["itl"]) + 1 for r in results), "client_cpu_s": client_cpu,
             "tok_s": tokens / wall, "per_stream_tok_s": tokens / wall / clients,
+            "best_request_tok_s": max((r["tokens"] / (r["end"] - r["start"]) for r in results), default=0.0),
             "ttft_p50_ms": 1e3 * percentile(ttft, 50), "ttft_p99_ms": 1e3 * percentile(ttft, 99),
             "itl_p50_ms": 1e3 * percentile(itl, 50), "itl_p99_ms": 1e3 * percentile(itl, 99)}
 
@@ -204,7 +206,8 @@ def serve_levels(model_dir: Path, engine: str, clients: list[int], per_client: i
                 if left < 5:
                     print(f"global timeout: skipped {c} clients ({engine})")
                     break
-                lv = asyncio.run(run_level(base + "/v1", model, c, per_client, args.max_tokens, left))
+                n = max(per_client, args.rounds) if c == 1 else per_client  # as many tries as the direct side
+                lv = asyncio.run(run_level(base + "/v1", model, c, n, args.max_tokens, left))
                 levels.append(lv)
                 print(f"  {engine} {c:>3} clients: {lv['tok_s']:8.1f} tok/s in {lv['wall_s']:.1f} s", flush=True)
         finally:
@@ -291,10 +294,12 @@ def main() -> None:
     if res["torch_levels"]:
         print_levels("mulfree serve --engine torch (the torch MMfree model), 1 req/client", res["torch_levels"])
     by = {lv["clients"]: lv for lv in res["levels"]}
-    if 1 in by:
-        res["server_1_vs_direct"] = by[1]["tok_s"] / res["direct_generate_tok_s"]
+    if 1 in by:  # best request against best direct run, as the direct side is timed; the level's aggregate beside
+        res["server_1_vs_direct"] = by[1]["best_request_tok_s"] / res["direct_generate_tok_s"]
+        res["server_1_level_vs_direct"] = by[1]["tok_s"] / res["direct_generate_tok_s"]
         print(f"1 stream through the server: {res['server_1_vs_direct']:.2f}x PackedModel.generate direct "
-              f"({res['direct_generate_tok_s']:.1f} tok/s)")
+              f"({by[1]['best_request_tok_s']:.1f} against {res['direct_generate_tok_s']:.1f} tok/s, best of each; "
+              f"the level's aggregate {res['server_1_level_vs_direct']:.2f}x)")
     top = max(by) if by else None
     for c in sorted(by):
         if c > 1 and 1 in by:
