@@ -150,9 +150,13 @@ def test_served_completion_equals_generate(dirs, kind):
     from mulfree.commands.serve import ServeConfig, _load
     from mulfree.infer.batching import ContinuousBatcher, TorchStepModel
     from mulfree.infer.server import Server
+    from mulfree.quant.qlinear import _QuantLinear
 
     step, loaded = _load(str(dirs[kind]), ServeConfig(max_batch=4))
     assert isinstance(step, TorchStepModel)
+    quantized = [m for m in loaded.model.modules() if isinstance(m, _QuantLinear)]
+    assert len(quantized) == (0 if kind == "hf" else 14)
+    assert all(m._dense is not None for m in quantized)  # warmed up before serving: the first request pays nothing
     assert loaded.eos_token_id == loaded.tokenizer.token_to_id("<|endoftext|>")
     batcher = ContinuousBatcher(step, max_batch=4, eos_token_id=None, max_queue=8)
     run = Running(Server(batcher, loaded.tokenizer, kind, context_limit=loaded.context_limit,
