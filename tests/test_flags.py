@@ -114,3 +114,14 @@ def test_offline_setup_keeps_a_users_choice(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
     offline.setup()
     assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["HF_DATASETS_OFFLINE"] == "0"
+
+
+def test_openmp_waits_passively_unless_the_user_chose_how():
+    from mulfree.cli import set_openmp_waiting
+
+    for given, expected in [({}, {"OMP_WAIT_POLICY": "PASSIVE"}),
+                            ({"OMP_WAIT_POLICY": "ACTIVE"}, {"OMP_WAIT_POLICY": "ACTIVE"}),
+                            ({"GOMP_SPINCOUNT": "3000"}, {"GOMP_SPINCOUNT": "3000"})]:
+        env = dict(given)
+        set_openmp_waiting(env)
+        assert env == expected

@@ -7,6 +7,7 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import MutableMapping
 
 from mulfree.errors import MulfreeError
 
@@ -30,13 +31,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def set_openmp_waiting(env: MutableMapping[str, str]) -> None:
+    """Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning, so that on a machine whose cores
+    are busy they do not take the cores from the threads doing the work (docs/mmfree.md, threads under load). A
+    user's own OMP_WAIT_POLICY, or GOMP_SPINCOUNT (a bounded spin: faster on an idle host, docs/integration.md),
+    is left to OpenMP as it is."""
+    if "GOMP_SPINCOUNT" not in env:
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: list[str] | None = None) -> int:
     from mulfree import offline
 
     offline.setup()
-    # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning, so that on a machine whose cores
-    # are busy they do not take the cores from the threads doing the work (docs/mmfree.md, threads under load).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    set_openmp_waiting(os.environ)
     parser = build_parser()
     for arg in sys.argv[1:] if argv is None else argv:
         try:
