@@ -16,6 +16,7 @@ from mulfree.atomic import (
     prepare_file,
     prepare_output,
     remove_stale_temps,
+    shown_name,
 )
 from mulfree.errors import CheckpointError, ConfigError
 
@@ -105,3 +106,9 @@ def test_remove_stale_temps_can_be_limited_to_one_target(tmp_path):
     (tmp_path / ".other.ab12cd34.tmp").mkdir()
     assert [p.name for p in remove_stale_temps(tmp_path, names={"run"})] == [".run.ab12cd34.tmp"]
     assert [p.name for p in tmp_path.iterdir()] == [".other.ab12cd34.tmp"]
+
+
+def test_progress_shows_the_target_name_not_the_temp_sibling(tmp_path):
+    with atomic_dir(tmp_path / "run") as tmp:
+        assert tmp.name != "run" and shown_name(tmp) == "run"
+    assert shown_name(tmp_path / "run") == "run" and shown_name(".hidden") == ".hidden"

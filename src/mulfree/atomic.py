@@ -45,6 +45,13 @@ def is_temp_name(name: str) -> bool:
     return _TEMP.match(name) is not None
 
 
+def shown_name(path: str | Path) -> str:
+    """The name to show users for `path`: a temporary sibling's target name (`.run.ab12cd34.tmp` -> `run`)."""
+    name = Path(path).name
+    m = _TEMP.match(name)
+    return m["name"] if m else name
+
+
 def describe_dir(path: str | Path) -> str | None:
     """What a directory holds, for messages: 'a training run', 'a model', 'N entries', or None if empty."""
     path = Path(path)

@@ -28,7 +28,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mulfree.atomic import atomic_write_text, describe_dir, make_dir, remove_stale_temps, replace_dir
+from mulfree.atomic import (
+    atomic_write_text,
+    describe_dir,
+    make_dir,
+    remove_stale_temps,
+    replace_dir,
+    shown_name,
+)
 from mulfree.checkpoint import (  # noqa: F401  (checkpoint_state, CHECKPOINT_POINTER: re-exported)
     CHECKPOINT_POINTER,
     METRICS_FILE,
@@ -346,7 +353,7 @@ def train(
         torch.set_num_threads(cfg.threads)
     elif device.type == "cpu":
         tuner = ThreadTuner(torch_threads)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {Path(out_dir).name}",
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {shown_name(out_dir)}",
                disable=not (cfg.progress and is_main), dynamic_ncols=True)
     try:
         for step in bar:
