@@ -16,8 +16,9 @@ headline), the same with prompt tokens counted (+prompt: all the tokens the engi
 p50/p99 and inter-token latency p50/p99 (gaps between streamed chunks of one request).
 Baselines in this process, before the server starts: one stream of `PackedModel.generate` (tok/s) and the
 engine's own 128-token prefill rate, best of --rounds each. The one-stream level sends as many requests in turn
-(at least --rounds) and its best request's rate is set against the best direct run. Then the same server on `--engine torch` (the torch MMfree model) over a
-random unpacked dir of the same shape, at --torch-clients streams (one request each; 0 skips it).
+(at least --rounds) and its best request's rate is set against the best direct run. Then the same server on
+`--engine torch` (the torch MMfree model) over a random unpacked dir of the same shape, at --torch-clients streams
+(one request each; 0 skips it).
 The client runs on the same host as the server, so at high concurrency it competes for the same cores.
 Prints a table, the ratios, the 1-minute load average and one JSON line.
 """
