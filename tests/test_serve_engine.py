@@ -58,26 +58,32 @@ def test_packed_server_greedy_equals_generate_alone_and_concurrently(model_dir):
         run.stop()
 
 
+def start_cli_server(model_dir, *flags: str) -> tuple[subprocess.Popen, str]:
+    """`mulfree serve --model model_dir *flags` in a subprocess on a free port, once /health answers."""
+    port = free_port()
+    code = "import sys; from mulfree.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--model", str(model_dir), "--port", str(port),
+                             *flags], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+    proc.kill()
+    proc.wait(timeout=10)
+    pytest.fail("the server did not come up")
+
+
 def test_cli_serves_the_packed_engine_and_sigterm_drains(model_dir):
     template = "{% for m in messages %}<<{{ m.content }}>>{% endfor %}{% if add_generation_prompt %}A:{% endif %}"
     config = model_dir / "tokenizer_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": template}))
-    port = free_port()
-    code = "import sys; from mulfree.cli import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--model", str(model_dir), "--port", str(port),
-                             "--shutdown-timeout", "5"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_cli_server(model_dir, "--shutdown-timeout", "5")
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("the server did not come up")
         with httpx.Client(timeout=20) as c:
             chat = c.post(url + "/v1/chat/completions", json={"model": "tiny", "max_tokens": 2,
                                                                "messages": [{"role": "user", "content": "Hi"}]})
@@ -91,6 +97,37 @@ def test_cli_serves_the_packed_engine_and_sigterm_drains(model_dir):
                 rest = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
         assert rest[-1]["choices"][0]["finish_reason"] == "length"
         assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_requests_past_the_shutdown_deadline_end_with_a_503(model_dir):
+    proc, url = start_cli_server(model_dir, "--shutdown-timeout", "1", "--max-tokens-limit", "1000000")
+    body = {"model": "tiny", "prompt": "To be", "max_tokens": 1000000, "temperature": 0}  # greedy: no end of text
+    plain: dict = {}
+    try:
+        waiter = threading.Thread(target=lambda: plain.update(r=httpx.post(url + "/v1/completions", json=body,
+                                                                           timeout=30)))
+        waiter.start()
+        with httpx.Client(timeout=30) as c:
+            with c.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as r:
+                lines = r.iter_lines()
+                assert next(lines).startswith("data: ")
+                deadline = time.monotonic() + 10
+                while c.get(url + "/health").json()["live"] < 2 and time.monotonic() < deadline:
+                    time.sleep(0.05)  # both requests decoding
+                t = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                rest = [x for x in lines if x.startswith("data: ")]
+            waiter.join(30)
+        assert 0.9 < time.monotonic() - t < 8, rest[-3:]  # ended at the deadline, not run to max_tokens
+        error = json.loads(rest[-2][6:])["error"]
+        assert rest[-1] == "data: [DONE]" and "the server is shutting down" in error["message"]
+        assert plain["r"].status_code == 503 and "shutting down" in plain["r"].json()["error"]["message"]
+        assert proc.wait(timeout=15) == 0
+        assert b"Traceback" not in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()

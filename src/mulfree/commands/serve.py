@@ -50,7 +50,7 @@ class ServeConfig:
     keep_alive: float = field(default=5.0, metadata={"help": "seconds an idle keep-alive connection stays open",
                                                      "gt": 0, "max": 3600})
     shutdown_timeout: float = field(default=30.0, metadata={
-        "help": "seconds SIGTERM waits for running requests before it cancels them", "min": 0, "max": 3600})
+        "help": "seconds SIGTERM waits for running requests before it ends them (503)", "min": 0, "max": 3600})
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_batch <= MAX_BATCH or not 0 < self.port < 65536:
@@ -116,7 +116,7 @@ def _run(args: argparse.Namespace) -> int:
     from mulfree.infer.batching import ContinuousBatcher
     from mulfree.infer.protocol import load_chat_template
     from mulfree.infer.server import Server, build_app
-    from mulfree.infer.transport import guarded_protocol, raise_fd_limit
+    from mulfree.infer.transport import guarded_protocol, raise_fd_limit, serve_draining
 
     cfg = from_args(ServeConfig, args)
     try:
@@ -136,10 +136,11 @@ def _run(args: argparse.Namespace) -> int:
     files = raise_fd_limit()
     # uvicorn drains on SIGTERM, then re-raises it: exit 0 rather than die of the signal
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(build_app(srv), host=cfg.host, port=cfg.port, log_level="info", timeout_keep_alive=cfg.keep_alive,
-                limit_concurrency=min(cfg.limit_concurrency, files - 64) if files > 128 else cfg.limit_concurrency,
-                timeout_graceful_shutdown=cfg.shutdown_timeout,
-                h11_max_incomplete_event_size=64 * 1024, http=guarded_protocol(cfg.header_timeout))
+    config = uvicorn.Config(
+        build_app(srv), host=cfg.host, port=cfg.port, log_level="info", timeout_keep_alive=cfg.keep_alive,
+        limit_concurrency=min(cfg.limit_concurrency, files - 64) if files > 128 else cfg.limit_concurrency,
+        h11_max_incomplete_event_size=64 * 1024, http=guarded_protocol(cfg.header_timeout))
+    serve_draining(config, lambda: batcher.close(10.0), cfg.shutdown_timeout)
     return 0
 
 

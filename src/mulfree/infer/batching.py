@@ -343,13 +343,14 @@ class ContinuousBatcher:
             self.error = exc
         finally:
             self._stop.set()
+            why = "the server is shutting down" if self.error is None else "the decode loop failed"
             for seq in self._seqs:
-                self._finish(seq.req, "abort")
+                self._finish(seq.req, "abort", why)
             while True:  # nobody will admit the waiting ones any more
                 try:
                     req = self._waiting.get_nowait()
                 except queue.Empty:
                     break
                 if req is not None:
-                    self._finish(req, "abort")
+                    self._finish(req, "abort", why)
             self.live = 0

@@ -2,12 +2,15 @@
 request head within `seconds` of opening, or of its last response, is closed: idle and slowloris
 connections; uvicorn's own keep-alive timer stops as soon as any byte arrives), HTTP framing errors answered
 in the API's JSON error shape (uvicorn answers them in plain text), and a file-descriptor limit raised to its
-hard bound so thousands of idle sockets do not starve `accept`."""
+hard bound so thousands of idle sockets do not starve `accept`; and a shutdown that ends the requests still
+running at its deadline with a proper error instead of letting uvicorn cancel their tasks."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
+from typing import Any
 
 
 def guarded_protocol(seconds: float) -> type[asyncio.Protocol]:
@@ -46,6 +49,26 @@ def guarded_protocol(seconds: float) -> type[asyncio.Protocol]:
                 self.transport.close()  # no request head since the deadline was armed
 
     return GuardedH11
+
+
+def serve_draining(config: Any, drain: Callable[[], None], grace_s: float) -> None:
+    """Run uvicorn with `config` until SIGTERM / SIGINT. Running requests then have `grace_s` seconds to finish;
+    after that `drain` ends them (the batcher aborts its sequences: a 503 JSON, or an error event and [DONE] in a
+    stream), a few seconds before uvicorn's own deadline, which cancels the tasks left (a plain-text 500 and a
+    traceback each)."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(grace_s, lambda: loop.run_in_executor(None, drain))
+            try:
+                await super().shutdown(sockets)
+            finally:
+                timer.cancel()
+
+    config.timeout_graceful_shutdown = grace_s + 5.0
+    DrainingServer(config).run()
 
 
 def raise_fd_limit() -> int:
