@@ -13,6 +13,7 @@ from mulfree.cli import main
 from mulfree.data import shards as shards_mod
 from mulfree.data.shards import ShardWindows, read_index, tokenize_corpus
 from mulfree.data.text import bundled_text_files, eos_token_id, train_tokenizer
+from mulfree.errors import DataError
 
 TEXT = bundled_text_files()[0].read_text()[:60_000]
 
@@ -121,3 +122,11 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_a_bad_byte_past_the_first_piece_is_named_at_its_file_offset(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards_mod, "PIECE_BYTES", 16)
+    path = tmp_path / "c.txt"
+    path.write_bytes(b"line one\n" * 10 + b"bad \xff here\n")  # the bad byte at 94, in the sixth piece
+    with pytest.raises(DataError, match=r"invalid start byte at byte 94\)"):
+        list(shards_mod._text_pieces(path))

@@ -70,7 +70,7 @@ def sources(paths: list[str]) -> list[Path]:
 def _text_pieces(path: Path) -> Iterator[tuple[str, int]]:
     """(text, bytes) pieces of a UTF-8 text file, each ending after a newline (the last at the file's end)."""
     with path.open("rb") as f:
-        carry = b""
+        carry, offset = b"", 0
         while True:
             block = f.read(PIECE_BYTES)
             data = carry + block
@@ -83,8 +83,9 @@ def _text_pieces(path: Path) -> Iterator[tuple[str, int]]:
                 try:
                     yield piece.decode("utf-8"), len(piece)
                 except UnicodeDecodeError as exc:
-                    raise DataError(f"'{path}' is not UTF-8 text ({exc.reason} near byte {exc.start})",
+                    raise DataError(f"'{path}' is not UTF-8 text ({exc.reason} at byte {offset + exc.start})",
                                     "convert it to UTF-8") from None
+                offset += len(piece)
             if not block:
                 return
 

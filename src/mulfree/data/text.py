@@ -64,10 +64,16 @@ def expand_paths(paths: list[str]) -> list[Path]:
 
 
 def _read(path: Path) -> str:
+    """A data file's text: UTF-8, as `mulfree tokenize` reads it (a file of other bytes is refused, not scored or
+    trained on as replacement characters)."""
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        data = path.read_bytes()
     except OSError as exc:
         raise DataError(f"cannot read data file '{path}' ({exc.strerror})", "check permissions") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"'{path}' is not UTF-8 text ({exc.reason} at byte {exc.start})", "convert it to UTF-8") from None
     if not text.strip():
         raise DataError(f"data file '{path}' is empty", "pass a file that contains text")
     return text
