@@ -108,6 +108,16 @@ def test_remove_stale_temps_can_be_limited_to_one_target(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [".other.ab12cd34.tmp"]
 
 
+def test_atomic_dir_removes_what_a_killed_writer_of_the_same_target_left(tmp_path):
+    for name in (".run.ab12cd34.tmp", ".other.ab12cd34.tmp", ".run.ab12cd34.old", "notes.txt"):
+        (tmp_path / name).mkdir()
+    with atomic_dir(tmp_path / "run") as tmp:
+        (tmp / "f").write_text("x")
+    # the run's stale temp goes; another target's stays, and an .old stays while it may be the only copy
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.ab12cd34.tmp", ".run.ab12cd34.old", "notes.txt",
+                                                          "run"]
+
+
 def test_progress_shows_the_target_name_not_the_temp_sibling(tmp_path):
     with atomic_dir(tmp_path / "run") as tmp:
         assert tmp.name != "run" and shown_name(tmp) == "run"

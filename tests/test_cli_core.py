@@ -226,3 +226,29 @@ def test_generate_non_finite_and_huge_values(run_dir, capsys, flags, message):
     assert main(["generate", "--model", str(out), "--prompt", "ROMEO."] + flags) == 2
     err = _err(capsys)
     assert err.startswith("error: ") and message in err
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path):
+    """A long `arith train` told to stop: exit 143, one line, and its temporary output removed (a killed process
+    would leave it)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = "import sys; from mulfree.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, "arith", "train", "--steps", "100000", "--out",
+                             str(tmp_path / "run")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(tmp_path.iterdir()) and time.monotonic() < deadline:  # its temporary sibling appears
+            time.sleep(0.05)
+        time.sleep(1.0)  # into the training loop
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        assert proc.stderr.read().decode().splitlines()[-1] == "terminated"
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)

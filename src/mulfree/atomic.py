@@ -176,10 +176,11 @@ def atomic_dir(path: str | Path, overwrite: bool = False, kind: str = "output") 
 
     `path` must pass `prepare_output` (absent or empty, or `overwrite`). An existing directory is renamed
     aside, the new one renamed in, and only then the old one removed; on error the temp dir vanishes and
-    `path` is untouched.
+    `path` is untouched. Temp siblings of `path` that a killed earlier writer left are removed first.
     """
     path = prepare_output(path, kind, overwrite)
     _mkdir_parent(path)
+    remove_stale_temps(path.parent, names={path.name})
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import MutableMapping
 
 from mulfree.errors import MulfreeError
@@ -40,6 +42,15 @@ def set_openmp_waiting(env: MutableMapping[str, str]) -> None:
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that a command stops as it does on Ctrl-C: its temporary outputs
+    removed, a run resumable from its last checkpoint."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     from mulfree import offline
 
@@ -58,12 +69,19 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
         result = args.func(args)
     except MulfreeError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
+    except Terminated:
+        sys.stderr.write("terminated\n")
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return int(result or 0)

@@ -29,7 +29,10 @@ Besides these cases:
   needs `--overwrite`, and then the old output stays until the new one is complete; the current directory,
   its parents and home are never replaced; files are built beside their target and renamed into place;
   model, packed, quantized, checkpoint and GGUF-cache directories carry `checksums.json` (xxh3-64), verified
-  on load (`tests/test_atomic.py`, `tests/test_integrity.py`, `tests/test_schema.py`).
+  on load (`tests/test_atomic.py`, `tests/test_integrity.py`, `tests/test_schema.py`). SIGTERM stops a command as
+  Ctrl-C does (exit 143, "terminated", its temporary output removed; before, a `mulfree demo` told to stop left its
+  `.demo.*.tmp` behind), and a writer removes the temporary siblings of its own target that a killed earlier run
+  left (`tests/test_cli_core.py`, `tests/test_atomic.py`).
 - **Kill anywhere**: `python benchmarks/crash_resume.py --kills 50 --seed 1` (AMD EPYC, 2 vCPUs): 50 `kill -9`
   at random moments of a tiny 40-step training run over 4 runs, 49 resumes, 0 failed restarts, 4/4 runs
   identical to the uninterrupted one (every loss and weight), 1 kill left a half-written temp file that the
