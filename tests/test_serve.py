@@ -1,6 +1,7 @@
 """Continuous batching equals one-at-a-time generation, isolates failures, cancels and bounds its queue;
 `serve` checks its flags before loading (the HTTP API: test_serve_api.py)."""
 
+import re
 import socket
 import time
 
@@ -147,3 +148,19 @@ def test_chat_template_from_a_jinja_file(tmp_path):
                                                   "{% if add_generation_prompt %}>{% endif %}")
     messages = ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).messages
     assert load_chat_template(tmp_path)(messages) == "[hi]>"
+
+
+@pytest.mark.parametrize("config, message", [
+    ('{"chat_template": "{% for', "cannot read the chat template in"),
+    (b'\xff\xfe', "cannot read the chat template in"),
+    ('{"chat_template": "{% for x in %}"}', "does not compile (line 1: Expected an expression"),
+])
+def test_a_broken_chat_template_is_a_one_line_error(tmp_path, config, message):
+    """Not a silent fall back to the plain template, nor a traceback at start-up."""
+    from mulfree.errors import ConfigError
+    from mulfree.infer.protocol import load_chat_template
+
+    path = tmp_path / "tokenizer_config.json"
+    path.write_bytes(config if isinstance(config, bytes) else config.encode())
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_chat_template(tmp_path)

@@ -55,7 +55,10 @@ Besides these cases:
   `/health`'s live count returns to 0 once requests finish (it kept the last ones while the loop waited).
   SIGTERM during a 200-request burst with `--shutdown-timeout 3`: 49 finished, 151 got a 503 JSON ("the server is
   shutting down") 3.2 s after the signal, the process gone at 3.8 s, no traceback (before: 131 plain-text 500s and
-  a traceback each in the log, from uvicorn cancelling their tasks).
+  a traceback each in the log, from uvicorn cancelling their tasks). A model dir whose chat template does not compile
+  or whose tokenizer_config.json is not JSON: `mulfree serve` stops at start-up with one line, exit 2 (before: a
+  Jinja traceback, or the plain template used silently; and nanobind's leak report of the loaded engine after the
+  error, now off).
   Also tried by hand and already answered (400): `n` 0 or 10^9, `max_tokens` −5 or 1e30, `logprobs` 1000,
   `top_logprobs` without `logprobs`, empty prompts and lists, 1,000 stop strings, `logit_bias`, `echo`,
   `best_of`, `suffix`, tools, image parts, a list as the model, bodies that are arrays, strings or `null`.

@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from mulfree.errors import ConfigError
+
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 TokenIds = list[Annotated[StrictInt, Field(ge=0)]]
 
@@ -168,21 +170,24 @@ def chat_prompt(messages: list[ChatMessage]) -> str:
 def load_chat_template(model_dir: str | Path) -> Callable[[list[ChatMessage]], str] | None:
     """The dir's chat template (`chat_template` of tokenizer_config.json, else `chat_template.jinja`, where
     transformers 5 saves it) rendered as transformers does (sandboxed Jinja, add_generation_prompt=True,
-    bos/eos tokens); None when there is none."""
+    bos/eos tokens); None when there is none. A file that cannot be read or a template that does not compile is
+    a ConfigError (not a silent fall back to the plain template)."""
     path = Path(model_dir) / "tokenizer_config.json"
+    jinja = Path(model_dir) / "chat_template.jinja"
     try:
         cfg = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        template = cfg.get("chat_template") if isinstance(cfg, dict) else None
-        jinja = Path(model_dir) / "chat_template.jinja"
+        cfg = cfg if isinstance(cfg, dict) else {}
+        template = cfg.get("chat_template")
         if template is None and jinja.is_file():
-            template = jinja.read_text(encoding="utf-8")
-    except (OSError, ValueError):
-        return None
+            path, template = jinja, jinja.read_text(encoding="utf-8")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the chat template in {path} ({exc})",
+                          "fix the file or remove its chat_template") from None
     if isinstance(template, list):  # named templates: the default one
         template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
     if not isinstance(template, str) or not template:
         return None
-    from jinja2 import TemplateError
+    from jinja2 import TemplateError, TemplateSyntaxError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str) -> None:
@@ -190,7 +195,11 @@ def load_chat_template(model_dir: str | Path) -> Callable[[list[ChatMessage]], s
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
-    compiled = env.from_string(template)
+    try:
+        compiled = env.from_string(template)
+    except TemplateSyntaxError as exc:
+        raise ConfigError(f"the chat template in {path} does not compile (line {exc.lineno}: {exc.message})",
+                          "fix the template") from None
     special = {k: (v.get("content") if isinstance(v, dict) else v) for k in ("bos_token", "eos_token")
                if isinstance(v := cfg.get(k), (str, dict))}
 

@@ -3,6 +3,9 @@
 
 NB_MODULE(_cpu, m) {
   m.doc() = "mulfree CPU kernels (AVX-512 VNNI / AVX2 / scalar, chosen at run time)";
+  // An engine still referenced when the interpreter exits (a command that ends with an error after loading a
+  // model) is freed by the process exit; nanobind's report of it would follow the one-line error on stderr.
+  nb::set_leak_warnings(false);
   register_cpuinfo(m);
   register_ternary(m);
   register_lmul(m);
