@@ -1,6 +1,7 @@
 """Continuous batching equals one-at-a-time generation, isolates failures, cancels and bounds its queue;
 `serve` checks its flags before loading (the HTTP API: test_serve_api.py)."""
 
+import json
 import re
 import socket
 import time
@@ -148,6 +149,9 @@ def test_chat_template_from_a_jinja_file(tmp_path):
                                                   "{% if add_generation_prompt %}>{% endif %}")
     messages = ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).messages
     assert load_chat_template(tmp_path)(messages) == "[hi]>"
+    # `{% break %}` / `{% continue %}`, which transformers' template environment allows too
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m.content }}]{% break %}{% endfor %}")
+    assert load_chat_template(tmp_path)(messages * 2) == "[hi]"
 
 
 @pytest.mark.parametrize("config, message", [
@@ -164,3 +168,22 @@ def test_a_broken_chat_template_is_a_one_line_error(tmp_path, config, message):
     path.write_bytes(config if isinstance(config, bytes) else config.encode())
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_chat_template(tmp_path)
+
+
+def test_chat_templates_render_as_transformers_renders_them(tmp_path):
+    """tojson (no HTML escaping, non-ASCII kept), strftime_now, loop controls, namespace, raise_exception unused,
+    bos_token: the same text as transformers' own renderer."""
+    chat_template_utils = pytest.importorskip("transformers.utils.chat_template_utils")
+    from mulfree.infer.protocol import ChatRequest, load_chat_template
+
+    template = ("{{ bos_token }}{% set ns = namespace(n=0) %}{% for m in messages %}{% if m.role == 'tool' %}"
+                "{{ raise_exception('no tools') }}{% endif %}{% set ns.n = ns.n + 1 %}{{ m.role }}: "
+                "{{ m.content | tojson }}\n{% if ns.n > 2 %}{% break %}{% endif %}{% endfor %}"
+                "[{{ strftime_now('%Y') }}]{% if add_generation_prompt %}assistant:{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "bos_token": "<s>"}))
+    turns = [{"role": "system", "content": "Be <brief> & \"exact\""}, {"role": "user", "content": "Grüße, 你好"},
+             {"role": "assistant", "content": "Hi"}, {"role": "user", "content": "more"}]
+    ours = load_chat_template(tmp_path)(ChatRequest.model_validate({"model": "m", "messages": turns}).messages)
+    theirs = chat_template_utils.render_jinja_template([turns], chat_template=template, add_generation_prompt=True,
+                                                       bos_token="<s>")[0][0]
+    assert ours == theirs and "Grüße" in ours and "<brief>" in ours
