@@ -155,6 +155,21 @@ def test_generate_with_packed_engine(run_dir, capsys):
     assert ">= 0" in _err(capsys)
 
 
+def test_a_reader_that_leaves_stops_generate_quietly(run_dir):
+    """`mulfree generate ... | head -c 8`: exit 141 (SIGPIPE's status) and nothing on stderr, not a traceback."""
+    import subprocess
+    import sys
+
+    _, _, _, out = run_dir
+    code = "import sys; from mulfree.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, "generate", "--model", str(out), "--prompt", "ROMEO.",
+                             "--max-new-tokens", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(8)
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 141
+    assert proc.stderr.read() == b""
+
+
 def _snapshot(directory):
     return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 

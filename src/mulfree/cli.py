@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         sys.stderr.write("terminated\n")
         return 128 + signal.SIGTERM
+    except BrokenPipeError:  # whoever read our output left (`mulfree generate ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush must not fail again
+        return 128 + signal.SIGPIPE
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130

@@ -32,7 +32,8 @@ Besides these cases:
   on load (`tests/test_atomic.py`, `tests/test_integrity.py`, `tests/test_schema.py`). SIGTERM stops a command as
   Ctrl-C does (exit 143, "terminated", its temporary output removed; before, a `mulfree demo` told to stop left its
   `.demo.*.tmp` behind), and a writer removes the temporary siblings of its own target that a killed earlier run
-  left (`tests/test_cli_core.py`, `tests/test_atomic.py`).
+  left (`tests/test_cli_core.py`, `tests/test_atomic.py`). A reader that leaves (`mulfree generate ... | head -c
+  8`) stops a command quietly with SIGPIPE's status, 141 (before: a `BrokenPipeError` traceback, exit 1).
 - **Kill anywhere**: `python benchmarks/crash_resume.py --kills 50 --seed 1` (AMD EPYC, 2 vCPUs): 50 `kill -9`
   at random moments of a tiny 40-step training run over 4 runs, 49 resumes, 0 failed restarts, 4/4 runs
   identical to the uninterrupted one (every loss and weight), 1 kill left a half-written temp file that the
