@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from mulfree import integrity
 from mulfree.atomic import atomic_write, atomic_write_json, prepare_output, replace_dir
+from mulfree.data.text import decode_utf8
 from mulfree.errors import DataError
 
 PIECE_BYTES = 1 << 20  # text files are read and tokenized in pieces of about this size
@@ -80,11 +81,7 @@ def _text_pieces(path: Path) -> Iterator[tuple[str, int]]:
                 continue
             piece, carry = data[:cut], data[cut:]
             if piece:
-                try:
-                    yield piece.decode("utf-8"), len(piece)
-                except UnicodeDecodeError as exc:
-                    raise DataError(f"'{path}' is not UTF-8 text ({exc.reason} at byte {offset + exc.start})",
-                                    "convert it to UTF-8") from None
+                yield decode_utf8(piece, path, offset), len(piece)
                 offset += len(piece)
             if not block:
                 return

@@ -63,17 +63,23 @@ def expand_paths(paths: list[str]) -> list[Path]:
     return files
 
 
+def decode_utf8(data: bytes, path: Path, offset: int = 0) -> str:
+    """`data`, the bytes of data file `path` from byte `offset`, as UTF-8 text; a DataError naming the first bad
+    byte's place in the file otherwise (such a file is refused, not read as replacement characters)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"'{path}' is not UTF-8 text ({exc.reason} at byte {offset + exc.start})",
+                        "convert it to UTF-8") from None
+
+
 def _read(path: Path) -> str:
-    """A data file's text: UTF-8, as `mulfree tokenize` reads it (a file of other bytes is refused, not scored or
-    trained on as replacement characters)."""
+    """A data file's text, read as `mulfree tokenize` reads it (`decode_utf8`)."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise DataError(f"cannot read data file '{path}' ({exc.strerror})", "check permissions") from exc
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"'{path}' is not UTF-8 text ({exc.reason} at byte {exc.start})", "convert it to UTF-8") from None
+    text = decode_utf8(data, path)
     if not text.strip():
         raise DataError(f"data file '{path}' is empty", "pass a file that contains text")
     return text
