@@ -161,9 +161,8 @@ def test_a_reader_that_leaves_stops_generate_quietly(run_dir):
     import sys
 
     _, _, _, out = run_dir
-    code = "import sys; from mulfree.cli import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.Popen([sys.executable, "-c", code, "generate", "--model", str(out), "--prompt", "ROMEO.",
-                             "--max-new-tokens", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "mulfree", "generate", "--model", str(out), "--prompt",
+                             "ROMEO.", "--max-new-tokens", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout.read(8)
     proc.stdout.close()
     assert proc.wait(timeout=60) == 141
@@ -251,8 +250,7 @@ def test_sigterm_stops_a_command_as_ctrl_c_does(tmp_path):
     import sys
     import time
 
-    code = "import sys; from mulfree.cli import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.Popen([sys.executable, "-c", code, "arith", "train", "--steps", "100000", "--out",
+    proc = subprocess.Popen([sys.executable, "-m", "mulfree", "arith", "train", "--steps", "100000", "--out",
                              str(tmp_path / "run")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60

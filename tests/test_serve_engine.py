@@ -61,9 +61,8 @@ def test_packed_server_greedy_equals_generate_alone_and_concurrently(model_dir):
 def start_cli_server(model_dir, *flags: str) -> tuple[subprocess.Popen, str]:
     """`mulfree serve --model model_dir *flags` in a subprocess on a free port, once /health answers."""
     port = free_port()
-    code = "import sys; from mulfree.cli import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--model", str(model_dir), "--port", str(port),
-                             *flags], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "mulfree", "serve", "--model", str(model_dir), "--port",
+                             str(port), *flags], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
