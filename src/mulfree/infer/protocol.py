@@ -144,6 +144,13 @@ ACCEPTS = {
 }
 
 
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    """An OpenAI error object, {"error": {message, type, param, code}}: the body of every 4xx / 5xx answer and of
+    a stream's error event."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
 def describe_error(exc: ValidationError) -> tuple[str, str | None]:
     """(message, param) for a request that fails validation. Where a union field's value fits one alternative's
     type but breaks its constraint (a negative token id, a fifth stop string) that error is the one reported;

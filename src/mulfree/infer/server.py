@@ -35,6 +35,7 @@ from mulfree.infer.protocol import (
     chat_prompt,
     completion_logprobs,
     describe_error,
+    error_body,
     logprob_count,
     seed64,
 )
@@ -58,7 +59,7 @@ def shown(value: str, limit: int = 100) -> str:
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
                    code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+    return JSONResponse(error_body(message, kind, param, code), status)
 
 
 async def read_json(request: Request, limit: int, timeout_s: float) -> Any:
@@ -296,7 +297,7 @@ async def complete(srv: Server, request: Request, chat: bool) -> Response:
                 if done:
                     yield frame([choice(k, "", texts[k].finish, True)])
         except ApiError as exc:
-            yield f"data: {json.dumps({'error': {'message': str(exc), 'type': exc.kind, 'param': None, 'code': exc.code}})}\n\n"
+            yield f"data: {json.dumps(error_body(str(exc), exc.kind, None, exc.code))}\n\n"
         if with_usage:
             yield f"data: {json.dumps({**meta, 'object': chunk_kind, 'choices': [], 'usage': usage()})}\n\n"
         yield "data: [DONE]\n\n"

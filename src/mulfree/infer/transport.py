@@ -21,10 +21,11 @@ def guarded_protocol(seconds: float) -> type[asyncio.Protocol]:
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
+    from mulfree.infer.protocol import error_body
+
     class GuardedH11(H11Protocol):
         def send_400_response(self, msg: str) -> None:
-            body = json.dumps({"error": {"message": msg, "type": "invalid_request_error", "param": None,
-                                         "code": "bad_http_request"}}).encode()
+            body = json.dumps(error_body(msg, code="bad_http_request")).encode()
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                        (b"connection", b"close")]
             for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
