@@ -4,6 +4,7 @@ balanced and held-out problems never reach training, and bad input gives clear e
 import random
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from mulfree.data.arithmetic import (
@@ -99,6 +100,10 @@ def test_bad_input_raises_clear_errors():
         ArithTask("add", "plain", 0)
     with pytest.raises(ConfigError, match="non-negative"):
         format_problem(-1, 2, "add", "plain")
+    for a in (True, 1.5, "12"):  # bool is an int to Python, and 1.5 + 5 once formatted as "1.5+5=6.5"
+        with pytest.raises(ConfigError, match="operands must be integers"):
+            format_problem(a, 5, "add", "plain")
+    assert format_problem(np.int64(12), 5, "add", "plain") == "12+5=17"
     with pytest.raises(DataError, match="not in the arithmetic vocabulary"):
         CharTokenizer().encode("1/2")
 

@@ -43,6 +43,9 @@ def test_unpack_rejects_bad_input():
         unpack_ternary(torch.full((1, 256), 0xFF, dtype=torch.uint8), (4, 256))
     with pytest.raises(ValueError, match=r"\{-1, 0, 1\}"):
         pack_ternary(torch.full((2, 2), 2, dtype=torch.int8))
+    for bad in (0.5, float("nan")):  # a float 0.5 once packed as the trit 0
+        with pytest.raises(ValueError, match=r"\{-1, 0, 1\}"):
+            pack_ternary(torch.tensor([[bad, 1.0, -1.0]]))
 
 
 def test_ternarize_latent_matches_weight_quant():

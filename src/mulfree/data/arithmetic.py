@@ -46,6 +46,7 @@ produces only the c_k, `columns` the carries, products and totals.
 
 from __future__ import annotations
 
+import numbers
 import random
 import re
 from collections.abc import Sequence
@@ -202,6 +203,9 @@ def format_problem(
     """
     check_op(op)
     check_format(fmt)
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (a, b)):
+        raise ConfigError(f"operands must be integers, got {a!r} and {b!r}", "pass natural numbers")
+    a, b = int(a), int(b)
     if a < 0 or b < 0:
         raise ConfigError(f"operands must be non-negative, got {a} and {b}", "pass natural numbers")
     c, sym = compute(a, b, op), OPS[op]

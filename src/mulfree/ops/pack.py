@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from mulfree.ops import pack_t1
-from mulfree.ops.ternary import weight_quant
+from mulfree.ops.ternary import check_trits, weight_quant
 
 FORMAT = "mulfree-t2"
 FORMAT_VERSION = 1
@@ -54,10 +54,7 @@ def pack_ternary(t: torch.Tensor) -> torch.Tensor:
 
     Example: pack_ternary(torch.tensor([[-1, 0, 1]], dtype=torch.int8)).shape == (1, 256).
     """
-    if t.dim() != 2:
-        raise ValueError(f"pack_ternary expects a 2-D tensor, got shape {tuple(t.shape)}")
-    if t.numel() and (t.min() < -1 or t.max() > 1):
-        raise ValueError("pack_ternary expects values in {-1, 0, 1}")
+    check_trits(t, "pack_ternary")
     n, k = t.shape
     g, kpad = packed_shape(n, k)
     codes = torch.ones(g * ROWS, kpad, dtype=torch.uint8)

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from mulfree.ops.ternary import check_trits
+
 FORMAT = "mulfree-t1"
 FORMAT_VERSION = 1
 BLOCK = 160  # weights per row per block
@@ -70,10 +72,7 @@ def pack_t1(t: torch.Tensor) -> torch.Tensor:
 
     Example: pack_t1(torch.tensor([[-1, 0, 1]], dtype=torch.int8)).shape == (1, 128).
     """
-    if t.dim() != 2:
-        raise ValueError(f"pack_t1 expects a 2-D tensor, got shape {tuple(t.shape)}")
-    if t.numel() and (t.min() < -1 or t.max() > 1):
-        raise ValueError("pack_t1 expects values in {-1, 0, 1}")
+    check_trits(t, "pack_t1")
     n, k = t.shape
     g, nbytes = packed_shape(n, k)
     kpad = padded_k(k)

@@ -47,3 +47,11 @@ def fake_activation_quant(x: torch.Tensor) -> torch.Tensor:
     q, scale = activation_quant(x)
     xq = (q.float() * scale).to(x.dtype)
     return x + (xq - x).detach()
+
+
+def check_trits(t: torch.Tensor, packer: str) -> None:
+    """Raise ValueError unless t is a 2-D tensor of exactly -1, 0 and 1 (a float 0.5 or NaN would pack as a trit)."""
+    if t.dim() != 2:
+        raise ValueError(f"{packer} expects a 2-D tensor, got shape {tuple(t.shape)}")
+    if not ((t == -1) | (t == 0) | (t == 1)).all():
+        raise ValueError(f"{packer} expects values in {{-1, 0, 1}}")
