@@ -18,7 +18,7 @@ from safetensors.torch import load_file  # noqa: E402
 from mulfree.cli import main as cli_main  # noqa: E402
 from mulfree.errors import CheckpointError, ConfigError  # noqa: E402
 from mulfree.integrity import read_manifest  # noqa: E402
-from mulfree.quant import blockwise  # noqa: E402
+from mulfree.quant import blockwise, resume  # noqa: E402
 from mulfree.quant.config import WalkOptions  # noqa: E402
 from mulfree.quant.gptq import GPTQ  # noqa: E402
 from mulfree.quant.rtn import RTN  # noqa: E402
@@ -144,28 +144,83 @@ def test_shard_writer_and_reader(tmp_path):
         SafetensorsDir(tmp_path)
 
 
+def _failing_at(monkeypatch, call: int, error: BaseException) -> list:
+    """Make `blockwise.quantize_block` raise `error` on its `call`-th call (from 1; 0: never); returns the calls."""
+    real, calls = blockwise.quantize_block, []
+
+    def wrapped(block, *args):
+        calls.append(1)
+        if len(calls) == call:
+            raise error
+        return real(block, *args)
+
+    monkeypatch.setattr(blockwise, "quantize_block", wrapped)
+    return calls
+
+
+def _files(directory) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
 def test_interrupted_run_leaves_target_untouched(tmp_path, monkeypatch):
     src = _llama_dir(tmp_path / "hf", tied=True)
     out = tmp_path / "out"
     blockwise.quantize_blockwise(src, out, RTN(4, 16), None, QUIET)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    real, calls = blockwise.quantize_block, []
-
-    def failing(block, *args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("killed in block 1")
-        return real(block, *args)
-
-    monkeypatch.setattr(blockwise, "quantize_block", failing)
-    with pytest.raises(RuntimeError, match="killed in block 1"):
+    before = _files(out)
+    _failing_at(monkeypatch, 1, RuntimeError("killed in block 0"))
+    with pytest.raises(RuntimeError, match="killed in block 0"):
         blockwise.quantize_blockwise(src, out, GPTQ(3, 16), _calib(), QUIET, overwrite=True, spill_bytes=0)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert sorted(os.listdir(tmp_path)) == ["hf", "out"]  # no temp dir, no scratch file
-    calls.clear()
-    with pytest.raises(RuntimeError):
-        blockwise.quantize_blockwise(src, tmp_path / "new", RTN(4, 16), None, QUIET)
-    assert sorted(os.listdir(tmp_path)) == ["hf", "out"]
+    assert _files(out) == before
+    assert sorted(os.listdir(tmp_path)) == ["hf", "out"]  # no block finished: no temp dir, no scratch file
+
+
+@pytest.mark.parametrize("name,opts", [
+    ("gptq", WalkOptions(progress=False, batch_size=2, asymmetric=True, tune_epochs=1)),
+    ("shiftadd", QUIET),  # Hadamard signs drawn per layer index: the resumed walk goes on counting
+    ("rtn", QUIET),
+])
+def test_interrupted_run_continues_to_the_same_bytes(tmp_path, monkeypatch, capsys, name, opts):
+    src = _llama_dir(tmp_path / "hf", tied=True)
+    calib = None if name == "rtn" else _calib()
+    blockwise.quantize_blockwise(src, tmp_path / "whole", METHODS[name](), calib, opts, spill_bytes=0)
+    out = tmp_path / "out"
+    monkeypatch.setattr(resume, "SAVE_RATIO", 0)  # progress saved after every block, however long saving takes
+    _failing_at(monkeypatch, 3, KeyboardInterrupt())  # Ctrl-C in the last of 3 blocks
+    with pytest.raises(KeyboardInterrupt):
+        blockwise.quantize_blockwise(src, out, METHODS[name](), calib, opts, spill_bytes=0)
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    assert not out.exists() and len(kept) == 1
+    assert f"2 of 3 blocks are kept in {kept[0]}; the same command continues" in capsys.readouterr().err
+    (kept[0] / "stream-9-inputs.bin").write_bytes(b"left by a kill")  # not in the record: removed
+    calls = _failing_at(monkeypatch, 0, RuntimeError())
+    metas = blockwise.quantize_blockwise(src, out, METHODS[name](), calib, opts)  # not spilled this time
+    assert len(calls) == 1  # only the last block was quantized again
+    assert _files(out) == _files(tmp_path / "whole")
+    assert metas == json.loads((out / "config.json").read_text())["mulfree_quant"]["layers"]
+    assert sorted(os.listdir(tmp_path)) == ["hf", "out", "whole"]
+
+
+def test_a_kept_run_of_other_settings_or_a_broken_record_starts_over(tmp_path, monkeypatch, capsys):
+    src = _llama_dir(tmp_path / "hf", tied=False)
+    out = tmp_path / "out"
+    monkeypatch.setattr(resume, "SAVE_RATIO", 1e9)  # only the first block's progress is saved
+    _failing_at(monkeypatch, 3, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        blockwise.quantize_blockwise(src, out, GPTQ(3, 16), _calib(), QUIET)
+    (old,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    assert json.loads((old / "resume.json").read_text())["blocks"] == 1
+    calls = _failing_at(monkeypatch, 2, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):  # 4 bits: other settings, so the 3-bit blocks are not used
+        blockwise.quantize_blockwise(src, out, GPTQ(4, 16), _calib(), QUIET)
+    assert len(calls) == 2 and not old.exists()
+    (new,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    stream = next(new.glob("stream-1-inputs.bin"))
+    stream.write_bytes(stream.read_bytes()[:100])  # truncated
+    calls = _failing_at(monkeypatch, 0, RuntimeError())
+    blockwise.quantize_blockwise(src, out, GPTQ(4, 16), _calib(), QUIET)
+    assert len(calls) == 3 and "starting over" in capsys.readouterr().err
+    blockwise.quantize_blockwise(src, tmp_path / "whole", GPTQ(4, 16), _calib(), QUIET)
+    assert _files(out) == _files(tmp_path / "whole")
 
 
 def test_bad_sources_and_options(tmp_path):
@@ -199,3 +254,12 @@ def test_cli_quantizes_a_dir_block_by_block(tmp_path):
     assert rc == 0 and (tmp_path / "q" / INDEX).is_file()
     model, tok2 = load_quantized(tmp_path / "q")
     assert tok2 is not None and model.config.mulfree_quant["calibration"]["samples"] == 3
+
+
+@pytest.mark.parametrize("record", ['{"key": ', '[1, 2]', '{"key": "k", "blocks": 1}', "\x00\xff"])
+def test_a_torn_or_foreign_record_is_not_resumed_and_its_files_go(tmp_path, capsys, record):
+    (tmp_path / resume.RECORD).write_text(record)
+    (tmp_path / "model-00001-of-00004.safetensors").write_bytes(b"half a shard")
+    assert resume.load(tmp_path, "k") is None
+    assert not os.listdir(tmp_path)
+    assert record.startswith("[") or "starting over" in capsys.readouterr().err

@@ -6,6 +6,7 @@ directory or one above it; a file path that names a directory is a one-line erro
 API (all errors are one-line `ConfigError` / `CheckpointError` naming the path and what to do):
     prepare_output(out, "packed model", overwrite)   # early check of a directory --out, before any work
     with atomic_dir(out, overwrite) as tmp:          # fill tmp; it replaces `out` whole on success
+    with atomic_dir(out, overwrite, resume_key=key):  # the same, kept after a failure for a rerun to continue
         ...
     prepare_file(args.png, "--png")                   # early check of a file output (--png / --json)
     atomic_write(path, lambda tmp: fig.savefig(tmp))  # a file, via a temp file + rename
@@ -171,23 +172,35 @@ def atomic_write_json(path: str | Path, data: Any, indent: int | None = 2) -> No
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path, overwrite: bool = False, kind: str = "output") -> Iterator[Path]:
+def atomic_dir(path: str | Path, overwrite: bool = False, kind: str = "output",
+               resume_key: str | None = None) -> Iterator[Path]:
     """Yield a temporary sibling directory to fill; on success it takes the place of `path`.
 
     `path` must pass `prepare_output` (absent or empty, or `overwrite`). An existing directory is renamed
     aside, the new one renamed in, and only then the old one removed; on error the temp dir vanishes and
     `path` is untouched. Temp siblings of `path` that a killed earlier writer left are removed first.
+
+    With `resume_key` (8 characters of [a-z0-9_] naming the run's settings) the temp dir is
+    `.<name>.<resume_key>.tmp`: a failed or killed run's dir is kept (when not empty) and handed to the next
+    run with the same key to continue from; the caller removes what in it is not worth keeping.
     """
     path = prepare_output(path, kind, overwrite)
     _mkdir_parent(path)
-    remove_stale_temps(path.parent, names={path.name})
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    if resume_key is None:
+        remove_stale_temps(path.parent, names={path.name})
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    else:
+        tmp = path.parent / f".{path.name}.{resume_key}.tmp"
+        if not is_temp_name(tmp.name):
+            raise ValueError(f"resume_key must be 8 characters of [a-z0-9_], got {resume_key!r}")
+        remove_stale_temps(path.parent, names={path.name}, keep={tmp.name})
+        make_dir(tmp)
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)
         replace_dir(tmp, path, overwrite, kind)
     finally:
-        if tmp.exists():
+        if tmp.exists() and (resume_key is None or not any(tmp.iterdir())):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -209,17 +222,18 @@ def replace_dir(new: Path, path: Path, overwrite: bool = False, kind: str = "out
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def remove_stale_temps(directory: str | Path, names: Collection[str] | None = None) -> list[Path]:
+def remove_stale_temps(directory: str | Path, names: Collection[str] | None = None,
+                       keep: Collection[str] = ()) -> list[Path]:
     """Remove the temporary files and directories this tool's writers leave when killed (`.<name>.<8>.tmp`
     in `directory`, and `.<name>.<8>.old` when `<name>` itself is present), only for targets in `names`
-    when given; returns what was removed."""
+    when given and never the entries named in `keep`; returns what was removed."""
     directory = Path(directory)
     removed: list[Path] = []
     if not directory.is_dir():
         return removed
     for entry in directory.iterdir():
         m = _TEMP.match(entry.name)
-        if m is None or (m["kind"] == "old" and not (directory / m["name"]).exists()):
+        if m is None or entry.name in keep or (m["kind"] == "old" and not (directory / m["name"]).exists()):
             continue
         if names is not None and m["name"] not in names:
             continue

@@ -1,8 +1,9 @@
 """`mulfree quantize {rtn,gptq,shiftadd}`: post-training quantization of a pretrained HF causal LM.
 Flags come from `quant.config.QuantizeConfig` and `WalkOptions`.
 
-A local HF dir is quantized block by block (`quant.blockwise`: one decoder block in memory at a time);
-a .gguf file, 'smollm2' (converted on first use) and --distill-epochs load the whole model (`quant.walker`)."""
+A model is quantized block by block (`quant.blockwise`: one decoder block in memory at a time; a .gguf file or
+'smollm2' from its safetensors cache, converted on first use); an interrupted run continues when the same command
+runs again. --distill-epochs loads the whole model (`quant.walker`)."""
 
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     from mulfree.atomic import prepare_output
     from mulfree.errors import ConfigError
-    from mulfree.models.pretrained import load_hf_causal_lm, load_hf_tokenizer
+    from mulfree.models.pretrained import hf_dir, load_hf_causal_lm, load_hf_tokenizer
     from mulfree.quant.blockwise import load_config, quantize_blockwise, skeleton
     from mulfree.quant.walker import calibration_ids, decoder_blocks, quantize_model, save_quantized
 
@@ -97,9 +98,9 @@ def run_quantize(args: argparse.Namespace) -> int:
         from mulfree.data.text import load_corpus
 
         text = load_corpus(cfg.calib_data).train_text
-    src = Path(cfg.model)
-    blockwise = src.is_dir() and not walk.distill_epochs
+    blockwise = not walk.distill_epochs
     if blockwise:
+        src = hf_dir(cfg.model)
         model = None
         config = load_config(src)
         decoder_blocks(skeleton(config))  # fail fast on unsupported architectures

@@ -153,19 +153,24 @@ def load_hf_tokenizer(path: Path, vocab_size: int):
     return tok
 
 
+def hf_dir(path: str | Path) -> Path:
+    """The HF model dir of "smollm2", a local .gguf file (its safetensors cache entry, converted on first use) or
+    a local HF model dir (itself)."""
+    path = smollm2_gguf() if str(path) == SMOLLM2_NAME else Path(path)
+    if path.suffix != ".gguf":
+        return path
+    if not path.is_file():
+        raise CheckpointError(f"GGUF file {path} does not exist", "pass an existing .gguf file")
+    target = gguf_cache_dir(path)
+    if not _cache_intact(target):
+        _convert_gguf(path, target)
+    return target
+
+
 def load_hf_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
     """Load `(model, tokenizer)` from "smollm2", a local HF model dir, or a local .gguf file."""
     tf = _require_transformers()
-    if str(path) == SMOLLM2_NAME:
-        return load_smollm2(dtype)
-    path = Path(path)
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise CheckpointError(f"GGUF file {path} does not exist", "pass an existing .gguf file")
-        target = gguf_cache_dir(path)
-        if not _cache_intact(target):
-            _convert_gguf(path, target)
-        path = target
+    path = hf_dir(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} is not a Hugging Face model dir (no config.json)", "pass a dir saved with save_pretrained, a .gguf file or 'smollm2'")
     refuse_pickles(path)

@@ -9,7 +9,8 @@ The result is the quantized dir of `walker.save_quantized` with the weights shar
 (`shards.ShardWriter`; then the embeddings, final norm and head one tensor per shard, so that only one of them
 is in memory at a time), the same tensors bit for bit.
 The dir is built beside `out` and renamed into place (`atomic.atomic_dir`): an interrupted run leaves
-`out` as it was. Not for `distill_epochs` (end-to-end distillation needs every block at once).
+`out` as it was, and its finished blocks in the temp dir, from which the same command continues (`quant.resume`).
+Not for `distill_epochs` (end-to-end distillation needs every block at once).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import contextlib
 import ctypes
 import dataclasses
 import json
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,12 +28,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+import mulfree
 from mulfree import integrity
 from mulfree.atomic import atomic_dir
 from mulfree.errors import CheckpointError, ConfigError, DataError
 from mulfree.models import schema
+from mulfree.quant import resume
 from mulfree.quant.base import QuantMethod
 from mulfree.quant.config import WalkOptions
+from mulfree.quant.gptq import Incoherence
 from mulfree.quant.qlinear import describe
 from mulfree.quant.shards import SafetensorsDir, ShardWriter
 from mulfree.quant.spill import SPILL_BYTES, Spill
@@ -193,36 +199,72 @@ def quantize_blockwise(
     outside = 4 * sum(t.numel() for k, t in model.state_dict(keep_vars=True).items() if not k.startswith(prefix + "."))
     schema.check_memory(outside + 3 * per_block, str(src), "block-by-block quantization")
     outside_names = _outside_names(model, weights, prefix)  # fail before any work when one is missing
-    metas: dict[str, dict] = {}
-    with atomic_dir(out, overwrite, "quantized model") as tmp:
+    key = resume.run_key(_source_identity(src, weights), method.name, method.config(), calib, extra,
+                         {k: v for k, v in dataclasses.asdict(opts).items() if k != "progress"},
+                         mulfree.__version__, torch.__version__)
+    with atomic_dir(out, overwrite, "quantized model", resume_key=key[:8]) as tmp:
+        progress = resume.load(tmp, key) or resume.Progress(key, 0, {}, {}, {})
         stream = None
         if method.needs_stats:  # the embeddings are needed only to capture block 0's inputs
             _load_outside_blocks(model, weights, prefix)
             stream = CalibrationStream(model, blocks[0], calib, opts.batch_size, opts.asymmetric,
                                        spill=Spill(tmp, spill_bytes))
             _drop_outside_blocks(model, prefix)
-        writer = ShardWriter(tmp, len(blocks) + len(outside_names))
-        for bi in tqdm(range(len(blocks)), desc=f"{method.name} blocks", disable=not opts.progress):
-            block = blocks[bi]
-            at = f"{prefix}.{bi}."
-            _materialize(block, weights.load([k for k in _state_names(block, at) if k in weights.files],
-                                             torch.float32), at)
-            left = [k for k, t in block.state_dict(keep_vars=True).items() if t.is_meta]
-            if left:
-                raise CheckpointError(f"{weights.directory} has no tensor {at}{left[0]}",
-                                      "the weights do not match config.json")
-            for name, layer in quantize_block(block, method, stream, opts).items():
-                metas[at + name] = describe(layer)
-            writer.write({at + k: t for k, t in block.state_dict().items()})
-            blocks[bi] = nn.Identity()  # drop the block (and its cached dense weights)
-            del block
-            _return_freed_heap()
+        writer = ShardWriter(tmp, len(blocks) + len(outside_names), progress.shards or None)
+        if progress.blocks:
+            resume.restore(tmp, progress, stream)
+            if isinstance(getattr(method, "incoherence", None), Incoherence):
+                method.incoherence.layers = len(progress.metas)
+        saved_at, save_cost = time.monotonic(), 0.0
+        try:
+            for bi in tqdm(range(progress.blocks, len(blocks)), desc=f"{method.name} blocks", initial=progress.blocks,
+                           total=len(blocks), disable=not opts.progress):
+                _quantize_one(blocks, bi, prefix, weights, method, stream, opts, writer, progress.metas)
+                now = time.monotonic()
+                if now - saved_at >= resume.SAVE_RATIO * save_cost:  # saving takes at most 1/SAVE_RATIO of the time
+                    progress.blocks, progress.shards = bi + 1, writer.state()
+                    resume.save(tmp, progress, stream)
+                    saved_at = time.monotonic()
+                    save_cost = saved_at - now
+        except BaseException:
+            if progress.blocks:
+                print(f"\n{progress.blocks} of {len(blocks)} blocks are kept in {tmp}; the same command continues "
+                      "from there", file=sys.stderr)
+            raise
         for name in outside_names:  # embeddings, final norm, head: as read
             writer.write(weights.load([name], torch.float32))
             _return_freed_heap()
         names = writer.finish()
+        resume.finish(tmp, progress)
+        metas = progress.metas
         (tmp / "config.json").write_text(json.dumps(quant_config(config, method, metas, extra or {}), indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         integrity.write_manifest(tmp, sorted({*names, *(p.name for p in tmp.iterdir() if p.is_file())}))
     return metas
+
+
+def _source_identity(src: Path, weights: SafetensorsDir) -> list:
+    """What identifies the source model for `resume.run_key`: its path, config and weight files (size, mtime)."""
+    files = []
+    for name in sorted(set(weights.files.values())):
+        stat = (src / name).stat()
+        files.append([name, stat.st_size, stat.st_mtime_ns])
+    return [str(src.resolve()), (src / "config.json").read_text(), files]
+
+
+def _quantize_one(blocks: nn.ModuleList, bi: int, prefix: str, weights: SafetensorsDir, method: QuantMethod,
+                  stream: CalibrationStream | None, opts: WalkOptions, writer: ShardWriter, metas: dict) -> None:
+    """Read block `bi`, quantize it (the stream moves past it), write its shard and drop it."""
+    block = blocks[bi]
+    at = f"{prefix}.{bi}."
+    _materialize(block, weights.load([k for k in _state_names(block, at) if k in weights.files], torch.float32), at)
+    left = [k for k, t in block.state_dict(keep_vars=True).items() if t.is_meta]
+    if left:
+        raise CheckpointError(f"{weights.directory} has no tensor {at}{left[0]}", "the weights do not match config.json")
+    for name, layer in quantize_block(block, method, stream, opts).items():
+        metas[at + name] = describe(layer)
+    writer.write({at + k: t for k, t in block.state_dict().items()})
+    blocks[bi] = nn.Identity()  # drop the block (and its cached dense weights)
+    del block
+    _return_freed_heap()

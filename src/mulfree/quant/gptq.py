@@ -181,12 +181,13 @@ INCOHERENCE = {"none": (False, False), "hadamard": (True, False), "hadamard-out"
 class Incoherence:
     """Optional randomized Hadamard incoherence processing shared by the Hessian-based methods:
     `hadamard` rotates the input side, `hadamard-out` the output side, `hadamard-io` both. Layer i
-    (in quantization order) draws its signs from seed + 2i (input) and seed + 2i + 1 (output)."""
+    (in quantization order) draws its signs from seed + 2i (input) and seed + 2i + 1 (output); `layers` is the
+    number of layers rotated so far (a resumed walk sets it)."""
 
     def __init__(self, kind: str = "none", seed: int = 0):
         if kind not in INCOHERENCE:
             raise ValueError(f"incoherence must be one of {sorted(INCOHERENCE)}, got {kind!r}")
-        self.kind, self.seed, self._layers = kind, seed, 0
+        self.kind, self.seed, self.layers = kind, seed, 0
 
     def config(self) -> dict:
         return {"incoherence": self.kind, "incoherence_seed": self.seed}
@@ -195,8 +196,8 @@ class Incoherence:
         """(W'', H', input transform | None, output transform | None) for the next layer:
         W'' = U W T⁻¹ and H' = T H Tᵀ for the enabled sides."""
         side_in, side_out = INCOHERENCE[self.kind]
-        base = self.seed + 2 * self._layers
-        self._layers += 1
+        base = self.seed + 2 * self.layers
+        self.layers += 1
         rin = RandomHadamard(w.shape[1], base) if side_in else None
         rout = RandomHadamard(w.shape[0], base + 1) if side_out else None
         w = w.float()

@@ -96,11 +96,15 @@ class ShardWriter:
     Tensors that share storage (tied embeddings) are written once, under the first name given.
     """
 
-    def __init__(self, directory: str | Path, n: int):
+    def __init__(self, directory: str | Path, n: int, state: dict | None = None):
+        """`state`: what `state()` returned after the shards already in `directory`, to continue after them."""
         self.directory, self.n = Path(directory), n
-        self.written = 0
-        self.map: dict[str, str] = {}
-        self.total = 0
+        state = state or {"written": 0, "map": {}, "total": 0}
+        self.written, self.map, self.total = int(state["written"]), dict(state["map"]), int(state["total"])
+
+    def state(self) -> dict:
+        """The shards written so far (JSON), for a writer that continues after them."""
+        return {"written": self.written, "map": self.map, "total": self.total}
 
     def write(self, tensors: dict[str, torch.Tensor]) -> str:
         """Write the next shard from {name: tensor}; returns its file name."""

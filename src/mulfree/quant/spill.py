@@ -20,17 +20,47 @@ SPILL_BYTES = 256 << 20  # activations above this total go to a scratch file
 
 
 class TensorFile(Sequence[torch.Tensor]):
-    """The tensors of `tensors` (and any `append`ed later), written to an unlinked scratch file in `directory`;
+    """The tensors of `tensors` (and any `append`ed later), written to an unlinked scratch file in `directory`
+    (or, with `name`, to the file of that name there, which stays: `entries` and `reopen` read it again later);
     `self[i]` reads tensor i back (a new CPU tensor of the same shape and dtype)."""
 
-    def __init__(self, directory: str | Path, tensors: Iterable[torch.Tensor] = ()):
-        fd, path = tempfile.mkstemp(prefix=".activations.", suffix=".tmp", dir=directory)
-        os.unlink(path)
-        self._file = os.fdopen(fd, "w+b")
+    def __init__(self, directory: str | Path, tensors: Iterable[torch.Tensor] = (), name: str | None = None):
+        if name is None:
+            fd, path = tempfile.mkstemp(prefix=".activations.", suffix=".tmp", dir=directory)
+            os.unlink(path)
+            self._file = os.fdopen(fd, "w+b")
+        else:
+            self._file = open(Path(directory) / name, "w+b")  # noqa: SIM115 - held for the object's life
         self._entries: list[tuple[int, tuple[int, ...], torch.dtype]] = []
         self._end = 0
         for t in tensors:
             self.append(t)
+
+    @classmethod
+    def reopen(cls, path: str | Path, entries: list[list]) -> TensorFile:
+        """The named file `path` written earlier, with the `entries` it reported then; OSError / ValueError when
+        the file is shorter than they say or names an unknown dtype."""
+        self = cls.__new__(cls)
+        self._file = open(path, "rb")  # noqa: SIM115 - held for the object's life
+        self._entries = [(int(offset), tuple(int(d) for d in shape), getattr(torch, dtype))
+                         for offset, shape, dtype in entries]
+        if not all(isinstance(dt, torch.dtype) for _, _, dt in self._entries):
+            raise ValueError(f"{path}: an entry names an unknown dtype")
+        self._end = os.fstat(self._file.fileno()).st_size
+        need = max((o + torch.Size(sh).numel() * torch.empty((), dtype=dt).element_size()
+                    for o, sh, dt in self._entries), default=0)
+        if need > self._end:
+            raise OSError(f"{path} holds {self._end} bytes, its entries need {need}")
+        return self
+
+    def entries(self) -> list[list]:
+        """[offset, shape, dtype name] of every tensor held, as JSON (for `reopen`); the file is synced to disk."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        return [[offset, list(shape), str(dtype).removeprefix("torch.")] for offset, shape, dtype in self._entries]
+
+    def close(self) -> None:
+        self._file.close()
 
     def append(self, t: torch.Tensor) -> None:
         """Write `t` after the tensors already held."""
