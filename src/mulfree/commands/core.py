@@ -10,11 +10,8 @@ import sys
 from pathlib import Path
 
 from mulfree.atomic import dumps_strict
-from mulfree.commands.flags import add_flags, from_args
+from mulfree.commands.flags import MODEL_HELP, add_flags, from_args
 from mulfree.errors import CheckpointError, ConfigError, DataError
-
-MODEL_HELP = ("a model dir (`mulfree train`, `pack` or `quantize`, or a Hugging Face Llama / OPT / GPT-2 dir), "
-              "a .gguf file, or 'smollm2'")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -36,6 +36,9 @@ from typing import Any, TypeVar
 
 from mulfree.settings import check_fields, unwrap_optional
 
+MODEL_HELP = ("a model dir (`mulfree train`, `pack` or `quantize`, or a Hugging Face Llama / OPT / GPT-2 dir), "
+              "a .gguf file, or 'smollm2'")  # every --model: what models.resolve takes
+
 T = TypeVar("T")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from mulfree.commands.flags import add_flags, from_args
+from mulfree.commands.flags import MODEL_HELP, add_flags, from_args
 from mulfree.errors import ConfigError
 
 
@@ -37,11 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "lm-eval",
         help="evaluate a model with lm-evaluation-harness",
-        description="Runs lm-eval tasks on a model (any `mulfree generate` takes but packed dirs). The mulfree_* tasks are built offline from the "
+        description="Runs lm-eval tasks on a model (any `mulfree generate` takes; packed dirs on the packed engine). The mulfree_* tasks are built offline from the "
         "held-out plays of the bundled corpus; Hub tasks (arc_easy, ...) need a local datasets cache.",
     )
-    p.add_argument("--model", required=True, help="a model dir (`mulfree train` or `quantize`, or a Hugging Face Llama / "
-                   "OPT / GPT-2 dir), a .gguf file, or 'smollm2'")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     add_flags(p, LMEvalConfig)
     p.add_argument("--out", default=None, help="write results JSON here")
     p.set_defaults(func=_run)

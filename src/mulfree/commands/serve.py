@@ -6,7 +6,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mulfree.commands.flags import add_flags, from_args
+from mulfree.commands.flags import MODEL_HELP, add_flags, from_args
 from mulfree.errors import ConfigError
 
 MAX_BATCH = 1024  # sequences decoded together: each holds a state and a sampling generator
@@ -101,8 +101,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "/health and /metrics (Prometheus). MMfree models decode all live requests in one batched step "
         "(continuous batching).",
     )
-    p.add_argument("--model", required=True, help="a model dir (`mulfree train`, `pack` or `quantize`, or a Hugging "
-                   "Face Llama / OPT / GPT-2 dir), a .gguf file, or 'smollm2'")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     add_flags(p, ServeConfig)
     p.set_defaults(func=_run)
 
