@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -12,12 +14,16 @@ from mulfree.atomic import (
     atomic_dir,
     atomic_write_json,
     atomic_write_text,
+    check_not_in_use,
     dumps_strict,
+    exclusive,
+    in_use,
     prepare_file,
     prepare_output,
     remove_stale_temps,
     shown_name,
 )
+from mulfree.checkpoint import check_run_dir
 from mulfree.errors import CheckpointError, ConfigError
 
 
@@ -122,3 +128,50 @@ def test_progress_shows_the_target_name_not_the_temp_sibling(tmp_path):
     with atomic_dir(tmp_path / "run") as tmp:
         assert tmp.name != "run" and shown_name(tmp) == "run"
     assert shown_name(tmp_path / "run") == "run" and shown_name(".hidden") == ".hidden"
+
+
+@pytest.fixture
+def held_by_another_process():
+    """Hold a directory by `exclusive` in a child process until the test ends (a command still running there)."""
+    children = []
+
+    def hold(path) -> None:
+        code = "import sys, time\nfrom mulfree.atomic import exclusive\nwith exclusive(sys.argv[1]):\n" \
+               "    print('held', flush=True)\n    time.sleep(120)\n"
+        child = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+        children.append(child)
+        assert child.stdout.readline() == "held\n"
+
+    yield hold
+    for child in children:
+        child.kill()
+        child.wait()
+
+
+def test_a_dir_another_process_writes_is_refused_and_never_taken_for_stale(tmp_path, held_by_another_process):
+    run = tmp_path / "run"
+    held_by_another_process(run)
+    with pytest.raises(ConfigError, match=f"another process is writing the training run in '{run}'"):
+        check_not_in_use(run, "training run")
+    with pytest.raises(ConfigError, match="another process is writing"), exclusive(run, "training run"):
+        pass
+    with pytest.raises(ConfigError, match="another process is writing the training run"):
+        check_run_dir(run, resume=True)  # said "stopped before its first checkpoint" while the run was starting
+    temp = tmp_path / ".model.ab12cd34.tmp"  # another command filling the same target
+    held_by_another_process(temp)
+    stale = tmp_path / ".model.zz99zz99.tmp"
+    stale.mkdir()
+    busy = r"another process is writing '.*model' \(in '\.model\.ab12cd34\.tmp'\)"
+    with pytest.raises(ConfigError, match=busy), atomic_dir(tmp_path / "model"):
+        pass
+    assert remove_stale_temps(tmp_path) == [stale] and temp.is_dir()
+
+
+def test_exclusive_is_reentrant_in_one_process_and_released_after(tmp_path):
+    with atomic_dir(tmp_path / "out") as tmp, exclusive(tmp, "training run"):  # arith train trains in its temp
+        assert not in_use(tmp)  # held by this process, not another
+        assert remove_stale_temps(tmp_path) == [] and tmp.is_dir()
+        (tmp / "model.safetensors").write_bytes(b"x")
+    with exclusive(tmp_path / "out"):
+        pass
+    assert not in_use(tmp_path / "out")

@@ -12,6 +12,7 @@ API (all errors are one-line `ConfigError` / `CheckpointError` naming the path a
     atomic_write(path, lambda tmp: fig.savefig(tmp))  # a file, via a temp file + rename
     atomic_write_text(path, text); atomic_write_json(path, data)   # strict JSON (NaN/inf -> null)
     remove_stale_temps(run_dir)                       # drop temp files/dirs left by killed writers
+    with exclusive(run_dir, "training run"):          # no other process writes run_dir meanwhile (flock)
 
 Temporary names are `.<target name>.<8 chars>.tmp` (being written) and `.<target name>.<8 chars>.old`
 (a replaced directory, removed once the new one is in place); nothing else is ever removed.
@@ -20,6 +21,8 @@ Temporary names are `.<target name>.<8 chars>.tmp` (being written) and `.<target
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import json
 import math
 import os
@@ -171,6 +174,72 @@ def atomic_write_json(path: str | Path, data: Any, indent: int | None = 2) -> No
     atomic_write_text(path, dumps_strict(data, indent=indent) + "\n")
 
 
+_HELD: dict[tuple[int, int], int] = {}  # (device, inode) of each directory this process holds locked -> its fd
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _lock(path: Path) -> int | None:
+    """An fd holding an exclusive advisory lock (flock) on directory `path`, or None while another open file
+    holds one (closing the fd, or the process ending, releases it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def in_use(path: str | Path) -> bool:
+    """True while another process holds directory `path` by `exclusive` (a run or a temp dir it is writing)."""
+    try:
+        if _identity(Path(path)) in _HELD:
+            return False
+        fd = _lock(Path(path))
+    except OSError:  # absent, gone meanwhile, a symlink, unreadable: no writer holds it
+        return False
+    if fd is None:
+        return True
+    os.close(fd)
+    return False
+
+
+def _busy(path: Path, kind: str) -> ConfigError:
+    return ConfigError(f"another process is writing the {kind} in '{path}'",
+                       "wait for it to finish, or stop it, or choose another directory")
+
+
+def check_not_in_use(path: str | Path, kind: str = "output") -> None:
+    """ConfigError while another process holds directory `path` by `exclusive` (checked before reading it)."""
+    if in_use(path):
+        raise _busy(Path(path), kind)
+
+
+@contextlib.contextmanager
+def exclusive(path: str | Path, kind: str = "output") -> Iterator[Path]:
+    """Hold directory `path` (made if absent) locked against other processes for the block, so that two commands
+    never write one `kind` at once (a second `mulfree train --out X` while the first runs). Reentrant within a
+    process (a command that trains inside its own temp dir)."""
+    path = make_dir(path)
+    key = _identity(path)
+    if key in _HELD:
+        yield path
+        return
+    fd = _lock(path)
+    if fd is None:
+        raise _busy(path, kind)
+    _HELD[key] = fd
+    try:
+        yield path
+    finally:
+        del _HELD[key]
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, overwrite: bool = False, kind: str = "output",
                resume_key: str | None = None) -> Iterator[Path]:
@@ -186,6 +255,10 @@ def atomic_dir(path: str | Path, overwrite: bool = False, kind: str = "output",
     """
     path = prepare_output(path, kind, overwrite)
     _mkdir_parent(path)
+    for entry in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if is_temp_name(entry.name) and in_use(entry):
+            raise ConfigError(f"another process is writing '{path}' (in '{entry.name}')",
+                              "wait for it to finish, or stop it, or choose another output")
     if resume_key is None:
         remove_stale_temps(path.parent, names={path.name})
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -196,9 +269,10 @@ def atomic_dir(path: str | Path, overwrite: bool = False, kind: str = "output",
         remove_stale_temps(path.parent, names={path.name}, keep={tmp.name})
         make_dir(tmp)
     try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_UMASK)
-        replace_dir(tmp, path, overwrite, kind)
+        with exclusive(tmp, kind):  # held through the rename: never taken for a stale temp meanwhile
+            yield tmp
+            os.chmod(tmp, 0o777 & ~_UMASK)
+            replace_dir(tmp, path, overwrite, kind)
     finally:
         if tmp.exists() and (resume_key is None or not any(tmp.iterdir())):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -234,6 +308,8 @@ def remove_stale_temps(directory: str | Path, names: Collection[str] | None = No
     for entry in directory.iterdir():
         m = _TEMP.match(entry.name)
         if m is None or entry.name in keep or (m["kind"] == "old" and not (directory / m["name"]).exists()):
+            continue
+        if in_use(entry) or (entry.is_dir() and _identity(entry) in _HELD):  # a running writer's, not stale
             continue
         if names is not None and m["name"] not in names:
             continue

@@ -21,7 +21,14 @@ from pathlib import Path
 
 import torch
 
-from mulfree.atomic import atomic_dir, atomic_write_text, dumps_strict, is_temp_name, prepare_output
+from mulfree.atomic import (
+    atomic_dir,
+    atomic_write_text,
+    check_not_in_use,
+    dumps_strict,
+    is_temp_name,
+    prepare_output,
+)
 from mulfree.data.text import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from mulfree.errors import CheckpointError, ConfigError, MulfreeError
 from mulfree.integrity import MANIFEST, verify, write_manifest
@@ -143,19 +150,16 @@ def clear_unstarted_run(out_dir: Path) -> None:
 
 def check_run_dir(out_dir: Path, resume: bool, overwrite: bool = False) -> Path:
     """The checkpoint pointer of `out_dir`. To resume it must exist; a new run needs an absent or empty
-    dir, one a run left before its first checkpoint, or `overwrite` (CheckpointError otherwise)."""
+    dir, one a run left before its first checkpoint, or `overwrite` (CheckpointError otherwise); no other process
+    may be training in it (ConfigError)."""
     out_dir = Path(out_dir)
+    check_not_in_use(out_dir, "training run")
     pointer = out_dir / CHECKPOINT_POINTER
     if resume:
         if overwrite:
             raise ConfigError("--resume and --overwrite were both given", "pass --resume to continue the run "
                               "or --overwrite to replace it")
-        if not pointer.is_file():
-            if is_unstarted_run(out_dir):
-                raise CheckpointError(f"the run in '{out_dir}' stopped before its first checkpoint",
-                                      "run the same command without --resume to start it again")
-            raise CheckpointError(f"no checkpoint to resume in '{out_dir}'", "run without --resume first")
-        return pointer
+        return _resume_pointer(out_dir)
     if pointer.exists() and not overwrite:
         raise CheckpointError(f"'{out_dir}' already holds a training run",
                               "pass --resume to continue it, --overwrite to replace it, or choose a new --out")
@@ -164,9 +168,20 @@ def check_run_dir(out_dir: Path, resume: bool, overwrite: bool = False) -> Path:
     return pointer
 
 
+def _resume_pointer(out_dir: Path) -> Path:
+    """The checkpoint pointer of the run in `out_dir` (CheckpointError when it has none)."""
+    pointer = out_dir / CHECKPOINT_POINTER
+    if not pointer.is_file():
+        if is_unstarted_run(out_dir):
+            raise CheckpointError(f"the run in '{out_dir}' stopped before its first checkpoint",
+                                  "run the same command without --resume to start it again")
+        raise CheckpointError(f"no checkpoint to resume in '{out_dir}'", "run without --resume first")
+    return pointer
+
+
 def _checkpoint_dir(out_dir: Path) -> Path:
-    """The `ckpt-<step>/` that `checkpoint.json` names, checked."""
-    pointer = check_run_dir(out_dir, resume=True)
+    """The `ckpt-<step>/` that `checkpoint.json` names, checked (read by every rank while rank 0 holds the run)."""
+    pointer = _resume_pointer(Path(out_dir))
     data = read_json(pointer, hint=_FIX)
     name = data.get("checkpoint") if isinstance(data, dict) else None
     if not isinstance(name, str) or not _CKPT.match(name):

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from mulfree.atomic import (
     atomic_write_text,
     describe_dir,
+    exclusive,
     make_dir,
     remove_stale_temps,
     replace_dir,
@@ -281,146 +282,147 @@ def train(
     sharded = cfg.fsdp and world > 1  # --fsdp in one process: plain training
     check_memory(model, cfg, device, world if sharded else 1)
     is_main = rank == 0
-    run_dir = _prepare_run(out_dir, resume, overwrite, is_main)
-    data_digest = _token_digest(train_ids) if batch_fn is None else None
-    extra = {**(extra or {}), "train_tokens": data_digest} if data_digest else extra
+    with exclusive(out_dir, "training run") if is_main else contextlib.nullcontext():
+        run_dir = _prepare_run(out_dir, resume, overwrite, is_main)
+        data_digest = _token_digest(train_ids) if batch_fn is None else None
+        extra = {**(extra or {}), "train_tokens": data_digest} if data_digest else extra
 
-    if batch_fn is None:
-        batch_fn = _window_sampler(train_ids, cfg)
-    val_batches: list = []
-    if val_batch_fn is not None:
-        val_batches = [val_batch_fn(i, _generator(cfg.seed, 7, i)) for i in range(cfg.eval_batches)]
-    elif val_ids is not None:
-        gen = _generator(cfg.seed, 7)
-        val_batches = [random_windows(val_ids, cfg.batch_size, cfg.seq_len, gen) for _ in range(cfg.eval_batches)]
-    val_batches = [(x.to(device), y.to(device)) for x, y in val_batches]
+        if batch_fn is None:
+            batch_fn = _window_sampler(train_ids, cfg)
+        val_batches: list = []
+        if val_batch_fn is not None:
+            val_batches = [val_batch_fn(i, _generator(cfg.seed, 7, i)) for i in range(cfg.eval_batches)]
+        elif val_ids is not None:
+            gen = _generator(cfg.seed, 7)
+            val_batches = [random_windows(val_ids, cfg.batch_size, cfg.seq_len, gen) for _ in range(cfg.eval_batches)]
+        val_batches = [(x.to(device), y.to(device)) for x, y in val_batches]
 
-    model.to(device)
-    model.train()
-    if sharded:
-        _shard(model, device, world)  # before the optimizer, which must hold the shards
-    # fused: one vectorized pass over each parameter (CPU and GPU) instead of six element-wise ops per tensor
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                            fused=True)
-    start = 0
-    metrics_path = run_dir / METRICS_FILE
-    if resume:
-        start, state = load_checkpoint(run_dir, model, opt)  # collective when sharded
-        saved_digest = state.get("extra", {}).get("train_tokens")
-        if data_digest and saved_digest and saved_digest != data_digest:
-            raise DataError(f"the training data differs from the data the run in '{out_dir}' started with",
-                            "resume with the same --data (or leave --data out to reuse it)")
+        model.to(device)
+        model.train()
+        if sharded:
+            _shard(model, device, world)  # before the optimizer, which must hold the shards
+        # fused: one vectorized pass over each parameter (CPU and GPU) instead of six element-wise ops per tensor
+        opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                fused=True)
+        start = 0
+        metrics_path = run_dir / METRICS_FILE
+        if resume:
+            start, state = load_checkpoint(run_dir, model, opt)  # collective when sharded
+            saved_digest = state.get("extra", {}).get("train_tokens")
+            if data_digest and saved_digest and saved_digest != data_digest:
+                raise DataError(f"the training data differs from the data the run in '{out_dir}' started with",
+                                "resume with the same --data (or leave --data out to reuse it)")
+            if is_main:
+                remove_other_checkpoints(run_dir, f"ckpt-{start}")
+                torn = truncate_metrics(metrics_path, start)
+                if torn:
+                    print(f"dropped {torn} unreadable line(s) of {metrics_path} (a write cut off by a kill)",
+                          file=sys.stderr)
         if is_main:
-            remove_other_checkpoints(run_dir, f"ckpt-{start}")
-            torn = truncate_metrics(metrics_path, start)
-            if torn:
-                print(f"dropped {torn} unreadable line(s) of {metrics_path} (a write cut off by a kill)",
-                      file=sys.stderr)
-    if is_main:
-        atomic_write_text(run_dir / TRAIN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2))
-        if tokenizer is not None:
-            from mulfree.data.text import save_tokenizer
+            atomic_write_text(run_dir / TRAIN_CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2))
+            if tokenizer is not None:
+                from mulfree.data.text import save_tokenizer
 
-            save_tokenizer(tokenizer, run_dir)
+                save_tokenizer(tokenizer, run_dir)
 
-    train_model = model
-    if world > 1:
-        dist.barrier()
-    if world > 1 and not sharded:
-        from torch.nn.parallel import DistributedDataParallel
+        train_model = model
+        if world > 1:
+            dist.barrier()
+        if world > 1 and not sharded:
+            from torch.nn.parallel import DistributedDataParallel
 
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
+            train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.compile:
+            train_model = torch.compile(train_model)
 
-    def log(record: dict) -> None:
-        if is_main:
-            append_metrics(metrics_path, record)
+        def log(record: dict) -> None:
+            if is_main:
+                append_metrics(metrics_path, record)
 
-    def stop(what: str, value: float, step: int) -> ConfigError:
-        kept = (f"the last good checkpoint (step {last_saved}) stays in '{out_dir}'" if last_saved is not None and
-                run_dir == out_dir else "no checkpoint was written")
-        return ConfigError(f"{what} became {value} at step {step}; training stopped, {kept}",
-                           "lower --lr, set --grad-clip or check the data, then start again (or --resume)")
+        def stop(what: str, value: float, step: int) -> ConfigError:
+            kept = (f"the last good checkpoint (step {last_saved}) stays in '{out_dir}'" if last_saved is not None and
+                    run_dir == out_dir else "no checkpoint was written")
+            return ConfigError(f"{what} became {value} at step {step}; training stopped, {kept}",
+                               "lower --lr, set --grad-clip or check the data, then start again (or --resume)")
 
-    last_saved = start if resume else None
-    final: dict = {"step": start}
-    t_start, cpu_start = time.perf_counter(), time.process_time()
-    tokens_seen = 0
-    torch_threads = torch.get_num_threads()
-    tuner = None
-    if device.type == "cpu" and cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    elif device.type == "cpu":
-        tuner = ThreadTuner(torch_threads)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {shown_name(out_dir)}",
-               disable=not (cfg.progress and is_main), dynamic_ncols=True)
-    try:
-        for step in bar:
-            if tuner is not None:
-                tuner.before(step)
-            t0 = time.perf_counter()
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            opt.zero_grad(set_to_none=True)
-            loss_sum, step_tokens = 0.0, 0
-            for micro in range(cfg.grad_accum):
-                # Keyed on the global micro-step: rank 0 (and a single process) keeps the keys (step, 0, micro).
-                x, y = batch_fn(step, _generator(cfg.seed, step, 0, rank * cfg.grad_accum + micro))
-                x, y = x.to(device), y.to(device)
-                sync = world == 1 or micro == cfg.grad_accum - 1
-                with _micro_step(train_model, sync, sharded):
-                    loss = lm_loss(train_model, x, y, cfg.bf16)
-                    (loss / cfg.grad_accum).backward()
-                loss_sum += loss.item()
-                step_tokens += int((y != -100).sum())
-            loss_value = loss_sum / cfg.grad_accum
-            if world > 1:
-                buf = torch.tensor([loss_value, float(step_tokens)], dtype=torch.float64, device=device)
-                dist.all_reduce(buf)
-                loss_value, step_tokens = buf[0].item() / world, int(buf[1].item())
-            if not math.isfinite(loss_value):
-                raise stop("loss", loss_value, step + 1)
-            # max_norm = inf measures the norm without clipping; on DTensor shards the norm is the global one.
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf))
-            if not math.isfinite(grad_norm):
-                raise stop("gradient norm", grad_norm, step + 1)
-            opt.step()
-            done = step + 1
-            dt = time.perf_counter() - t0
-            if tuner is not None:
-                tuner.after(step, dt)
-            tokens_seen += step_tokens
-            final.update(step=done, loss=loss_value)
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                log({"step": done, "loss": loss_value, "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm,
-                     "tokens_per_s": step_tokens / max(dt, 1e-9), "elapsed_s": time.perf_counter() - t_start})
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
-            if val_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
-                val_loss = evaluate_loss(model, val_batches, cfg.bf16)
-                final.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
-                log({"step": done, "val_loss": val_loss, "val_ppl": final["val_ppl"]})
-            if (is_main or sharded) and ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps):
-                save_checkpoint(run_dir, done, model, opt, cfg, extra)  # sharded: every rank gathers, rank 0 writes
-                last_saved = done
-            if cpu_budget_s is not None and time.process_time() - cpu_start >= cpu_budget_s:
-                break
-            if stop_event is not None and stop_event.is_set():
-                raise KeyboardInterrupt
-        bar.close()
-        final.update(tokens=tokens_seen, wall_s=time.perf_counter() - t_start,
-                     cpu_s=time.process_time() - cpu_start)
-        weights = gather_full_state(model)[0] if sharded else None  # collective
-        if is_main:
-            from mulfree.models.io import save_model
+        last_saved = start if resume else None
+        final: dict = {"step": start}
+        t_start, cpu_start = time.perf_counter(), time.process_time()
+        tokens_seen = 0
+        torch_threads = torch.get_num_threads()
+        tuner = None
+        if device.type == "cpu" and cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        elif device.type == "cpu":
+            tuner = ThreadTuner(torch_threads)
+        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"train {shown_name(out_dir)}",
+                   disable=not (cfg.progress and is_main), dynamic_ncols=True)
+        try:
+            for step in bar:
+                if tuner is not None:
+                    tuner.before(step)
+                t0 = time.perf_counter()
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, cfg)
+                opt.zero_grad(set_to_none=True)
+                loss_sum, step_tokens = 0.0, 0
+                for micro in range(cfg.grad_accum):
+                    # Keyed on the global micro-step: rank 0 (and a single process) keeps the keys (step, 0, micro).
+                    x, y = batch_fn(step, _generator(cfg.seed, step, 0, rank * cfg.grad_accum + micro))
+                    x, y = x.to(device), y.to(device)
+                    sync = world == 1 or micro == cfg.grad_accum - 1
+                    with _micro_step(train_model, sync, sharded):
+                        loss = lm_loss(train_model, x, y, cfg.bf16)
+                        (loss / cfg.grad_accum).backward()
+                    loss_sum += loss.item()
+                    step_tokens += int((y != -100).sum())
+                loss_value = loss_sum / cfg.grad_accum
+                if world > 1:
+                    buf = torch.tensor([loss_value, float(step_tokens)], dtype=torch.float64, device=device)
+                    dist.all_reduce(buf)
+                    loss_value, step_tokens = buf[0].item() / world, int(buf[1].item())
+                if not math.isfinite(loss_value):
+                    raise stop("loss", loss_value, step + 1)
+                # max_norm = inf measures the norm without clipping; on DTensor shards the norm is the global one.
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf))
+                if not math.isfinite(grad_norm):
+                    raise stop("gradient norm", grad_norm, step + 1)
+                opt.step()
+                done = step + 1
+                dt = time.perf_counter() - t0
+                if tuner is not None:
+                    tuner.after(step, dt)
+                tokens_seen += step_tokens
+                final.update(step=done, loss=loss_value)
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    log({"step": done, "loss": loss_value, "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm,
+                         "tokens_per_s": step_tokens / max(dt, 1e-9), "elapsed_s": time.perf_counter() - t_start})
+                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
+                if val_batches and ((cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps):
+                    val_loss = evaluate_loss(model, val_batches, cfg.bf16)
+                    final.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+                    log({"step": done, "val_loss": val_loss, "val_ppl": final["val_ppl"]})
+                if (is_main or sharded) and ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps):
+                    save_checkpoint(run_dir, done, model, opt, cfg, extra)  # sharded: every rank gathers, rank 0 writes
+                    last_saved = done
+                if cpu_budget_s is not None and time.process_time() - cpu_start >= cpu_budget_s:
+                    break
+                if stop_event is not None and stop_event.is_set():
+                    raise KeyboardInterrupt
+            bar.close()
+            final.update(tokens=tokens_seen, wall_s=time.perf_counter() - t_start,
+                         cpu_s=time.process_time() - cpu_start)
+            weights = gather_full_state(model)[0] if sharded else None  # collective
+            if is_main:
+                from mulfree.models.io import save_model
 
-            save_model(model if weights is None else _GatheredModel(model.config, weights), run_dir, tokenizer)
-            if run_dir != out_dir:
-                replace_dir(run_dir, out_dir, overwrite=True, kind="training run")
-    finally:
-        torch.set_num_threads(torch_threads)
-        if is_main and run_dir != out_dir and run_dir.exists():
-            shutil.rmtree(run_dir, ignore_errors=True)  # a replacing run that did not finish: the old stays
-    if world > 1:
-        dist.barrier()
-    return final
+                save_model(model if weights is None else _GatheredModel(model.config, weights), run_dir, tokenizer)
+                if run_dir != out_dir:
+                    replace_dir(run_dir, out_dir, overwrite=True, kind="training run")
+        finally:
+            torch.set_num_threads(torch_threads)
+            if is_main and run_dir != out_dir and run_dir.exists():
+                shutil.rmtree(run_dir, ignore_errors=True)  # a replacing run that did not finish: the old stays
+        if world > 1:
+            dist.barrier()
+        return final
