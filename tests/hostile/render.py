@@ -34,6 +34,15 @@ Besides these cases:
   `.demo.*.tmp` behind), and a writer removes the temporary siblings of its own target that a killed earlier run
   left (`tests/test_cli_core.py`, `tests/test_atomic.py`). A reader that leaves (`mulfree generate ... | head -c
   8`) stops a command quietly with SIGPIPE's status, 141 (before: a `BrokenPipeError` traceback, exit 1).
+- **Two commands, one output**: a training run's directory and every temporary output directory are held with an
+  advisory lock (`flock`, `atomic.exclusive`) while a command writes them. A second `mulfree train --out R` (or
+  `--resume`, or `--overwrite`) while one runs in `R`, a second `mulfree demo`, pack or quantize of the same
+  `--out`: `error: another process is writing ...`, exit 2, before any work; a running writer's temp dir is never
+  removed as a stale one (before: two `train --out R` both exited 0 with their steps interleaved in one
+  `metrics.jsonl` and one checkpoint series; `tests/test_atomic.py`).
+- **Interrupted quantization continues**: a Ctrl-C, SIGTERM or `kill -9` during `mulfree quantize` keeps the
+  finished blocks beside `--out`, and the same command continues from there to the same bytes (docs/shiftadd.md;
+  a torn record, a truncated stream file or other settings start over; `tests/test_quantize_blockwise.py`).
 - **Kill anywhere**: `python benchmarks/crash_resume.py --kills 50 --seed 1` (AMD EPYC, 2 vCPUs): 50 `kill -9`
   at random moments of a tiny 40-step training run over 4 runs, 49 resumes, 0 failed restarts, 4/4 runs
   identical to the uninterrupted one (every loss and weight), 1 kill left a half-written temp file that the
