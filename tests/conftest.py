@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 # Triton reads this when it is imported, and torch.compile (tests/test_train.py) imports it before the Triton
 # tests run: the kernels run in the interpreter on the CPU only if it is set before anything imports triton.
@@ -17,3 +19,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def held_by_another_process():
+    """Hold a directory by `exclusive` in a child process until the test ends (a command still running there)."""
+    children = []
+
+    def hold(path) -> None:
+        code = "import sys, time\nfrom mulfree.atomic import exclusive\nwith exclusive(sys.argv[1]):\n" \
+               "    print('held', flush=True)\n    time.sleep(120)\n"
+        child = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+        children.append(child)
+        assert child.stdout.readline() == "held\n"
+
+    yield hold
+    for child in children:
+        child.kill()
+        child.wait()

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -128,24 +126,6 @@ def test_progress_shows_the_target_name_not_the_temp_sibling(tmp_path):
     with atomic_dir(tmp_path / "run") as tmp:
         assert tmp.name != "run" and shown_name(tmp) == "run"
     assert shown_name(tmp_path / "run") == "run" and shown_name(".hidden") == ".hidden"
-
-
-@pytest.fixture
-def held_by_another_process():
-    """Hold a directory by `exclusive` in a child process until the test ends (a command still running there)."""
-    children = []
-
-    def hold(path) -> None:
-        code = "import sys, time\nfrom mulfree.atomic import exclusive\nwith exclusive(sys.argv[1]):\n" \
-               "    print('held', flush=True)\n    time.sleep(120)\n"
-        child = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
-        children.append(child)
-        assert child.stdout.readline() == "held\n"
-
-    yield hold
-    for child in children:
-        child.kill()
-        child.wait()
 
 
 def test_a_dir_another_process_writes_is_refused_and_never_taken_for_stale(tmp_path, held_by_another_process):

@@ -13,7 +13,7 @@ from mulfree.cli import main
 from mulfree.data import shards as shards_mod
 from mulfree.data.shards import ShardWindows, read_index, tokenize_corpus
 from mulfree.data.text import bundled_text_files, eos_token_id, train_tokenizer
-from mulfree.errors import DataError
+from mulfree.errors import ConfigError, DataError
 
 TEXT = bundled_text_files()[0].read_text()[:60_000]
 
@@ -130,3 +130,12 @@ def test_a_bad_byte_past_the_first_piece_is_named_at_its_file_offset(tmp_path, m
     path.write_bytes(b"line one\n" * 10 + b"bad \xff here\n")  # the bad byte at 94, in the sixth piece
     with pytest.raises(DataError, match=r"invalid start byte at byte 94\)"):
         list(shards_mod._text_pieces(path))
+
+
+def test_a_second_run_while_one_writes_is_refused(tmp_path, tok, held_by_another_process):
+    data = tmp_path / "a.txt"
+    data.write_text("to be or not to be\n" * 50)
+    held_by_another_process(tmp_path / ".shards.partial")  # the same command, still running elsewhere
+    with pytest.raises(ConfigError, match="another process is writing the token shards"):
+        tokenize_corpus([str(data)], tok, tmp_path / "shards", shard_tokens=64, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".shards.partial", "a.txt"]

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from mulfree import integrity
-from mulfree.atomic import atomic_write, atomic_write_json, prepare_output, replace_dir
+from mulfree.atomic import atomic_write, atomic_write_json, exclusive, prepare_output, replace_dir
 from mulfree.data.text import decode_utf8
 from mulfree.errors import DataError
 
@@ -171,41 +171,42 @@ def tokenize_corpus(paths: list[str], tokenizer, out: str | Path, shard_tokens: 
     dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
     work = out.parent / f".{out.name}.partial"
     expect = {**_fingerprint(files, tokenizer.to_str()), "shard_tokens": shard_tokens}
-    state = _resume_state(work, expect, overwrite)
-    shards: list[dict] = state["shards"]
-    skip = tuple(state["next"])
-    total = sum(f["bytes"] for f in expect["sources"])
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenize", disable=not progress)
-    buffer: list[np.ndarray] = []
-    count = 0
-    def pending() -> Iterator[Unit]:  # the units after the last shard an interrupted run completed
-        for u in units(files):
-            if (u.source, u.number) < skip:
-                bar.update(u.size)
-            else:
-                yield u
+    with exclusive(work, "token shards"):  # one writer at a time: a second run of the same command is refused
+        state = _resume_state(work, expect, overwrite)
+        shards: list[dict] = state["shards"]
+        skip = tuple(state["next"])
+        total = sum(f["bytes"] for f in expect["sources"])
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenize", disable=not progress)
+        buffer: list[np.ndarray] = []
+        count = 0
+        def pending() -> Iterator[Unit]:  # the units after the last shard an interrupted run completed
+            for u in units(files):
+                if (u.source, u.number) < skip:
+                    bar.update(u.size)
+                else:
+                    yield u
 
-    for batch in _batches(pending()):
-        for unit, encoding in zip(batch, tokenizer.encode_batch([u.text for u in batch])):  # all cores
-            bar.update(unit.size)
-            ids = encoding.ids + ([eot] if unit.ends_document else [])
-            buffer.append(np.asarray(ids, dtype=dtype))
-            count += len(ids)
-            if count >= shard_tokens:
-                _write_shard(work, shards, buffer, count, expect, (unit.source, unit.number + 1))
-                buffer, count = [], 0
-    if count:
-        _write_shard(work, shards, buffer, count, expect, (len(files), 0))
-    bar.close()
-    index = {"dtype": np.dtype(dtype).name, "vocab_size": vocab, "eot_id": eot, "tokens": sum(s["tokens"] for s in shards),
-             "shards": shards, "sources": expect["sources"]}
-    if not shards:
-        raise DataError("the sources hold no text", "pass non-empty files")
-    atomic_write_json(work / INDEX, index)
-    tokenizer.save(str(work / "tokenizer.json"))
-    integrity.write_manifest(work, [INDEX, "tokenizer.json"] + [s["file"] for s in shards])
-    replace_dir(work, out, overwrite, "token shard")
-    (out / PROGRESS).unlink()
+        for batch in _batches(pending()):
+            for unit, encoding in zip(batch, tokenizer.encode_batch([u.text for u in batch])):  # all cores
+                bar.update(unit.size)
+                ids = encoding.ids + ([eot] if unit.ends_document else [])
+                buffer.append(np.asarray(ids, dtype=dtype))
+                count += len(ids)
+                if count >= shard_tokens:
+                    _write_shard(work, shards, buffer, count, expect, (unit.source, unit.number + 1))
+                    buffer, count = [], 0
+        if count:
+            _write_shard(work, shards, buffer, count, expect, (len(files), 0))
+        bar.close()
+        index = {"dtype": np.dtype(dtype).name, "vocab_size": vocab, "eot_id": eot, "tokens": sum(s["tokens"] for s in shards),
+                 "shards": shards, "sources": expect["sources"]}
+        if not shards:
+            raise DataError("the sources hold no text", "pass non-empty files")
+        atomic_write_json(work / INDEX, index)
+        tokenizer.save(str(work / "tokenizer.json"))
+        integrity.write_manifest(work, [INDEX, "tokenizer.json"] + [s["file"] for s in shards])
+        replace_dir(work, out, overwrite, "token shard")
+        (out / PROGRESS).unlink()
     return index
 
 
@@ -224,23 +225,27 @@ def _batches(items: Iterator[Unit], max_bytes: int = 8 * PIECE_BYTES) -> Iterato
 
 
 def _resume_state(work: Path, expect: dict, overwrite: bool) -> dict:
-    """The progress of an interrupted run in `work` with the same sources and tokenizer, else a fresh start."""
+    """The progress of an interrupted run in `work` (held by this run) with the same sources and tokenizer, else a
+    fresh start."""
     fresh = {"shards": [], "next": [0, 0]}
-    if not work.exists():
-        work.mkdir(parents=True)
-        atomic_write_json(work / PROGRESS, {**expect, **fresh})
-        return fresh
-    try:
-        saved = json.loads((work / PROGRESS).read_text())
-    except (OSError, json.JSONDecodeError):
-        saved = None
-    if isinstance(saved, dict) and all(saved.get(k) == v for k, v in expect.items()):
-        return {"shards": saved["shards"], "next": saved["next"]}
-    if not overwrite:
-        raise DataError(f"'{work}' holds an interrupted tokenize run of other sources or another tokenizer",
-                        "run that command again to finish it, or pass --overwrite to start over")
-    shutil.rmtree(work)
-    return _resume_state(work, expect, overwrite)
+    entries = list(work.iterdir())
+    if entries:
+        try:
+            saved = json.loads((work / PROGRESS).read_text())
+        except (OSError, json.JSONDecodeError):
+            saved = None
+        if isinstance(saved, dict) and all(saved.get(k) == v for k, v in expect.items()):
+            return {"shards": saved["shards"], "next": saved["next"]}
+        if not overwrite:
+            raise DataError(f"'{work}' holds an interrupted tokenize run of other sources or another tokenizer",
+                            "run that command again to finish it, or pass --overwrite to start over")
+        for entry in entries:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    atomic_write_json(work / PROGRESS, {**expect, **fresh})
+    return fresh
 
 
 def _write_shard(work: Path, shards: list[dict], buffer: list[np.ndarray], count: int, expect: dict,
