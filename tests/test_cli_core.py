@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -51,6 +53,12 @@ def test_generate_and_eval(run_dir, capsys):
     assert main(["generate", "--model", str(out), "--prompt", "ROMEO.", "--max-new-tokens", "5",
                  "--temperature", "0"]) == 0
     assert capsys.readouterr().out == greedy
+    (root / "prompt.txt").write_text("ROMEO.")
+    for source, stdin in ((str(root / "prompt.txt"), None), ("-", "ROMEO.")):  # a file, then standard input
+        run = subprocess.run([sys.executable, "-m", "mulfree", "generate", "--model", str(out), "--prompt-file",
+                              source, "--max-new-tokens", "5", "--temperature", "0"],
+                             input=stdin, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0 and run.stdout == greedy, run.stderr
     assert main(["eval", "--model", str(out), "--data", str(data / "play0.txt"), "--window", "32"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 1.0 < result["perplexity"] < 300 and result["window"] == 32

@@ -13,6 +13,8 @@ from mulfree.atomic import dumps_strict
 from mulfree.commands.flags import MODEL_HELP, add_flags, from_args
 from mulfree.errors import CheckpointError, ConfigError, DataError
 
+MAX_PROMPT_BYTES = 16 << 20  # --prompt-file: a bound on what is read (a device or a huge file is refused)
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from mulfree.models import registry
@@ -51,7 +53,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("generate", help="generate text from a trained model (streamed)",
                        description="Continue a prompt; greedy at temperature 0, sampling otherwise.")
     g.add_argument("--model", required=True, help=MODEL_HELP)
-    g.add_argument("--prompt", required=True, help="text to continue")
+    source = g.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="text to continue")
+    source.add_argument("--prompt-file", metavar="PATH", help="continue the UTF-8 text of this file ('-': standard "
+                        f"input; at most {MAX_PROMPT_BYTES >> 20} MiB)")
     g.add_argument("--engine", choices=("auto", "torch", "packed"), default="auto",
                    help="auto: the packed 2-bit engine for MMfree and packed dirs, torch otherwise")
     add_flags(g, GenerationConfig)
@@ -274,21 +279,39 @@ def _train_on_shards(args, out: Path, model_config, train_cfg, tokenizer) -> int
 # ---------------------------------------------------------------- generate / eval
 
 
+def _read_prompt(path: str) -> str:
+    """The text of --prompt-file `path` ('-': standard input), at most MAX_PROMPT_BYTES of UTF-8."""
+    from mulfree.data.text import decode_utf8
+
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read(MAX_PROMPT_BYTES + 1)
+        else:
+            with open(path, "rb") as f:
+                data = f.read(MAX_PROMPT_BYTES + 1)
+    except OSError as exc:
+        raise DataError(f"cannot read --prompt-file '{path}' ({exc.strerror or exc})", "pass a readable text file") from None
+    if len(data) > MAX_PROMPT_BYTES:
+        raise DataError(f"--prompt-file '{path}' holds more than {MAX_PROMPT_BYTES >> 20} MiB", "pass a shorter prompt")
+    return decode_utf8(data, Path("<stdin>" if path == "-" else path))
+
+
 def cmd_generate(args) -> int:
     from mulfree.generation import TextStreamer, check_lengths, generate
     from mulfree.models.resolve import resolve
     from mulfree.settings import GenerationConfig
 
     cfg = from_args(GenerationConfig, args)
+    prompt = args.prompt if args.prompt_file is None else _read_prompt(args.prompt_file)
     loaded = resolve(args.model, args.engine)
-    ids = loaded.encode(args.prompt)
+    ids = loaded.encode(prompt)
     check_lengths(loaded.context_limit, ids.numel(), cfg.max_new_tokens)
 
     def stream(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    stream(args.prompt)
+    stream(prompt)
     streamer = TextStreamer(loaded.tokenizer, stream)
     sampling = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed}
     if loaded.packed:
