@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -62,6 +63,39 @@ def test_generate_and_eval(run_dir, capsys):
     assert main(["eval", "--model", str(out), "--data", str(data / "play0.txt"), "--window", "32"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 1.0 < result["perplexity"] < 300 and result["window"] == 32
+
+
+def test_a_run_without_its_final_model_is_sampled_scored_and_packed_from_its_checkpoint(run_dir, tmp_path, capsys):
+    _, data, _, out = run_dir
+    run = tmp_path / "run"  # as a run looks before its end: checkpoints, no config.json / model.safetensors
+    shutil.copytree(out, run)
+    (run / "config.json").unlink()
+    (run / "model.safetensors").unlink()
+    ckpt = run / json.loads((run / "checkpoint.json").read_text())["checkpoint"]
+    assert ckpt.name == "ckpt-3"  # the final step's checkpoint: the final model's weights
+    greedy = ["generate", "--prompt", "ROMEO.", "--max-new-tokens", "5", "--temperature", "0"]
+    capsys.readouterr()
+    assert main([*greedy, "--model", str(out)]) == 0
+    want = capsys.readouterr().out
+    for ref in (run, ckpt):
+        assert main([*greedy, "--model", str(ref)]) == 0
+        got = capsys.readouterr()
+        assert got.out == want and f"note: loading the training checkpoint {ckpt}" in got.err
+    assert main(["eval", "--model", str(out), "--data", str(data), "--window", "32"]) == 0
+    score = capsys.readouterr().out.splitlines()[-1]
+    assert main(["eval", "--model", str(run), "--data", str(data), "--window", "32"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == score
+    assert main(["pack", "--model", str(run), "--out", str(tmp_path / "packed")]) == 0
+    capsys.readouterr()
+    assert main([*greedy, "--model", str(tmp_path / "packed")]) == 0
+    assert capsys.readouterr().out == want
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\x00" * 8)
+    assert main([*greedy, "--model", str(run)]) == 2
+    assert "model.safetensors" in _err(capsys)
+    shutil.rmtree(ckpt)  # a checkpoint.json naming a checkpoint that is gone
+    assert main([*greedy, "--model", str(run)]) == 2
+    assert "ckpt-3" in _err(capsys)
 
 
 def test_resume_extends_a_finished_run(run_dir, capsys):

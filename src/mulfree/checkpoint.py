@@ -224,6 +224,39 @@ def checkpoint_state(out_dir: Path) -> dict:
     return _check_state(read_json(path, hint=_FIX), path, int(_CKPT.match(ckpt.name)[1]))
 
 
+def checkpoint_model(path: Path) -> tuple[torch.nn.Module, object, Path] | None:
+    """(model in eval mode, tokenizer or None, checkpoint dir) of a training run that has no final model yet (the latest
+    checkpoint its `checkpoint.json` names) or of one of its `ckpt-<step>` dirs, checksums verified; None for
+    any other dir. So a run can be sampled and scored while it trains."""
+    from mulfree.data.text import load_tokenizer
+    from mulfree.models import schema
+    from mulfree.models.io import build_model, load_state, read_weights
+
+    path = Path(path)
+    if (path / CHECKPOINT_POINTER).is_file():
+        run, ckpt = path, _checkpoint_dir(path)
+    elif _CKPT.match(path.name) and (path / "state.json").is_file():
+        run, ckpt = path.parent, path
+    else:
+        return None
+    verify(ckpt, ["state.json", "model.safetensors"])
+    state = _check_state(read_json(ckpt / "state.json", hint=_FIX), ckpt / "state.json", int(_CKPT.match(ckpt.name)[1]))
+    if "model_config" not in state:
+        raise CheckpointError(f"{ckpt / 'state.json'} has no model_config", "load the run's final model once it ends")
+    source = str(ckpt / "state.json")
+    weights = ckpt / "model.safetensors"
+    need = schema.estimate_model_bytes(schema.model_config(state["model_config"], source)) + weights.stat().st_size
+    schema.check_memory(need, source)
+    model = build_model(state["model_config"], source)
+    load_state(model, read_weights(weights, verify=False), str(weights))
+    model.eval()
+    tokenizer = None
+    if (run / TOKENIZER_FILE).is_file():
+        tokenizer = load_tokenizer(run)
+        schema.check_tokenizer(tokenizer, model.config.vocab_size, str(run / TOKENIZER_FILE))
+    return model, tokenizer, ckpt
+
+
 def _checked_optimizer_state(tensors: dict, shapes: list[torch.Size], path: Path) -> tuple[torch.Tensor, dict]:
     """(RNG state, per-parameter AdamW tensors by index) of `optimizer.safetensors`, each checked against the
     shapes of the optimizer's parameters."""

@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "docs/packed.md, and write config.json, model.safetensors and the tokenizer to --out. A packed dir is "
         "repacked into --format (the same trits and scales). Run it with `mulfree generate --engine packed`.",
     )
-    p.add_argument("--model", required=True, help="MMfree model dir (config.json + model.safetensors) or packed dir")
+    p.add_argument("--model", required=True, help="MMfree model dir (config.json + model.safetensors), packed dir, or a training run "
+                   "(its latest checkpoint while it has no final model) or one of its ckpt-<step> dirs")
     p.add_argument("--out", required=True, help="output dir for the packed model")
     p.add_argument("--format", default="t2", choices=FORMAT_CHOICES,
                    help="t2: 2 bits per weight (default); t1 (or t1.6): 1.6 bits per weight, five trits per byte")
@@ -27,9 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import sys
     from pathlib import Path
 
     from mulfree.atomic import atomic_dir, prepare_output
+    from mulfree.checkpoint import checkpoint_model
     from mulfree.errors import CheckpointError
     from mulfree.infer.engine import PackedModel
     from mulfree.ops.pack import packed_format
@@ -38,7 +41,12 @@ def _run(args: argparse.Namespace) -> int:
         raise CheckpointError("--out is the same dir as --model", "write the packed model to a new dir")
     fmt = packed_format(args.format)
     prepare_output(args.out, "packed model", args.overwrite)  # before any work
-    packed = PackedModel.load(args.model, backend="reference", fmt=fmt.name)
+    found = None if (Path(args.model) / "config.json").is_file() else checkpoint_model(Path(args.model))
+    if found is not None:  # a training run that has not finished, or one of its checkpoints
+        print(f"note: packing the training checkpoint {found[2]}", file=sys.stderr)
+        packed = PackedModel.from_model(found[0], found[1], backend="reference", fmt=fmt.name)
+    else:
+        packed = PackedModel.load(args.model, backend="reference", fmt=fmt.name)
     with atomic_dir(args.out, args.overwrite, "packed model") as tmp:
         packed.save(tmp)
     size = (Path(args.out) / "model.safetensors").stat().st_size

@@ -4,6 +4,7 @@ model, its tokenizer and its limits.
 A reference is one of:
   - a mulfree MMfree or Transformer++ dir (`mulfree train`) -> our torch model, or the packed engine;
   - a packed dir (`mulfree pack`) -> the packed engine (`infer.engine.PackedModel`);
+  - a training run that has no final model yet, or one of its `ckpt-<step>` dirs -> its latest (that) checkpoint;
   - a quantized dir (`mulfree quantize`, config with "quant_method") -> `quant.walker.load_quantized`;
   - any other Hugging Face causal LM dir, a .gguf file, or the name 'smollm2' -> `models.pretrained`.
 Hugging Face models are wrapped in `LlamaLM` (Llama architecture: our lean forward, and the native decode
@@ -14,6 +15,7 @@ tokenizer's backend).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,10 @@ def resolve(model_ref: str, engine: str = "auto", threads: int = 0, scoring: boo
         raise CheckpointError(f"model {model_ref} does not exist", REF_HINT)
     if not path.is_dir():
         raise CheckpointError(f"{model_ref} is neither a model dir nor a .gguf file", REF_HINT)
+    if not (path / "config.json").is_file():
+        found = _training_run(path, engine, threads, scoring, model_ref)
+        if found is not None:
+            return found
     config = read_config(path)
     # scoring: a packed dir runs on the packed engine behind the torch interface (PackedLM)
     if (scoring and "format" in config) or pick_engine(config, engine, model_ref) == "packed":
@@ -103,6 +109,26 @@ def resolve(model_ref: str, engine: str = "auto", threads: int = 0, scoring: boo
         model, tokenizer = load_quantized(path)
         return _wrap_hf(model, tokenizer, model_ref, str(config["quant_method"]), path)
     return _wrap_hf(*load_hf_causal_lm(path), model_ref, "hf", path)
+
+
+def _training_run(path: Path, engine: str, threads: int, scoring: bool, model_ref: str) -> Resolved | None:
+    """The latest checkpoint of a training run that has not written its final model (or a `ckpt-<step>` dir),
+    on the engine `resolve` would pick for the final model; None when `path` is not such a dir."""
+    from mulfree.checkpoint import checkpoint_model
+    from mulfree.generation import context_limit
+    from mulfree.infer.engine import PackedModel, pick_engine
+    from mulfree.models import registry
+
+    found = checkpoint_model(path)
+    if found is None:
+        return None
+    model, tokenizer, ckpt = found
+    print(f"note: loading the training checkpoint {ckpt}", file=sys.stderr)
+    config = model.config.to_dict()
+    if not scoring and pick_engine(config, engine, model_ref) == "packed":
+        packed = PackedModel.from_model(model, tokenizer, threads=threads)
+        return _ours(packed, tokenizer, "packed", None, model_ref)
+    return _ours(model, tokenizer, registry.find(config).name, context_limit(model), model_ref)
 
 
 def _ours(model: Any, tokenizer: Any, kind: str, limit: int | None, model_ref: str) -> Resolved:
