@@ -26,6 +26,12 @@ from mulfree.models.mmfree import MMFreeConfig, MMFreeForCausalLM
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 50
 
 
+def _family(text: str, name: str):
+    """The metric family `name` of a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {f.name: f for f in text_string_to_metric_families(text)}[name]
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -200,8 +206,12 @@ def test_bad_input_is_a_4xx_json_error_and_the_server_keeps_serving(served):
         metrics = c.get(run.url + "/metrics").text
     assert "mulfree_requests_total" in metrics and "mulfree_queue_depth" in metrics
     assert 'status="400"' in metrics
+    steps = _family(metrics, "mulfree_decode_steps")
+    assert steps.type == "counter"  # it only grows: a counter, so that rate() applies (it was a gauge)
     out = client.completions.create(model="tiny", prompt="To be", max_tokens=3, temperature=0)
     assert out.usage.completion_tokens == 3
+    after = _family(httpx.get(run.url + "/metrics", timeout=5).text, "mulfree_decode_steps")
+    assert after.samples[0].value >= steps.samples[0].value + 2
 
 
 def test_error_messages_name_the_real_problem(served):

@@ -14,9 +14,21 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 from starlette.responses import Response
 
 _ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
+
+
+class _StepCounter(Collector):
+    """`mulfree_decode_steps_total`: the batcher's count of batched decode steps, as a counter (it only grows)."""
+
+    def __init__(self, batcher: Any):
+        self.batcher = batcher
+
+    def collect(self):
+        yield CounterMetricFamily("mulfree_decode_steps", "batched decode steps taken", value=self.batcher.steps)
 
 
 class Metrics:
@@ -28,7 +40,7 @@ class Metrics:
         Gauge("mulfree_queue_depth", "requests waiting for a batch slot", registry=r).set_function(
             lambda: batcher.queue_depth)
         Gauge("mulfree_live_sequences", "sequences in the decode batch", registry=r).set_function(lambda: batcher.live)
-        Gauge("mulfree_decode_steps", "batched decode steps taken", registry=r).set_function(lambda: batcher.steps)
+        r.register(_StepCounter(batcher))
         self.latency = Histogram("mulfree_request_seconds", "completion request latency", ["endpoint"], registry=r)
         self.ttft = Histogram("mulfree_time_to_first_token_seconds", "time to the first generated token", registry=r)
         metrics = self
