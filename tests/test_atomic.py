@@ -155,3 +155,17 @@ def test_exclusive_is_reentrant_in_one_process_and_released_after(tmp_path):
     with exclusive(tmp_path / "out"):
         pass
     assert not in_use(tmp_path / "out")
+
+
+def test_a_file_system_without_flock_goes_on_unguarded(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with atomic_dir(tmp_path / "out") as tmp, exclusive(tmp_path / "run"):
+        (tmp / "a").write_text("x")
+        assert not in_use(tmp_path / "run")
+    assert (tmp_path / "out" / "a").read_text() == "x"

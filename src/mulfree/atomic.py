@@ -183,15 +183,27 @@ def _identity(path: Path) -> tuple[int, int]:
 
 
 def _lock(path: Path) -> int | None:
-    """An fd holding an exclusive advisory lock (flock) on directory `path`, or None while another open file
-    holds one (closing the fd, or the process ending, releases it)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    """An fd holding an exclusive advisory lock (flock) on directory `path`; None while another open file holds
+    one (closing the fd, or the process ending, releases it); -1 where no lock can be taken (an unreadable
+    dir, a file system without flock): the caller goes on unguarded, as before locks existed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return -1
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         return None
+    except OSError:  # ENOLCK, EOPNOTSUPP: not supported here
+        os.close(fd)
+        return -1
     return fd
+
+
+def _release(fd: int) -> None:
+    if fd >= 0:
+        os.close(fd)
 
 
 def in_use(path: str | Path) -> bool:
@@ -199,12 +211,12 @@ def in_use(path: str | Path) -> bool:
     try:
         if _identity(Path(path)) in _HELD:
             return False
-        fd = _lock(Path(path))
-    except OSError:  # absent, gone meanwhile, a symlink, unreadable: no writer holds it
+    except OSError:  # absent, or gone meanwhile: no writer holds it
         return False
+    fd = _lock(Path(path))
     if fd is None:
         return True
-    os.close(fd)
+    _release(fd)
     return False
 
 
@@ -237,7 +249,7 @@ def exclusive(path: str | Path, kind: str = "output") -> Iterator[Path]:
         yield path
     finally:
         del _HELD[key]
-        os.close(fd)
+        _release(fd)
 
 
 @contextlib.contextmanager
