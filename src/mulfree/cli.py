@@ -4,8 +4,10 @@ defines `register(subparsers)`; handlers import their heavy modules lazily so `-
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -51,6 +53,23 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated
 
 
+_STORAGE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exhausted",
+            errno.EROFS: "the file system is read-only", errno.EIO: "an I/O error on the device"}
+
+
+def storage_error(exc: BaseException) -> str | None:
+    """The one-line error for a write the storage refused (a full disk, a quota, a read-only or failing device):
+    an OSError, or a safetensors error that carries the OS error number in its text; None for anything else."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None and type(exc).__name__ == "SafetensorError":
+        found = re.search(r"os error (\d+)", str(exc))
+        code = int(found[1]) if found else None
+    if code not in _STORAGE:
+        return None
+    where = f" writing '{exc.filename}'" if isinstance(exc, OSError) and exc.filename else ""
+    return f"{_STORAGE[code]}{where}; free some space (or fix the device) and run the command again"
+
+
 def main(argv: list[str] | None = None) -> int:
     from mulfree import offline
 
@@ -84,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+    except Exception as exc:  # a full disk while writing: one line, not a traceback; anything else propagates
+        message = storage_error(exc)
+        if message is None:
+            raise
+        sys.stderr.write(f"error: {message}\n")
+        return 2
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -40,6 +40,10 @@ Besides these cases:
   `--out`: `error: another process is writing ...`, exit 2, before any work; a running writer's temp dir is never
   removed as a stale one (before: two `train --out R` both exited 0 with their steps interleaved in one
   `metrics.jsonl` and one checkpoint series; `tests/test_atomic.py`).
+- **A full disk**: a write the storage refuses (no space, a quota, a read-only or failing device: an `OSError`, or
+  the safetensors writer's error carrying the OS error number) ends any command with one line, `error: no space
+  left on the device ...`, exit 2, its temporary output removed (before: a traceback; checked on a 2 MiB tmpfs with
+  `mulfree pack` and `mulfree train`; `tests/test_cli_core.py`).
 - **Interrupted quantization continues**: a Ctrl-C, SIGTERM or `kill -9` during `mulfree quantize` keeps the
   finished blocks beside `--out`, and the same command continues from there to the same bytes (docs/shiftadd.md;
   a torn record, a truncated stream file or other settings start over; `tests/test_quantize_blockwise.py`).
