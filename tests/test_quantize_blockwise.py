@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -241,7 +242,7 @@ def test_bad_sources_and_options(tmp_path):
     assert not (tmp_path / "q").exists()
 
 
-def test_cli_quantizes_a_dir_block_by_block(tmp_path):
+def test_cli_quantizes_a_dir_block_by_block(tmp_path, monkeypatch, capsys):
     from mulfree.data.text import train_tokenizer
 
     src = _llama_dir(tmp_path / "hf", tied=True)
@@ -254,6 +255,13 @@ def test_cli_quantizes_a_dir_block_by_block(tmp_path):
     assert rc == 0 and (tmp_path / "q" / INDEX).is_file()
     model, tok2 = load_quantized(tmp_path / "q")
     assert tok2 is not None and model.config.mulfree_quant["calibration"]["samples"] == 3
+    from mulfree.models import pretrained
+
+    monkeypatch.setattr(pretrained, "hf_dir", lambda ref: src if ref == "smollm2" else Path(ref))
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    rc = cli_main(["quantize", "rtn", "--model", "smollm2", "--bits", "4", "--out", str(src), "--overwrite"])
+    assert rc == 2 and "--out is the dir smollm2 is read from" in capsys.readouterr().err  # its converted cache
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
 
 
 @pytest.mark.parametrize("record", ['{"key": ', '[1, 2]', '{"key": "k", "blocks": 1}', "\x00\xff"])

@@ -101,6 +101,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     blockwise = not walk.distill_epochs
     if blockwise:
         src = hf_dir(cfg.model)
+        if Path(cfg.out).resolve() == src.resolve():  # e.g. smollm2's converted cache dir
+            raise ConfigError(f"--out is the dir {cfg.model} is read from ({src})", "write the quantized model to a new dir")
         model = None
         config = load_config(src)
         decoder_blocks(skeleton(config))  # fail fast on unsupported architectures
