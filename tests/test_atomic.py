@@ -13,6 +13,7 @@ from mulfree.atomic import (
     atomic_write_json,
     atomic_write_text,
     check_not_in_use,
+    check_not_inside,
     dumps_strict,
     exclusive,
     in_use,
@@ -39,14 +40,32 @@ def test_atomic_dir_refuses_a_non_empty_dir_and_keeps_it(tmp_path):
 def test_atomic_dir_overwrite_replaces_whole_and_failure_keeps_the_old(tmp_path):
     out = tmp_path / "out"
     with atomic_dir(out) as tmp:
-        (tmp / "a").write_text("1")
+        (tmp / "config.json").write_text("1")
     with pytest.raises(RuntimeError), atomic_dir(out, overwrite=True) as tmp:
-        (tmp / "b").write_text("2")
+        (tmp / "checksums.json").write_text("2")
         raise RuntimeError("killed")
-    assert os.listdir(out) == ["a"]
+    assert os.listdir(out) == ["config.json"]
     with atomic_dir(out, overwrite=True) as tmp:
-        (tmp / "b").write_text("2")
-    assert os.listdir(out) == ["b"] and os.listdir(tmp_path) == ["out"]
+        (tmp / "checksums.json").write_text("2")
+    assert os.listdir(out) == ["checksums.json"] and os.listdir(tmp_path) == ["out"]
+
+
+def test_overwrite_never_replaces_a_dir_of_other_things_or_one_holding_the_input(tmp_path):
+    runs = tmp_path / "runs"  # `--out runs` where `--out runs/mm-packed` was meant
+    (runs / "keep").mkdir(parents=True)
+    (runs / "keep" / "notes.txt").write_text("precious")
+    (runs / "mm").mkdir()
+    (runs / "mm" / "config.json").write_text("{}")
+    for attempt in (lambda: prepare_output(runs, "packed model", overwrite=True),
+                    lambda: atomic_dir(runs, overwrite=True).__enter__()):
+        with pytest.raises(CheckpointError, match=r"holds 2 other entries, not a model, a run or other mulfree"):
+            attempt()
+    assert (runs / "keep" / "notes.txt").read_text() == "precious"
+    for out in (runs, runs / "mm"):
+        with pytest.raises(ConfigError, match=r"is or holds the --model it reads"):
+            check_not_inside(runs / "mm", out)
+    check_not_inside(runs / "mm", runs / "mm-packed")
+    check_not_inside(runs / "mm", tmp_path / "r")
 
 
 def test_empty_dir_is_filled_without_overwrite(tmp_path):

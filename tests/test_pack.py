@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -77,6 +79,12 @@ def test_cli_pack_out_rule(tmp_path, capsys):
     (out / "keep.txt").write_text("mine")
     assert main(["pack", "--model", str(tmp_path / "m"), "--out", str(out)]) == 2
     assert "already holds 1 other entry" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
-    assert main(["pack", "--model", str(tmp_path / "m"), "--out", str(out), "--overwrite"]) == 0
+    assert main(["pack", "--model", str(tmp_path / "m"), "--out", str(out), "--overwrite"]) == 2  # not ours
+    assert "not a model, a run or other mulfree output" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert main(["pack", "--model", str(tmp_path / "m"), "--out", str(out)]) == 0
+    assert main(["pack", "--model", str(tmp_path / "m"), "--out", str(out), "--overwrite", "--format", "t1"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["checksums.json", "config.json", "model.safetensors"]
+    assert json.loads((out / "config.json").read_text())["format"] == "mulfree-t1"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp or old dirs left

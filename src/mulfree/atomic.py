@@ -41,6 +41,7 @@ os.umask(_UMASK)
 # Files that mark a directory as a model or a training run (never written into by another command).
 MODEL_MARKERS = ("config.json", "model.safetensors")
 RUN_MARKERS = ("checkpoint.json", "train_config.json")
+OUTPUT_MARKERS = ("checksums.json", "demo.json")  # token shards, a demo and other dirs only mulfree writes
 _TEMP = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.(?P<kind>tmp|old)$")
 
 
@@ -57,7 +58,8 @@ def shown_name(path: str | Path) -> str:
 
 
 def describe_dir(path: str | Path) -> str | None:
-    """What a directory holds, for messages: 'a training run', 'a model', 'N entries', or None if empty."""
+    """What a directory holds, for messages: 'a training run', 'a model', 'a mulfree output', 'N other entries',
+    or None if empty."""
     path = Path(path)
     if not path.is_dir():
         return None
@@ -68,7 +70,25 @@ def describe_dir(path: str | Path) -> str | None:
         return "a training run"
     if any(m in entries for m in MODEL_MARKERS):
         return "a model"
+    if any(m in entries for m in OUTPUT_MARKERS):
+        return "a mulfree output"
     return f"{len(entries)} other entr{'y' if len(entries) == 1 else 'ies'}"
+
+
+def _check_replaceable(path: Path, held: str, kind: str) -> None:
+    """`--overwrite` replaces a model, a run or another output of this tool, never a directory of other things
+    (`--out runs` for `--out runs/x` would have deleted every run in it)."""
+    if held.endswith(("entry", "entries")):
+        raise CheckpointError(f"output '{path}' holds {held}, not a model, a run or other mulfree output, so "
+                              "--overwrite does not replace it",
+                              f"choose a new directory for the {kind} (or empty this one yourself)")
+
+
+def check_not_inside(source: str | Path, out: str | Path, what: str = "the --model it reads") -> None:
+    """ConfigError when the output dir `out` is, or holds, the input `source` (replacing it deletes the input)."""
+    src, dst = Path(source).resolve(), Path(out).resolve()
+    if src == dst or dst in src.parents:
+        raise ConfigError(f"--out '{out}' is or holds {what}, '{source}'", "write the output to a new directory")
 
 
 def _check_not_cwd(path: Path) -> None:
@@ -93,6 +113,8 @@ def prepare_output(path: str | Path, kind: str = "output", overwrite: bool = Fal
     if held is not None and not overwrite:
         raise CheckpointError(f"output '{path}' already holds {held}",
                               f"choose a new directory for the {kind} or pass --overwrite to replace it")
+    if held is not None:
+        _check_replaceable(path, held, kind)
     return path
 
 
@@ -302,6 +324,7 @@ def replace_dir(new: Path, path: Path, overwrite: bool = False, kind: str = "out
     if not overwrite:
         raise CheckpointError(f"output '{path}' now holds {held}",
                               f"choose a new directory for the {kind} or pass --overwrite to replace it")
+    _check_replaceable(path, held, kind)
     aside = path.parent / f".{path.name}.{secrets.token_hex(4)}.old"
     os.replace(path, aside)
     os.replace(new, path)

@@ -26,7 +26,9 @@ training run, its packed dir and a text folder (copied into `{tmp}` when a case 
 
 Besides these cases:
 - **Nothing lost**: every `--out` is checked before any work (`atomic.prepare_output`): a non-empty directory
-  needs `--overwrite`, and then the old output stays until the new one is complete; the current directory,
+  needs `--overwrite`, and then the old output stays until the new one is complete; `--overwrite` replaces only a
+  model, a run or another output of mulfree, never a folder of other things nor a directory holding the input
+  (before: `mulfree pack --model runs/mm --out runs --overwrite` deleted `runs`, the source model with it); the current directory,
   its parents and home are never replaced; files are built beside their target and renamed into place;
   model, packed, quantized, checkpoint and GGUF-cache directories carry `checksums.json` (xxh3-64), verified
   on load (`tests/test_atomic.py`, `tests/test_integrity.py`, `tests/test_schema.py`). SIGTERM stops a command as

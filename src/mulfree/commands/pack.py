@@ -31,14 +31,12 @@ def _run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    from mulfree.atomic import atomic_dir, prepare_output
+    from mulfree.atomic import atomic_dir, check_not_inside, prepare_output
     from mulfree.checkpoint import checkpoint_model
-    from mulfree.errors import CheckpointError
     from mulfree.infer.engine import PackedModel
     from mulfree.ops.pack import packed_format
 
-    if Path(args.out).resolve() == Path(args.model).resolve():
-        raise CheckpointError("--out is the same dir as --model", "write the packed model to a new dir")
+    check_not_inside(args.model, args.out)
     fmt = packed_format(args.format)
     prepare_output(args.out, "packed model", args.overwrite)  # before any work
     found = None if (Path(args.model) / "config.json").is_file() else checkpoint_model(Path(args.model))

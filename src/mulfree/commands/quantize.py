@@ -81,16 +81,14 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     import torch
 
-    from mulfree.atomic import prepare_output
-    from mulfree.errors import ConfigError
+    from mulfree.atomic import check_not_inside, prepare_output
     from mulfree.models.pretrained import hf_dir, load_hf_causal_lm, load_hf_tokenizer
     from mulfree.quant.blockwise import load_config, quantize_blockwise, skeleton
     from mulfree.quant.walker import calibration_ids, decoder_blocks, quantize_model, save_quantized
 
     cfg, walk = from_args(QuantizeConfig, args), from_args(WalkOptions, args)
     method = build_method(args.method, cfg, walk)
-    if Path(cfg.out).resolve() == Path(cfg.model).resolve():
-        raise ConfigError("--out is the same dir as --model", "write the quantized model to a new dir")
+    check_not_inside(cfg.model, cfg.out)
     prepare_output(cfg.out, "quantized model", cfg.overwrite)  # before any work
     torch.manual_seed(cfg.seed)
     text = None
@@ -101,8 +99,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     blockwise = not walk.distill_epochs
     if blockwise:
         src = hf_dir(cfg.model)
-        if Path(cfg.out).resolve() == src.resolve():  # e.g. smollm2's converted cache dir
-            raise ConfigError(f"--out is the dir {cfg.model} is read from ({src})", "write the quantized model to a new dir")
+        check_not_inside(src, cfg.out, f"the dir {cfg.model} is read from")  # e.g. smollm2's converted cache
         model = None
         config = load_config(src)
         decoder_blocks(skeleton(config))  # fail fast on unsupported architectures

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from mulfree.atomic import atomic_dir, prepare_output
+from mulfree.atomic import atomic_dir, check_not_inside, prepare_output
 from mulfree.errors import CheckpointError, ConfigError
 from mulfree.models.io import load_state, save_model
 from mulfree.models.mmfree import OFFICIAL_BITLINEAR_EPS, MMFreeConfig, MMFreeForCausalLM
@@ -166,6 +166,7 @@ def convert_official(src: str | Path, out: str | Path, overwrite: bool = False) 
     `out` must be absent or empty unless `overwrite`; it is written whole or not at all.
     """
     src = Path(src)
+    check_not_inside(src, out, "the --src it reads")
     prepare_output(out, "model", overwrite)
     model = load_official(src)
     with atomic_dir(out, overwrite, "model") as tmp:
