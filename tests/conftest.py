@@ -22,14 +22,17 @@ def _deterministic():
 
 
 @pytest.fixture
-def held_by_another_process():
-    """Hold a directory by `exclusive` in a child process until the test ends (a command still running there)."""
+def held_by_another_process(monkeypatch):
+    """Hold a directory by `exclusive` in a child process for `seconds` (default: until the test ends), a command
+    still running there; a lock held by another process is waited for 0.5 s instead of `LOCK_WAIT_S`."""
+    monkeypatch.setattr("mulfree.atomic.LOCK_WAIT_S", 0.5)
     children = []
 
-    def hold(path) -> None:
+    def hold(path, seconds: float = 120) -> None:
         code = "import sys, time\nfrom mulfree.atomic import exclusive\nwith exclusive(sys.argv[1]):\n" \
-               "    print('held', flush=True)\n    time.sleep(120)\n"
-        child = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+               "    print('held', flush=True)\n    time.sleep(float(sys.argv[2]))\n"
+        child = subprocess.Popen([sys.executable, "-c", code, str(path), str(seconds)], stdout=subprocess.PIPE,
+                                 text=True)
         children.append(child)
         assert child.stdout.readline() == "held\n"
 

@@ -166,6 +166,12 @@ def test_a_dir_another_process_writes_is_refused_and_never_taken_for_stale(tmp_p
     assert remove_stale_temps(tmp_path) == [stale] and temp.is_dir()
 
 
+def test_a_writer_that_is_exiting_is_waited_for(tmp_path, held_by_another_process):
+    held_by_another_process(tmp_path / "run", seconds=0.2)  # as a run killed a moment ago, still exiting
+    with exclusive(tmp_path / "run", "training run"):
+        pass
+
+
 def test_exclusive_is_reentrant_in_one_process_and_released_after(tmp_path):
     with atomic_dir(tmp_path / "out") as tmp, exclusive(tmp, "training run"):  # arith train trains in its temp
         assert not in_use(tmp)  # held by this process, not another

@@ -30,6 +30,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,7 @@ def atomic_write_json(path: str | Path, data: Any, indent: int | None = 2) -> No
     atomic_write_text(path, dumps_strict(data, indent=indent) + "\n")
 
 
+LOCK_WAIT_S = 10.0  # how long a lock held by another process is waited for before that counts as a running writer
 _HELD: dict[tuple[int, int], int] = {}  # (device, inode) of each directory this process holds locked -> its fd
 
 
@@ -204,16 +206,17 @@ def _identity(path: Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _lock(path: Path) -> int | None:
-    """An fd holding an exclusive advisory lock (flock) on directory `path`; None while another open file holds
-    one (closing the fd, or the process ending, releases it); -1 where no lock can be taken (an unreadable
-    dir, a file system without flock): the caller goes on unguarded, as before locks existed."""
+def _lock(path: Path, shared: bool = False) -> int | None:
+    """An fd holding an exclusive (or `shared`: a probe's, which other probes do not block) advisory lock (flock) on
+    directory `path`; None while a conflicting lock is held (closing the fd, or the process ending, releases it);
+    -1 where no lock can be taken (an unreadable dir, a file system without flock): the caller goes on unguarded,
+    as before locks existed."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return -1
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         return None
@@ -228,14 +231,23 @@ def _release(fd: int) -> None:
         os.close(fd)
 
 
-def in_use(path: str | Path) -> bool:
-    """True while another process holds directory `path` by `exclusive` (a run or a temp dir it is writing)."""
+def _lock_within(path: Path, wait_s: float, shared: bool = False) -> int | None:
+    """`_lock`, retried for up to `wait_s` seconds (a writer killed a moment ago may still be exiting)."""
+    deadline = time.monotonic() + wait_s
+    while (fd := _lock(path, shared)) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return fd
+
+
+def in_use(path: str | Path, wait_s: float = 0.0) -> bool:
+    """True while another process holds directory `path` by `exclusive` (a run or a temp dir it is writing), for
+    longer than `wait_s` seconds."""
     try:
         if _identity(Path(path)) in _HELD:
             return False
     except OSError:  # absent, or gone meanwhile: no writer holds it
         return False
-    fd = _lock(Path(path))
+    fd = _lock_within(Path(path), wait_s, shared=True)
     if fd is None:
         return True
     _release(fd)
@@ -249,7 +261,7 @@ def _busy(path: Path, kind: str) -> ConfigError:
 
 def check_not_in_use(path: str | Path, kind: str = "output") -> None:
     """ConfigError while another process holds directory `path` by `exclusive` (checked before reading it)."""
-    if in_use(path):
+    if in_use(path, LOCK_WAIT_S):
         raise _busy(Path(path), kind)
 
 
@@ -263,7 +275,7 @@ def exclusive(path: str | Path, kind: str = "output") -> Iterator[Path]:
     if key in _HELD:
         yield path
         return
-    fd = _lock(path)
+    fd = _lock_within(path, LOCK_WAIT_S)
     if fd is None:
         raise _busy(path, kind)
     _HELD[key] = fd
@@ -290,7 +302,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False, kind: str = "output",
     path = prepare_output(path, kind, overwrite)
     _mkdir_parent(path)
     for entry in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        if is_temp_name(entry.name) and in_use(entry):
+        if is_temp_name(entry.name) and in_use(entry, LOCK_WAIT_S):
             raise ConfigError(f"another process is writing '{path}' (in '{entry.name}')",
                               "wait for it to finish, or stop it, or choose another output")
     if resume_key is None:
