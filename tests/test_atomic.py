@@ -194,3 +194,17 @@ def test_a_file_system_without_flock_goes_on_unguarded(tmp_path, monkeypatch):
         (tmp / "a").write_text("x")
         assert not in_use(tmp_path / "run")
     assert (tmp_path / "out" / "a").read_text() == "x"
+
+
+def test_a_file_output_replaces_only_a_file_of_its_kind(tmp_path):
+    notes, plot, table = tmp_path / "notes.md", tmp_path / "p.png", tmp_path / "t.json"
+    notes.write_text("# mine\n")
+    plot.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 16)
+    table.write_text('{"rows": []}')
+    assert prepare_file(plot, "--png", kind="png") == plot and prepare_file(table, "--json", kind="json") == table
+    assert prepare_file(tmp_path / "new.png", "--png", kind="png")  # absent: fine
+    for path, kind in ((notes, "json"), (notes, "png"), (table, "png"), (plot, "json")):
+        with pytest.raises(CheckpointError, match=f"exists and is not a {kind.upper()} file"):
+            prepare_file(path, "--out", kind=kind)
+    assert notes.read_text() == "# mine\n"
+

@@ -119,12 +119,31 @@ def prepare_output(path: str | Path, kind: str = "output", overwrite: bool = Fal
     return path
 
 
-def prepare_file(path: str | Path, flag: str = "output") -> Path:
-    """Check that `path` (a --png / --json file) is not a directory and its parent is not a file."""
+_SIGNATURES = {"png": lambda data: data.startswith(b"\x89PNG\r\n\x1a\n"), "json": lambda data: _is_json(data)}
+
+
+def _is_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:  # includes UnicodeDecodeError
+        return False
+    return True
+
+
+def prepare_file(path: str | Path, flag: str = "output", kind: str | None = None) -> Path:
+    """Check that `path` (a --png / --json file) is not a directory and its parent is not a file; with `kind`
+    ("png" or "json"), an existing file is replaced only if it is one of that kind (a plot or a table written
+    before), never a file of something else (`--json README.md`)."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{flag} '{path}' is a directory", f"name a file (e.g. '{path / ('out' + path.suffix)}')")
     _check_parents(path, flag)
+    if kind is not None and path.is_file():
+        with open(path, "rb") as f:
+            data = f.read(64 << 20)
+        if not _SIGNATURES[kind](data):
+            raise CheckpointError(f"{flag} '{path}' exists and is not a {kind.upper()} file, so it is not replaced",
+                                  "name a new file (or remove this one yourself)")
     return path
 
 

@@ -28,7 +28,9 @@ Besides these cases:
 - **Nothing lost**: every `--out` is checked before any work (`atomic.prepare_output`): a non-empty directory
   needs `--overwrite`, and then the old output stays until the new one is complete; `--overwrite` replaces only a
   model, a run or another output of mulfree, never a folder of other things nor a directory holding the input
-  (before: `mulfree pack --model runs/mm --out runs --overwrite` deleted `runs`, the source model with it); the current directory,
+  (before: `mulfree pack --model runs/mm --out runs --overwrite` deleted `runs`, the source model with it); a
+  `--png` / `--json` file output replaces an existing file only if it is a PNG / JSON file (before: `mulfree energy
+  --json README.md` overwrote the README); the current directory,
   its parents and home are never replaced; files are built beside their target and renamed into place;
   model, packed, quantized, checkpoint and GGUF-cache directories carry `checksums.json` (xxh3-64), verified
   on load (`tests/test_atomic.py`, `tests/test_integrity.py`, `tests/test_schema.py`). SIGTERM stops a command as

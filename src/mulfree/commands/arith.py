@@ -97,7 +97,7 @@ def _eval(args: argparse.Namespace) -> int:
     from mulfree.settings import ArithEvalConfig
 
     opts = from_args(ArithEvalConfig, args)
-    prepare_file(args.png, "--png")
+    prepare_file(args.png, "--png", kind="png")
     given_lengths = _lengths(args.lengths) if args.lengths else None
     rows = {}
     for model_dir in args.model:

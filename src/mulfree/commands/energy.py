@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         from mulfree.atomic import prepare_file
 
-        prepare_file(args.json, "--json")
+        prepare_file(args.json, "--json", kind="json")
     cfg = resolve_config(args.model)
     ariths = [opts.arith] if opts.arith else list(ARITHS)
     try:

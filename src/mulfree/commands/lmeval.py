@@ -57,7 +57,7 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = from_args(LMEvalConfig, args)
     if args.out:
-        prepare_file(args.out, "--out")
+        prepare_file(args.out, "--out", kind="json")
     loaded = resolve(args.model, engine="torch", scoring=True)  # whole contexts: the torch interface
     task_dir = build_offline_tasks(cache_dir() / "lm_eval_tasks" / f"seed{cfg.seed}", load_corpus().val_text, seed=cfg.seed)
     results = run_lm_eval(loaded.model, loaded.tokenizer, cfg.task_list(), task_dir, cfg.limit, cfg.max_length,

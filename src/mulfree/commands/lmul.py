@@ -59,7 +59,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
     for flag in ("png", "json"):
         if getattr(args, flag, None):
-            prepare_file(getattr(args, flag), f"--{flag}")
+            prepare_file(getattr(args, flag), f"--{flag}", kind=flag)
 
 
 def _load(model: str):
@@ -79,7 +79,10 @@ def error_table(x, y, ks=range(2, 8), scale_fp8: bool = False) -> dict[str, floa
     x, y = x.float(), y.float()
     exact = x.double() * y.double()
     keep = exact != 0
-    mre = lambda approx: ((approx.double() - exact).abs()[keep] / exact.abs()[keep]).mean().item()  # noqa: E731
+
+    def mre(approx: torch.Tensor) -> float:
+        return ((approx.double() - exact).abs()[keep] / exact.abs()[keep]).mean().item()
+
     out = {f"lmul{k}": mre(lmul(x, y, mantissa_bits=k)) for k in ks}
     for name, dt in (("fp8_e4m3", torch.float8_e4m3fn), ("fp8_e5m2", torch.float8_e5m2)):
         rnd = (lambda t: _fp8_round(t, dt)) if scale_fp8 else (lambda t: t.to(dt).float())  # noqa: B023
@@ -185,9 +188,12 @@ def run_eval(args: argparse.Namespace) -> int:
         del m
     base = {r["method"]: r["ppl"] for r in rows}
     print(f"{'method':<9} {'ppl':>9} {'vs fp32':>8} {'vs bf16':>8}")
+
+    def rel(row: dict, ref: str) -> str:
+        return f"{100 * (row['ppl'] / base[ref] - 1):+7.2f}%" if ref in base else f"{'-':>8}"
+
     for r in rows:
-        rel = lambda ref: f"{100 * (r['ppl'] / base[ref] - 1):+7.2f}%" if ref in base else f"{'-':>8}"  # noqa: E731
-        print(f"{r['method']:<9} {r['ppl']:>9.4f} {rel('fp32')} {rel('bf16')}")
+        print(f"{r['method']:<9} {r['ppl']:>9.4f} {rel(r, 'fp32')} {rel(r, 'bf16')}")
     if args.json:
         _write_json(args.json, {"model": args.model, "where": cfg.where, "tokens": ids.numel(),
                                 "window": window, "rows": rows})
