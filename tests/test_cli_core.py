@@ -333,3 +333,10 @@ def test_a_full_disk_is_one_line_and_leaves_no_temp(run_dir, tmp_path, capsys, m
     assert "writing 'a/model.safetensors'" in storage_error(OSError(errno.ENOSPC, "full", "a/model.safetensors"))
     assert storage_error(OSError(errno.EDQUOT, "quota")).startswith("the disk quota is exhausted")
     assert storage_error(OSError(errno.ENOENT, "gone")) is None and storage_error(ValueError("os error 28")) is None
+
+
+def test_a_bad_backend_variable_is_one_line(run_dir, capsys, monkeypatch):
+    _, _, _, out = run_dir
+    monkeypatch.setenv("MULFREE_BACKEND", "avx1024")  # was a ValueError traceback
+    assert main(["generate", "--model", str(out), "--prompt", "x", "--engine", "packed", "--max-new-tokens", "2"]) == 2
+    assert _err(capsys) == "error: MULFREE_BACKEND='avx1024' is unknown; use one of reference, scalar, avx2, avxvnni, avx512"

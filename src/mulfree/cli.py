@@ -57,6 +57,12 @@ _STORAGE = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk
             errno.EROFS: "the file system is read-only", errno.EIO: "an I/O error on the device"}
 
 
+def backend_error(exc: BaseException) -> str | None:
+    """The kernels' refusal of a MULFREE_BACKEND value, as its one line (None for anything else)."""
+    kernels = sys.modules.get("mulfree.kernels")
+    return str(exc) if kernels is not None and isinstance(exc, kernels.BackendError) else None
+
+
 def storage_error(exc: BaseException) -> str | None:
     """The one-line error for a write the storage refused (a full disk, a quota, a read-only or failing device):
     an OSError, or a safetensors error that carries the OS error number in its text; None for anything else."""
@@ -103,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
-    except Exception as exc:  # a full disk while writing: one line, not a traceback; anything else propagates
-        message = storage_error(exc)
+    except Exception as exc:  # a full disk, a bad MULFREE_BACKEND: one line, not a traceback; anything else propagates
+        message = storage_error(exc) or backend_error(exc)
         if message is None:
             raise
         sys.stderr.write(f"error: {message}\n")

@@ -48,17 +48,20 @@ def _available() -> tuple[str, ...]:
     return tuple(out)
 
 
+class BackendError(ValueError):
+    """A `MULFREE_BACKEND` value this machine cannot run (the CLI reports it in one line)."""
+
+
 def backend() -> str:
     """The backend to use now: `MULFREE_BACKEND` if set (and available), else the fastest one."""
     forced = os.environ.get("MULFREE_BACKEND", "").strip().lower()
     avail = _available()
     if forced:
         if forced not in BACKENDS:
-            raise ValueError(f"MULFREE_BACKEND={forced!r} is unknown; use one of {', '.join(BACKENDS)}")
+            raise BackendError(f"MULFREE_BACKEND={forced!r} is unknown; use one of {', '.join(BACKENDS)}")
         if forced not in avail:
-            raise RuntimeError(
-                f"MULFREE_BACKEND={forced!r} is not available on this machine; available: {', '.join(avail)}"
-            )
+            raise BackendError(f"MULFREE_BACKEND={forced!r} is not available on this machine; use one of "
+                               f"{', '.join(avail)}")
         return forced
     return avail[-1]
 
