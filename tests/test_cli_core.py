@@ -340,3 +340,13 @@ def test_a_bad_backend_variable_is_one_line(run_dir, capsys, monkeypatch):
     monkeypatch.setenv("MULFREE_BACKEND", "avx1024")  # was a ValueError traceback
     assert main(["generate", "--model", str(out), "--prompt", "x", "--engine", "packed", "--max-new-tokens", "2"]) == 2
     assert _err(capsys) == "error: MULFREE_BACKEND='avx1024' is unknown; use one of reference, scalar, avx2, avxvnni, avx512"
+
+
+def test_a_cache_variable_naming_a_file_is_one_line(run_dir, tmp_path, capsys, monkeypatch):
+    _, _, _, out = run_dir
+    (tmp_path / "f").write_text("x")
+    for cache, why in ((tmp_path / "f", "a file, not a directory"), (tmp_path / "f" / "sub", "Not a directory")):
+        monkeypatch.setenv("MULFREE_CACHE", str(cache))  # lm-eval builds its task files there: a traceback before
+        assert main(["lm-eval", "--model", str(out), "--limit", "1"]) == 2
+        assert _err(capsys) == (f"error: the cache dir '{cache}' cannot be used ({why}); set MULFREE_CACHE to a "
+                                "writable directory, or unset it (~/.cache/mulfree)")

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 
 from mulfree import integrity
 from mulfree.atomic import atomic_dir
-from mulfree.errors import CheckpointError
+from mulfree.errors import CheckpointError, ConfigError
 from mulfree.models import schema
 
 SMOLLM2_NAME = "smollm2"
@@ -28,8 +28,16 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_dir() -> Path:
-    """User cache for converted models: `$MULFREE_CACHE`, else `~/.cache/mulfree`."""
-    return Path(os.environ.get("MULFREE_CACHE", Path.home() / ".cache" / "mulfree"))
+    """User cache for converted models and built task files: `$MULFREE_CACHE`, else `~/.cache/mulfree` (made if
+    absent; ConfigError when it cannot be a directory)."""
+    path = Path(os.environ.get("MULFREE_CACHE") or Path.home() / ".cache" / "mulfree")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        why = "a file, not a directory" if isinstance(exc, FileExistsError) else exc.strerror or str(exc)
+        raise ConfigError(f"the cache dir '{path}' cannot be used ({why})",
+                          "set MULFREE_CACHE to a writable directory, or unset it (~/.cache/mulfree)") from None
+    return path
 
 
 def smollm2_gguf() -> Path:
