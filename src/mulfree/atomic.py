@@ -119,15 +119,15 @@ def prepare_output(path: str | Path, kind: str = "output", overwrite: bool = Fal
     return path
 
 
-_SIGNATURES = {"png": lambda data: data.startswith(b"\x89PNG\r\n\x1a\n"), "json": lambda data: _is_json(data)}
-
-
 def _is_json(data: bytes) -> bool:
     try:
         json.loads(data)
     except ValueError:  # includes UnicodeDecodeError
         return False
     return True
+
+
+_SIGNATURES = {"png": lambda data: data.startswith(b"\x89PNG\r\n\x1a\n"), "json": _is_json}
 
 
 def prepare_file(path: str | Path, flag: str = "output", kind: str | None = None) -> Path:
@@ -258,13 +258,18 @@ def _lock_within(path: Path, wait_s: float, shared: bool = False) -> int | None:
     return fd
 
 
+def _held_here(path: Path) -> bool:
+    """True when this process holds directory `path` by `exclusive`."""
+    try:
+        return _identity(path) in _HELD
+    except OSError:  # absent, or gone meanwhile
+        return False
+
+
 def in_use(path: str | Path, wait_s: float = 0.0) -> bool:
     """True while another process holds directory `path` by `exclusive` (a run or a temp dir it is writing), for
     longer than `wait_s` seconds."""
-    try:
-        if _identity(Path(path)) in _HELD:
-            return False
-    except OSError:  # absent, or gone meanwhile: no writer holds it
+    if _held_here(Path(path)):
         return False
     fd = _lock_within(Path(path), wait_s, shared=True)
     if fd is None:
@@ -375,7 +380,7 @@ def remove_stale_temps(directory: str | Path, names: Collection[str] | None = No
         m = _TEMP.match(entry.name)
         if m is None or entry.name in keep or (m["kind"] == "old" and not (directory / m["name"]).exists()):
             continue
-        if in_use(entry) or (entry.is_dir() and _identity(entry) in _HELD):  # a running writer's, not stale
+        if _held_here(entry) or in_use(entry):  # a running writer's, not a stale one
             continue
         if names is not None and m["name"] not in names:
             continue
