@@ -290,7 +290,8 @@ def _read_prompt(path: str) -> str:
             with open(path, "rb") as f:
                 data = f.read(MAX_PROMPT_BYTES + 1)
     except OSError as exc:
-        raise DataError(f"cannot read --prompt-file '{path}' ({exc.strerror or exc})", "pass a readable text file") from None
+        raise DataError(f"cannot read --prompt-file '{path}' ({exc.strerror or exc})",
+                        "pass a readable text file") from None
     if len(data) > MAX_PROMPT_BYTES:
         raise DataError(f"--prompt-file '{path}' holds more than {MAX_PROMPT_BYTES >> 20} MiB", "pass a shorter prompt")
     return decode_utf8(data, Path("<stdin>" if path == "-" else path))

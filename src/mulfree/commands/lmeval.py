@@ -37,8 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "lm-eval",
         help="evaluate a model with lm-evaluation-harness",
-        description="Runs lm-eval tasks on a model (any `mulfree generate` takes; packed dirs on the packed engine). The mulfree_* tasks are built offline from the "
-        "held-out plays of the bundled corpus; Hub tasks (arc_easy, ...) need a local datasets cache.",
+        description="Runs lm-eval tasks on a model (any `mulfree generate` takes; packed dirs on the packed "
+        "engine). The mulfree_* tasks are built offline from the held-out plays of the bundled corpus; Hub tasks "
+        "(arc_easy, ...) need a local datasets cache.",
     )
     p.add_argument("--model", required=True, help=MODEL_HELP)
     add_flags(p, LMEvalConfig)

@@ -17,8 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "docs/packed.md, and write config.json, model.safetensors and the tokenizer to --out. A packed dir is "
         "repacked into --format (the same trits and scales). Run it with `mulfree generate --engine packed`.",
     )
-    p.add_argument("--model", required=True, help="MMfree model dir (config.json + model.safetensors), packed dir, or a training run "
-                   "(its latest checkpoint while it has no final model) or one of its ckpt-<step> dirs")
+    p.add_argument("--model", required=True, help="MMfree model dir (config.json + model.safetensors), packed "
+                   "dir, or a training run (its latest checkpoint while it has no final model) or one of its "
+                   "ckpt-<step> dirs")
     p.add_argument("--out", required=True, help="output dir for the packed model")
     p.add_argument("--format", default="t2", choices=FORMAT_CHOICES,
                    help="t2: 2 bits per weight (default); t1 (or t1.6): 1.6 bits per weight, five trits per byte")

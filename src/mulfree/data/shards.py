@@ -198,8 +198,8 @@ def tokenize_corpus(paths: list[str], tokenizer, out: str | Path, shard_tokens: 
         if count:
             _write_shard(work, shards, buffer, count, expect, (len(files), 0))
         bar.close()
-        index = {"dtype": np.dtype(dtype).name, "vocab_size": vocab, "eot_id": eot, "tokens": sum(s["tokens"] for s in shards),
-                 "shards": shards, "sources": expect["sources"]}
+        index = {"dtype": np.dtype(dtype).name, "vocab_size": vocab, "eot_id": eot,
+                 "tokens": sum(s["tokens"] for s in shards), "shards": shards, "sources": expect["sources"]}
         if not shards:
             raise DataError("the sources hold no text", "pass non-empty files")
         atomic_write_json(work / INDEX, index)
