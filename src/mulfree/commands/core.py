@@ -333,9 +333,7 @@ def cmd_eval(args) -> int:
     cfg = from_args(PerplexityConfig, args)
     text = load_text(args.data) if args.data else load_corpus().val_text
     loaded = resolve(args.model, engine="torch", scoring=True)  # whole windows: the torch interface
-    model, ids = loaded.model, loaded.encode(text)
-    if cfg.max_tokens:
-        ids = ids[: cfg.max_tokens]
+    model, ids = loaded.model, loaded.encode(text, limit=cfg.max_tokens or None)
     if ids.numel() < 2:
         raise DataError("the evaluation text has fewer than 2 tokens", "pass more text")
     window = min(cfg.window, getattr(model.config, "max_position_embeddings", cfg.window))
