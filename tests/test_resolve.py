@@ -251,14 +251,15 @@ def test_a_model_without_a_key_value_cache_is_a_one_line_error():
 def test_a_long_text_is_encoded_in_pieces_to_the_same_ids(monkeypatch):
     from pathlib import Path
 
-    from mulfree.models import resolve as resolve_mod
+    from mulfree.data import text as text_mod
+    from mulfree.models.resolve import Resolved
 
     code = "".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(60))  # indented lines: merges of "\n   "
     tok = train_tokenizer(code * 5, 500)
     assert any(len(t) > 2 and t.startswith("ĊĠ") for t in tok.get_vocab())
-    loaded = resolve_mod.Resolved(None, tok, "mmfree", None, None, Path("."))
+    loaded = Resolved(None, tok, "mmfree", None, None, Path("."))
     whole = tok.encode(code).ids
-    monkeypatch.setattr(resolve_mod, "ENCODE_PIECE", 40)  # pieces of ~40 characters, never cut before "    "
-    assert loaded.encode(code).tolist() == whole
+    monkeypatch.setattr(text_mod, "ENCODE_PIECE", 40)  # pieces of ~40 characters (a cut before "    " would differ)
+    assert loaded.encode(code).tolist() == whole == text_mod.encode(tok, code).tolist()
     assert loaded.encode(code, limit=37).tolist() == whole[:37]
     assert loaded.encode("").tolist() == tok.encode("").ids == []

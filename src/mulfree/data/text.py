@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,9 +200,23 @@ def load_tokenizer(directory: str | Path):
         raise DataError(f"tokenizer file '{path}' is corrupt ({exc})", "re-save the model") from exc
 
 
-def encode(tok, text: str) -> torch.Tensor:
-    """Token ids of `text` as a 1-D LongTensor (the special token is recognised in the text)."""
-    return torch.tensor(tok.encode(text).ids, dtype=torch.long)
+ENCODE_PIECE = 1 << 20  # characters: longer texts are encoded piece by piece
+_PIECE_END = re.compile(r"(?<=\S\n)(?=\S)")  # a lone newline between two non-spaces
+
+
+def encode(tok, text: str, limit: int | None = None) -> torch.Tensor:
+    """Token ids of `text` as a 1-D LongTensor (special tokens recognised in the text; those the tokenizer adds,
+    e.g. a BOS, added once). A text longer than ENCODE_PIECE characters is encoded in pieces, each ending at a lone
+    newline between two non-spaces, where byte-level BPE splits anyway: the same ids, in bounded memory (one
+    `encode` of a 50 MB text took 9 GB); it stops once `limit` tokens are there."""
+    ids, start = [], 0
+    while True:
+        cut = _PIECE_END.search(text, start + ENCODE_PIECE)
+        end = cut.start() if cut else len(text)
+        ids += tok.encode(text[start:end], add_special_tokens=start == 0).ids
+        start = end
+        if start >= len(text) or (limit is not None and len(ids) >= limit):
+            return torch.tensor(ids[:limit], dtype=torch.long)
 
 
 def decode(tok, ids) -> str:

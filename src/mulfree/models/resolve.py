@@ -15,7 +15,6 @@ tokenizer's backend).
 
 from __future__ import annotations
 
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +26,6 @@ from torch import nn
 from mulfree.errors import CheckpointError, ConfigError
 
 ENGINES = ("auto", "torch", "packed")
-ENCODE_PIECE = 1 << 20  # characters: longer texts are encoded piece by piece
-_LINE_START = re.compile(r"(?<=\S\n)(?=\S)")
 EOT = "<|endoftext|>"  # the document separator of tokenizers trained by mulfree
 REF_HINT = "pass a mulfree, packed, quantized or Hugging Face model dir, a .gguf file or 'smollm2'"
 
@@ -57,18 +54,11 @@ class Resolved:
         return self.kind == "packed"
 
     def encode(self, text: str, limit: int | None = None) -> torch.Tensor:
-        """Token ids of `text` as a 1-D LongTensor, with the special tokens the tokenizer adds (e.g. BOS). A text
-        longer than ENCODE_PIECE characters is encoded in pieces, each ending at a lone newline between two
-        non-spaces (where byte-level BPE splits anyway: the same ids; one `encode` of a 50 MB text took 9 GB),
-        stopping once `limit` tokens are there."""
-        ids, start = [], 0
-        while True:
-            cut = _LINE_START.search(text, start + ENCODE_PIECE)
-            end = cut.start() if cut else len(text)
-            ids += self.tokenizer.encode(text[start:end], add_special_tokens=start == 0).ids
-            start = end
-            if start >= len(text) or (limit is not None and len(ids) >= limit):
-                return torch.tensor(ids[:limit], dtype=torch.long)
+        """Token ids of `text` as a 1-D LongTensor, with the special tokens the tokenizer adds (e.g. BOS); a long
+        text in pieces, up to `limit` tokens (`data.text.encode`)."""
+        from mulfree.data.text import encode
+
+        return encode(self.tokenizer, text, limit)
 
     def decode(self, ids: torch.Tensor | list[int]) -> str:
         """Text of token ids, special tokens included."""
