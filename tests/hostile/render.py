@@ -44,8 +44,9 @@ Besides these cases:
   `--out`: `error: another process is writing ...`, exit 2, before any work; a running writer's temp dir is never
   removed as a stale one (before: two `train --out R` both exited 0 with their steps interleaved in one
   `metrics.jsonl` and one checkpoint series; `tests/test_atomic.py`).
-- **Big inputs**: `mulfree eval` encodes a long `--data` text in pieces (cut where byte-level BPE splits anyway:
-  the same ids, `tests/test_resolve.py`) and stops at `--max-tokens`: a 50 MB file with `--max-tokens 10000` took
+- **Big inputs**: `mulfree train`, `eval` and `generate` encode a long text in pieces (cut where byte-level BPE
+  splits anyway: the same ids, `tests/test_resolve.py`; the bundled 4.8 MB corpus gives the same 1,568,903), and
+  `eval` stops at `--max-tokens`: a 50 MB file with `--max-tokens 10000` took
   95 s and 9.4 GB of memory, now 8.8 s and 0.6 GB (host A; the same perplexity); `generate --prompt-file` reads at
   most 16 MiB.
 - **A full disk**: a write the storage refuses (no space, a quota, a read-only or failing device: an `OSError`, or
