@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from mulfree.atomic import atomic_write_text
 from mulfree.errors import MulfreeError
 
 try:
@@ -141,13 +142,11 @@ def build_offline_tasks(out_dir: Path, text: str, n: int = 500, seed: int = 0) -
                                     "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n"
                                     "  - metric: bits_per_byte\n"),
     }
-    for name, (rows, body) in specs.items():
+    for name, (rows, body) in specs.items():  # renamed into place: another lm-eval run may be reading them
         data = out_dir / f"{name}.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (out_dir / f"{name}.yaml").write_text(
-            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data.resolve()}\n"
-            f"test_split: test\n{body}"
-        )
+        atomic_write_text(data, "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(out_dir / f"{name}.yaml", f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                          f"    test: {data.resolve()}\ntest_split: test\n{body}")
     return out_dir
 
 
