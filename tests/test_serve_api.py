@@ -196,6 +196,12 @@ def test_bad_input_is_a_4xx_json_error_and_the_server_keeps_serving(served):
         path = "/v1/chat/completions" if b"messages" in raw else "/v1/completions"
         r = post(run, path, raw)
         assert r.status_code == status and "error" in r.json(), raw[:40]
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for extra, status in [({"modalities": ["text", "audio"]}, 400), ({"audio": {"voice": "alloy"}}, 400),
+                          ({"web_search_options": {}}, 400), ({"functions": [{"name": "f"}]}, 400),
+                          ({"modalities": ["text"], "audio": None, "user": "u", "store": False}, 200)]:
+        r = post(run, "/v1/chat/completions", json.dumps({**chat, **extra}).encode())  # were accepted and ignored
+        assert r.status_code == status, (extra, r.text)
     with socket.create_connection(("127.0.0.1", run.port), timeout=5) as sock:  # a 100 MB body announced: 413 at once
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                      b"content-length: 100000000\r\n\r\n{")

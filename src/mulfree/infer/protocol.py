@@ -125,13 +125,21 @@ class ChatRequest(_Common):
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    modalities: list[StrictStr] | None = None
+    audio: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _unsupported_chat(self) -> ChatRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
-        if self.tools:
+        if self.tools or self.functions:
             raise ValueError("tools are not supported")
+        if self.audio is not None or (self.modalities is not None and set(self.modalities) != {"text"}):
+            raise ValueError("only text output is supported (modalities: [\"text\"], no audio)")
+        if self.web_search_options is not None:
+            raise ValueError("web search is not supported")
         return self
 
 
