@@ -209,6 +209,8 @@ def test_bad_input_is_a_4xx_json_error_and_the_server_keeps_serving(served):
     with httpx.Client(timeout=5) as c:
         assert c.get(run.url + "/nope").json()["error"]["code"] == "not_found"
         assert c.get(run.url + "/health").status_code == 200
+        head = c.head(run.url + "/health")  # a load balancer's probe (405 before)
+        assert head.status_code == 200 and head.content == b""
         metrics = c.get(run.url + "/metrics").text
     assert "mulfree_requests_total" in metrics and "mulfree_queue_depth" in metrics
     assert 'status="400"' in metrics

@@ -350,11 +350,11 @@ def build_app(srv: Server) -> FastAPI:
 
     card = ModelCard(id=srv.model_name, created=srv.created)
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models() -> dict:
         return ModelList(data=[card]).model_dump()
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.api_route("/v1/models/{model_id:path}", methods=["GET", "HEAD"])
     async def model(model_id: str) -> dict:
         if model_id != srv.model_name:
             raise ApiError(404, f"The model '{shown(model_id)}' does not exist", param="model", code="model_not_found")
@@ -368,14 +368,14 @@ def build_app(srv: Server) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         return await complete(srv, request, chat=True)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers' and monitors' probes
     async def health() -> Response:
         if not srv.batcher.alive:
             why = f" ({type(srv.batcher.error).__name__}: {srv.batcher.error})" if srv.batcher.error else ""
             return error_response(503, "the decode loop is not running" + why, "server_error")
         return JSONResponse({"status": "ok", "live": srv.batcher.live, "queued": srv.batcher.queue_depth})
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics() -> Response:
         return srv.metrics.response()
 
