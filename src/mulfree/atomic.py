@@ -231,7 +231,7 @@ def _lock(path: Path, shared: bool = False) -> int | None:
     -1 where no lock can be taken (an unreadable dir, a file system without flock): the caller goes on unguarded,
     as before locks existed."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY)  # a symlinked run dir: its target is held
     except OSError:
         return -1
     try:
