@@ -136,11 +136,25 @@ def refuse_pickles(path: Path) -> None:
                               "never loads pickles (they can run code)", "convert the weights to safetensors")
 
 
+def check_not_mulfree(raw: dict, source: str) -> None:
+    """CheckpointError when a config.json is one of mulfree's own (an MMfree / Transformer++ or packed model):
+    transformers cannot read those, and its own error about it is a paragraph."""
+    from mulfree.models import registry
+
+    if "format" in raw or raw.get("model_type") in registry.NAMES:
+        kind = "packed" if "format" in raw else schema.show(raw.get("model_type"))
+        raise CheckpointError(f"{source} describes a mulfree {kind} model, not a Hugging Face one",
+                              "this command takes Hugging Face causal LMs: a Llama / OPT / GPT-2 dir, a .gguf file "
+                              "or 'smollm2'")
+
+
 def load_hf_config(path: Path):
     """The validated transformers config of an HF dir, after checking that its model fits in memory."""
     tf = _require_transformers()
     source = str(path / "config.json")
-    schema.check_hf_config(schema.require_object(schema.read_json(path / "config.json"), source), source)
+    raw = schema.require_object(schema.read_json(path / "config.json"), source)
+    check_not_mulfree(raw, source)
+    schema.check_hf_config(raw, source)
     try:
         config = tf.AutoConfig.from_pretrained(path, local_files_only=True)
     except LOAD_ERRORS as exc:

@@ -69,7 +69,11 @@ def load_config(src: Path):
     source = str(src / "config.json")
     if not (src / "config.json").is_file():
         raise CheckpointError(f"{src} is not a Hugging Face model dir (no config.json)", "pass a dir saved with save_pretrained")
-    schema.check_hf_config(schema.require_object(schema.read_json(src / "config.json"), source), source)
+    from mulfree.models.pretrained import check_not_mulfree
+
+    raw = schema.require_object(schema.read_json(src / "config.json"), source)
+    check_not_mulfree(raw, source)
+    schema.check_hf_config(raw, source)
     try:
         config = transformers.AutoConfig.from_pretrained(src, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as exc:
