@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mulfree.atomic import atomic_write, atomic_write_json
@@ -209,14 +210,15 @@ def encode(tok, text: str, limit: int | None = None) -> torch.Tensor:
     e.g. a BOS, added once). A text longer than ENCODE_PIECE characters is encoded in pieces, each ending at a lone
     newline between two non-spaces, where byte-level BPE splits anyway: the same ids, in bounded memory (one
     `encode` of a 50 MB text took 9 GB); it stops once `limit` tokens are there."""
-    ids, start = [], 0
+    pieces, count, start = [], 0, 0
     while True:
         cut = _PIECE_END.search(text, start + ENCODE_PIECE)
         end = cut.start() if cut else len(text)
-        ids += tok.encode(text[start:end], add_special_tokens=start == 0).ids
+        pieces.append(np.asarray(tok.encode(text[start:end], add_special_tokens=start == 0).ids, dtype=np.int64))
+        count += len(pieces[-1])
         start = end
-        if start >= len(text) or (limit is not None and len(ids) >= limit):
-            return torch.tensor(ids[:limit], dtype=torch.long)
+        if start >= len(text) or (limit is not None and count >= limit):
+            return torch.from_numpy(np.concatenate(pieces)[:limit])  # 8 bytes a token, not a list of ints
 
 
 def decode(tok, ids) -> str:
