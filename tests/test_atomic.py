@@ -166,8 +166,9 @@ def test_a_dir_another_process_writes_is_refused_and_never_taken_for_stale(tmp_p
     assert remove_stale_temps(tmp_path) == [stale] and temp.is_dir()
 
 
-def test_a_writer_that_is_exiting_is_waited_for(tmp_path, held_by_another_process):
+def test_a_writer_that_is_exiting_is_waited_for(tmp_path, held_by_another_process, monkeypatch):
     held_by_another_process(tmp_path / "run", seconds=0.2)  # as a run killed a moment ago, still exiting
+    monkeypatch.setattr("mulfree.atomic.LOCK_WAIT_S", 10.0)  # the default: room for a slow host
     with exclusive(tmp_path / "run", "training run"):
         pass
 
