@@ -148,8 +148,8 @@ def check_not_mulfree(raw: dict, source: str) -> None:
                               "or 'smollm2'")
 
 
-def load_hf_config(path: Path):
-    """The validated transformers config of an HF dir, after checking that its model fits in memory."""
+def read_hf_config(path: Path):
+    """The validated transformers config of an HF dir (its JSON checked before transformers reads it)."""
     tf = _require_transformers()
     source = str(path / "config.json")
     raw = schema.require_object(schema.read_json(path / "config.json"), source)
@@ -160,7 +160,13 @@ def load_hf_config(path: Path):
     except LOAD_ERRORS as exc:
         raise CheckpointError(f"cannot read {source} ({schema.first_line(exc)})", "check the model dir") from None
     schema.check_hf_config(config, source)
-    schema.check_memory(schema.estimate_model_bytes(config), source)
+    return config
+
+
+def load_hf_config(path: Path):
+    """`read_hf_config`, after which the whole model must fit in memory."""
+    config = read_hf_config(path)
+    schema.check_memory(schema.estimate_model_bytes(config), str(path / "config.json"))
     return config
 
 

@@ -63,23 +63,12 @@ def _parameters_on_meta() -> Iterator[None]:
 
 
 def load_config(src: Path):
-    """The validated transformers config of the HF dir `src`."""
-    import transformers
+    """The validated transformers config of the HF dir `src` (no whole-model memory check: one block at a time)."""
+    from mulfree.models.pretrained import read_hf_config
 
-    source = str(src / "config.json")
     if not (src / "config.json").is_file():
         raise CheckpointError(f"{src} is not a Hugging Face model dir (no config.json)", "pass a dir saved with save_pretrained")
-    from mulfree.models.pretrained import check_not_mulfree
-
-    raw = schema.require_object(schema.read_json(src / "config.json"), source)
-    check_not_mulfree(raw, source)
-    schema.check_hf_config(raw, source)
-    try:
-        config = transformers.AutoConfig.from_pretrained(src, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"cannot read {source} ({schema.first_line(exc)})", "check the model dir") from None
-    schema.check_hf_config(config, source)
-    return config
+    return read_hf_config(src)
 
 
 def skeleton(config) -> nn.Module:
