@@ -158,6 +158,10 @@ class QuantMethod(Protocol):
         """Empty statistics for `layer`'s input."""
         return HessianStats(linear_weight(layer).shape[1])
 
+    def resume_after(self, layers: int) -> None:
+        """Continue a walk whose first `layers` linears an earlier run quantized (`quant.resume`): a method whose
+        layers depend on their index sets it here."""
+
     def assign_bits(self, layers: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> dict[str, int]:
         """Bits per linear of one block from {name: (W, H)}; {} = the method's own width everywhere."""
         return {}

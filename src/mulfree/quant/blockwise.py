@@ -36,7 +36,6 @@ from mulfree.models import schema
 from mulfree.quant import resume
 from mulfree.quant.base import QuantMethod
 from mulfree.quant.config import WalkOptions
-from mulfree.quant.gptq import Incoherence
 from mulfree.quant.qlinear import describe
 from mulfree.quant.shards import SafetensorsDir, ShardWriter
 from mulfree.quant.spill import SPILL_BYTES, Spill
@@ -206,8 +205,7 @@ def quantize_blockwise(
         writer = ShardWriter(tmp, len(blocks) + len(outside_names), progress.shards or None)
         if progress.blocks:
             resume.restore(tmp, progress, stream)
-            if isinstance(getattr(method, "incoherence", None), Incoherence):
-                method.incoherence.layers = len(progress.metas)
+            method.resume_after(len(progress.metas))
         saved_at, save_cost = time.monotonic(), 0.0
         try:
             for bi in tqdm(range(progress.blocks, len(blocks)), desc=f"{method.name} blocks", initial=progress.blocks,

@@ -182,7 +182,7 @@ class Incoherence:
     """Optional randomized Hadamard incoherence processing shared by the Hessian-based methods:
     `hadamard` rotates the input side, `hadamard-out` the output side, `hadamard-io` both. Layer i
     (in quantization order) draws its signs from seed + 2i (input) and seed + 2i + 1 (output); `layers` is the
-    number of layers rotated so far (a resumed walk sets it)."""
+    number of layers rotated so far (its methods' `resume_after` sets it)."""
 
     def __init__(self, kind: str = "none", seed: int = 0):
         if kind not in INCOHERENCE:
@@ -225,6 +225,9 @@ class GPTQ(QuantMethod):
     def config(self) -> dict:
         return {"bits": self.bits, "group_size": self.group, "blocksize": self.blocksize, "percdamp": self.percdamp,
                 **self.incoherence.config()}
+
+    def resume_after(self, layers: int) -> None:
+        self.incoherence.layers = layers  # the Hadamard signs are drawn by layer index
 
     def quantize(self, w: torch.Tensor, h: torch.Tensor | None, bias: torch.Tensor | None, bits: int | None = None):
         from mulfree.quant.qlinear import UniformLinear

@@ -163,6 +163,9 @@ class ShiftAdd(QuantMethod):
         sizes = {name: w.numel() for name, (w, _) in layers.items()}
         return allocate_bits(scores, sizes, self.bits, self.bits + 1, self.mixed_bits)
 
+    def resume_after(self, layers: int) -> None:
+        self.incoherence.layers = layers  # the Hadamard signs are drawn by layer index
+
     def config(self) -> dict:
         return {
             "bits": self.bits,
