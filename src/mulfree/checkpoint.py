@@ -225,15 +225,13 @@ def checkpoint_state(out_dir: Path) -> dict:
 
 
 def checkpoint_model(path: Path) -> tuple[torch.nn.Module, object, Path] | None:
-    """(model in eval mode, tokenizer or None, checkpoint dir) of a training run that has no final model yet (the latest
-    checkpoint its `checkpoint.json` names) or of one of its `ckpt-<step>` dirs, checksums verified; None for
-    any other dir. So a run can be sampled and scored while it trains."""
-    from mulfree.data.text import load_tokenizer
-    from mulfree.models import schema
-    from mulfree.models.io import build_model, load_state, read_weights
+    """(model in eval mode, tokenizer or None, checkpoint dir) of a training run that has no final model yet (the
+    latest checkpoint its `checkpoint.json` names) or of one of its `ckpt-<step>` dirs, checksums verified; None for
+    any other dir (a finished run's final model is loaded as any model dir). So a run can be sampled while it trains."""
+    from mulfree.models.io import model_from
 
     path = Path(path)
-    if (path / CHECKPOINT_POINTER).is_file():
+    if (path / CHECKPOINT_POINTER).is_file() and not (path / "config.json").is_file():
         run, ckpt = path, _checkpoint_dir(path)
     elif _CKPT.match(path.name) and (path / "state.json").is_file():
         run, ckpt = path.parent, path
@@ -243,17 +241,7 @@ def checkpoint_model(path: Path) -> tuple[torch.nn.Module, object, Path] | None:
     state = _check_state(read_json(ckpt / "state.json", hint=_FIX), ckpt / "state.json", int(_CKPT.match(ckpt.name)[1]))
     if "model_config" not in state:
         raise CheckpointError(f"{ckpt / 'state.json'} has no model_config", "load the run's final model once it ends")
-    source = str(ckpt / "state.json")
-    weights = ckpt / "model.safetensors"
-    need = schema.estimate_model_bytes(schema.model_config(state["model_config"], source)) + weights.stat().st_size
-    schema.check_memory(need, source)
-    model = build_model(state["model_config"], source)
-    load_state(model, read_weights(weights, verify=False), str(weights))
-    model.eval()
-    tokenizer = None
-    if (run / TOKENIZER_FILE).is_file():
-        tokenizer = load_tokenizer(run)
-        schema.check_tokenizer(tokenizer, model.config.vocab_size, str(run / TOKENIZER_FILE))
+    model, tokenizer = model_from(state["model_config"], ckpt / "model.safetensors", run, str(ckpt / "state.json"))
     return model, tokenizer, ckpt
 
 

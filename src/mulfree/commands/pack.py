@@ -40,7 +40,7 @@ def _run(args: argparse.Namespace) -> int:
     check_not_inside(args.model, args.out)
     fmt = packed_format(args.format)
     prepare_output(args.out, "packed model", args.overwrite)  # before any work
-    found = None if (Path(args.model) / "config.json").is_file() else checkpoint_model(Path(args.model))
+    found = checkpoint_model(Path(args.model))
     if found is not None:  # a training run that has not finished, or one of its checkpoints
         print(f"note: packing the training checkpoint {found[2]}", file=sys.stderr)
         packed = PackedModel.from_model(found[0], found[1], backend="reference", fmt=fmt.name)

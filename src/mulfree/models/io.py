@@ -108,13 +108,20 @@ def load_model(model_dir: str | Path) -> tuple[nn.Module, Any]:
         raise CheckpointError(f"{weights} is missing", "pass a complete model dir")
     has_tokenizer = (model_dir / TOKENIZER_NAME).is_file()
     integrity.verify(model_dir, [CONFIG_NAME, WEIGHTS_NAME] + [TOKENIZER_NAME] * has_tokenizer)
-    source = str(model_dir / CONFIG_NAME)
+    return model_from(config, weights, model_dir, str(model_dir / CONFIG_NAME))
+
+
+def model_from(config: dict[str, Any], weights: Path, tokenizer_dir: Path, source: str) -> tuple[nn.Module, Any]:
+    """`(model in eval mode, tokenizer or None)` from a model config dict (named `source` in errors), a weights
+    file whose checksum is verified already, and the `tokenizer.json` of `tokenizer_dir` if it has one (checked
+    against the vocabulary). The memory for the model and the tensors read from disk is checked first."""
     need = schema.estimate_model_bytes(schema.model_config(config, source)) + weights.stat().st_size
-    schema.check_memory(need, source)  # the model and the tensors read from disk, before either exists
+    schema.check_memory(need, source)
     model = build_model(config, source)
     load_state(model, read_weights(weights, verify=False), str(weights))
     model.eval()
-    tokenizer = load_tokenizer(model_dir) if has_tokenizer else None
-    if tokenizer is not None:
-        schema.check_tokenizer(tokenizer, model.config.vocab_size, str(model_dir / TOKENIZER_NAME))
+    tokenizer = None
+    if (tokenizer_dir / TOKENIZER_NAME).is_file():
+        tokenizer = load_tokenizer(tokenizer_dir)
+        schema.check_tokenizer(tokenizer, model.config.vocab_size, str(tokenizer_dir / TOKENIZER_NAME))
     return model, tokenizer

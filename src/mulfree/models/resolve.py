@@ -88,10 +88,9 @@ def resolve(model_ref: str, engine: str = "auto", threads: int = 0, scoring: boo
         raise CheckpointError(f"model {model_ref} does not exist", REF_HINT)
     if not path.is_dir():
         raise CheckpointError(f"{model_ref} is neither a model dir nor a .gguf file", REF_HINT)
-    if not (path / "config.json").is_file():
-        found = _training_run(path, engine, threads, scoring, model_ref)
-        if found is not None:
-            return found
+    found = _training_run(path, engine, threads, scoring, model_ref)
+    if found is not None:
+        return found
     config = read_config(path)
     # scoring: a packed dir runs on the packed engine behind the torch interface (PackedLM)
     if (scoring and "format" in config) or pick_engine(config, engine, model_ref) == "packed":
