@@ -367,6 +367,15 @@ def replace_dir(new: Path, path: Path, overwrite: bool = False, kind: str = "out
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def remove_entry(path: Path, ignore_errors: bool = True) -> None:
+    """Remove the file, symlink (not its target) or directory tree `path`; with `ignore_errors` what cannot be
+    removed stays (otherwise the OSError is raised)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+    else:
+        path.unlink(missing_ok=ignore_errors)
+
+
 def remove_stale_temps(directory: str | Path, names: Collection[str] | None = None,
                        keep: Collection[str] = ()) -> list[Path]:
     """Remove the temporary files and directories this tool's writers leave when killed (`.<name>.<8>.tmp`
@@ -384,9 +393,6 @@ def remove_stale_temps(directory: str | Path, names: Collection[str] | None = No
             continue
         if names is not None and m["name"] not in names:
             continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+        remove_entry(entry)
         removed.append(entry)
     return removed

@@ -28,6 +28,7 @@ from mulfree.atomic import (
     dumps_strict,
     is_temp_name,
     prepare_output,
+    remove_entry,
 )
 from mulfree.data.text import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from mulfree.errors import CheckpointError, ConfigError, MulfreeError
@@ -142,10 +143,7 @@ def is_unstarted_run(out_dir: Path) -> bool:
 def clear_unstarted_run(out_dir: Path) -> None:
     """Remove what a run killed before its first checkpoint left (its own files only)."""
     for p in list(out_dir.iterdir()):
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
+        remove_entry(p)
 
 
 def check_run_dir(out_dir: Path, resume: bool, overwrite: bool = False) -> Path:

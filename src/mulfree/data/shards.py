@@ -16,7 +16,6 @@ so a killed run started again with the same command resumes after the last shard
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,14 @@ import torch
 from tqdm import tqdm
 
 from mulfree import integrity
-from mulfree.atomic import atomic_write, atomic_write_json, exclusive, prepare_output, replace_dir
+from mulfree.atomic import (
+    atomic_write,
+    atomic_write_json,
+    exclusive,
+    prepare_output,
+    remove_entry,
+    replace_dir,
+)
 from mulfree.data.text import decode_utf8
 from mulfree.errors import DataError
 
@@ -240,10 +246,7 @@ def _resume_state(work: Path, expect: dict, overwrite: bool) -> dict:
             raise DataError(f"'{work}' holds an interrupted tokenize run of other sources or another tokenizer",
                             "run that command again to finish it, or pass --overwrite to start over")
         for entry in entries:
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+            remove_entry(entry, ignore_errors=False)
     atomic_write_json(work / PROGRESS, {**expect, **fresh})
     return fresh
 
