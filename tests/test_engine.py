@@ -218,6 +218,30 @@ def test_sampling_is_seeded(model, ids):
     assert a == b and len(a) == 12 and seen == c
 
 
+def test_threads_generating_at_once_get_their_own_sequences(model):
+    # generate used to run on the shared self.state: four threads at once got each other's tokens
+    import threading
+
+    pm = PackedModel.from_model(model)
+    prompts = [[1, 2, 3, 4, 5], [100, 200], [7] * 40, [250, 251, 252]]
+    alone = [pm.generate(p, 16, temperature=1.0, seed=i) for i, p in enumerate(prompts)]
+    pm.forward([9, 9])
+    kept = pm.state.clone()
+    together: list[list[list[int]]] = [[] for _ in prompts]
+
+    def run(i: int) -> None:
+        for _ in range(4):
+            together[i].append(pm.generate(prompts[i], 16, temperature=1.0, seed=i))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == [[a] * 4 for a in alone]
+    assert torch.equal(pm.state, kept)  # generate leaves the forward() sequence alone
+
+
 def test_save_load_round_trip_and_unpacked_dir(model, ids, tmp_path):
     save_model(model, tmp_path / "m")
     pm = PackedModel.load(tmp_path / "m")  # an ordinary model dir is packed in memory

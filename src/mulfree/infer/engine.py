@@ -345,7 +345,8 @@ class PackedModel:
         """Prefill `ids` from a fresh state, then decode up to `max_new_tokens`; returns the new token ids.
 
         Greedy when temperature == 0; otherwise samples with top-k / top-p from a generator seeded by `seed`.
-        `on_token` receives each new id as soon as it is chosen.
+        `on_token` receives each new id as soon as it is chosen. The sequence's state is the call's own (`self.state`
+        is left alone), so several threads may generate at once; their engine calls take turns.
         """
         from mulfree.generation import check_lengths
         from mulfree.ops.sampling import sample_next
@@ -359,11 +360,11 @@ class PackedModel:
                                          or not 0 <= eos_token_id < vocab):
             raise ValueError(f"eos_token_id must be an id in [0, {vocab}), got {eos_token_id!r}")
         gen = torch.Generator().manual_seed(seed)
-        self.reset()
         out: list[int] = []
         if max_new_tokens == 0:
             return out
-        logits = self.forward(ids)
+        state = self.new_state()
+        logits = self._run(ids, state, False)
         for i in range(max_new_tokens):
             token = int(sample_next(logits, temperature, top_k or None, top_p, gen)[0])
             out.append(token)
@@ -371,7 +372,7 @@ class PackedModel:
                 on_token(token)
             if token == eos_token_id or i == max_new_tokens - 1:
                 break
-            logits = self.forward([token])
+            logits = self._run(torch.tensor([token]), state, False)
         return out
 
 
