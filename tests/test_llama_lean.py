@@ -10,13 +10,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from mulfree.infer.kv_batch import decode_kv_batch  # noqa: E402
-from mulfree.kernels import available_backends  # noqa: E402
-from mulfree.models.hf_adapter import HFCausalLM  # noqa: E402
-from mulfree.models.llama import LlamaLM, supports  # noqa: E402
-from mulfree.ops.hadamard import RandomHadamard  # noqa: E402
-from mulfree.ops.powers import apot_round  # noqa: E402
-from mulfree.quant.qlinear import ShiftAddLinear  # noqa: E402
+from mulfree.infer.kv_batch import decode_kv_batch
+from mulfree.kernels import available_backends
+from mulfree.models.llama import LlamaLM, supports
+from mulfree.ops.hadamard import RandomHadamard
+from mulfree.ops.powers import apot_round
+from mulfree.quant.qlinear import ShiftAddLinear
 
 PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
                ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
@@ -112,7 +111,7 @@ def test_native_decode_forks_and_foreign_states():
         _, s0 = model(ids[:, :8])
         first, s1 = model(ids[:, 8:9], s0)
         kept = [(k.clone(), v.clone()) for k, v in s1]
-        again, s1b = model(ids[:, 8:9], s0)
+        again, _ = model(ids[:, 8:9], s0)
         torch.testing.assert_close(again, first, rtol=0, atol=0)
         for (k, v), (kk, vv) in zip(s1, kept):
             assert torch.equal(k, kk) and torch.equal(v, vv)
@@ -120,6 +119,32 @@ def test_native_decode_forks_and_foreign_states():
         theirs, _ = other(ids[:, 8:9], s0)
         torch.testing.assert_close(theirs, first, rtol=0, atol=0)
         assert s0[0][0].shape[2] == 8
+
+
+@pytest.mark.skipif("scalar" not in available_backends(), reason="extension not built")
+def test_threads_decoding_through_one_model_get_their_own_sequences():
+    """The native decoder's KV buffers are one model's: four threads generating at once took each other's (and
+    wrote the others' keys) before steps took turns."""
+    import threading
+
+    from mulfree.generation import generate
+
+    model = LlamaLM(_lut_llama(16, False))
+    prompts = [torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n)) for n in (3, 9, 17, 30)]
+    alone = [generate(model, p, 24) for p in prompts]
+    together: list[list[torch.Tensor]] = [[] for _ in prompts]
+
+    def run(i: int) -> None:
+        for _ in range(3):
+            together[i].append(generate(model, prompts[i], 24))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, outs in zip(alone, together):
+        assert len(outs) == 3 and all(torch.equal(o, a) for o in outs)
 
 
 @pytest.mark.skipif("scalar" not in available_backends(), reason="extension not built")

@@ -115,6 +115,33 @@ def test_ymm_panel_gemm_int16_bound(backend):
 
 
 @needs_ext
+@needs_ext
+def test_two_callers_on_one_pool_get_their_own_results():
+    # the pool's region state is one caller's: two Python threads (or two engines) calling at once used to get
+    # each other's chunks, or hang
+    import threading
+
+    g = torch.Generator().manual_seed(7)
+    jobs = []
+    for t_, n, k in [(4, 2048, 512), (1, 2048, 300)]:  # many chunks a region, long enough calls (scalar) to overlap
+        w = _trits(n, k, g)
+        q = torch.randint(-128, 128, (t_, k), generator=g, dtype=torch.int8)
+        jobs.append((pack_ternary(w), n, q, (q.long() @ w.long().T).int()))
+    wrong = [0, 0]
+
+    def run(i: int) -> None:
+        packed, n, q, expect = jobs[i]
+        for _ in range(200):
+            wrong[i] += not torch.equal(K.ternary_matmul(packed, n, q, backend=COMPILED[0], threads=2), expect)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(2)]  # a hung one is left
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads) and wrong == [0, 0]
+
+
 def test_ternary_matmul_extreme_values_all_backends():
     k = 4096  # long rows of +-1 x -128 stress int16 / int32 partial sums
     w = torch.ones(8, k, dtype=torch.int8)

@@ -10,10 +10,13 @@ With LUT-kernel layers (`ShiftAddLinear`, Latency mode) the torch ops between th
 and the kernels on all (`kernels.use_threads`); the head gets every thread again. When every projection
 is such a layer (an fp32 model quantized with `--mode lat`), a single sequence's decode step runs all
 blocks in one native call (`_cpu.ShiftAddLlama`, kernels/cpu/shiftadd_llama.cpp) on KV buffers that grow
-by doubling; the state it returns is views of them, and a state it did not make is copied in first.
+by doubling; the state it returns is views of them, and a state it did not make is copied in first. Threads
+decoding through one model take turns on the buffers (each then copies its own state in).
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +128,7 @@ class _NativeDecode:
         self.keys: list[torch.Tensor] = []  # per block fp32 [1, H_kv, capacity, Dh]
         self.values: list[torch.Tensor] = []
         self.length = -1  # positions filled in the buffers (-1: no buffers yet)
+        self.turn = threading.Lock()  # the buffers serve one step at a time
 
     @classmethod
     def build(cls, lm: LlamaLM) -> _NativeDecode | None:
@@ -149,6 +153,10 @@ class _NativeDecode:
 
     def step(self, input_ids: torch.Tensor, state: KVCache, positions: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
         """One token of one sequence: the native blocks, then the model's own final norm and head."""
+        with self.turn:
+            return self._step(input_ids, state, positions)
+
+    def _step(self, input_ids: torch.Tensor, state: KVCache, positions: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
         past = state[0][0].shape[2]
         if not (self.length == past and self.keys and state[0][0].data_ptr() == self.keys[0].data_ptr()):
             self._adopt(state, past)

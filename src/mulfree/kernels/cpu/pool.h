@@ -43,11 +43,17 @@ class Pool {
   // on a worker.
   static int64_t likely_next(int64_t c) { return c + claim_step(); }
 
-  // Calls fn(c) for every c in [0, nchunks) across the threads; returns when all are done.
+  // Calls fn(c) for every c in [0, nchunks) across the threads; returns when all are done. Callers on several
+  // threads (two Python threads, two engines) take turns: a region's state belongs to one caller.
   template <class F>
   void run_chunks(int64_t nchunks, F &&fn, bool linger = true) {
     if (nchunks <= 0) return;
-    if (n_ == 1 || nchunks == 1 || Clock::now() < solo_until_) {
+    if (n_ == 1 || nchunks == 1) {
+      for (int64_t c = 0; c < nchunks; ++c) fn(c);
+      return;
+    }
+    std::lock_guard<std::mutex> turn(caller_mu_);
+    if (Clock::now() < solo_until_) {
       for (int64_t c = 0; c < nchunks; ++c) fn(c);
       return;
     }
@@ -174,6 +180,7 @@ class Pool {
   std::atomic<int> sleepers_{0};
   std::atomic<int> spins_{kLingerSpins};  // the last region's linger
   std::mutex mu_;
+  std::mutex caller_mu_;  // held by the thread whose regions run now
   std::condition_variable cv_;
 };
 

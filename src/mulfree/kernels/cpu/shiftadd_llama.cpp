@@ -11,6 +11,7 @@
 #include <nanobind/stl/vector.h>
 
 #include <cmath>
+#include <mutex>
 #include <vector>
 
 namespace {
@@ -92,6 +93,7 @@ class LutLlama {
             len < 0 || len >= (int64_t)c->shape(1))
           throw std::invalid_argument("LutLlama.step: caches must be [kv_heads, cap > len, head_dim]");
     nb::gil_scoped_release release;
+    std::lock_guard<std::mutex> turn(busy_);
     Pool &pool = get_pool(std::max(1, threads));
     float *h = x.data();
     buf_.resize(D_ + (H_ + 2 * Hkv_) * Dh_ + H_ * Dh_ + D_ + 2 * I_ + H_ * (len + 1));
@@ -151,7 +153,8 @@ class LutLlama {
   std::vector<const LutLayer *> layers_;
   std::vector<nb::object> held_;  // keeps the Python ShiftAddWeights (and their tensors) alive
   std::vector<std::vector<Arr<const float>>> norms_;
-  std::vector<float> buf_;
+  std::vector<float> buf_;  // a step's scratch: one step at a time (busy_)
+  std::mutex busy_;
 };
 
 }  // namespace
