@@ -342,3 +342,51 @@ def test_a_dead_decode_loop_shows_in_health(tmp_path):
             assert r.status_code == 503 and "error" in r.json()
     finally:
         run.stop()
+
+
+def test_an_api_key_guards_the_v1_routes_only(tmp_path):
+    model, tok = load_model(tiny_model_dir(tmp_path / "m"))
+    batcher = ContinuousBatcher(TorchStepModel(model), max_batch=2)
+    run = Running(Server(batcher, tok, "m", context_limit=context_limit(model), request_timeout_s=5,
+                         max_body_bytes=64 * 1024, api_key="k3y-Secret"))
+    try:
+        good = openai.OpenAI(base_url=run.url + "/v1", api_key="k3y-Secret", timeout=20, max_retries=0)
+        out = good.completions.create(model="m", prompt="To be", max_tokens=4, temperature=0)
+        assert out.choices[0].text == greedy(model, tok, "To be", 4)
+        assert [m.id for m in good.models.list()] == ["m"]
+        for key in ("k3y-secret", "k3y-Secret-", "x"):  # case, a longer one, another
+            bad = openai.OpenAI(base_url=run.url + "/v1", api_key=key, timeout=20, max_retries=0)
+            with pytest.raises(openai.AuthenticationError) as err:
+                bad.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+            assert err.value.body == {"message": "incorrect API key", "type": "invalid_request_error", "param": None,
+                                      "code": "invalid_api_key"}
+        with httpx.Client(timeout=10) as c:
+            for headers in ({}, {"authorization": "Basic k3y-Secret"}, {"authorization": "Bearer"},
+                            {"authorization": b"Bearer \xff\xfe"}):
+                r = c.get(run.url + "/v1/models/m", headers=headers)
+                assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+                assert r.json()["error"]["code"] == "invalid_api_key"
+            # refused before the body is read: an unauthorized 1 MB body is a 401, not a 413
+            r = c.post(run.url + "/v1/completions", content=b"x" * (1 << 20), headers={"authorization": "Bearer no"})
+            assert r.status_code == 401
+            assert c.get(run.url + "/health").status_code == 200 and c.head(run.url + "/metrics").status_code == 200
+            r = c.get(run.url + "/v1/models", headers={"authorization": "bearer  k3y-Secret"})  # any case, spaces
+            assert r.status_code == 200
+    finally:
+        run.stop()
+
+
+def test_api_key_sources_and_bad_keys():
+    from mulfree.commands.serve import ServeConfig, api_key, is_loopback
+    from mulfree.errors import ConfigError
+
+    assert api_key(ServeConfig(), {}) is None
+    assert api_key(ServeConfig(), {"MULFREE_API_KEY": "abc"}) == "abc"
+    assert api_key(ServeConfig(api_key="flag"), {"MULFREE_API_KEY": "env"}) == "flag"
+    with pytest.raises(ConfigError, match=r"\$MULFREE_API_KEY must be 1 to 1024 visible ASCII"):
+        api_key(ServeConfig(), {"MULFREE_API_KEY": ""})  # set but empty: never silently no key
+    for bad in ("a b", "", "é", "x" * 1025, "tab\there"):
+        with pytest.raises(ConfigError, match="--api-key must be"):
+            ServeConfig(api_key=bad)
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4") and not is_loopback("example.com")

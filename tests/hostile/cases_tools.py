@@ -103,6 +103,10 @@ _FLAGS = [  # (id, what, argv, expected error): refused before any model is read
     ("serve-engine-unknown", "serve --engine gpu", ("serve", "--model", "{model}", "--engine", "gpu"), "--engine"),
     ("serve-host-foreign", "serve --host 192.0.2.1 (an address of no local interface)",
      ("serve", "--model", "{model}", "--host", "192.0.2.1", "--port", "8765"), "cannot listen"),
+    ("serve-api-key-space", "serve --api-key 'my key' (a space: no client could send it)",
+     ("serve", "--model", "{model}", "--api-key", "my key"), "--api-key must be 1 to 1024 visible ASCII"),
+    ("serve-api-key-empty", "serve --api-key '' (an empty key, never 'no key')",
+     ("serve", "--model", "{model}", "--api-key", ""), "--api-key must be 1 to 1024 visible ASCII"),
 ]
 CASES = [Case(id_, what, argv, expect, setup=d.qdir() if id_ == "lmeval-quantized-dir" else None)
           for id_, what, argv, expect in _FLAGS]

@@ -89,6 +89,15 @@ Besides these cases:
   (`/health` answers a fresh connection within 1 s, a completion succeeds, every one is closed a
   `--header-timeout` later), a half head sent after a first response (closed), a body that never arrives
   (408 JSON, closed) and a client that leaves mid-body (no traceback in the log).
+  With an API key (`$MULFREE_API_KEY` or `--api-key`): no `Authorization` header, `Basic` auth, an empty
+  bearer, a wrong key, a key in another case, a longer one, non-ASCII header bytes, a 1 MB body with a wrong key
+  (refused before it is read) → 401 JSON, `invalid_api_key`; a key set but empty or with spaces stops the server
+  at start-up (`tests/test_serve_api.py`).
+- **Threads sharing a model** (a deployer's own threaded app): four threads generating through one packed
+  model got each other's tokens; two engines (or kernels) called from two threads at once got each other's chunks,
+  crashed or hung; threads generating through one 3-bit ShiftAdd Lat. SmolLM2 hung. Each call now runs on its own
+  state and callers take turns on the thread pool (`tests/test_engine.py`, `tests/test_ternary_kernels.py`,
+  `tests/test_llama_lean.py`).
 - **Loader fidelity**: `tests/test_official_fidelity.py` converts a tiny official-format `hgrn_bit` checkpoint
   (rms_norm_eps 1e-5, two heads, right padding and a mask hole) and matches an independent plain-torch
   reference of the official forward written in the test to 8.9e-8 (bound 1e-5).

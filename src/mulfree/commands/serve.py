@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -10,6 +11,7 @@ from mulfree.commands.flags import MODEL_HELP, add_flags, from_args
 from mulfree.errors import ConfigError
 
 MAX_BATCH = 1024  # sequences decoded together: each holds a state and a sampling generator
+API_KEY_ENV = "MULFREE_API_KEY"
 
 
 @dataclass
@@ -51,6 +53,9 @@ class ServeConfig:
                                                      "gt": 0, "max": 3600})
     shutdown_timeout: float = field(default=30.0, metadata={
         "help": "seconds SIGTERM waits for running requests before it ends them (503)", "min": 0, "max": 3600})
+    api_key: str | None = field(default=None, metadata={
+        "help": f"require 'Authorization: Bearer KEY' on the /v1 routes (401 otherwise; default: ${API_KEY_ENV} if "
+                "set, which keeps the key out of the process list; /health and /metrics stay open)"})
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_batch <= MAX_BATCH or not 0 < self.port < 65536:
@@ -59,6 +64,35 @@ class ServeConfig:
             raise ConfigError(f"--seed {self.seed} is out of range", "use 0..2^63-1")
         if not valid_host(self.host):
             raise ConfigError(f"--host {self.host!r} is not an IP address or host name", "e.g. --host 127.0.0.1")
+        if self.api_key is not None:
+            check_api_key(self.api_key, "--api-key")
+
+
+def check_api_key(key: str, source: str) -> None:
+    """A key a client can send in a header as is: 1 to 1024 visible ASCII characters."""
+    import re
+
+    if not re.fullmatch(r"[\x21-\x7e]{1,1024}", key):
+        raise ConfigError(f"{source} must be 1 to 1024 visible ASCII characters (no spaces), got {len(key)} "
+                          "characters", "e.g. a key from `python -c 'import secrets; print(secrets.token_urlsafe())'`")
+
+
+def api_key(cfg: ServeConfig, environ: Mapping[str, str]) -> str | None:
+    """The key clients must send: --api-key, else $MULFREE_API_KEY (set but empty is an error, not 'no key')."""
+    if cfg.api_key is not None or API_KEY_ENV not in environ:
+        return cfg.api_key
+    check_api_key(environ[API_KEY_ENV], f"${API_KEY_ENV}")
+    return environ[API_KEY_ENV]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine's loopback interface only."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.rstrip(".").lower() == "localhost"
 
 
 def valid_host(host: str) -> bool:
@@ -107,6 +141,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import os
     import signal
     import sys
     from pathlib import Path
@@ -123,7 +158,11 @@ def _run(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError as exc:
         raise MulfreeError(f"{exc.name} is not installed", "pip install 'mulfree[serve]'") from exc
+    key = api_key(cfg, os.environ)
     check_bind(cfg.host, cfg.port)
+    if key is None and not is_loopback(cfg.host):
+        print(f"warning: serving on {cfg.host} without an API key: anyone who reaches port {cfg.port} can use the "
+              f"model (set ${API_KEY_ENV} or --api-key)", file=sys.stderr)
     step_model, loaded = _load(args.model, cfg)
     batcher = ContinuousBatcher(step_model, max_batch=cfg.max_batch, eos_token_id=loaded.eos_token_id,
                                 max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk)
@@ -131,7 +170,7 @@ def _run(args: argparse.Namespace) -> int:
                  max_prompt_tokens=cfg.max_prompt_tokens, max_body_bytes=cfg.max_body_bytes,
                  request_timeout_s=cfg.request_timeout, default_max_tokens=cfg.max_tokens, fixed_seed=cfg.seed,
                  max_new_tokens=cfg.max_tokens_limit, chat_template=load_chat_template(loaded.files_dir),
-                 body_timeout_s=cfg.header_timeout)
+                 body_timeout_s=cfg.header_timeout, api_key=key)
     files = raise_fd_limit()
     # uvicorn drains on SIGTERM, then re-raises it: exit 0 rather than die of the signal
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

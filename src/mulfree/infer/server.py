@@ -8,6 +8,7 @@ event loop through `call_soon_threadsafe` (no thread per token)."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import secrets
 import time
@@ -16,7 +17,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -98,7 +99,7 @@ class Server:
                  max_prompt_tokens: int | None = None, max_body_bytes: int = 1 << 20,
                  request_timeout_s: float | None = 600.0, default_max_tokens: int = 256,
                  fixed_seed: int | None = None, max_new_tokens: int = 4096, chat_template: Any = None,
-                 body_timeout_s: float = 10.0):
+                 body_timeout_s: float = 10.0, api_key: str | None = None):
         self.batcher, self.tok, self.model_name = batcher, tokenizer, model_name
         self.context_limit, self.max_prompt_tokens = context_limit, max_prompt_tokens
         self.max_body_bytes, self.timeout_s, self.body_timeout_s = max_body_bytes, request_timeout_s, body_timeout_s
@@ -108,6 +109,19 @@ class Server:
         self.created = int(time.time())
         self.vocab = tokenizer.get_vocab_size()
         self.metrics = Metrics(batcher)
+        self.api_key = api_key  # None: no key asked for
+
+    def authorize(self, request: Request) -> None:
+        """401 unless the request carries 'Authorization: Bearer <the key>' (compared in constant time), when a key
+        is set; before the body is read."""
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(401, "no API key: send it as 'Authorization: Bearer KEY' (the OpenAI clients' api_key)",
+                           code="invalid_api_key")
+        if not hmac.compare_digest(token.strip().encode("latin-1"), self.api_key.encode("ascii")):
+            raise ApiError(401, "incorrect API key", code="invalid_api_key")
 
     def token_text(self, token: int) -> str:
         """One token as text for logprobs; a partial UTF-8 sequence as its (unique) vocabulary entry."""
@@ -337,6 +351,8 @@ def build_app(srv: Server) -> FastAPI:
         response = error_response(exc.status, str(exc), exc.kind, exc.param, exc.code)
         if exc.status == 408:  # the rest of the body may still arrive: not a connection to keep
             response.headers["connection"] = "close"
+        elif exc.status == 401:
+            response.headers["www-authenticate"] = "Bearer"  # RFC 6750
         return response
 
     @app.exception_handler(StarletteHTTPException)
@@ -349,22 +365,23 @@ def build_app(srv: Server) -> FastAPI:
         return error_response(500, f"internal error: {type(exc).__name__}", "server_error")
 
     card = ModelCard(id=srv.model_name, created=srv.created)
+    keyed = [Depends(srv.authorize)]  # the /v1 routes; /health and /metrics stay open to probes and scrapers
 
-    @app.api_route("/v1/models", methods=["GET", "HEAD"])
+    @app.api_route("/v1/models", methods=["GET", "HEAD"], dependencies=keyed)
     async def models() -> dict:
         return ModelList(data=[card]).model_dump()
 
-    @app.api_route("/v1/models/{model_id:path}", methods=["GET", "HEAD"])
+    @app.api_route("/v1/models/{model_id:path}", methods=["GET", "HEAD"], dependencies=keyed)
     async def model(model_id: str) -> dict:
         if model_id != srv.model_name:
             raise ApiError(404, f"The model '{shown(model_id)}' does not exist", param="model", code="model_not_found")
         return card.model_dump()
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=keyed)
     async def completions(request: Request) -> Response:
         return await complete(srv, request, chat=False)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=keyed)
     async def chat_completions(request: Request) -> Response:
         return await complete(srv, request, chat=True)
 
