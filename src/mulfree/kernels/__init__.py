@@ -8,6 +8,7 @@ kernel; this package imports nothing else from mulfree.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -66,13 +67,17 @@ def backend() -> str:
     return avail[-1]
 
 
-_threads_override: int | None = None
+_override = threading.local()  # the calling thread's innermost `use_threads` kernel count
+_torch_turn = threading.Lock()
+_torch_users = 0  # open `use_threads` contexts that set torch's thread count, on any thread
+_torch_saved = 1  # torch's thread count before the first of them
 
 
 def kernel_threads() -> int:
-    """Threads our kernels use now: the innermost `use_threads` value, else torch's thread count."""
-    if _threads_override is not None:
-        return _threads_override
+    """Threads our kernels use now: this thread's innermost `use_threads` value, else torch's thread count."""
+    value = getattr(_override, "kernels", None)
+    if value is not None:
+        return value
     import torch
 
     return torch.get_num_threads()
@@ -84,17 +89,27 @@ def use_threads(kernels: int, torch_ops: int | None = None) -> Iterator[None]:
 
     Two pools that both spin on a 2-core host slow each other down when a decode step alternates
     between them hundreds of times (docs/shiftadd.md): a decode loop of tiny torch ops runs them on one
-    thread and keeps both cores for the LUT kernels.
+    thread and keeps both cores for the LUT kernels. The kernel count is per calling thread; torch's count is
+    one per process, so it goes back to its value before the first context when the last one ends (threads
+    restoring each other's values in turn left it at one thread for good).
     """
     import torch
 
-    global _threads_override
-    saved, saved_torch = _threads_override, torch.get_num_threads()
-    _threads_override = max(1, kernels)
+    global _torch_users, _torch_saved
+    saved = getattr(_override, "kernels", None)
+    _override.kernels = max(1, kernels)
     if torch_ops is not None:
-        torch.set_num_threads(max(1, torch_ops))
+        with _torch_turn:
+            if _torch_users == 0:
+                _torch_saved = torch.get_num_threads()
+            _torch_users += 1
+            torch.set_num_threads(max(1, torch_ops))
     try:
         yield
     finally:
-        _threads_override = saved
-        torch.set_num_threads(saved_torch)
+        _override.kernels = saved
+        if torch_ops is not None:
+            with _torch_turn:
+                _torch_users -= 1
+                if _torch_users == 0:
+                    torch.set_num_threads(_torch_saved)
