@@ -360,6 +360,8 @@ def test_an_api_key_guards_the_v1_routes_only(tmp_path):
                 bad.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
             assert err.value.body == {"message": "incorrect API key", "type": "invalid_request_error", "param": None,
                                       "code": "invalid_api_key"}
+            with pytest.raises(openai.AuthenticationError):
+                bad.responses.create(model="m", input="hi", max_output_tokens=2)
         with httpx.Client(timeout=10) as c:
             for headers in ({}, {"authorization": "Basic k3y-Secret"}, {"authorization": "Bearer"},
                             {"authorization": b"Bearer \xff\xfe"}):
@@ -390,3 +392,68 @@ def test_api_key_sources_and_bad_keys():
             ServeConfig(api_key=bad)
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4") and not is_loopback("example.com")
+
+
+def test_responses_api_equals_chat_and_streams_the_same_text(served):
+    from mulfree.infer.protocol import ChatMessage, chat_prompt
+
+    _run, client, model, tok = served
+    r = client.responses.create(model="tiny", input="To be", max_output_tokens=6, temperature=0)
+    expect = greedy(model, tok, chat_prompt([ChatMessage(role="user", content="To be")]), 6)
+    assert r.output_text == expect and r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.usage.output_tokens == 6 and r.usage.total_tokens == r.usage.input_tokens + 6 and r.model == "tiny"
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "To be"}], max_tokens=6,
+                                          temperature=0)
+    assert chat.choices[0].message.content == expect  # one prompt, one batcher job: the same text
+    events = list(client.responses.create(model="tiny", input="To be", max_output_tokens=6, temperature=0,
+                                          stream=True))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.incomplete"]
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == expect
+    assert events[-1].response.output_text == expect and events[-1].response.id == events[0].response.id
+    # instructions and earlier turns, as the chat template sees them
+    turns = [{"role": "user", "content": "Whether"}, {"role": "assistant", "content": [{"type": "output_text",
+                                                                                          "text": "tis"}]},
+             {"role": "user", "content": [{"type": "input_text", "text": "nobler"}]}]
+    r = client.responses.create(model="tiny", instructions="Speak.", input=turns, max_output_tokens=5, temperature=0)
+    msgs = [ChatMessage(role=m, content=c) for m, c in
+            [("system", "Speak."), ("user", "Whether"), ("assistant", "tis"), ("user", "nobler")]]
+    assert r.output_text == greedy(model, tok, chat_prompt(msgs), 5)
+
+
+def test_responses_api_refuses_what_it_cannot_do(served):
+    _run, client, _model, _tok = served
+    cases = [({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools are not supported"),
+             ({"store": True}, "not stored here"), ({"previous_response_id": "resp_1"}, "not stored here"),
+             ({"input": []}, "input: List should have at least 1 item"),
+             ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}]},
+              "input.0.content.0.type"),
+             ({"max_output_tokens": 0}, "max_output_tokens"), ({"reasoning": {"effort": "high"}}, "reasoning"),
+             ({"text": {"format": {"type": "json_object"}}}, "text.format"), ({"input": 7}, "input: should be")]
+    for extra, needle in cases:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.responses.create(**{"model": "tiny", "input": "x", "max_output_tokens": 2, **extra})
+        assert needle in err.value.body["message"], (extra, err.value.body)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="other", input="x")
+    assert client.responses.create(model="tiny", input="x", max_output_tokens=2, store=False).output_text is not None
+
+
+def test_response_objects_and_events_fit_the_official_schema():
+    """Every object the endpoint sends, validated strictly by the openai package's own models."""
+    from openai.types.responses import Response, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    from mulfree.infer.responses import Reply, ResponsesRequest
+
+    reply = Reply(ResponsesRequest(model="m", input="x", metadata={"k": "v"}), "m")
+    for status in ("completed", "incomplete"):
+        done = Response.model_validate(reply.response(status, "hi", (3, 2)), strict=True)
+        assert done.output_text == "hi" and done.usage.total_tokens == 5 and done.metadata == {"k": "v"}
+    events = TypeAdapter(list[ResponseStreamEvent]).validate_python(
+        reply.opening() + [reply.delta("h"), reply.delta("i")] + reply.closing("hi", "completed", (3, 2)))
+    assert events[-1].type == "response.completed" and events[-1].response.status == "completed"

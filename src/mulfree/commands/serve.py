@@ -131,7 +131,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",
-        description="Serves /v1/models, /v1/completions and /v1/chat/completions (streaming with \"stream\": true), "
+        description="Serves /v1/models, /v1/completions, /v1/chat/completions and /v1/responses (streaming with "
+        "\"stream\": true), "
         "/health and /metrics (Prometheus). MMfree models decode all live requests in one batched step "
         "(continuous batching).",
     )

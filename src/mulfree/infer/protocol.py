@@ -149,7 +149,18 @@ ACCEPTS = {
     "prompt": "a string, a list of strings, a list of token ids (integers >= 0) or a list of such lists",
     "stop": "a string or a list of at most 4 strings",
     "content": 'a string, a list of text parts ({"type": "text", "text": ...}) or null',
+    "input": 'a string or a list of messages ({"role": ..., "content": a string or a list of '
+             '{"type": "input_text", "text": ...} parts})',
 }
+
+
+class ApiError(Exception):
+    """An error answered as {"error": {message, type, param, code}} with an HTTP status."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.param, self.code = status, kind, param, code
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,

@@ -1,5 +1,6 @@
 """OpenAI-compatible HTTP API (FastAPI on uvicorn) over the continuous batcher: `/v1/models[/{id}]`,
-`/v1/completions`, `/v1/chat/completions` (SSE streaming), `/health`, `/metrics`. Run it with `mulfree serve`.
+`/v1/completions`, `/v1/chat/completions`, `/v1/responses` (SSE streaming), `/health`, `/metrics`. Run it with
+`mulfree serve`.
 
 Every bad input is a 4xx OpenAI-style JSON error; bodies are size-checked while they arrive; a client that
 goes away cancels its sequences before the next decode step; tokens cross from the batcher thread to the
@@ -24,10 +25,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from mulfree.infer.batching import ContinuousBatcher, QueueFull, SamplingParams
-from mulfree.infer.detok import ChoiceText
+from mulfree.infer.batching import ContinuousBatcher
+from mulfree.infer.jobs import Job
 from mulfree.infer.metrics import Metrics
 from mulfree.infer.protocol import (
+    ApiError,
     ChatRequest,
     CompletionRequest,
     ModelCard,
@@ -40,17 +42,9 @@ from mulfree.infer.protocol import (
     logprob_count,
     seed64,
 )
+from mulfree.infer.responses import Reply, ResponsesRequest
 
 MAX_CHOICES = 64  # completions one request may ask for (prompts x n)
-
-
-class ApiError(Exception):
-    """An error answered as {"error": {message, type, param, code}} with an HTTP status."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.kind, self.param, self.code = status, kind, param, code
 
 
 def shown(value: str, limit: int = 100) -> str:
@@ -123,6 +117,11 @@ class Server:
         if not hmac.compare_digest(token.strip().encode("latin-1"), self.api_key.encode("ascii")):
             raise ApiError(401, "incorrect API key", code="invalid_api_key")
 
+    def seed(self, asked: int | None) -> int:
+        """The first choice's sampling seed: the request's, else the server's fixed one, else a fresh random one."""
+        seed = asked if asked is not None else self.fixed_seed
+        return seed64(seed) if seed is not None else secrets.randbits(63)
+
     def token_text(self, token: int) -> str:
         """One token as text for logprobs; a partial UTF-8 sequence as its (unique) vocabulary entry."""
         text = self.tok.decode([token])
@@ -189,79 +188,17 @@ async def complete(srv: Server, request: Request, chat: bool) -> Response:
     asked = getattr(body, "max_completion_tokens", None)
     asked = body.max_tokens if asked is None else asked
     budgets = [srv.budget(asked, len(p)) for p in ids]
-    seed = body.seed if body.seed is not None else srv.fixed_seed
-    base = seed64(seed) if seed is not None else secrets.randbits(63)
-    temperature = 1.0 if body.temperature is None else body.temperature
-    top_p = body.top_p if body.top_p is not None and body.top_p < 1.0 else None
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue[tuple[int, int | None]] = asyncio.Queue()
-    texts, reqs = [], []
-    total = len(ids) * body.n
-    try:
-        for k in range(total):
-            params = SamplingParams(max_new_tokens=budgets[k // body.n], temperature=temperature, top_k=body.top_k,
-                                    top_p=top_p, seed=base if k == 0 else seed64(base * 1_000_003 + k),
-                                    logprobs=logprob_count(body))
-            sink = _sink(loop, events, k)
-            reqs.append(srv.batcher.submit(ids[k // body.n], params, sink=sink, timeout_s=srv.timeout_s,
-                                           reserve=total - k))
-            texts.append(ChoiceText(srv.tok, body.stops))
-    except QueueFull as exc:
-        for r in reqs:
-            r.cancel()
-        raise ApiError(429, f"server busy: {exc}", kind="rate_limit_error", code="queue_full") from None
-    except RuntimeError as exc:
-        for r in reqs:
-            r.cancel()
-        raise ApiError(503, str(exc), kind="server_error") from None
+    job = Job(srv, ids, budgets, body.n, temperature=1.0 if body.temperature is None else body.temperature,
+              top_k=body.top_k, top_p=body.top_p if body.top_p is not None and body.top_p < 1.0 else None,
+              seed=srv.seed(body.seed), stops=body.stops, logprobs=logprob_count(body),
+              endpoint="chat" if chat else "completions")
+    texts, reqs, total = job.texts, job.reqs, job.total
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     meta = {"id": rid, "created": int(time.time()), "model": srv.model_name}
-    start = time.monotonic()
-    endpoint = "chat" if chat else "completions"
-    srv.metrics.prompt_tokens.inc(sum(len(p) for p in ids))
 
     def usage() -> dict[str, int]:
-        done = sum(t.used for t in texts)
-        prompt = sum(len(p) for p in ids)
+        prompt, done = job.prompt_tokens, job.completion_tokens
         return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
-
-    async def drive() -> AsyncIterator[tuple[int, str, bool]]:
-        """(choice index, new text, finished) as text becomes safe to send; ends when every choice is finished."""
-        pending, first = set(range(total)), True
-        deadline = None if srv.timeout_s is None else start + srv.timeout_s + 5.0  # the batcher's own bound, plus slack
-        try:
-            while pending:
-                left = None if deadline is None else deadline - time.monotonic()
-                try:
-                    k, token = await asyncio.wait_for(events.get(), left)
-                except TimeoutError:
-                    raise ApiError(504, "the request timed out", kind="server_error", code="timeout") from None
-                if k not in pending:
-                    continue
-                t = texts[k]
-                if token is None:
-                    pending.discard(k)
-                    reason = reqs[k].finish_reason
-                    if t.finish is None and reason in ("timeout", "abort", "error"):
-                        raise ApiError({"timeout": 504, "abort": 503, "error": 500}[reason], f"generation ended: {reason}"
-                                       + (f" ({reqs[k].error})" if reqs[k].error else ""), kind="server_error")
-                    t.flush("length" if reason in (None, "cancelled") else reason)
-                else:
-                    t.feed(token)
-                    if t.finish is not None:  # a stop string: no more tokens for this choice
-                        reqs[k].cancel()
-                        pending.discard(k)
-                    if first:
-                        srv.metrics.ttft.observe(time.monotonic() - start)
-                        first = False
-                chunk, done = t.ready(), t.finish is not None and k not in pending
-                if chunk or done:
-                    yield k, chunk, done
-        finally:
-            for r in reqs:
-                r.cancel()
-            srv.metrics.completion_tokens.inc(sum(t.used for t in texts))
-            srv.metrics.latency.labels(endpoint).observe(time.monotonic() - start)
 
     want_lp = logprob_count(body) is not None
     lp_sent = [0] * total  # tokens of each choice whose logprobs went out already
@@ -283,12 +220,7 @@ async def complete(srv: Server, request: Request, chat: bool) -> Response:
 
     kind = "chat.completion" if chat else "text_completion"
     if not body.stream:
-        watcher = asyncio.create_task(_watch_disconnect(request, reqs))
-        try:
-            async for _ in drive():
-                pass
-        finally:
-            watcher.cancel()
+        await job.run_watched(request)
         return JSONResponse({**meta, "object": kind, "choices": [choice(k, t.text, t.finish, False)
                                                                  for k, t in enumerate(texts)], "usage": usage()})
     with_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -305,7 +237,7 @@ async def complete(srv: Server, request: Request, chat: bool) -> Response:
             yield frame([{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for k in range(total)])
         try:
-            async for k, text, done in drive():
+            async for k, text, done in job.drive():
                 if text:
                     yield frame([choice(k, text, None, True)])
                 if done:
@@ -319,19 +251,49 @@ async def complete(srv: Server, request: Request, chat: bool) -> Response:
     return StreamingResponse(sse(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
 
-def _sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, k: int):
-    """The batcher-thread callback that hands choice k's tokens (None at the end) to the event loop."""
-    return lambda token: loop.call_soon_threadsafe(events.put_nowait, (k, token))
+async def respond(srv: Server, request: Request) -> Response:
+    """`POST /v1/responses`: one text reply to a conversation (infer/responses.py), whole or as stream events."""
+    raw = await read_json(request, srv.max_body_bytes, srv.body_timeout_s)
+    srv.check_model(raw)
+    try:
+        body = ResponsesRequest.model_validate(raw)
+        prompt = srv.chat_template(body.messages())
+    except ValidationError as exc:
+        message, param = describe_error(exc)
+        raise ApiError(400, message, param=param) from None
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
+    ids = await srv.encode([prompt])
+    job = Job(srv, ids, [srv.budget(body.max_output_tokens, len(ids[0]))], 1,
+              temperature=1.0 if body.temperature is None else body.temperature, top_k=None,
+              top_p=body.top_p if body.top_p is not None and body.top_p < 1.0 else None, seed=srv.seed(None), stops=[],
+              logprobs=None, endpoint="responses")
+    reply, text = Reply(body, srv.model_name), job.texts[0]
 
+    def status() -> str:
+        return "completed" if text.finish == "stop" else "incomplete"  # else the token limit ended it
 
-async def _watch_disconnect(request: Request, reqs: list) -> None:
-    """Cancel `reqs` when the client goes away while a non-streamed answer is being generated."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            for r in reqs:
-                r.cancel()
+    if not body.stream:
+        await job.run_watched(request)
+        return JSONResponse(reply.response(status(), text.text, (job.prompt_tokens, job.completion_tokens)))
+
+    def frame(event: dict) -> str:
+        return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+
+    async def sse() -> AsyncIterator[str]:
+        for event in reply.opening():
+            yield frame(event)
+        try:
+            async for _, piece, _done in job.drive():
+                if piece:
+                    yield frame(reply.delta(piece))
+        except ApiError as exc:
+            yield frame(reply.event("error", code=exc.code or exc.kind, message=str(exc), param=None))
             return
+        for event in reply.closing(text.text, status(), (job.prompt_tokens, job.completion_tokens)):
+            yield frame(event)
+
+    return StreamingResponse(sse(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
 
 def build_app(srv: Server) -> FastAPI:
@@ -384,6 +346,10 @@ def build_app(srv: Server) -> FastAPI:
     @app.post("/v1/chat/completions", dependencies=keyed)
     async def chat_completions(request: Request) -> Response:
         return await complete(srv, request, chat=True)
+
+    @app.post("/v1/responses", dependencies=keyed)
+    async def responses(request: Request) -> Response:
+        return await respond(srv, request)
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers' and monitors' probes
     async def health() -> Response:
