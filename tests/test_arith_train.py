@@ -125,6 +125,46 @@ def test_arith_train_never_writes_into_a_non_empty_dir(tmp_path, capsys):
     assert (out / "arith.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny.json"]
 
 
+def test_interrupted_arith_train_continues_to_the_same_model(tmp_path, capsys, monkeypatch):
+    """A Ctrl-C in step 8 of 10 keeps the build dir (a checkpoint every tenth of the steps: the last at 7); the
+    same command continues from there to the weights and results of an uninterrupted run (before, all was lost)."""
+    from mulfree import arith
+    from mulfree.models.io import load_model
+
+    preset = tmp_path / "tiny.json"
+    preset.write_text(json.dumps({"model_type": "transformerpp", "vocab_size": TOK.vocab_size, **TINY,
+                                  "num_attention_heads": 2}))
+
+    def args(out):
+        return ["arith", "train", "--digits", "2", "--model", "transformerpp", "--preset", str(preset), "--steps",
+                "10", "--batch-size", "4", "--test-per-length", "3", "--out", str(out), "--seed", "3"]
+
+    assert main(args(tmp_path / "whole")) == 0
+    plain = arith.make_batch_fn
+
+    def interrupting(*a, **k):
+        fn = plain(*a, **k)
+
+        def batch(step, gen):
+            if step == 7:
+                raise KeyboardInterrupt
+            return fn(step, gen)
+
+        return batch
+
+    monkeypatch.setattr(arith, "make_batch_fn", interrupting)
+    assert main(args(tmp_path / "cut")) == 130  # as Ctrl-C
+    assert "the same command continues from there" in capsys.readouterr().err
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith(".cut.")]
+    assert len(kept) == 1 and (kept[0] / "ckpt-7").is_dir() and not (tmp_path / "cut").exists()
+    monkeypatch.setattr(arith, "make_batch_fn", plain)
+    assert main(args(tmp_path / "cut")) == 0
+    a, b = load_model(tmp_path / "whole")[0].state_dict(), load_model(tmp_path / "cut")[0].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "whole" / "arith_eval.json").read_text() == (tmp_path / "cut" / "arith_eval.json").read_text()
+    assert not any(p.name.startswith(".cut.") for p in tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("argv, message", [
     (["arith", "train", "--width", "-1"], "--width must be positive"),
     (["arith", "train", "--lr", "nan"], "--lr must be a finite number"),

@@ -12,8 +12,10 @@ A trained directory holds the model (`mulfree.models.io`), `chartok.json` and `a
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import random
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -317,8 +319,11 @@ def train_arith(
     metrics). `cpu_budget_s` stops training once the process has used that much CPU time (see `train`).
 
     The whole directory is built beside `out_dir` and renamed into place when complete; an `out_dir` that
-    is not empty is replaced only with `overwrite` (and kept until then)."""
+    is not empty is replaced only with `overwrite` (and kept until then). Without a CPU budget the build dir is
+    named by the settings and kept when the run is interrupted: the same call continues from its last checkpoint
+    (`train_cfg.save_every`) to the same model."""
     from mulfree.atomic import atomic_dir, prepare_output
+    from mulfree.checkpoint import CHECKPOINT_POINTER
     from mulfree.train import train
 
     kind = registry.canonical(kind)
@@ -326,14 +331,23 @@ def train_arith(
     out_dir = prepare_output(out_dir, "arithmetic run", overwrite)
     tok = tokenizer_for(task.fmt)
     lengths = list(eval_lengths or range(1, task.digits + 4))
+    settings = [task.op, task.fmt, task.digits, task.width, sorted(task.held_out), kind, train_cfg.to_dict(), preset, lengths, test_per_length, test_seed]
+    key = None if cpu_budget_s is not None else hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:8]
     test_set = make_test_set(task.op, lengths, test_per_length, seed=test_seed)
     task = ArithTask(task.op, task.fmt, task.digits, task.width,
                      held_out=held_out_problems({n: p for n, p in test_set.items() if n <= task.digits}))
     model = build_model(kind, tok.vocab_size, preset, seed=train_cfg.seed)
     batch_fn = make_batch_fn(task, tok, train_cfg.batch_size)
-    with atomic_dir(out_dir, overwrite, kind="arithmetic run") as tmp:
-        metrics = train(model, None, None, train_cfg, tmp, batch_fn=batch_fn, val_batch_fn=batch_fn,
-                        cpu_budget_s=cpu_budget_s)
+    with atomic_dir(out_dir, overwrite, kind="arithmetic run", resume_key=key) as tmp:
+        resume = (tmp / CHECKPOINT_POINTER).is_file()
+        try:
+            metrics = train(model, None, None, train_cfg, tmp, resume=resume, batch_fn=batch_fn,
+                            val_batch_fn=batch_fn, cpu_budget_s=cpu_budget_s)
+        except BaseException:
+            if key is not None and (tmp / CHECKPOINT_POINTER).is_file():
+                print(f"\nthe run is kept in {tmp} at its last checkpoint; the same command continues from there",
+                      file=sys.stderr)
+            raise
         tok.save(tmp)
         save_task(tmp, task, kind, test_seed, test_per_length)
         results = evaluate_task(model, tok, task, test_set)

@@ -56,6 +56,9 @@ Besides these cases:
 - **Interrupted quantization continues**: a Ctrl-C, SIGTERM or `kill -9` during `mulfree quantize` keeps the
   finished blocks beside `--out`, and the same command continues from there to the same bytes (docs/shiftadd.md;
   a torn record, a truncated stream file or other settings start over; `tests/test_quantize_blockwise.py`).
+  `mulfree arith train` likewise (it lost the whole run, up to 30 CPU-minutes, before): it checkpoints every tenth
+  of its steps into a build dir named by its settings, kept after a Ctrl-C or SIGTERM, and the same command
+  continues to the weights and results of an uninterrupted run (`tests/test_arith_train.py`).
 - **Kill anywhere**: `python benchmarks/crash_resume.py --kills 50 --seed 1` (AMD EPYC, 2 vCPUs): 50 `kill -9`
   at random moments of a tiny 40-step training run over 4 runs, 49 resumes, 0 failed restarts, 4/4 runs
   identical to the uninterrupted one (every loss and weight), 1 kill left a half-written temp file that the

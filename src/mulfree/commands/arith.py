@@ -79,7 +79,7 @@ def _train(args: argparse.Namespace) -> int:
     task = ArithTask(args.task, args.format, sizes.digits, sizes.width)
     lengths = _lengths(args.eval_lengths) if args.eval_lengths else None
     cfg = from_args(TrainConfig, args, seq_len=64, min_lr=args.lr / 10, warmup=min(args.warmup, args.steps),
-                    eval_every=max(1, args.steps // 10), eval_batches=2, save_every=0)
+                    eval_every=max(1, args.steps // 10), eval_batches=2, save_every=max(1, args.steps // 10))
     from mulfree.arith import format_table, train_arith
 
     _, results, metrics = train_arith(task, args.model, args.out, cfg, args.preset, lengths,
