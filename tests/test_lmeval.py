@@ -60,3 +60,36 @@ def test_hub_task_offline_is_one_line(lm_and_tok, tmp_path, monkeypatch):
     with pytest.raises(MulfreeError, match="arc_easy need a download of their Hub dataset") as err:
         run_lm_eval(model, tok, ["arc_easy"], tmp_path)
     assert "mulfree_shakespeare_mc" in str(err.value)
+
+
+def test_an_interrupted_run_continues_from_its_request_cache(lm_and_tok, tmp_path, monkeypatch):
+    """Every scored request is stored as it is scored: after a Ctrl-C half-way the same run scores only the rest
+    and gives the uninterrupted results (before, an interrupted lm-eval started over)."""
+    from mulfree.lmeval import usable_cache
+
+    model, tok, text = lm_and_tok
+    task_dir = build_offline_tasks(tmp_path / "tasks", text, n=40)
+    tasks = ["mulfree_shakespeare_cloze", "mulfree_shakespeare_mc", "mulfree_shakespeare_bpb"]
+    whole = run_lm_eval(model, tok, tasks, task_dir, limit=4, max_length=128)
+    calls = []
+    score = MulfreeLM._score
+
+    def counted(self, ctx, cont):
+        calls.append(1)
+        if stop_at is not None and len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return score(self, ctx, cont)
+
+    monkeypatch.setattr(MulfreeLM, "_score", counted)
+    stop_at, db = None, tmp_path / "req_rank0.db"
+    run_lm_eval(model, tok, tasks, task_dir, limit=4, max_length=128, cache=tmp_path / "all_rank0.db")
+    total, calls[:] = len(calls), []
+    stop_at = total // 2
+    with pytest.raises(KeyboardInterrupt):
+        run_lm_eval(model, tok, tasks, task_dir, limit=4, max_length=128, cache=db)
+    assert usable_cache(db)
+    stop_at, calls[:] = None, []
+    assert run_lm_eval(model, tok, tasks, task_dir, limit=4, max_length=128, cache=db) == whole
+    assert 0 < len(calls) <= total - (total // 2 - 1)  # only what was not scored before the interrupt
+    db.write_bytes(b"not a database")  # a torn or foreign file is dropped, not a traceback
+    assert not usable_cache(db) and not db.exists()

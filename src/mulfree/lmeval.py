@@ -8,6 +8,8 @@ rolling bits-per-byte (wikitext-style), all written from the validation plays as
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import random
 import re
@@ -75,8 +77,15 @@ class MulfreeLM(TemplateLM):
             total += float(logp.gather(1, target[:, None]).sum())
         return total, greedy
 
+    # Each result goes to lm-eval's request cache as soon as it is known (`cache_hook`, a no-op without a cache), so
+    # an interrupted run keeps what it scored.
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
-        return [self._score(ctx, cont) for _, ctx, cont in tqdm(requests, disable=disable_tqdm, desc="loglikelihood")]
+        out = []
+        for key, ctx, cont in tqdm(requests, disable=disable_tqdm, desc="loglikelihood"):
+            out.append(self._score(ctx, cont))
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, out[-1])
+        return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         out = []
@@ -84,6 +93,7 @@ class MulfreeLM(TemplateLM):
             tokens = self.tok_encode(req.args[0])
             windows = map(make_disjoint_window, get_rolling_token_windows(tokens, self.eot_token_id, self.max_length, 1))
             out.append(sum(self._score(ctx, cont)[0] for ctx, cont in windows))
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, out[-1])
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -99,6 +109,7 @@ class MulfreeLM(TemplateLM):
             text = self.tok_decode(seq[0, len(ids) :].tolist())
             cut = min([text.find(s) for s in until if s in text], default=len(text))
             out.append(text[:cut])
+            self.cache_hook.add_partial("generate_until", req.args, out[-1])
         return out
 
 
@@ -130,17 +141,17 @@ def build_offline_tasks(out_dir: Path, text: str, n: int = 500, seed: int = 0) -
     paragraphs = [p.strip() for p in text.split("\n\n") if len(p.split()) >= 30]
     bpb = [{"text": p} for p in paragraphs[: n // 5]]
     specs = {
-        "mulfree_shakespeare_cloze": (cloze, "output_type: loglikelihood\ndoc_to_text: \"{{context}}\"\n"
+        "mulfree_shakespeare_cloze": (cloze, ("output_type: loglikelihood\ndoc_to_text: \"{{context}}\"\n"
                                       "doc_to_target: \" {{target}}\"\nmetric_list:\n  - metric: perplexity\n"
                                       "    aggregation: perplexity\n    higher_is_better: false\n  - metric: acc\n"
-                                      "    aggregation: mean\n    higher_is_better: true\n"),
-        "mulfree_shakespeare_mc": (mc, "output_type: multiple_choice\ndoc_to_text: \"{{ctx}}\"\ndoc_to_choice: \"{{choices}}\"\n"
+                                      "    aggregation: mean\n    higher_is_better: true\n")),
+        "mulfree_shakespeare_mc": (mc, ("output_type: multiple_choice\ndoc_to_text: \"{{ctx}}\"\ndoc_to_choice: \"{{choices}}\"\n"
                                    "doc_to_target: label\nmetric_list:\n  - metric: acc\n    aggregation: mean\n"
                                    "    higher_is_better: true\n  - metric: acc_norm\n    aggregation: mean\n"
-                                   "    higher_is_better: true\n"),
-        "mulfree_shakespeare_bpb": (bpb, "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\n"
+                                   "    higher_is_better: true\n")),
+        "mulfree_shakespeare_bpb": (bpb, ("output_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{text}}\"\n"
                                     "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n"
-                                    "  - metric: bits_per_byte\n"),
+                                    "  - metric: bits_per_byte\n")),
     }
     for name, (rows, body) in specs.items():  # renamed into place: another lm-eval run may be reading them
         data = out_dir / f"{name}.jsonl"
@@ -150,9 +161,42 @@ def build_offline_tasks(out_dir: Path, text: str, n: int = 500, seed: int = 0) -
     return out_dir
 
 
+def request_cache(model_ref: str, max_length: int, eot_token_id: int | None) -> Path:
+    """The database of scored requests (lm-eval's `use_cache`) for this model and scoring, in the user cache: named
+    by the model's path and its files' sizes and times (a retrained dir gets a new one) and the scoring settings."""
+    from mulfree.models.pretrained import cache_dir
+
+    path = Path(model_ref)
+    identity: list[Any] = [model_ref]
+    if path.exists():
+        files = sorted(path.iterdir()) if path.is_dir() else [path]
+        identity = [str(path.resolve())] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    key = hashlib.sha256(json.dumps([identity, max_length, eot_token_id]).encode()).hexdigest()[:16]
+    return cache_dir() / "lm_eval_requests" / f"{key}_rank0.db"
+
+
+def usable_cache(db: Path) -> bool:
+    """Whether `db` is a readable SQLite database; one that is not (a torn or foreign file) is removed."""
+    import sqlite3
+
+    if not db.exists():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(db)) as con:
+            if con.execute("PRAGMA quick_check").fetchone() == ("ok",):
+                return True
+    except sqlite3.DatabaseError:
+        pass
+    db.unlink()
+    return False
+
+
 def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: list[str], task_dir: Path, limit: int | None = None,
-                max_length: int = 1024, eot_token_id: int | None = None) -> dict[str, dict[str, float]]:
-    """Evaluate with lm-eval's `simple_evaluate` (`MulfreeLM` arguments as given); returns {task: {metric: value}}."""
+                max_length: int = 1024, eot_token_id: int | None = None,
+                cache: Path | None = None) -> dict[str, dict[str, float]]:
+    """Evaluate with lm-eval's `simple_evaluate` (`MulfreeLM` arguments as given); returns {task: {metric: value}}.
+    With `cache` (a `..._rank0.db` path) every scored request is stored there as it is scored and read back
+    instead of scored again: an interrupted run continues."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -163,7 +207,8 @@ def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: list[str], task_d
         raise MulfreeError(f"unknown lm-eval tasks {unknown}", f"offline tasks: {', '.join(OFFLINE_TASKS)}")
     try:
         results = lm_eval.simple_evaluate(model=MulfreeLM(model, tokenizer, max_length, eot_token_id), tasks=tasks,
-                                          task_manager=manager, limit=limit, bootstrap_iters=0)
+                                          task_manager=manager, limit=limit, bootstrap_iters=0,
+                                          use_cache=None if cache is None else str(cache).removesuffix("_rank0.db"))
     except ConnectionError:  # the datasets library, offline, for a Hub task that is not in the local cache
         hub = [t for t in tasks if t not in OFFLINE_TASKS]
         raise MulfreeError(f"lm-eval task(s) {', '.join(hub)} need a download of their Hub dataset, and mulfree "

@@ -58,7 +58,11 @@ Besides these cases:
   a torn record, a truncated stream file or other settings start over; `tests/test_quantize_blockwise.py`).
   `mulfree arith train` likewise (it lost the whole run, up to 30 CPU-minutes, before): it checkpoints every tenth
   of its steps into a build dir named by its settings, kept after a Ctrl-C or SIGTERM, and the same command
-  continues to the weights and results of an uninterrupted run (`tests/test_arith_train.py`).
+  continues to the weights and results of an uninterrupted run (`tests/test_arith_train.py`). `mulfree lm-eval`
+  stores each scored request as it is scored (lm-eval's request cache, in `$MULFREE_CACHE/lm_eval_requests`, named
+  by the model's files and the scoring settings): after a Ctrl-C at 318 of 2,500 requests the same command scored
+  the other 2,182 and gave the uninterrupted results; the cache is removed when the run completes, and an
+  unreadable one is dropped (`tests/test_lmeval.py`).
 - **Kill anywhere**: `python benchmarks/crash_resume.py --kills 50 --seed 1` (AMD EPYC, 2 vCPUs): 50 `kill -9`
   at random moments of a tiny 40-step training run over 4 runs, 49 resumes, 0 failed restarts, 4/4 runs
   identical to the uninterrupted one (every loss and weight), 1 kill left a half-written temp file that the

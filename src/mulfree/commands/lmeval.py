@@ -48,11 +48,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    import sys
     from pathlib import Path
 
-    from mulfree.atomic import atomic_write_json, prepare_file
+    from mulfree.atomic import atomic_write_json, make_dir, prepare_file
     from mulfree.data.text import load_corpus
-    from mulfree.lmeval import build_offline_tasks, run_lm_eval
+    from mulfree.lmeval import build_offline_tasks, request_cache, run_lm_eval, usable_cache
     from mulfree.models.pretrained import cache_dir
     from mulfree.models.resolve import resolve
 
@@ -61,10 +62,21 @@ def _run(args: argparse.Namespace) -> int:
         prepare_file(args.out, "--out", kind="json")
     loaded = resolve(args.model, engine="torch", scoring=True)  # whole contexts: the torch interface
     task_dir = build_offline_tasks(cache_dir() / "lm_eval_tasks" / f"seed{cfg.seed}", load_corpus().val_text, seed=cfg.seed)
-    results = run_lm_eval(loaded.model, loaded.tokenizer, cfg.task_list(), task_dir, cfg.limit, cfg.max_length,
-                          loaded.eos_token_id)
+    db = request_cache(args.model, cfg.max_length, loaded.eos_token_id)
+    make_dir(db.parent)
+    if usable_cache(db):
+        print(f"continuing an interrupted run: requests scored before come from {db}", file=sys.stderr)
+    try:
+        results = run_lm_eval(loaded.model, loaded.tokenizer, cfg.task_list(), task_dir, cfg.limit, cfg.max_length,
+                              loaded.eos_token_id, cache=db)
+    except (KeyboardInterrupt, SystemExit):
+        if db.exists():
+            print(f"\nthe requests scored so far are kept in {db}; the same command continues from there",
+                  file=sys.stderr)
+        raise
     for task, metrics in results.items():
         print(task + "  " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
     if args.out:
         atomic_write_json(Path(args.out), results)
+    db.unlink(missing_ok=True)  # done: nothing to continue
     return 0
