@@ -242,7 +242,8 @@ class PackedModel:
         return torch.zeros(self.num_layers, self.config["hidden_size"])
 
     def forward(self, ids: list[int] | torch.Tensor, all_logits: bool = False) -> torch.Tensor:
-        """Feed tokens [T] after the current state; returns logits fp32 [T, V] (all_logits) or [1, V] (last)."""
+        """Feed tokens [T] after the current state; returns logits fp32 [T, V] (all_logits) or [1, V] (last).
+        `self.state` is one sequence: threads decoding sequences of their own use `prefill_state` / `step`."""
         return self._run(self._token_ids(ids), self.state, all_logits)
 
     def prefill_state(self, ids: list[int] | torch.Tensor,
