@@ -390,6 +390,8 @@ def test_api_key_sources_and_bad_keys():
     for bad in ("a b", "", "é", "x" * 1025, "tab\there"):
         with pytest.raises(ConfigError, match="--api-key must be"):
             ServeConfig(api_key=bad)
+    with pytest.raises(ConfigError, match=r"got '\\r' at character 4"):  # a key file written on Windows
+        api_key(ServeConfig(), {"MULFREE_API_KEY": "key\r"})
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4") and not is_loopback("example.com")
 

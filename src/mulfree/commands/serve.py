@@ -73,8 +73,10 @@ def check_api_key(key: str, source: str) -> None:
     import re
 
     if not re.fullmatch(r"[\x21-\x7e]{1,1024}", key):
-        raise ConfigError(f"{source} must be 1 to 1024 visible ASCII characters (no spaces), got {len(key)} "
-                          "characters", "e.g. a key from `python -c 'import secrets; print(secrets.token_urlsafe())'`")
+        bad = re.search(r"[^\x21-\x7e]", key)
+        got = f"{ascii(bad.group())} at character {bad.start() + 1}" if bad else f"{len(key)} characters"
+        raise ConfigError(f"{source} must be 1 to 1024 visible ASCII characters (no spaces), got {got}",
+                          "e.g. a key from `python -c 'import secrets; print(secrets.token_urlsafe())'`")
 
 
 def api_key(cfg: ServeConfig, environ: Mapping[str, str]) -> str | None:
