@@ -459,3 +459,19 @@ def test_response_objects_and_events_fit_the_official_schema():
     events = TypeAdapter(list[ResponseStreamEvent]).validate_python(
         reply.opening() + [reply.delta("h"), reply.delta("i")] + reply.closing("hi", "completed", (3, 2)))
     assert events[-1].type == "response.completed" and events[-1].response.status == "completed"
+
+
+
+def test_log_flags_parse():
+    """--log-level and --no-access-log (a busy server's log had a line per request); a bad level is argparse's."""
+    from mulfree.cli import build_parser
+    from mulfree.commands.flags import from_args
+    from mulfree.commands.serve import ServeConfig
+
+    parse = build_parser().parse_args
+    cfg = from_args(ServeConfig, parse(["serve", "--model", "m", "--log-level", "warning", "--no-access-log"]))
+    assert (cfg.log_level, cfg.access_log) == ("warning", False)
+    cfg = from_args(ServeConfig, parse(["serve", "--model", "m"]))
+    assert (cfg.log_level, cfg.access_log) == ("info", True)
+    with pytest.raises(SystemExit):
+        parse(["serve", "--model", "m", "--log-level", "loud"])

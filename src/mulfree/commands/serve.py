@@ -53,6 +53,9 @@ class ServeConfig:
                                                      "gt": 0, "max": 3600})
     shutdown_timeout: float = field(default=30.0, metadata={
         "help": "seconds SIGTERM waits for running requests before it ends them (503)", "min": 0, "max": 3600})
+    log_level: Literal["debug", "info", "warning", "error"] = field(default="info", metadata={
+        "help": "the server's log level (warning: no line per request)"})
+    access_log: bool = field(default=True, metadata={"help": "no line per request in the log (errors still are)"})
     api_key: str | None = field(default=None, metadata={
         "help": f"require 'Authorization: Bearer KEY' on the /v1 routes (401 otherwise; default: ${API_KEY_ENV} if "
                 "set, which keeps the key out of the process list; /health and /metrics stay open)"})
@@ -74,7 +77,7 @@ def check_api_key(key: str, source: str) -> None:
 
     if not re.fullmatch(r"[\x21-\x7e]{1,1024}", key):
         bad = re.search(r"[^\x21-\x7e]", key)
-        got = f"{ascii(bad.group())} at character {bad.start() + 1}" if bad else f"{len(key)} characters"
+        got = f"{bad.group()!a} at character {bad.start() + 1}" if bad else f"{len(key)} characters"
         raise ConfigError(f"{source} must be 1 to 1024 visible ASCII characters (no spaces), got {got}",
                           "e.g. a key from `python -c 'import secrets; print(secrets.token_urlsafe())'`")
 
@@ -178,7 +181,8 @@ def _run(args: argparse.Namespace) -> int:
     # uvicorn drains on SIGTERM, then re-raises it: exit 0 rather than die of the signal
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     config = uvicorn.Config(
-        build_app(srv), host=cfg.host, port=cfg.port, log_level="info", timeout_keep_alive=cfg.keep_alive,
+        build_app(srv), host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=cfg.access_log,
+        timeout_keep_alive=cfg.keep_alive,
         limit_concurrency=min(cfg.limit_concurrency, files - 64) if files > 128 else cfg.limit_concurrency,
         h11_max_incomplete_event_size=64 * 1024, http=guarded_protocol(cfg.header_timeout))
     serve_draining(config, lambda: batcher.close(10.0), cfg.shutdown_timeout)
