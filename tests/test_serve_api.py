@@ -475,3 +475,17 @@ def test_log_flags_parse():
     assert (cfg.log_level, cfg.access_log) == ("info", True)
     with pytest.raises(SystemExit):
         parse(["serve", "--model", "m", "--log-level", "loud"])
+
+
+def test_token_limit_errors_name_the_field_sent(served):
+    _run, client, _model, _tok = served
+    with pytest.raises(openai.BadRequestError) as err:
+        client.responses.create(model="tiny", input="x", max_output_tokens=100_000)
+    assert err.value.body["param"] == "max_output_tokens" and "max_output_tokens (100000)" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                       max_completion_tokens=100_000)
+    assert err.value.body["param"] == "max_completion_tokens"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="tiny", prompt="x", max_tokens=100_000)
+    assert err.value.body["param"] == "max_tokens"

@@ -16,9 +16,10 @@ from mulfree.infer.protocol import ApiError, seed64
 
 class Job:
     """`n` choices for each prompt of `ids` (choice k continues prompt k // n), each with its `budgets` entry as its
-    token limit. Seeds: `seed` for choice 0, derived ones for the others."""
+    token limit. Sampling as the request gives it (temperature None: 1; top_p None or 1: off); seeds: `seed` for
+    choice 0, derived ones for the others."""
 
-    def __init__(self, srv: Any, ids: list[list[int]], budgets: list[int], n: int, *, temperature: float,
+    def __init__(self, srv: Any, ids: list[list[int]], budgets: list[int], n: int, *, temperature: float | None,
                  top_k: int | None, top_p: float | None, seed: int, stops: list[str], logprobs: int | None,
                  endpoint: str):
         self.srv, self.ids, self.endpoint = srv, ids, endpoint
@@ -27,6 +28,8 @@ class Job:
         self.events: asyncio.Queue[tuple[int, int | None]] = asyncio.Queue()
         self.texts: list[ChoiceText] = []
         self.reqs: list[Any] = []
+        temperature = 1.0 if temperature is None else temperature
+        top_p = top_p if top_p is not None and top_p < 1.0 else None
         try:
             for k in range(self.total):
                 params = SamplingParams(max_new_tokens=budgets[k // n], temperature=temperature, top_k=top_k,

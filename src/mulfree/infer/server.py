@@ -154,16 +154,17 @@ class Server:
             out.append(ids)
         return out
 
-    def budget(self, asked: int | None, prompt_len: int) -> int:
-        """max_tokens for one prompt: as asked (it must fit the context) or the default clipped to fit."""
+    def budget(self, asked: int | None, prompt_len: int, name: str = "max_tokens") -> int:
+        """The token limit for one prompt: as asked in field `name` (it must fit the context) or the default clipped
+        to fit."""
         room = None if self.context_limit is None else self.context_limit - prompt_len
         if asked is not None:
             if asked > self.max_new_tokens:
-                raise ApiError(400, f"max_tokens ({asked}) is above this server's limit of {self.max_new_tokens}",
-                               param="max_tokens")
+                raise ApiError(400, f"{name} ({asked}) is above this server's limit of {self.max_new_tokens}",
+                               param=name)
             if room is not None and asked > room:
-                raise ApiError(400, f"prompt ({prompt_len} tokens) + max_tokens ({asked}) exceeds the model's limit of "
-                               f"{self.context_limit}", param="max_tokens", code="context_length_exceeded")
+                raise ApiError(400, f"prompt ({prompt_len} tokens) + {name} ({asked}) exceeds the model's limit of "
+                               f"{self.context_limit}", param=name, code="context_length_exceeded")
             return asked
         if room is not None and room <= 0:
             raise ApiError(400, f"the prompt ({prompt_len} tokens) fills the model's context of {self.context_limit}",
@@ -185,11 +186,11 @@ async def complete(srv: Server, request: Request, chat: bool) -> Response:
     if len(prompts) * body.n > MAX_CHOICES:
         raise ApiError(400, f"{len(prompts)} prompts x n={body.n} is more than {MAX_CHOICES} completions", param="n")
     ids = await srv.encode(prompts)
-    asked = getattr(body, "max_completion_tokens", None)
-    asked = body.max_tokens if asked is None else asked
-    budgets = [srv.budget(asked, len(p)) for p in ids]
-    job = Job(srv, ids, budgets, body.n, temperature=1.0 if body.temperature is None else body.temperature,
-              top_k=body.top_k, top_p=body.top_p if body.top_p is not None and body.top_p < 1.0 else None,
+    asked, name = getattr(body, "max_completion_tokens", None), "max_completion_tokens"
+    if asked is None:
+        asked, name = body.max_tokens, "max_tokens"
+    budgets = [srv.budget(asked, len(p), name) for p in ids]
+    job = Job(srv, ids, budgets, body.n, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
               seed=srv.seed(body.seed), stops=body.stops, logprobs=logprob_count(body),
               endpoint="chat" if chat else "completions")
     texts, reqs, total = job.texts, job.reqs, job.total
@@ -264,10 +265,9 @@ async def respond(srv: Server, request: Request) -> Response:
     except ValueError as exc:
         raise ApiError(400, str(exc)) from None
     ids = await srv.encode([prompt])
-    job = Job(srv, ids, [srv.budget(body.max_output_tokens, len(ids[0]))], 1,
-              temperature=1.0 if body.temperature is None else body.temperature, top_k=None,
-              top_p=body.top_p if body.top_p is not None and body.top_p < 1.0 else None, seed=srv.seed(None), stops=[],
-              logprobs=None, endpoint="responses")
+    job = Job(srv, ids, [srv.budget(body.max_output_tokens, len(ids[0]), "max_output_tokens")], 1,
+              temperature=body.temperature, top_k=None, top_p=body.top_p, seed=srv.seed(None), stops=[], logprobs=None,
+              endpoint="responses")
     reply, text = Reply(body, srv.model_name), job.texts[0]
 
     def status() -> str:
