@@ -296,10 +296,11 @@ def test_disconnect_mid_stream_frees_the_slot(served):
     run, client, _, _ = served
     batcher = run.srv.batcher
     body = json.dumps({"model": "tiny", "prompt": "To be", "max_tokens": 100, "temperature": 1.0, "stream": True})
+    responses = json.dumps({"model": "tiny", "input": "To be", "max_output_tokens": 100, "stream": True})
     with httpx.Client(timeout=20) as c:
-        for _ in range(4):  # fill every slot with a stream and drop it after its first event
-            with c.stream("POST", run.url + "/v1/completions", content=body,
-                          headers={"content-type": "application/json"}) as r:
+        for path, content in [("/v1/completions", body)] * 3 + [("/v1/responses", responses)]:
+            # fill every slot with a stream and drop it after its first event
+            with c.stream("POST", run.url + path, content=content, headers={"content-type": "application/json"}) as r:
                 next(r.iter_lines())
     deadline = time.monotonic() + 5
     while batcher.live and time.monotonic() < deadline:
