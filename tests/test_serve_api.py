@@ -55,9 +55,9 @@ def tiny_model_dir(path):
 class Running:
     """A uvicorn server in a thread on a random loopback port (stopped by `stop`, bounded in time)."""
 
-    def __init__(self, srv: Server, **uvicorn_kw):
+    def __init__(self, srv: Server, origins: tuple[str, ...] = (), **uvicorn_kw):
         self.srv, self.port = srv, free_port()
-        self.server = uvicorn.Server(uvicorn.Config(build_app(srv), host="127.0.0.1", port=self.port,
+        self.server = uvicorn.Server(uvicorn.Config(build_app(srv, origins), host="127.0.0.1", port=self.port,
                                                     log_level="error", timeout_graceful_shutdown=2, **uvicorn_kw))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -490,3 +490,37 @@ def test_token_limit_errors_name_the_field_sent(served):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="tiny", prompt="x", max_tokens=100_000)
     assert err.value.body["param"] == "max_tokens"
+
+
+def test_browser_pages_from_allowed_origins_only(tmp_path):
+    """CORS: a preflight and a keyed request from an allowed origin get its Access-Control headers; another origin
+    gets none (the browser then refuses the answer); bad origins stop start-up."""
+    from mulfree.commands.serve import ServeConfig
+    from mulfree.errors import ConfigError
+
+    model, tok = load_model(tiny_model_dir(tmp_path / "m"))
+    batcher = ContinuousBatcher(TorchStepModel(model), max_batch=2)
+    run = Running(Server(batcher, tok, "m", context_limit=context_limit(model), request_timeout_s=5, api_key="k"),
+                  origins=("https://chat.example.com",))
+    try:
+        with httpx.Client(timeout=10) as c:
+            pre = c.options(run.url + "/v1/chat/completions", headers={
+                "origin": "https://chat.example.com", "access-control-request-method": "POST",
+                "access-control-request-headers": "authorization, content-type"})
+            assert pre.status_code == 200
+            assert pre.headers["access-control-allow-origin"] == "https://chat.example.com"
+            assert "authorization" in pre.headers["access-control-allow-headers"].lower()
+            r = c.post(run.url + "/v1/completions", json={"model": "m", "prompt": "To be", "max_tokens": 2},
+                       headers={"origin": "https://chat.example.com", "authorization": "Bearer k"})
+            assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://chat.example.com"
+            other = c.options(run.url + "/v1/chat/completions", headers={
+                "origin": "https://evil.example", "access-control-request-method": "POST"})
+            assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+            r = c.get(run.url + "/v1/models", headers={"origin": "https://evil.example", "authorization": "Bearer k"})
+            assert "access-control-allow-origin" not in r.headers
+    finally:
+        run.stop()
+    for bad in ("https://chat.example.com/", "chat.example.com", "ftp://x", "https://x:0"):
+        with pytest.raises(ConfigError, match="is not a web origin"):
+            ServeConfig(allowed_origins=(bad,))
+    assert ServeConfig(allowed_origins=("*", "http://localhost:3000")).allowed_origins[0] == "*"

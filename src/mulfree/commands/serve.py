@@ -53,6 +53,9 @@ class ServeConfig:
                                                      "gt": 0, "max": 3600})
     shutdown_timeout: float = field(default=30.0, metadata={
         "help": "seconds SIGTERM waits for running requests before it ends them (503)", "min": 0, "max": 3600})
+    allowed_origins: tuple[str, ...] = field(default=(), metadata={
+        "help": "web origins whose pages may call the API from a browser (CORS), e.g. https://chat.example.com, or "
+                "'*' for any (default: none)", "nargs": "*"})
     log_level: Literal["debug", "info", "warning", "error"] = field(default="info", metadata={
         "help": "the server's log level (warning: no line per request)"})
     access_log: bool = field(default=True, metadata={"help": "no line per request in the log (errors still are)"})
@@ -69,6 +72,23 @@ class ServeConfig:
             raise ConfigError(f"--host {self.host!r} is not an IP address or host name", "e.g. --host 127.0.0.1")
         if self.api_key is not None:
             check_api_key(self.api_key, "--api-key")
+        for origin in self.allowed_origins:
+            if origin != "*" and not valid_origin(origin):
+                raise ConfigError(f"--allowed-origins {origin!r} is not a web origin", "give scheme://host[:port] "
+                                  "without a path, e.g. https://chat.example.com, or '*'")
+
+
+def valid_origin(origin: str) -> bool:
+    """scheme://host[:port], as a browser sends it in an Origin header."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(origin)
+        port_ok = parts.port is None or 0 < parts.port < 65536
+    except ValueError:
+        return False
+    return (parts.scheme in ("http", "https") and bool(parts.hostname) and port_ok and not parts.path
+            and not parts.query and not parts.fragment and not parts.username and origin == origin.strip())
 
 
 def check_api_key(key: str, source: str) -> None:
@@ -181,7 +201,7 @@ def _run(args: argparse.Namespace) -> int:
     # uvicorn drains on SIGTERM, then re-raises it: exit 0 rather than die of the signal
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     config = uvicorn.Config(
-        build_app(srv), host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=cfg.access_log,
+        build_app(srv, cfg.allowed_origins), host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=cfg.access_log,
         timeout_keep_alive=cfg.keep_alive,
         limit_concurrency=min(cfg.limit_concurrency, files - 64) if files > 128 else cfg.limit_concurrency,
         h11_max_incomplete_event_size=64 * 1024, http=guarded_protocol(cfg.header_timeout))

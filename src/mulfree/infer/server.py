@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -296,8 +297,9 @@ async def respond(srv: Server, request: Request) -> Response:
     return StreamingResponse(sse(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
 
 
-def build_app(srv: Server) -> FastAPI:
-    """The FastAPI app over `srv`; its shutdown closes the batcher."""
+def build_app(srv: Server, allowed_origins: tuple[str, ...] = ()) -> FastAPI:
+    """The FastAPI app over `srv`; its shutdown closes the batcher. Browser pages from `allowed_origins` ("*": any)
+    may call it (CORS); by default none, as a browser enforces for a server that says nothing."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -306,6 +308,9 @@ def build_app(srv: Server) -> FastAPI:
 
     app = FastAPI(title="mulfree", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(srv.metrics.middleware)
+    if allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "HEAD", "POST"],
+                           allow_headers=["authorization", "content-type"], max_age=600)
     app.state.server = srv
 
     @app.exception_handler(ApiError)
