@@ -462,6 +462,24 @@ def test_response_objects_and_events_fit_the_official_schema():
     assert events[-1].type == "response.completed" and events[-1].response.status == "completed"
 
 
+def test_the_sdk_stream_helper_builds_the_final_response_from_our_events():
+    """`client.responses.stream(...)`'s accumulator (an SDK internal, so skipped where it moved) takes a completed
+    stream's events in order and builds the final response."""
+    from openai.types.responses import ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    from mulfree.infer.responses import Reply, ResponsesRequest
+
+    streaming = pytest.importorskip("openai.lib.streaming.responses._responses")
+    reply = Reply(ResponsesRequest(model="m", input="x"), "m")
+    events = TypeAdapter(list[ResponseStreamEvent]).validate_python(
+        reply.opening() + [reply.delta("h"), reply.delta("i")] + reply.closing("hi", "completed", (3, 2)))
+    state = streaming.ResponseStreamState(input_tools=openai.NOT_GIVEN, text_format=openai.NOT_GIVEN)
+    for event in events:
+        state.handle_event(event)
+    assert state._completed_response.output_text == "hi"
+
+
 
 def test_log_flags_parse():
     """--log-level and --no-access-log (a busy server's log had a line per request); a bad level is argparse's."""
