@@ -428,6 +428,23 @@ def test_responses_api_equals_chat_and_streams_the_same_text(served):
     assert r.output_text == greedy(model, tok, chat_prompt(msgs), 5)
 
 
+def test_responses_logprobs_equal_chat_logprobs(served):
+    _run, client, _model, _tok = served
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "To be"}], max_tokens=6,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    expect = [e.model_dump() for e in chat.choices[0].logprobs.content]
+    r = client.responses.create(model="tiny", input="To be", max_output_tokens=6, temperature=0, top_logprobs=2,
+                                include=["message.output_text.logprobs"])
+    got = [e.model_dump() for e in r.output[0].content[0].logprobs]
+    assert len(got) == 6 and got == expect and all(len(e["top_logprobs"]) == 2 for e in got)
+    events = list(client.responses.create(model="tiny", input="To be", max_output_tokens=6, temperature=0,
+                                          top_logprobs=2, stream=True))
+    streamed = [e.model_dump() for ev in events if ev.type == "response.output_text.delta" for e in ev.logprobs]
+    assert streamed == expect and [e.model_dump() for e in events[-1].response.output[0].content[0].logprobs] == expect
+    plain = client.responses.create(model="tiny", input="To be", max_output_tokens=2, temperature=0)
+    assert plain.output[0].content[0].logprobs == []
+
+
 def test_responses_api_refuses_what_it_cannot_do(served):
     _run, client, _model, _tok = served
     cases = [({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools are not supported"),
@@ -436,7 +453,9 @@ def test_responses_api_refuses_what_it_cannot_do(served):
              ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}]},
               "input.0.content.0.type"),
              ({"max_output_tokens": 0}, "max_output_tokens"), ({"reasoning": {"effort": "high"}}, "reasoning"),
-             ({"text": {"format": {"type": "json_object"}}}, "text.format"), ({"input": 7}, "input: should be")]
+             ({"text": {"format": {"type": "json_object"}}}, "text.format"), ({"input": 7}, "input: should be"),
+             ({"include": ["file_search_call.results"]}, "include ['file_search_call.results'] is not supported"),
+             ({"top_logprobs": 21}, "top_logprobs")]
     for extra, needle in cases:
         with pytest.raises(openai.BadRequestError) as err:
             client.responses.create(**{"model": "tiny", "input": "x", "max_output_tokens": 2, **extra})
@@ -454,9 +473,12 @@ def test_response_objects_and_events_fit_the_official_schema():
     from mulfree.infer.responses import Reply, ResponsesRequest
 
     reply = Reply(ResponsesRequest(model="m", input="x", metadata={"k": "v"}), "m")
+    lp = [{"token": t, "logprob": -0.5, "bytes": [ord(t)], "top_logprobs": [{"token": t, "logprob": -0.5,
+                                                                               "bytes": [ord(t)]}]} for t in "hi"]
     for status in ("completed", "incomplete"):
-        done = Response.model_validate(reply.response(status, "hi", (3, 2)), strict=True)
+        done = Response.model_validate(reply.response(status, "hi", (3, 2), lp), strict=True)
         assert done.output_text == "hi" and done.usage.total_tokens == 5 and done.metadata == {"k": "v"}
+        assert done.output[0].content[0].logprobs[1].token == "i"
     events = TypeAdapter(list[ResponseStreamEvent]).validate_python(
         reply.opening() + [reply.delta("h"), reply.delta("i")] + reply.closing("hi", "completed", (3, 2)))
     assert events[-1].type == "response.completed" and events[-1].response.status == "completed"

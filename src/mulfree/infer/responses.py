@@ -4,7 +4,7 @@
 A request is a chat: `instructions` become a system message ahead of the `input` messages (a string `input` is one
 user message), rendered with the model's chat template. What this server cannot do is a 400, never ignored:
 stored responses (`store: true`, `previous_response_id`, `background`), tools, reasoning, structured output,
-logprobs, images and files."""
+images and files. Logprobs come with `include: ["message.output_text.logprobs"]` or `top_logprobs`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
 from mulfree.infer.protocol import ChatMessage, Finite
+
+LOGPROBS = "message.output_text.logprobs"  # the one `include` value this server knows
 
 
 class InputText(BaseModel):
@@ -53,7 +55,7 @@ class ResponsesRequest(BaseModel):
     parallel_tool_calls: StrictBool | None = None
     reasoning: dict[str, Any] | None = None
     text: dict[str, Any] | None = None
-    top_logprobs: StrictInt | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     include: list[StrictStr] | None = None
     truncation: Literal["disabled", "auto"] | None = None
 
@@ -69,9 +71,14 @@ class ResponsesRequest(BaseModel):
         fmt = (self.text or {}).get("format")
         if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
             raise ValueError("text.format other than {\"type\": \"text\"} is not supported")
-        if self.top_logprobs or self.include:
-            raise ValueError("include and top_logprobs are not supported")
+        other = set(self.include or []) - {LOGPROBS}
+        if other:
+            raise ValueError(f"include {sorted(other)} is not supported (only {LOGPROBS!r})")
         return self
+
+    def logprob_count(self) -> int | None:
+        """Alternatives per token to report (None: no logprobs): asked by `include` or `top_logprobs`."""
+        return self.top_logprobs or 0 if LOGPROBS in (self.include or []) or self.top_logprobs else None
 
     def messages(self) -> list[ChatMessage]:
         """The conversation: instructions as a system message, then the input."""
@@ -90,7 +97,7 @@ class Reply:
         self.sequence = 0
 
     def response(self, status: str, text: str | None, usage: tuple[int, int] | None,
-                 finish: str | None = None) -> dict[str, Any]:
+                 logprobs: list | None = None) -> dict[str, Any]:
         """The `response` object: in progress (no output yet), completed, or incomplete at max_output_tokens."""
         b = self.body
         incomplete = status == "incomplete"
@@ -101,7 +108,8 @@ class Reply:
             "temperature": 1.0 if b.temperature is None else b.temperature, "top_p": 1.0 if b.top_p is None else b.top_p,
             "parallel_tool_calls": False, "tool_choice": "none", "tools": [], "store": False, "truncation": "disabled",
             "text": {"format": {"type": "text"}},
-            "output": [] if text is None else [self.message(text, status)],
+            "output": [] if text is None else [self.message(text, status, logprobs)],
+            "top_logprobs": b.top_logprobs,
             "usage": None,
         }
         if status != "in_progress":
@@ -113,13 +121,13 @@ class Reply:
                             "total_tokens": prompt + done}
         return out
 
-    def message(self, text: str, status: str) -> dict[str, Any]:
+    def message(self, text: str, status: str, logprobs: list | None = None) -> dict[str, Any]:
         return {"type": "message", "id": self.item_id, "status": status, "role": "assistant",
-                "content": [] if status == "in_progress" else [self.part(text)]}
+                "content": [] if status == "in_progress" else [self.part(text, logprobs)]}
 
     @staticmethod
-    def part(text: str) -> dict[str, Any]:
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    def part(text: str, logprobs: list | None = None) -> dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
     def event(self, kind: str, **fields: Any) -> dict[str, Any]:
         """One stream event, numbered in order."""
@@ -134,15 +142,17 @@ class Reply:
                 self.event("response.output_item.added", output_index=0, item=self.message("", "in_progress")),
                 self.event("response.content_part.added", **at, content_index=0, part=self.part(""))]
 
-    def delta(self, text: str) -> dict[str, Any]:
+    def delta(self, text: str, logprobs: list | None = None) -> dict[str, Any]:
+        """A text delta with the logprobs of its tokens (when asked for)."""
         return self.event("response.output_text.delta", item_id=self.item_id, output_index=0, content_index=0,
-                          delta=text, logprobs=[])
+                          delta=text, logprobs=logprobs or [])
 
-    def closing(self, text: str, status: str, usage: tuple[int, int]) -> list[dict[str, Any]]:
+    def closing(self, text: str, status: str, usage: tuple[int, int],
+                logprobs: list | None = None) -> list[dict[str, Any]]:
         """The events after the last delta: the text, part and item done, then the whole response."""
         at = {"item_id": self.item_id, "output_index": 0}
-        final = self.response(status, text, usage)
-        return [self.event("response.output_text.done", **at, content_index=0, text=text, logprobs=[]),
-                self.event("response.content_part.done", **at, content_index=0, part=self.part(text)),
-                self.event("response.output_item.done", output_index=0, item=self.message(text, status)),
+        final = self.response(status, text, usage, logprobs)
+        return [self.event("response.output_text.done", **at, content_index=0, text=text, logprobs=logprobs or []),
+                self.event("response.content_part.done", **at, content_index=0, part=self.part(text, logprobs)),
+                self.event("response.output_item.done", output_index=0, item=self.message(text, status, logprobs)),
                 self.event("response.completed" if status == "completed" else "response.incomplete", response=final)]

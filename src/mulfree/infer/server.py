@@ -266,17 +266,25 @@ async def respond(srv: Server, request: Request) -> Response:
     except ValueError as exc:
         raise ApiError(400, str(exc)) from None
     ids = await srv.encode([prompt])
+    want_lp = body.logprob_count()
     job = Job(srv, ids, [srv.budget(body.max_output_tokens, len(ids[0]), "max_output_tokens")], 1,
-              temperature=body.temperature, top_k=None, top_p=body.top_p, seed=srv.seed(None), stops=[], logprobs=None,
-              endpoint="responses")
-    reply, text = Reply(body, srv.model_name), job.texts[0]
+              temperature=body.temperature, top_k=None, top_p=body.top_p, seed=srv.seed(None), stops=[],
+              logprobs=want_lp, endpoint="responses")
+    reply, text, req = Reply(body, srv.model_name), job.texts[0], job.reqs[0]
 
     def status() -> str:
         return "completed" if text.finish == "stop" else "incomplete"  # else the token limit ended it
 
+    def logprobs(start: int = 0) -> list | None:
+        """The logprobs of the text's tokens from `start` (None when not asked for)."""
+        if want_lp is None:
+            return None
+        return chat_logprobs(req.tokens[start:text.used], req.logprobs[start:text.used], srv.token_text)["content"]
+
     if not body.stream:
         await job.run_watched(request)
-        return JSONResponse(reply.response(status(), text.text, (job.prompt_tokens, job.completion_tokens)))
+        return JSONResponse(reply.response(status(), text.text, (job.prompt_tokens, job.completion_tokens),
+                                           logprobs()))
 
     def frame(event: dict) -> str:
         return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
@@ -284,14 +292,16 @@ async def respond(srv: Server, request: Request) -> Response:
     async def sse() -> AsyncIterator[str]:
         for event in reply.opening():
             yield frame(event)
+        sent = 0  # tokens whose logprobs went out already
         try:
             async for _, piece, _done in job.drive():
                 if piece:
-                    yield frame(reply.delta(piece))
+                    yield frame(reply.delta(piece, logprobs(sent)))
+                    sent = text.used
         except ApiError as exc:
             yield frame(reply.event("error", code=exc.code or exc.kind, message=str(exc), param=None))
             return
-        for event in reply.closing(text.text, status(), (job.prompt_tokens, job.completion_tokens)):
+        for event in reply.closing(text.text, status(), (job.prompt_tokens, job.completion_tokens), logprobs()):
             yield frame(event)
 
     return StreamingResponse(sse(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
