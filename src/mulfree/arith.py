@@ -331,7 +331,8 @@ def train_arith(
     out_dir = prepare_output(out_dir, "arithmetic run", overwrite)
     tok = tokenizer_for(task.fmt)
     lengths = list(eval_lengths or range(1, task.digits + 4))
-    settings = [task.op, task.fmt, task.digits, task.width, sorted(task.held_out), kind, train_cfg.to_dict(), preset, lengths, test_per_length, test_seed]
+    settings = [task.op, task.fmt, task.digits, task.width, sorted(task.held_out), kind, train_cfg.to_dict(), preset,
+                lengths, test_per_length, test_seed]
     key = None if cpu_budget_s is not None else hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:8]
     test_set = make_test_set(task.op, lengths, test_per_length, seed=test_seed)
     task = ArithTask(task.op, task.fmt, task.digits, task.width,

@@ -201,8 +201,8 @@ def _run(args: argparse.Namespace) -> int:
     # uvicorn drains on SIGTERM, then re-raises it: exit 0 rather than die of the signal
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     config = uvicorn.Config(
-        build_app(srv, cfg.allowed_origins), host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=cfg.access_log,
-        timeout_keep_alive=cfg.keep_alive,
+        build_app(srv, cfg.allowed_origins), host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+        access_log=cfg.access_log, timeout_keep_alive=cfg.keep_alive,
         limit_concurrency=min(cfg.limit_concurrency, files - 64) if files > 128 else cfg.limit_concurrency,
         h11_max_incomplete_event_size=64 * 1024, http=guarded_protocol(cfg.header_timeout))
     serve_draining(config, lambda: batcher.close(10.0), cfg.shutdown_timeout)
