@@ -455,7 +455,7 @@ def test_responses_api_refuses_what_it_cannot_do(served):
              ({"max_output_tokens": 0}, "max_output_tokens"), ({"reasoning": {"effort": "high"}}, "reasoning"),
              ({"text": {"format": {"type": "json_object"}}}, "text.format"), ({"input": 7}, "input: should be"),
              ({"include": ["file_search_call.results"]}, "include ['file_search_call.results'] is not supported"),
-             ({"top_logprobs": 21}, "top_logprobs")]
+             ({"top_logprobs": 21}, "top_logprobs"), ({"truncation": "auto"}, "truncation: auto is not supported")]
     for extra, needle in cases:
         with pytest.raises(openai.BadRequestError) as err:
             client.responses.create(**{"model": "tiny", "input": "x", "max_output_tokens": 2, **extra})

@@ -71,6 +71,8 @@ class ResponsesRequest(BaseModel):
         fmt = (self.text or {}).get("format")
         if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
             raise ValueError("text.format other than {\"type\": \"text\"} is not supported")
+        if self.truncation == "auto":
+            raise ValueError("truncation: auto is not supported: a conversation longer than the context is a 400")
         other = set(self.include or []) - {LOGPROBS}
         if other:
             raise ValueError(f"include {sorted(other)} is not supported (only {LOGPROBS!r})")
@@ -78,7 +80,9 @@ class ResponsesRequest(BaseModel):
 
     def logprob_count(self) -> int | None:
         """Alternatives per token to report (None: no logprobs): asked by `include` or `top_logprobs`."""
-        return self.top_logprobs or 0 if LOGPROBS in (self.include or []) or self.top_logprobs else None
+        if LOGPROBS not in (self.include or []) and not self.top_logprobs:
+            return None
+        return self.top_logprobs or 0
 
     def messages(self) -> list[ChatMessage]:
         """The conversation: instructions as a system message, then the input."""
