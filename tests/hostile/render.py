@@ -101,7 +101,7 @@ Besides these cases:
   (refused before it is read) → 401 JSON, `invalid_api_key`; a key set but empty or with spaces stops the server
   at start-up (`tests/test_serve_api.py`). The Responses API (`/v1/responses`): tools, `store: true`,
   `previous_response_id`, an empty input list, an image part, `max_output_tokens` 0, reasoning, a JSON
-  `text.format`, an input that is a number, an unknown `include`, `top_logprobs` 21 → 400 naming the field; an
+  `text.format`, an input that is a number, an unknown `include`, `top_logprobs` 21, `truncation: auto` → 400 naming the field; an
   unknown model → 404.
 - **Threads sharing a model** (a deployer's own threaded app): four threads generating through one packed
   model got each other's tokens; two engines (or kernels) called from two threads at once got each other's chunks,
