@@ -362,3 +362,17 @@ def test_engine_layer_is_named(model):
     with pytest.raises(ValueError, match="gate_proj"):
         eng.add_layer(mod.Layer(**{**fields, "gate_proj": fields["down_proj"]}))
     assert eng.num_layers == 1
+
+
+def test_step_models_score_a_prompt_in_chunks(model):
+    """What `echo` scores: every position's logits, a chunk at a time, equal to one whole pass."""
+    from mulfree.infer.batching import PackedStepModel, TorchStepModel
+
+    pm = PackedModel.from_model(model)
+    ids = list(range(3, 40))
+    chunked = torch.cat(list(PackedStepModel(pm).logits(ids, chunk=16)))
+    torch.testing.assert_close(chunked, pm.prefill_state(ids, all_logits=True)[0], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        whole = model(torch.tensor([ids]))[0][0]
+    torch.testing.assert_close(torch.cat(list(TorchStepModel(model).logits(ids, chunk=16))), whole, rtol=1e-5,
+                               atol=1e-5)

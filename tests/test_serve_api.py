@@ -172,7 +172,7 @@ BAD = [
     ({"prompt": "x", "stop": 5}, 400), ({"prompt": "x", "max_tokens": "3"}, 400), ({"prompt": 7}, 400),
     ({"prompt": "x", "max_tokens": -1}, 400), ({"prompt": ""}, 400), ({"prompt": "x " * 80}, 400),
     ({"prompt": [10**9]}, 400), ({"prompt": "x", "n": 0}, 400), ({"prompt": "x", "logprobs": 9}, 400),
-    ({"prompt": "x", "echo": True}, 400), ({"prompt": "x", "presence_penalty": 1}, 400),
+    ({"prompt": "x", "echo": True, "stream": True}, 400), ({"prompt": "x", "presence_penalty": 1}, 400),
     ({"prompt": "x", "max_tokens": 10**6}, 400), ({"prompt": ["x"] * 20, "n": 4}, 400),
     ({"prompt": "x", "n": 16}, 429), ({"prompt": "x", "response_format": {"type": "json_object"}}, 400),
     ({"prompt": "x", "model": "other"}, 404), ({"prompt": "ab\ud800"}, 400), ({"prompt": ["x", "\udc00"]}, 400),
@@ -426,6 +426,34 @@ def test_responses_api_equals_chat_and_streams_the_same_text(served):
     msgs = [ChatMessage(role=m, content=c) for m, c in
             [("system", "Speak."), ("user", "Whether"), ("assistant", "tis"), ("user", "nobler")]]
     assert r.output_text == greedy(model, tok, chat_prompt(msgs), 5)
+
+
+def test_echo_scores_the_prompt_as_lm_eval_reads_it(served):
+    """echo + logprobs (what lm-eval's `local-completions` sends to score a context and continuation): the prompt's
+    token logprobs equal the model's own, and lm-eval's parser turns them into the loglikelihood its direct
+    scorer (`MulfreeLM`) computes."""
+    lm_eval_api = pytest.importorskip("lm_eval.models.openai_completions")
+    from mulfree.lmeval import MulfreeLM
+
+    _run, client, model, tok = served
+    ctx, cont = tok.encode("To be, or not").ids, tok.encode(" to be, that is").ids
+    out = client.completions.create(model="tiny", prompt=ctx + cont, max_tokens=1, temperature=0, logprobs=1,
+                                    echo=True, seed=1234)
+    lp = out.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.tokens) == len(ctx + cont) + 1
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ctx + cont]))[0][0], -1)
+    expect = ref[torch.arange(len(ctx + cont) - 1), torch.tensor((ctx + cont)[1:])]
+    assert torch.allclose(torch.tensor(lp.token_logprobs[1:len(ctx + cont)]), expect, atol=1e-5)
+    assert out.choices[0].text.startswith(tok.decode(ctx + cont))
+    parsed = lm_eval_api.LocalCompletionsAPI.parse_logprobs(out.model_dump(), ctxlens=[len(ctx)])
+    direct = MulfreeLM(model, tok)._score(ctx, cont)
+    assert abs(parsed[0][0] - direct[0]) < 1e-4 and parsed[0][1] == direct[1]
+    # a text prompt echoes as given; without logprobs, text only; max_tokens 0 scores the prompt alone
+    plain = client.completions.create(model="tiny", prompt="To be", max_tokens=3, temperature=0, echo=True)
+    assert plain.choices[0].text == "To be" + greedy(model, tok, "To be", 3) and plain.choices[0].logprobs is None
+    only = client.completions.create(model="tiny", prompt="To be", max_tokens=0, echo=True, logprobs=0)
+    assert only.choices[0].text == "To be" and len(only.choices[0].logprobs.token_logprobs) == len(tok.encode("To be").ids)
 
 
 def test_responses_logprobs_equal_chat_logprobs(served):

@@ -90,7 +90,7 @@ Besides these cases:
   Jinja traceback, or the plain template used silently; and nanobind's leak report of the loaded engine after the
   error, now off).
   Also tried by hand and already answered (400): `n` 0 or 10^9, `max_tokens` −5 or 1e30, `logprobs` 1000,
-  `top_logprobs` without `logprobs`, empty prompts and lists, 1,000 stop strings, `logit_bias`, `echo`,
+  `top_logprobs` without `logprobs`, empty prompts and lists, 1,000 stop strings, `logit_bias`, `echo` with `stream`,
   `best_of`, `suffix`, tools, image parts, a list as the model, bodies that are arrays, strings or `null`.
   `tests/test_serve_idle.py` runs `mulfree serve` itself under 2,000 idle and 300 half-sent connections
   (`/health` answers a fresh connection within 1 s, a completion succeeds, every one is closed a

@@ -18,7 +18,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ from mulfree.models import registry
 from mulfree.ops.sampling import check_sampling, greedy, sample_row
 
 _DONE = object()
+SCORE_CHUNK = 256  # positions whose logits a prompt's scoring holds at once
 
 
 class QueueFull(RuntimeError):
@@ -117,6 +118,15 @@ class TorchStepModel:
                 logits[i], new[i] = row, st
         return torch.stack(logits), new
 
+    @torch.no_grad()
+    def logits(self, ids: list[int], chunk: int = SCORE_CHUNK) -> Iterator[torch.Tensor]:
+        """Every position's logits fp32 [t, V] of one fresh sequence `ids`, `chunk` positions at a time (a long
+        prompt never holds [T, V] at once)."""
+        state = None
+        for start in range(0, len(ids), chunk):
+            out, state = self.model(torch.tensor([ids[start:start + chunk]]), state)
+            yield out[0].float()
+
     def _decode(self, tokens: list[int], states: list[Any]) -> tuple[torch.Tensor, list[Any]]:
         if self.recurrent:
             batched = [torch.cat(layer, dim=0) for layer in zip(*states)]
@@ -138,6 +148,12 @@ class PackedStepModel:
     @torch.no_grad()
     def step(self, chunks: list[list[int]], states: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         return self.packed.step(chunks, states), states
+
+    def logits(self, ids: list[int], chunk: int = SCORE_CHUNK) -> Iterator[torch.Tensor]:
+        """As `TorchStepModel.logits`, on the engine (its calls take turns with the batcher's steps)."""
+        state = self.packed.new_state()
+        for start in range(0, len(ids), chunk):
+            yield self.packed.prefill_state(ids[start:start + chunk], state, all_logits=True)[0]
 
 
 @dataclass

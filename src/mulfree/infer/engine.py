@@ -246,13 +246,14 @@ class PackedModel:
         `self.state` is one sequence: threads decoding sequences of their own use `prefill_state` / `step`."""
         return self._run(self._token_ids(ids), self.state, all_logits)
 
-    def prefill_state(self, ids: list[int] | torch.Tensor,
-                      state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def prefill_state(self, ids: list[int] | torch.Tensor, state: torch.Tensor | None = None,
+                      all_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed tokens [T] after `state` (None: a fresh one), leaving `self.state` alone; returns (the last
-        token's logits [V], the state [L, d], updated in place when given). A long prompt can be fed in
-        chunks between decode steps by passing the state back in."""
+        token's logits [V], or every token's [T, V] with `all_logits`; the state [L, d], updated in place when
+        given). A long prompt can be fed in chunks between decode steps by passing the state back in."""
         state = self.new_state() if state is None else self._check_states(state, (self.num_layers,))
-        return self._run(self._token_ids(ids), state, False)[0], state
+        logits = self._run(self._token_ids(ids), state, all_logits)
+        return (logits if all_logits else logits[0]), state
 
     def decode_batch(self, tokens: list[int] | torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """One decode step of B independent sequences at any positions: token b follows states[b]. tokens [B];

@@ -9,6 +9,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import torch
+
 from mulfree.infer.batching import QueueFull, SamplingParams
 from mulfree.infer.detok import ChoiceText
 from mulfree.infer.protocol import ApiError, seed64
@@ -106,6 +108,20 @@ class Job:
                 pass
         finally:
             watcher.cancel()
+
+
+def prompt_logprobs(step_model: Any, ids: list[int], top: int) -> list[tuple[float | None, list | None]]:
+    """Each prompt token's (log-probability given the tokens before it, the `top` most likely [(id, logprob)]), the
+    first token (None, None): what `echo` with `logprobs` reports for the prompt."""
+    entries: list[tuple[float | None, list | None]] = [(None, None)]
+    for logits in step_model.logits(ids):
+        lp = torch.log_softmax(logits, dim=-1)[: len(ids) - len(entries)]  # the last row predicts past the prompt
+        targets = torch.tensor(ids[len(entries):len(entries) + len(lp)])
+        chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
+        best = lp.topk(min(top, lp.shape[1])) if top else None
+        for j, value in enumerate(chosen):
+            entries.append((value, [] if best is None else list(zip(best.indices[j].tolist(), best.values[j].tolist()))))
+    return entries
 
 
 def _sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, k: int):

@@ -82,8 +82,8 @@ class CompletionRequest(_Common):
 
     @model_validator(mode="after")
     def _unsupported_completion(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo is not supported")
+        if self.echo and self.stream:
+            raise ValueError("echo is supported without stream only")
         if self.suffix:
             raise ValueError("suffix is not supported")
         if self.best_of not in (None, 1, self.n):
@@ -261,7 +261,8 @@ def completion_logprobs(tokens: list[int], entries: list, piece: Any, offset: in
         offsets.append(offset)
         offset += len(s)
     return {"tokens": strings, "token_logprobs": [lp for lp, _ in entries],
-            "top_logprobs": [{piece(i): v for i, v in tops} for _, tops in entries], "text_offset": offsets}
+            "top_logprobs": [None if tops is None else {piece(i): v for i, v in tops} for _, tops in entries],
+            "text_offset": offsets}
 
 
 def chat_logprobs(tokens: list[int], entries: list, piece: Any) -> dict:

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from mulfree.infer.batching import ContinuousBatcher
-from mulfree.infer.jobs import Job
+from mulfree.infer.jobs import Job, prompt_logprobs
 from mulfree.infer.metrics import Metrics
 from mulfree.infer.protocol import (
     ApiError,
@@ -191,6 +191,10 @@ async def complete(srv: Server, request: Request, chat: bool) -> Response:
     if asked is None:
         asked, name = body.max_tokens, "max_tokens"
     budgets = [srv.budget(asked, len(p), name) for p in ids]
+    echo = getattr(body, "echo", False)
+    top = logprob_count(body)
+    scored = ([await run_in_threadpool(prompt_logprobs, srv.batcher.model, p, top) for p in ids]
+              if echo and top is not None else None)
     job = Job(srv, ids, budgets, body.n, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
               seed=srv.seed(body.seed), stops=body.stops, logprobs=logprob_count(body),
               endpoint="chat" if chat else "completions")
@@ -223,8 +227,10 @@ async def complete(srv: Server, request: Request, chat: bool) -> Response:
     kind = "chat.completion" if chat else "text_completion"
     if not body.stream:
         await job.run_watched(request)
-        return JSONResponse({**meta, "object": kind, "choices": [choice(k, t.text, t.finish, False)
-                                                                 for k, t in enumerate(texts)], "usage": usage()})
+        choices = [choice(k, t.text, t.finish, False) for k, t in enumerate(texts)]
+        if echo:
+            _echo(srv, choices, prompts, ids, scored, job, body.n)
+        return JSONResponse({**meta, "object": kind, "choices": choices, "usage": usage()})
     with_usage = body.stream_options is not None and body.stream_options.include_usage
     chunk_kind = kind + ".chunk" if chat else kind
 
@@ -251,6 +257,18 @@ async def complete(srv: Server, request: Request, chat: bool) -> Response:
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(sse(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+
+def _echo(srv: Server, choices: list[dict], prompts: list, ids: list[list[int]], scored: list | None, job: Job,
+          n: int) -> None:
+    """`echo`: each completion choice's text and logprobs start with its prompt's (the prompt's scored by the model,
+    its first token's None, as OpenAI's)."""
+    for k, c in enumerate(choices):
+        p, used = k // n, job.texts[k].used
+        c["text"] = (prompts[p] if isinstance(prompts[p], str) else srv.tok.decode(prompts[p])) + c["text"]
+        if scored is not None:
+            c["logprobs"] = completion_logprobs(ids[p] + job.reqs[k].tokens[:used],
+                                                scored[p] + job.reqs[k].logprobs[:used], srv.token_text)
 
 
 async def respond(srv: Server, request: Request) -> Response:
