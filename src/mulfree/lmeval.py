@@ -175,20 +175,22 @@ def request_cache(model_ref: str, max_length: int, eot_token_id: int | None) -> 
     return cache_dir() / "lm_eval_requests" / f"{key}_rank0.db"
 
 
-def usable_cache(db: Path) -> bool:
-    """Whether `db` is a readable SQLite database; one that is not (a torn or foreign file) is removed."""
+def cached_requests(db: Path) -> int:
+    """How many scored requests `db` holds; a file that is not a readable request database (torn, foreign) is
+    removed and counts 0."""
     import sqlite3
 
     if not db.exists():
-        return False
+        return 0
     try:
         with contextlib.closing(sqlite3.connect(db)) as con:
             if con.execute("PRAGMA quick_check").fetchone() == ("ok",):
-                return True
+                tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                return con.execute("SELECT count(*) FROM unnamed").fetchone()[0] if "unnamed" in tables else 0
     except sqlite3.DatabaseError:
         pass
     db.unlink()
-    return False
+    return 0
 
 
 def run_lm_eval(model: torch.nn.Module, tokenizer: Any, tasks: list[str], task_dir: Path, limit: int | None = None,

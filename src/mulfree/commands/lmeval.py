@@ -53,7 +53,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from mulfree.atomic import atomic_write_json, make_dir, prepare_file
     from mulfree.data.text import load_corpus
-    from mulfree.lmeval import build_offline_tasks, request_cache, run_lm_eval, usable_cache
+    from mulfree.lmeval import build_offline_tasks, cached_requests, request_cache, run_lm_eval
     from mulfree.models.pretrained import cache_dir
     from mulfree.models.resolve import resolve
 
@@ -64,15 +64,18 @@ def _run(args: argparse.Namespace) -> int:
     task_dir = build_offline_tasks(cache_dir() / "lm_eval_tasks" / f"seed{cfg.seed}", load_corpus().val_text, seed=cfg.seed)
     db = request_cache(args.model, cfg.max_length, loaded.eos_token_id)
     make_dir(db.parent)
-    if usable_cache(db):
-        print(f"continuing an interrupted run: requests scored before come from {db}", file=sys.stderr)
+    if cached_requests(db):
+        print(f"continuing an interrupted run: {cached_requests(db)} requests scored before come from {db}",
+              file=sys.stderr)
     try:
         results = run_lm_eval(loaded.model, loaded.tokenizer, cfg.task_list(), task_dir, cfg.limit, cfg.max_length,
                               loaded.eos_token_id, cache=db)
-    except (KeyboardInterrupt, SystemExit):
-        if db.exists():
-            print(f"\nthe requests scored so far are kept in {db}; the same command continues from there",
-                  file=sys.stderr)
+    except BaseException:
+        if cached_requests(db):
+            print(f"\nthe {cached_requests(db)} requests scored so far are kept in {db}; the same command continues "
+                  "from there", file=sys.stderr)
+        else:
+            db.unlink(missing_ok=True)  # nothing to continue from: leave no file behind
         raise
     for task, metrics in results.items():
         print(task + "  " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
