@@ -157,9 +157,12 @@ def test_logprobs(served):
                                           temperature=0, logprobs=True, top_logprobs=3)
     content = chat.choices[0].logprobs.content
     assert len(content) == 5 and all(len(c.top_logprobs) == 3 and c.logprob <= 0 for c in content)
-    chunks = list(client.completions.create(model="tiny", prompt="To be", max_tokens=6, temperature=0, logprobs=0,
+    chunks = list(client.completions.create(model="tiny", prompt="To be", max_tokens=6, temperature=0, logprobs=2,
                                             stream=True))
-    assert sum(len(c.choices[0].logprobs.tokens) for c in chunks if c.choices and c.choices[0].logprobs) == 6
+    parts = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for p in parts for t in p.tokens] == lp.tokens
+    # text_offset counts on through the stream (each chunk restarted it at 0), as in the whole answer
+    assert [o for p in parts for o in p.text_offset] == lp.text_offset
 
 
 def post(run, path, content, headers=None):

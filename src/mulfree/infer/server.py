@@ -208,6 +208,7 @@ async def complete(srv: Server, request: Request, chat: bool) -> Response:
 
     want_lp = logprob_count(body) is not None
     lp_sent = [0] * total  # tokens of each choice whose logprobs went out already
+    lp_chars = [0] * total  # and the characters of their pieces (a completion's text_offset goes on from there)
 
     def logprobs(k: int) -> dict | None:
         """The logprobs of choice k's tokens not reported yet (up to where its text ends)."""
@@ -216,7 +217,11 @@ async def complete(srv: Server, request: Request, chat: bool) -> Response:
         a, b = lp_sent[k], texts[k].used
         lp_sent[k] = b
         tokens, entries, piece = reqs[k].tokens[a:b], reqs[k].logprobs[a:b], srv.token_text
-        return chat_logprobs(tokens, entries, piece) if chat else completion_logprobs(tokens, entries, piece)
+        if chat:
+            return chat_logprobs(tokens, entries, piece)
+        out = completion_logprobs(tokens, entries, piece, lp_chars[k])
+        lp_chars[k] += sum(len(t) for t in out["tokens"])
+        return out
 
     def choice(k: int, text: str, finish: str | None, delta: bool) -> dict:
         if not chat:
