@@ -595,3 +595,19 @@ def test_browser_pages_from_allowed_origins_only(tmp_path):
         with pytest.raises(ConfigError, match="is not a web origin"):
             ServeConfig(allowed_origins=(bad,))
     assert ServeConfig(allowed_origins=("*", "http://localhost:3000")).allowed_origins[0] == "*"
+
+
+def test_served_model_name_flag():
+    """--served-model-name: the API's model id, whatever the dir is called; one a client could not send is refused."""
+    from mulfree.cli import build_parser
+    from mulfree.commands.flags import from_args
+    from mulfree.commands.serve import ServeConfig
+    from mulfree.errors import ConfigError
+
+    parse = build_parser().parse_args
+    cfg = from_args(ServeConfig, parse(["serve", "--model", "runs/mm-packed", "--served-model-name", "mmfree-1.3b"]))
+    assert cfg.served_model_name == "mmfree-1.3b"
+    assert from_args(ServeConfig, parse(["serve", "--model", "m"])).served_model_name is None
+    for bad in ("my model", "", "x" * 257, "modèle"):
+        with pytest.raises(ConfigError, match="--served-model-name .* must be 1 to 256 visible ASCII"):
+            ServeConfig(served_model_name=bad)

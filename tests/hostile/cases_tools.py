@@ -107,6 +107,8 @@ _FLAGS = [  # (id, what, argv, expected error): refused before any model is read
      ("serve", "--model", "{model}", "--api-key", "my key"), "--api-key must be 1 to 1024 visible ASCII"),
     ("serve-api-key-empty", "serve --api-key '' (an empty key, never 'no key')",
      ("serve", "--model", "{model}", "--api-key", ""), "--api-key must be 1 to 1024 visible ASCII"),
+    ("serve-model-name-space", "serve --served-model-name with a space",
+     ("serve", "--model", "{model}", "--served-model-name", "my model"), "--served-model-name 'my model' must be"),
     ("serve-origin-path", "serve --allowed-origins with a path (a browser's Origin never has one)",
      ("serve", "--model", "{model}", "--allowed-origins", "https://chat.example.com/app"), "is not a web origin"),
 ]

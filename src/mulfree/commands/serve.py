@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -53,6 +54,8 @@ class ServeConfig:
                                                      "gt": 0, "max": 3600})
     shutdown_timeout: float = field(default=30.0, metadata={
         "help": "seconds SIGTERM waits for running requests before it ends them (503)", "min": 0, "max": 3600})
+    served_model_name: str | None = field(default=None, metadata={
+        "help": "the model's name in the API, which requests must give (default: the --model dir's name)"})
     allowed_origins: tuple[str, ...] = field(default=(), metadata={
         "help": "web origins whose pages may call the API from a browser (CORS), e.g. https://chat.example.com, or "
                 "'*' for any (default: none)", "nargs": "*"})
@@ -72,6 +75,9 @@ class ServeConfig:
             raise ConfigError(f"--host {self.host!r} is not an IP address or host name", "e.g. --host 127.0.0.1")
         if self.api_key is not None:
             check_api_key(self.api_key, "--api-key")
+        if self.served_model_name is not None and not re.fullmatch(r"[\x21-\x7e]{1,256}", self.served_model_name):
+            raise ConfigError(f"--served-model-name {self.served_model_name[:100]!a} must be 1 to 256 visible "
+                              "ASCII characters (no spaces)", "e.g. --served-model-name mmfree-1.3b")
         for origin in self.allowed_origins:
             if origin != "*" and not valid_origin(origin):
                 raise ConfigError(f"--allowed-origins {origin!r} is not a web origin", "give scheme://host[:port] "
@@ -93,8 +99,6 @@ def valid_origin(origin: str) -> bool:
 
 def check_api_key(key: str, source: str) -> None:
     """A key a client can send in a header as is: 1 to 1024 visible ASCII characters."""
-    import re
-
     if not re.fullmatch(r"[\x21-\x7e]{1,1024}", key):
         bad = re.search(r"[^\x21-\x7e]", key)
         got = f"{bad.group()!a} at character {bad.start() + 1}" if bad else f"{len(key)} characters"
@@ -123,7 +127,6 @@ def is_loopback(host: str) -> bool:
 def valid_host(host: str) -> bool:
     """An IPv4/IPv6 address or a DNS host name (RFC 1123 labels)."""
     import ipaddress
-    import re
 
     try:
         ipaddress.ip_address(host)
@@ -192,7 +195,8 @@ def _run(args: argparse.Namespace) -> int:
     step_model, loaded = _load(args.model, cfg)
     batcher = ContinuousBatcher(step_model, max_batch=cfg.max_batch, eos_token_id=loaded.eos_token_id,
                                 max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk)
-    srv = Server(batcher, loaded.tokenizer, Path(args.model).name, context_limit=loaded.context_limit,
+    srv = Server(batcher, loaded.tokenizer, cfg.served_model_name or Path(args.model).name,
+                 context_limit=loaded.context_limit,
                  max_prompt_tokens=cfg.max_prompt_tokens, max_body_bytes=cfg.max_body_bytes,
                  request_timeout_s=cfg.request_timeout, default_max_tokens=cfg.max_tokens, fixed_seed=cfg.seed,
                  max_new_tokens=cfg.max_tokens_limit, chat_template=load_chat_template(loaded.files_dir),
