@@ -389,9 +389,9 @@ def remove_stale_temps(directory: str | Path, names: Collection[str] | None = No
         m = _TEMP.match(entry.name)
         if m is None or entry.name in keep or (m["kind"] == "old" and not (directory / m["name"]).exists()):
             continue
-        if _held_here(entry) or in_use(entry):  # a running writer's, not a stale one
-            continue
         if names is not None and m["name"] not in names:
+            continue
+        if _held_here(entry) or in_use(entry):  # a running writer's, not a stale one (probed last: it opens the entry)
             continue
         remove_entry(entry)
         removed.append(entry)

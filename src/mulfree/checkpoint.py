@@ -214,12 +214,17 @@ def _check_state(state: object, path: Path, step: int) -> dict:
     return state
 
 
+def _ckpt_state(ckpt: Path) -> dict:
+    """The checked `state.json` of checkpoint dir `ckpt` (its checksum verified before)."""
+    path = ckpt / "state.json"
+    return _check_state(read_json(path, hint=_FIX), path, int(_CKPT.match(ckpt.name)[1]))
+
+
 def checkpoint_state(out_dir: Path) -> dict:
     """The checked `state.json` of the latest checkpoint (step, train_config, model_config, param_groups)."""
     ckpt = _checkpoint_dir(Path(out_dir))
     verify(ckpt, ["state.json"])
-    path = ckpt / "state.json"
-    return _check_state(read_json(path, hint=_FIX), path, int(_CKPT.match(ckpt.name)[1]))
+    return _ckpt_state(ckpt)
 
 
 def checkpoint_model(path: Path) -> tuple[torch.nn.Module, object, Path] | None:
@@ -236,7 +241,7 @@ def checkpoint_model(path: Path) -> tuple[torch.nn.Module, object, Path] | None:
     else:
         return None
     verify(ckpt, ["state.json", "model.safetensors"])
-    state = _check_state(read_json(ckpt / "state.json", hint=_FIX), ckpt / "state.json", int(_CKPT.match(ckpt.name)[1]))
+    state = _ckpt_state(ckpt)
     if "model_config" not in state:
         raise CheckpointError(f"{ckpt / 'state.json'} has no model_config", "load the run's final model once it ends")
     model, tokenizer = model_from(state["model_config"], ckpt / "model.safetensors", run, str(ckpt / "state.json"))
