@@ -14,9 +14,9 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -46,6 +46,7 @@ from mulfree.infer.protocol import (
 from mulfree.infer.responses import Reply, ResponsesRequest
 
 MAX_CHOICES = 64  # completions one request may ask for (prompts x n)
+T = TypeVar("T")
 
 
 def shown(value: str, limit: int = 100) -> str:
@@ -173,17 +174,26 @@ class Server:
         return self.default_max_tokens if room is None else min(self.default_max_tokens, room)
 
 
-async def complete(srv: Server, request: Request, chat: bool) -> Response:
+async def read_request(srv: Server, request: Request, parse: Callable[[Any], T]) -> T:
+    """`parse` of the request's JSON body (the model it names checked first); a body that fails validation, or a
+    prompt the chat template refuses, is a 400 naming the problem."""
     raw = await read_json(request, srv.max_body_bytes, srv.body_timeout_s)
     srv.check_model(raw)
     try:
-        body = (ChatRequest if chat else CompletionRequest).model_validate(raw)
-        prompts = [srv.chat_template(body.messages)] if chat else body.prompts()  # type: ignore[union-attr]
+        return parse(raw)
     except ValidationError as exc:
         message, param = describe_error(exc)
         raise ApiError(400, message, param=param) from None
     except ValueError as exc:
         raise ApiError(400, str(exc)) from None
+
+
+async def complete(srv: Server, request: Request, chat: bool) -> Response:
+    def parse(raw: Any) -> tuple[CompletionRequest | ChatRequest, list]:
+        body = (ChatRequest if chat else CompletionRequest).model_validate(raw)
+        return body, [srv.chat_template(body.messages)] if chat else body.prompts()  # type: ignore[union-attr]
+
+    body, prompts = await read_request(srv, request, parse)
     if len(prompts) * body.n > MAX_CHOICES:
         raise ApiError(400, f"{len(prompts)} prompts x n={body.n} is more than {MAX_CHOICES} completions", param="n")
     ids = await srv.encode(prompts)
@@ -278,16 +288,11 @@ def _echo(srv: Server, choices: list[dict], prompts: list, ids: list[list[int]],
 
 async def respond(srv: Server, request: Request) -> Response:
     """`POST /v1/responses`: one text reply to a conversation (infer/responses.py), whole or as stream events."""
-    raw = await read_json(request, srv.max_body_bytes, srv.body_timeout_s)
-    srv.check_model(raw)
-    try:
+    def parse(raw: Any) -> tuple[ResponsesRequest, str]:
         body = ResponsesRequest.model_validate(raw)
-        prompt = srv.chat_template(body.messages())
-    except ValidationError as exc:
-        message, param = describe_error(exc)
-        raise ApiError(400, message, param=param) from None
-    except ValueError as exc:
-        raise ApiError(400, str(exc)) from None
+        return body, srv.chat_template(body.messages())
+
+    body, prompt = await read_request(srv, request, parse)
     ids = await srv.encode([prompt])
     want_lp = body.logprob_count()
     job = Job(srv, ids, [srv.budget(body.max_output_tokens, len(ids[0]), "max_output_tokens")], 1,
