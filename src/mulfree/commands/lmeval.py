@@ -64,16 +64,15 @@ def _run(args: argparse.Namespace) -> int:
     task_dir = build_offline_tasks(cache_dir() / "lm_eval_tasks" / f"seed{cfg.seed}", load_corpus().val_text, seed=cfg.seed)
     db = request_cache(args.model, cfg.max_length, loaded.eos_token_id)
     make_dir(db.parent)
-    if cached_requests(db):
-        print(f"continuing an interrupted run: {cached_requests(db)} requests scored before come from {db}",
-              file=sys.stderr)
+    if kept := cached_requests(db):
+        print(f"continuing an interrupted run: {kept} requests scored before come from {db}", file=sys.stderr)
     try:
         results = run_lm_eval(loaded.model, loaded.tokenizer, cfg.task_list(), task_dir, cfg.limit, cfg.max_length,
                               loaded.eos_token_id, cache=db)
     except BaseException:
-        if cached_requests(db):
-            print(f"\nthe {cached_requests(db)} requests scored so far are kept in {db}; the same command continues "
-                  "from there", file=sys.stderr)
+        if kept := cached_requests(db):
+            print(f"\nthe {kept} requests scored so far are kept in {db}; the same command continues from there",
+                  file=sys.stderr)
         else:
             db.unlink(missing_ok=True)  # nothing to continue from: leave no file behind
         raise
