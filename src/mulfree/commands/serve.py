@@ -75,9 +75,9 @@ class ServeConfig:
             raise ConfigError(f"--host {self.host!r} is not an IP address or host name", "e.g. --host 127.0.0.1")
         if self.api_key is not None:
             check_api_key(self.api_key, "--api-key")
-        if self.served_model_name is not None and not re.fullmatch(r"[\x21-\x7e]{1,256}", self.served_model_name):
-            raise ConfigError(f"--served-model-name {self.served_model_name[:100]!a} must be 1 to 256 visible "
-                              "ASCII characters (no spaces)", "e.g. --served-model-name mmfree-1.3b")
+        if self.served_model_name is not None:
+            check_sendable(self.served_model_name, f"--served-model-name {self.served_model_name[:100]!a}", 256,
+                           "e.g. --served-model-name mmfree-1.3b")
         for origin in self.allowed_origins:
             if origin != "*" and not valid_origin(origin):
                 raise ConfigError(f"--allowed-origins {origin!r} is not a web origin", "give scheme://host[:port] "
@@ -97,13 +97,18 @@ def valid_origin(origin: str) -> bool:
             and not parts.query and not parts.fragment and not parts.username and origin == origin.strip())
 
 
+def check_sendable(value: str, source: str, limit: int, hint: str) -> None:
+    """A value a client sends back as is (a header, a JSON string): 1 to `limit` visible ASCII characters; the
+    ConfigError names the first character that is not one."""
+    if not re.fullmatch(rf"[\x21-\x7e]{{1,{limit}}}", value):
+        bad = re.search(r"[^\x21-\x7e]", value)
+        got = f"{bad.group()!a} at character {bad.start() + 1}" if bad else f"{len(value)} characters"
+        raise ConfigError(f"{source} must be 1 to {limit} visible ASCII characters (no spaces), got {got}", hint)
+
+
 def check_api_key(key: str, source: str) -> None:
-    """A key a client can send in a header as is: 1 to 1024 visible ASCII characters."""
-    if not re.fullmatch(r"[\x21-\x7e]{1,1024}", key):
-        bad = re.search(r"[^\x21-\x7e]", key)
-        got = f"{bad.group()!a} at character {bad.start() + 1}" if bad else f"{len(key)} characters"
-        raise ConfigError(f"{source} must be 1 to 1024 visible ASCII characters (no spaces), got {got}",
-                          "e.g. a key from `python -c 'import secrets; print(secrets.token_urlsafe())'`")
+    """A key a client can send in a header as is."""
+    check_sendable(key, source, 1024, "e.g. a key from `python -c 'import secrets; print(secrets.token_urlsafe())'`")
 
 
 def api_key(cfg: ServeConfig, environ: Mapping[str, str]) -> str | None:
