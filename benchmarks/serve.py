@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import itertools
 import json
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -194,32 +196,19 @@ END_WITH_PARENT = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, s
                    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
 
 
-def serve_levels(model_dir: Path, engine: str, clients: list[int], per_client: int, args, deadline: float,
-                 log_path: Path) -> list[dict]:
-    """Start `mulfree serve --engine engine` on model_dir, run each client level, stop the server."""
+@contextlib.contextmanager
+def running_server(model_dir: Path, flags: list[str], log_path: Path, deadline: float) -> Iterator[tuple[str, str]]:
+    """`mulfree serve --model model_dir FLAGS` on a free loopback port, ended with this process and stopped on exit;
+    yields (base URL, the served model's id) once /health answers."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "mulfree", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
-           "--port", str(port), "--max-batch", str(args.max_batch), "--engine", engine,
-           "--threads", str(args.threads), "--prefill-chunk", str(args.prefill_chunk), "--max-queue", str(max(256, 2 * max(clients))),
-           "--request-timeout", str(max(60.0, deadline - time.monotonic()))]
-    levels: list[dict] = []
+    cmd = ["-m", "mulfree", "serve", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port), *flags]
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-c", END_WITH_PARENT, str(os.getpid()), *cmd[1:]], stdout=log,
+        proc = subprocess.Popen([sys.executable, "-c", END_WITH_PARENT, str(os.getpid()), *cmd], stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_health(base, proc, min(600.0, deadline - time.monotonic()))
-            model = json.loads(urllib.request.urlopen(base + "/v1/models", timeout=10).read())["data"][0]["id"]
-            asyncio.run(run_level(base + "/v1", model, 1, 1, 2, max(5.0, deadline - time.monotonic())))  # warm up
-            for c in clients:
-                left = deadline - time.monotonic()
-                if left < 5:
-                    print(f"global timeout: skipped {c} clients ({engine})")
-                    break
-                n = max(per_client, args.rounds) if c == 1 else per_client  # as many tries as the direct side
-                lv = asyncio.run(run_level(base + "/v1", model, c, n, args.max_tokens, left))
-                levels.append(lv)
-                print(f"  {engine} {c:>3} clients: {lv['tok_s']:8.1f} tok/s in {lv['wall_s']:.1f} s", flush=True)
+            yield base, json.loads(urllib.request.urlopen(base + "/v1/models", timeout=10).read())["data"][0]["id"]
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -230,6 +219,26 @@ def serve_levels(model_dir: Path, engine: str, clients: list[int], per_client: i
                     proc.wait(timeout=15)
             if proc.returncode not in (0, None, -signal.SIGTERM):
                 print(f"server exit {proc.returncode}; log tail:\n" + "\n".join(log_path.read_text().splitlines()[-20:]))
+
+
+def serve_levels(model_dir: Path, engine: str, clients: list[int], per_client: int, args, deadline: float,
+                 log_path: Path) -> list[dict]:
+    """Start `mulfree serve --engine engine` on model_dir, run each client level, stop the server."""
+    flags = ["--max-batch", str(args.max_batch), "--engine", engine, "--threads", str(args.threads),
+             "--prefill-chunk", str(args.prefill_chunk), "--max-queue", str(max(256, 2 * max(clients))),
+             "--request-timeout", str(max(60.0, deadline - time.monotonic()))]
+    levels: list[dict] = []
+    with running_server(model_dir, flags, log_path, deadline) as (base, model):
+        asyncio.run(run_level(base + "/v1", model, 1, 1, 2, max(5.0, deadline - time.monotonic())))  # warm up
+        for c in clients:
+            left = deadline - time.monotonic()
+            if left < 5:
+                print(f"global timeout: skipped {c} clients ({engine})")
+                break
+            n = max(per_client, args.rounds) if c == 1 else per_client  # as many tries as the direct side
+            lv = asyncio.run(run_level(base + "/v1", model, c, n, args.max_tokens, left))
+            levels.append(lv)
+            print(f"  {engine} {c:>3} clients: {lv['tok_s']:8.1f} tok/s in {lv['wall_s']:.1f} s", flush=True)
     return levels
 
 

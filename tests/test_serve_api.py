@@ -507,11 +507,11 @@ def test_response_objects_and_events_fit_the_official_schema():
     lp = [{"token": t, "logprob": -0.5, "bytes": [ord(t)], "top_logprobs": [{"token": t, "logprob": -0.5,
                                                                                "bytes": [ord(t)]}]} for t in "hi"]
     for status in ("completed", "incomplete"):
-        done = Response.model_validate(reply.response(status, "hi", (3, 2), lp), strict=True)
+        done = Response.model_validate(reply.response(status, "hi", (3, 2, 1), lp), strict=True)
         assert done.output_text == "hi" and done.usage.total_tokens == 5 and done.metadata == {"k": "v"}
         assert done.output[0].content[0].logprobs[1].token == "i"
     events = TypeAdapter(list[ResponseStreamEvent]).validate_python(
-        reply.opening() + [reply.delta("h"), reply.delta("i")] + reply.closing("hi", "completed", (3, 2)))
+        reply.opening() + [reply.delta("h"), reply.delta("i")] + reply.closing("hi", "completed", (3, 2, 1)))
     assert events[-1].type == "response.completed" and events[-1].response.status == "completed"
 
 
@@ -526,7 +526,7 @@ def test_the_sdk_stream_helper_builds_the_final_response_from_our_events():
     streaming = pytest.importorskip("openai.lib.streaming.responses._responses")
     reply = Reply(ResponsesRequest(model="m", input="x"), "m")
     events = TypeAdapter(list[ResponseStreamEvent]).validate_python(
-        reply.opening() + [reply.delta("h"), reply.delta("i")] + reply.closing("hi", "completed", (3, 2)))
+        reply.opening() + [reply.delta("h"), reply.delta("i")] + reply.closing("hi", "completed", (3, 2, 0)))
     state = streaming.ResponseStreamState(input_tools=openai.NOT_GIVEN, text_format=openai.NOT_GIVEN)
     for event in events:
         state.handle_event(event)

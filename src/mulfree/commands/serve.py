@@ -34,6 +34,10 @@ class ServeConfig:
         "help": "prompt tokens fed per step beside the decode tokens (a long prompt never stalls running streams)",
         "min": 1,
         "max": 1 << 20})
+    prefix_cache_mb: int = field(default=256, metadata={
+        "help": "MiB of recurrent states kept at block ends for prompts that start alike (a chat's next turn, a "
+                "shared system prompt: their prefill is skipped); 0: off. MMfree models only (a KV cache grows per "
+                "token)", "min": 0, "max": 1 << 20})
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "largest request body accepted (more: 413)",
                                                            "min": 1024, "max": 1 << 30})
     max_prompt_tokens: int = field(default=8192, metadata={
@@ -182,6 +186,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from mulfree.errors import MulfreeError
     from mulfree.infer.batching import ContinuousBatcher
+    from mulfree.infer.prefix_cache import PrefixCache
     from mulfree.infer.protocol import load_chat_template
     from mulfree.infer.server import Server, build_app
     from mulfree.infer.transport import guarded_protocol, raise_fd_limit, serve_draining
@@ -198,8 +203,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"warning: serving on {cfg.host} without an API key: anyone who reaches port {cfg.port} can use the "
               f"model (set ${API_KEY_ENV} or --api-key)", file=sys.stderr)
     step_model, loaded = _load(args.model, cfg)
+    cache = (PrefixCache(cfg.prefix_cache_mb << 20, step_model.copy_state)
+             if cfg.prefix_cache_mb and step_model.recurrent else None)
     batcher = ContinuousBatcher(step_model, max_batch=cfg.max_batch, eos_token_id=loaded.eos_token_id,
-                                max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk)
+                                max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk, prefix_cache=cache)
     srv = Server(batcher, loaded.tokenizer, cfg.served_model_name or Path(args.model).name,
                  context_limit=loaded.context_limit,
                  max_prompt_tokens=cfg.max_prompt_tokens, max_body_bytes=cfg.max_body_bytes,

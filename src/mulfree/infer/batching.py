@@ -7,6 +7,8 @@ chunks of joining ones (at most `prefill_chunk` prompt tokens a step), run by th
 step's tokens). A long prompt is fed over several steps and never stalls the running streams for longer than
 one chunk. A finished, cancelled or timed-out sequence leaves before the next step without touching the others.
 Models with a KV cache (Transformer++) decode their live sequences together with padded caches.
+With a `PrefixCache` (recurrent models), a sequence's state is kept whenever its fed tokens end a block, and a
+joining prompt starts from the longest kept prefix; prompt chunks that leave a prompt unfinished end on a block.
 
 The loop never dies of one request: a step that fails is retried one sequence at a time, and only the
 sequences that fail alone finish with finish_reason "error". `alive` turns False only when the loop itself
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 
 from mulfree.infer.kv_batch import decode_kv_batch
+from mulfree.infer.prefix_cache import PrefixCache, block_keys
 from mulfree.models import registry
 from mulfree.ops.sampling import check_sampling, greedy, sample_row
 
@@ -62,6 +65,7 @@ class Request:
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)  # per token, if asked
     finish_reason: str | None = None
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens a prefix-cache hit skipped
     _out: queue.Queue = field(default_factory=queue.Queue, repr=False)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -103,6 +107,11 @@ class TorchStepModel:
     def new_state(self) -> None:
         return None
 
+    @staticmethod
+    def copy_state(state: list[torch.Tensor]) -> list[torch.Tensor]:
+        """An independent copy of a recurrent state (one tensor per layer), for the prefix cache."""
+        return [layer.clone() for layer in state]
+
     @torch.no_grad()
     def step(self, chunks: list[list[int]], states: list[Any]) -> tuple[torch.Tensor, list[Any]]:
         """Feed chunk s after states[s] (None: a fresh sequence) -> (last logits [S, V], new states)."""
@@ -139,11 +148,17 @@ class PackedStepModel:
     """Steps on the packed engine (`PackedModel.step`): a sequence's state is fp32 [L, d], updated in place;
     decode tokens and prompt chunks of all sequences go through one native call."""
 
+    recurrent = True
+
     def __init__(self, packed: Any):
         self.packed = packed
 
     def new_state(self) -> torch.Tensor:
         return self.packed.new_state()
+
+    @staticmethod
+    def copy_state(state: torch.Tensor) -> torch.Tensor:
+        return state.clone()
 
     @torch.no_grad()
     def step(self, chunks: list[list[int]], states: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -164,6 +179,7 @@ class _Seq:
     gen: torch.Generator | None
     state: Any
     pos: int = 0
+    keys: list[bytes] = field(default_factory=list)  # prefix-cache keys: the prompt's blocks, then decoded ones
 
     @property
     def decoding(self) -> bool:
@@ -175,8 +191,9 @@ class ContinuousBatcher:
     at most `max_queue` waiting)."""
 
     def __init__(self, step_model: Any, max_batch: int = 8, eos_token_id: int | None = None,
-                 max_queue: int = 1024, prefill_chunk: int = 128):
+                 max_queue: int = 1024, prefill_chunk: int = 128, prefix_cache: PrefixCache | None = None):
         self.model = step_model
+        self.cache = prefix_cache  # states at block ends, for prompts that start as an earlier sequence did
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.eos_token_id = eos_token_id
@@ -266,22 +283,53 @@ class ContinuousBatcher:
             p = req.params
             check_sampling(p.temperature, p.top_k, p.top_p)
             gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
-            self._seqs.append(_Seq(req, gen, self.model.new_state()))
+            seq = _Seq(req, gen, self.model.new_state())
+            self._seqs.append(seq)
+            if self.cache is not None:
+                seq.keys = self.cache.prompt_keys(req.prompt_ids)
+                self._catch_up(seq)
         except Exception as exc:  # noqa: BLE001 - this request only
             self._finish(req, "error", f"{type(exc).__name__}: {exc}")
 
     def _plan(self) -> list[tuple[_Seq, list[int]]]:
         """This step's work: every decoding sequence's last token, then prompt chunks in arrival order while
         the step's prompt-token budget lasts."""
-        work, budget = [], self.prefill_chunk
+        work, budget, stored = [], self.prefill_chunk, set()  # stored: keys this step's chunks end on
         for seq in self._seqs:
             if seq.decoding:
                 work.append((seq, seq.req.tokens[-1:]))
             elif budget > 0:
-                chunk = seq.req.prompt_ids[seq.pos : seq.pos + budget]
+                if self.cache is not None:
+                    self._catch_up(seq)
+                    if any(k in stored for k in seq.keys[seq.pos // self.cache.block:]):
+                        continue  # another sequence feeds this prompt's next blocks now: take its state after
+                end = min(seq.pos + budget, len(seq.req.prompt_ids))
+                if self.cache is not None:
+                    end = self._chunk_end(seq, end)
+                    if end % self.cache.block == 0 and end // self.cache.block <= len(seq.keys):
+                        stored.add(seq.keys[end // self.cache.block - 1])
+                chunk = seq.req.prompt_ids[seq.pos : end]
                 budget -= len(chunk)
                 work.append((seq, chunk))
         return work
+
+    def _catch_up(self, seq: _Seq) -> None:
+        """Move a joining prompt to the longest cached prefix past where it is (at admission, or once another
+        sequence has fed the blocks it shares)."""
+        pos, state = self.cache.lookup(seq.keys, seq.pos)
+        if state is not None:
+            seq.state, seq.pos, seq.req.cached_tokens = state, pos, pos
+
+    def _chunk_end(self, seq: _Seq, end: int) -> int:
+        """Where a prompt chunk of `seq` ends with the cache on: a chunk that leaves the prompt unfinished ends on
+        a block, and so does the last one where another joining prompt shares its last full block."""
+        block, n = self.cache.block, len(seq.req.prompt_ids)
+        last = end - end % block if end < n else len(seq.keys) * block
+        if last <= seq.pos:
+            return end
+        if end < n or any(o is not seq and not o.decoding and seq.keys[-1] in o.keys for o in self._seqs):
+            return last
+        return end
 
     def _run(self, work: list[tuple[_Seq, list[int]]]) -> list[torch.Tensor | None]:
         """Each sequence's last logits of this step (its state advanced), one model call; when that call fails,
@@ -304,7 +352,17 @@ class ContinuousBatcher:
         for (seq, chunk), st in zip(work, states):
             seq.state = st
             seq.pos = min(seq.pos + len(chunk), len(seq.req.prompt_ids))
+            if self.cache is not None and st is not None:
+                self._remember(seq)
         return rows
+
+    def _remember(self, seq: _Seq) -> None:
+        """Cache the state of `seq` when the tokens it has been fed end a block."""
+        fed = len(seq.req.prompt_ids) + len(seq.req.tokens) if seq.decoding else seq.pos
+        if fed % self.cache.block == 0:
+            if fed // self.cache.block > len(seq.keys):
+                block_keys((seq.req.prompt_ids + seq.req.tokens)[:fed], self.cache.block, seq.keys)
+            self.cache.store(seq.keys[fed // self.cache.block - 1], seq.state)
 
     def _step(self) -> None:
         """Admit waiting requests, drop finished ones, then run one step over the batch."""

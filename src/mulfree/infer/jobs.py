@@ -54,6 +54,17 @@ class Job:
         return sum(len(p) for p in self.ids)
 
     @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens whose prefill the prefix cache skipped (each prompt counted once, as in prompt_tokens)."""
+        return sum(self.reqs[k].cached_tokens for k in range(0, self.total, self.total // len(self.ids)))
+
+    def usage(self) -> dict[str, Any]:
+        """The `usage` object of a completion or chat completion so far."""
+        prompt, done = self.prompt_tokens, self.completion_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+    @property
     def completion_tokens(self) -> int:
         """Tokens of the choices' texts so far (a stop string's tokens and those after it do not count)."""
         return sum(t.used for t in self.texts)

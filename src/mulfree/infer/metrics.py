@@ -1,5 +1,6 @@
 """Prometheus metrics of the server (prometheus-client, one registry per app): requests by endpoint and
-status, prompt and completion tokens, queue depth, live sequences, request latency, time to first token."""
+status, prompt and completion tokens, queue depth, live sequences, request latency, time to first token, the
+prefix cache's hits and size."""
 
 from __future__ import annotations
 
@@ -14,21 +15,29 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.responses import Response
 
 _ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/models", "/health", "/metrics"}
 
 
-class _StepCounter(Collector):
-    """`mulfree_decode_steps_total`: the batcher's count of batched decode steps, as a counter (it only grows)."""
+class _BatcherCounts(Collector):
+    """The batcher's own counts, read at each scrape: batched decode steps taken, and the prefix cache's hits,
+    size and evictions when it has one."""
 
     def __init__(self, batcher: Any):
         self.batcher = batcher
 
     def collect(self):
         yield CounterMetricFamily("mulfree_decode_steps", "batched decode steps taken", value=self.batcher.steps)
+        cache = self.batcher.cache
+        if cache is not None:
+            yield CounterMetricFamily("mulfree_prefix_cache_hit_tokens", "prompt tokens whose prefill a cached "
+                                      "state skipped", value=cache.hit_tokens)
+            yield CounterMetricFamily("mulfree_prefix_cache_evictions", "cached states dropped for room",
+                                      value=cache.evictions)
+            yield GaugeMetricFamily("mulfree_prefix_cache_bytes", "bytes of cached states", value=cache.bytes)
 
 
 class Metrics:
@@ -40,7 +49,7 @@ class Metrics:
         Gauge("mulfree_queue_depth", "requests waiting for a batch slot", registry=r).set_function(
             lambda: batcher.queue_depth)
         Gauge("mulfree_live_sequences", "sequences in the decode batch", registry=r).set_function(lambda: batcher.live)
-        r.register(_StepCounter(batcher))
+        r.register(_BatcherCounts(batcher))
         self.latency = Histogram("mulfree_request_seconds", "completion request latency", ["endpoint"], registry=r)
         self.ttft = Histogram("mulfree_time_to_first_token_seconds", "time to the first generated token", registry=r)
         metrics = self

@@ -283,12 +283,6 @@ def seed64(seed: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
 class ErrorInfo(BaseModel):
     message: str
     type: str

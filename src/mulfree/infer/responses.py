@@ -100,7 +100,7 @@ class Reply:
         self.created = int(time.time())
         self.sequence = 0
 
-    def response(self, status: str, text: str | None, usage: tuple[int, int] | None,
+    def response(self, status: str, text: str | None, usage: tuple[int, int, int] | None,
                  logprobs: list | None = None) -> dict[str, Any]:
         """The `response` object: in progress (no output yet), completed, or incomplete at max_output_tokens."""
         b = self.body
@@ -119,8 +119,9 @@ class Reply:
         if status != "in_progress":
             out["completed_at"] = int(time.time())
         if usage is not None:
-            prompt, done = usage
-            out["usage"] = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            prompt, done, cached = usage
+            out["usage"] = {"input_tokens": prompt,
+                            "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
                             "output_tokens": done, "output_tokens_details": {"reasoning_tokens": 0},
                             "total_tokens": prompt + done}
         return out
@@ -151,7 +152,7 @@ class Reply:
         return self.event("response.output_text.delta", item_id=self.item_id, output_index=0, content_index=0,
                           delta=text, logprobs=logprobs or [])
 
-    def closing(self, text: str, status: str, usage: tuple[int, int],
+    def closing(self, text: str, status: str, usage: tuple[int, int, int],
                 logprobs: list | None = None) -> list[dict[str, Any]]:
         """The events after the last delta: the text, part and item done, then the whole response."""
         at = {"item_id": self.item_id, "output_index": 0}

@@ -212,10 +212,6 @@ async def complete(srv: Server, request: Request, chat: bool) -> Response:
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     meta = {"id": rid, "created": int(time.time()), "model": srv.model_name}
 
-    def usage() -> dict[str, int]:
-        prompt, done = job.prompt_tokens, job.completion_tokens
-        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
-
     want_lp = logprob_count(body) is not None
     lp_sent = [0] * total  # tokens of each choice whose logprobs went out already
     lp_chars = [0] * total  # and the characters of their pieces (a completion's text_offset goes on from there)
@@ -245,7 +241,7 @@ async def complete(srv: Server, request: Request, chat: bool) -> Response:
         choices = [choice(k, t.text, t.finish, False) for k, t in enumerate(texts)]
         if echo:
             _echo(srv, choices, prompts, ids, scored, job, body.n)
-        return JSONResponse({**meta, "object": kind, "choices": choices, "usage": usage()})
+        return JSONResponse({**meta, "object": kind, "choices": choices, "usage": job.usage()})
     with_usage = body.stream_options is not None and body.stream_options.include_usage
     chunk_kind = kind + ".chunk" if chat else kind
 
@@ -268,7 +264,7 @@ async def complete(srv: Server, request: Request, chat: bool) -> Response:
         except ApiError as exc:
             yield f"data: {json.dumps(error_body(str(exc), exc.kind, None, exc.code))}\n\n"
         if with_usage:
-            yield f"data: {json.dumps({**meta, 'object': chunk_kind, 'choices': [], 'usage': usage()})}\n\n"
+            yield f"data: {json.dumps({**meta, 'object': chunk_kind, 'choices': [], 'usage': job.usage()})}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(sse(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
@@ -311,7 +307,7 @@ async def respond(srv: Server, request: Request) -> Response:
 
     if not body.stream:
         await job.run_watched(request)
-        return JSONResponse(reply.response(status(), text.text, (job.prompt_tokens, job.completion_tokens),
+        return JSONResponse(reply.response(status(), text.text, (job.prompt_tokens, job.completion_tokens, job.cached_tokens),
                                            logprobs()))
 
     def frame(event: dict) -> str:
@@ -329,7 +325,7 @@ async def respond(srv: Server, request: Request) -> Response:
         except ApiError as exc:
             yield frame(reply.event("error", code=exc.code or exc.kind, message=str(exc), param=None))
             return
-        for event in reply.closing(text.text, status(), (job.prompt_tokens, job.completion_tokens), logprobs()):
+        for event in reply.closing(text.text, status(), (job.prompt_tokens, job.completion_tokens, job.cached_tokens), logprobs()):
             yield frame(event)
 
     return StreamingResponse(sse(), media_type="text/event-stream", headers={"cache-control": "no-cache"})

@@ -1,0 +1,95 @@
+"""Prefix caching for recurrent models: the state after a prompt's first k blocks, kept for the next request
+that starts with the same tokens.
+
+An MMfree sequence's whole past is its recurrent state (fp32 [L, d]: 192 KiB at the 1.3B shape), so a snapshot
+taken after `block` × k tokens lets a later prompt with the same first tokens skip their prefill: a chat's next
+turn (the conversation so far, resent), a shared system prompt, a regenerated answer. Snapshots are keyed by a
+chained hash of the token blocks (blake2b, so one block's key names every token before it) and evicted least
+recently used past a byte budget. Unlike a KV cache, a snapshot holds no per-token memory: only block ends are
+cached, and a hit restarts the prompt at the last cached block end before its final token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from array import array
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+BLOCK = 32  # tokens per cached block: a hit re-feeds at most BLOCK - 1 tokens of the matching prefix
+
+
+def block_keys(ids: Sequence[int], block: int = BLOCK, keys: list[bytes] | None = None) -> list[bytes]:
+    """The chained key of every full block of `ids` (key k names ids[:block * (k + 1)]), extending `keys`, the
+    keys of a shorter prefix of the same ids, when given."""
+    keys = [] if keys is None else keys
+    for end in range(block * (len(keys) + 1), len(ids) + 1, block):
+        h = hashlib.blake2b(keys[-1] if keys else b"", digest_size=16)
+        h.update(array("q", ids[end - block:end]).tobytes())
+        keys.append(h.digest())
+    return keys
+
+
+def state_bytes(state: Any) -> int:
+    tensors = [state] if isinstance(state, torch.Tensor) else list(state)
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class PrefixCache:
+    """Recurrent-state snapshots by block key, at most `max_bytes` of them (least recently used go first).
+    `copy(state)` makes an independent copy of a model's state (the engine updates states in place). Shared by
+    the batcher thread (stores, lookups) and the metrics endpoint (counts): one lock."""
+
+    def __init__(self, max_bytes: int, copy: Callable[[Any], Any], block: int = BLOCK):
+        if block < 1 or max_bytes < 0:
+            raise ValueError(f"block {block} and max_bytes {max_bytes} must be positive")
+        self.max_bytes, self.block, self._copy = max_bytes, block, copy
+        self._entries: OrderedDict[bytes, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.hit_tokens = 0  # prompt tokens whose prefill a hit saved
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def prompt_keys(self, ids: Sequence[int]) -> list[bytes]:
+        """The keys a prompt can be served from: its full blocks short of its last token (a prompt keeps one token
+        to feed, whose logits come next)."""
+        return block_keys(ids[: len(ids) - 1], self.block)
+
+    def lookup(self, keys: Sequence[bytes], past: int = 0) -> tuple[int, Any]:
+        """(k, a copy of the state after the first k tokens) for the longest cached prefix of `keys` (a prompt's
+        `prompt_keys`) with k > `past` (the tokens a sequence has already), else (0, None)."""
+        with self._lock:
+            for n in range(len(keys), past // self.block, -1):
+                state = self._entries.get(keys[n - 1])
+                if state is not None:
+                    self._entries.move_to_end(keys[n - 1])
+                    self.hit_tokens += n * self.block - past
+                    return n * self.block, self._copy(state)
+        return 0, None
+
+    def store(self, key: bytes, state: Any) -> None:
+        """Keep a copy of `state` under `key` (a known key is only marked as recently used)."""
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return
+        size = state_bytes(state)
+        if size > self.max_bytes:
+            return
+        snapshot = self._copy(state)
+        with self._lock:
+            if key in self._entries:
+                return
+            self._entries[key] = snapshot
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, old = self._entries.popitem(last=False)
+                self.bytes -= state_bytes(old)
+                self.evictions += 1
