@@ -46,7 +46,7 @@ class PrefixCache:
 
     def __init__(self, max_bytes: int, copy: Callable[[Any], Any], block: int = BLOCK):
         if block < 1 or max_bytes < 0:
-            raise ValueError(f"block {block} and max_bytes {max_bytes} must be positive")
+            raise ValueError(f"need block >= 1 and max_bytes >= 0, got {block} and {max_bytes}")
         self.max_bytes, self.block, self._copy = max_bytes, block, copy
         self._entries: OrderedDict[bytes, Any] = OrderedDict()
         self._lock = threading.Lock()
