@@ -10,7 +10,7 @@ import torch
 from mulfree.generation import generate
 from mulfree.infer.batching import ContinuousBatcher, PackedStepModel, SamplingParams, TorchStepModel
 from mulfree.infer.engine import PackedModel
-from mulfree.infer.prefix_cache import PrefixCache, block_keys, state_bytes
+from mulfree.infer.prefix_cache import PrefixCache, block_keys, entry_bytes
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -68,13 +68,13 @@ def test_the_cache_hands_out_copies_and_keeps_its_own():
 
 def test_least_recently_used_states_go_first_past_the_byte_budget():
     one = torch.zeros(4, 8)
-    cache = _cache(max_bytes=2 * state_bytes(one))
+    cache = _cache(max_bytes=2 * entry_bytes(one))
     prompts = [[p] * 4 for p in range(3)]
     cache.store(block_keys(prompts[0], 4)[0], one)
     cache.store(block_keys(prompts[1], 4)[0], one)
     assert _look(cache, prompts[0] + [9])[0] == 4  # now the most recent
     cache.store(block_keys(prompts[2], 4)[0], one)
-    assert len(cache) == 2 and cache.bytes == 2 * state_bytes(one) and cache.evictions == 1
+    assert len(cache) == 2 and cache.bytes == 2 * entry_bytes(one) and cache.evictions == 1
     assert [_look(cache, p + [9])[0] for p in prompts] == [4, 0, 4]
     PrefixCache(0, PackedStepModel.copy_state).store(b"k", one)  # a budget of nothing keeps nothing
 

@@ -37,7 +37,8 @@ class _BatcherCounts(Collector):
                                       "state skipped", value=cache.hit_tokens)
             yield CounterMetricFamily("mulfree_prefix_cache_evictions", "cached states dropped for room",
                                       value=cache.evictions)
-            yield GaugeMetricFamily("mulfree_prefix_cache_bytes", "bytes of cached states", value=cache.bytes)
+            yield GaugeMetricFamily("mulfree_prefix_cache_bytes", "bytes the cached states take (entries included)",
+                                    value=cache.bytes)
 
 
 class Metrics:

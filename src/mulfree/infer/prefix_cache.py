@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 BLOCK = 32  # tokens per cached block: a hit re-feeds at most BLOCK - 1 tokens of the matching prefix
+ENTRY_OVERHEAD = 1024  # bytes an entry costs beyond its state (key, tensor object, dict slot: ~600 measured)
 
 
 def block_keys(ids: Sequence[int], block: int = BLOCK, keys: list[bytes] | None = None) -> list[bytes]:
@@ -34,9 +35,10 @@ def block_keys(ids: Sequence[int], block: int = BLOCK, keys: list[bytes] | None 
     return keys
 
 
-def state_bytes(state: Any) -> int:
+def entry_bytes(state: Any) -> int:
+    """What keeping `state` costs the cache's budget: its tensors' bytes and the entry's own."""
     tensors = [state] if isinstance(state, torch.Tensor) else list(state)
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return ENTRY_OVERHEAD + sum(t.numel() * t.element_size() for t in tensors)
 
 
 class PrefixCache:
@@ -80,7 +82,7 @@ class PrefixCache:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return
-        size = state_bytes(state)
+        size = entry_bytes(state)
         if size > self.max_bytes:
             return
         snapshot = self._copy(state)
@@ -91,5 +93,5 @@ class PrefixCache:
             self.bytes += size
             while self.bytes > self.max_bytes:
                 _, old = self._entries.popitem(last=False)
-                self.bytes -= state_bytes(old)
+                self.bytes -= entry_bytes(old)
                 self.evictions += 1
