@@ -168,3 +168,13 @@ def test_prompts_arriving_together_feed_their_shared_blocks_once(packed, chunk):
     assert results == [packed.generate(p, 6) for p in prompts]
     # whichever came first fed the 96 tokens of full shared blocks (its last chunk split at 96 for the others)
     assert sorted(r.cached_tokens for r in reqs) == [0, 96, 96, 96]
+
+
+def test_the_plain_chat_template_reads_a_resent_reply_back_as_it_was_generated():
+    from mulfree.infer.protocol import ChatMessage, chat_prompt
+
+    turn = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Who art thou?")]
+    reply = " A player.\nNo more."  # what the model wrote after 'assistant:'
+    again = chat_prompt([*turn, ChatMessage(role="assistant", content=reply), ChatMessage(role="user", content="Whence?")])
+    assert again.startswith(chat_prompt(turn) + reply)  # so the next turn's prompt extends the cached one
+    assert chat_prompt([ChatMessage(role="user", content="hi")]) == "user: hi\nassistant:"

@@ -190,8 +190,10 @@ def describe_error(exc: ValidationError) -> tuple[str, str | None]:
 
 
 def chat_prompt(messages: list[ChatMessage]) -> str:
-    """Plain-text chat template for models trained without one: 'role: content' lines, then 'assistant:'."""
-    return "\n".join(f"{m.role}: {m.text()}" for m in messages) + "\nassistant:"
+    """Plain-text chat template for models trained without one: 'role: content' lines, then 'assistant:'. A content
+    that starts with white space follows the colon as it is, so a reply the model wrote after 'assistant:' and a
+    client resends reads back as it was generated (the next turn's prompt extends this one's, token for token)."""
+    return "\n".join(f"{m.role}:{'' if m.text()[:1].isspace() else ' '}{m.text()}" for m in messages) + "\nassistant:"
 
 
 def load_chat_template(model_dir: str | Path) -> Callable[[list[ChatMessage]], str] | None:
