@@ -190,7 +190,7 @@ def _run(args: argparse.Namespace) -> int:
     from mulfree.infer.protocol import load_chat_template
     from mulfree.infer.server import Server, build_app
     from mulfree.infer.transport import guarded_protocol, raise_fd_limit, serve_draining
-    from mulfree.models.schema import available_memory, gib
+    from mulfree.models.schema import check_memory
 
     cfg = from_args(ServeConfig, args)
     try:
@@ -200,10 +200,8 @@ def _run(args: argparse.Namespace) -> int:
         raise MulfreeError(f"{exc.name} is not installed", "pip install 'mulfree[serve]'") from exc
     key = api_key(cfg, os.environ)
     check_bind(cfg.host, cfg.port)
-    avail = available_memory()
-    if avail is not None and cfg.prefix_cache_mb << 20 > avail:
-        raise ConfigError(f"--prefix-cache-mb {cfg.prefix_cache_mb} may grow past the {gib(avail)} of memory available",
-                          "give it less (256 holds ~1,300 states of the 1.3B shape), or 0 for no cache")
+    check_memory(cfg.prefix_cache_mb << 20, f"--prefix-cache-mb {cfg.prefix_cache_mb}", "the prefix cache at its "
+                 "fullest", "give it less (256 holds ~1,300 states of the 1.3B shape), or 0 for no cache")
     if key is None and not is_loopback(cfg.host):
         print(f"warning: serving on {cfg.host} without an API key: anyone who reaches port {cfg.port} can use the "
               f"model (set ${API_KEY_ENV} or --api-key)", file=sys.stderr)

@@ -250,12 +250,14 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-def check_memory(need: int, source: str, what: str = "the model") -> None:
+def check_memory(need: int, source: str, what: str = "the model",
+                 hint: str = "check num_hidden_layers, hidden_size, intermediate_size and vocab_size, or free memory"
+                 ) -> None:
     """ConfigError when `need` bytes exceed the memory available now (checked before allocating)."""
     avail = available_memory()
     if avail is not None and need > avail:
         raise ConfigError(f"{source}: {what} needs about {gib(need)} of memory, more than the {gib(avail)} available",
-                          "check num_hidden_layers, hidden_size, intermediate_size and vocab_size, or free memory")
+                          hint)
 
 
 def _shape(cfg: Any) -> tuple[int, int, int, int]:
