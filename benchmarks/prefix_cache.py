@@ -1,14 +1,16 @@
-"""Multi-turn chat through `mulfree serve` with the prefix cache on and off: what caching recurrent states saves.
+"""Multi-turn chat through `mulfree serve` with the prefix cache on and off: what caching prompt prefixes saves.
 
     python benchmarks/prefix_cache.py                         # 1.3b shape, 8 conversations x 4 turns, 2 rounds
     python benchmarks/prefix_cache.py --shape tiny --rounds 1 # smoke run
+    python benchmarks/prefix_cache.py --model smollm2         # a KV-cache model: the pretrained SmolLM2-135M
 
 Every conversation starts with the same system prompt (--system-tokens of the bundled plays) and a question of
 its own; each turn resends the whole conversation with the model's reply and a new question, as chat clients do.
 The conversations run concurrently, their turns one after another, streamed from the official `openai` client
-(greedy, --max-tokens a reply). The same random packed model (1.3b shape by default, weights random: speed does
-not depend on values) is served with `--prefix-cache-mb 256` and `--prefix-cache-mb 0`, alternating, --rounds
-times each. Per mode: time to first token p50 / p99 of first turns and of later turns, the wall time of the
+(greedy, --max-tokens a reply). The same model is served with `--prefix-cache-mb 256` and `--prefix-cache-mb 0`, alternating, --rounds
+times each: a random packed model (1.3b shape by default, weights random: speed does not depend on values;
+recurrent states cached), or --model, any model reference `mulfree serve` takes, with its own tokenizer (for a
+Transformer or Llama-family model the cache keeps KV blocks). Per mode: time to first token p50 / p99 of first turns and of later turns, the wall time of the
 whole workload, prompt tokens sent and the share the cache served (`usage.prompt_tokens_details.cached_tokens`).
 Prints a table, the ratios (off / on), the 1-minute load average and one JSON line.
 """
@@ -90,9 +92,25 @@ async def run_workload(base: str, model: str, system: str, chats: list[list[str]
             "later_ttft_p50_ms": 1e3 * percentile(later, 50), "later_ttft_p99_ms": 1e3 * percentile(later, 99)}
 
 
+def model_under_test(args, tmp: Path) -> tuple:
+    """(tokenizer, model reference to serve): --model as given, else a random packed model of --shape saved in tmp."""
+    if args.model:
+        from mulfree.models.resolve import resolve
+
+        return resolve(args.model, "torch").tokenizer, args.model
+    torch.manual_seed(args.seed)
+    vocab, d, layers, inter = SHAPES[args.shape]
+    tok = make_tokenizer(vocab)
+    pm = random_packed_model(vocab, d, layers, inter, threads=args.threads, seed=args.seed)
+    pm.tokenizer = tok
+    pm.save(tmp / "model")
+    return tok, tmp / "model"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="1.3b", choices=sorted(SHAPES))
+    p.add_argument("--model", help="serve this model reference instead of a random packed model of --shape")
     p.add_argument("--conversations", type=int, default=8)
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--system-tokens", type=int, default=1024)
@@ -108,25 +126,20 @@ def main() -> None:
     deadline = time.monotonic() + args.timeout
     print(f"host: {cpu_model()}, {os.cpu_count()} CPUs, kernel backend {best_backend()}, "
           f"load average {os.getloadavg()[0]:.2f}")
-    vocab, d, layers, inter = SHAPES[args.shape]
     tmp = Path(tempfile.mkdtemp(prefix="mulfree-prefix-bench-"))
-    res: dict = {"benchmark": "prefix_cache", "shape": args.shape, "host": cpu_model(), "backend": best_backend(),
+    res: dict = {"benchmark": "prefix_cache", "shape": args.shape, "model": args.model, "host": cpu_model(),
+                 "backend": best_backend(),
                  "threads": args.threads, "conversations": args.conversations, "turns": args.turns,
                  "system_tokens": args.system_tokens, "max_tokens": args.max_tokens, "on": [], "off": []}
     try:
-        torch.manual_seed(args.seed)
-        tok = make_tokenizer(vocab)
-        pm = random_packed_model(vocab, d, layers, inter, threads=args.threads, seed=args.seed)
-        pm.tokenizer = tok
-        pm.save(tmp / "model")
-        del pm
+        tok, model_ref = model_under_test(args, tmp)
         system, chats = workload(tok, args.system_tokens, args.conversations, args.turns)
         for r in range(args.rounds):
             for mode, mb in (("on", 256), ("off", 0)):
                 flags = ["--threads", str(args.threads), "--max-batch", str(max(8, args.conversations)),
                          "--prefix-cache-mb", str(mb), "--max-prompt-tokens", str(1 << 16),
                          "--request-timeout", str(max(60.0, deadline - time.monotonic()))]
-                with running_server(tmp / "model", flags, tmp / f"server-{mode}.log", deadline) as (base, model):
+                with running_server(model_ref, flags, tmp / f"server-{mode}.log", deadline) as (base, model):
                     got = asyncio.run(asyncio.wait_for(run_workload(base, model, system, chats, args.max_tokens),
                                                        max(5.0, deadline - time.monotonic())))
                 res[mode].append(got)
@@ -136,7 +149,7 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\n[{args.shape}] {args.conversations} chats x {args.turns} turns, a {args.system_tokens}-token system "
+    print(f"\n[{args.model or args.shape}] {args.conversations} chats x {args.turns} turns, a {args.system_tokens}-token system "
           f"prompt, {args.max_tokens}-token replies, {args.threads} threads")
     print(f"{'cache':>5} {'wall s':>14} {'1st TTFT p50/p99 ms':>22} {'later TTFT p50/p99 ms':>24} {'cached':>8}")
     for mode in ("on", "off"):

@@ -197,7 +197,7 @@ END_WITH_PARENT = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, s
 
 
 @contextlib.contextmanager
-def running_server(model_dir: Path, flags: list[str], log_path: Path, deadline: float) -> Iterator[tuple[str, str]]:
+def running_server(model_dir: Path | str, flags: list[str], log_path: Path, deadline: float) -> Iterator[tuple[str, str]]:
     """`mulfree serve --model model_dir FLAGS` on a free loopback port, ended with this process and stopped on exit;
     yields (base URL, the served model's id) once /health answers."""
     port = free_port()

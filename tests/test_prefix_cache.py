@@ -11,6 +11,7 @@ from mulfree.generation import generate
 from mulfree.infer.batching import ContinuousBatcher, PackedStepModel, SamplingParams, TorchStepModel
 from mulfree.infer.engine import PackedModel
 from mulfree.infer.prefix_cache import PrefixCache, block_keys, entry_bytes
+from mulfree.models.transformer import TransformerConfig, TransformerForCausalLM
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -178,3 +179,66 @@ def test_the_plain_chat_template_reads_a_resent_reply_back_as_it_was_generated()
     again = chat_prompt([*turn, ChatMessage(role="assistant", content=reply), ChatMessage(role="user", content="Whence?")])
     assert again.startswith(chat_prompt(turn) + reply)  # so the next turn's prompt extends the cached one
     assert chat_prompt([ChatMessage(role="user", content="hi")]) == "user: hi\nassistant:"
+
+
+def _kv(tokens, layers=2, fill=0.0):
+    """A KV cache of `tokens` positions whose values name their position (and `fill`)."""
+    t = torch.arange(tokens, dtype=torch.float32).view(1, 1, tokens, 1).expand(1, 2, tokens, 3) + fill
+    return [(t.clone(), -t.clone()) for _ in range(layers)]
+
+
+def _chained(max_bytes=1 << 20, block=4):
+    return PrefixCache(max_bytes, TorchStepModel.copy_state, block=block, join=TorchStepModel.join_states)
+
+
+def test_a_chained_cache_joins_the_kv_blocks_of_the_longest_run_from_the_first():
+    cache, ids = _chained(), list(range(1, 14))
+    kv, keys = _kv(12), block_keys(ids, 4)
+    for i in (0, 1, 2):
+        cache.store(keys[i], TorchStepModel.block_state(kv, 4 * i, 4 * i + 4, 12))
+    n, state = _look(cache, ids)
+    assert n == 12 and all(torch.equal(a, b) for layer, want in zip(state, kv) for a, b in zip(layer, want))
+    kv[0][0].add_(1)  # the stored slices are copies
+    assert torch.equal(_look(cache, ids)[1][0][0], _kv(12)[0][0])
+    assert _look(cache, ids, past=12) == (0, None) and _look(cache, ids, past=9)[0] == 12
+    other = [0] + ids[1:]
+    cache.store(block_keys(other, 4)[1], TorchStepModel.block_state(_kv(8), 4, 8, 8))
+    assert _look(cache, other) == (0, None)  # its second block alone is no prefix
+    assert TorchStepModel.block_state(_kv(8), 4, 8, 9) is None  # a layer short of the tokens fed (sliding window)
+
+
+def test_a_chained_cache_evicts_the_last_blocks_of_a_run_first():
+    one = TorchStepModel.block_state(_kv(4), 0, 4, 4)
+    cache, ids = _chained(max_bytes=3 * entry_bytes(one)), list(range(1, 18))
+    keys = block_keys(ids, 4)
+    for key in keys[:3]:
+        cache.store(key, one)
+    assert _look(cache, ids)[0] == 12  # touches the run: the first block is now the most recent
+    cache.store(keys[3], one)  # over budget by one: the run's last block goes, not its first
+    assert cache.evictions == 1 and _look(cache, ids)[0] == 8
+
+
+def _transformer():
+    torch.manual_seed(4)
+    return TransformerForCausalLM(
+        TransformerConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)).eval()
+
+
+def test_kv_batcher_with_the_cache_equals_generate_and_skips_the_cached_blocks():
+    model = _transformer()
+    first = torch.randint(0, 300, (45,)).tolist()
+    batcher = ContinuousBatcher(TorchStepModel(model), max_batch=4, prefill_chunk=24, prefix_cache=_chained(1 << 24, 8))
+    try:
+        expected = generate(model, torch.tensor(first), 10)[0, len(first):].tolist()
+        assert _run(batcher, first, 10) == (expected, 0)
+        assert _run(batcher, first, 10) == (expected, 40)  # chunks of 24 need not end on a block: every block is kept
+        turn = first + expected + torch.randint(0, 300, (6,)).tolist()  # the next turn resends the reply
+        assert _run(batcher, turn, 5) == (generate(model, torch.tensor(turn), 5)[0, len(turn):].tolist(), 48)
+        shared = turn + torch.randint(0, 300, (30,)).tolist()
+        reqs = [batcher.submit(shared + [t], SamplingParams(max_new_tokens=4)) for t in (1, 2, 3)]
+        for req, t in zip(reqs, (1, 2, 3)):
+            assert req.result() == generate(model, torch.tensor(shared + [t]), 4)[0, len(shared) + 1:].tolist()
+        # the turn's 61 tokens hold 7 full blocks; whichever came first fed the next 4 blocks, which the others took
+        assert sorted(r.cached_tokens for r in reqs) == [56, 88, 88]
+    finally:
+        batcher.close()

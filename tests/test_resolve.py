@@ -152,8 +152,11 @@ def test_served_completion_equals_generate(dirs, kind):
     from mulfree.infer.server import Server
     from mulfree.quant.qlinear import _QuantLinear
 
-    step, loaded = _load(str(dirs[kind]), ServeConfig(max_batch=4))
+    step, loaded, token_bytes = _load(str(dirs[kind]), ServeConfig(max_batch=4))
     assert isinstance(step, TorchStepModel)
+    c = loaded.model.config  # one token's KV: keys and values of every layer's KV heads, fp32
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    assert token_bytes == 2 * c.num_hidden_layers * kv_heads * (c.hidden_size // c.num_attention_heads) * 4
     quantized = [m for m in loaded.model.modules() if isinstance(m, _QuantLinear)]
     assert len(quantized) == (0 if kind == "hf" else 14)
     assert all(m._dense is not None for m in quantized)  # warmed up before serving: the first request pays nothing

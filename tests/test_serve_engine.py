@@ -142,7 +142,7 @@ def test_engine_choice(model_dir, tmp_path):
     PackedModel.load(model_dir).save(packed_dir)
     for d, engine, kind in [(model_dir, "auto", PackedStepModel), (model_dir, "packed", PackedStepModel),
                             (model_dir, "torch", TorchStepModel), (packed_dir, "auto", PackedStepModel)]:
-        step, loaded = _load(str(d), ServeConfig(engine=engine))
+        step, loaded, _ = _load(str(d), ServeConfig(engine=engine))
         assert isinstance(step, kind) and loaded.tokenizer is not None
     with pytest.raises(CheckpointError, match="packed engine only"):
         _load(str(packed_dir), ServeConfig(engine="torch"))

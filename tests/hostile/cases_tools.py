@@ -107,6 +107,8 @@ _FLAGS = [  # (id, what, argv, expected error): refused before any model is read
     ("serve-prefix-cache-past-memory", "serve --prefix-cache-mb 2^20 (1 TiB: in range, past the memory there is)",
      ("serve", "--model", "{model}", "--prefix-cache-mb", "1048576"),
      "the prefix cache at its fullest needs about 1024.0 GiB of memory"),
+    ("serve-kv-past-memory", "serve SmolLM2-135M (a KV-cache model) with --max-batch 1024: caches past memory", ("serve", "--model", "smollm2", "--max-batch", "1024", "--port", "8765"),
+     "key/value caches of 1024 sequences of 8192 tokens (45 KiB a token), beside the prefix cache, needs about"),
     ("serve-engine-unknown", "serve --engine gpu", ("serve", "--model", "{model}", "--engine", "gpu"), "--engine"),
     ("serve-host-foreign", "serve --host 192.0.2.1 (an address of no local interface)",
      ("serve", "--model", "{model}", "--host", "192.0.2.1", "--port", "8765"), "cannot listen"),

@@ -12,6 +12,8 @@ from mulfree.commands.flags import MODEL_HELP, add_flags, from_args
 from mulfree.errors import ConfigError
 
 MAX_BATCH = 1024  # sequences decoded together: each holds a state and a sampling generator
+KV_STEP_PEAK = 3.5  # memory of a KV model's decode step over its caches' size: the caches, their padded batch, the
+#                     grown copy and attention's temporaries (3.35 measured, docs/integration.md)
 API_KEY_ENV = "MULFREE_API_KEY"
 
 
@@ -35,9 +37,8 @@ class ServeConfig:
         "min": 1,
         "max": 1 << 20})
     prefix_cache_mb: int = field(default=256, metadata={
-        "help": "MiB of recurrent states kept at block ends for prompts that start alike (a chat's next turn, a "
-                "shared system prompt: their prefill is skipped); 0: off. MMfree models only (a KV cache grows per "
-                "token)", "min": 0, "max": 1 << 20})
+        "help": "MiB kept for prompts that start alike (a chat's next turn, a shared system prompt: their prefill "
+                "is skipped): recurrent states at block ends, or KV blocks; 0: off", "min": 0, "max": 1 << 20})
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "largest request body accepted (more: 413)",
                                                            "min": 1024, "max": 1 << 30})
     max_prompt_tokens: int = field(default=8192, metadata={
@@ -205,9 +206,17 @@ def _run(args: argparse.Namespace) -> int:
     if key is None and not is_loopback(cfg.host):
         print(f"warning: serving on {cfg.host} without an API key: anyone who reaches port {cfg.port} can use the "
               f"model (set ${API_KEY_ENV} or --api-key)", file=sys.stderr)
-    step_model, loaded = _load(args.model, cfg)
-    cache = (PrefixCache(cfg.prefix_cache_mb << 20, step_model.copy_state)
-             if cfg.prefix_cache_mb and step_model.recurrent else None)
+    step_model, loaded, token_bytes = _load(args.model, cfg)
+    if not step_model.recurrent:
+        longest = cfg.max_prompt_tokens + cfg.max_tokens_limit
+        longest = min(longest, loaded.context_limit) if loaded.context_limit else longest
+        check_memory(int(KV_STEP_PEAK * cfg.max_batch * longest * token_bytes) + (cfg.prefix_cache_mb << 20),
+                     f"--max-batch {cfg.max_batch}", f"a decode step over the key/value caches of {cfg.max_batch} "
+                     f"sequences of {longest} tokens ({token_bytes / 1024:.0f} KiB a token), beside the prefix cache,",
+                     "lower --max-batch, --max-prompt-tokens, --max-tokens-limit or --prefix-cache-mb")
+    cache = (PrefixCache(cfg.prefix_cache_mb << 20, step_model.copy_state,
+                         join=None if step_model.recurrent else step_model.join_states)
+             if cfg.prefix_cache_mb else None)
     batcher = ContinuousBatcher(step_model, max_batch=cfg.max_batch, eos_token_id=loaded.eos_token_id,
                                 max_queue=cfg.max_queue, prefill_chunk=cfg.prefill_chunk, prefix_cache=cache)
     srv = Server(batcher, loaded.tokenizer, cfg.served_model_name or Path(args.model).name,
@@ -229,13 +238,15 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _load(model_ref: str, cfg: ServeConfig):
-    """(step model, `Resolved`) for any model reference, on the engine `cfg.engine` picks for it."""
+    """(step model, `Resolved`, bytes of one token's state) for any model reference, on the engine `cfg.engine`
+    picks for it."""
     from mulfree.infer.batching import PackedStepModel, TorchStepModel
+    from mulfree.infer.prefix_cache import state_bytes
     from mulfree.models.resolve import resolve
 
     loaded = resolve(model_ref, cfg.engine, threads=cfg.threads)
     step = (PackedStepModel if loaded.packed else TorchStepModel)(loaded.model)
     # One one-token step before the port opens, so that the first request does not pay the model's lazy set-up
     # (the dense weights of quantized layers, kernel layouts, thread pools: 5 s for a 3-bit ShiftAdd SmolLM2).
-    step.step([[0]], [step.new_state()])
-    return step, loaded
+    _, (state,) = step.step([[0]], [step.new_state()])
+    return step, loaded, state_bytes(state)

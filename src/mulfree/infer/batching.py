@@ -7,8 +7,9 @@ chunks of joining ones (at most `prefill_chunk` prompt tokens a step), run by th
 step's tokens). A long prompt is fed over several steps and never stalls the running streams for longer than
 one chunk. A finished, cancelled or timed-out sequence leaves before the next step without touching the others.
 Models with a KV cache (Transformer++) decode their live sequences together with padded caches.
-With a `PrefixCache` (recurrent models), a sequence's state is kept whenever its fed tokens end a block, and a
-joining prompt starts from the longest kept prefix; prompt chunks that leave a prompt unfinished end on a block.
+With a `PrefixCache`, a joining prompt starts from the longest kept prefix: recurrent models keep a sequence's
+state whenever its fed tokens end a block (prompt chunks that leave a prompt unfinished end on one); KV models
+keep each completed block's KV slice.
 
 The loop never dies of one request: a step that fails is retried one sequence at a time, and only the
 sequences that fail alone finish with finish_reason "error". `alive` turns False only when the loop itself
@@ -29,6 +30,7 @@ import torch
 from mulfree.infer.kv_batch import decode_kv_batch
 from mulfree.infer.prefix_cache import PrefixCache, block_keys
 from mulfree.models import registry
+from mulfree.models.transformer import KVCache
 from mulfree.ops.sampling import check_sampling, greedy, sample_row
 
 _DONE = object()
@@ -108,9 +110,23 @@ class TorchStepModel:
         return None
 
     @staticmethod
-    def copy_state(state: list[torch.Tensor]) -> list[torch.Tensor]:
-        """An independent copy of a recurrent state (one tensor per layer), for the prefix cache."""
-        return [layer.clone() for layer in state]
+    def copy_state(state: list[Any]) -> list[Any]:
+        """An independent copy of a state (recurrent: a tensor per layer; KV: a (k, v) per layer), for the prefix
+        cache."""
+        return [tuple(t.clone() for t in layer) if isinstance(layer, tuple) else layer.clone() for layer in state]
+
+    @staticmethod
+    def block_state(state: KVCache, start: int, end: int, fed: int) -> KVCache | None:
+        """Positions start..end of the KV cache of `fed` tokens (views): what the prefix cache keeps of one block;
+        None when a layer does not hold every token fed (a sliding-window layer drops the oldest)."""
+        if any(k.shape[2] != fed for k, _ in state):
+            return None
+        return [(k[:, :, start:end], v[:, :, start:end]) for k, v in state]
+
+    @staticmethod
+    def join_states(blocks: list[KVCache]) -> KVCache:
+        """The KV cache of consecutive blocks' slices, in order."""
+        return [tuple(torch.cat([b[layer][i] for b in blocks], dim=2) for i in (0, 1)) for layer in range(len(blocks[0]))]
 
     @torch.no_grad()
     def step(self, chunks: list[list[int]], states: list[Any]) -> tuple[torch.Tensor, list[Any]]:
@@ -180,6 +196,7 @@ class _Seq:
     state: Any
     pos: int = 0
     keys: list[bytes] = field(default_factory=list)  # prefix-cache keys: the prompt's blocks, then decoded ones
+    kept: int = 0  # blocks whose KV slices a chained prefix cache was given
 
     @property
     def decoding(self) -> bool:
@@ -305,9 +322,8 @@ class ContinuousBatcher:
                         continue  # another sequence feeds this prompt's next blocks now: take its state after
                 end = min(seq.pos + budget, len(seq.req.prompt_ids))
                 if self.cache is not None:
-                    end = self._chunk_end(seq, end)
-                    if end % self.cache.block == 0 and end // self.cache.block <= len(seq.keys):
-                        stored.add(seq.keys[end // self.cache.block - 1])
+                    end, keys = self._stores(seq, end)
+                    stored.update(keys)
                 chunk = seq.req.prompt_ids[seq.pos : end]
                 budget -= len(chunk)
                 work.append((seq, chunk))
@@ -319,17 +335,20 @@ class ContinuousBatcher:
         pos, state = self.cache.lookup(seq.keys, seq.pos)
         if state is not None:
             seq.state, seq.pos, seq.req.cached_tokens = state, pos, pos
+            seq.kept = pos // self.cache.block
 
-    def _chunk_end(self, seq: _Seq, end: int) -> int:
-        """Where a prompt chunk of `seq` ends with the cache on: a chunk that leaves the prompt unfinished ends on
-        a block, and so does the last one where another joining prompt shares its last full block."""
+    def _stores(self, seq: _Seq, end: int) -> tuple[int, list[bytes]]:
+        """(where a prompt chunk of `seq` ends, the keys the cache will hold after it). A chained cache keeps every
+        block the chunk completes. A state cache keeps only the chunk's end, so a chunk that leaves the prompt
+        unfinished ends on a block, and so does the last one where another joining prompt shares its last block."""
         block, n = self.cache.block, len(seq.req.prompt_ids)
+        if self.cache.chained:
+            return end, seq.keys[seq.pos // block : end // block]
         last = end - end % block if end < n else len(seq.keys) * block
-        if last <= seq.pos:
-            return end
-        if end < n or any(o is not seq and not o.decoding and seq.keys[-1] in o.keys for o in self._seqs):
-            return last
-        return end
+        if last > seq.pos and (end < n or any(o is not seq and not o.decoding and seq.keys[-1] in o.keys
+                                              for o in self._seqs)):
+            end = last
+        return end, seq.keys[end // block - 1 : end // block] if end % block == 0 else []
 
     def _run(self, work: list[tuple[_Seq, list[int]]]) -> list[torch.Tensor | None]:
         """Each sequence's last logits of this step (its state advanced), one model call; when that call fails,
@@ -357,12 +376,21 @@ class ContinuousBatcher:
         return rows
 
     def _remember(self, seq: _Seq) -> None:
-        """Cache the state of `seq` when the tokens it has been fed end a block."""
+        """Give the cache what `seq` has new: the slices of the blocks it has completed (chained), or its state when
+        the tokens it has been fed end a block."""
+        block = self.cache.block
         fed = len(seq.req.prompt_ids) + len(seq.req.tokens) if seq.decoding else seq.pos
-        if fed % self.cache.block == 0:
-            if fed // self.cache.block > len(seq.keys):
-                block_keys((seq.req.prompt_ids + seq.req.tokens)[:fed], self.cache.block, seq.keys)
-            self.cache.store(seq.keys[fed // self.cache.block - 1], seq.state)
+        if fed // block > len(seq.keys):
+            block_keys((seq.req.prompt_ids + seq.req.tokens)[:fed], block, seq.keys)
+        if self.cache.chained:
+            for i in range(seq.kept, fed // block):
+                kv = self.model.block_state(seq.state, i * block, (i + 1) * block, fed)
+                if kv is None:
+                    return
+                self.cache.store(seq.keys[i], kv)
+            seq.kept = max(seq.kept, fed // block)
+        elif fed % block == 0:
+            self.cache.store(seq.keys[fed // block - 1], seq.state)
 
     def _step(self) -> None:
         """Admit waiting requests, drop finished ones, then run one step over the batch."""

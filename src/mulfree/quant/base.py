@@ -96,6 +96,10 @@ class HessianStats:
         if self.rows >= 0:
             for r0, r1 in self._strips():  # the lower triangle from the upper: exactly symmetric
                 self.h[r1:, r0:r1] = self.h[r0:r1, r1:].T
+                # a strip's diagonal block too: a GEMM may sum its (i, j) and (j, i) in different orders (AVX2 hosts)
+                block = self.h[r0:r1, r0:r1]
+                upper = torch.ones(r1 - r0, r1 - r0, dtype=torch.bool).triu()
+                block.copy_(torch.where(upper, block, block.T))
             for sums in (self.h, self.c):
                 if sums is not None:
                     sums.div_(max(self.rows, 1))
