@@ -1,5 +1,7 @@
 """decode_kv_batch: Transformer++ sequences of different lengths decoded in one forward match each
-sequence decoded alone (logits and caches), through greedy runs, a batch of one, joins and leaves.
+sequence decoded alone (logits and caches), through greedy runs, a batch of one, joins and leaves, on both of
+its paths (rows' own caches grown in place; left-padded caches with a key mask). A cache grown in place never
+changes what another holder of the same cache sees.
 
 fp32 differs from the one-at-a-time path only by float rounding (batched matmuls and a longer, masked
 softmax sum in another order); fp64 shows the same math agrees to ~1e-15."""
@@ -9,6 +11,7 @@ import torch
 
 from mulfree.infer.kv_batch import decode_kv_batch
 from mulfree.models.transformer import TransformerConfig, TransformerForCausalLM
+from mulfree.nn.attention import append_kv
 
 TINY = {
     "vocab_size": 97,
@@ -21,15 +24,17 @@ LENGTHS = [5, 1, 12, 8, 3]
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}  # atol and rtol; |logits| reach ~8 with this init
 
 
-@pytest.fixture(params=[torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.fixture(params=[(torch.float32, True), (torch.float64, True), (torch.float32, False)],
+                ids=["fp32-rows", "fp64-rows", "fp32-padded"])
 def model(request) -> TransformerForCausalLM:
     torch.manual_seed(0)
     model = TransformerForCausalLM(TransformerConfig(**TINY)).eval()
+    model.rows_kv = request.param[1]  # False: the padded path, as models without our attention take
     with torch.no_grad():  # larger than the 0.02 init, so a wrong position or mask moves the logits visibly
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(std=0.3)
-    return model.to(request.param)
+    return model.to(request.param[0])
 
 
 def _prefill(model, n: int):
@@ -110,3 +115,24 @@ def test_left_padded_prefill_matches_alone(model):
         for b, p in enumerate(prompts):
             ref, _ = model(p[None])
             _assert_match(model, logits[b, 7 - len(p) :], ref[0])
+
+
+def test_append_kv_grows_in_place_only_for_the_latest_holder():
+    cache, new = torch.randn(1, 2, 5, 4), torch.randn(3, 1, 2, 1, 4)
+    a = append_kv(cache, new[0])  # a plain tensor: copied into a buffer with room
+    assert torch.equal(a[:, :, :5], cache) and torch.equal(a[:, :, 5:], new[0]) and a._base.shape[2] >= 12
+    b = append_kv(a, new[1])  # the latest view: written in place
+    assert b.data_ptr() == a.data_ptr() and torch.equal(b[:, :, 6:], new[1])
+    c = append_kv(a, new[2])  # a stale view (b went past it): a copy, b keeps its key
+    assert c.data_ptr() != a.data_ptr() and torch.equal(c[:, :, 6:], new[2]) and torch.equal(b[:, :, 6:], new[1])
+    assert torch.equal(c[:, :, :6], a) and torch.equal(append_kv(b[:, :, 2:], new[0])[:, :, :5], b[:, :, 2:])
+
+
+def test_two_rows_sharing_one_cache_decode_as_they_would_alone(model):
+    _, cache = _prefill(model, 6)
+    _, (cache,) = decode_kv_batch(model, [3], [cache])
+    _, (grown, _) = decode_kv_batch(model, [4, 5], [cache, cache])  # make `cache` a view of a buffer with room
+    tokens = [1, 2]
+    logits, caches = decode_kv_batch(model, tokens, [grown, grown])  # both rows extend the same view
+    _assert_match(model, (logits, caches), _alone(model, tokens, [grown, grown]))
+    assert not torch.equal(caches[0][0][0][:, :, -1], caches[1][0][0][:, :, -1])

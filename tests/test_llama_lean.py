@@ -48,7 +48,7 @@ def _lut_llama(group: int, incoherent: bool):
     return hf
 
 
-def test_lean_forward_equals_transformers_in_prefill_decode_and_padded_batches():
+def test_lean_forward_equals_transformers_in_prefill_decode_and_batches_of_rows():
     hf = _llama()
     model = LlamaLM(hf)
     assert supports(hf) and model.native is None  # dense projections: the torch forward
@@ -63,10 +63,12 @@ def test_lean_forward_equals_transformers_in_prefill_decode_and_padded_batches()
         assert cache[0][0].shape == (2, 2, 11, 8)
         prompts = [torch.randint(0, 300, (n,)) for n in (3, 9, 1)]
         caches = [model(p[None])[1] for p in prompts]
-        batched, _ = decode_kv_batch(model, [5, 17, 250], caches)
+        batched, grown = decode_kv_batch(model, [5, 17, 250], caches)
+        again, _ = decode_kv_batch(model, [7, 7, 7], grown)  # the rows' caches now grow in place
         for b, (p, n) in enumerate(zip(prompts, [5, 17, 250])):
-            full = hf(torch.cat([p, torch.tensor([n])])[None]).logits[0, -1]
-            torch.testing.assert_close(batched[b], full, rtol=1e-5, atol=1e-5)
+            full = hf(torch.cat([p, torch.tensor([n, 7])])[None]).logits[0]
+            torch.testing.assert_close(batched[b], full[-2], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(again[b], full[-1], rtol=1e-5, atol=1e-5)
             assert torch.isfinite(batched[b]).all()
 
 

@@ -12,8 +12,10 @@ from mulfree.commands.flags import MODEL_HELP, add_flags, from_args
 from mulfree.errors import ConfigError
 
 MAX_BATCH = 1024  # sequences decoded together: each holds a state and a sampling generator
-KV_STEP_PEAK = 3.5  # memory of a KV model's decode step over its caches' size: the caches, their padded batch, the
-#                     grown copy and attention's temporaries (3.35 measured, docs/integration.md)
+# Memory of a KV model's decode steps over its caches' size (docs/integration.md): a padded batch holds the caches,
+# their padded copy, the grown copy and attention's temporaries; rows' own caches (`rows_kv`) are at most copied once
+# into a buffer with room, whose unwritten part takes no memory.
+KV_PEAK = {"padded": 3.5, "rows": 2.0}
 API_KEY_ENV = "MULFREE_API_KEY"
 
 
@@ -210,7 +212,8 @@ def _run(args: argparse.Namespace) -> int:
     if not step_model.recurrent:
         longest = cfg.max_prompt_tokens + cfg.max_tokens_limit
         longest = min(longest, loaded.context_limit) if loaded.context_limit else longest
-        check_memory(int(KV_STEP_PEAK * cfg.max_batch * longest * token_bytes) + (cfg.prefix_cache_mb << 20),
+        peak = KV_PEAK["rows" if getattr(loaded.model, "rows_kv", False) else "padded"]
+        check_memory(int(peak * cfg.max_batch * longest * token_bytes) + (cfg.prefix_cache_mb << 20),
                      f"--max-batch {cfg.max_batch}", f"a decode step over the key/value caches of {cfg.max_batch} "
                      f"sequences of {longest} tokens ({token_bytes / 1024:.0f} KiB a token), beside the prefix cache,",
                      "lower --max-batch, --max-prompt-tokens, --max-tokens-limit or --prefix-cache-mb")

@@ -25,6 +25,7 @@ from torch import nn
 from mulfree.kernels import backend, cpu_module, use_threads
 from mulfree.models.hf_adapter import HFCausalLM
 from mulfree.models.transformer import KVCache, step_positions
+from mulfree.nn.attention import attend_rows
 
 # Config fields this forward does not implement; a model using any of them runs through `HFCausalLM`.
 UNSUPPORTED = ("sliding_window", "attn_logit_softcapping", "final_logit_softcapping")
@@ -50,6 +51,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 class LlamaLM(HFCausalLM):
     """`HFCausalLM` for a transformers `LlamaForCausalLM`, with our lean forward (module docstring)."""
+
+    rows_kv = True  # takes a list of rows' own caches per layer for a batched decode step (`nn.attention`)
 
     def __init__(self, model: nn.Module):
         if not supports(model):
@@ -99,6 +102,9 @@ class LlamaLM(HFCausalLM):
         qk = _rotate(qk.transpose(1, 2), cos, sin)  # one rotation for q and k
         q, k = qk[:, : self.heads], qk[:, self.heads :]
         v = attn.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        if isinstance(kv, list):  # rows' own caches, one token each
+            out, kv = attend_rows(q, k, v, kv, attn.scaling, self.kv_heads != self.heads)
+            return attn.o_proj(out.transpose(1, 2).reshape(B, T, -1)), kv
         if kv is not None:
             k, v = torch.cat((kv[0], k), dim=2), torch.cat((kv[1], v), dim=2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling,

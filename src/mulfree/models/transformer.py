@@ -21,11 +21,16 @@ from mulfree.nn.bitlinear import BitLinear
 from mulfree.nn.norm import RMSNorm
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+RowCaches = list[list[tuple[torch.Tensor, torch.Tensor]]]  # per layer, B rows' own (k, v): see `nn.attention`
 
 
-def step_positions(input_ids: torch.Tensor, state: KVCache | None, positions: torch.Tensor | None):
-    """(past length of `state`, positions [B, T]): the given ones, else past .. past + T for every row."""
-    past = 0 if state is None else state[0][0].shape[2]
+def step_positions(input_ids: torch.Tensor, state: KVCache | RowCaches | None, positions: torch.Tensor | None):
+    """(past length of `state`, positions [B, T]): the given ones, else past .. past + T for every row. Rows' own
+    caches have no common past (0) and need `positions`."""
+    rows = state is not None and isinstance(state[0], list)
+    if rows and positions is None:
+        raise ValueError("rows' own caches need each row's positions")
+    past = 0 if state is None or rows else state[0][0].shape[2]
     if positions is None:
         B, T = input_ids.shape
         positions = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
@@ -86,6 +91,8 @@ class TransformerModel(nn.Module):
 
 
 class TransformerForCausalLM(nn.Module):
+    rows_kv = True  # takes a list of rows' own caches per layer for a batched decode step (`nn.attention`)
+
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.config = config
@@ -116,6 +123,7 @@ class TransformerForCausalLM(nn.Module):
         positions (int64 [B, T]) and key_mask (bool [B, past + T], False = padding key) let rows of different
         lengths share a batch (see `RotaryAttention.forward`); None keeps every row at past .. past + T.
         """
+        step_positions(input_ids, state, positions)  # refuses rows' own caches without positions
         x = self.model.embeddings(input_ids)
         new_state: KVCache = []
         for layer_idx, layer in enumerate(self.model.layers):

@@ -2,8 +2,10 @@
 for the Transformer++ baseline. The KV cache is a (k, v) pair of [B, H, T, Dh] tensors.
 
 By default every row of a batch sits at the same positions (past .. past + T). Rows of different lengths
-can share one forward (batched decode, `mulfree.infer.kv_batch`) by left-padding their caches to one
-length and passing each row's own RoPE `positions` and a `key_mask` that hides the padding keys."""
+can share one forward (batched decode, `mulfree.infer.kv_batch`) in two ways: their caches left-padded to one
+length with each row's own RoPE `positions` and a `key_mask` that hides the padding keys; or, one token per row,
+as a list of the rows' own caches (`attend_rows`), each grown in place in a buffer with room, so that a decode
+step copies no cache (a padded batch copies every row's whole cache, twice, at every step)."""
 
 from __future__ import annotations
 
@@ -26,6 +28,39 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+FILLED = "_mulfree_kv_filled"  # attribute of a KV buffer made by `append_kv`: how many positions hold keys
+
+
+def append_kv(cache: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """`cache` [1, H, T, Dh] and `new` [1, H, 1, Dh] as one [1, H, T + 1, Dh] view of a buffer with room to grow:
+    written in place when `cache` is the latest view of such a buffer (no holder has appended past it), else
+    copied into a new buffer of twice the length, so a token costs amortized O(1) copies, not the whole cache."""
+    T, base = cache.shape[2], cache._base
+    if (base is not None and getattr(base, FILLED, None) == T and T < base.shape[2]
+            and cache.data_ptr() == base.data_ptr() and cache.stride() == base.stride()):
+        buffer = base
+    else:
+        buffer = cache.new_empty(1, cache.shape[1], max(64, 2 * (T + 1)), cache.shape[3])
+        buffer[:, :, :T].copy_(cache)
+    buffer[:, :, T : T + 1].copy_(new)
+    setattr(buffer, FILLED, T + 1)
+    return buffer[:, :, : T + 1]
+
+
+def attend_rows(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: list[tuple[torch.Tensor, torch.Tensor]],
+    scale: float | None = None, gqa: bool = False,
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """One new token per row: row b's k, v [B, H_kv, 1, Dh] appended to its own cache rows[b] (`append_kv`), its
+    query q [B, H, 1, Dh] attending over them -> (out [B, H, 1, Dh], the rows' grown caches)."""
+    out, grown = [], []
+    for b, (past_k, past_v) in enumerate(rows):
+        kb, vb = append_kv(past_k, k[b : b + 1]), append_kv(past_v, v[b : b + 1])
+        out.append(F.scaled_dot_product_attention(q[b : b + 1], kb, vb, scale=scale, enable_gqa=gqa))
+        grown.append((kb, vb))
+    return torch.cat(out), grown
 
 
 class RotaryAttention(nn.Module):
@@ -53,9 +88,12 @@ class RotaryAttention(nn.Module):
         positions: int64 [B, T], each row's RoPE positions; None: past .. past + T for every row.
         key_mask: bool [B, past + T], False marks a padding key (cached or new) that no query may see;
         None: every key is real. Causality is by cache slot, so padding belongs on the left.
+        cache may instead be a list of B rows' own (k, v) [1, H, past_b, Dh] (T = 1, positions given): the new
+        cache is then the list of the rows' grown caches (`attend_rows`).
         """
         B, T, D = x.shape
-        past = 0 if cache is None else cache[0].shape[2]
+        rows = isinstance(cache, list)
+        past = 0 if cache is None or rows else cache[0].shape[2]
         q, k, v = (
             p(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
             for p in (self.q_proj, self.k_proj, self.v_proj)
@@ -66,6 +104,9 @@ class RotaryAttention(nn.Module):
         if cos.dim() == 3:
             cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, Dh], broadcast over heads
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if rows:
+            y, grown = attend_rows(q, k, v, cache)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, D)), grown
         if cache is not None:
             k = torch.cat([cache[0], k], dim=2)
             v = torch.cat([cache[1], v], dim=2)
