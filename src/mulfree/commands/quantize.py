@@ -116,7 +116,9 @@ def run_quantize(args: argparse.Namespace) -> int:
             from mulfree.models.schema import check_memory
 
             check_memory(4 * 4 * cfg.calib_samples * cfg.calib_seqlen * config.hidden_size,
-                         "--calib-samples x --calib-seqlen", "the calibration activations")
+                         "--calib-samples x --calib-seqlen", "the calibration activations",
+                         "lower --calib-samples or --calib-seqlen (without --distill-epochs a model is quantized "
+                         "block by block, its activations spilled to disk)")
         calib = calibration_ids(tokenizer, text, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
         extra["calibration"] = {"samples": cfg.calib_samples, "seqlen": cfg.calib_seqlen, "seed": cfg.seed,
                                 "data": cfg.calib_data or "bundled", "true_sequential": walk.true_sequential,
