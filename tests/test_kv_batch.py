@@ -126,6 +126,11 @@ def test_append_kv_grows_in_place_only_for_the_latest_holder():
     c = append_kv(a, new[2])  # a stale view (b went past it): a copy, b keeps its key
     assert c.data_ptr() != a.data_ptr() and torch.equal(c[:, :, 6:], new[2]) and torch.equal(b[:, :, 6:], new[1])
     assert torch.equal(c[:, :, :6], a) and torch.equal(append_kv(b[:, :, 2:], new[0])[:, :, :5], b[:, :, 2:])
+    batch = append_kv(torch.randn(2, 2, 5, 4), torch.randn(2, 2, 1, 4))  # a batch's buffer: its rows are copied
+    row = append_kv(batch[:1], new[0])
+    assert row.shape == (1, 2, 7, 4) and row.data_ptr() != batch.data_ptr() and torch.equal(row[:, :, :6], batch[:1])
+    chunk = append_kv(row, torch.randn(1, 2, 3, 4))  # several positions at once, in place
+    assert chunk.shape == (1, 2, 10, 4) and chunk.data_ptr() == row.data_ptr()
 
 
 def test_two_rows_sharing_one_cache_decode_as_they_would_alone(model):

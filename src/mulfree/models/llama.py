@@ -5,7 +5,7 @@ The transformers forward costs more than the work of a small model's decode step
 mask builders and per-layer dispatch add ~20 ms per token to SmolLM2-135M on two cores, more than its
 quantized linears take. This forward keeps the model's own modules (embeddings, norms, projections, MLP,
 rotary embedding, head), so weights and numerics are the model's, and does only the step's work: one
-rotary table, one attention mask, a concatenated KV cache and `scaled_dot_product_attention` per layer.
+rotary table, one attention mask, a KV cache grown in place and `scaled_dot_product_attention` per layer.
 With LUT-kernel layers (`ShiftAddLinear`, Latency mode) the torch ops between them run on one thread
 and the kernels on all (`kernels.use_threads`); the head gets every thread again. When every projection
 is such a layer (an fp32 model quantized with `--mode lat`), a single sequence's decode step runs all
@@ -25,7 +25,7 @@ from torch import nn
 from mulfree.kernels import backend, cpu_module, use_threads
 from mulfree.models.hf_adapter import HFCausalLM
 from mulfree.models.transformer import KVCache, step_positions
-from mulfree.nn.attention import attend_rows
+from mulfree.nn.attention import append_kv, attend_rows
 
 # Config fields this forward does not implement; a model using any of them runs through `HFCausalLM`.
 UNSUPPORTED = ("sliding_window", "attn_logit_softcapping", "final_logit_softcapping")
@@ -106,7 +106,7 @@ class LlamaLM(HFCausalLM):
             out, kv = attend_rows(q, k, v, kv, attn.scaling, self.kv_heads != self.heads)
             return attn.o_proj(out.transpose(1, 2).reshape(B, T, -1)), kv
         if kv is not None:
-            k, v = torch.cat((kv[0], k), dim=2), torch.cat((kv[1], v), dim=2)
+            k, v = append_kv(kv[0], k), append_kv(kv[1], v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling,
                                              enable_gqa=self.kv_heads != self.heads)
         return attn.o_proj(out.transpose(1, 2).reshape(B, T, -1)), (k, v)

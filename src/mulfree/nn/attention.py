@@ -4,8 +4,8 @@ for the Transformer++ baseline. The KV cache is a (k, v) pair of [B, H, T, Dh] t
 By default every row of a batch sits at the same positions (past .. past + T). Rows of different lengths
 can share one forward (batched decode, `mulfree.infer.kv_batch`) in two ways: their caches left-padded to one
 length with each row's own RoPE `positions` and a `key_mask` that hides the padding keys; or, one token per row,
-as a list of the rows' own caches (`attend_rows`), each grown in place in a buffer with room, so that a decode
-step copies no cache (a padded batch copies every row's whole cache, twice, at every step)."""
+as a list of the rows' own caches (`attend_rows`), so that a decode step copies no cache (a padded batch copies
+every row's whole cache, twice, at every step). Caches grow in place in buffers with room (`append_kv`)."""
 
 from __future__ import annotations
 
@@ -34,19 +34,20 @@ FILLED = "_mulfree_kv_filled"  # attribute of a KV buffer made by `append_kv`: h
 
 
 def append_kv(cache: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """`cache` [1, H, T, Dh] and `new` [1, H, 1, Dh] as one [1, H, T + 1, Dh] view of a buffer with room to grow:
+    """`cache` [B, H, T, Dh] and `new` [B, H, t, Dh] as one [B, H, T + t, Dh] view of a buffer with room to grow:
     written in place when `cache` is the latest view of such a buffer (no holder has appended past it), else
     copied into a new buffer of twice the length, so a token costs amortized O(1) copies, not the whole cache."""
-    T, base = cache.shape[2], cache._base
-    if (base is not None and getattr(base, FILLED, None) == T and T < base.shape[2]
-            and cache.data_ptr() == base.data_ptr() and cache.stride() == base.stride()):
+    T, end, base = cache.shape[2], cache.shape[2] + new.shape[2], cache._base
+    if (base is not None and getattr(base, FILLED, None) == T and end <= base.shape[2]
+            and cache.data_ptr() == base.data_ptr() and cache.stride() == base.stride()
+            and cache.shape[:2] == base.shape[:2]):  # the whole buffer's positions 0..T (not a row of a batch)
         buffer = base
     else:
-        buffer = cache.new_empty(1, cache.shape[1], max(64, 2 * (T + 1)), cache.shape[3])
+        buffer = cache.new_empty(cache.shape[0], cache.shape[1], max(64, 2 * end), cache.shape[3])
         buffer[:, :, :T].copy_(cache)
-    buffer[:, :, T : T + 1].copy_(new)
-    setattr(buffer, FILLED, T + 1)
-    return buffer[:, :, : T + 1]
+    buffer[:, :, T:end].copy_(new)
+    setattr(buffer, FILLED, end)
+    return buffer[:, :, :end]
 
 
 def attend_rows(
@@ -108,8 +109,7 @@ class RotaryAttention(nn.Module):
             y, grown = attend_rows(q, k, v, cache)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, D)), grown
         if cache is not None:
-            k = torch.cat([cache[0], k], dim=2)
-            v = torch.cat([cache[1], v], dim=2)
+            k, v = append_kv(cache[0], k), append_kv(cache[1], v)
         if past == 0 and key_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
