@@ -1,5 +1,5 @@
-"""`LlamaLM`, our forward of transformers' Llama: its logits equal the transformers model's (prefill, cached
-decode, padded batched decode); on a Llama whose projections are all Latency-mode ShiftAdd layers the native
+"""`LlamaLM`, our forward of transformers' Llama (and of Mistral and Qwen2 without a sliding window): its logits
+equal the transformers model's (prefill, cached decode, batched decode of rows' own caches); on a Llama whose projections are all Latency-mode ShiftAdd layers the native
 one-call decode step (`_cpu.ShiftAddLlama`) equals the torch forward step after step, through KV buffer growth,
 forks from older states and states it did not make."""
 
@@ -21,23 +21,35 @@ PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "
                ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
 
 
-def _llama(layers: int = 2):
+def _llama(layers: int = 2, arch: str = "llama", **extra):
+    """A tiny random Llama, Mistral or Qwen2 (its q, k, v biases made non-zero, so a dropped bias shows)."""
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                      initializer_range=0.2)
-    return transformers.LlamaForCausalLM(config).eval()
+    config, model = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+                     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[arch]
+    kwargs = {"sliding_window": None} if arch == "mistral" else {}
+    hf = model(config(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      initializer_range=0.2, **{**kwargs, **extra})).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(std=0.5)
+    return hf
 
 
-def _lut_llama(group: int, incoherent: bool):
-    """A tiny Llama whose 7 projections per block are random Latency-mode ShiftAdd layers."""
-    hf = _llama()
+def _lut_llama(group: int, incoherent: bool, arch: str = "llama"):
+    """A tiny Llama (or Qwen2: biased q, k, v) whose 7 projections per block are random Latency-mode ShiftAdd
+    layers."""
+    hf = _llama(arch=arch)
     gen = torch.Generator().manual_seed(1)
     for layer in hf.model.layers:
         for part, name in PROJECTIONS:
             old = getattr(getattr(layer, part), name)
             k, n = old.in_features, old.out_features
-            new = ShiftAddLinear(k, n, False, bits=3, group=group, col_group=8, terms=3)
+            new = ShiftAddLinear(k, n, old.bias is not None, bits=3, group=group, col_group=8, terms=3)
+            if old.bias is not None:
+                new.bias.copy_(old.bias)
             c, ng = -(-k // 8), -(-n // group)
             new.planes.copy_(torch.randint(0, 256, (3, n, c), dtype=torch.uint8, generator=gen))
             _, exps, signs = apot_round(torch.rand(c, ng, 3, generator=gen) * 0.2 + 0.05, 3)
@@ -48,8 +60,9 @@ def _lut_llama(group: int, incoherent: bool):
     return hf
 
 
-def test_lean_forward_equals_transformers_in_prefill_decode_and_batches_of_rows():
-    hf = _llama()
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_lean_forward_equals_transformers_in_prefill_decode_and_batches_of_rows(arch):
+    hf = _llama(arch=arch)
     model = LlamaLM(hf)
     assert supports(hf) and model.native is None  # dense projections: the torch forward
     x = torch.randint(0, 300, (2, 11))
@@ -72,17 +85,21 @@ def test_lean_forward_equals_transformers_in_prefill_decode_and_batches_of_rows(
             assert torch.isfinite(batched[b]).all()
 
 
-def test_other_architectures_are_not_taken():
+def test_other_architectures_and_sliding_windows_are_not_taken():
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2))
     assert not supports(gpt2)
-    with pytest.raises(ValueError, match="LlamaForCausalLM"):
+    with pytest.raises(ValueError, match="LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
         LlamaLM(gpt2)
+    assert not supports(_llama(1, "mistral", sliding_window=8))  # a window: transformers' forward runs it
+    assert not supports(_llama(1, "qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=0))
+    assert supports(_llama(1, "qwen2")) and any(p.endswith("q_proj.bias") for p, _ in _llama(1, "qwen2").named_parameters())
 
 
 @pytest.mark.skipif("scalar" not in available_backends(), reason="extension not built")
-@pytest.mark.parametrize("group,incoherent", [(16, True), (16, False), (128, True)])
-def test_native_decode_equals_the_torch_step(group, incoherent):
-    hf = _lut_llama(group, incoherent)
+@pytest.mark.parametrize("group,incoherent,arch", [(16, True, "llama"), (16, False, "llama"), (128, True, "llama"),
+                                                   (16, True, "qwen2")])
+def test_native_decode_equals_the_torch_step(group, incoherent, arch):
+    hf = _lut_llama(group, incoherent, arch)
     native = LlamaLM(hf)
     ref = LlamaLM(hf)
     ref.native = None

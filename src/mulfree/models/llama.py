@@ -1,5 +1,7 @@
 """A Llama-architecture Hugging Face model (plain, or with linears swapped by `mulfree quantize`) run by our
 own forward, in the `HFCausalLM` interface: `logits, state = model(input_ids, state, positions, key_mask)`.
+Mistral and Qwen2 models are Llama's blocks with a sliding window (Qwen2: and biases on q, k, v, which the
+projections carry); without a window they run here too.
 
 The transformers forward costs more than the work of a small model's decode step: generic cache objects,
 mask builders and per-layer dispatch add ~20 ms per token to SmolLM2-135M on two cores, more than its
@@ -29,16 +31,19 @@ from mulfree.nn.attention import append_kv, attend_rows
 
 # Config fields this forward does not implement; a model using any of them runs through `HFCausalLM`.
 UNSUPPORTED = ("sliding_window", "attn_logit_softcapping", "final_logit_softcapping")
+# Model types whose causal LM is Llama's blocks (their modeling files differ from Llama's only in the window).
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 def supports(model: nn.Module) -> bool:
-    """Whether `LlamaLM` runs this transformers model exactly: a `LlamaForCausalLM` without extras."""
+    """Whether `LlamaLM` runs this transformers model exactly: a Llama, Mistral or Qwen2 causal LM without extras
+    (no sliding window, no soft-capping, every layer full attention)."""
     config = model.config
     return (
-        config.model_type == "llama"
-        and type(model).__name__ == "LlamaForCausalLM"
+        type(model).__name__ == ARCHITECTURES.get(config.model_type)
         and getattr(config, "pretraining_tp", 1) == 1
         and not any(getattr(config, name, None) for name in UNSUPPORTED)
+        and all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or ())
     )
 
 
@@ -56,7 +61,8 @@ class LlamaLM(HFCausalLM):
 
     def __init__(self, model: nn.Module):
         if not supports(model):
-            raise ValueError(f"LlamaLM runs LlamaForCausalLM models, not {type(model).__name__}")
+            raise ValueError(f"LlamaLM runs {', '.join(ARCHITECTURES.values())} models without extras, not "
+                             f"{type(model).__name__}")
         from mulfree.quant.qlinear import ShiftAddLinear
 
         super().__init__(model)
