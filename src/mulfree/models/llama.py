@@ -55,7 +55,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class LlamaLM(HFCausalLM):
-    """`HFCausalLM` for a transformers `LlamaForCausalLM`, with our lean forward (module docstring)."""
+    """`HFCausalLM` for a transformers Llama, Mistral or Qwen2 causal LM (`supports`), with our lean forward (module
+    docstring)."""
 
     rows_kv = True  # takes a list of rows' own caches per layer for a batched decode step (`nn.attention`)
 
