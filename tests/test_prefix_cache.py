@@ -99,8 +99,8 @@ def test_packed_batcher_with_the_cache_gives_the_same_tokens_and_skips_the_cache
         reply, cached = _run(batcher, first, 20)
         assert cached == 0 and reply == packed.generate(first, 20)
         again, cached = _run(batcher, first, 20)
-        # chunks of at most 24 end on blocks (16, 32, 48) until one reaches the prompt's end (48..70: no extra step)
-        assert again == reply and cached == 48
+        # chunks of at most 24 end on blocks (16, 32, 48, then 64: the prompt's last full block, before its tail)
+        assert again == reply and cached == 64
         turn = first + reply + torch.randint(0, 300, (9,)).tolist()  # a chat's next turn resends the reply
         tokens, cached = _run(batcher, turn, 12)
         assert cached == 80 and tokens == packed.generate(turn, 12)  # 80 = 70 prompt + 10 decoded, a block end
@@ -111,7 +111,7 @@ def test_packed_batcher_with_the_cache_gives_the_same_tokens_and_skips_the_cache
             assert _run(batcher, turn, 12, **sampled)[0] == _run(plain, turn, 12, **sampled)[0]
         finally:
             plain.close()
-        assert batcher.steps - steps == 12  # the last 19 prompt tokens and the first token in one step
+        assert batcher.steps - steps == 12  # from 96 (the greedy run's last full block): 3 tokens and the first
     finally:
         batcher.close()
 
@@ -240,5 +240,17 @@ def test_kv_batcher_with_the_cache_equals_generate_and_skips_the_cached_blocks()
             assert req.result() == generate(model, torch.tensor(shared + [t]), 4)[0, len(shared) + 1:].tolist()
         # the turn's 61 tokens hold 7 full blocks; whichever came first fed the next 4 blocks, which the others took
         assert sorted(r.cached_tokens for r in reqs) == [56, 88, 88]
+    finally:
+        batcher.close()
+
+
+def test_a_repeated_prompt_shorter_than_a_chunk_starts_at_its_last_full_block(packed):
+    torch.manual_seed(5)
+    prompt = torch.randint(0, 300, (40,)).tolist()
+    batcher = ContinuousBatcher(PackedStepModel(packed), prefill_chunk=128,
+                                prefix_cache=PrefixCache(1 << 24, PackedStepModel.copy_state, block=16))
+    try:  # one chunk would hold the whole prompt: it stops at 32 so that a regenerated answer starts there
+        assert _run(batcher, prompt, 5) == (packed.generate(prompt, 5), 0)
+        assert _run(batcher, prompt, 5, temperature=1.0, seed=1)[1] == 32
     finally:
         batcher.close()

@@ -6,9 +6,9 @@ chunks of joining ones (at most `prefill_chunk` prompt tokens a step), run by th
 (`step(chunks, states)`: on the packed engine, one native call in which every linear runs once over all the
 step's tokens). A long prompt is fed over several steps and never stalls the running streams for longer than
 one chunk. A finished, cancelled or timed-out sequence leaves before the next step without touching the others.
-Models with a KV cache (Transformer++) decode their live sequences together with padded caches.
+Models with a KV cache (Transformer++, Hugging Face models) decode their live sequences together (`infer.kv_batch`).
 With a `PrefixCache`, a joining prompt starts from the longest kept prefix: recurrent models keep a sequence's
-state whenever its fed tokens end a block (prompt chunks that leave a prompt unfinished end on one); KV models
+state whenever its fed tokens end a block (a prompt chunk that passes a block end stops at its last one); KV models
 keep each completed block's KV slice.
 
 The loop never dies of one request: a step that fails is retried one sequence at a time, and only the
@@ -339,14 +339,14 @@ class ContinuousBatcher:
 
     def _stores(self, seq: _Seq, end: int) -> tuple[int, list[bytes]]:
         """(where a prompt chunk of `seq` ends, the keys the cache will hold after it). A chained cache keeps every
-        block the chunk completes. A state cache keeps only the chunk's end, so a chunk that leaves the prompt
-        unfinished ends on a block, and so does the last one where another joining prompt shares its last block."""
+        block the chunk completes. A state cache keeps only the chunk's end, so every chunk that passes a block end
+        stops at its last one: the prompt's last full block is kept too (a repeat of the prompt starts there), at
+        the cost of one more step for the tail (under a block) behind it."""
         block, n = self.cache.block, len(seq.req.prompt_ids)
         if self.cache.chained:
             return end, seq.keys[seq.pos // block : end // block]
         last = end - end % block if end < n else len(seq.keys) * block
-        if last > seq.pos and (end < n or any(o is not seq and not o.decoding and seq.keys[-1] in o.keys
-                                              for o in self._seqs)):
+        if last > seq.pos:
             end = last
         return end, seq.keys[end // block - 1 : end // block] if end % block == 0 else []
 
