@@ -342,10 +342,10 @@ class ContinuousBatcher:
         block the chunk completes. A state cache keeps only the chunk's end, so every chunk that passes a block end
         stops at its last one: the prompt's last full block is kept too (a repeat of the prompt starts there), at
         the cost of one more step for the tail (under a block) behind it."""
-        block, n = self.cache.block, len(seq.req.prompt_ids)
+        block = self.cache.block
         if self.cache.chained:
             return end, seq.keys[seq.pos // block : end // block]
-        last = end - end % block if end < n else len(seq.keys) * block
+        last = min(end, len(seq.req.prompt_ids) - 1) // block * block  # a prompt keeps its last token to feed
         if last > seq.pos:
             end = last
         return end, seq.keys[end // block - 1 : end // block] if end % block == 0 else []

@@ -305,10 +305,12 @@ async def respond(srv: Server, request: Request) -> Response:
             return None
         return chat_logprobs(req.tokens[start:text.used], req.logprobs[start:text.used], srv.token_text)["content"]
 
+    def usage() -> tuple[int, int, int]:
+        return job.prompt_tokens, job.completion_tokens, job.cached_tokens
+
     if not body.stream:
         await job.run_watched(request)
-        return JSONResponse(reply.response(status(), text.text, (job.prompt_tokens, job.completion_tokens, job.cached_tokens),
-                                           logprobs()))
+        return JSONResponse(reply.response(status(), text.text, usage(), logprobs()))
 
     def frame(event: dict) -> str:
         return f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
@@ -325,7 +327,7 @@ async def respond(srv: Server, request: Request) -> Response:
         except ApiError as exc:
             yield frame(reply.event("error", code=exc.code or exc.kind, message=str(exc), param=None))
             return
-        for event in reply.closing(text.text, status(), (job.prompt_tokens, job.completion_tokens, job.cached_tokens), logprobs()):
+        for event in reply.closing(text.text, status(), usage(), logprobs()):
             yield frame(event)
 
     return StreamingResponse(sse(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
